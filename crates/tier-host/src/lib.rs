@@ -1,0 +1,33 @@
+//! # tier-host: host memory as a tier
+//!
+//! This room holds host DRAM in its three kinds ([`HostMemKind`]): pinned by
+//! `cuMemHostAlloc`, registered by `cuMemHostRegister` over an anonymous
+//! mapping, and pageable. Every allocation is exactly the size asked (rounded
+//! only to whole pages by the kernel, and accounted so), aligned for direct
+//! I/O so that disk reads can land in it without a bounce buffer.
+//!
+//! It also decides which kind to use by default ([`HostMemKindExt::auto`]):
+//! pinned where a CUDA driver is present and the platform allows it, pageable
+//! under WSL or without a driver, overridden by `--host-memory` or the
+//! `TIERLM_HOST_MEMORY` environment variable.
+//!
+//! It may depend on `tier-api` and on cudarc's raw driver bindings (only to
+//! pin memory); it knows nothing of disks, models or the GPU tier's streams.
+
+mod device;
+mod platform;
+
+pub use device::{HostConfig, HostDevice, HostStorage};
+pub use platform::{is_wsl, HostMemChoice, HostMemKindExt, HOST_MEMORY_ENV};
+pub use tier_api::HostMemKind;
+
+/// The page size the kernel maps memory in.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
