@@ -1,1 +1,164 @@
-fn main() {}
+//! # xtask: the project's own automation
+//!
+//! `cargo xtask ci` runs what CI runs: the formatting check, clippy with
+//! warnings denied, and every test of the workspace. `cargo xtask gpu-bundle`
+//! builds the release binaries and the test executables into `.gpu/` with a
+//! script that runs them all on the GPU machine (which has no Rust toolchain).
+//!
+//! It depends on no tierlm crate; it only drives cargo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("gpu-bundle") => gpu_bundle(),
+        _ => {
+            eprintln!("usage: cargo xtask <ci | gpu-bundle>");
+            eprintln!("  ci          formatting check, clippy -D warnings, all tests");
+            eprintln!("  gpu-bundle  release binaries and test executables into .gpu/ for the GPU machine");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(step: &str, cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: {step}: {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{step}: cannot start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn ci() -> Result<(), String> {
+    run("format check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "clippy",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]),
+    )?;
+    run("tests", cargo().args(["test", "--workspace", "--locked"]))?;
+    Ok(())
+}
+
+fn gpu_bundle() -> Result<(), String> {
+    let root = root();
+    let out = root.join(".gpu");
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(|e| format!("cannot clear {}: {e}", out.display()))?;
+    }
+    let tests_dir = out.join("tests");
+    std::fs::create_dir_all(&tests_dir).map_err(|e| format!("cannot create {}: {e}", tests_dir.display()))?;
+    run("release binaries", cargo().args(["build", "--release", "--workspace", "--bins", "--locked"]))?;
+    let bin = root.join("target/release/tierlm");
+    copy_stripped(&bin, &out.join("tierlm"))?;
+
+    // Test executables: ask cargo where it put them.
+    eprintln!("xtask: building release test executables");
+    let output = cargo()
+        .args(["test", "--release", "--workspace", "--locked", "--no-run", "--message-format=json"])
+        .output()
+        .map_err(|e| format!("cannot run cargo test --no-run: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("building tests failed:\n{}", String::from_utf8_lossy(&output.stderr)));
+    }
+    let mut names = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(exe), Some(target)) = (msg.get("executable").and_then(|v| v.as_str()), msg.get("target")) else {
+            continue;
+        };
+        let name = target.get("name").and_then(|v| v.as_str()).unwrap_or("test");
+        let kind = target
+            .get("kind")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.first())
+            .and_then(|v| v.as_str())
+            .unwrap_or("test");
+        let package = msg
+            .get("package_id")
+            .and_then(|v| v.as_str())
+            .and_then(|id| id.rsplit('#').next())
+            .and_then(|s| s.split('@').next())
+            .unwrap_or("pkg");
+        let file = format!("{package}--{kind}--{name}").replace(['/', ' '], "_");
+        copy_stripped(Path::new(exe), &tests_dir.join(&file))?;
+        names.push(file);
+    }
+    names.sort();
+    let script = format!(
+        r#"#!/usr/bin/env bash
+# Runs every tierlm test executable on the GPU machine. Made by `cargo xtask gpu-bundle`.
+# Usage (from the repository root): bash .gpu/run-tests.sh [LOGDIR]
+set -u
+logdir="${{1:-${{OUT:-/tmp}}}}"
+mkdir -p "$logdir"
+export TIERLM_REPO_ROOT="$(pwd)"
+pass=0; fail=0; failed=""
+for t in {tests}; do
+  if ".gpu/tests/$t" --test-threads=1 >"$logdir/$t.log" 2>&1; then
+    pass=$((pass+1)); echo "ok    $t ($(grep -h '^test result' "$logdir/$t.log" | tail -1))"
+  else
+    fail=$((fail+1)); failed="$failed $t"; echo "FAIL  $t"; tail -20 "$logdir/$t.log"
+  fi
+done
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
+"#,
+        tests = names.join(" ")
+    );
+    let script_path = out.join("run-tests.sh");
+    std::fs::write(&script_path, script).map_err(|e| format!("cannot write {}: {e}", script_path.display()))?;
+    let size: u64 = walk_size(&out);
+    eprintln!("xtask: .gpu/ holds tierlm and {} test executables, {:.1} MiB", names.len(), size as f64 / 1048576.0);
+    if size > 60 << 20 {
+        eprintln!("xtask: warning: .gpu/ is over 60 MiB; the device tool carries at most 64 MiB in all");
+    }
+    Ok(())
+}
+
+fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to).map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
+    // Debug info is most of a test executable's size; the device tool carries 64 MiB at most.
+    let stripped = Command::new("strip").arg("--strip-debug").arg(to).status();
+    if !matches!(stripped, Ok(s) if s.success()) {
+        eprintln!("xtask: note: could not strip {}; carrying it whole", to.display());
+    }
+    Ok(())
+}
+
+fn walk_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                walk_size(&p)
+            } else {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            }
+        })
+        .sum()
+}
