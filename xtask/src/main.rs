@@ -54,10 +54,7 @@ fn run(step: &str, cmd: &mut Command) -> Result<(), String> {
 
 fn ci() -> Result<(), String> {
     run("format check", cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(
-        "clippy",
-        cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]),
-    )?;
+    run("clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
     run("tests", cargo().args(["test", "--workspace", "--locked"]))?;
     Ok(())
 }
@@ -85,7 +82,9 @@ fn gpu_bundle() -> Result<(), String> {
     }
     let mut names = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         let (Some(exe), Some(target)) = (msg.get("executable").and_then(|v| v.as_str()), msg.get("target")) else {
             continue;
         };
@@ -149,7 +148,9 @@ fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
 }
 
 fn walk_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| {

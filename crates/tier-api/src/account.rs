@@ -83,13 +83,11 @@ impl MemAccount {
         let budget = self.budget.load(Ordering::Relaxed);
         let mut current = self.resident.load(Ordering::Relaxed);
         loop {
-            let next = current.checked_add(resident).filter(|&n| n <= budget).ok_or_else(|| {
-                Error::OutOfMemory {
-                    tier: self.tier.clone(),
-                    asked,
-                    free: budget.saturating_sub(current),
-                    budget,
-                }
+            let next = current.checked_add(resident).filter(|&n| n <= budget).ok_or_else(|| Error::OutOfMemory {
+                tier: self.tier.clone(),
+                asked,
+                free: budget.saturating_sub(current),
+                budget,
             })?;
             match self.resident.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => {

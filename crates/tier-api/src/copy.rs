@@ -462,7 +462,8 @@ impl CopyRoute for HostMemcpy {
             // SAFETY: runs come from the views, which lie inside their tensors;
             // planning refused overlap within one storage, and the copy matrix's
             // contract is that no other copy writes these bytes meanwhile.
-            let (from, to) = unsafe { (s.slice(r.src as usize, r.len as usize), d.slice_mut(r.dst as usize, r.len as usize)) };
+            let (from, to) =
+                unsafe { (s.slice(r.src as usize, r.len as usize), d.slice_mut(r.dst as usize, r.len as usize)) };
             to.ok_or_else(out_of_span)?.copy_from_slice(from.ok_or_else(out_of_span)?);
         }
         Ok(())

@@ -29,8 +29,7 @@ mod tensor;
 
 pub use account::{MemAccount, MemStats, Reservation};
 pub use copy::{
-    builtin_routes, CopyConfig, CopyHandle, CopyJob, CopyMatrix, CopyPath, CopyPlan, CopyReport,
-    CopyRoute, Run,
+    builtin_routes, CopyConfig, CopyHandle, CopyJob, CopyMatrix, CopyPath, CopyPlan, CopyReport, CopyRoute, Run,
 };
 pub use device::{Device, DeviceKind, HostMemKind};
 pub use dtype::{DType, Shape};

@@ -6,8 +6,8 @@ use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use tier_api::{
-    Access, DType, Device, DeviceKind, Error, HostMemKind, HostSpan, MemAccount, Reservation, Result, Shape,
-    Storage, Tensor,
+    Access, DType, Device, DeviceKind, Error, HostMemKind, HostSpan, MemAccount, Reservation, Result, Shape, Storage,
+    Tensor,
 };
 
 /// How to build a host device.
