@@ -1,0 +1,290 @@
+//! Bandwidth of the disk tier, measured the way tierlm uses it.
+//!
+//! For each backend that can run here (io_uring, then the pread/pwrite
+//! threads), [`run`] writes `bytes` from a page-aligned host buffer to a disk
+//! tensor and reads them back through [`BlockIo`], checking the data. In the
+//! same run it measures a baseline: a plain, single-threaded, buffered read
+//! of the same amount of data from a named regular file through a memory
+//! map, after the file was evicted from the page cache (fsync, then
+//! `posix_fadvise(DONTNEED)`) — what FlexGen's numpy-memmap disk tier does.
+
+use crate::config::{human, BackendChoice, DiskConfig};
+use crate::device::DiskDevice;
+use crate::sys::{self, AlignedBuf};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::time::Instant;
+use tier_api::{Access, Error, IoOp, Result};
+
+/// What to measure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchConfig {
+    /// Where the disk arena and the baseline file go (the offload directory).
+    pub dir: PathBuf,
+    /// Bytes moved in each direction.
+    pub bytes: u64,
+    /// Bytes per I/O operation (the disk tier's chunk size).
+    pub block: usize,
+    pub queue_depth: usize,
+}
+
+impl BenchConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        BenchConfig { dir: dir.into(), bytes: 1 << 30, block: 1 << 20, queue_depth: 32 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Host memory to disk (a write).
+    HostToDisk,
+    /// Disk to host memory (a read).
+    DiskToHost,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::HostToDisk => "host→disk (write)",
+            Direction::DiskToHost => "disk→host (read)",
+        })
+    }
+}
+
+/// One measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchRow {
+    /// "io_uring", "pread/pwrite threads" or "mmap baseline".
+    pub name: String,
+    /// The backend's own description, or how the baseline was run.
+    pub detail: String,
+    pub direction: Direction,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// 10⁹ bytes per second.
+    pub gbps: f64,
+}
+
+impl BenchRow {
+    fn new(name: &str, detail: String, direction: Direction, bytes: u64, seconds: f64) -> Self {
+        let gbps = if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { f64::INFINITY };
+        BenchRow { name: name.to_string(), detail, direction, bytes, seconds, gbps }
+    }
+}
+
+/// Runs the measurements. Needs `bytes` of host memory and twice `bytes` of
+/// free disk at most (the arena and the baseline file are never both there).
+pub fn run(config: &BenchConfig) -> Result<Vec<BenchRow>> {
+    let len = usize::try_from(config.bytes)
+        .ok()
+        .filter(|&l| l > 0)
+        .ok_or_else(|| Error::Config(format!("benchmark size {} bytes is not usable here", config.bytes)))?;
+    let mut host = AlignedBuf::new(len).map_err(|e| Error::AllocationFailed {
+        tier: "host (benchmark buffer)".into(),
+        asked: len as u64,
+        reason: e.to_string(),
+    })?;
+    fill(host.as_mut_slice());
+    let mut rows = Vec::new();
+    for choice in [BackendChoice::IoUring, BackendChoice::Threads] {
+        let disk_config = DiskConfig {
+            backend: choice,
+            queue_depth: config.queue_depth,
+            chunk_size: config.block,
+            ..DiskConfig::new(&config.dir)
+        };
+        let disk = match DiskDevice::new(disk_config) {
+            Ok(d) => d,
+            // The thread pool's row says why io_uring is missing.
+            Err(Error::Unsupported { .. }) if choice == BackendChoice::IoUring => continue,
+            Err(e) => return Err(e),
+        };
+        let name = if choice == BackendChoice::IoUring { "io_uring" } else { "pread/pwrite threads" };
+        let detail = disk.backend();
+        let tensor = disk.allocate_bytes(len)?;
+        let Access::Block { io, base } = tensor.storage().access() else {
+            return Err(Error::Config("a disk tensor did not offer block access".into()));
+        };
+        let t = Instant::now();
+        io.write_at(base, host.as_slice())?;
+        rows.push(BenchRow::new(name, detail.clone(), Direction::HostToDisk, len as u64, t.elapsed().as_secs_f64()));
+        host.as_mut_slice().fill(0);
+        let t = Instant::now();
+        io.read_at(base, host.as_mut_slice())?;
+        rows.push(BenchRow::new(name, detail, Direction::DiskToHost, len as u64, t.elapsed().as_secs_f64()));
+        verify(host.as_slice(), &io.tier())?;
+    }
+    rows.push(baseline(&config.dir, &mut host)?);
+    Ok(rows)
+}
+
+/// A word pattern that differs in every 8 bytes, cheap to write and check.
+fn word(i: usize) -> [u8; 8] {
+    ((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes()
+}
+
+fn fill(buf: &mut [u8]) {
+    for (i, c) in buf.chunks_mut(8).enumerate() {
+        let w = word(i);
+        c.copy_from_slice(&w[..c.len()]);
+    }
+}
+
+fn verify(buf: &[u8], tier: &str) -> Result<()> {
+    match buf.chunks(8).enumerate().position(|(i, c)| c != &word(i)[..c.len()]) {
+        None => Ok(()),
+        Some(i) => Err(Error::Io {
+            op: IoOp::Read,
+            tier: tier.to_string(),
+            offset: (i * 8) as u64,
+            len: buf.len() as u64,
+            source: io::Error::other("the data read back differs from the data written"),
+        }),
+    }
+}
+
+/// Removes the baseline file however the measurement ends.
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A read-only shared mapping of a whole file.
+struct Map {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Map {
+    fn new(file: &File, len: usize) -> io::Result<Map> {
+        // SAFETY: a new read-only shared mapping of `len` bytes of an open
+        // file at an address of the kernel's choosing.
+        let p =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(Map { ptr, len })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes while self lives, and
+        // the file is not written while mapped.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The fraction of the mapping's pages already in the page cache.
+    fn resident_fraction(&self) -> Option<f64> {
+        let page = sys::page_size();
+        let pages = self.len.div_ceil(page);
+        let mut v = vec![0u8; pages];
+        // SAFETY: the address is the page-aligned start of a mapping of
+        // `len` bytes, and `v` holds one byte per page of it.
+        let r = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.len, v.as_mut_ptr()) };
+        (r == 0).then(|| v.iter().filter(|&&b| b & 1 != 0).count() as f64 / pages as f64)
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no slice outlives it.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The memory-mapped, buffered, single-threaded read of a named file.
+fn baseline(dir: &Path, host: &mut AlignedBuf) -> Result<BenchRow> {
+    let len = host.len();
+    let path = dir.join(format!("tierlm-bench-baseline-{}.bin", std::process::id()));
+    let io_err = |op, e: io::Error| Error::Io {
+        op,
+        tier: format!("file {}", path.display()),
+        offset: 0,
+        len: len as u64,
+        source: e,
+    };
+    let _remove = Remove(path.clone());
+    {
+        let mut f = File::create(&path).map_err(|e| io_err(IoOp::Write, e))?;
+        f.write_all(host.as_slice()).map_err(|e| io_err(IoOp::Write, e))?;
+        sys::evict_page_cache(f.as_raw_fd()).map_err(|e| io_err(IoOp::Write, e))?;
+    }
+    let f = File::open(&path).map_err(|e| io_err(IoOp::Read, e))?;
+    sys::evict_page_cache(f.as_raw_fd()).map_err(|e| io_err(IoOp::Read, e))?;
+    let map = Map::new(&f, len).map_err(|e| io_err(IoOp::Read, e))?;
+    let cached = map.resident_fraction();
+    host.as_mut_slice().fill(0);
+    let src = map.as_slice();
+    let t = Instant::now();
+    // Piece by piece, as numpy copies out of a memmap: page faults with
+    // the kernel's readahead do the I/O.
+    for (d, s) in host.as_mut_slice().chunks_mut(1 << 20).zip(src.chunks(1 << 20)) {
+        d.copy_from_slice(s);
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    drop(map);
+    verify(host.as_slice(), &format!("file {}", path.display()))?;
+    let cached = cached.map(|c| format!(", {:.0}% cached before", c * 100.0)).unwrap_or_default();
+    let detail = format!("buffered read through mmap, 1 thread, page cache evicted first{cached}");
+    Ok(BenchRow::new("mmap baseline", detail, Direction::DiskToHost, len as u64, seconds))
+}
+
+/// The rows as a text table.
+pub fn table(rows: &[BenchRow]) -> String {
+    let mut out = format!("{:<22} {:<18} {:>10} {:>9} {:>7}\n", "path", "direction", "bytes", "seconds", "GB/s");
+    for r in rows {
+        out.push_str(&format!(
+            "{:<22} {:<18} {:>10} {:>9.3} {:>7.2}\n",
+            r.name,
+            r.direction.to_string(),
+            human(r.bytes as usize),
+            r.seconds,
+            r.gbps
+        ));
+    }
+    let mut seen = Vec::new();
+    for r in rows {
+        if !seen.contains(&&r.name) {
+            seen.push(&r.name);
+            out.push_str(&format!("  {}: {}\n", r.name, r.detail));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_run_measures_every_path_and_checks_the_data() {
+        let dir = crate::test_dir();
+        let config = BenchConfig { bytes: 8 << 20, block: 256 << 10, queue_depth: 8, ..BenchConfig::new(dir.path()) };
+        let rows = run(&config).unwrap();
+        let names: Vec<_> = rows.iter().map(|r| (r.name.as_str(), r.direction)).collect();
+        assert!(names.contains(&("pread/pwrite threads", Direction::HostToDisk)), "{names:?}");
+        assert!(names.contains(&("pread/pwrite threads", Direction::DiskToHost)));
+        assert_eq!(names.last(), Some(&("mmap baseline", Direction::DiskToHost)));
+        assert!(rows.iter().all(|r| r.bytes == 8 << 20 && r.gbps > 0.0));
+        let t = table(&rows);
+        assert!(t.contains("GB/s") && t.contains("8 MiB") && t.contains("page cache evicted"), "{t}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the baseline file is removed");
+    }
+
+    #[test]
+    fn the_pattern_catches_a_wrong_byte() {
+        let mut b = vec![0u8; 1001];
+        fill(&mut b);
+        verify(&b, "t").unwrap();
+        b[777] ^= 1;
+        assert!(matches!(verify(&b, "t"), Err(Error::Io { offset: 776, .. })));
+    }
+}
