@@ -97,10 +97,12 @@
 //!
 //! Asymmetric: `min` = the largest f16 `<=` the group's smallest value;
 //! `scale` = the smallest f16 `>= (max - min) / (2^bits - 1)`; then with
-//! those *stored* numbers `q = clamp(floor((x - min) / scale + 1/2), 0,
+//! those *stored* numbers `q = clamp(round((x - min) / scale), 0,
 //! 2^bits - 1)`. Symmetric: `scale` = the smallest f16 `>= max|x| /
-//! (2^(bits-1) - 1)`, `q = clamp(floor(x / scale + 2^(bits-1) + 1/2), 1,
-//! 2^bits - 1)`. The arithmetic is done in f64, which for f16 inputs picks
+//! (2^(bits-1) - 1)`, `q = clamp(round(x / scale) + 2^(bits-1), 1,
+//! 2^bits - 1)`. `round` is to nearest, ties to even (a tie is half a step
+//! either way). The arithmetic is done in f64 (a zero scale gives code 0,
+//! resp. `2^(bits-1)`, with no division), which for f16 inputs picks
 //! the true nearest code. Because the min is rounded down and the scale up,
 //! every value lies within `[min, min + (2^bits - 1) * scale]`, so
 //!

@@ -7,52 +7,43 @@ use half::f16;
 use crate::config::{CompressionConfig, Mode};
 use crate::format::F16_MAX;
 
-fn next_up(h: f16) -> f16 {
-    let b = h.to_bits();
-    if b & 0x7fff == 0 {
-        f16::from_bits(0x0001)
-    } else if b & 0x8000 == 0 {
-        f16::from_bits(b + 1)
+/// The two f16 numbers around `v` (finite, `|v| <= 65504`): the largest
+/// `<= v` and the smallest `>= v` (equal when `v` is an f16).
+///
+/// Plain arithmetic, no conversion calls: f16 numbers with exponent `e`
+/// (at least -14, the subnormals sharing -14's step) are the multiples `k`
+/// of `2^(e - 10)`, and their bits are `((e + 15) << 10) + k - 1024`, a
+/// formula that also carries `k = 2048` into the next exponent and gives
+/// the subnormals (`e = -14`, `k < 1024`) their bits `k`.
+#[inline]
+fn f16_bracket(v: f64) -> (f16, f16) {
+    let a = v.abs();
+    let exp = ((a.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+    let e = exp.max(-14);
+    // 2^(10 - e), exact; e is in -14..=15.
+    let to_units = f64::from_bits(((1023 + 10 - e) as u64) << 52);
+    let k = a * to_units; // exact: scaling by a power of two
+    let k_floor = k as u32; // k < 2048 and >= 0: truncation is floor
+    let k_ceil = k_floor + u32::from(f64::from(k_floor) < k);
+    let bits = |k: u32| (((e + 15) as u32) << 10) + k - 1024;
+    let (mag_lo, mag_hi) = (bits(k_floor) as u16, bits(k_ceil) as u16);
+    if v.is_sign_negative() {
+        (f16::from_bits(0x8000 | mag_hi), f16::from_bits(0x8000 | mag_lo))
     } else {
-        f16::from_bits(b - 1)
-    }
-}
-
-fn next_down(h: f16) -> f16 {
-    let b = h.to_bits();
-    if b & 0x7fff == 0 {
-        f16::from_bits(0x8001)
-    } else if b & 0x8000 == 0 {
-        f16::from_bits(b - 1)
-    } else {
-        f16::from_bits(b + 1)
+        (f16::from_bits(mag_lo), f16::from_bits(mag_hi))
     }
 }
 
 /// Smallest f16 `>= v`, for finite `v` with `|v| <= 65504`.
+#[inline]
 pub(crate) fn f16_round_up(v: f64) -> f16 {
-    // `from_f64` rounds to nearest (through f32 on some targets, so it may
-    // land on either neighbour); one step fixes the direction.
-    let r = f16::from_f64(v);
-    if f64::from(r) < v {
-        next_up(r)
-    } else if f64::from(next_down(r)) >= v {
-        next_down(r)
-    } else {
-        r
-    }
+    f16_bracket(v).1
 }
 
 /// Largest f16 `<= v`, for finite `v` with `|v| <= 65504`.
+#[inline]
 pub(crate) fn f16_round_down(v: f64) -> f16 {
-    let r = f16::from_f64(v);
-    if f64::from(r) > v {
-        next_down(r)
-    } else if f64::from(next_up(r)) <= v {
-        next_up(r)
-    } else {
-        r
-    }
+    f16_bracket(v).0
 }
 
 /// What is stored for one group, and how to encode values with it.
@@ -83,12 +74,13 @@ impl GroupParams {
     /// Symmetric: `scale` is `max|x| / (2^(bits-1) - 1)` rounded up, or
     /// `|value|` rounded up for a constant group (code `half ± 1`, exact for
     /// f16 values; code `half` for zeros).
+    #[inline(always)]
     pub fn new(lo: f32, hi: f32, config: &CompressionConfig) -> Self {
         let max_code = config.max_code();
         match config.mode() {
             Mode::Asymmetric => {
                 let min = f16_round_down(f64::from(lo));
-                let origin = f64::from(min);
+                let origin = min.to_f64_const();
                 let range = f64::from(hi) - origin;
                 let scale = if range > 0.0 { f16_round_up(range / f64::from(max_code)) } else { f16::ZERO };
                 Self::with(scale, min, origin, 0.0, 0, max_code)
@@ -103,7 +95,7 @@ impl GroupParams {
     }
 
     fn with(scale: f16, min: f16, origin: f64, bias: f64, lo: u32, hi: u32) -> Self {
-        let s = f64::from(scale);
+        let s = scale.to_f64_const();
         // A zero scale means every value equals the origin: all codes are
         // `bias`, and no division by zero happens.
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
@@ -127,6 +119,7 @@ impl GroupParams {
     }
 
     /// Encodes every value of `x` into `codes` (same length).
+    #[inline(always)]
     pub fn encode_slice(&self, x: &[f32], codes: &mut [u8]) {
         for (c, &v) in codes.iter_mut().zip(x) {
             *c = self.encode(v);
@@ -159,6 +152,46 @@ pub(crate) fn effective_min(stored_min: f16, scale: f32, config: &CompressionCon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn next_up(h: f16) -> f16 {
+        let b = h.to_bits();
+        if b & 0x7fff == 0 {
+            f16::from_bits(0x0001)
+        } else if b & 0x8000 == 0 {
+            f16::from_bits(b + 1)
+        } else {
+            f16::from_bits(b - 1)
+        }
+    }
+
+    fn next_down(h: f16) -> f16 {
+        let b = h.to_bits();
+        if b & 0x7fff == 0 {
+            f16::from_bits(0x8001)
+        } else if b & 0x8000 == 0 {
+            f16::from_bits(b - 1)
+        } else {
+            f16::from_bits(b + 1)
+        }
+    }
+
+    #[test]
+    fn every_f16_and_every_midpoint_brackets_correctly() {
+        let finite: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).filter(|h| h.is_finite()).collect();
+        for &h in &finite {
+            let v = f64::from(h);
+            // an f16 is its own bracket (up to the sign of zero)
+            assert_eq!(f64::from(f16_round_up(v)), v);
+            assert_eq!(f64::from(f16_round_down(v)), v);
+            // halfway to the next f16 above
+            let n = next_up(h);
+            if n.is_finite() {
+                let mid = (v + f64::from(n)) / 2.0;
+                assert_eq!(f64::from(f16_round_up(mid)), f64::from(n), "{h} mid {mid}");
+                assert_eq!(f64::from(f16_round_down(mid)), v, "{h} mid {mid}");
+            }
+        }
+    }
 
     fn all_finite_f16() -> impl Iterator<Item = f16> {
         (0..=u16::MAX).map(f16::from_bits).filter(|h| h.is_finite())

@@ -97,7 +97,7 @@ pub fn quantize_into<T: Element>(values: &[T], layout: &CompressedLayout, out: &
 
     let all_valid = split_tasks(layout, data, scales, mins)
         .into_par_iter()
-        .map(|task| run_task(values, layout, task))
+        .map(|task| run_task_dispatch(values, layout, task))
         .reduce(|| true, |a, b| a && b);
     if all_valid {
         Ok(())
@@ -162,8 +162,26 @@ fn split_tasks<'a>(
     tasks
 }
 
+/// Runs [`run_task`] compiled for AVX2 when the CPU has it: the same code,
+/// with the f64 encoding loop four lanes wide instead of two.
+fn run_task_dispatch<T: Element>(values: &[T], layout: &CompressedLayout, task: Task<'_>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { run_task_avx2(values, layout, task) };
+    }
+    run_task(values, layout, task)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn run_task_avx2<T: Element>(values: &[T], layout: &CompressedLayout, task: Task<'_>) -> bool {
+    run_task(values, layout, task)
+}
+
 /// Quantizes the slabs of one task; false if a value was NaN, infinite or
 /// outside the f16 range.
+#[inline(always)]
 fn run_task<T: Element>(values: &[T], layout: &CompressedLayout, task: Task<'_>) -> bool {
     let config = layout.config();
     let gs = config.group_size();
@@ -211,6 +229,7 @@ fn run_task<T: Element>(values: &[T], layout: &CompressedLayout, task: Task<'_>)
 
 /// The smallest and largest of `x` (non-empty), or `None` if a value is
 /// NaN, infinite, or above 65504 in magnitude.
+#[inline(always)]
 fn range_of(x: &[f32]) -> Option<(f32, f32)> {
     // Eight independent lanes of plain comparisons, so the loop vectorizes
     // (a single float min/max chain does not).
@@ -254,6 +273,7 @@ struct GroupWriter<'a, 'b> {
 impl GroupWriter<'_, '_> {
     /// Quantizes group number `k` of the task (real values `x`, the rest of
     /// the group is padding); false if a value is not quantizable.
+    #[inline(always)]
     fn write(&mut self, k: usize, x: &[f32]) -> bool {
         let Some((lo, hi)) = range_of(x) else {
             return false;
@@ -305,6 +325,22 @@ mod tests {
         assert_eq!(&b[80..82], &0x3267u16.to_le_bytes());
         assert_eq!(&b[82..84], &f16::ONE.to_bits().to_le_bytes());
         assert_eq!(t.to_f16(), h(&[1.0, 2.0, 3.0, 4.0]));
+    }
+
+    #[test]
+    fn near_ties_pick_the_nearest_code() {
+        // min -26624, scale 61440 / 15 = 4096: 2^-10 sits at 6.5 steps plus
+        // 2^-22, so its code must be 7. In f32, -26624 + 2^-10 rounds to
+        // exactly 6.5 steps, a tie that goes to 6: an error just over half a
+        // step. The encoder works in f64 to get this right.
+        let tiny = 2f32.powi(-10);
+        let x = h(&[-26624.0, 34816.0, tiny, 0.0]);
+        let t = quantize(&x, &[4], cfg(4, 4, 0, Mode::Asymmetric)).unwrap();
+        assert_eq!(t.scale(0).unwrap().to_f32(), 4096.0);
+        assert_eq!(t.stored_min(0).unwrap(), Some(f16::from_f32(-26624.0)));
+        assert_eq!(t.code(0, 2).unwrap(), 7);
+        let y = t.to_f32();
+        assert!((f64::from(y[2]) - f64::from(tiny)).abs() <= 2048.0);
     }
 
     #[test]
