@@ -279,6 +279,9 @@ impl CopyMatrix {
         if src.shape() != dst.shape() {
             return Err(Error::ShapeMismatch { src: src.shape(), dst: dst.shape() });
         }
+        if dst.tensor().storage().read_only() {
+            return Err(crate::tensor::read_only_error(dst.device()));
+        }
         let route = self.route(src.device(), dst.device())?;
         let src_runs = src.byte_runs();
         let dst_runs = dst.byte_runs();

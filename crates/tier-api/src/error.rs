@@ -87,6 +87,9 @@ pub enum Error {
     #[error("no copy path from {src} to {dst}: {why}")]
     NoRoute { src: DeviceKind, dst: DeviceKind, why: String },
 
+    #[error("{call} on {tier} failed: {reason}")]
+    Driver { tier: String, call: String, reason: String },
+
     #[error("{what} is not available: {hint}")]
     Unsupported { what: String, hint: String },
 

@@ -24,6 +24,12 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
 
     /// For routes that need their backend's own type (the GPU routes).
     fn as_any(&self) -> &dyn Any;
+
+    /// Whether the bytes may only be read (a file mapped read-only). Copies
+    /// into such a storage and synchronous writes are refused.
+    fn read_only(&self) -> bool {
+        false
+    }
 }
 
 /// How a storage's bytes are reached.

@@ -67,6 +67,9 @@ impl Tensor {
     /// GPU tensors are written through the copy matrix.
     pub fn write_bytes(&self, offset: usize, src: &[u8]) -> Result<()> {
         self.check_range(offset, src.len())?;
+        if self.storage.read_only() {
+            return Err(read_only_error(self.device()));
+        }
         match self.storage.access() {
             Access::Host(span) => {
                 // SAFETY: the range was checked; a synchronous write from the
@@ -118,6 +121,14 @@ impl Tensor {
             what: format!("a synchronous {op} of {} memory", self.device()),
             hint: "copy through the copy matrix into a host tensor instead".into(),
         }
+    }
+}
+
+/// The error for writing into a read-only storage.
+pub(crate) fn read_only_error(device: crate::DeviceKind) -> Error {
+    Error::Unsupported {
+        what: format!("writing into read-only {device} memory (a file mapped read-only)"),
+        hint: "copy into a tensor allocated on a device instead".into(),
     }
 }
 
