@@ -11,13 +11,25 @@
 //! under WSL or without a driver, overridden by `--host-memory` or the
 //! `TIERLM_HOST_MEMORY` environment variable.
 //!
-//! It may depend on `tier-api` and on cudarc's raw driver bindings (only to
-//! pin memory); it knows nothing of disks, models or the GPU tier's streams.
+//! Read-only files (safetensors weights) can be mapped `MAP_SHARED` and
+//! registered read-only for DMA ([`RegisteredFile`]).
+//!
+//! Pinned and registered memory is exact: the tier accounts `asked` as the
+//! bytes asked and `resident` as the whole pages locked, and nothing rounds
+//! to powers of two. Without a CUDA driver only pageable memory exists, and
+//! asking for the others says so ([`cuda::require_driver`]).
+//!
+//! It may depend on `tier-api` and on cudarc's driver bindings (only to find
+//! the driver and pin memory); it knows nothing of disks, models or the GPU
+//! tier's streams.
 
+pub mod cuda;
 mod device;
+mod file;
 mod platform;
 
 pub use device::{HostConfig, HostDevice, HostStorage};
+pub use file::RegisteredFile;
 pub use platform::{is_wsl, HostMemChoice, HostMemKindExt, HOST_MEMORY_ENV};
 pub use tier_api::HostMemKind;
 

@@ -61,7 +61,10 @@ fn decide(flag: Option<HostMemKind>, env: Option<&str>, wsl: bool, driver: bool)
         });
     }
     if !driver {
-        return Ok(HostMemChoice { kind: HostMemKind::Pageable, reason: "no CUDA driver on this machine".into() });
+        return Ok(HostMemChoice {
+            kind: HostMemKind::Pageable,
+            reason: "no usable CUDA driver or GPU on this machine".into(),
+        });
     }
     Ok(HostMemChoice { kind: HostMemKind::Pinned, reason: "CUDA driver present".into() })
 }
@@ -79,11 +82,10 @@ pub fn is_wsl() -> bool {
         .unwrap_or(false)
 }
 
-/// Whether libcuda can be loaded (without creating a context).
+/// Whether a usable CUDA driver with at least one device is present. Loads
+/// libcuda only after checking that it exists, and creates no context.
 pub(crate) fn cuda_driver_present() -> bool {
-    // SAFETY: only tries to dlopen the driver library; loads nothing into
-    // cudarc's global state and calls no driver function.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    crate::cuda::driver().is_ready()
 }
 
 #[cfg(test)]
