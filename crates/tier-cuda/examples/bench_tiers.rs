@@ -1,0 +1,110 @@
+//! Measures every GPU copy path and the pinned-memory residency check.
+//!
+//! `bench_tiers [--mib N] [--reps N] [--disk-dir DIR] [--slots N] [--slot-mib N]
+//! [--helpers N] [--rss-mib N] [--no-rss] [--sweep]`
+//!
+//! The disk paths use a small O_DIRECT file disk (tests/support/file_disk.rs)
+//! in `--disk-dir` until `tierlm bench-tiers` passes tier-disk's device.
+
+#[path = "../tests/support/file_disk.rs"]
+mod file_disk;
+
+use std::sync::Arc;
+use tier_api::{Device, HostMemKind};
+use tier_cuda::bench::{self, BenchConfig};
+use tier_cuda::StagingConfig;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench_tiers: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let value = |name: &str| -> Result<Option<usize>, String> {
+        match args.iter().position(|a| a == name) {
+            None => Ok(None),
+            Some(i) => args
+                .get(i + 1)
+                .ok_or(format!("{name} needs a value"))?
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("{name}: {e}")),
+        }
+    };
+    let text = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+
+    println!("{}", tier_cuda::probe_message());
+    if tier_cuda::probe().map_err(|e| e.to_string())?.is_none() {
+        return Ok(());
+    }
+    let mut staging = StagingConfig::default();
+    if let Some(v) = value("--slots")? {
+        staging.slots = v;
+    }
+    if let Some(v) = value("--slot-mib")? {
+        staging.slot_bytes = v << 20;
+    }
+    if let Some(v) = value("--helpers")? {
+        staging.helpers = v;
+    }
+    let mut config = BenchConfig { staging, ..BenchConfig::default() };
+    if let Some(v) = value("--mib")? {
+        config.bytes = v << 20;
+    }
+    if let Some(v) = value("--reps")? {
+        config.reps = v;
+    }
+    if let Some(dir) = text("--disk-dir") {
+        let disk = file_disk::FileDisk::create(std::path::Path::new(&dir), 0).map_err(|e| e.to_string())?;
+        println!("{}", disk.describe());
+        config.disk = Some(disk as Arc<dyn Device>);
+    }
+
+    if !flag("--no-rss") {
+        let mib = value("--rss-mib")?.unwrap_or(4097);
+        for kind in [HostMemKind::Pinned, HostMemKind::Registered] {
+            let check = bench::pinned_rss_check(kind, mib << 20).map_err(|e| e.to_string())?;
+            println!("rss check {check} => {}", if check.passes() { "PASS" } else { "FAIL" });
+        }
+    }
+
+    let report = bench::run(&config).map_err(|e| e.to_string())?;
+    println!("{report}");
+    let misses = report.misses();
+    if misses.is_empty() {
+        println!("all targets met");
+    } else {
+        println!("targets missed: {}", misses.join("; "));
+    }
+
+    if flag("--sweep") {
+        let shapes: Vec<StagingConfig> = [
+            (8, 16, 8),
+            (8, 8, 8),
+            (12, 8, 12),
+            (16, 8, 8),
+            (16, 8, 12),
+            (16, 8, 16),
+            (16, 4, 12),
+            (24, 4, 12),
+            (12, 16, 12),
+        ]
+        .iter()
+        .map(|&(slots, mib, helpers)| StagingConfig {
+            slots,
+            slot_bytes: mib << 20,
+            helpers,
+            ..StagingConfig::default()
+        })
+        .collect();
+        let rows = bench::relay_sweep(&config, &shapes).map_err(|e| e.to_string())?;
+        for r in rows {
+            println!("{:<60} {:>8.2} GB/s (best {:.2})", r.name, r.gbps(), r.best_gbps());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! The pinned staging ring and the helper threads that fill and drain it.
+//!
+//! Pageable memory and disks cannot be the target of DMA, so their copies
+//! to and from the GPU pass through a fixed set of pinned slots. A copy
+//! borrows up to all of them: while the GPU moves one slot, helper threads
+//! fill (or drain) the others with `memcpy` or disk I/O. Each slot has an
+//! event that marks the end of the DMA that last used it. Everything here
+//! is bounded: the number and size of slots, the helper threads and their
+//! queue.
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use cudarc::driver::{sys, CudaContext, CudaEvent};
+use parking_lot::{Condvar, Mutex};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use tier_api::{Access, CopyPath, Device, Error, HostMemKind, MemStats, Result, Tensor};
+use tier_host::cuda::driver_error;
+use tier_host::{HostConfig, HostDevice};
+
+/// Limits on the ring.
+pub const MAX_SLOTS: usize = 64;
+pub const MIN_SLOT_BYTES: usize = 4096;
+pub const MAX_SLOT_BYTES: usize = 256 << 20;
+pub const MAX_HELPERS: usize = 64;
+
+/// The shape of the staging ring of one GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagingConfig {
+    /// Pinned buffers (1..=[`MAX_SLOTS`]).
+    pub slots: usize,
+    /// Bytes per buffer, a multiple of 4096 ([`MIN_SLOT_BYTES`]..=[`MAX_SLOT_BYTES`]).
+    pub slot_bytes: usize,
+    /// Threads that fill and drain slots (1..=[`MAX_HELPERS`]): how many
+    /// `memcpy`s or disk requests run at once.
+    pub helpers: usize,
+    /// For reads from disk: gaps between wanted ranges up to this many bytes
+    /// are read too, so that one request serves many pieces.
+    pub max_read_gap: u64,
+}
+
+impl Default for StagingConfig {
+    fn default() -> Self {
+        StagingConfig { slots: 8, slot_bytes: 16 << 20, helpers: 8, max_read_gap: 64 << 10 }
+    }
+}
+
+impl StagingConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Config(format!("staging ring: {what}")));
+        if self.slots == 0 || self.slots > MAX_SLOTS {
+            return bad(format!("{} slots; 1..={MAX_SLOTS} allowed", self.slots));
+        }
+        if self.slot_bytes < MIN_SLOT_BYTES || self.slot_bytes > MAX_SLOT_BYTES || self.slot_bytes & 4095 != 0 {
+            return bad(format!(
+                "slots of {} bytes; a multiple of 4096 in {MIN_SLOT_BYTES}..={MAX_SLOT_BYTES} allowed",
+                self.slot_bytes
+            ));
+        }
+        if self.helpers == 0 || self.helpers > MAX_HELPERS {
+            return bad(format!("{} helper threads; 1..={MAX_HELPERS} allowed", self.helpers));
+        }
+        Ok(())
+    }
+
+    /// Pinned bytes the ring holds.
+    pub fn pinned_bytes(&self) -> u64 {
+        (self.slots * self.slot_bytes) as u64
+    }
+}
+
+/// One pinned staging buffer and the event after its last DMA.
+pub(crate) struct Slot {
+    /// Owns the pinned bytes `ptr` points into.
+    _buffer: Tensor,
+    ptr: *mut u8,
+    pub len: usize,
+    pub event: CudaEvent,
+}
+
+// SAFETY: the pointer is into `buffer`, owned by the slot; whoever holds the
+// slot (a lease, then one task at a time) is the only one touching it.
+unsafe impl Send for Slot {}
+// SAFETY: as above.
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The slot's bytes `offset..offset + len`.
+    ///
+    /// # Safety
+    /// The caller holds the slot, no DMA into or out of these bytes is
+    /// pending, and nobody else uses the slot meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, offset: usize, len: usize) -> Result<&mut [u8]> {
+        match offset.checked_add(len) {
+            // SAFETY: in range of the pinned buffer; exclusive (caller contract).
+            Some(end) if end <= self.len => Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }),
+            _ => Err(Error::Config("a staging piece lies outside its slot; this is a bug in copy planning".into())),
+        }
+    }
+}
+
+/// A unit of helper work: runs once, its result goes back tagged.
+pub(crate) struct HelperTask {
+    pub tag: usize,
+    pub path: CopyPath,
+    pub work: Box<dyn FnOnce() -> Result<()> + Send>,
+    pub reply: Sender<(usize, Result<()>)>,
+}
+
+/// The ring of one GPU.
+pub(crate) struct Staging {
+    host: Arc<HostDevice>,
+    free: Mutex<Vec<Arc<Slot>>>,
+    returned: Condvar,
+    tasks: Sender<HelperTask>,
+    pub slot_bytes: usize,
+    pub max_read_gap: u64,
+}
+
+impl Staging {
+    pub fn new(ctx: &Arc<CudaContext>, tier: &str, config: &StagingConfig) -> Result<Self> {
+        config.validate()?;
+        let host = HostDevice::new(HostConfig { kind: HostMemKind::Pinned, budget: None, alignment: 4096 })?;
+        let mut slots = Vec::with_capacity(config.slots);
+        for _ in 0..config.slots {
+            let buffer = host.allocate_bytes(config.slot_bytes)?;
+            let Access::Host(span) = buffer.storage().access() else {
+                return Err(Error::Config("pinned staging memory is not host-addressable".into()));
+            };
+            // Blocking sync: a helper waiting for a slot's DMA sleeps instead
+            // of spinning on a core that other helpers need for memcpy.
+            let event = ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+                .map_err(|e| driver_error(tier, "cuEventCreate", e))?;
+            slots.push(Arc::new(Slot { ptr: span.as_ptr(), len: config.slot_bytes, _buffer: buffer, event }));
+        }
+        // Each copy keeps at most as many tasks queued as it holds slots, so
+        // a queue as long as the ring never blocks a copy for long.
+        let (tasks, queue) = bounded::<HelperTask>(config.slots.max(1));
+        for i in 0..config.helpers {
+            let queue = queue.clone();
+            let ctx = Arc::clone(ctx);
+            std::thread::Builder::new()
+                .name(format!("tierlm-{tier}-staging-{i}"))
+                .spawn(move || helper_loop(queue, ctx))
+                .map_err(|e| Error::Config(format!("cannot start staging helper {i}: {e}")))?;
+        }
+        Ok(Staging {
+            host,
+            free: Mutex::new(slots),
+            returned: Condvar::new(),
+            tasks,
+            slot_bytes: config.slot_bytes,
+            max_read_gap: config.max_read_gap,
+        })
+    }
+
+    pub fn stats(&self) -> MemStats {
+        self.host.stats()
+    }
+
+    /// Borrows between 1 and `want` slots, waiting until at least one is free.
+    pub fn acquire(&self, want: usize) -> SlotLease<'_> {
+        let mut free = self.free.lock();
+        while free.is_empty() {
+            self.returned.wait(&mut free);
+        }
+        let n = want.clamp(1, free.len());
+        let at = free.len() - n;
+        let slots = free.split_off(at);
+        SlotLease { staging: self, slots }
+    }
+
+    /// Queues helper work; blocks while the queue is full.
+    pub fn submit(&self, task: HelperTask) -> Result<()> {
+        let path = task.path;
+        self.tasks.send(task).map_err(|_| Error::WorkerLost { path })
+    }
+}
+
+/// Slots borrowed by one copy; returned on drop. The copy must have waited
+/// for every DMA and task using them before dropping the lease.
+pub(crate) struct SlotLease<'a> {
+    staging: &'a Staging,
+    pub slots: Vec<Arc<Slot>>,
+}
+
+impl Drop for SlotLease<'_> {
+    fn drop(&mut self) {
+        let mut free = self.staging.free.lock();
+        free.append(&mut self.slots);
+        drop(free);
+        self.staging.returned.notify_all();
+    }
+}
+
+fn helper_loop(queue: Receiver<HelperTask>, ctx: Arc<CudaContext>) {
+    // Slot events belong to this context; bind once.
+    if let Err(e) = ctx.bind_to_thread() {
+        tracing::warn!("staging helper cannot bind the GPU context: {e:?}");
+    }
+    for task in queue {
+        let HelperTask { tag, path, work, reply } = task;
+        let result = match catch_unwind(AssertUnwindSafe(work)) {
+            Ok(r) => r,
+            Err(panic) => Err(Error::WorkerPanicked { path, message: panic_text(&panic) }),
+        };
+        // The copy waits for every tag it queued; if it is gone, so is the need.
+        let _ = reply.send((tag, result));
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_limits() {
+        assert!(StagingConfig::default().validate().is_ok());
+        assert_eq!(StagingConfig::default().pinned_bytes(), 128 << 20);
+        for bad in [
+            StagingConfig { slots: 0, ..StagingConfig::default() },
+            StagingConfig { slots: MAX_SLOTS + 1, ..StagingConfig::default() },
+            StagingConfig { slot_bytes: 1000, ..StagingConfig::default() },
+            StagingConfig { slot_bytes: 4097, ..StagingConfig::default() },
+            StagingConfig { helpers: 0, ..StagingConfig::default() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+}
