@@ -146,7 +146,7 @@
 //! whose values are one contiguous range of the original tensor and whose
 //! codes are one contiguous range of the data. Runs of slabs of about 64 Ki
 //! values are rayon tasks. When `inner > 1` groups are gathered and
-//! scattered 16 columns at a time so the original tensor is read and
+//! scattered 64 columns at a time so the original tensor is read and
 //! written along rows.
 
 mod config;
@@ -160,7 +160,7 @@ mod simd;
 mod tensor;
 
 pub use config::{CompressionConfig, Mode, DEFAULT_GROUP_SIZE};
-pub use dequantize::{dequantize_into, dequantize_into_f32, Output};
+pub use dequantize::{dequantize_into, dequantize_into_f32};
 pub use error::{Error, Result};
 pub use format::{
     layout_of, CompressedLayout, KernelParams, SourceDtype, F16_MAX, FORMAT_VERSION, HDR_BITS, HDR_DTYPE,

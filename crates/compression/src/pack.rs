@@ -57,12 +57,14 @@ pub fn unpack_codes(packed: &[u8], bits: u8, out: &mut [u8]) -> Result<()> {
 }
 
 /// 4-bit packing without checks; `out.len() == codes.len().div_ceil(2)`.
+#[inline]
 pub(crate) fn pack4(codes: &[u8], out: &mut [u8]) {
-    let mut pairs = codes.chunks_exact(2);
-    for (b, pair) in out.iter_mut().zip(&mut pairs) {
-        *b = (pair[0] & 0x0f) | (pair[1] << 4);
+    // Fixed-size pairs let the loop vectorize.
+    let (pairs, rest) = codes.as_chunks::<2>();
+    for (b, &[lo, hi]) in out.iter_mut().zip(pairs) {
+        *b = (lo & 0x0f) | (hi << 4);
     }
-    if let ([last], Some(b)) = (pairs.remainder(), out.last_mut()) {
+    if let ([last], Some(b)) = (rest, out.last_mut()) {
         *b = last & 0x0f;
     }
 }

@@ -15,7 +15,7 @@ use crate::tensor::CompressedTensor;
 pub(crate) const TASK_VALUES: usize = 1 << 16;
 /// Groups handled together when the group dim is not innermost, so that
 /// reads of the original tensor go along rows.
-pub(crate) const TILE: usize = 16;
+pub(crate) const TILE: usize = 64;
 
 mod sealed {
     pub trait Sealed {}
