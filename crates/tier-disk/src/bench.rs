@@ -2,7 +2,9 @@
 //!
 //! For each backend that can run here (io_uring, then the pread/pwrite
 //! threads), [`run`] writes `bytes` from a page-aligned host buffer to a disk
-//! tensor and reads them back through [`BlockIo`], checking the data. In the
+//! tensor and reads them back through [`BlockIo`](tier_api::BlockIo),
+//! checking the data, once with a buffer of ordinary 4 KiB pages and once
+//! with one backed by transparent huge pages ([`HostPages`]). In the
 //! same run it measures a baseline: a plain, single-threaded, buffered read
 //! of the same amount of data from a named regular file through a memory
 //! map, after the file was evicted from the page cache (fsync, then
@@ -55,6 +57,25 @@ impl fmt::Display for Direction {
     }
 }
 
+/// What backs the host buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostPages {
+    /// Ordinary 4 KiB pages (tier-host's pageable memory today, numpy's).
+    Small,
+    /// Transparent huge pages (`madvise(MADV_HUGEPAGE)`): direct I/O builds
+    /// requests of few segments.
+    Huge,
+}
+
+impl fmt::Display for HostPages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HostPages::Small => "4 KiB pages",
+            HostPages::Huge => "huge pages",
+        })
+    }
+}
+
 /// One measurement.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchRow {
@@ -63,6 +84,8 @@ pub struct BenchRow {
     /// The backend's own description, or how the baseline was run.
     pub detail: String,
     pub direction: Direction,
+    /// What backs the host buffer the bytes come from or go to.
+    pub host_pages: HostPages,
     pub bytes: u64,
     pub seconds: f64,
     /// 10⁹ bytes per second.
@@ -70,10 +93,24 @@ pub struct BenchRow {
 }
 
 impl BenchRow {
-    fn new(name: &str, detail: String, direction: Direction, bytes: u64, seconds: f64) -> Self {
+    fn new(name: &str, detail: String, direction: Direction, host_pages: HostPages, bytes: u64, seconds: f64) -> Self {
         let gbps = if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { f64::INFINITY };
-        BenchRow { name: name.to_string(), detail, direction, bytes, seconds, gbps }
+        BenchRow { name: name.to_string(), detail, direction, host_pages, bytes, seconds, gbps }
     }
+}
+
+fn host_buffer(len: usize, pages: HostPages) -> Result<AlignedBuf> {
+    let made = match pages {
+        HostPages::Small => AlignedBuf::new(len),
+        HostPages::Huge => AlignedBuf::new_huge(len),
+    };
+    let mut buf = made.map_err(|e| Error::AllocationFailed {
+        tier: "host (benchmark buffer)".into(),
+        asked: len as u64,
+        reason: e.to_string(),
+    })?;
+    fill(buf.as_mut_slice());
+    Ok(buf)
 }
 
 /// Runs the measurements. Needs `bytes` of host memory and twice `bytes` of
@@ -83,41 +120,42 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchRow>> {
         .ok()
         .filter(|&l| l > 0)
         .ok_or_else(|| Error::Config(format!("benchmark size {} bytes is not usable here", config.bytes)))?;
-    let mut host = AlignedBuf::new(len).map_err(|e| Error::AllocationFailed {
-        tier: "host (benchmark buffer)".into(),
-        asked: len as u64,
-        reason: e.to_string(),
-    })?;
-    fill(host.as_mut_slice());
     let mut rows = Vec::new();
-    for choice in [BackendChoice::IoUring, BackendChoice::Threads] {
-        let disk_config = DiskConfig {
-            backend: choice,
-            queue_depth: config.queue_depth,
-            chunk_size: config.block,
-            ..DiskConfig::new(&config.dir)
-        };
-        let disk = match DiskDevice::new(disk_config) {
-            Ok(d) => d,
-            // The thread pool's row says why io_uring is missing.
-            Err(Error::Unsupported { .. }) if choice == BackendChoice::IoUring => continue,
-            Err(e) => return Err(e),
-        };
-        let name = if choice == BackendChoice::IoUring { "io_uring" } else { "pread/pwrite threads" };
-        let detail = disk.backend();
-        let tensor = disk.allocate_bytes(len)?;
-        let Access::Block { io, base } = tensor.storage().access() else {
-            return Err(Error::Config("a disk tensor did not offer block access".into()));
-        };
-        let t = Instant::now();
-        io.write_at(base, host.as_slice())?;
-        rows.push(BenchRow::new(name, detail.clone(), Direction::HostToDisk, len as u64, t.elapsed().as_secs_f64()));
-        host.as_mut_slice().fill(0);
-        let t = Instant::now();
-        io.read_at(base, host.as_mut_slice())?;
-        rows.push(BenchRow::new(name, detail, Direction::DiskToHost, len as u64, t.elapsed().as_secs_f64()));
-        verify(host.as_slice(), &io.tier())?;
+    // One host buffer at a time: the run needs `bytes` of host memory.
+    for pages in [HostPages::Small, HostPages::Huge] {
+        let mut host = host_buffer(len, pages)?;
+        for choice in [BackendChoice::IoUring, BackendChoice::Threads] {
+            let disk_config = DiskConfig {
+                backend: choice,
+                queue_depth: config.queue_depth,
+                chunk_size: config.block,
+                ..DiskConfig::new(&config.dir)
+            };
+            let disk = match DiskDevice::new(disk_config) {
+                Ok(d) => d,
+                // The thread pool's row says why io_uring is missing.
+                Err(Error::Unsupported { .. }) if choice == BackendChoice::IoUring => continue,
+                Err(e) => return Err(e),
+            };
+            let name = if choice == BackendChoice::IoUring { "io_uring" } else { "pread/pwrite threads" };
+            let detail = disk.backend();
+            let tensor = disk.allocate_bytes(len)?;
+            let Access::Block { io, base } = tensor.storage().access() else {
+                return Err(Error::Config("a disk tensor did not offer block access".into()));
+            };
+            let t = Instant::now();
+            io.write_at(base, host.as_slice())?;
+            let seconds = t.elapsed().as_secs_f64();
+            rows.push(BenchRow::new(name, detail.clone(), Direction::HostToDisk, pages, len as u64, seconds));
+            host.as_mut_slice().fill(0);
+            let t = Instant::now();
+            io.read_at(base, host.as_mut_slice())?;
+            let seconds = t.elapsed().as_secs_f64();
+            rows.push(BenchRow::new(name, detail, Direction::DiskToHost, pages, len as u64, seconds));
+            verify(host.as_slice(), &io.tier())?;
+        }
     }
+    let mut host = host_buffer(len, HostPages::Small)?;
     rows.push(baseline(&config.dir, &mut host)?);
     Ok(rows)
 }
@@ -234,17 +272,21 @@ fn baseline(dir: &Path, host: &mut AlignedBuf) -> Result<BenchRow> {
     verify(host.as_slice(), &format!("file {}", path.display()))?;
     let cached = cached.map(|c| format!(", {:.0}% cached before", c * 100.0)).unwrap_or_default();
     let detail = format!("buffered read through mmap, 1 thread, page cache evicted first{cached}");
-    Ok(BenchRow::new("mmap baseline", detail, Direction::DiskToHost, len as u64, seconds))
+    Ok(BenchRow::new("mmap baseline", detail, Direction::DiskToHost, HostPages::Small, len as u64, seconds))
 }
 
 /// The rows as a text table.
 pub fn table(rows: &[BenchRow]) -> String {
-    let mut out = format!("{:<22} {:<18} {:>10} {:>9} {:>7}\n", "path", "direction", "bytes", "seconds", "GB/s");
+    let mut out = format!(
+        "{:<22} {:<18} {:<12} {:>10} {:>9} {:>7}\n",
+        "path", "direction", "host buffer", "bytes", "seconds", "GB/s"
+    );
     for r in rows {
         out.push_str(&format!(
-            "{:<22} {:<18} {:>10} {:>9.3} {:>7.2}\n",
+            "{:<22} {:<18} {:<12} {:>10} {:>9.3} {:>7.2}\n",
             r.name,
             r.direction.to_string(),
+            r.host_pages.to_string(),
             human(r.bytes as usize),
             r.seconds,
             r.gbps
@@ -274,6 +316,7 @@ mod tests {
         assert!(names.contains(&("pread/pwrite threads", Direction::DiskToHost)));
         assert_eq!(names.last(), Some(&("mmap baseline", Direction::DiskToHost)));
         assert!(rows.iter().all(|r| r.bytes == 8 << 20 && r.gbps > 0.0));
+        assert!(rows.iter().any(|r| r.host_pages == HostPages::Huge));
         let t = table(&rows);
         assert!(t.contains("GB/s") && t.contains("8 MiB") && t.contains("page cache evicted"), "{t}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the baseline file is removed");

@@ -6,7 +6,7 @@
 pub(crate) mod threads;
 pub(crate) mod uring;
 
-use crate::sys::AlignedBuf;
+use crate::sys::{AlignedBuf, BufPiece};
 use parking_lot::{Condvar, Mutex};
 use std::io;
 use tier_api::IoOp;
@@ -90,9 +90,12 @@ pub(crate) trait Session {
     fn wait(&mut self, out: &mut Vec<Completion>) -> io::Result<()>;
 }
 
-/// Allocates `count` staging buffers of `len` bytes.
-pub(crate) fn staging_buffers(count: usize, len: usize) -> io::Result<Vec<AlignedBuf>> {
-    (0..count).map(|_| AlignedBuf::new(len)).collect()
+/// Allocates `count` staging buffers of `len` bytes, as pieces of one
+/// mapping backed by huge pages where the kernel allows (fewer segments per
+/// request, and fewer pages to pin when registered).
+pub(crate) fn staging_buffers(count: usize, len: usize) -> io::Result<Vec<BufPiece>> {
+    let total = count.checked_mul(len).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    Ok(AlignedBuf::new_huge(total)?.split(len))
 }
 
 /// A bounded pool of session resources (rings, thread-pool slots), created

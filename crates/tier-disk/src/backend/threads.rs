@@ -4,7 +4,7 @@
 
 use super::{staging_buffers, Backend, Completion, Params, Pool, PoolGuard, Session, Staging, Submission};
 use crate::config::human;
-use crate::sys::AlignedBuf;
+use crate::sys::BufPiece;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::fs::File;
 use std::io;
@@ -19,7 +19,7 @@ struct Job {
 }
 
 struct Slot {
-    staging: Vec<AlignedBuf>,
+    staging: Vec<BufPiece>,
     tx: Sender<Completion>,
     rx: Receiver<Completion>,
 }

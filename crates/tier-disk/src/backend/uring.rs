@@ -4,7 +4,7 @@
 
 use super::{staging_buffers, Backend, Completion, Params, Pool, PoolGuard, Session, Staging, Submission};
 use crate::config::human;
-use crate::sys::AlignedBuf;
+use crate::sys::BufPiece;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,7 +19,7 @@ struct Ring {
     // Field order matters: the ring is dropped (closed, which unregisters
     // the buffers) before the staging buffers it points into.
     ring: IoUring,
-    staging: Vec<AlignedBuf>,
+    staging: Vec<BufPiece>,
     fixed_buffers: bool,
     fixed_file: bool,
 }
