@@ -6,16 +6,20 @@
 //! parallel over groups with rayon. A compressed tensor is one contiguous
 //! byte buffer (header, codes, scales, mins), so any memory tier can store
 //! and copy it as plain bytes. The GPU dequantize kernel lives with the CUDA
-//! tier; it follows the format below, and [`CompressedLayout::kernel_params`]
-//! gives it its numbers.
+//! tier; it follows the format below: [`layout_of`] (or
+//! [`CompressedLayout::new`]) gives every offset and size for a shape, and
+//! [`CompressedLayout::kernel_params`] packs them into a `#[repr(C)]`
+//! [`KernelParams`]; the header field offsets are the `HDR_*` constants.
 //!
 //! It depends only on `half`, `thiserror` and `rayon` (and may use
 //! `bytemuck`); on no other tierlm crate.
 //!
 //! Modules: `config` ([`CompressionConfig`], [`Mode`]), `format` (constants,
 //! header, [`CompressedLayout`]), `pack` (nibble packing), `params` (a
-//! group's min and scale), `quantize`, `dequantize`, `tensor`
-//! ([`CompressedTensor`]), `error` ([`Error`]).
+//! group's min and scale), `quantize`, `dequantize`, `simd` (the x86-64
+//! fast path for 4-bit to f16, SSSE3 + F16C, picked at run time, with
+//! bit-identical results), `tensor` ([`CompressedTensor`]), `error`
+//! ([`Error`]).
 //!
 //! ## Groups
 //!
@@ -34,9 +38,11 @@
 //! `[outer, G, inner, gs]`; the codes are that array in row-major order, so
 //! every group is a contiguous run. When the group dim is the last one
 //! (`inner = 1`, the KV cache along head_dim) this is the original order
-//! with each line padded to a multiple of `gs`. Positions with
-//! `j = (k's g) * gs + p >= L` are padding: their code is 0, they take no
-//! part in choosing the group's min and scale, and they are never decoded.
+//! with each line padded to a multiple of `gs`. Conversely, position `p` of
+//! group `k = (o * G + g) * inner + i` holds the value at `j = g * gs + p`;
+//! positions with `j >= L` (only in the last group of a line) are padding:
+//! their code is 0, they take no part in choosing the group's min and
+//! scale, and they are never decoded.
 //! [`CompressedLayout::group_of`] and [`CompressedLayout::element_index`]
 //! compute this mapping.
 //!
@@ -124,6 +130,10 @@
 //!
 //! Inputs must be finite ([`Error::NonFinite`]) and, for f32, within
 //! `[-65504, 65504]` ([`Error::OutOfRange`]), since min and scale are f16.
+//! Dequantizing checks the buffer's length and header against the layout;
+//! it does not check the scales themselves, so bytes that did not come from
+//! [`quantize_into`] may decode to anything (NaN included), but nothing in
+//! this crate panics on them.
 //!
 //! ## Memory
 //!

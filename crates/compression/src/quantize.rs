@@ -234,26 +234,25 @@ fn range_of(x: &[f32]) -> Option<(f32, f32)> {
     // Eight independent lanes of plain comparisons, so the loop vectorizes
     // (a single float min/max chain does not).
     const LANES: usize = 8;
-    let limit = F16_MAX.to_bits();
     let mut lo = [f32::INFINITY; LANES];
     let mut hi = [f32::NEG_INFINITY; LANES];
-    let mut bad = [0u32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
+    // Largest |v| as bits: NaN and infinities have larger bits than 65504.
+    let mut mag = [0u32; LANES];
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    for c in chunks {
         for l in 0..LANES {
             let v = c[l];
-            // |v| as bits: NaN and infinities compare above 65504 too.
-            bad[l] |= u32::from(v.to_bits() & 0x7fff_ffff > limit);
+            mag[l] = mag[l].max(v.to_bits() & 0x7fff_ffff);
             lo[l] = if v < lo[l] { v } else { lo[l] };
             hi[l] = if v > hi[l] { v } else { hi[l] };
         }
     }
-    for (l, &v) in chunks.remainder().iter().enumerate() {
-        bad[l] |= u32::from(v.to_bits() & 0x7fff_ffff > limit);
+    for (l, &v) in rest.iter().enumerate() {
+        mag[l] = mag[l].max(v.to_bits() & 0x7fff_ffff);
         lo[l] = if v < lo[l] { v } else { lo[l] };
         hi[l] = if v > hi[l] { v } else { hi[l] };
     }
-    if bad.iter().any(|&b| b != 0) {
+    if mag.iter().any(|&m| m > F16_MAX.to_bits()) {
         return None;
     }
     let lo = lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
