@@ -3,7 +3,10 @@
 //!
 //! `cargo run --release -p compression --example quant_bench`
 //!
-//! Set `RAYON_NUM_THREADS` to change the thread count.
+//! Set `RAYON_NUM_THREADS` to change the thread count. Besides wall-clock
+//! GB/s it prints GB per CPU-second (the threads' time on a CPU, from
+//! /proc/self/task/*/schedstat on Linux): a per-core figure that holds up
+//! better than wall-clock on a machine shared with other work.
 
 use std::time::{Duration, Instant};
 
@@ -33,8 +36,8 @@ fn main() -> Result<(), compression::Error> {
         let mut packed = vec![0u8; layout.total_bytes()];
         let mut out = vec![f16::ZERO; values.len()];
 
-        let q = best_of(|| quantize_into(&values, &layout, &mut packed))?;
-        let d = best_of(|| dequantize_into(&packed, &layout, &mut out))?;
+        let q = measure(|| quantize_into(&values, &layout, &mut packed))?;
+        let d = measure(|| dequantize_into(&packed, &layout, &mut out))?;
 
         let max_err =
             values.par_iter().zip(&out).map(|(a, b)| (a.to_f32() - b.to_f32()).abs()).reduce(|| 0.0, f32::max);
@@ -44,22 +47,52 @@ fn main() -> Result<(), compression::Error> {
             layout.total_bytes(),
             layout.total_bytes() as f64 / values.len() as f64
         );
-        println!("  quantize   {:7.2} GB/s  (best of {ROUNDS}: {:.1} ms)", gbps(input_bytes, q), q.as_secs_f64() * 1e3);
-        println!("  dequantize {:7.2} GB/s  (best of {ROUNDS}: {:.1} ms)", gbps(input_bytes, d), d.as_secs_f64() * 1e3);
+        for (name, m) in [("quantize  ", q), ("dequantize", d)] {
+            println!(
+                "  {name} {:6.2} GB/s wall (best of {ROUNDS}: {:.1} ms), {} GB/s per CPU-second",
+                gbps(input_bytes, m.best),
+                m.best.as_secs_f64() * 1e3,
+                m.cpu_per_round.map_or("n/a".to_string(), |c| format!("{:.2}", gbps(input_bytes, c))),
+            );
+        }
     }
     Ok(())
 }
 
-/// Runs `f` once to warm up, then `ROUNDS` times; the fastest time.
-fn best_of<E>(mut f: impl FnMut() -> Result<(), E>) -> Result<Duration, E> {
+struct Measured {
+    /// Fastest wall-clock round.
+    best: Duration,
+    /// CPU time of all threads per round, averaged over the rounds.
+    cpu_per_round: Option<Duration>,
+}
+
+/// Runs `f` once to warm up, then `ROUNDS` times.
+fn measure<E>(mut f: impl FnMut() -> Result<(), E>) -> Result<Measured, E> {
     f()?;
+    let cpu0 = cpu_time();
     let mut best = Duration::MAX;
     for _ in 0..ROUNDS {
         let t = Instant::now();
         f()?;
         best = best.min(t.elapsed());
     }
-    Ok(best)
+    let cpu_per_round = match (cpu0, cpu_time()) {
+        (Some(a), Some(b)) if b > a => Some((b - a) / ROUNDS as u32),
+        _ => None,
+    };
+    Ok(Measured { best, cpu_per_round })
+}
+
+/// Time this process's threads have run on a CPU (Linux), summed from the
+/// first field of each /proc/self/task/*/schedstat, in nanoseconds.
+fn cpu_time() -> Option<Duration> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let text = std::fs::read_to_string(path).ok()?;
+        ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(ns))
 }
 
 fn gbps(bytes: usize, t: Duration) -> f64 {
