@@ -21,6 +21,22 @@
 //! bit-identical results), `tensor` ([`CompressedTensor`]), `error`
 //! ([`Error`]).
 //!
+//! ```
+//! use compression::{dequantize_into, quantize_into, CompressedLayout, CompressionConfig, SourceDtype};
+//! use half::f16;
+//!
+//! let x: Vec<f16> = (0..4 * 128).map(|k| f16::from_f32((k as f32 / 9.0).sin())).collect();
+//! let config = CompressionConfig::int4(1); // 4 bits, groups of 64 along dim 1
+//! let layout = CompressedLayout::new(&[4, 128], SourceDtype::F16, config)?;
+//! let mut bytes = vec![0u8; layout.total_bytes()]; // what a tier stores
+//! quantize_into(&x, &layout, &mut bytes)?;
+//! let mut y = vec![f16::ZERO; x.len()];
+//! dequantize_into(&bytes, &layout, &mut y)?;
+//! assert_eq!(bytes.len(), 64 + 512 * 9 / 16);
+//! assert!(x.iter().zip(&y).all(|(a, b)| (a.to_f32() - b.to_f32()).abs() < 0.07));
+//! # Ok::<(), compression::Error>(())
+//! ```
+//!
 //! ## Groups
 //!
 //! A tensor of shape `[s_0, .., s_{n-1}]` (row-major, 1 to [`MAX_DIMS`]
