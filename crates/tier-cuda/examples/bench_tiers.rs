@@ -1,13 +1,10 @@
 //! Measures every GPU copy path and the pinned-memory residency check.
 //!
 //! `bench_tiers [--mib N] [--reps N] [--disk-dir DIR] [--slots N] [--slot-mib N]
-//! [--helpers N] [--rss-mib N] [--no-rss] [--sweep]`
+//! [--helpers N] [--disk-reads N] [--rss-mib N] [--no-rss] [--sweep] [--disk-sweep]
+//! [--disk-bench]`
 //!
-//! The disk paths use a small O_DIRECT file disk (tests/support/file_disk.rs)
-//! in `--disk-dir` until `tierlm bench-tiers` passes tier-disk's device.
-
-#[path = "../tests/support/file_disk.rs"]
-mod file_disk;
+//! The disk paths run against tier-disk's `DiskDevice` in `--disk-dir`.
 
 use std::sync::Arc;
 use tier_api::{Device, HostMemKind};
@@ -51,6 +48,10 @@ fn run() -> Result<(), String> {
     if let Some(v) = value("--helpers")? {
         staging.helpers = v;
     }
+    if let Some(v) = value("--disk-reads")? {
+        staging.disk_reads = v;
+    }
+    staging.disk_reads = staging.disk_reads.min(staging.slots);
     let mut config = BenchConfig { staging, ..BenchConfig::default() };
     if let Some(v) = value("--mib")? {
         config.bytes = v << 20;
@@ -59,7 +60,7 @@ fn run() -> Result<(), String> {
         config.reps = v;
     }
     if let Some(dir) = text("--disk-dir") {
-        let disk = file_disk::FileDisk::create(std::path::Path::new(&dir), 0).map_err(|e| e.to_string())?;
+        let disk = tier_disk::DiskDevice::new(tier_disk::DiskConfig::new(dir)).map_err(|e| e.to_string())?;
         println!("{}", disk.describe());
         config.disk = Some(disk as Arc<dyn Device>);
     }
@@ -81,29 +82,40 @@ fn run() -> Result<(), String> {
         println!("targets missed: {}", misses.join("; "));
     }
 
+    if let (true, Some(disk)) = (flag("--disk-sweep"), &config.disk) {
+        let rows = bench::disk_read_sweep(&config, disk.as_ref(), &[1, 2, 4, 8]).map_err(|e| e.to_string())?;
+        let report = bench::BenchReport { rows, ..report.clone() };
+        for r in &report.rows {
+            let vs = report.ratio(r).map(|(x, _)| format!("{:.1}%", x * 100.0)).unwrap_or_default();
+            println!(
+                "{:<44} {:>7.2} GB/s (best {:.2}, worst {:.2}) {vs}",
+                r.name,
+                r.gbps(),
+                r.best_gbps(),
+                r.worst_gbps()
+            );
+        }
+    }
+
+    if let (true, Some(dir)) = (flag("--disk-bench"), text("--disk-dir")) {
+        let rows = tier_disk::bench::run(&tier_disk::bench::BenchConfig::new(dir)).map_err(|e| e.to_string())?;
+        println!("tier-disk's own bench, same run:\n{}", tier_disk::bench::table(&rows));
+    }
+
     if flag("--sweep") {
-        let shapes: Vec<StagingConfig> = [
-            (8, 16, 8),
-            (8, 8, 8),
-            (12, 8, 12),
-            (16, 8, 8),
-            (16, 8, 12),
-            (16, 8, 16),
-            (16, 4, 12),
-            (24, 4, 12),
-            (12, 16, 12),
-        ]
-        .iter()
-        .map(|&(slots, mib, helpers)| StagingConfig {
-            slots,
-            slot_bytes: mib << 20,
-            helpers,
-            ..StagingConfig::default()
-        })
-        .collect();
+        let shapes: Vec<StagingConfig> = [(16, 8, 12), (12, 8, 12), (16, 8, 8), (24, 4, 12), (8, 16, 8), (16, 8, 16)]
+            .iter()
+            .map(|&(slots, mib, helpers)| StagingConfig {
+                slots,
+                slot_bytes: mib << 20,
+                helpers,
+                disk_reads: slots.min(4),
+                ..StagingConfig::default()
+            })
+            .collect();
         let rows = bench::relay_sweep(&config, &shapes).map_err(|e| e.to_string())?;
         for r in rows {
-            println!("{:<60} {:>8.2} GB/s (best {:.2})", r.name, r.gbps(), r.best_gbps());
+            println!("{:<60} {:>8.2} GB/s (best {:.2}, worst {:.2})", r.name, r.gbps(), r.best_gbps(), r.worst_gbps());
         }
     }
     Ok(())

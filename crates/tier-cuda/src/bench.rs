@@ -62,6 +62,16 @@ impl BenchRow {
         }
     }
 
+    /// GB/s of the slowest transfer.
+    pub fn worst_gbps(&self) -> f64 {
+        let t = self.secs.iter().copied().fold(0.0, f64::max);
+        if t > 0.0 {
+            self.bytes as f64 / t / 1e9
+        } else {
+            0.0
+        }
+    }
+
     /// GB/s of the fastest transfer.
     pub fn best_gbps(&self) -> f64 {
         let t = self.secs.iter().copied().fold(f64::INFINITY, f64::min);
@@ -117,7 +127,7 @@ impl fmt::Display for BenchReport {
             self.staging.slot_bytes >> 20,
             self.staging.helpers
         )?;
-        writeln!(f, "{:<34} {:>9} {:>9}  {:<30}", "path", "GB/s", "best", "vs reference (target)")?;
+        writeln!(f, "{:<34} {:>9} {:>9} {:>9}  {:<30}", "path", "GB/s", "best", "worst", "vs reference (target)")?;
         for r in &self.rows {
             let vs = match (self.ratio(r), &r.reference) {
                 (Some((ratio, target)), Some((name, _))) => {
@@ -127,7 +137,7 @@ impl fmt::Display for BenchReport {
                 }
                 _ => String::new(),
             };
-            writeln!(f, "{:<34} {:>9.2} {:>9.2}  {vs}", r.name, r.gbps(), r.best_gbps())?;
+            writeln!(f, "{:<34} {:>9.2} {:>9.2} {:>9.2}  {vs}", r.name, r.gbps(), r.best_gbps(), r.worst_gbps())?;
         }
         Ok(())
     }
@@ -151,13 +161,20 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport> {
     let mut rows = Vec::new();
     let reference = |name: &str, target: Option<f64>| Some((name.to_string(), target));
 
-    let (h2d, d2h) = raw_pinned(&gpu, n, reps)?;
-    rows.push(BenchRow { name: RAW_H2D.into(), secs: h2d, bytes: n as u64, reference: None });
-    rows.push(BenchRow { name: RAW_D2H.into(), secs: d2h, bytes: n as u64, reference: None });
+    // The raw baseline is measured next to every path, rep by rep, so that
+    // a machine whose speed drifts (a shared host) weighs on both alike; its
+    // row pools every sample.
+    let raw = RawPinned::new(&gpu, n)?;
+    let (mut raw_up, mut raw_down) = (Vec::new(), Vec::new());
 
     let shape = Shape::new([n]);
     let g1 = gpu.allocate(&shape, DType::U8)?;
     let g2 = gpu.allocate(&shape, DType::U8)?;
+    let timed = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let t = Instant::now();
+        matrix.copy(&a.view(), &b.view())?;
+        Ok(t.elapsed().as_secs_f64())
+    };
 
     for kind in [HostMemKind::Pinned, HostMemKind::Registered, HostMemKind::Pageable] {
         let host = HostDevice::new(HostConfig { kind, ..HostConfig::default() })?;
@@ -170,9 +187,16 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport> {
             _ => "DMA".to_string(),
         };
         let target = if kind == HostMemKind::Pageable { 0.60 } else { 0.95 };
-        let up = time_copy(&matrix, &src, &g1, reps)?;
-        let down = time_copy(&matrix, &g1, &dst, reps)?;
+        timed(&src, &g1)?;
+        timed(&g1, &dst)?;
         same_bytes(&src, &dst, &format!("{kind} -> gpu -> {kind}"))?;
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            raw_up.push(raw.h2d()?);
+            up.push(timed(&src, &g1)?);
+            raw_down.push(raw.d2h()?);
+            down.push(timed(&g1, &dst)?);
+        }
         rows.push(BenchRow {
             name: format!("{label} {kind} -> gpu"),
             secs: up,
@@ -201,6 +225,9 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport> {
             });
         }
     }
+    rows.insert(0, BenchRow { name: RAW_D2H.into(), secs: raw_down, bytes: n as u64, reference: None });
+    rows.insert(0, BenchRow { name: RAW_H2D.into(), secs: raw_up, bytes: n as u64, reference: None });
+    drop(raw);
 
     let d2d = time_copy(&matrix, &g1, &g2, reps)?;
     rows.push(BenchRow { name: "gpu -> gpu (same device)".into(), secs: d2d, bytes: n as u64, reference: None });
@@ -213,7 +240,9 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport> {
 }
 
 /// The staged disk paths next to the disk's own read and write rates through
-/// its `BlockIo`, measured in the same run.
+/// its `BlockIo` (disk to and from pinned memory), measured in the same run
+/// and interleaved rep by rep, so that a disk whose speed drifts weighs on
+/// both sides alike.
 fn disk_rows(matrix: &CopyMatrix, g: &Tensor, disk: &dyn Device, n: usize, reps: usize) -> Result<Vec<BenchRow>> {
     let shape = Shape::new([n]);
     let host = HostDevice::new(HostConfig { kind: HostMemKind::Pinned, ..HostConfig::default() })?;
@@ -221,14 +250,27 @@ fn disk_rows(matrix: &CopyMatrix, g: &Tensor, disk: &dyn Device, n: usize, reps:
     let back = host.allocate(&shape, DType::U8)?;
     fill_pattern(&src, 99)?;
     let d = disk.allocate(&shape, DType::U8)?;
-    let write = time_copy(matrix, &src, &d, reps)?;
-    let read = time_copy(matrix, &d, &back, reps)?;
+    let timed = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let t = Instant::now();
+        matrix.copy(&a.view(), &b.view())?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    // Warm-up, and the data checks.
+    timed(&src, &d)?;
+    timed(&d, &back)?;
     same_bytes(&src, &back, "pinned -> disk -> pinned")?;
-    let up = time_copy(matrix, &d, g, reps)?;
+    timed(&d, g)?;
     fill_pattern(&back, 0)?;
-    let down = time_copy(matrix, g, &d, reps)?;
-    matrix.copy(&d.view(), &back.view())?;
+    timed(g, &d)?;
+    timed(&d, &back)?;
     same_bytes(&src, &back, "disk -> gpu -> disk")?;
+    let (mut write, mut read, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        write.push(timed(&src, &d)?);
+        read.push(timed(&d, &back)?);
+        up.push(timed(&d, g)?);
+        down.push(timed(g, &d)?);
+    }
     let b = n as u64;
     let r = |name: &str, target: Option<f64>| Some((name.to_string(), target));
     Ok(vec![
@@ -237,6 +279,47 @@ fn disk_rows(matrix: &CopyMatrix, g: &Tensor, disk: &dyn Device, n: usize, reps:
         BenchRow { name: "staged disk -> gpu".into(), secs: up, bytes: b, reference: r(DISK_READ, Some(0.90)) },
         BenchRow { name: "staged gpu -> disk".into(), secs: down, bytes: b, reference: r(DISK_WRITE, None) },
     ])
+}
+
+/// Staged disk reads with each number of reads in flight in `caps`, every
+/// rep next to the disk's own read into pinned memory. Rows come in pairs:
+/// "disk read [cap N]" and "staged disk -> gpu [N reads in flight]", the
+/// second referring to the first with the 90% target.
+pub fn disk_read_sweep(config: &BenchConfig, disk: &dyn Device, caps: &[usize]) -> Result<Vec<BenchRow>> {
+    let n = config.bytes;
+    let shape = Shape::new([n]);
+    let host = HostDevice::new(HostConfig { kind: HostMemKind::Pinned, ..HostConfig::default() })?;
+    let src = host.allocate(&shape, DType::U8)?;
+    let back = host.allocate(&shape, DType::U8)?;
+    fill_pattern(&src, 5)?;
+    let d = disk.allocate(&shape, DType::U8)?;
+    let matrix = copy_matrix(CopyConfig::default())?;
+    matrix.copy(&src.view(), &d.view())?;
+    let mut rows = Vec::new();
+    for &cap in caps {
+        let staging = StagingConfig { disk_reads: cap.min(config.staging.slots), ..config.staging.clone() };
+        let gpu = GpuDevice::new(GpuConfig { ordinal: config.ordinal, staging, ..GpuConfig::default() })?;
+        let g = gpu.allocate(&shape, DType::U8)?;
+        matrix.copy(&d.view(), &g.view())?;
+        let (mut own, mut staged) = (Vec::new(), Vec::new());
+        for _ in 0..config.disk_reps.max(1) {
+            let t = Instant::now();
+            matrix.copy(&d.view(), &back.view())?;
+            own.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            matrix.copy(&d.view(), &g.view())?;
+            staged.push(t.elapsed().as_secs_f64());
+        }
+        let own_name = format!("disk read [cap {cap}]");
+        rows.push(BenchRow { name: own_name.clone(), secs: own, bytes: n as u64, reference: None });
+        rows.push(BenchRow {
+            name: format!("staged disk -> gpu [{cap} reads in flight]"),
+            secs: staged,
+            bytes: n as u64,
+            reference: Some((own_name, Some(0.90))),
+        });
+    }
+    Ok(rows)
 }
 
 /// The pageable relay alone, both ways, for each staging shape in
@@ -329,41 +412,63 @@ impl Drop for RawHost {
     }
 }
 
-/// `cuMemcpyHtoD` and `cuMemcpyDtoH` between plain `cuMemHostAlloc` memory
-/// and the GPU, synchronous, as a program would do it without any tier.
-pub fn raw_pinned(gpu: &GpuDevice, bytes: usize, reps: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-    let tier = format!("gpu:{}", gpu.ordinal());
-    gpu.context().bind_to_thread().map_err(|e| driver_error(&tier, "cuCtxSetCurrent", e))?;
-    // SAFETY: a context is current; the pointer is freed by RawHost.
-    let host = unsafe { cudarc::driver::result::malloc_host(bytes, 0) }
-        .map_err(|e| driver_error("host:pinned", "cuMemHostAlloc", e))?;
-    let host = RawHost(host);
-    // SAFETY: `bytes` bytes at host.0 belong to us.
-    unsafe { std::ptr::write_bytes(host.0.cast::<u8>(), 0x5a, bytes) };
-    let dev = gpu.allocate(&Shape::new([bytes]), DType::U8)?;
-    let d = gpu.device_ptr(&dev)?;
-    let mut h2d = Vec::with_capacity(reps);
-    let mut d2h = Vec::with_capacity(reps);
-    for i in 0..=reps {
+/// The raw baseline: synchronous `cuMemcpyHtoD` and `cuMemcpyDtoH` between
+/// plain `cuMemHostAlloc` memory and the GPU, as a program would do it
+/// without any tier.
+pub struct RawPinned {
+    host: RawHost,
+    /// Owns the device memory `d` points into.
+    _dev: Tensor,
+    d: sys::CUdeviceptr,
+    bytes: usize,
+    tier: String,
+}
+
+impl RawPinned {
+    pub fn new(gpu: &GpuDevice, bytes: usize) -> Result<Self> {
+        let tier = format!("gpu:{}", gpu.ordinal());
+        gpu.context().bind_to_thread().map_err(|e| driver_error(&tier, "cuCtxSetCurrent", e))?;
+        // SAFETY: a context is current; the pointer is freed by RawHost.
+        let host = unsafe { cudarc::driver::result::malloc_host(bytes, 0) }
+            .map_err(|e| driver_error("host:pinned", "cuMemHostAlloc", e))?;
+        let host = RawHost(host);
+        // SAFETY: `bytes` bytes at host.0 belong to us.
+        unsafe { std::ptr::write_bytes(host.0.cast::<u8>(), 0x5a, bytes) };
+        let dev = gpu.allocate(&Shape::new([bytes]), DType::U8)?;
+        let d = gpu.device_ptr(&dev)?;
+        let raw = RawPinned { host, _dev: dev, d, bytes, tier };
+        // Warm-up.
+        raw.h2d()?;
+        raw.d2h()?;
+        Ok(raw)
+    }
+
+    /// Seconds of one host-to-GPU copy.
+    pub fn h2d(&self) -> Result<f64> {
         let t = Instant::now();
         // SAFETY: both buffers hold `bytes` bytes and outlive the call.
-        unsafe { sys::cuMemcpyHtoD_v2(d, host.0, bytes) }
+        unsafe { sys::cuMemcpyHtoD_v2(self.d, self.host.0, self.bytes) }
             .result()
-            .map_err(|e| driver_error(&tier, "cuMemcpyHtoD", e))?;
-        if i > 0 {
-            h2d.push(t.elapsed().as_secs_f64());
-        }
+            .map_err(|e| driver_error(&self.tier, "cuMemcpyHtoD", e))?;
+        Ok(t.elapsed().as_secs_f64())
     }
-    for i in 0..=reps {
+
+    /// Seconds of one GPU-to-host copy.
+    pub fn d2h(&self) -> Result<f64> {
         let t = Instant::now();
         // SAFETY: as above.
-        unsafe { sys::cuMemcpyDtoH_v2(host.0, d, bytes) }
+        unsafe { sys::cuMemcpyDtoH_v2(self.host.0, self.d, self.bytes) }
             .result()
-            .map_err(|e| driver_error(&tier, "cuMemcpyDtoH", e))?;
-        if i > 0 {
-            d2h.push(t.elapsed().as_secs_f64());
-        }
+            .map_err(|e| driver_error(&self.tier, "cuMemcpyDtoH", e))?;
+        Ok(t.elapsed().as_secs_f64())
     }
+}
+
+/// `reps` raw copies each way (see [`RawPinned`]).
+pub fn raw_pinned(gpu: &GpuDevice, bytes: usize, reps: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let raw = RawPinned::new(gpu, bytes)?;
+    let h2d = (0..reps).map(|_| raw.h2d()).collect::<Result<Vec<_>>>()?;
+    let d2h = (0..reps).map(|_| raw.d2h()).collect::<Result<Vec<_>>>()?;
     Ok((h2d, d2h))
 }
 

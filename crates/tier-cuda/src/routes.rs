@@ -318,8 +318,11 @@ fn staged(job: &CopyJob, path: CopyPath) -> Result<()> {
     };
     let (pieces, loads) = pack(runs, staging.slot_bytes as u64, layout);
     let pieces = Arc::new(pieces);
+    // Disk reads stay at the disk's depth; a slot or two more lets the DMA of
+    // finished reads overlap the next ones.
+    let in_flight = if matches!(layout, Layout::Spans { .. }) { staging.disk_reads } else { usize::MAX };
     let lease = shared.stream()?;
-    let slots = staging.acquire(loads.len());
+    let slots = staging.acquire(loads.len().min(in_flight.saturating_add(2)));
     let mut pipe = Pipe {
         shared,
         staging: &staging,
@@ -356,7 +359,7 @@ fn staged(job: &CopyJob, path: CopyPath) -> Result<()> {
             }
         }
     } else {
-        pipe.pipeline(dir, &slots.slots, &loads);
+        pipe.pipeline(dir, &slots.slots, &loads, in_flight);
     }
     // Everything issued on the stream completes before the slots go back.
     let finished = lease.finish(&shared.tier);
@@ -422,7 +425,8 @@ impl Pipe<'_> {
 
     /// Keeps every borrowed slot busy: helpers fill (drain) slots while the
     /// GPU moves others, until every load has gone through or one failed.
-    fn pipeline(&mut self, dir: Dir, slots: &[Arc<Slot>], loads: &[crate::plan::Load]) {
+    /// At most `in_flight` helper tasks run for this copy at once.
+    fn pipeline(&mut self, dir: Dir, slots: &[Arc<Slot>], loads: &[crate::plan::Load], in_flight: usize) {
         let all: &Vec<Piece> = self.pieces;
         let (reply, replies) = bounded::<(usize, Result<()>)>(slots.len());
         let mut free: Vec<usize> = (0..slots.len()).rev().collect();
@@ -430,7 +434,7 @@ impl Pipe<'_> {
         let mut next = 0;
         let mut outstanding = 0usize;
         loop {
-            while self.error.is_none() && next < loads.len() {
+            while self.error.is_none() && next < loads.len() && outstanding < in_flight {
                 let Some(si) = free.pop() else { break };
                 let slot = Arc::clone(&slots[si]);
                 let load = &loads[next];

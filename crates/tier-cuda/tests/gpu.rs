@@ -3,16 +3,14 @@
 //! first and otherwise prints "skipped: no CUDA driver" and passes, so CI
 //! without a GPU runs them as no-ops.
 
-mod support;
-
 use proptest::prelude::*;
 use std::sync::{Arc, OnceLock};
-use support::file_disk::FileDisk;
 use tier_api::{
     Access, BlockIo, CopyConfig, CopyMatrix, CopyPath, DType, Device, DeviceKind, Error, HostMemKind, IoOp, MemAccount,
     Reservation, Result, Shape, Storage, Tensor, TensorView,
 };
 use tier_cuda::{GpuConfig, GpuDevice, StagingConfig};
+use tier_disk::{DiskConfig, DiskDevice};
 use tier_host::{HostConfig, HostDevice, RegisteredFile};
 
 /// Everything a test needs, made once per test binary.
@@ -24,7 +22,7 @@ struct Rig {
     pinned: Arc<HostDevice>,
     registered: Arc<HostDevice>,
     pageable: Arc<HostDevice>,
-    disk: Arc<FileDisk>,
+    disk: Arc<DiskDevice>,
     matrix: CopyMatrix,
 }
 
@@ -40,11 +38,11 @@ fn rig() -> Option<&'static Rig> {
             Ok(None) => return None,
             Err(e) => panic!("a CUDA driver is present but unusable: {e}"),
         }
-        let small = StagingConfig { slots: 4, slot_bytes: 64 << 10, helpers: 3, max_read_gap: 4096 };
+        let small = StagingConfig { slots: 4, slot_bytes: 64 << 10, helpers: 3, max_read_gap: 4096, disk_reads: 2 };
         let gpu = GpuDevice::new(GpuConfig { staging: small, streams: 6, ..GpuConfig::default() }).expect("gpu");
         let gpu_big = GpuDevice::new(GpuConfig::default()).expect("gpu");
         let host = |kind| HostDevice::new(HostConfig { kind, ..HostConfig::default() }).expect("host device");
-        let disk = FileDisk::create(&std::env::temp_dir(), 7).expect("test disk");
+        let disk = DiskDevice::new(DiskConfig::new(std::env::temp_dir())).expect("disk tier");
         Some(Rig {
             gpu,
             gpu_big,
