@@ -1,0 +1,99 @@
+//! The one error type of the library: every failure that input can cause
+//! (files, configurations, checkpoints, prompts, command-line values) ends
+//! here, with a message that names what was wrong.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `engine-opt`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The model directory has no `config.json`.
+    #[error("{dir}: no config.json in this directory (is it an OPT checkpoint directory?)")]
+    MissingConfig { dir: PathBuf },
+
+    /// A JSON file could not be parsed.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The configuration has a missing, out-of-range or inconsistent field.
+    #[error("invalid OPT configuration: {0}")]
+    Config(String),
+
+    /// The model name is neither a known preset nor a directory.
+    #[error("unknown model {name:?}: not a directory, and not a preset (known: {known})")]
+    UnknownModel { name: String, known: String },
+
+    /// The directory holds no safetensors checkpoint.
+    #[error("{dir}: no model.safetensors and no model.safetensors.index.json")]
+    MissingWeights { dir: PathBuf },
+
+    /// A safetensors file is truncated or corrupt.
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+
+    /// A tensor the model needs is in no file of the checkpoint.
+    #[error("tensor {name} is missing from the checkpoint")]
+    MissingTensor { name: String },
+
+    /// A tensor has the wrong shape for the configuration.
+    #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
+    TensorShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+
+    /// A tensor is stored in a type that is not f16, bf16 or f32.
+    #[error("tensor {name} is stored as {dtype}; only F16, BF16 and F32 are supported")]
+    UnsupportedDtype { name: String, dtype: String },
+
+    /// The tokenizer files could not be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// Text was given but the model directory has no tokenizer.
+    #[error("{dir}: no tokenizer.json (nor vocab.json + merges.txt); give input_ids instead of text")]
+    NoTokenizer { dir: PathBuf },
+
+    /// A prompt is empty, or does not fit in the model's positions.
+    #[error("prompt {index}: {reason}")]
+    Prompt { index: usize, reason: String },
+
+    /// A token id is outside the vocabulary.
+    #[error("prompt {index}: token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { index: usize, id: u32, vocab: usize },
+
+    /// A line of a JSONL input file is not what was expected.
+    #[error("{path}:{line}: {reason}")]
+    InputLine { path: PathBuf, line: usize, reason: String },
+
+    /// A command-line or API argument is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The request needs the GPU engine, which is not built yet.
+    #[error("{0} needs the GPU engine, which comes later; the CPU run holds everything in host memory")]
+    NeedsGpuEngine(String),
+
+    /// The run would not fit in this machine's memory.
+    #[error("not enough host memory: {what} needs {need_gib:.1} GiB, {avail_gib:.1} GiB available")]
+    OutOfMemory { what: String, need_gib: f64, avail_gib: f64 },
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,187 @@
+//! FlexGen's placement policy (`flex_opt.py`'s `Policy`): batch sizes, the
+//! GPU/CPU/disk split of weights, KV cache and activations, and the flags of
+//! the tiered engine. The CPU engine accepts only the policies it can honour
+//! and names what needs the GPU engine.
+
+use crate::error::{Error, Result};
+
+/// A placement policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub gpu_batch_size: usize,
+    pub num_gpu_batches: usize,
+    /// Percent of weights on the GPU and on the CPU (the rest on disk).
+    pub w_gpu_percent: f64,
+    pub w_cpu_percent: f64,
+    /// Percent of the KV cache on the GPU and on the CPU.
+    pub cache_gpu_percent: f64,
+    pub cache_cpu_percent: f64,
+    /// Percent of activations on the GPU and on the CPU.
+    pub act_gpu_percent: f64,
+    pub act_cpu_percent: f64,
+    pub overlap: bool,
+    pub sep_layer: bool,
+    pub pin_weight: bool,
+    pub cpu_cache_compute: bool,
+    pub attn_sparsity: f64,
+    pub compress_weight: bool,
+    pub compress_cache: bool,
+}
+
+impl Default for Policy {
+    /// Everything on the CPU, one batch of one, no GPU-engine flag.
+    fn default() -> Self {
+        Policy {
+            gpu_batch_size: 1,
+            num_gpu_batches: 1,
+            w_gpu_percent: 0.0,
+            w_cpu_percent: 100.0,
+            cache_gpu_percent: 0.0,
+            cache_cpu_percent: 100.0,
+            act_gpu_percent: 0.0,
+            act_cpu_percent: 100.0,
+            overlap: false,
+            sep_layer: false,
+            pin_weight: true,
+            cpu_cache_compute: false,
+            attn_sparsity: 1.0,
+            compress_weight: false,
+            compress_cache: false,
+        }
+    }
+}
+
+impl Policy {
+    /// Sets the six percentages from FlexGen's `--percent` order: weights
+    /// GPU, CPU; cache GPU, CPU; activations GPU, CPU.
+    pub fn with_percent(mut self, percent: &[f64]) -> Result<Self> {
+        let [wg, wc, cg, cc, ag, ac] = percent else {
+            return Err(Error::InvalidArgument(format!(
+                "--percent takes six numbers (weights GPU CPU, cache GPU CPU, activations GPU CPU), got {}",
+                percent.len()
+            )));
+        };
+        (
+            self.w_gpu_percent,
+            self.w_cpu_percent,
+            self.cache_gpu_percent,
+            self.cache_cpu_percent,
+            self.act_gpu_percent,
+            self.act_cpu_percent,
+        ) = (*wg, *wc, *cg, *cc, *ag, *ac);
+        Ok(self)
+    }
+
+    /// Prompts in one block: `gpu_batch_size × num_gpu_batches`.
+    pub fn block_size(&self) -> usize {
+        self.gpu_batch_size * self.num_gpu_batches
+    }
+
+    /// Percent on disk for weights, cache and activations.
+    pub fn disk_percents(&self) -> [f64; 3] {
+        [
+            100.0 - self.w_gpu_percent - self.w_cpu_percent,
+            100.0 - self.cache_gpu_percent - self.cache_cpu_percent,
+            100.0 - self.act_gpu_percent - self.act_cpu_percent,
+        ]
+    }
+
+    fn pairs(&self) -> [(&'static str, f64, f64); 3] {
+        [
+            ("weights", self.w_gpu_percent, self.w_cpu_percent),
+            ("KV cache", self.cache_gpu_percent, self.cache_cpu_percent),
+            ("activations", self.act_gpu_percent, self.act_cpu_percent),
+        ]
+    }
+
+    /// Checks the numbers are in range (any engine).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.gpu_batch_size == 0 {
+            return bad("--gpu-batch-size must be at least 1".to_string());
+        }
+        if self.num_gpu_batches == 0 {
+            return bad("--num-gpu-batches must be at least 1".to_string());
+        }
+        for (what, gpu, cpu) in self.pairs() {
+            for v in [gpu, cpu] {
+                if !(0.0..=100.0).contains(&v) {
+                    return bad(format!("--percent: {what} share {v} is outside 0..=100"));
+                }
+            }
+            if gpu + cpu > 100.0 {
+                return bad(format!("--percent: {what} GPU {gpu} + CPU {cpu} = {} is over 100", gpu + cpu));
+            }
+        }
+        let [_, _, act_disk] = self.disk_percents();
+        if ![self.act_gpu_percent, self.act_cpu_percent, act_disk].contains(&100.0) {
+            return bad("--percent: activations must sit on one tier (100 on GPU, CPU or disk)".to_string());
+        }
+        if !(self.attn_sparsity > 0.0 && self.attn_sparsity <= 1.0) {
+            return bad(format!("--attn-sparsity {} is outside (0, 1]", self.attn_sparsity));
+        }
+        Ok(())
+    }
+
+    /// Checks the policy can run on the CPU engine (everything in host
+    /// memory, no GPU-engine feature).
+    pub fn check_cpu_engine(&self) -> Result<()> {
+        self.validate()?;
+        for (what, gpu, _) in self.pairs() {
+            if gpu > 0.0 {
+                return Err(Error::NeedsGpuEngine(format!("putting {gpu}% of the {what} on the GPU")));
+            }
+        }
+        for ((what, _, _), disk) in self.pairs().iter().zip(self.disk_percents()) {
+            if disk > 0.0 {
+                return Err(Error::NeedsGpuEngine(format!(
+                    "putting {disk}% of the {what} on disk (the tiered engine)"
+                )));
+            }
+        }
+        let flags = [
+            (self.overlap, "--overlap true"),
+            (self.sep_layer, "--sep-layer true"),
+            (self.compress_weight, "--compress-weight"),
+            (self.compress_cache, "--compress-cache"),
+            (self.attn_sparsity < 1.0, "--attn-sparsity below 1"),
+        ];
+        if let Some((_, flag)) = flags.iter().find(|f| f.0) {
+            return Err(Error::NeedsGpuEngine((*flag).to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(p: &[f64]) -> Result<Policy> {
+        Policy::default().with_percent(p)
+    }
+
+    #[test]
+    fn percent_validation() {
+        assert!(with(&[0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap().check_cpu_engine().is_ok());
+        assert!(with(&[0.0, 100.0]).is_err());
+        let over = with(&[60.0, 50.0, 0.0, 100.0, 0.0, 100.0]).unwrap().validate().unwrap_err();
+        assert!(over.to_string().contains("over 100"), "{over}");
+        let neg = with(&[-1.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap().validate().unwrap_err();
+        assert!(neg.to_string().contains("outside"), "{neg}");
+        let split = with(&[0.0, 100.0, 0.0, 100.0, 50.0, 50.0]).unwrap().validate().unwrap_err();
+        assert!(split.to_string().contains("one tier"), "{split}");
+    }
+
+    #[test]
+    fn gpu_shares_and_flags_need_the_gpu_engine() {
+        let gpu = with(&[100.0, 0.0, 100.0, 0.0, 100.0, 0.0]).unwrap().check_cpu_engine().unwrap_err();
+        assert!(matches!(gpu, Error::NeedsGpuEngine(_)), "{gpu}");
+        let disk = with(&[0.0, 75.0, 0.0, 100.0, 0.0, 100.0]).unwrap().check_cpu_engine().unwrap_err();
+        assert!(disk.to_string().contains("25% of the weights on disk"), "{disk}");
+        let overlap = Policy { overlap: true, ..Policy::default() };
+        assert!(overlap.check_cpu_engine().unwrap_err().to_string().contains("--overlap"));
+        let zero = Policy { gpu_batch_size: 0, ..Policy::default() };
+        assert!(zero.validate().is_err());
+    }
+}
