@@ -1,0 +1,377 @@
+//! `tierlm bench`: FlexGen's benchmark (`flex_opt.py`) with its knobs, run on
+//! the CPU engine until the GPU engine exists. Throughput is defined exactly
+//! as FlexLLMGen reports it: prefill = prompts × prompt_len / prefill time,
+//! decode = prompts × (gen_len − 1) / decode time, total = prompts × gen_len
+//! / (prefill + decode time); one warm-up generation runs first, untimed.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::generation::{generate, GenerateOptions, GenerationOutput};
+use crate::loading::{check_fits, load_model, ModelSpec};
+use crate::memory;
+use crate::model::OptModel;
+use crate::policy::Policy;
+use crate::progress;
+use crate::sampling::{Sampler, SamplingConfig};
+use crate::tokenizer::BOS_TOKEN_ID;
+use crate::OptConfig;
+
+/// Arguments of `tierlm bench` (FlexGen's names and defaults where they
+/// apply; `--percent` defaults to everything on the CPU).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// A preset (opt-125m … opt-175b, facebook/ prefix allowed) or a
+    /// checkpoint directory
+    #[arg(long, default_value = "opt-125m")]
+    pub model: String,
+    /// Seeded random weights instead of a checkpoint (FlexGen's _DUMMY_)
+    #[arg(long)]
+    pub dummy: bool,
+    /// Tokens per prompt
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Tokens generated per prompt
+    #[arg(long, default_value_t = 32)]
+    pub gen_len: usize,
+    /// Sequences per batch
+    #[arg(long, default_value_t = 4)]
+    pub gpu_batch_size: usize,
+    /// Batches per block (prompts = gpu batch size × this)
+    #[arg(long, default_value_t = 1)]
+    pub num_gpu_batches: usize,
+    /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU% (the rest
+    /// on disk); the CPU engine takes only 0 100 0 100 0 100
+    #[arg(
+        long,
+        num_args = 6,
+        allow_negative_numbers = true,
+        value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"]
+    )]
+    pub percent: Option<Vec<f64>>,
+    /// Pin weights in page-locked host memory (no effect without a GPU)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub pin_weight: Option<bool>,
+    /// Compute attention on the CPU where the cache is (what the CPU engine
+    /// always does)
+    #[arg(long)]
+    pub cpu_cache_compute: bool,
+    /// Fraction of attention kept (GPU engine)
+    #[arg(long, default_value_t = 1.0)]
+    pub attn_sparsity: f64,
+    /// 4-bit weights (GPU engine)
+    #[arg(long)]
+    pub compress_weight: bool,
+    /// 4-bit KV cache (GPU engine)
+    #[arg(long)]
+    pub compress_cache: bool,
+    /// Overlap copies with compute (GPU engine)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub overlap: Option<bool>,
+    /// Schedule attention and MLP as separate layers (GPU engine)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub sep_layer: Option<bool>,
+    /// Directory for tensors placed on disk (GPU engine)
+    #[arg(long)]
+    pub offload_dir: Option<PathBuf>,
+    /// Seed of the dummy weights and of the prompts' token ids
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    /// The policy these flags ask for.
+    pub fn policy(&self) -> Result<Policy> {
+        let policy = Policy {
+            gpu_batch_size: self.gpu_batch_size,
+            num_gpu_batches: self.num_gpu_batches,
+            overlap: self.overlap.unwrap_or(false),
+            sep_layer: self.sep_layer.unwrap_or(false),
+            pin_weight: self.pin_weight.unwrap_or(true),
+            cpu_cache_compute: self.cpu_cache_compute,
+            attn_sparsity: self.attn_sparsity,
+            compress_weight: self.compress_weight,
+            compress_cache: self.compress_cache,
+            ..Policy::default()
+        };
+        match &self.percent {
+            Some(p) => policy.with_percent(p),
+            None => Ok(policy),
+        }
+    }
+}
+
+/// Byte counts of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// Host bytes the CPU engine held: weights (f16 matrices, f32 vectors).
+    pub weights_bytes: u64,
+    /// Host bytes of the KV caches (f32).
+    pub kv_cache_bytes: u64,
+    /// Host bytes of the hidden states held between layers (f32).
+    pub activation_bytes: u64,
+    /// Their sum.
+    pub total_held_bytes: u64,
+    /// FlexGen's f16 accounting of the same run: weights, cache, hidden.
+    pub flexgen_weight_bytes: u64,
+    pub flexgen_cache_bytes: u64,
+    pub flexgen_hidden_bytes: u64,
+    /// The process's peak resident set (VmHWM), where known.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The result of a benchmark, as `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub engine: String,
+    pub threads: usize,
+    pub prompts: usize,
+    pub gpu_batch_size: usize,
+    pub num_gpu_batches: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub percent: [f64; 6],
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub total_s: f64,
+    /// prompts × prompt_len / prefill_s.
+    pub prefill_tokens_per_s: f64,
+    /// prompts × (gen_len − 1) / decode_s; absent when gen_len is 1.
+    pub decode_tokens_per_s: Option<f64>,
+    /// prompts × gen_len / (prefill_s + decode_s).
+    pub total_tokens_per_s: f64,
+    pub memory: MemoryReport,
+}
+
+/// Deterministic prompts: `</s>` then ids drawn from the vocabulary (past
+/// the special tokens), `batches × batch` of them.
+fn bench_prompts(config: &OptConfig, batches: usize, batch: usize, len: usize, seed: u64) -> Vec<Vec<Vec<u32>>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let low = 4.min(config.vocab_size as u32 - 1);
+    (0..batches)
+        .map(|_| {
+            (0..batch)
+                .map(|_| {
+                    let mut p = vec![BOS_TOKEN_ID.min(config.vocab_size as u32 - 1)];
+                    p.extend((1..len).map(|_| rng.random_range(low..config.vocab_size as u32)));
+                    p
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Throughput figures from a timed generation, FlexLLMGen's definitions.
+pub fn throughput(
+    prompts: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    out: &GenerationOutput,
+) -> (f64, Option<f64>, f64) {
+    let prefill = out.prefill_time.as_secs_f64();
+    let decode = out.decode_time.as_secs_f64();
+    let n = prompts as f64;
+    let prefill_tput = n * prompt_len as f64 / prefill;
+    let decode_tput = (gen_len > 1).then(|| n * (gen_len - 1) as f64 / decode);
+    let total_tput = n * gen_len as f64 / (prefill + decode);
+    (prefill_tput, decode_tput, total_tput)
+}
+
+fn notes(args: &BenchArgs, policy: &Policy) {
+    if args.offload_dir.is_some() {
+        eprintln!("note: --offload-dir is unused: the CPU engine places nothing on disk");
+    }
+    if policy.cpu_cache_compute {
+        eprintln!("note: --cpu-cache-compute: the CPU engine computes attention on the CPU anyway");
+    }
+}
+
+/// Runs `tierlm bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let policy = args.policy()?;
+    policy.check_cpu_engine()?;
+    if args.prompt_len == 0 || args.gen_len == 0 {
+        return Err(Error::InvalidArgument("--prompt-len and --gen-len must be at least 1".to_string()));
+    }
+    notes(&args, &policy);
+
+    // Refuse early what cannot fit, before minutes of loading.
+    let config = match ModelSpec::parse(&args.model)? {
+        ModelSpec::Dir(dir) => OptConfig::from_dir(&dir)?,
+        ModelSpec::Preset(_, config) => config,
+    };
+    let prompts_n = policy.block_size();
+    let seq = args.prompt_len + args.gen_len;
+    if seq > config.max_sequence_len() {
+        return Err(Error::InvalidArgument(format!(
+            "--prompt-len {} + --gen-len {} exceed the model's {} positions",
+            args.prompt_len,
+            args.gen_len,
+            config.max_sequence_len()
+        )));
+    }
+    let f32_cache = 2 * config.kv_cache_bytes(prompts_n, seq);
+    check_fits("the weights and the f32 KV cache", config.weight_bytes() + f32_cache)?;
+
+    let loaded = load_model(&args.model, args.dummy, args.seed)?;
+    let model = &loaded.model;
+    let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
+    let mut sampler = Sampler::new(SamplingConfig::default());
+
+    // Warm-up as FlexLLMGen: the same prompts count, 32-token prompts, one
+    // new token.
+    let warm = bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len.min(32), 1);
+    let hidden = indicatif::ProgressBar::hidden();
+    generate(model, &warm, &GenerateOptions { max_new_tokens: 1, ..opts }, &mut sampler, &hidden)?;
+
+    let prompts =
+        bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed);
+    let pb = progress::bar(args.gen_len as u64, "generating");
+    let out = generate(model, &prompts, &opts, &mut sampler, &pb)?;
+    pb.finish_and_clear();
+
+    let report = make_report(&args, &policy, &loaded.description, model, &out);
+    print_report(&report, args.json)
+}
+
+fn make_report(
+    args: &BenchArgs,
+    policy: &Policy,
+    description: &str,
+    model: &OptModel,
+    out: &GenerationOutput,
+) -> BenchReport {
+    let prompts = policy.block_size();
+    let (prefill_tput, decode_tput, total_tput) = throughput(prompts, args.prompt_len, args.gen_len, out);
+    let weights = model.held_bytes();
+    let c = &model.config;
+    BenchReport {
+        model: description.to_string(),
+        engine: "cpu".to_string(),
+        threads: rayon::current_num_threads(),
+        prompts,
+        gpu_batch_size: policy.gpu_batch_size,
+        num_gpu_batches: policy.num_gpu_batches,
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+        percent: [
+            policy.w_gpu_percent,
+            policy.w_cpu_percent,
+            policy.cache_gpu_percent,
+            policy.cache_cpu_percent,
+            policy.act_gpu_percent,
+            policy.act_cpu_percent,
+        ],
+        prefill_s: out.prefill_time.as_secs_f64(),
+        decode_s: out.decode_time.as_secs_f64(),
+        total_s: (out.prefill_time + out.decode_time).as_secs_f64(),
+        prefill_tokens_per_s: prefill_tput,
+        decode_tokens_per_s: decode_tput,
+        total_tokens_per_s: total_tput,
+        memory: MemoryReport {
+            weights_bytes: weights,
+            kv_cache_bytes: out.cache_bytes,
+            activation_bytes: out.activation_bytes,
+            total_held_bytes: weights + out.cache_bytes + out.activation_bytes,
+            flexgen_weight_bytes: c.weight_bytes(),
+            flexgen_cache_bytes: c.kv_cache_bytes(prompts, args.prompt_len + args.gen_len),
+            flexgen_hidden_bytes: c.activation_bytes(prompts, args.prompt_len),
+            peak_rss_bytes: memory::peak_rss_bytes(),
+        },
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn print_report(r: &BenchReport, json: bool) -> Result<()> {
+    let stdout_err = |e: std::io::Error| Error::io("<stdout>", e);
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line =
+            serde_json::to_string(r).map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
+        return writeln!(out, "{line}").map_err(stdout_err);
+    }
+    let m = &r.memory;
+    let p = r.percent;
+    let decode = r.decode_tokens_per_s.map_or("n/a (gen-len 1)".to_string(), |t| format!("{t:.2} token/s"));
+    let text = format!(
+        "model: {}\n\
+         engine: CPU, {} threads\n\
+         prompts: {} ({} × {}), prompt_len {}, gen_len {}, percent {} {} {} {} {} {}\n\
+         prefill: {:.3} s, {:.2} token/s\n\
+         decode:  {:.3} s, {}\n\
+         total:   {:.3} s, {:.2} token/s\n\
+         host memory held: weights {} + KV cache {} + activations {} = {}\n\
+         FlexGen accounting (f16): weights {}, KV cache {}, hidden {}\n\
+         peak RSS (VmHWM): {}\n",
+        r.model,
+        r.threads,
+        r.prompts,
+        r.gpu_batch_size,
+        r.num_gpu_batches,
+        r.prompt_len,
+        r.gen_len,
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        r.prefill_s,
+        r.prefill_tokens_per_s,
+        r.decode_s,
+        decode,
+        r.total_s,
+        r.total_tokens_per_s,
+        mib(m.weights_bytes),
+        mib(m.kv_cache_bytes),
+        mib(m.activation_bytes),
+        mib(m.total_held_bytes),
+        mib(m.flexgen_weight_bytes),
+        mib(m.flexgen_cache_bytes),
+        mib(m.flexgen_hidden_bytes),
+        m.peak_rss_bytes.map_or("unknown".to_string(), mib),
+    );
+    out.write_all(text.as_bytes()).map_err(stdout_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn throughput_definitions() {
+        let out = GenerationOutput {
+            prefill_time: Duration::from_secs(2),
+            decode_time: Duration::from_secs(31),
+            ..Default::default()
+        };
+        let (p, d, t) = throughput(4, 512, 32, &out);
+        assert_eq!(p, 4.0 * 512.0 / 2.0);
+        assert_eq!(d, Some(4.0 * 31.0 / 31.0));
+        assert_eq!(t, 4.0 * 32.0 / 33.0);
+        let (_, d, _) = throughput(4, 512, 1, &out);
+        assert_eq!(d, None);
+    }
+
+    #[test]
+    fn prompts_are_deterministic_and_in_range() {
+        let c = OptConfig::preset("opt-125m").unwrap();
+        let a = bench_prompts(&c, 2, 3, 10, 7);
+        assert_eq!(a, bench_prompts(&c, 2, 3, 10, 7));
+        assert_eq!((a.len(), a[0].len(), a[0][0].len()), (2, 3, 10));
+        assert!(a.iter().flatten().all(|p| p[0] == 2 && p[1..].iter().all(|&t| (4..50272).contains(&t))));
+    }
+}

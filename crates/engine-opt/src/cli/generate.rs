@@ -1,0 +1,206 @@
+//! `tierlm generate`: text or token continuations from a checkpoint, on the
+//! CPU engine.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::generation::{generate, validate_prompts, GenerateOptions};
+use crate::loading::{load_model, LoadedModel};
+use crate::progress;
+use crate::sampling::{Sampler, SamplingConfig};
+
+/// Arguments of `tierlm generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (config.json, safetensors, tokenizer); with
+    /// --dummy also a preset name such as opt-125m
+    #[arg(long)]
+    pub model: String,
+    /// Use seeded random weights instead of the checkpoint's
+    #[arg(long)]
+    pub dummy: bool,
+    /// A prompt (repeat for a batch)
+    #[arg(long = "prompt", value_name = "TEXT", required_unless_present = "input")]
+    pub prompts: Vec<String>,
+    /// A JSONL file, one {"prompt": "..."} or {"input_ids": [...]} a line;
+    /// input_ids are used as given (OPT's leading 2 included)
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "prompts")]
+    pub input: Option<PathBuf>,
+    /// Print JSONL (implied by --input): one line per input, in input order
+    #[arg(long)]
+    pub json: bool,
+    /// New tokens per sequence at most (fewer if it ends with </s>)
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily; above 0, samples at this temperature
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample among the k most likely tokens only (0: all)
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample among the most likely tokens holding this much probability
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampler (and of --dummy weights)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences run together in one batch
+    #[arg(long, default_value_t = 8)]
+    pub gpu_batch_size: usize,
+}
+
+/// One input: text to tokenize, or token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct InputLine {
+    prompt: Option<String>,
+    input_ids: Option<Vec<u32>>,
+}
+
+/// Reads a JSONL input file: one object per line with `prompt` or
+/// `input_ids`; blank lines are skipped. Errors name the line.
+pub fn read_inputs(path: &Path) -> Result<Vec<Input>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut inputs = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        let bad = |reason: String| Error::InputLine { path: path.to_path_buf(), line: i + 1, reason };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: InputLine = serde_json::from_str(&line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        inputs.push(match (parsed.prompt, parsed.input_ids) {
+            (Some(text), None) => Input::Text(text),
+            (None, Some(ids)) if ids.is_empty() => return Err(bad("input_ids is empty".to_string())),
+            (None, Some(ids)) => Input::Ids(ids),
+            (Some(_), Some(_)) => return Err(bad("give either \"prompt\" or \"input_ids\", not both".to_string())),
+            (None, None) => return Err(bad("expected an object with \"prompt\" or \"input_ids\"".to_string())),
+        });
+    }
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument(format!("{}: no inputs", path.display())));
+    }
+    Ok(inputs)
+}
+
+/// One output line of `--json` / `--input`.
+#[derive(Serialize)]
+struct OutputLine<'a> {
+    index: usize,
+    output_ids: &'a [u32],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+}
+
+fn tokenize(loaded: &LoadedModel, inputs: &[Input]) -> Result<Vec<Vec<u32>>> {
+    inputs
+        .iter()
+        .map(|input| match input {
+            Input::Ids(ids) => Ok(ids.clone()),
+            Input::Text(text) => match &loaded.tokenizer {
+                Some(tok) => tok.encode(text),
+                None => Err(Error::NoTokenizer {
+                    dir: loaded.dir.clone().unwrap_or_else(|| PathBuf::from(&loaded.description)),
+                }),
+            },
+        })
+        .collect()
+}
+
+fn stdout_err(e: std::io::Error) -> Error {
+    Error::io("<stdout>", e)
+}
+
+/// Runs `tierlm generate`.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let sampling =
+        SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    sampling.validate()?;
+    if args.gpu_batch_size == 0 {
+        return Err(Error::InvalidArgument("--gpu-batch-size must be at least 1".to_string()));
+    }
+    let inputs = match &args.input {
+        Some(path) => read_inputs(path)?,
+        None => args.prompts.iter().cloned().map(Input::Text).collect(),
+    };
+    let json = args.json || args.input.is_some();
+
+    let loaded = load_model(&args.model, args.dummy, args.seed)?;
+    let prompts = tokenize(&loaded, &inputs)?;
+    validate_prompts(&loaded.model, &prompts, args.max_new_tokens, 0)?;
+    let config = &loaded.model.config;
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        stop_on_eos: true,
+        eos_token_id: config.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID),
+        pad_token_id: config.pad_token_id.unwrap_or(crate::tokenizer::PAD_TOKEN_ID),
+    };
+
+    let mut sampler = Sampler::new(sampling);
+    let batches: Vec<&[Vec<u32>]> = prompts.chunks(args.gpu_batch_size).collect();
+    let pb = progress::bar((batches.len() * args.max_new_tokens) as u64, "generating");
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut index = 0;
+    for batch in batches {
+        let result = generate(&loaded.model, &[batch.to_vec()], &opts, &mut sampler, &pb)?;
+        for new_ids in &result.tokens {
+            let text = match &loaded.tokenizer {
+                Some(tok) => Some(tok.decode(new_ids)?),
+                None => None,
+            };
+            if json {
+                let line = OutputLine { index, output_ids: new_ids, text };
+                let line = serde_json::to_string(&line)
+                    .map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
+                pb.suspend(|| writeln!(out, "{line}")).map_err(stdout_err)?;
+            } else {
+                let prompt = match &inputs[index] {
+                    Input::Text(t) => t.clone(),
+                    Input::Ids(_) => String::new(),
+                };
+                let text = text.unwrap_or_default();
+                let sep = if index > 0 { "\n" } else { "" };
+                pb.suspend(|| writeln!(out, "{sep}{prompt}{text}")).map_err(stdout_err)?;
+            }
+            index += 1;
+        }
+        out.flush().map_err(stdout_err)?;
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_jsonl_and_names_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, "{\"prompt\": \"Hi\"}\n\n{\"input_ids\": [2, 5, 9]}\n").unwrap();
+        assert_eq!(read_inputs(&path).unwrap(), vec![Input::Text("Hi".into()), Input::Ids(vec![2, 5, 9])]);
+
+        std::fs::write(&path, "{\"prompt\": \"Hi\"}\n{\"prompt\": oops}\n").unwrap();
+        let err = read_inputs(&path).unwrap_err().to_string();
+        assert!(err.contains("in.jsonl:2: invalid JSON"), "{err}");
+
+        std::fs::write(&path, "{\"prompt\": \"a\", \"input_ids\": [2]}\n").unwrap();
+        assert!(read_inputs(&path).unwrap_err().to_string().contains(":1: give either"));
+
+        std::fs::write(&path, "{\"input_ids\": [2, -1]}\n").unwrap();
+        assert!(read_inputs(&path).unwrap_err().to_string().contains(":1: invalid JSON"));
+
+        std::fs::write(&path, "{}\n").unwrap();
+        assert!(read_inputs(&path).unwrap_err().to_string().contains(":1: expected an object"));
+    }
+}

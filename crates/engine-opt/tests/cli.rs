@@ -1,0 +1,315 @@
+//! The `tierlm generate` and `tierlm bench` commands, run as a user would:
+//! what they print on success, and a clear message with a non-zero exit (no
+//! panic) for each kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+fn tierlm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tierlm")).args(args).output().expect("tierlm runs")
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/opt").join(name).to_str().unwrap().to_string()
+}
+
+/// Runs tierlm, expects failure, and returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = tierlm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} succeeded; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stderr.starts_with("error: ") || stderr.contains("error:"), "{args:?}: {stderr}");
+    stderr
+}
+
+fn succeeds(args: &[&str]) -> String {
+    let out = tierlm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const CONFIG: &str = r#"{"model_type": "opt", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
+    "ffn_dim": 16, "vocab_size": 16, "max_position_embeddings": 8}"#;
+
+/// The tensors of the tiny model `CONFIG` describes: (name, shape).
+fn tiny_tensors() -> Vec<(String, Vec<usize>)> {
+    let mut t = vec![
+        ("model.decoder.embed_tokens.weight".to_string(), vec![16, 8]),
+        ("model.decoder.embed_positions.weight".to_string(), vec![10, 8]),
+        ("model.decoder.final_layer_norm.weight".to_string(), vec![8]),
+        ("model.decoder.final_layer_norm.bias".to_string(), vec![8]),
+    ];
+    let p = "model.decoder.layers.0";
+    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        t.push((format!("{p}.self_attn.{proj}.weight"), vec![8, 8]));
+        t.push((format!("{p}.self_attn.{proj}.bias"), vec![8]));
+    }
+    for ln in ["self_attn_layer_norm", "final_layer_norm"] {
+        t.push((format!("{p}.{ln}.weight"), vec![8]));
+        t.push((format!("{p}.{ln}.bias"), vec![8]));
+    }
+    t.push((format!("{p}.fc1.weight"), vec![16, 8]));
+    t.push((format!("{p}.fc1.bias"), vec![16]));
+    t.push((format!("{p}.fc2.weight"), vec![8, 16]));
+    t.push((format!("{p}.fc2.bias"), vec![8]));
+    t
+}
+
+/// Writes a checkpoint directory with `tensors` (f32, small values).
+fn write_checkpoint(dir: &Path, config: &str, tensors: &[(String, Vec<usize>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, shape)| {
+            let n: usize = shape.iter().product();
+            (0..n).flat_map(|i| ((i % 7) as f32 * 0.01).to_le_bytes()).collect()
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((name, shape), bytes)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
+}
+
+fn tiny_dir(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("tiny");
+    write_checkpoint(&dir, CONFIG, &tiny_tensors());
+    dir
+}
+
+#[test]
+fn generate_prints_text_and_json() {
+    let text = succeeds(&["generate", "--model", &fixture("tiny-opt"), "--prompt", "Hello", "--max-new-tokens", "4"]);
+    assert!(text.starts_with("Hello"), "{text}");
+
+    let json = succeeds(&[
+        "generate",
+        "--model",
+        &fixture("tiny-opt"),
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "Weights move",
+        "--json",
+        "--max-new-tokens",
+        "5",
+        "--gpu-batch-size",
+        "1",
+    ]);
+    let lines: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i);
+        assert_eq!(l["output_ids"].as_array().unwrap().len(), 5);
+        assert!(l["text"].is_string());
+    }
+    // Greedy, batched or not, gives the same tokens.
+    let together = succeeds(&[
+        "generate",
+        "--model",
+        &fixture("tiny-opt"),
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "Weights move",
+        "--json",
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert_eq!(json, together);
+}
+
+#[test]
+fn generate_from_jsonl_without_tokenizer_and_sampling_is_seeded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [2, 100, 200]}\n{\"input_ids\": [2, 7]}\n").unwrap();
+    let args = ["generate", "--model", &fixture("tiny-opt-sharded"), "--input", input.to_str().unwrap()];
+    let out = succeeds(&[&args[..], &["--max-new-tokens", "3"]].concat());
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].get("text").is_none(), "no tokenizer, no text");
+    assert_eq!(lines[1]["output_ids"].as_array().unwrap().len(), 3);
+
+    let sampled = [&args[..], &["--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", "9"]].concat();
+    assert_eq!(succeeds(&sampled), succeeds(&sampled));
+}
+
+#[test]
+fn bench_reports_flexgen_throughput() {
+    let out = succeeds(&[
+        "bench",
+        "--model",
+        &fixture("tiny-opt"),
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--gpu-batch-size",
+        "2",
+        "--num-gpu-batches",
+        "2",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["prompts"], 4);
+    let f = |k: &str| r[k].as_f64().unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+    assert!(close(f("prefill_tokens_per_s"), 4.0 * 8.0 / f("prefill_s")));
+    assert!(close(f("decode_tokens_per_s"), 4.0 * 3.0 / f("decode_s")));
+    assert!(close(f("total_tokens_per_s"), 4.0 * 4.0 / (f("prefill_s") + f("decode_s"))));
+    assert!(r["memory"]["weights_bytes"].as_u64().unwrap() > 0);
+    assert!(r["memory"]["peak_rss_bytes"].as_u64().unwrap() > 0);
+
+    let text = succeeds(&["bench", "--model", "facebook/opt-125m", "--dummy", "--prompt-len", "4", "--gen-len", "2"]);
+    assert!(text.contains("prefill:") && text.contains("decode:") && text.contains("total:"), "{text}");
+    assert!(text.contains("peak RSS (VmHWM)"), "{text}");
+}
+
+#[test]
+fn bad_model_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert!(fails(&["generate", "--model", empty.to_str().unwrap(), "--prompt", "x"]).contains("no config.json"));
+
+    let no_weights = tmp.path().join("no-weights");
+    std::fs::create_dir(&no_weights).unwrap();
+    std::fs::write(no_weights.join("config.json"), CONFIG).unwrap();
+    let err = fails(&["generate", "--model", no_weights.to_str().unwrap(), "--prompt", "x"]);
+    assert!(err.contains("no model.safetensors"), "{err}");
+
+    let bad_heads = tmp.path().join("bad-heads");
+    write_checkpoint(&bad_heads, &CONFIG.replace("\"num_attention_heads\": 2", "\"num_attention_heads\": 3"), &[]);
+    let err = fails(&["generate", "--model", bad_heads.to_str().unwrap(), "--prompt", "x"]);
+    assert!(err.contains("hidden_size 8 is not divisible by num_attention_heads 3"), "{err}");
+
+    let missing_field = tmp.path().join("missing-field");
+    write_checkpoint(&missing_field, &CONFIG.replace("\"ffn_dim\": 16,", ""), &[]);
+    let err = fails(&["generate", "--model", missing_field.to_str().unwrap(), "--prompt", "x"]);
+    assert!(err.contains("missing field `ffn_dim`"), "{err}");
+
+    let err = fails(&["bench", "--model", "opt-7b", "--dummy"]);
+    assert!(err.contains("unknown model") && err.contains("opt-125m"), "{err}");
+}
+
+#[test]
+fn bad_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tiny_dir(tmp.path());
+    let ids = ["generate", "--model", good.to_str().unwrap(), "--input"];
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [2, 3]}\n").unwrap();
+    let good_out = succeeds(&[&ids[..], &[input.to_str().unwrap(), "--max-new-tokens", "2"]].concat());
+    assert!(good_out.contains("output_ids"));
+
+    let missing = tmp.path().join("missing");
+    let mut tensors = tiny_tensors();
+    tensors.retain(|(n, _)| n != "model.decoder.layers.0.fc2.weight");
+    write_checkpoint(&missing, CONFIG, &tensors);
+    let err = fails(&["bench", "--model", missing.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "1"]);
+    assert!(err.contains("tensor decoder.layers.0.fc2.weight is missing"), "{err}");
+
+    let misshaped = tmp.path().join("misshaped");
+    let mut tensors = tiny_tensors();
+    tensors.iter_mut().filter(|(n, _)| n.ends_with("fc1.weight")).for_each(|(_, s)| *s = vec![8, 16]);
+    write_checkpoint(&misshaped, CONFIG, &tensors);
+    let err = fails(&["bench", "--model", misshaped.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "1"]);
+    assert!(err.contains("tensor model.decoder.layers.0.fc1.weight has shape [8, 16], expected [16, 8]"), "{err}");
+
+    let truncated = tmp.path().join("truncated");
+    write_checkpoint(&truncated, CONFIG, &tiny_tensors());
+    let file = truncated.join("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 10).unwrap();
+    let err = fails(&["bench", "--model", truncated.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "1"]);
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+
+    let corrupt = tmp.path().join("corrupt");
+    write_checkpoint(&corrupt, CONFIG, &tiny_tensors());
+    std::fs::write(corrupt.join("model.safetensors"), b"\xff\xff\xff\xff\x00\x00\x00\x00garbage").unwrap();
+    let err = fails(&["bench", "--model", corrupt.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "1"]);
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+
+    // A sharded index that names a shard that is not there.
+    let shard = tmp.path().join("shard");
+    write_checkpoint(&shard, CONFIG, &tiny_tensors());
+    std::fs::rename(shard.join("model.safetensors"), shard.join("part-1.safetensors")).unwrap();
+    std::fs::write(
+        shard.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.decoder.embed_tokens.weight": "part-1.safetensors", "lm_head.weight": "part-2.safetensors"}}"#,
+    )
+    .unwrap();
+    let err = fails(&["bench", "--model", shard.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "1"]);
+    assert!(err.contains("part-2.safetensors"), "{err}");
+}
+
+#[test]
+fn bad_prompts_and_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = "word ".repeat(200);
+    let err = fails(&["generate", "--model", &fixture("tiny-opt"), "--prompt", &long]);
+    assert!(err.contains("exceed the model's 128 positions"), "{err}");
+
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"fine\"}\n{\"prompt\": \"unterminated}\n").unwrap();
+    let err = fails(&["generate", "--model", &fixture("tiny-opt"), "--input", input.to_str().unwrap()]);
+    assert!(err.contains("in.jsonl:2: invalid JSON"), "{err}");
+
+    std::fs::write(&input, "{\"prompt\": \"text needs a tokenizer\"}\n").unwrap();
+    let err = fails(&["generate", "--model", &fixture("tiny-opt-sharded"), "--input", input.to_str().unwrap()]);
+    assert!(err.contains("no tokenizer.json"), "{err}");
+
+    std::fs::write(&input, "{\"input_ids\": [2, 99999]}\n").unwrap();
+    let err = fails(&["generate", "--model", &fixture("tiny-opt-sharded"), "--input", input.to_str().unwrap()]);
+    assert!(err.contains("token id 99999 is outside the vocabulary"), "{err}");
+
+    let missing = tmp.path().join("nope.jsonl");
+    let err = fails(&["generate", "--model", &fixture("tiny-opt"), "--input", missing.to_str().unwrap()]);
+    assert!(err.contains("nope.jsonl"), "{err}");
+
+    let err = fails(&["generate", "--model", &fixture("tiny-opt"), "--prompt", "x", "--gpu-batch-size", "0"]);
+    assert!(err.contains("--gpu-batch-size must be at least 1"), "{err}");
+    let err = fails(&["generate", "--model", &fixture("tiny-opt"), "--prompt", "x", "--top-k", "5"]);
+    assert!(err.contains("give a temperature"), "{err}");
+}
+
+#[test]
+fn bench_policies_the_cpu_engine_cannot_run() {
+    let base = ["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "4", "--gen-len", "2"];
+    let with = |extra: &[&str]| fails(&[&base[..], extra].concat());
+
+    let err = with(&["--percent", "0", "120", "0", "100", "0", "100"]);
+    assert!(err.contains("outside 0..=100"), "{err}");
+    let err = with(&["--percent", "50", "60", "0", "100", "0", "100"]);
+    assert!(err.contains("over 100"), "{err}");
+    let err = with(&["--percent", "-5", "100", "0", "100", "0", "100"]);
+    assert!(err.contains("outside 0..=100"), "{err}");
+    let err = with(&["--percent", "100", "0", "100", "0", "100", "0"]);
+    assert!(err.contains("needs the GPU engine"), "{err}");
+    let err = with(&["--percent", "0", "50", "0", "100", "0", "100"]);
+    assert!(err.contains("50% of the weights on disk") && err.contains("needs the GPU engine"), "{err}");
+    let err = with(&["--gpu-batch-size", "0"]);
+    assert!(err.contains("--gpu-batch-size must be at least 1"), "{err}");
+    for flag in [&["--compress-weight"][..], &["--compress-cache"], &["--overlap"], &["--sep-layer", "true"]] {
+        let err = with(flag);
+        assert!(err.contains("needs the GPU engine"), "{flag:?}: {err}");
+    }
+    let err = with(&["--attn-sparsity", "0.5"]);
+    assert!(err.contains("needs the GPU engine"), "{err}");
+    let err = fails(&["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "2040", "--gen-len", "32"]);
+    assert!(err.contains("exceed the model's 2048 positions"), "{err}");
+    // Flags that mean "off" are accepted.
+    succeeds(&[&base[..], &["--overlap", "false", "--sep-layer", "false", "--pin-weight", "true"]].concat());
+    // The model is too large for this machine's memory: a clear refusal.
+    let err = fails(&["bench", "--model", "opt-175b", "--dummy"]);
+    assert!(err.contains("not enough host memory"), "{err}");
+}
