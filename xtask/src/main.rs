@@ -70,9 +70,6 @@ fn gpu_bundle() -> Result<(), String> {
     run("release binaries", cargo().args(["build", "--release", "--workspace", "--bins", "--locked"]))?;
     let bin = root.join("target/release/tierlm");
     copy_stripped(&bin, &out.join("tierlm"))?;
-    // The GPU tier's bench (every GPU copy path against the raw driver figure).
-    run("GPU bench example", cargo().args(["build", "--release", "-p", "tier-cuda", "--examples", "--locked"]))?;
-    copy_stripped(&root.join("target/release/examples/bench_tiers"), &out.join("bench_tiers"))?;
 
     // Test executables: ask cargo where it put them.
     eprintln!("xtask: building release test executables");

@@ -1,8 +1,17 @@
 //! `tierlm bench-tiers`: bandwidth of every copy path between the tiers
 //! present on this machine, beside the baselines they must beat.
+//!
+//! Disk rows (both backends) come with a buffered, page-cache-evicted read of
+//! the same amount of data through a memory map (what FlexGen's disk tier
+//! does). GPU rows, where there is a GPU, come with a raw `cuMemcpy` between
+//! `cuMemHostAlloc` memory and the GPU measured in the same run, and the
+//! pinned-memory residency check.
 
-use super::tiers::TierArgs;
+use super::tiers::{parse_size, TierArgs};
 use clap::Args;
+use std::sync::Arc;
+use tier_api::{Device, Error, HostMemKind};
+use tier_cuda::bench as gpu_bench;
 
 #[derive(Args, Debug)]
 pub struct BenchTiersArgs {
@@ -17,31 +26,34 @@ pub struct BenchTiersArgs {
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
     pub block: u64,
 
-    /// Print the rows as JSON.
+    /// Timed transfers per GPU path (the median is reported).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub reps: usize,
+
+    /// Size of the pinned-memory residency check (0 to skip it).
+    #[arg(long, value_name = "SIZE", default_value = "4097M", value_parser = parse_size)]
+    pub rss_check: u64,
+
+    /// Also sweep the staging ring's shapes and the disk reads in flight (for tuning).
+    #[arg(long)]
+    pub sweep: bool,
+
+    /// Print the disk rows as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-/// Parses `123`, `64K`, `1M`, `2G` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&s[..i], 10),
-        Some((i, 'm' | 'M')) => (&s[..i], 20),
-        Some((i, 'g' | 'G')) => (&s[..i], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size like 4096, 64K, 1M or 2G"))?;
-    n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("{s:?} is too large"))
+fn to_usize(v: u64, what: &str) -> tier_api::Result<usize> {
+    usize::try_from(v).map_err(|_| Error::Config(format!("{what} {v} is too large for this machine")))
 }
 
 pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
-    let block = usize::try_from(args.block).map_err(|_| tier_api::Error::Config("block size too large".into()))?;
+    let dir = args.tiers.offload_dir();
     let config = tier_disk::bench::BenchConfig {
         bytes: args.bytes,
-        block,
+        block: to_usize(args.block, "block size")?,
         queue_depth: args.tiers.queue_depth,
-        ..tier_disk::bench::BenchConfig::new(args.tiers.offload_dir())
+        ..tier_disk::bench::BenchConfig::new(&dir)
     };
     let rows = tier_disk::bench::run(&config)?;
     if args.json {
@@ -56,23 +68,52 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
             .collect();
         println!("{:#}", serde_json::Value::Array(rows));
     } else {
+        println!("disk tier, {}:", dir.display());
         print!("{}", tier_disk::bench::table(&rows));
     }
-    Ok(())
-}
 
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("1m"), Ok(1 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999999999G").is_err());
+    println!("\ngpu: {}", tier_cuda::probe_message());
+    if tier_cuda::probe()?.is_none() {
+        return Ok(());
     }
+    if args.rss_check > 0 {
+        for kind in [HostMemKind::Pinned, HostMemKind::Registered] {
+            let check = gpu_bench::pinned_rss_check(kind, to_usize(args.rss_check, "residency check size")?)?;
+            println!("residency {check} => {}", if check.passes() { "ok" } else { "MISS" });
+        }
+    }
+    let disk = tier_disk::DiskDevice::new(args.tiers.disk_config(0, args.tiers.disk_backend))?;
+    let gpu_config = gpu_bench::BenchConfig {
+        bytes: to_usize(args.bytes, "transfer size")?,
+        reps: args.reps,
+        disk: Some(disk.clone() as Arc<dyn Device>),
+        ..gpu_bench::BenchConfig::default()
+    };
+    let report = gpu_bench::run(&gpu_config)?;
+    print!("{report}");
+    let misses = report.misses();
+    if misses.is_empty() {
+        println!("all GPU path targets met");
+    } else {
+        println!("targets missed: {}", misses.join("; "));
+    }
+    if args.sweep {
+        let rows = gpu_bench::disk_read_sweep(&gpu_config, disk.as_ref(), &[1, 2, 4, 8])?;
+        let shapes: Vec<tier_cuda::StagingConfig> =
+            [(16, 8, 12), (12, 8, 12), (16, 8, 8), (24, 4, 12), (8, 16, 8), (16, 8, 16)]
+                .iter()
+                .map(|&(slots, mib, helpers)| tier_cuda::StagingConfig {
+                    slots,
+                    slot_bytes: mib << 20,
+                    helpers,
+                    disk_reads: slots.min(4),
+                    ..tier_cuda::StagingConfig::default()
+                })
+                .collect();
+        let rows = rows.into_iter().chain(gpu_bench::relay_sweep(&gpu_config, &shapes)?);
+        for r in rows {
+            println!("{:<60} {:>8.2} GB/s (best {:.2}, worst {:.2})", r.name, r.gbps(), r.best_gbps(), r.worst_gbps());
+        }
+    }
+    Ok(())
 }

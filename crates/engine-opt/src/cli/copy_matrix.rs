@@ -1,9 +1,9 @@
 //! `tierlm copy-matrix`: the copy path planned for every pair of tiers
 //! present on this machine.
 
-use super::tiers::{present_tiers, TierArgs};
+use super::tiers::{copy_matrix, present_tiers, Tier, TierArgs};
 use clap::Args;
-use tier_api::{CopyConfig, CopyMatrix, DType, Shape};
+use tier_api::{DType, Shape};
 
 #[derive(Args, Debug)]
 pub struct CopyMatrixArgs {
@@ -16,13 +16,14 @@ pub struct CopyMatrixArgs {
 }
 
 pub fn run(args: CopyMatrixArgs) -> tier_api::Result<()> {
-    let (choice, tiers) = present_tiers(&args.tiers)?;
-    let matrix = CopyMatrix::new(CopyConfig::default())?;
+    let present = present_tiers(&args.tiers)?;
+    let matrix = copy_matrix()?;
+    let devices: Vec<_> = present.devices().cloned().collect();
     // Plan real copies between small tensors on each tier: what is printed is
     // what `plan` decides, not a table kept beside it.
     let shape = Shape::new([4, 1024]);
-    let sources = tiers.iter().map(|t| t.device.allocate(&shape, DType::F16)).collect::<Result<Vec<_>, _>>()?;
-    let targets = tiers.iter().map(|t| t.device.allocate(&shape, DType::F16)).collect::<Result<Vec<_>, _>>()?;
+    let sources = devices.iter().map(|d| d.allocate(&shape, DType::F16)).collect::<Result<Vec<_>, _>>()?;
+    let targets = devices.iter().map(|d| d.allocate(&shape, DType::F16)).collect::<Result<Vec<_>, _>>()?;
     let mut cells = Vec::new();
     for src in &sources {
         let mut row = Vec::new();
@@ -34,26 +35,39 @@ pub fn run(args: CopyMatrixArgs) -> tier_api::Result<()> {
         }
         cells.push(row);
     }
-    let names: Vec<String> = tiers.iter().map(|t| t.device.kind().to_string()).collect();
+    let names: Vec<String> = devices.iter().map(|d| d.kind().to_string()).collect();
+    let missing: Vec<(&str, &str)> = present
+        .tiers
+        .iter()
+        .filter_map(|t| match t {
+            Tier::Missing { name, why } => Some((name.as_str(), why.as_str())),
+            Tier::Present(_) => None,
+        })
+        .collect();
     if args.json {
         let doc = serde_json::json!({
-            "host_memory": { "kind": choice.kind.name(), "reason": choice.reason },
-            "tiers": tiers.iter().map(|t| serde_json::json!({
-                "name": t.device.kind().to_string(), "description": t.device.describe(), "note": t.note,
+            "host_memory": { "kind": present.host_choice.kind.name(), "reason": present.host_choice.reason },
+            "gpu": present.gpu_message,
+            "tiers": devices.iter().map(|d| serde_json::json!({
+                "name": d.kind().to_string(), "description": d.describe(),
             })).collect::<Vec<_>>(),
+            "unavailable": missing.iter().map(|(n, w)| serde_json::json!({"name": n, "why": w})).collect::<Vec<_>>(),
             "paths": names.iter().zip(&cells).map(|(src, row)| {
-                (src.clone(), names.iter().cloned().zip(row.iter().map(|c| serde_json::Value::from(c.as_str()))).collect::<serde_json::Map<_, _>>().into())
+                let row = names.iter().cloned().zip(row.iter().map(|c| serde_json::Value::from(c.as_str())));
+                (src.clone(), serde_json::Value::Object(row.collect()))
             }).collect::<serde_json::Map<String, serde_json::Value>>(),
         });
         println!("{doc:#}");
         return Ok(());
     }
-    println!("host memory: {choice}");
-    println!("gpu: none in this build (the CUDA tier adds GPU rows)");
+    println!("gpu: {}", present.gpu_message);
+    println!("host memory the engine uses: {}", present.host_choice);
     println!("tiers:");
-    for (name, t) in names.iter().zip(&tiers) {
-        let note = if t.note.is_empty() { String::new() } else { format!("  [{}]", t.note) };
-        println!("  {name:<16} {}{note}", t.device.describe());
+    for d in &devices {
+        println!("  {:<16} {}", d.kind().to_string(), d.describe());
+    }
+    for (name, why) in &missing {
+        println!("  {name:<16} unavailable: {why}");
     }
     println!();
     let width = cells.iter().flatten().map(|c| c.len()).chain(names.iter().map(|n| n.len())).max().unwrap_or(8) + 2;
