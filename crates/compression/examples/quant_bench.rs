@@ -49,7 +49,7 @@ fn main() -> Result<(), compression::Error> {
         );
         for (name, m) in [("quantize  ", q), ("dequantize", d)] {
             println!(
-                "  {name} {:6.2} GB/s wall (best of {ROUNDS}: {:.1} ms), {} GB/s per CPU-second",
+                "  {name} {:6.2} GB/s wall (best of {ROUNDS}: {:.1} ms), {} GB per CPU-second",
                 gbps(input_bytes, m.best),
                 m.best.as_secs_f64() * 1e3,
                 m.cpu_per_round.map_or("n/a".to_string(), |c| format!("{:.2}", gbps(input_bytes, c))),
