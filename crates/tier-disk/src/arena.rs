@@ -205,10 +205,10 @@ impl Arena {
             Ok(Box::new(b))
         };
         let uring = || -> std::result::Result<Box<dyn Backend>, String> {
-            if let Some(n @ 1..) = sys::io_uring_disabled() {
-                return Err(format!("disabled by /proc/sys/kernel/io_uring_disabled = {n}"));
-            }
-            let b = UringBackend::new(&params).map_err(|e| format!("cannot set up a ring ({e})"))?;
+            let b = setup_uring(&params).map_err(|e| match sys::io_uring_disabled() {
+                Some(n @ 1..) => format!("cannot set up a ring ({e}); /proc/sys/kernel/io_uring_disabled is {n}"),
+                _ => format!("cannot set up a ring ({e})"),
+            })?;
             check(&b).map_err(|e| format!("self-test failed ({e})"))?;
             Ok(Box::new(b))
         };
@@ -373,6 +373,20 @@ impl Arena {
     fn session_error(&self, op: IoOp, offset: u64, len: usize, e: io::Error) -> Error {
         io_error(&self.tier, op, offset, len as u64, e)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes io_uring setup fail on this thread, to test the fallback.
+    pub(crate) static FAIL_URING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn setup_uring(params: &Params) -> io::Result<UringBackend> {
+    #[cfg(test)]
+    if FAIL_URING.with(|f| f.get()) {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    UringBackend::new(params)
 }
 
 /// Writes a pattern to block 0 and reads it back through `backend`.

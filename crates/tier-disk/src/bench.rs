@@ -32,18 +32,36 @@ pub struct BenchConfig {
     /// Bytes per I/O operation (the disk tier's chunk size).
     pub block: usize,
     pub queue_depth: usize,
+    /// Backends to measure, in order (io_uring is skipped where unavailable).
+    pub backends: Vec<BackendChoice>,
+    /// Host buffer kinds to measure each backend with.
+    pub host_pages: Vec<HostPages>,
+    /// Whether to measure the memory-mapped baseline.
+    pub baseline: bool,
 }
 
 impl BenchConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        BenchConfig { dir: dir.into(), bytes: 1 << 30, block: 1 << 20, queue_depth: 32 }
+        BenchConfig {
+            dir: dir.into(),
+            bytes: 1 << 30,
+            block: 1 << 20,
+            queue_depth: 32,
+            backends: vec![BackendChoice::IoUring, BackendChoice::Threads],
+            host_pages: vec![HostPages::Small, HostPages::Huge],
+            baseline: true,
+        }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
-    /// Host memory to disk (a write).
+    /// Host memory to disk, into freshly allocated extents (reserved by
+    /// fallocate but never written: the filesystem converts them as it goes).
     HostToDisk,
+    /// Host memory to disk again, over the bytes just written (how a KV
+    /// cache is rewritten).
+    HostToDiskRewrite,
     /// Disk to host memory (a read).
     DiskToHost,
 }
@@ -52,6 +70,7 @@ impl fmt::Display for Direction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Direction::HostToDisk => "host→disk (write)",
+            Direction::HostToDiskRewrite => "host→disk (rewrite)",
             Direction::DiskToHost => "disk→host (read)",
         })
     }
@@ -122,9 +141,9 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchRow>> {
         .ok_or_else(|| Error::Config(format!("benchmark size {} bytes is not usable here", config.bytes)))?;
     let mut rows = Vec::new();
     // One host buffer at a time: the run needs `bytes` of host memory.
-    for pages in [HostPages::Small, HostPages::Huge] {
+    for &pages in &config.host_pages {
         let mut host = host_buffer(len, pages)?;
-        for choice in [BackendChoice::IoUring, BackendChoice::Threads] {
+        for &choice in &config.backends {
             let disk_config = DiskConfig {
                 backend: choice,
                 queue_depth: config.queue_depth,
@@ -137,7 +156,11 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchRow>> {
                 Err(Error::Unsupported { .. }) if choice == BackendChoice::IoUring => continue,
                 Err(e) => return Err(e),
             };
-            let name = if choice == BackendChoice::IoUring { "io_uring" } else { "pread/pwrite threads" };
+            let name = match choice {
+                BackendChoice::IoUring => "io_uring",
+                BackendChoice::Threads => "pread/pwrite threads",
+                BackendChoice::Auto => "auto",
+            };
             let detail = disk.backend();
             let tensor = disk.allocate_bytes(len)?;
             let Access::Block { io, base } = tensor.storage().access() else {
@@ -147,6 +170,10 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchRow>> {
             io.write_at(base, host.as_slice())?;
             let seconds = t.elapsed().as_secs_f64();
             rows.push(BenchRow::new(name, detail.clone(), Direction::HostToDisk, pages, len as u64, seconds));
+            let t = Instant::now();
+            io.write_at(base, host.as_slice())?;
+            let seconds = t.elapsed().as_secs_f64();
+            rows.push(BenchRow::new(name, detail.clone(), Direction::HostToDiskRewrite, pages, len as u64, seconds));
             host.as_mut_slice().fill(0);
             let t = Instant::now();
             io.read_at(base, host.as_mut_slice())?;
@@ -155,8 +182,10 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchRow>> {
             verify(host.as_slice(), &io.tier())?;
         }
     }
-    let mut host = host_buffer(len, HostPages::Small)?;
-    rows.push(baseline(&config.dir, &mut host)?);
+    if config.baseline {
+        let mut host = host_buffer(len, HostPages::Small)?;
+        rows.push(baseline(&config.dir, &mut host)?);
+    }
     Ok(rows)
 }
 
@@ -278,12 +307,12 @@ fn baseline(dir: &Path, host: &mut AlignedBuf) -> Result<BenchRow> {
 /// The rows as a text table.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut out = format!(
-        "{:<22} {:<18} {:<12} {:>10} {:>9} {:>7}\n",
+        "{:<22} {:<20} {:<12} {:>10} {:>9} {:>7}\n",
         "path", "direction", "host buffer", "bytes", "seconds", "GB/s"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<22} {:<18} {:<12} {:>10} {:>9.3} {:>7.2}\n",
+            "{:<22} {:<20} {:<12} {:>10} {:>9.3} {:>7.2}\n",
             r.name,
             r.direction.to_string(),
             r.host_pages.to_string(),

@@ -462,6 +462,32 @@ mod tests {
     }
 
     #[test]
+    fn without_io_uring_auto_falls_back_and_says_why() {
+        let dir = crate::test_dir();
+        crate::arena::FAIL_URING.with(|f| f.set(true));
+        let auto = DiskDevice::new(config(dir.path(), BackendChoice::Auto));
+        let forced = DiskDevice::new(config(dir.path(), BackendChoice::IoUring));
+        crate::arena::FAIL_URING.with(|f| f.set(false));
+        let d = auto.unwrap();
+        assert!(
+            d.backend().starts_with("pread/pwrite threads (O_DIRECT")
+                && d.backend().contains("io_uring unavailable: cannot set up a ring (Operation not permitted"),
+            "{}",
+            d.backend()
+        );
+        let t = d.allocate_bytes(10_000).unwrap();
+        t.write_bytes(3, &[9; 5000]).unwrap();
+        assert_eq!(t.to_bytes().unwrap()[3..5003], [9; 5000]);
+        match forced {
+            Err(Error::Unsupported { what, hint }) => {
+                assert_eq!(what, "io_uring");
+                assert!(hint.contains("Operation not permitted") && hint.contains("threads"), "{hint}");
+            }
+            other => panic!("expected io_uring to be unsupported, got {:?}", other.map(|d| d.backend())),
+        }
+    }
+
+    #[test]
     fn buffered_io_needs_no_alignment() {
         let dir = crate::test_dir();
         for b in BACKENDS {
