@@ -8,9 +8,12 @@
 //! use tier_disk::fault::{Fault, FaultKind, FaultPlan};
 //! use tier_disk::{DiskConfig, DiskDevice};
 //!
+//! # fn main() -> tier_api::Result<()> {
 //! // The third write operation (index 2) fails as if the disk were full.
 //! let plan = Arc::new(FaultPlan::new().with(Fault::nth(IoOp::Write, 2, FaultKind::NoSpace)));
-//! let disk = DiskDevice::with_faults(DiskConfig::new("/var/tmp/offload"), Arc::clone(&plan)).unwrap();
+//! let disk = DiskDevice::with_faults(DiskConfig::new("/var/tmp/offload"), Arc::clone(&plan))?;
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Operations are the chunks the driver submits (resubmissions count as new
