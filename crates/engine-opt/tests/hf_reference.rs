@@ -10,7 +10,13 @@ use engine_opt::loading::{load_model, LoadedModel};
 use engine_opt::sampling::{Sampler, SamplingConfig};
 use serde::Deserialize;
 
+/// What the engine must meet (the project's requirement).
 const LOGIT_TOLERANCE: f32 = 1e-2;
+/// What it does meet: the fixtures' weights are exact in f16, so only the
+/// order of f32 accumulation differs from transformers (≈3e-6 measured).
+/// Holding to this catches errors far smaller than the requirement would,
+/// e.g. an attention scale off by 0.1%.
+const TIGHT_LOGIT_TOLERANCE: f32 = 1e-4;
 const MIN_COMPARED_TOKENS: usize = 16;
 
 #[derive(Deserialize)]
@@ -73,6 +79,10 @@ fn check_against_transformers(model_dir: &str, expected_dir: &str) {
         }
         eprintln!("{what}: first-step logits differ by at most {max_diff:.2e}");
         assert!(max_diff <= LOGIT_TOLERANCE, "{what}: logits differ by {max_diff}");
+        assert!(
+            max_diff <= TIGHT_LOGIT_TOLERANCE,
+            "{what}: logits differ by {max_diff}, more than accumulation order explains"
+        );
 
         // One batch, left padded like the reference.
         let got = greedy(&loaded, std::slice::from_ref(&case.input_ids), case.max_new_tokens);
