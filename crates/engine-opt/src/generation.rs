@@ -126,7 +126,8 @@ impl BatchState {
                 opts.pad_token_id
             } else {
                 self.generated[b].push(token);
-                if opts.stop_on_eos && token == opts.eos_token_id {
+                let eos = opts.stop_on_eos && token == opts.eos_token_id;
+                if eos || self.generated[b].len() >= opts.max_new_tokens {
                     self.finished[b] = true;
                 }
                 token
@@ -135,9 +136,6 @@ impl BatchState {
             self.step_positions.push(Some(self.next_position[b]));
             self.next_position[b] += 1;
             self.key_mask[b].push(true);
-        }
-        if self.generated.iter().all(|g| g.len() >= opts.max_new_tokens) {
-            self.finished.fill(true);
         }
         self.new_len = 1;
     }
@@ -243,4 +241,100 @@ pub fn prefill_logits(model: &OptModel, prompts: &[Vec<u32>]) -> Result<Vec<f32>
     let mut cache = model.new_cache(st.batch, st.new_len);
     let hidden = model.forward_hidden(&st.step_tokens, &st.step_positions, &st.context(), &mut cache);
     Ok(model.logits(&st.last_rows(&hidden, model.config.hidden_size), st.batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OptConfig;
+    use crate::dummy::DummyWeights;
+    use crate::sampling::SamplingConfig;
+    use crate::weights::WeightSource;
+    use half::f16;
+
+    /// Dummy weights, except that every final hidden state is the same
+    /// vector `c` (final layer norm weight 0, bias `c`) and the embedding of
+    /// `</s>` is `c` too: `</s>` wins every step.
+    struct AlwaysEos(DummyWeights);
+
+    fn c(i: usize) -> f32 {
+        if i.is_multiple_of(2) {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+
+    impl WeightSource for AlwaysEos {
+        fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>> {
+            let mut t = self.0.load(name, shape)?;
+            match name {
+                "decoder.final_layer_norm.weight" => t.fill(f16::ZERO),
+                "decoder.final_layer_norm.bias" => t.iter_mut().enumerate().for_each(|(i, v)| *v = f16::from_f32(c(i))),
+                "decoder.embed_tokens.weight" => {
+                    let e = shape[1];
+                    t[2 * e..3 * e].iter_mut().enumerate().for_each(|(i, v)| *v = f16::from_f32(c(i)));
+                }
+                _ => {}
+            }
+            Ok(t)
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.0.contains(name)
+        }
+    }
+
+    fn tiny() -> OptConfig {
+        OptConfig::from_json_str(
+            r#"{"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2, "ffn_dim": 32,
+                "vocab_size": 40, "max_position_embeddings": 32}"#,
+        )
+        .unwrap()
+    }
+
+    fn run(src: &dyn WeightSource, opts: &GenerateOptions, batches: &[Vec<Vec<u32>>]) -> GenerationOutput {
+        let model = OptModel::load(tiny(), src, &ProgressBar::hidden()).unwrap();
+        let mut sampler = Sampler::new(SamplingConfig::default());
+        generate(&model, batches, opts, &mut sampler, &ProgressBar::hidden()).unwrap()
+    }
+
+    #[test]
+    fn stops_on_eos_unless_told_not_to() {
+        let src = AlwaysEos(DummyWeights::new(1));
+        let prompts = vec![vec![vec![2, 5, 6], vec![2, 7]]];
+        let out = run(&src, &GenerateOptions::new(6), &prompts);
+        assert_eq!(out.tokens, vec![vec![2], vec![2]]);
+        let no_stop = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(6) };
+        let out = run(&src, &no_stop, &prompts);
+        assert_eq!(out.tokens, vec![vec![2; 6], vec![2; 6]]);
+    }
+
+    #[test]
+    fn each_sequence_stops_on_its_own() {
+        let model = OptModel::load(tiny(), &DummyWeights::new(3), &ProgressBar::hidden()).unwrap();
+        let opts = GenerateOptions::new(3);
+        let mut st = BatchState::new(&model, &[vec![2, 9, 9], vec![2, 9]], 3, opts.pad_token_id);
+        assert_eq!(st.step_positions, vec![Some(0), Some(1), Some(2), None, Some(0), Some(1)]);
+        st.advance(&[2, 11], &opts);
+        assert_eq!(st.finished, vec![true, false]);
+        assert_eq!(st.step_tokens, vec![2, 11]);
+        assert_eq!(st.step_positions, vec![Some(3), Some(2)]);
+        st.advance(&[12, 13], &opts);
+        // From then on the finished sequence is fed padding, and its output
+        // stays put.
+        assert_eq!(st.step_tokens, vec![opts.pad_token_id, 13]);
+        assert_eq!(st.generated, vec![vec![2], vec![11, 13]]);
+        assert!(!st.all_finished());
+        st.advance(&[14, 15], &opts);
+        assert!(st.all_finished(), "the token limit ends the other one");
+        assert_eq!(st.generated[1], vec![11, 13, 15]);
+    }
+
+    #[test]
+    fn dummy_model_stays_finite() {
+        let model = OptModel::load(tiny(), &DummyWeights::new(5), &ProgressBar::hidden()).unwrap();
+        let logits = prefill_logits(&model, &[vec![2, 3, 4, 5], vec![2]]).unwrap();
+        assert_eq!(logits.len(), 2 * 40);
+        assert!(logits.iter().all(|v| v.is_finite()));
+    }
 }

@@ -11,7 +11,6 @@ use crate::memory;
 use crate::model::OptModel;
 use crate::progress;
 use crate::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
-use crate::weights::WeightSource;
 
 /// A model ready to run.
 #[derive(Debug)]
@@ -88,11 +87,11 @@ pub fn load_model(arg: &str, dummy: bool, seed: u64) -> Result<LoadedModel> {
     let pb = progress::bar(OptModel::tensor_count(&config), "loading");
     let (model, description) = if dummy {
         let src = DummyWeights::new(seed);
-        (load_with(config, &src, &pb)?, format!("{name} (dummy weights, seed {seed})"))
+        (OptModel::load(config, &src, &pb)?, format!("{name} (dummy weights, seed {seed})"))
     } else {
         let dir_ref = dir.as_deref().ok_or_else(|| Error::InvalidArgument("no checkpoint directory".into()))?;
         let src = Checkpoint::open(dir_ref)?;
-        (load_with(config, &src, &pb)?, name)
+        (OptModel::load(config, &src, &pb)?, name)
     };
     pb.finish_and_clear();
     let tokenizer = match &dir {
@@ -100,8 +99,4 @@ pub fn load_model(arg: &str, dummy: bool, seed: u64) -> Result<LoadedModel> {
         None => None,
     };
     Ok(LoadedModel { model, tokenizer, dir, description })
-}
-
-fn load_with(config: OptConfig, src: &dyn WeightSource, pb: &indicatif::ProgressBar) -> Result<OptModel> {
-    OptModel::load(config, src, pb)
 }

@@ -2,7 +2,7 @@
 //! or from `vocab.json` + `merges.txt`, with OPT's `</s>` prefix, and left
 //! padding for batches.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -70,11 +70,6 @@ impl OptTokenizer {
             .collect();
         inner.add_special_tokens(&specials);
         Ok(OptTokenizer { inner, bos })
-    }
-
-    /// Where the tokenizer files of `dir` would be, for messages.
-    pub fn expected_path(dir: &Path) -> PathBuf {
-        dir.join("tokenizer.json")
     }
 
     /// Token ids of `text`, with OPT's `</s>` in front.
