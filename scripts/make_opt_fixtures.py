@@ -62,10 +62,13 @@ PROMPTS = [
 # name -> (config overrides, stored dtype, tokenizer kind, sharded twin)
 FIXTURES = {
     # Pre-layer-norm like every OPT but 350m; f32 on disk; tokenizer.json.
+    # Trained briefly on TRAIN_TEXT, so that it continues those sentences:
+    # readable output for the README's example, and peaked distributions.
     "tiny-opt": dict(
         config=dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=256),
         dtype=torch.float32,
         tokenizer="json",
+        train_steps=300,
     ),
     # Another shape, f16 on disk, sharded with an index; the same weights are
     # also saved single-file as tiny-opt-sharded-single. No tokenizer: it is
@@ -129,6 +132,38 @@ def randomize_(model, gen, storage_dtype):
                 v = v.to(torch.bfloat16)
             v = v.to(torch.float16).to(torch.float32)
             p.copy_(v)
+
+
+def train_(model, tok, steps):
+    """A few hundred AdamW steps on TRAIN_TEXT (one thread, seeded)."""
+    # Each sentence followed by the next (no </s>), so the model learns to
+    # go on rather than to stop: the fixtures need 16 tokens and more.
+    texts = list(dict.fromkeys(TRAIN_TEXT))
+    seqs = [encode(tok, a + " " + b) for a, b in zip(texts, texts[1:] + texts[:1])]
+    n = max(len(s) for s in seqs)
+    assert n <= MAX_POS
+    ids = torch.tensor([s + [PAD] * (n - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return loss.item()
+
+
+def round_(model, storage_dtype):
+    """Round every weight to a value the storage type (and f16) holds exactly."""
+    with torch.no_grad():
+        for p in model.parameters():
+            v = p.detach()
+            if storage_dtype == torch.bfloat16:
+                v = v.to(torch.bfloat16)
+            p.copy_(v.to(torch.float16).to(torch.float32))
 
 
 def left_pad(seqs):
@@ -222,6 +257,10 @@ def main():
         model.eval()
         gen = torch.Generator().manual_seed(SEED + i)
         randomize_(model, gen, spec["dtype"])
+        if spec.get("train_steps"):
+            loss = train_(model, tok, spec["train_steps"])
+            round_(model, spec["dtype"])
+            print(f"{name}: trained {spec['train_steps']} steps, final loss {loss:.3f}")
 
         out_dir = os.path.join(args.out, name)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -261,6 +300,8 @@ def main():
             json.dump(expected, f)
             f.write("\n")
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, {len(cases)} cases")
+        if spec["tokenizer"]:
+            print("    ", repr(PROMPTS[0] + tok.decode(cases[0]["greedy_new_tokens"][0])))
         for c in cases:
             print("   ", c["name"], f"gap {c['min_top2_gap']:.3g}", c["greedy_new_tokens"][0][:10])
 
