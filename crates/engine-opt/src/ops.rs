@@ -138,11 +138,6 @@ pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: boo
     }
 }
 
-/// The rayon-wide parallelism for one large product.
-pub fn all_threads() -> Parallelism {
-    Parallelism::Rayon(rayon::current_num_threads())
-}
-
 /// Weight rows converted and multiplied together: a tile stays in the L2
 /// cache between its conversion and its use. Narrow tiles suit the skinny
 /// products of decoding (gemm measured fastest there with 16 rows on 768-
