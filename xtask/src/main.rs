@@ -95,12 +95,10 @@ fn gpu_bundle() -> Result<(), String> {
             .and_then(|a| a.first())
             .and_then(|v| v.as_str())
             .unwrap_or("test");
-        let package = msg
-            .get("package_id")
-            .and_then(|v| v.as_str())
-            .and_then(|id| id.rsplit('#').next())
-            .and_then(|s| s.split('@').next())
-            .unwrap_or("pkg");
+        if kind == "example" || kind == "bench" {
+            continue;
+        }
+        let package = msg.get("package_id").and_then(|v| v.as_str()).map(package_name).unwrap_or("pkg");
         let file = format!("{package}--{kind}--{name}").replace(['/', ' '], "_");
         copy_stripped(Path::new(exe), &tests_dir.join(&file))?;
         names.push(file);
@@ -135,6 +133,16 @@ echo "$pass passed, $fail failed"
         eprintln!("xtask: warning: .gpu/ is over 60 MiB; the device tool carries at most 64 MiB in all");
     }
     Ok(())
+}
+
+/// The package name in a cargo package id: `path+file:///a/b/tier-api#0.1.0`
+/// (the directory names it) or `path+file:///a/b/xtask#name@0.1.0`.
+fn package_name(id: &str) -> &str {
+    let (path, fragment) = id.rsplit_once('#').unwrap_or((id, ""));
+    match fragment.split_once('@') {
+        Some((name, _)) => name,
+        None => path.rsplit('/').next().unwrap_or(path),
+    }
 }
 
 fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
