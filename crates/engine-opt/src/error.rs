@@ -83,6 +83,11 @@ pub enum Error {
     #[error("{0} needs the GPU engine, which comes later; the CPU run holds everything in host memory")]
     NeedsGpuEngine(String),
 
+    /// A placement policy that the machine cannot hold, with the bytes each
+    /// tier would need and what would help (see `placement`).
+    #[error("{0}")]
+    PolicyDoesNotFit(String),
+
     /// The run would not fit in this machine's memory.
     #[error("not enough host memory: {what} needs {need_gib:.1} GiB, {avail_gib:.1} GiB available")]
     OutOfMemory { what: String, need_gib: f64, avail_gib: f64 },

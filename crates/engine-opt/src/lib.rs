@@ -41,6 +41,7 @@ pub mod loading;
 pub mod memory;
 pub mod model;
 pub mod ops;
+pub mod placement;
 pub mod policy;
 pub mod progress;
 pub mod sampling;
