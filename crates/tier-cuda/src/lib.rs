@@ -15,6 +15,9 @@
 //!   a bounded ring of pinned staging buffers, staged disk paths through the
 //!   same ring, and GPU to GPU. Completion is tracked with events on copy
 //!   streams, never with whole-device synchronization.
+//! - [`kernels`]: kernels compiled at run time by NVRTC for the GPU's
+//!   architecture, cached per GPU by source, and launched on a stream; the
+//!   engine's kernels and `compression`'s dequantizer use it.
 //! - [`bench`]: bandwidth of every GPU path next to the raw driver figure,
 //!   and the pinned-memory residency check.
 //!
@@ -25,6 +28,7 @@
 
 pub mod bench;
 mod device;
+pub mod kernels;
 mod plan;
 mod probe;
 mod routes;
