@@ -27,7 +27,9 @@ mod x86 {
         let quarter = |q0: f32| {
             let q = _mm_setr_ps(q0, q0 + 1.0, q0 + 2.0, q0 + 3.0);
             let v = _mm_add_ps(vm, _mm_mul_ps(q, vs));
-            let v = _mm_min_ps(_mm_max_ps(v, lo_lim), hi_lim);
+            // minps/maxps return their second operand when either is NaN:
+            // with `v` second, NaN stays NaN, as in `f32::clamp`.
+            let v = _mm_min_ps(hi_lim, _mm_max_ps(lo_lim, v));
             _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)
         };
         let e0 = _mm_unpacklo_epi64(quarter(0.0), quarter(4.0)); // entries 0..8
@@ -126,6 +128,31 @@ mod tests {
                     let want = f16::from_f32(decode(min, scale, q));
                     assert_eq!(o.to_bits(), want.to_bits(), "min {min} scale {scale} p {p}");
                 }
+            }
+        }
+    }
+
+    /// Bytes that did not come from quantizing (NaN or infinite min and
+    /// scale) decode by the same formula: NaN where it gives NaN (payloads
+    /// aside), infinities clamped.
+    #[test]
+    fn non_finite_parameters_follow_the_formula() {
+        if !available() {
+            return;
+        }
+        let codes: Vec<u8> = (0..=255u8).collect();
+        let (inf, nan) = (f32::INFINITY, f32::NAN);
+        let params = [(nan, 1.0f32), (1.0, nan), (-inf, 1.0), (inf, 1.0), (0.0, inf), (-inf, inf), (0.0, -inf)];
+        for &(min, scale) in &params {
+            let mut out = vec![f16::ZERO; 512];
+            // SAFETY: features checked by `available` above.
+            unsafe { decode_group4_f16(&codes, min, scale, &mut out) };
+            for (p, o) in out.iter().enumerate() {
+                let b = codes[p / 2];
+                let q = if p % 2 == 0 { b & 15 } else { b >> 4 };
+                let want = f16::from_f32(decode(min, scale, q));
+                let same = o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan());
+                assert!(same, "min {min} scale {scale} q {q}: {o} vs {want}");
             }
         }
     }
