@@ -1,5 +1,8 @@
 //! The crate's one error type.
 
+use std::fmt;
+use std::sync::Arc;
+
 use crate::format::{MAX_DIMS, MAX_GROUP_SIZE};
 
 /// Everything that can go wrong in this crate. No function here panics on
@@ -58,6 +61,75 @@ pub enum Error {
     /// `quantize_into` was given values of another dtype than the layout's.
     #[error("layout was made for {expected:?} input, got {found:?}")]
     DtypeMismatch { expected: crate::SourceDtype, found: crate::SourceDtype },
+
+    /// GPU work asked for where there is no CUDA driver or no GPU.
+    #[error("no CUDA driver: {0}")]
+    NoCudaDriver(String),
+
+    /// GPU work asked for where NVRTC, which compiles the kernels, is missing.
+    #[error("no NVRTC: {0}")]
+    NoNvrtc(String),
+
+    /// A tensor (`what` names it) of the wrong element type.
+    #[error("{what} must be a {expected} tensor, found {found}")]
+    TensorDtype { what: &'static str, expected: tier_api::DType, found: tier_api::DType },
+
+    /// A tensor (`what` names it) on the wrong device.
+    #[error("{what} must live on {expected}, found one on {found}")]
+    TensorDevice { what: &'static str, expected: tier_api::DeviceKind, found: tier_api::DeviceKind },
+
+    /// A view (`what` names it) that is not one contiguous byte range.
+    #[error("{0} must be a contiguous view (one byte range of its tensor)")]
+    NotContiguous(&'static str),
+
+    /// The output shares bytes with the compressed buffer it is decoded from.
+    #[error("the output overlaps the compressed buffer")]
+    OverlappingBuffers,
+
+    /// A stream of another GPU than the one the kernels are loaded on.
+    #[error("the stream belongs to another GPU than the dequantizer's")]
+    ForeignStream,
+
+    /// A failure of a memory tier or of the GPU (allocation, copy, driver
+    /// call, kernel compilation or launch).
+    #[error("{0}")]
+    Tier(TierError),
+}
+
+/// A `tier_api` error inside [`Error`]: shared, so that [`Error`] stays
+/// `Clone`, and compared by message.
+#[derive(Debug, Clone)]
+pub struct TierError(Arc<tier_api::Error>);
+
+impl TierError {
+    /// The tier's error.
+    pub fn inner(&self) -> &tier_api::Error {
+        &self.0
+    }
+}
+
+impl PartialEq for TierError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl fmt::Display for TierError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for TierError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+impl From<tier_api::Error> for Error {
+    fn from(e: tier_api::Error) -> Self {
+        Error::Tier(TierError(Arc::new(e)))
+    }
 }
 
 /// `Result` with this crate's [`Error`].

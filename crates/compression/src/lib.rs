@@ -5,21 +5,27 @@
 //! or f32, and [`dequantize_into`] / [`dequantize_into_f32`] back, all
 //! parallel over groups with rayon. A compressed tensor is one contiguous
 //! byte buffer (header, codes, scales, mins), so any memory tier can store
-//! and copy it as plain bytes. The GPU dequantize kernel lives with the CUDA
-//! tier; it follows the format below: [`layout_of`] (or
-//! [`CompressedLayout::new`]) gives every offset and size for a shape, and
-//! [`CompressedLayout::kernel_params`] packs them into a `#[repr(C)]`
-//! [`KernelParams`]; the header field offsets are the `HDR_*` constants.
+//! and copy it as plain bytes: a `u8` tensor of `total_bytes()`. On the GPU,
+//! [`gpu::GpuDequantizer`] unpacks such a tensor into an f16 tensor with a
+//! kernel compiled at run time, bit for bit like the CPU, so compressed
+//! weights cross PCIe packed. [`layout_of`] (or [`CompressedLayout::new`])
+//! gives every offset and size for a shape, and
+//! [`CompressedLayout::kernel_params`] packs them into the `#[repr(C)]`
+//! [`KernelParams`] the kernel takes by value; the header field offsets are
+//! the `HDR_*` constants.
 //!
-//! It depends only on `half`, `thiserror` and `rayon` (and may use
-//! `bytemuck`); on no other tierlm crate.
+//! It depends on `half`, `thiserror` and `rayon` (and may use `bytemuck`),
+//! and, for the GPU half, on `tier-api` (tensors, views, the tiers' error)
+//! and `tier-cuda` (GPU memory, streams, NVRTC kernels); on no other tierlm
+//! crate. Without a CUDA driver or NVRTC everything but [`gpu`] works as
+//! before, and [`gpu`] says why it cannot ("no CUDA driver: ...").
 //!
 //! Modules: `config` ([`CompressionConfig`], [`Mode`]), `format` (constants,
 //! header, [`CompressedLayout`]), `pack` (nibble packing), `params` (a
 //! group's min and scale), `quantize`, `dequantize`, `simd` (the x86-64
 //! fast path for 4-bit to f16, SSSE3 + F16C, picked at run time, with
-//! bit-identical results), `tensor` ([`CompressedTensor`]), `error`
-//! ([`Error`]).
+//! bit-identical results), `tensor` ([`CompressedTensor`]), [`gpu`] (the
+//! GPU dequantizer and its kernels), `error` ([`Error`]).
 //!
 //! ```
 //! use compression::{dequantize_into, quantize_into, CompressedLayout, CompressionConfig, SourceDtype};
@@ -180,6 +186,7 @@ mod config;
 mod dequantize;
 mod error;
 mod format;
+pub mod gpu;
 pub mod pack;
 mod params;
 mod quantize;
@@ -188,7 +195,7 @@ mod tensor;
 
 pub use config::{CompressionConfig, Mode, DEFAULT_GROUP_SIZE};
 pub use dequantize::{dequantize_into, dequantize_into_f32};
-pub use error::{Error, Result};
+pub use error::{Error, Result, TierError};
 pub use format::{
     layout_of, CompressedLayout, KernelParams, SourceDtype, F16_MAX, FORMAT_VERSION, HDR_BITS, HDR_DTYPE,
     HDR_GROUP_DIM, HDR_GROUP_SIZE, HDR_MAGIC, HDR_MODE, HDR_NDIM, HDR_RESERVED, HDR_SHAPE, HDR_VERSION, HEADER_BYTES,
