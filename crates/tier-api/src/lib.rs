@@ -35,5 +35,5 @@ pub use device::{Device, DeviceKind, HostMemKind};
 pub use dtype::{DType, Shape};
 pub use error::{Error, IoOp, Result};
 pub use segment::{split_points, Segment, SegmentedTensor};
-pub use storage::{Access, BlockIo, HostSpan, Storage};
+pub use storage::{Access, BlockIo, FixedBuffers, HostSpan, Storage};
 pub use tensor::{Tensor, TensorView};

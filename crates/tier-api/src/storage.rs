@@ -121,4 +121,91 @@ pub trait BlockIo: Send + Sync {
 
     /// Writes all of `src` at `offset`.
     fn write_at(&self, offset: u64, src: &[u8]) -> Result<()>;
+
+    /// Registers host memory that later requests will use as their buffers,
+    /// so that the backend can move bytes into and out of it without mapping
+    /// it anew for every request (io_uring fixed buffers). Requests whose
+    /// buffer lies inside a registered span take the faster path; all other
+    /// requests are served as before, and alignment rules do not change.
+    ///
+    /// `Ok(None)`: this backend cannot register memory (the default); plain
+    /// `read_at`/`write_at` serve every buffer. `Err`: it could, but the
+    /// kernel or a bound refused (locked-memory limit, memory it cannot pin,
+    /// too many spans); callers may carry on without registration.
+    /// `Ok(Some(handle))`: the spans stay registered until the handle is
+    /// dropped; dropping it unregisters them.
+    ///
+    /// # Safety
+    /// Every span's memory must stay allocated and mapped at the same
+    /// address, and must not be freed or remapped, until the returned handle
+    /// has been dropped: the kernel may keep the pages and move bytes into
+    /// them directly. The handle must be dropped before the memory is freed.
+    unsafe fn register_buffers(&self, spans: &[HostSpan]) -> Result<Option<Box<dyn FixedBuffers>>> {
+        let _ = spans;
+        Ok(None)
+    }
+}
+
+/// Host memory registered with a [`BlockIo`] by
+/// [`BlockIo::register_buffers`]. Dropping it unregisters the memory; only
+/// after that may the memory be freed.
+pub trait FixedBuffers: Send + Sync {
+    /// For users: what is registered and where ("2 spans (16.0 MiB) with 4
+    /// of 4 rings").
+    fn describe(&self) -> String;
+
+    /// I/O operations so far whose buffer lay in these spans and that took
+    /// the registered path (for reports and tests).
+    fn ops(&self) -> u64;
+
+    /// Whether the [`BlockIo`] it was registered with still exists. Once
+    /// false, the handle serves nothing and may be dropped; a new `BlockIo`
+    /// at the same address is another one.
+    fn active(&self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for dyn FixedBuffers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FixedBuffers")
+            .field("describe", &self.describe())
+            .field("ops", &self.ops())
+            .field("active", &self.active())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Plain;
+
+    impl BlockIo for Plain {
+        fn tier(&self) -> String {
+            "disk:0".into()
+        }
+
+        fn backend(&self) -> String {
+            "test".into()
+        }
+
+        fn read_at(&self, _offset: u64, _dst: &mut [u8]) -> Result<()> {
+            Ok(())
+        }
+
+        fn write_at(&self, _offset: u64, _src: &[u8]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn backends_register_nothing_unless_they_can() {
+        let mut mem = [0u8; 64];
+        // SAFETY: `mem` outlives the span, which is never dereferenced here.
+        let span = unsafe { HostSpan::new(NonNull::from(&mut mem).cast(), mem.len()) };
+        // SAFETY: nothing is registered.
+        assert!(unsafe { Plain.register_buffers(&[span]) }.unwrap().is_none());
+    }
 }
