@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tier_api::{BlockIo, Error, IoOp, Result};
+use tier_api::{BlockIo, Error, FixedBuffers, HostSpan, IoOp, Result};
 
 /// Names tried for the arena file before giving up.
 const MAX_NAME_ATTEMPTS: u32 = 16;
@@ -438,6 +438,11 @@ impl BlockIo for Arena {
         self.check_range(IoOp::Write, offset, src.len())?;
         let mut session = self.backend.session().map_err(|e| self.session_error(IoOp::Write, offset, src.len(), e))?;
         Driver::new(&mut *session, &self.tier, self.geo).write(offset, src, &self.stripes)
+    }
+
+    unsafe fn register_buffers(&self, spans: &[HostSpan]) -> Result<Option<Box<dyn FixedBuffers>>> {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { self.backend.register_buffers(&self.tier, spans) }
     }
 }
 

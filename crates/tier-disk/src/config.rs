@@ -18,6 +18,12 @@ pub const MAX_STAGING_BUFFERS: usize = 64;
 pub const MAX_SESSIONS: usize = 64;
 /// Threads of the pread/pwrite fallback.
 pub const MAX_THREADS: usize = 256;
+/// Caller buffers (pieces of registered spans) a device keeps registered
+/// with its io_uring rings at once, next to the rings' own staging buffers.
+pub const MAX_FIXED_BUFFERS: usize = 256;
+/// The largest piece of a registered span one fixed buffer covers (the
+/// kernel's limit per buffer); longer spans take several.
+pub const MAX_FIXED_BUFFER_BYTES: usize = 1 << 30;
 
 /// Which I/O backend to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

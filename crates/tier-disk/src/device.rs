@@ -197,7 +197,7 @@ mod tests {
     use super::*;
     use crate::config::BackendChoice;
     use crate::sys::AlignedBuf;
-    use tier_api::Error;
+    use tier_api::{Error, IoOp};
 
     /// A small deterministic generator (xorshift64).
     struct Rng(u64);
@@ -542,6 +542,179 @@ mod tests {
         assert!(t.to_bytes().unwrap().is_empty());
         assert_eq!(d.arena_len(), 0);
         assert!(d.free(t).is_ok());
+    }
+
+    /// A span over all of `buf`, for registration.
+    fn span_of(buf: &mut AlignedBuf) -> tier_api::HostSpan {
+        let ptr = std::ptr::NonNull::new(buf.as_mut_ptr()).expect("a mapped buffer");
+        // SAFETY: the buffer is valid for its length while it lives; every
+        // test drops the registration before the buffer.
+        unsafe { tier_api::HostSpan::new(ptr, buf.len()) }
+    }
+
+    /// Chunks the aligned middle of `off..off + len` takes.
+    fn middle_chunks(off: u64, len: usize, align: u64, chunk: usize) -> u64 {
+        let (ds, de) = (off.div_ceil(align) * align, (off + len as u64) / align * align);
+        if de > ds {
+            (de - ds).div_ceil(chunk as u64)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn registered_memory_moves_through_fixed_buffers() {
+        let dir = crate::test_dir();
+        let d = device(dir.path(), BackendChoice::IoUring);
+        let (align, chunk) = (d.alignment().offset, 16 << 10);
+        let len = 1 << 20;
+        let t = d.allocate_bytes(len).unwrap();
+        let base = t.storage().as_any().downcast_ref::<DiskStorage>().unwrap().offset();
+        let mut rng = Rng(0xF1CED);
+        // Real data everywhere first: O_DIRECT over holes hides mistakes.
+        let mut model = fill(&t, &mut rng);
+        let io = d.block_io();
+        let mut mem = AlignedBuf::new(len + 8192).unwrap();
+        let span = span_of(&mut mem);
+        // SAFETY: `mem` outlives `reg`, dropped at the end of the test first.
+        let reg = unsafe { io.register_buffers(&[span]) }.unwrap().expect("io_uring registers caller memory");
+        assert!(
+            reg.describe().starts_with("1 span (1032 KiB) as 1 fixed buffer, held by 1 of 1 io_uring rings"),
+            "{}",
+            reg.describe()
+        );
+        assert_eq!(reg.ops(), 0);
+
+        // Aligned: every chunk in place, through the fixed buffer.
+        let buf = &mut mem.as_mut_slice()[..256 << 10];
+        io.read_at(base + (64 << 10), buf).unwrap();
+        assert!(buf == &model[64 << 10..320 << 10]);
+        assert_eq!(reg.ops(), 16, "256 KiB in 16 KiB chunks");
+
+        // Unaligned head and tail through bounce buffers, the middle fixed.
+        let (off, n, shift) = (3 * 4096 + 100, 100_000, 100);
+        let before = reg.ops();
+        let buf = &mut mem.as_mut_slice()[shift..shift + n];
+        io.read_at(base + off as u64, buf).unwrap();
+        assert!(buf == &model[off..off + n]);
+        assert_eq!(reg.ops() - before, middle_chunks(off as u64, n, align, chunk));
+        assert!(reg.ops() > before);
+
+        // Memory misaligned for O_DIRECT: all staged, none fixed.
+        if d.direct_io() {
+            let before = reg.ops();
+            let buf = &mut mem.as_mut_slice()[1..1 + 50_000];
+            io.read_at(base + 8192, buf).unwrap();
+            assert!(buf == &model[8192..8192 + 50_000]);
+            assert_eq!(reg.ops(), before, "staged chunks do not count");
+        }
+
+        // Writes: aligned, then with partial blocks at both ends.
+        let before = reg.ops();
+        let src = &mut mem.as_mut_slice()[..128 << 10];
+        rng.fill(src);
+        io.write_at(base + (512 << 10), src).unwrap();
+        model[512 << 10..640 << 10].copy_from_slice(src);
+        assert_eq!(reg.ops() - before, 8);
+        let (off, n, shift) = (10 * 4096 + 100, 70_000, 100);
+        let before = reg.ops();
+        let src = &mut mem.as_mut_slice()[shift..shift + n];
+        rng.fill(src);
+        io.write_at(base + off as u64, src).unwrap();
+        model[off..off + n].copy_from_slice(src);
+        assert_eq!(reg.ops() - before, middle_chunks(off as u64, n, align, chunk));
+        // Read back into memory that is not registered.
+        assert!(t.to_bytes().unwrap() == model);
+
+        // After unregistering, the same memory is served plainly, and the
+        // table entry goes to the next registration.
+        drop(reg);
+        let mut other = AlignedBuf::new(64 << 10).unwrap();
+        let other_span = span_of(&mut other);
+        // SAFETY: `other` outlives `reg2`.
+        let reg2 = unsafe { io.register_buffers(&[other_span]) }.unwrap().expect("registers again");
+        let buf = &mut mem.as_mut_slice()[..256 << 10];
+        io.read_at(base, buf).unwrap();
+        assert!(buf == &model[..256 << 10]);
+        assert_eq!(reg2.ops(), 0, "unregistered memory takes the plain path");
+        io.read_at(base, other.as_mut_slice()).unwrap();
+        assert!(other.as_slice() == &model[..64 << 10]);
+        assert_eq!(reg2.ops(), 4);
+        drop(reg2);
+    }
+
+    #[test]
+    fn registrations_are_bounded_and_freed_on_drop() {
+        let dir = crate::test_dir();
+        let d = device(dir.path(), BackendChoice::IoUring);
+        let io = d.block_io();
+        let mut mem = AlignedBuf::new((crate::MAX_FIXED_BUFFERS + 1) * 4096).unwrap();
+        let all = span_of(&mut mem);
+        let spans: Vec<tier_api::HostSpan> = (0..=crate::MAX_FIXED_BUFFERS)
+            .map(|i| {
+                let p = std::ptr::NonNull::new(all.as_ptr().wrapping_add(i * 4096)).unwrap();
+                // SAFETY: a page of `mem`, which outlives every registration here.
+                unsafe { tier_api::HostSpan::new(p, 4096) }
+            })
+            .collect();
+        let (last, first) = spans.split_last().unwrap();
+        // SAFETY (all registrations below): `mem` outlives them.
+        let full = unsafe { io.register_buffers(first) }.unwrap().unwrap();
+        assert!(full.describe().starts_with("256 spans (1 MiB) as 256 fixed buffers"), "{}", full.describe());
+        let err = unsafe { io.register_buffers(std::slice::from_ref(last)) }.unwrap_err();
+        assert!(matches!(&err, Error::Config(m) if m.contains("0 of 256 are free")), "{err}");
+        // Pages of `first` and the last page, each through its own entry.
+        let t = d.allocate_bytes(8192).unwrap();
+        let data = fill(&t, &mut Rng(8));
+        let base = t.storage().as_any().downcast_ref::<DiskStorage>().unwrap().offset();
+        io.read_at(base + 4096, &mut mem.as_mut_slice()[4096 * 7..4096 * 8]).unwrap();
+        assert_eq!(full.ops(), 1);
+        assert!(mem.as_slice()[4096 * 7..4096 * 8] == data[4096..]);
+        drop(full);
+        let one = unsafe { io.register_buffers(std::slice::from_ref(last)) }.unwrap().unwrap();
+        let n = mem.len();
+        io.read_at(base, &mut mem.as_mut_slice()[n - 4096..]).unwrap();
+        assert!(mem.as_slice()[n - 4096..] == data[..4096]);
+        assert_eq!(one.ops(), 1);
+        assert!(matches!(unsafe { io.register_buffers(&[]) }, Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn registered_memory_survives_short_reads() {
+        let dir = crate::test_dir();
+        let plan = Arc::new(crate::fault::FaultPlan::new());
+        let d = DiskDevice::with_faults(config(dir.path(), BackendChoice::IoUring), Arc::clone(&plan)).unwrap();
+        let t = d.allocate_bytes(256 << 10).unwrap();
+        let data = fill(&t, &mut Rng(77));
+        let base = t.storage().as_any().downcast_ref::<DiskStorage>().unwrap().offset();
+        let io = d.block_io();
+        let mut mem = AlignedBuf::new(256 << 10).unwrap();
+        let span = span_of(&mut mem);
+        // SAFETY: `mem` outlives `reg`.
+        let reg = unsafe { io.register_buffers(&[span]) }.unwrap().expect("the fault wrapper passes registration on");
+        // A chunk stops after 8 KiB: the rest is resubmitted inside the
+        // fixed buffer; another stops unaligned and is redone whole.
+        let reads = plan.ops(IoOp::Read);
+        plan.add(crate::fault::Fault::nth(IoOp::Read, reads + 2, crate::fault::FaultKind::Short(8192)));
+        plan.add(crate::fault::Fault::nth(IoOp::Read, reads + 5, crate::fault::FaultKind::Short(100)));
+        io.read_at(base, mem.as_mut_slice()).unwrap();
+        assert_eq!(plan.fired().len(), 2);
+        assert!(mem.as_slice() == &data[..]);
+        assert_eq!(reg.ops(), 16);
+    }
+
+    #[test]
+    fn the_thread_pool_cannot_register_memory() {
+        let dir = crate::test_dir();
+        let d = device(dir.path(), BackendChoice::Threads);
+        let mut mem = AlignedBuf::new(8192).unwrap();
+        let span = span_of(&mut mem);
+        // SAFETY: `mem` outlives the (absent) registration.
+        assert!(unsafe { d.block_io().register_buffers(&[span]) }.unwrap().is_none());
+        let t = d.allocate_bytes(8192).unwrap();
+        let data = fill(&t, &mut Rng(1));
+        t.read_bytes(0, mem.as_mut_slice()).unwrap();
+        assert!(mem.as_slice() == &data[..]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use tier_api::IoOp;
+//! use tier_api::{FixedBuffers, HostSpan, IoOp};
 //! use tier_disk::fault::{Fault, FaultKind, FaultPlan};
 //! use tier_disk::{DiskConfig, DiskDevice};
 //!
@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tier_api::IoOp;
+use tier_api::{FixedBuffers, HostSpan, IoOp};
 
 /// The byte written past the reported count of a short read.
 pub const GARBAGE: u8 = 0xEE;
@@ -177,6 +177,15 @@ impl Backend for FaultBackend {
         format!("{} with injected faults", self.inner.describe())
     }
 
+    unsafe fn register_buffers(
+        &self,
+        tier: &str,
+        spans: &[HostSpan],
+    ) -> tier_api::Result<Option<Box<dyn FixedBuffers>>> {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.register_buffers(tier, spans) }
+    }
+
     fn session(&self) -> io::Result<Box<dyn Session + '_>> {
         Ok(Box::new(FaultSession {
             inner: self.inner.session()?,
@@ -218,6 +227,10 @@ impl Session for FaultSession<'_> {
 
     fn staging(&self, index: usize) -> Staging {
         self.inner.staging(index)
+    }
+
+    fn fixed(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        self.inner.fixed(ptr, len)
     }
 
     fn push(&mut self, sub: Submission) -> io::Result<()> {

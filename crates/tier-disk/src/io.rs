@@ -292,7 +292,9 @@ impl<'a> Driver<'a> {
                 let Some(chunk) = waiting.take().or_else(|| chunks.next()) else { break };
                 assert!(chunk.len > 0 && chunk.len <= self.geo.chunk, "chunks are non-empty and at most a chunk");
                 let (buf, fixed, bounce) = match chunk.mem {
-                    Mem::Direct(p) => (p, None, None),
+                    // The caller's memory: in place, through a registered
+                    // buffer where it lies in one.
+                    Mem::Direct(p) => (p, self.sess.fixed(p, chunk.len), None),
                     Mem::Staging(i) => {
                         let s = self.sess.staging(i);
                         (s.ptr, s.fixed, None)

@@ -21,7 +21,9 @@
 //!   partial-block writes are read-modify-write under striped locks.
 //! - Two backends behind one internal trait and one driver loop: io_uring
 //!   (a pool of rings, chunks of `chunk_size` kept in flight up to the queue
-//!   depth, staging buffers registered as fixed buffers) and a fallback of
+//!   depth, staging buffers registered as fixed buffers, and caller memory
+//!   registered through [`tier_api::BlockIo::register_buffers`] used in
+//!   place as fixed buffers too) and a fallback of
 //!   `pread`/`pwrite` on a bounded thread pool, chosen automatically when
 //!   io_uring cannot be set up. Short transfers and EINTR/EAGAIN are retried
 //!   a bounded number of times; errors are typed and name the operation,
@@ -46,8 +48,8 @@ mod sys;
 
 pub use arena::Alignment;
 pub use config::{
-    BackendChoice, DiskConfig, MAX_CHUNK_SIZE, MAX_QUEUE_DEPTH, MAX_SESSIONS, MAX_STAGING_BUFFERS, MAX_THREADS,
-    MIN_CHUNK_SIZE,
+    BackendChoice, DiskConfig, MAX_CHUNK_SIZE, MAX_FIXED_BUFFERS, MAX_FIXED_BUFFER_BYTES, MAX_QUEUE_DEPTH,
+    MAX_SESSIONS, MAX_STAGING_BUFFERS, MAX_THREADS, MIN_CHUNK_SIZE,
 };
 pub use device::{DiskDevice, DiskStorage};
 pub use io::{IoFailure, MAX_AGAIN_RETRIES, MAX_SHORT_RETRIES};

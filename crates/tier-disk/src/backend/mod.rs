@@ -3,13 +3,14 @@
 //! buffers, checked out for one request; a session takes submissions and
 //! reports completions. The driver in `io.rs` runs the same loop over both.
 
+pub(crate) mod fixed;
 pub(crate) mod threads;
 pub(crate) mod uring;
 
 use crate::sys::{AlignedBuf, BufPiece};
 use parking_lot::{Condvar, Mutex};
 use std::io;
-use tier_api::IoOp;
+use tier_api::{FixedBuffers, HostSpan, IoOp};
 
 /// One operation: move `len` bytes between file offset `offset` and memory
 /// at `buf`. `fixed` names the registered buffer `buf` lies in, if any.
@@ -66,6 +67,20 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Checks out a session, waiting while all are busy.
     fn session(&self) -> io::Result<Box<dyn Session + '_>>;
+
+    /// Registers caller memory for requests to use in place ([`Session::fixed`]);
+    /// `Ok(None)` where the backend cannot (the default).
+    ///
+    /// # Safety
+    /// As [`tier_api::BlockIo::register_buffers`].
+    unsafe fn register_buffers(
+        &self,
+        tier: &str,
+        spans: &[HostSpan],
+    ) -> tier_api::Result<Option<Box<dyn FixedBuffers>>> {
+        let _ = (tier, spans);
+        Ok(None)
+    }
 }
 
 /// One request's access to a backend.
@@ -80,6 +95,13 @@ pub(crate) trait Session {
     fn staging_count(&self) -> usize;
 
     fn staging(&self, index: usize) -> Staging;
+
+    /// The registered buffer that holds all of the caller's memory
+    /// `ptr..ptr + len`, if any (counted as one operation through it).
+    fn fixed(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        let _ = (ptr, len);
+        None
+    }
 
     /// Queues a submission (it may be sent to the kernel or a worker at once
     /// or at the next `wait`).
