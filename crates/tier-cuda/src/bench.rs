@@ -89,6 +89,9 @@ pub struct BenchReport {
     pub gpu: GpuInfo,
     pub staging: StagingConfig,
     pub rows: Vec<BenchRow>,
+    /// How the staged disk rows reached the disk: whether the pinned slots
+    /// were io_uring fixed buffers ([`GpuDevice::staged_disk_io`]).
+    pub staged_disk: Vec<String>,
 }
 
 impl BenchReport {
@@ -138,6 +141,9 @@ impl fmt::Display for BenchReport {
                 _ => String::new(),
             };
             writeln!(f, "{:<34} {:>9.2} {:>9.2} {:>9.2}  {vs}", r.name, r.gbps(), r.best_gbps(), r.worst_gbps())?;
+        }
+        for d in &self.staged_disk {
+            writeln!(f, "staged disk I/O: {d}")?;
         }
         Ok(())
     }
@@ -236,7 +242,12 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport> {
     if let Some(disk) = &config.disk {
         rows.extend(disk_rows(&matrix, &g1, disk.as_ref(), n, config.disk_reps.max(1))?);
     }
-    Ok(BenchReport { gpu: gpu.info().clone(), staging: config.staging.clone(), rows })
+    Ok(BenchReport {
+        gpu: gpu.info().clone(),
+        staging: config.staging.clone(),
+        rows,
+        staged_disk: gpu.staged_disk_io(),
+    })
 }
 
 /// The staged disk paths next to the disk's own read and write rates through
@@ -643,6 +654,7 @@ mod tests {
                 row("dma", vec![0.021, 0.02, 0.05], Some((RAW_H2D.into(), Some(0.95)))),
                 row("relay", vec![0.05], Some((RAW_H2D.into(), Some(0.6)))),
             ],
+            staged_disk: vec!["disk:0: slots are io_uring fixed buffers (...)".into()],
         };
         assert!((report.rows[0].gbps() - 40.0).abs() < 1e-9);
         assert!((report.rows[0].best_gbps() - 50.0).abs() < 1e-9);
@@ -650,6 +662,7 @@ mod tests {
         assert_eq!(misses.len(), 1, "{misses:?}");
         assert!(misses[0].starts_with("relay"));
         assert!(report.to_string().contains("MISS"));
+        assert!(report.to_string().contains("staged disk I/O: disk:0: slots are io_uring fixed buffers"));
         let check = RssCheck {
             kind: HostMemKind::Pinned,
             asked: 4097 << 20,

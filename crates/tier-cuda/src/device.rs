@@ -145,6 +145,14 @@ impl GpuDevice {
         self.shared.staging.lock().as_ref().map(|s| s.stats())
     }
 
+    /// How staged copies reach each disk they have used: one line per
+    /// disk, saying whether the pinned slots are that disk's io_uring fixed
+    /// buffers (and how many operations went through them) or why plain
+    /// reads and writes serve it. Empty before the first staged disk copy.
+    pub fn staged_disk_io(&self) -> Vec<String> {
+        self.shared.staging.lock().as_ref().map(|s| s.disk_io()).unwrap_or_default()
+    }
+
     /// The staging configuration this device was opened with.
     pub fn staging_config(&self) -> &StagingConfig {
         &self.shared.staging_config
@@ -208,7 +216,12 @@ impl Device for GpuDevice {
             Some(b) => format!("budget {:.2} GiB", b as f64 / (1u64 << 30) as f64),
             None => "no budget".into(),
         };
-        format!("{} ({budget})", self.shared.info)
+        let disks = self.staged_disk_io();
+        if disks.is_empty() {
+            format!("{} ({budget})", self.shared.info)
+        } else {
+            format!("{} ({budget}; staged disk I/O: {})", self.shared.info, disks.join("; "))
+        }
     }
 
     fn allocate(&self, shape: &Shape, dtype: DType) -> Result<Tensor> {

@@ -8,7 +8,10 @@
 //!   pinned staging ring; helper threads `memcpy` into (out of) some slots
 //!   while the GPU moves others.
 //! - [`CopyPath::StagedDisk`]: a disk and the GPU through the same ring,
-//!   with `BlockIo` reads and writes in place of the `memcpy`.
+//!   with `BlockIo` reads and writes in place of the `memcpy`. The first
+//!   staged copy with a disk registers the slots with its `BlockIo`, so that
+//!   io_uring moves bytes straight between the disk and the slots as fixed
+//!   buffers; disks that cannot are served by plain reads and writes.
 //! - [`CopyPath::DeviceToDevice`]: within one GPU or between two.
 //!
 //! Every route returns only when all it issued has completed, successfully
@@ -311,6 +314,10 @@ fn staged(job: &CopyJob, path: CopyPath) -> Result<()> {
     let staging = shared.staging()?;
     // Making the ring may have bound the host context; copies run in this GPU's.
     shared.bind()?;
+    if let Access::Block { io, .. } = far.storage().access() {
+        // The slots become the disk's fixed buffers on first use.
+        staging.use_disk(io);
+    }
     let layout = if dir == Dir::ToGpu && far.device().is_disk() {
         Layout::Spans { max_gap: staging.max_read_gap }
     } else {

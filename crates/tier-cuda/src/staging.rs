@@ -4,16 +4,20 @@
 //! to and from the GPU pass through a fixed set of pinned slots. A copy
 //! borrows up to all of them: while the GPU moves one slot, helper threads
 //! fill (or drain) the others with `memcpy` or disk I/O. Each slot has an
-//! event that marks the end of the DMA that last used it. Everything here
-//! is bounded: the number and size of slots, the helper threads and their
-//! queue.
+//! event that marks the end of the DMA that last used it. The slots are
+//! registered with each disk they serve (io_uring fixed buffers where the
+//! disk's backend can), and the registrations go before the slots do.
+//! Everything here is bounded: the number and size of slots, the helper
+//! threads and their queue, the disks registered with.
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use cudarc::driver::{sys, CudaContext, CudaEvent};
 use parking_lot::{Condvar, Mutex};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use tier_api::{Access, CopyPath, Device, Error, HostMemKind, MemStats, Result, Tensor};
+use tier_api::{
+    Access, BlockIo, CopyPath, Device, Error, FixedBuffers, HostMemKind, HostSpan, MemStats, Result, Tensor,
+};
 use tier_host::cuda::driver_error;
 use tier_host::{HostConfig, HostDevice};
 
@@ -22,6 +26,8 @@ pub const MAX_SLOTS: usize = 64;
 pub const MIN_SLOT_BYTES: usize = 4096;
 pub const MAX_SLOT_BYTES: usize = 256 << 20;
 pub const MAX_HELPERS: usize = 64;
+/// Disks one ring remembers registering its slots with (or not).
+pub const MAX_FIXED_DISKS: usize = 8;
 
 /// The shape of the staging ring of one GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,9 +138,43 @@ pub(crate) struct HelperTask {
     pub reply: Sender<(usize, Result<()>)>,
 }
 
+/// What became of registering the slots with one disk's `BlockIo`.
+enum FixedState {
+    /// The slots are the disk's fixed buffers until this is dropped.
+    Registered(Box<dyn FixedBuffers>),
+    /// Plain reads and writes, and why.
+    Plain(String),
+}
+
+struct FixedDisk {
+    /// The `BlockIo`'s address and tier: which disk this is. An address can
+    /// come back for another disk once the first is gone; a registration
+    /// says when its disk went (`active`).
+    key: usize,
+    tier: String,
+    state: FixedState,
+}
+
+impl FixedDisk {
+    fn describe(&self) -> String {
+        match &self.state {
+            FixedState::Registered(r) => {
+                format!("{}: slots are io_uring fixed buffers ({}; {} ops)", self.tier, r.describe(), r.ops())
+            }
+            FixedState::Plain(why) => format!("{}: plain reads and writes ({why})", self.tier),
+        }
+    }
+}
+
 /// The ring of one GPU.
 pub(crate) struct Staging {
     host: Arc<HostDevice>,
+    /// The slots' memory, for registration with disks.
+    spans: Vec<HostSpan>,
+    /// Registrations with disks, at most [`MAX_FIXED_DISKS`]. Declared
+    /// before the slots, and emptied first in `Drop`: every registration
+    /// goes before the pinned memory it covers is freed.
+    fixed: Mutex<Vec<FixedDisk>>,
     free: Mutex<Vec<Arc<Slot>>>,
     returned: Condvar,
     tasks: Sender<HelperTask>,
@@ -148,6 +188,7 @@ impl Staging {
         config.validate()?;
         let host = HostDevice::new(HostConfig { kind: HostMemKind::Pinned, budget: None, alignment: 4096 })?;
         let mut slots = Vec::with_capacity(config.slots);
+        let mut spans = Vec::with_capacity(config.slots);
         for _ in 0..config.slots {
             let buffer = host.allocate_bytes(config.slot_bytes)?;
             let Access::Host(span) = buffer.storage().access() else {
@@ -158,6 +199,7 @@ impl Staging {
             let event = ctx
                 .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
                 .map_err(|e| driver_error(tier, "cuEventCreate", e))?;
+            spans.push(span);
             slots.push(Arc::new(Slot { ptr: span.as_ptr(), len: config.slot_bytes, _buffer: buffer, event }));
         }
         // Each copy keeps at most as many tasks queued as it holds slots, so
@@ -173,6 +215,8 @@ impl Staging {
         }
         Ok(Staging {
             host,
+            spans,
+            fixed: Mutex::new(Vec::new()),
             free: Mutex::new(slots),
             returned: Condvar::new(),
             tasks,
@@ -202,6 +246,58 @@ impl Staging {
     pub fn submit(&self, task: HelperTask) -> Result<()> {
         let path = task.path;
         self.tasks.send(task).map_err(|_| Error::WorkerLost { path })
+    }
+
+    /// Registers the slots with `io` the first time a staged copy uses that
+    /// disk, so that its reads and writes into the slots go through io_uring
+    /// fixed buffers; where the backend cannot (or the kernel refuses),
+    /// remembers that and copies use plain reads and writes.
+    pub fn use_disk(&self, io: &dyn BlockIo) {
+        let key = (io as *const dyn BlockIo).cast::<()>() as usize;
+        let tier = io.tier();
+        let mut fixed = self.fixed.lock();
+        // A registration whose disk is gone is of no use, and its address
+        // may now be another disk's. One whose disk lives is never dropped
+        // here: copies may be moving bytes through it.
+        fixed.retain(|d| !matches!(&d.state, FixedState::Registered(r) if !r.active()));
+        if fixed.iter().any(|d| d.key == key && d.tier == tier) {
+            return;
+        }
+        // A disk not registered that sat at this address is gone.
+        fixed.retain(|d| d.key != key || matches!(d.state, FixedState::Registered(_)));
+        if fixed.len() >= MAX_FIXED_DISKS {
+            // Forget the oldest disk that was not registered (it would be
+            // asked again); registrations stay.
+            match fixed.iter().position(|d| matches!(d.state, FixedState::Plain(_))) {
+                Some(i) => drop(fixed.remove(i)),
+                None => return,
+            }
+        }
+        // SAFETY: the spans are the slots' pinned buffers, which stay
+        // allocated and in place while the ring lives; the registration is
+        // kept in `self.fixed`, which is emptied before the slots are freed
+        // (`Drop`, and field order), or dropped earlier.
+        let state = match unsafe { io.register_buffers(&self.spans) } {
+            Ok(Some(r)) => FixedState::Registered(r),
+            Ok(None) => FixedState::Plain("the disk backend cannot register memory".into()),
+            Err(e) => {
+                tracing::info!("{tier}: staging slots not registered as fixed buffers, using plain I/O: {e}");
+                FixedState::Plain(format!("registration refused: {e}"))
+            }
+        };
+        fixed.push(FixedDisk { key, tier, state });
+    }
+
+    /// One line per disk the slots met: fixed buffers or plain I/O, and why.
+    pub fn disk_io(&self) -> Vec<String> {
+        self.fixed.lock().iter().map(FixedDisk::describe).collect()
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // Registrations go before the slots' pinned memory.
+        self.fixed.get_mut().clear();
     }
 }
 

@@ -497,3 +497,55 @@ fn gpu_tensors_refuse_synchronous_host_access() {
     let host_empty = rig.pageable.allocate(&Shape::new([0]), DType::U8).unwrap();
     rig.matrix.copy(&host_empty.view(), &empty.view()).unwrap();
 }
+
+/// Operations a `staged_disk_io` line reports ("...; 12 ops)").
+fn ops_in(line: &str) -> u64 {
+    line.rsplit("; ").next().and_then(|s| s.strip_suffix(" ops)")).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn staged_disk_copies_use_the_slots_as_fixed_buffers() {
+    let rig = rig_or_skip!();
+    // A fresh ring and disks, so that the lines below are these copies' alone.
+    let small = StagingConfig { slots: 4, slot_bytes: 256 << 10, helpers: 3, max_read_gap: 4096, disk_reads: 2 };
+    let gpu = GpuDevice::new(GpuConfig { staging: small, ..GpuConfig::default() }).expect("gpu");
+    let uring = DiskDevice::new(DiskConfig::new(std::env::temp_dir())).expect("disk tier");
+    let threads = DiskDevice::new(DiskConfig {
+        id: 1,
+        backend: tier_disk::BackendChoice::Threads,
+        ..DiskConfig::new(std::env::temp_dir())
+    })
+    .expect("disk tier");
+    let len = 3 << 20;
+    let shape = Shape::new([len]);
+    let data = pattern(len, 41);
+    for disk in [&uring, &threads] {
+        let d = disk.allocate(&shape, DType::U8).unwrap();
+        d.write_bytes(0, &data).unwrap();
+        let g = gpu.allocate(&shape, DType::U8).unwrap();
+        assert_eq!(rig.matrix.copy(&d.view(), &g.view()).unwrap().paths, vec![CopyPath::StagedDisk]);
+        assert!(rig.bytes_of(&g) == data);
+        let back = disk.allocate(&shape, DType::U8).unwrap();
+        rig.matrix.copy(&g.view(), &back.view()).unwrap();
+        assert!(back.to_bytes().unwrap() == data);
+    }
+    let lines = gpu.staged_disk_io();
+    println!("{lines:#?}");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (fixed, plain) = (&lines[0], &lines[1]);
+    if uring.backend().starts_with("io_uring") {
+        assert!(
+            fixed.starts_with("disk:0: slots are io_uring fixed buffers (4 spans (1 MiB) as 4 fixed buffers"),
+            "the kernel should take cuMemHostAlloc memory as fixed buffers: {fixed}"
+        );
+        // 3 MiB each way in 256 KiB slots, at least one operation per slot load.
+        assert!(ops_in(fixed) >= 24, "{fixed}");
+    } else {
+        assert!(fixed.contains("plain reads and writes"), "{fixed}");
+    }
+    assert_eq!(plain, "disk:1: plain reads and writes (the disk backend cannot register memory)");
+    assert!(gpu.describe().contains("staged disk I/O: disk:0: "), "{}", gpu.describe());
+    // The ring goes (registrations first), then the disks: nothing is left behind.
+    drop(gpu);
+    drop((uring, threads));
+}
