@@ -18,9 +18,14 @@
 //! Three kernels; [`path_for`] says which one a call takes:
 //! - [`KernelPath::Columns`]: groups along a dim that is not the last one,
 //!   with `inner % 8 == 0` (weights, groups along the output dim). A thread
-//!   decodes 8 neighbouring groups from 16-byte loads of each (two per
-//!   group at a time) and writes rows of 8 values with 16-byte stores,
-//!   contiguous across the warp.
+//!   decodes 8 neighbouring groups from 16-byte loads of each and writes
+//!   rows of 8 values with 16-byte stores, contiguous across the warp.
+//!   Two builds ([`ColsTuning`]): for 4-bit codes a thread takes all of its
+//!   8 groups (two chunks of each at a time); for 8-bit codes, which are
+//!   twice the bytes to read, a thread takes one 16-byte chunk of its 8
+//!   groups, so that neighbouring lanes read neighbouring chunks and a warp
+//!   load fills whole sectors (on an H100: 90% of a device-to-device copy's
+//!   bandwidth, against 68% with the 4-bit build).
 //! - [`KernelPath::Rows`]: groups along the last dim, `dim_len` a multiple
 //!   of the group size (the KV cache). 16-byte loads, staged through shared
 //!   memory so that each warp's 16-byte stores are contiguous.
@@ -88,13 +93,72 @@ pub fn path_for(layout: &CompressedLayout, packed: u64, out: u64) -> KernelPath 
 }
 
 /// Choices for tests and measurements; the defaults are what to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GpuDequantOptions {
     /// Clamp and convert to f16 in two steps instead of one saturating
     /// conversion (what GPUs older than sm_80 run): same results.
     pub portable_convert: bool,
     /// Always run the generic kernel.
     pub force_generic: bool,
+    /// How the columns kernel is built for 4-bit and for 8-bit codes (any
+    /// choice gives the same output; the defaults are the fastest measured).
+    pub cols: [ColsTuning; 2],
+}
+
+impl Default for GpuDequantOptions {
+    fn default() -> Self {
+        GpuDequantOptions { portable_convert: false, force_generic: false, cols: ColsTuning::DEFAULT }
+    }
+}
+
+/// How a columns kernel is compiled and launched: the source's `TLQ_COLS_*`
+/// and `TLQ_SPLIT_MIN_BLOCKS` macros, and the grid that goes with them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ColsTuning {
+    /// A work item per 16-byte chunk of 8 neighbouring groups
+    /// (`cols_split`: the lanes sharing 8 groups read them side by side)
+    /// instead of one per 8 groups (`cols`: each lane reads 16 bytes from a
+    /// line of its own). The fields below apply only to the split kernel.
+    pub split: bool,
+    /// Work items each lane loads before it stores (1 to 4).
+    pub items: u32,
+    /// Blocks per multiprocessor the compiler must make room for, which
+    /// caps registers per thread (1 to 8).
+    pub min_blocks: u32,
+}
+
+impl ColsTuning {
+    /// The defaults for 4-bit and 8-bit codes, measured with
+    /// `examples/gpu_dequant_bench.rs` on an H100.
+    pub const DEFAULT: [ColsTuning; 2] =
+        [ColsTuning { split: false, items: 1, min_blocks: 2 }, ColsTuning { split: true, items: 2, min_blocks: 2 }];
+
+    /// Within the supported ranges.
+    fn clamped(self) -> Self {
+        ColsTuning { items: self.items.clamp(1, 4), min_blocks: self.min_blocks.clamp(1, 8), ..self }
+    }
+
+    /// The macros that select this tuning in the source.
+    pub fn defines(self) -> Vec<String> {
+        let t = self.clamped();
+        vec![
+            format!("TLQ_COLS_SPLIT={}", u32::from(t.split)),
+            format!("TLQ_COLS_ITEMS={}", t.items),
+            format!("TLQ_SPLIT_MIN_BLOCKS={}", t.min_blocks),
+        ]
+    }
+
+    /// Threads worth launching for `layout` (the kernel loops over the
+    /// rest of the work when there are fewer).
+    pub fn threads(self, layout: &CompressedLayout) -> u64 {
+        let t = self.clamped();
+        let units = (layout.num_groups() / 8) as u64;
+        if !t.split {
+            return units;
+        }
+        let items = units * (layout.group_bytes() as u64 / 16);
+        items.div_ceil(32 * u64::from(t.items)) * 32
+    }
 }
 
 /// The dequantize kernels, loaded for one GPU.
@@ -154,10 +218,18 @@ impl GpuDequantizer {
         if options.portable_convert {
             compile.defines.push("TLQ_PORTABLE_CVT".into());
         }
-        let load = |entry: &str| kernels::load(&gpu, KERNEL_SOURCE, entry, &compile);
-        let cols = [load("tlq_dequant_cols4")?, load("tlq_dequant_cols8")?];
-        let rows = [load("tlq_dequant_rows4")?, load("tlq_dequant_rows8")?];
-        let any = load("tlq_dequant_any")?;
+        // Each columns kernel from a module built with its own tuning (the
+        // macros touch nothing else): one compilation, or two where the
+        // tunings differ.
+        let load = |entry: &str, tuning: ColsTuning| {
+            let mut o = compile.clone();
+            o.defines.extend(tuning.defines());
+            kernels::load(&gpu, KERNEL_SOURCE, entry, &o)
+        };
+        let first = options.cols[0];
+        let cols = [load("tlq_dequant_cols4", first)?, load("tlq_dequant_cols8", options.cols[1])?];
+        let rows = [load("tlq_dequant_rows4", first)?, load("tlq_dequant_rows8", first)?];
+        let any = load("tlq_dequant_any", first)?;
         // A few waves of resident blocks: enough to fill the GPU, few enough
         // that each block loops over several tiles.
         let max_blocks = kernels::multiprocessors(&gpu)?.saturating_mul(64);
@@ -168,6 +240,11 @@ impl GpuDequantizer {
     /// The GPU the kernels are loaded on.
     pub fn gpu(&self) -> &Arc<GpuDevice> {
         &self.gpu
+    }
+
+    /// The options the kernels were built with.
+    pub fn options(&self) -> &GpuDequantOptions {
+        &self.options
     }
 
     /// The kernel for a path and bit width (registers and occupancy for tools).
@@ -234,10 +311,11 @@ impl GpuDequantizer {
     fn launch(&self, stream: &CudaStream, path: KernelPath, layout: &CompressedLayout, args: &Args) -> Result<()> {
         let bits = layout.config().bits();
         let gb = layout.group_bytes() as u64;
-        // Work items of each kernel: threads (columns: 8 groups of a line;
+        let b = usize::from(bits == 8);
+        // Work items of each kernel: threads (columns: see `ColsTuning`;
         // generic: one value), or warps (rows: 2 spans of 32 chunks).
         let threads: u64 = match path {
-            KernelPath::Columns => (layout.num_groups() / 8) as u64,
+            KernelPath::Columns => self.options.cols[b].threads(layout),
             KernelPath::Rows => {
                 let chunks = layout.num_groups() as u64 * (gb / 16);
                 chunks.div_ceil(64) * 32
@@ -408,6 +486,25 @@ mod tests {
     }
 
     #[test]
+    fn columns_grids_cover_the_work() {
+        // [512, 256] along dim 0, groups of 64: 2048 groups, 256 blocks of 8.
+        let l4 = layout(&[512, 256], 4, 64, 0);
+        let l8 = layout(&[512, 256], 8, 64, 0);
+        let t = |split, items| ColsTuning { split, items, min_blocks: 2 };
+        assert_eq!(t(false, 1).threads(&l8), 256);
+        // 8 bits: 4 chunks per group, so 1024 items.
+        assert_eq!(t(true, 1).threads(&l8), 1024);
+        assert_eq!(t(true, 2).threads(&l8), 512);
+        assert_eq!(t(true, 3).threads(&l8), 352); // 11 warps of 96 items
+        assert_eq!(t(true, 9).threads(&l4), 128); // items clamped to 4: 512 items
+        let d = ColsTuning::DEFAULT[1].defines();
+        assert!(d.iter().any(|s| s.starts_with("TLQ_COLS_SPLIT=")), "{d:?}");
+        for name in ["TLQ_COLS_SPLIT", "TLQ_COLS_ITEMS", "TLQ_SPLIT_MIN_BLOCKS"] {
+            assert!(KERNEL_SOURCE.contains(&format!("#ifndef {name}")), "{name}");
+        }
+    }
+
+    #[test]
     fn kernel_params_are_what_the_source_declares() {
         // Field order and sizes of the C++ struct, by name.
         let src = KERNEL_SOURCE;
@@ -437,11 +534,18 @@ mod tests {
             println!("skipped: no NVRTC");
             return;
         }
-        for (arch, portable) in [("compute_90", false), ("compute_90", true), ("compute_75", false)] {
+        let split = ColsTuning { split: true, items: 1, min_blocks: 3 };
+        for (arch, portable, tuning) in [
+            ("compute_90", false, ColsTuning::DEFAULT[0]),
+            ("compute_90", true, ColsTuning::DEFAULT[1]),
+            ("compute_90", false, split),
+            ("compute_75", false, split),
+        ] {
             let mut o = CompileOptions::default();
             if portable {
                 o.defines.push("TLQ_PORTABLE_CVT".into());
             }
+            o.defines.extend(tuning.defines());
             let ptx = kernels::compile_ptx(KERNEL_SOURCE, &o, arch).unwrap();
             for entry in ["tlq_dequant_cols4", "tlq_dequant_cols8", "tlq_dequant_rows4", "tlq_dequant_rows8"] {
                 assert!(ptx.contains(&format!(".entry {entry}")), "{arch}: {entry}");

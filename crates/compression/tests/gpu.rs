@@ -8,7 +8,7 @@
 mod common;
 
 use common::{bits_of, f16_bytes, Rig, Rng};
-use compression::gpu::{GpuDequantizer, KernelPath};
+use compression::gpu::{ColsTuning, GpuDequantOptions, GpuDequantizer, KernelPath};
 use compression::{
     dequantize_into, quantize_into, CompressedLayout, CompressionConfig, Error, Mode, SourceDtype, HEADER_BYTES,
 };
@@ -97,12 +97,17 @@ const GUARD: usize = 40;
 
 /// Runs one case on `deq`; returns the path it took.
 fn run(rig: &Rig, deq: &GpuDequantizer, case: &Case, rng: &mut Rng) -> KernelPath {
-    let layout = case.layout();
     let (packed, want) = case.data(rng);
+    run_on(rig, deq, case, &packed, &want, rng)
+}
+
+/// Runs one case on `deq` with its bytes and the CPU's output given.
+fn run_on(rig: &Rig, deq: &GpuDequantizer, case: &Case, packed: &[u8], want: &[u16], rng: &mut Rng) -> KernelPath {
+    let layout = case.layout();
     // The compressed buffer inside a larger u8 tensor, random bytes around it.
     let mut holder = vec![0u8; case.packed_at + packed.len() + 13];
     rng.fill_bytes(&mut holder);
-    holder[case.packed_at..case.packed_at + packed.len()].copy_from_slice(&packed);
+    holder[case.packed_at..case.packed_at + packed.len()].copy_from_slice(packed);
     let packed_t = rig.upload(&holder, DType::U8);
     let packed_v = packed_t.narrow(0, case.packed_at, packed.len()).unwrap();
     // The output inside a larger f16 tensor, all poisoned.
@@ -201,6 +206,50 @@ fn the_portable_conversion_and_the_generic_kernel_agree() {
         run(rig, &rig.portable, &case, &mut rng);
         run(rig, &rig.generic, &case, &mut rng);
     }
+}
+
+/// Every build of the columns kernel (the ones the bench compares, the
+/// default among them) gives the CPU's output, on the designed cases, random
+/// ones, and a tensor large enough that every warp takes several tiles.
+#[test]
+fn every_columns_build_matches_the_cpu() {
+    let rig = rig_or_skip!();
+    let mut rng = Rng::seeded("columns_builds");
+    let t = |split, items, min_blocks| ColsTuning { split, items, min_blocks };
+    let builds = [t(false, 1, 2), t(true, 1, 3), t(true, 1, 4), t(true, 2, 2), t(true, 3, 1), t(true, 4, 1)];
+    let deqs: Vec<GpuDequantizer> = builds
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            let options = GpuDequantOptions { portable_convert: i % 4 == 3, cols: [b, b], ..Default::default() };
+            GpuDequantizer::with_options(Arc::clone(&rig.gpu), options).unwrap()
+        })
+        .collect();
+    let mut cases = designed_cases();
+    cases.extend((0..80).map(|_| random_case(&mut rng)));
+    for bits in [4u8, 8] {
+        let shape = vec![4 * 1024, 8 * 1024];
+        cases.push(Case {
+            shape,
+            bits,
+            gs: 64,
+            dim: 0,
+            mode: Mode::Asymmetric,
+            f32_source: false,
+            packed_at: 0,
+            out_at: 0,
+        });
+    }
+    let mut columns = 0;
+    for case in &cases {
+        let (packed, want) = case.data(&mut rng);
+        for deq in &deqs {
+            if run_on(rig, deq, case, &packed, &want, &mut rng) == KernelPath::Columns {
+                columns += 1;
+            }
+        }
+    }
+    assert!(columns >= 20 * deqs.len(), "{columns} runs took the columns kernel");
 }
 
 #[test]

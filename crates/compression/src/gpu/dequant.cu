@@ -13,9 +13,12 @@
 // Three kernels, picked on the host:
 // - cols: groups along a dim that is not innermost (inner % 8 == 0), the
 //   weight layout. A thread takes 8 neighbouring groups (8 output columns)
-//   of one line; it loads two 16-byte chunks of each group's codes at a
-//   time and writes one 16-byte row of 8 values per code position, so a
-//   warp writes 512 contiguous bytes per store.
+//   of one line; it loads 16-byte chunks of each group's codes and writes
+//   one 16-byte row of 8 values per code position. Two builds
+//   (TLQ_COLS_SPLIT): `cols`, a thread per 8 groups, two chunks of each at
+//   a time, a warp writing 512 contiguous bytes per store (4-bit codes);
+//   `cols_split`, a thread per chunk of 8 groups, so that the lanes
+//   sharing 8 groups read side by side (8-bit codes).
 // - rows: groups along the innermost dim with no padding (inner == 1,
 //   dim_len % group_size == 0), the KV-cache layout, where codes and output
 //   run in the same order. Each lane loads 16 bytes of codes; the warp
@@ -58,6 +61,21 @@ static_assert(sizeof(KernelParams) == 72, "KernelParams must match the Rust stru
 #else
 #define TLQ_COLS_BOUNDS __launch_bounds__(TLQ_THREADS)
 #endif
+// The columns kernels' build, chosen by the host for each bit width
+// (`ColsTuning` in gpu.rs, which sizes the grid to match); the defaults
+// here are only for a plain compile. TLQ_COLS_SPLIT: 1 for `cols_split` (a
+// work item per 16-byte chunk of 8 groups), 0 for `cols` (per 8 groups).
+#ifndef TLQ_COLS_SPLIT
+#define TLQ_COLS_SPLIT 1
+#endif
+// Work items a lane of `cols_split` loads before it stores (1 to 4).
+#ifndef TLQ_COLS_ITEMS
+#define TLQ_COLS_ITEMS 2
+#endif
+#ifndef TLQ_SPLIT_MIN_BLOCKS
+#define TLQ_SPLIT_MIN_BLOCKS 2
+#endif
+#define TLQ_SPLIT_BOUNDS __launch_bounds__(TLQ_THREADS, TLQ_SPLIT_MIN_BLOCKS)
 
 // f32 -> f16 with the clamp to +-65504, NaN kept (Rust's f32::clamp keeps
 // NaN). Clamping after the round-to-nearest conversion gives the same bits
@@ -157,6 +175,11 @@ __device__ __forceinline__ u64 div_small(u64 a, u32 b) {
     return (a >> 32) == 0 ? (u64)((u32)a / b) : a / b;
 }
 
+// a / b, in 32 bits where both fit.
+__device__ __forceinline__ u64 div_fast(u64 a, u64 b) {
+    return ((a | b) >> 32) == 0 ? (u64)((u32)a / (u32)b) : a / b;
+}
+
 // One 16-byte chunk of codes of each of 8 neighbouring groups: rows j ..
 // j + CP - 1 of their 8 columns (rows at or past `len` are padding).
 template <int BITS>
@@ -233,6 +256,69 @@ __device__ __forceinline__ void cols(const KernelParams& p, const unsigned char*
     }
 }
 
+// The columns kernel with a work item per chunk: item x is chunk x % chunks
+// of the 8 neighbouring groups x / chunks (numbered like the threads of
+// `cols`), so the lanes of a warp that share 8 groups read their chunks side
+// by side and a warp load covers whole 32-byte sectors of a few groups,
+// where `cols` has each lane read 16 bytes of a different 128-byte line.
+// Each warp takes TLQ_COLS_ITEMS runs of 32 neighbouring items at a time
+// (lane l: items l, l + 32, ..), all loads first.
+template <int BITS>
+__device__ __forceinline__ void cols_split(const KernelParams& p, const unsigned char* __restrict__ buf,
+                                           u16* __restrict__ out) {
+    const int CP = 128 / BITS;  // codes per 16-byte chunk
+    const int U = TLQ_COLS_ITEMS;
+    const u64 inner = p.inner;
+    const u64 len = p.dim_len;
+    const u32 G = p.groups_per_line;
+    const u32 gs = p.group_size;
+    const u32 gb = gs * BITS / 8;
+    const u32 chunks = gb / 16;
+    const u64 nblk = inner / 8;
+    const u64 items = p.outer * G * nblk * chunks;
+    const float half_code = (float)(1u << (BITS - 1));
+    const u32 lane = threadIdx.x & 31u;
+    const u64 gwarp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+    const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+    const unsigned char* data = buf + p.data_offset;
+    for (u64 first = gwarp * (32 * U); first < items; first += nwarps * (32 * U)) {
+        uint4 w[U][8];
+        float sc[U][8], mn[U][8];
+        u16* col[U];
+        u64 j[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u64 x = first + 32 * u + lane;
+            col[u] = nullptr;
+            if (x < items) {
+                const u64 t = div_small(x, chunks);  // the 8 groups, as in `cols`
+                const u32 c = (u32)(x - t * chunks);
+                const u64 line = div_fast(t, nblk);
+                const u64 blk = t - line * nblk;
+                const u64 o = div_small(line, G);
+                const u32 g = (u32)(line - o * G);
+                const u64 k0 = t * 8;  // = line * inner + blk * 8
+                unpack8(ld16(buf + p.scales_offset + 2 * k0), sc[u]);
+                if (p.symmetric) {
+#pragma unroll
+                    for (int r = 0; r < 8; ++r) mn[u][r] = -half_code * sc[u][r];
+                } else {
+                    unpack8(ld16(buf + p.mins_offset + 2 * k0), mn[u]);
+                }
+                const unsigned char* codes = data + k0 * gb + 16u * c;
+#pragma unroll
+                for (int r = 0; r < 8; ++r) w[u][r] = ld16(codes + (u64)r * gb);
+                col[u] = out + o * len * inner + blk * 8;
+                j[u] = (u64)g * gs + (u64)c * CP;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (col[u] != nullptr) cols_chunk<BITS>(w[u], mn[u], sc[u], col[u], j[u], len, inner);
+        }
+    }
+}
+
 template <int BITS>
 __device__ __forceinline__ void rows(const KernelParams& p, const unsigned char* __restrict__ buf,
                                      u16* __restrict__ out) {
@@ -296,15 +382,29 @@ __device__ __forceinline__ void rows(const KernelParams& p, const unsigned char*
     }
 }
 
+#if TLQ_COLS_SPLIT
+extern "C" __global__ void TLQ_SPLIT_BOUNDS
+    tlq_dequant_cols4(const KernelParams p, const unsigned char* __restrict__ buf, u16* __restrict__ out) {
+    cols_split<4>(p, buf, out);
+}
+#else
 extern "C" __global__ void TLQ_COLS_BOUNDS
     tlq_dequant_cols4(const KernelParams p, const unsigned char* __restrict__ buf, u16* __restrict__ out) {
     cols<4>(p, buf, out);
 }
+#endif
 
+#if TLQ_COLS_SPLIT
+extern "C" __global__ void TLQ_SPLIT_BOUNDS
+    tlq_dequant_cols8(const KernelParams p, const unsigned char* __restrict__ buf, u16* __restrict__ out) {
+    cols_split<8>(p, buf, out);
+}
+#else
 extern "C" __global__ void TLQ_COLS_BOUNDS
     tlq_dequant_cols8(const KernelParams p, const unsigned char* __restrict__ buf, u16* __restrict__ out) {
     cols<8>(p, buf, out);
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(TLQ_THREADS)
     tlq_dequant_rows4(const KernelParams p, const unsigned char* __restrict__ buf, u16* __restrict__ out) {

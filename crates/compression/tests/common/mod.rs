@@ -128,7 +128,11 @@ pub fn rig() -> Option<&'static Rig> {
         }
         let gpu = GpuDevice::new(GpuConfig::default()).expect("gpu");
         let deq = GpuDequantizer::new(Arc::clone(&gpu)).expect("dequantizer");
-        let opts = |portable_convert, force_generic| GpuDequantOptions { portable_convert, force_generic };
+        let opts = |portable_convert, force_generic| GpuDequantOptions {
+            portable_convert,
+            force_generic,
+            ..Default::default()
+        };
         let portable = GpuDequantizer::with_options(Arc::clone(&gpu), opts(true, false)).expect("portable");
         let generic = GpuDequantizer::with_options(Arc::clone(&gpu), opts(false, true)).expect("generic");
         let pinned =
