@@ -14,24 +14,25 @@
 //! every value is checked written and a million sampled values are checked
 //! against the CPU's decoding formula.
 //!
-//! For the weight layout it also times the first version of the columns
-//! kernel (`TLQ_COLS_PAIRS=0`: one 16-byte chunk of each group per load
-//! round) next to the current one.
+//! For the weight layout (asymmetric) it also times other builds of the
+//! columns kernel next to the default one ([`ColsTuning`]: the kernel with a
+//! work item per 8 groups or per 16-byte chunk of them, items per lane, the
+//! register cap), each checked like the rest; set `TLQ_BENCH_VARIANTS=0` to
+//! skip them.
 //!
 //! Prints "skipped: no CUDA driver" and exits 0 without a GPU.
 
 use std::error::Error;
-use std::ffi::c_void;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use compression::gpu::{GpuDequantOptions, GpuDequantizer, KernelPath, KERNEL_SOURCE};
-use compression::{CompressedLayout, CompressionConfig, KernelParams, Mode, SourceDtype, F16_MAX, HEADER_BYTES};
+use compression::gpu::{ColsTuning, GpuDequantOptions, GpuDequantizer, KernelPath};
+use compression::{CompressedLayout, CompressionConfig, Mode, SourceDtype, F16_MAX, HEADER_BYTES};
 use cudarc::driver::sys;
 use half::f16;
 use rayon::prelude::*;
 use tier_api::{Access, CopyConfig, DType, Device, HostMemKind, Shape, Tensor};
-use tier_cuda::kernels::{self, CompileOptions, CudaEvent, CudaStream, LaunchDims};
+use tier_cuda::kernels::{CudaEvent, CudaStream};
 use tier_cuda::GpuDevice;
 use tier_host::{HostConfig, HostDevice};
 
@@ -57,6 +58,8 @@ struct Row {
     name: String,
     path: String,
     regs: i32,
+    /// Local memory per thread (spills): 0 when all fits in registers.
+    local: i32,
     bytes: u64,
     ms: Vec<f64>,
 }
@@ -85,6 +88,7 @@ fn run() -> Res<()> {
     }
     let elems = env_usize("TLQ_BENCH_ELEMS", 1 << 30);
     let reps = env_usize("TLQ_BENCH_REPS", 30).max(1);
+    let variants = env_usize("TLQ_BENCH_VARIANTS", 1) != 0;
     let warmup = 3;
     let deq = GpuDequantizer::open(0)?;
     let generic = GpuDequantizer::with_options(
@@ -94,7 +98,6 @@ fn run() -> Res<()> {
     let gpu = Arc::clone(deq.gpu());
     println!("{}", gpu.describe());
     let stream = gpu.new_stream()?;
-    let sms = kernels::multiprocessors(&gpu)?;
     let matrix = tier_cuda::copy_matrix(CopyConfig::default())?;
     let pinned = HostDevice::new(HostConfig { kind: HostMemKind::Pinned, ..HostConfig::default() })?;
 
@@ -118,6 +121,7 @@ fn run() -> Res<()> {
     let copy_dst = gpu.allocate(&Shape::new([elems]), DType::F16)?;
     println!("output {} MiB f16 of shape {:?}; {reps} timed reps after {warmup} warm-up", (elems * 2) >> 20, shape);
 
+    let bench = Bench { gpu: &gpu, stream: &stream, matrix: &matrix, out: &out, check_host: &check_host, elems };
     let mut rows = Vec::new();
     rows.push(copy_row(&gpu, &stream, &out, &copy_dst, reps, warmup, "D2D copy (before)")?);
     let cases: [(&str, usize, u8, Mode, bool); 6] = [
@@ -142,75 +146,24 @@ fn run() -> Res<()> {
         matrix.copy(&src, &dst)?;
         let d = if force_generic { &generic } else { &deq };
         let path = d.path(&dst, &layout, &out.view())?;
+        let label = if path == KernelPath::Columns { cols_label(&deq, bits) } else { path.name().to_string() };
+        let case = Case { layout: &layout, packed: &dst, packed_host: &packed_host, seed: i as u64 };
+        rows.push(measure(&bench, d, &case, name.to_string(), label, reps, warmup)?);
 
-        // Poison, run once, check.
-        poison(&gpu, &stream, &out, elems)?;
-        d.enqueue(&stream, &dst, &layout, &out.view())?.wait()?;
-        matrix.copy(&out.view(), &check_host.view())?;
-        {
-            // SAFETY: the copies have finished; nothing writes either buffer now.
-            let (bytes, got) = unsafe { (host_slice::<u8>(&packed_host)?, host_slice::<u16>(&check_host)?) };
-            verify(&bytes[..total], &layout, got, 0xc4ec + i as u64)?;
-        }
-
-        // The handles are kept until all launches are queued: dropping one
-        // waits for its kernel, which would time the launch gap too.
-        let mut pending = Vec::new();
-        let ms = time_reps(&gpu, &stream, reps, warmup, || {
-            pending.push(d.enqueue(&stream, &dst, &layout, &out.view())?);
-            Ok(())
-        })?;
-        for p in pending {
-            p.wait()?;
-        }
-        rows.push(Row {
-            name: name.to_string(),
-            path: path.name().to_string(),
-            regs: d.kernel(path, bits).registers()?,
-            bytes: (total + elems * 2) as u64,
-            ms,
-        });
-
-        // The first version of the columns kernel (one 16-byte chunk of each
-        // group at a time), measured beside the current one.
-        if path == KernelPath::Columns && mode == Mode::Asymmetric {
-            let entry = if bits == 4 { "tlq_dequant_cols4" } else { "tlq_dequant_cols8" };
-            let opts = CompileOptions { defines: vec!["TLQ_COLS_PAIRS=0".into()], ..Default::default() };
-            let kernel = kernels::load(&gpu, KERNEL_SOURCE, entry, &opts)?;
-            let blocks = (layout.num_groups() as u64 / 8).div_ceil(256).min(u64::from(sms) * 64).max(1) as u32;
-            let (packed_ptr, out_ptr) = (gpu.device_ptr(&packed_dev)?, gpu.device_ptr(&out)?);
-            let launch = || -> Res<()> {
-                let mut params = layout.kernel_params();
-                let (mut a, mut b) = (packed_ptr, out_ptr);
-                let mut argv: [*mut c_void; 3] = [
-                    (&mut params as *mut KernelParams).cast(),
-                    (&mut a as *mut u64).cast(),
-                    (&mut b as *mut u64).cast(),
-                ];
-                // SAFETY: the arguments are the kernel's (KernelParams by
-                // value, the packed buffer and the output, both live on this
-                // GPU and sized for `layout`); the caller synchronizes the
-                // stream before either is freed.
-                unsafe { kernel.launch(&stream, LaunchDims::linear(blocks, 256), &mut argv) }?;
-                Ok(())
-            };
-            poison(&gpu, &stream, &out, elems)?;
-            launch()?;
-            stream.synchronize()?;
-            matrix.copy(&out.view(), &check_host.view())?;
-            {
-                // SAFETY: the copies have finished; nothing writes either buffer now.
-                let (bytes, got) = unsafe { (host_slice::<u8>(&packed_host)?, host_slice::<u16>(&check_host)?) };
-                verify(&bytes[..total], &layout, got, 0x1c4ec + i as u64)?;
+        // Other builds of the columns kernel, measured beside the default.
+        if variants && path == KernelPath::Columns && mode == Mode::Asymmetric {
+            let b = usize::from(bits == 8);
+            for (k, tuning) in cols_variants().into_iter().enumerate() {
+                if tuning == ColsTuning::DEFAULT[b] {
+                    continue;
+                }
+                let mut options = GpuDequantOptions::default();
+                options.cols[b] = tuning;
+                let v = GpuDequantizer::with_options(Arc::clone(&gpu), options)?;
+                let label = cols_label(&v, bits);
+                let case = Case { seed: case.seed + 0x100 * (k as u64 + 1), ..case };
+                rows.push(measure(&bench, &v, &case, format!("  {name}, variant"), label, reps, warmup)?);
             }
-            let ms = time_reps(&gpu, &stream, reps, warmup, launch)?;
-            rows.push(Row {
-                name: format!("{name}, 1 chunk/load"),
-                path: "cols v1".into(),
-                regs: kernel.registers()?,
-                bytes: (total + elems * 2) as u64,
-                ms,
-            });
         }
     }
     rows.push(copy_row(&gpu, &stream, &out, &copy_dst, reps, warmup, "D2D copy (after)")?);
@@ -218,17 +171,22 @@ fn run() -> Res<()> {
     let d2d = rows.iter().filter(|r| r.path == "copy").map(|r| r.gbps(r.median_ms())).fold(0.0, f64::max);
     println!();
     println!(
-        "{:<36} {:>8} {:>5} {:>8} {:>9} {:>8} {:>8} {:>8}",
+        "{:<44} {:<16} {:>5} {:>8} {:>9} {:>8} {:>8} {:>8}",
         "case", "kernel", "regs", "GB/rep", "median ms", "GB/s", "best", "of D2D"
     );
     for r in &rows {
         let s = r.sorted();
         let med = r.median_ms();
+        let regs = match (r.regs, r.local) {
+            (0, _) => "-".to_string(),
+            (n, 0) => n.to_string(),
+            (n, l) => format!("{n}+{l}B"),
+        };
         println!(
-            "{:<36} {:>8} {:>5} {:>8.3} {:>9.3} {:>8.1} {:>8.1} {:>7.1}%",
+            "{:<44} {:<16} {:>5} {:>8.3} {:>9.3} {:>8.1} {:>8.1} {:>7.1}%",
             r.name,
             r.path,
-            if r.regs > 0 { r.regs.to_string() } else { "-".into() },
+            regs,
             r.bytes as f64 / 1e9,
             med,
             r.gbps(med),
@@ -237,7 +195,88 @@ fn run() -> Res<()> {
         );
     }
     println!("D2D reference: {d2d:.1} GB/s (read + write), the better of the two copy medians; target >= 70%");
+    println!(
+        "kernel: cols = one work item per 8 groups, split/uN/mbN = per 16-byte chunk of 8 groups, N items \
+         per lane, N blocks/SM register cap; regs+NB = N bytes of spills"
+    );
     Ok(())
+}
+
+/// The columns kernel builds the bench compares (the default among them).
+fn cols_variants() -> Vec<ColsTuning> {
+    let t = |split, items, min_blocks| ColsTuning { split, items, min_blocks };
+    vec![t(false, 1, 2), t(true, 1, 3), t(true, 1, 4), t(true, 2, 2)]
+}
+
+/// The columns build a dequantizer runs for `bits`, in short.
+fn cols_label(d: &GpuDequantizer, bits: u8) -> String {
+    let t = d.options().cols[usize::from(bits == 8)];
+    if t.split {
+        format!("split/u{}/mb{}", t.items, t.min_blocks)
+    } else {
+        "cols".to_string()
+    }
+}
+
+/// What every measurement shares.
+struct Bench<'a> {
+    gpu: &'a Arc<GpuDevice>,
+    stream: &'a Arc<CudaStream>,
+    matrix: &'a tier_api::CopyMatrix,
+    out: &'a Tensor,
+    check_host: &'a Tensor,
+    elems: usize,
+}
+
+/// One case's input: the packed buffer on the GPU and its host copy.
+#[derive(Clone, Copy)]
+struct Case<'a> {
+    layout: &'a CompressedLayout,
+    packed: &'a tier_api::TensorView,
+    packed_host: &'a Tensor,
+    seed: u64,
+}
+
+/// Poisons the output, runs `d` once and checks the output, then times it.
+fn measure(
+    b: &Bench,
+    d: &GpuDequantizer,
+    case: &Case,
+    name: String,
+    label: String,
+    reps: usize,
+    warmup: usize,
+) -> Res<Row> {
+    let (layout, dst) = (case.layout, case.packed);
+    let out = b.out.view();
+    let path = d.path(dst, layout, &out)?;
+    poison(b.gpu, b.stream, b.out, b.elems)?;
+    d.enqueue(b.stream, dst, layout, &out)?.wait()?;
+    b.matrix.copy(&out, &b.check_host.view())?;
+    {
+        // SAFETY: the copies have finished; nothing writes either buffer now.
+        let (bytes, got) = unsafe { (host_slice::<u8>(case.packed_host)?, host_slice::<u16>(b.check_host)?) };
+        verify(&bytes[..layout.total_bytes()], layout, got, 0xc4ec + case.seed)?;
+    }
+    // The handles are kept until all launches are queued: dropping one
+    // waits for its kernel, which would time the launch gap too.
+    let mut pending = Vec::new();
+    let ms = time_reps(b.gpu, b.stream, reps, warmup, || {
+        pending.push(d.enqueue(b.stream, dst, layout, &out)?);
+        Ok(())
+    })?;
+    for p in pending {
+        p.wait()?;
+    }
+    let kernel = d.kernel(path, layout.config().bits());
+    Ok(Row {
+        name,
+        path: label,
+        regs: kernel.registers()?,
+        local: kernel.local_bytes()?,
+        bytes: (layout.total_bytes() + b.elems * 2) as u64,
+        ms,
+    })
 }
 
 /// The bytes of a host tensor.
@@ -383,5 +422,5 @@ fn copy_row(
         // GPU and outlive the synchronization in `time_reps`.
         driver("cuMemcpyDtoDAsync", unsafe { sys::cuMemcpyDtoDAsync_v2(d, s, len, stream.cu_stream()) })
     })?;
-    Ok(Row { name: name.to_string(), path: "copy".into(), regs: 0, bytes: 2 * len as u64, ms })
+    Ok(Row { name: name.to_string(), path: "copy".into(), regs: 0, local: 0, bytes: 2 * len as u64, ms })
 }
