@@ -88,6 +88,12 @@ pub enum Error {
     #[error("{0}")]
     PolicyDoesNotFit(String),
 
+    /// The GPU engine cannot run or failed: no usable driver or library
+    /// ("no CUDA driver: ..."), GPU memory exhausted, or a CUDA call that
+    /// failed, with the call named.
+    #[error("{0}")]
+    Gpu(String),
+
     /// The run would not fit in this machine's memory.
     #[error("not enough host memory: {what} needs {need_gib:.1} GiB, {avail_gib:.1} GiB available")]
     OutOfMemory { what: String, need_gib: f64, avail_gib: f64 },

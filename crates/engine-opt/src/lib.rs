@@ -26,6 +26,8 @@
 //!   layer, with per-sequence stopping and FlexGen's timing split.
 //! - [`policy`]: FlexGen's `--percent` and flags, and which of them the CPU
 //!   engine can honour.
+//! - [`gpu`]: the same model all on one GPU (cuBLAS/cuBLASLt products,
+//!   NVRTC kernels), layer by layer, for `--percent 100 0 100 0 100 0`.
 //! - [`cli`]: the `tierlm` subcommands.
 //!
 //! Every failure input can cause is an [`Error`].
@@ -36,6 +38,7 @@ pub mod config;
 pub mod dummy;
 mod error;
 pub mod generation;
+pub mod gpu;
 pub mod kv_cache;
 pub mod loading;
 pub mod memory;

@@ -1,0 +1,513 @@
+//! Matrix products through cuBLAS and cuBLASLt: f16 operands, f32
+//! accumulation, output f16 or f32.
+//!
+//! [`Blas::linear`] is a PyTorch `Linear` on row-major activations,
+//! `out = act(x · Wᵀ + bias) (+ out)`, with the bias, the ReLU and the
+//! residual add (`accumulate`) fused into cuBLASLt's epilogue. Each shape
+//! gets a plan (descriptors and the heuristic's algorithm) once; later calls
+//! only set the bias pointer. Where cuBLASLt offers no algorithm, the plan
+//! remembers that and the product runs through `cublasGemmEx` with a small
+//! bias/ReLU kernel after it.
+//!
+//! [`Blas::gemm_batched`] is cuBLAS's strided batched product, for the
+//! attention of prefill; every operand's extent is checked against its
+//! buffer first.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::mem::size_of;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::cublas::{self, CudaBlas};
+use cudarc::cublaslt::{result as lt, sys as lts};
+use half::f16;
+use tier_api::{DType, Device, Shape, Tensor};
+use tier_cuda::kernels::CudaStream;
+use tier_cuda::GpuDevice;
+
+use super::buffer::{DevBuf, DevElem};
+use super::{tier_err, Gpu};
+use crate::error::{Error, Result};
+
+/// cuBLASLt's workspace (NVIDIA's recommendation for Hopper).
+const LT_WORKSPACE: usize = 32 << 20;
+
+/// The output of a linear layer, with a bias of the same type.
+#[derive(Debug, Clone, Copy)]
+pub enum LinearOut<'a> {
+    F16 { out: &'a DevBuf<f16>, bias: Option<&'a DevBuf<f16>> },
+    F32 { out: &'a DevBuf<f32>, bias: Option<&'a DevBuf<f32>> },
+}
+
+impl LinearOut<'_> {
+    fn ptr(&self) -> u64 {
+        match self {
+            LinearOut::F16 { out, .. } => out.ptr(),
+            LinearOut::F32 { out, .. } => out.ptr(),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            LinearOut::F16 { out, .. } => out.len(),
+            LinearOut::F32 { out, .. } => out.len(),
+        }
+    }
+    fn bias(&self) -> Option<(u64, usize)> {
+        match self {
+            LinearOut::F16 { bias, .. } => bias.map(|b| (b.ptr(), b.len())),
+            LinearOut::F32 { bias, .. } => bias.map(|b| (b.ptr(), b.len())),
+        }
+    }
+    fn is_f32(&self) -> bool {
+        matches!(self, LinearOut::F32 { .. })
+    }
+}
+
+/// What a plan is made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    rows: usize,
+    n: usize,
+    k: usize,
+    out_f32: bool,
+    bias: bool,
+    relu: bool,
+    accumulate: bool,
+}
+
+/// cuBLASLt descriptors and the chosen algorithm for one shape.
+struct LtPlan {
+    desc: lts::cublasLtMatmulDesc_t,
+    a: lts::cublasLtMatrixLayout_t,
+    b: lts::cublasLtMatrixLayout_t,
+    c: lts::cublasLtMatrixLayout_t,
+    algo: lts::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the descriptors are plain host objects of cuBLASLt that any
+// thread may use; the plans sit behind a mutex and are used by one call at
+// a time.
+unsafe impl Send for LtPlan {}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once by this plan and is
+        // destroyed once here; errors on the way out are ignored.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.c);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// A cuBLASLt handle, destroyed on drop.
+struct LtHandle(lts::cublasLtHandle_t);
+
+// SAFETY: a cuBLASLt handle may be used from any thread, one call at a
+// time; the engine issues all calls from the thread that holds the `Gpu`.
+unsafe impl Send for LtHandle {}
+// SAFETY: as above; nothing mutates the handle itself after creation.
+unsafe impl Sync for LtHandle {}
+
+impl Drop for LtHandle {
+    fn drop(&mut self) {
+        // SAFETY: created once in `Blas::new`, destroyed once here.
+        let _ = unsafe { lt::destroy_handle(self.0) };
+    }
+}
+
+/// The BLAS handles of the engine's stream.
+pub struct Blas {
+    blas: CudaBlas,
+    lt: LtHandle,
+    workspace: Tensor,
+    workspace_ptr: u64,
+    stream: Arc<CudaStream>,
+    plans: Mutex<HashMap<PlanKey, Option<LtPlan>>>,
+}
+
+impl std::fmt::Debug for Blas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blas").field("plans", &self.plans().len()).finish_non_exhaustive()
+    }
+}
+
+fn blas_err(call: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Gpu(format!("GPU: {call} failed: {e:?}"))
+}
+
+fn c_int(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Gpu(format!("GPU matrix product: {what} {v} does not fit cuBLAS's int")))
+}
+
+fn lt_type(f32_out: bool) -> lts::cudaDataType {
+    if f32_out {
+        lts::cudaDataType::CUDA_R_32F
+    } else {
+        lts::cudaDataType::CUDA_R_16F
+    }
+}
+
+fn blas_type(f32_out: bool) -> cublas::sys::cudaDataType {
+    if f32_out {
+        cublas::sys::cudaDataType::CUDA_R_32F
+    } else {
+        cublas::sys::cudaDataType::CUDA_R_16F
+    }
+}
+
+/// One operand of a batched product: where its elements are (a device
+/// address and how many elements are there), the element where the first
+/// matrix starts, its leading dimension and the stride between matrices.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand<'a, T: DevElem> {
+    ptr: u64,
+    len: usize,
+    pub offset: usize,
+    pub ld: usize,
+    pub stride: usize,
+    _buf: PhantomData<&'a DevBuf<T>>,
+}
+
+impl<'a, T: DevElem> Operand<'a, T> {
+    /// Matrices in `buf` from element `offset`, `ld` apart within a
+    /// matrix and `stride` apart between them.
+    pub fn new(buf: &'a DevBuf<T>, offset: usize, ld: usize, stride: usize) -> Self {
+        Operand { ptr: buf.ptr(), len: buf.len(), offset, ld, stride, _buf: PhantomData }
+    }
+
+    /// Checks that `batch` column-major `rows × cols` matrices fit, and
+    /// returns the address of the first.
+    fn checked(&self, what: &str, rows: usize, cols: usize, batch: usize) -> Result<u64> {
+        if rows > self.ld {
+            return Err(Error::Gpu(format!("GPU batched product: {what} has {rows} rows but ld {}", self.ld)));
+        }
+        let extent = if rows == 0 || cols == 0 || batch == 0 {
+            self.offset
+        } else {
+            self.offset + (batch - 1) * self.stride + (cols - 1) * self.ld + rows
+        };
+        if extent > self.len {
+            return Err(Error::Gpu(format!(
+                "GPU batched product: {what} reaches element {extent} of a {}-element buffer",
+                self.len
+            )));
+        }
+        Ok(self.ptr + (self.offset * size_of::<T>()) as u64)
+    }
+}
+
+/// The output of a batched product.
+#[derive(Debug, Clone, Copy)]
+pub enum BatchedOut<'a> {
+    F16(Operand<'a, f16>),
+    F32(Operand<'a, f32>),
+}
+
+impl Blas {
+    /// Handles on `stream` and cuBLASLt's workspace on `device`.
+    pub fn new(device: &GpuDevice, stream: &Arc<CudaStream>) -> Result<Self> {
+        let blas = CudaBlas::new(Arc::clone(stream)).map_err(|e| blas_err("cublasCreate", e))?;
+        let handle = lt::create_handle().map_err(|e| blas_err("cublasLtCreate", e))?;
+        let workspace = device.allocate(&Shape::new([LT_WORKSPACE]), DType::U8).map_err(tier_err)?;
+        let workspace_ptr = device.device_ptr(&workspace).map_err(tier_err)?;
+        Ok(Blas {
+            blas,
+            lt: LtHandle(handle),
+            workspace,
+            workspace_ptr,
+            stream: Arc::clone(stream),
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `out = act(x · wᵀ + bias) (+ out when accumulate)`: `x` is `rows × k`
+    /// row-major f16, `w` is `n × k` (a PyTorch `Linear` weight), `out`
+    /// `rows × n`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        gpu: &Gpu,
+        x: &DevBuf<f16>,
+        rows: usize,
+        w: &DevBuf<f16>,
+        (n, k): (usize, usize),
+        out: LinearOut<'_>,
+        relu: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        if x.len() < rows * k || w.len() < n * k || out.len() < rows * n {
+            return Err(Error::Gpu(format!(
+                "GPU linear {rows}x{k} · ({n}x{k})ᵀ: buffers of {}, {} and {} elements are too small",
+                x.len(),
+                w.len(),
+                out.len()
+            )));
+        }
+        if let Some((_, len)) = out.bias() {
+            if len < n {
+                return Err(Error::Gpu(format!("GPU linear: bias of {len} elements for {n} outputs")));
+            }
+        }
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let key = PlanKey { rows, n, k, out_f32: out.is_f32(), bias: out.bias().is_some(), relu, accumulate };
+        let aligned = [x.ptr(), w.ptr(), out.ptr(), out.bias().map_or(0, |b| b.0)].iter().all(|p| p % 256 == 0);
+        if aligned && k > 0 {
+            let mut plans = self.plans();
+            let plan = plans.entry(key).or_insert_with(|| match self.make_plan(&key) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::debug!("cuBLASLt has no plan for {key:?} ({e}); using cublasGemmEx");
+                    None
+                }
+            });
+            if let Some(plan) = plan {
+                return self.run_plan(plan, x.ptr(), w.ptr(), &out, accumulate);
+            }
+        }
+        // Fallback: the product through cublasGemmEx, then bias and ReLU.
+        self.gemm_ex(x.ptr(), w.ptr(), &out, rows, n, k, accumulate)?;
+        if out.bias().is_some() || relu {
+            match out {
+                LinearOut::F16 { out, bias } => gpu.kernels.bias_act_f16(gpu, out, bias, rows, n, relu)?,
+                LinearOut::F32 { out, bias } => gpu.kernels.bias_act_f32(gpu, out, bias, rows, n, relu)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn make_plan(&self, key: &PlanKey) -> Result<LtPlan> {
+        let to_u64 = |v: usize| v as u64;
+        let ld = |v: usize| v as i64;
+        let desc = lt::create_matmul_desc(lts::cublasComputeType_t::CUBLAS_COMPUTE_32F, lts::cudaDataType::CUDA_R_32F)
+            .map_err(|e| blas_err("cublasLtMatmulDescCreate", e))?;
+        // The layouts are made one by one so that each is destroyed by the
+        // plan, or here on the way out of a failure.
+        let mut plan = LtPlan {
+            desc,
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            algo: lts::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
+        let set = |attr: lts::cublasLtMatmulDescAttributes_t, v: &i32| {
+            // SAFETY: `desc` is live; the attribute takes a 32-bit value
+            // (cublasOperation_t / cublasLtEpilogue_t) and `v` points at one.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, (v as *const i32).cast(), size_of::<i32>()) }
+                .map_err(|e| blas_err("cublasLtMatmulDescSetAttribute", e))
+        };
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &1)?;
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &0)?;
+        let epilogue = match (key.bias, key.relu) {
+            (true, true) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            (true, false) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            (false, true) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU,
+            (false, false) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+        };
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as i32))?;
+        if key.bias {
+            // The bias is held in the output's type (f16 or f32).
+            set(
+                lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                &(lt_type(key.out_f32) as i32),
+            )?;
+        }
+        let layout =
+            |t, r, c, l| lt::create_matrix_layout(t, r, c, l).map_err(|e| blas_err("cublasLtMatrixLayoutCreate", e));
+        // Column-major: A = W (k × n, ld k, transposed), B = x (k × rows,
+        // ld k), C = D = out (n × rows, ld n).
+        plan.a = layout(lts::cudaDataType::CUDA_R_16F, to_u64(key.k), to_u64(key.n), ld(key.k))?;
+        plan.b = layout(lts::cudaDataType::CUDA_R_16F, to_u64(key.k), to_u64(key.rows), ld(key.k))?;
+        plan.c = layout(lt_type(key.out_f32), to_u64(key.n), to_u64(key.rows), ld(key.n))?;
+        let pref = lt::create_matmul_pref().map_err(|e| blas_err("cublasLtMatmulPreferenceCreate", e))?;
+        let ws = LT_WORKSPACE;
+        // SAFETY: `pref` is live; the attribute takes a u64 (size_t) and
+        // `ws` is one.
+        let r = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws as *const usize).cast(),
+                size_of::<usize>(),
+            )
+        };
+        // SAFETY: every handle is live (made above, destroyed later).
+        let heuristic = r.and_then(|()| unsafe {
+            lt::get_matmul_algo_heuristic(self.lt.0, plan.desc, plan.a, plan.b, plan.c, plan.c, pref)
+        });
+        // SAFETY: made above, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        let heuristic = heuristic.map_err(|e| blas_err("cublasLtMatmulAlgoGetHeuristic", e))?;
+        if heuristic.workspaceSize > LT_WORKSPACE {
+            return Err(Error::Gpu("cuBLASLt asked for more workspace than it was given".into()));
+        }
+        plan.algo = heuristic.algo;
+        Ok(plan)
+    }
+
+    fn run_plan(&self, plan: &LtPlan, x: u64, w: u64, out: &LinearOut<'_>, accumulate: bool) -> Result<()> {
+        if let Some((bias, _)) = out.bias() {
+            // SAFETY: `plan.desc` is live; the attribute takes a device
+            // pointer and `bias` is one (checked to hold n elements).
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&bias as *const u64).cast(),
+                    size_of::<u64>(),
+                )
+            }
+            .map_err(|e| blas_err("cublasLtMatmulDescSetAttribute", e))?;
+        }
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        let d = out.ptr();
+        // SAFETY: the plan's layouts describe the shapes the caller checked
+        // against the buffers (`linear`); C and D are the same buffer with
+        // the same layout, which cuBLASLt allows; alpha and beta are f32 as
+        // the scale type says; the workspace holds LT_WORKSPACE bytes and
+        // lives as long as `self`; all on the engine's stream.
+        unsafe {
+            lt::matmul(
+                self.lt.0,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                w as *const c_void,
+                plan.a,
+                x as *const c_void,
+                plan.b,
+                d as *const c_void,
+                plan.c,
+                d as *mut c_void,
+                plan.c,
+                &plan.algo,
+                self.workspace_ptr as *mut c_void,
+                LT_WORKSPACE,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| blas_err("cublasLtMatmul", e))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(
+        &self,
+        x: u64,
+        w: u64,
+        out: &LinearOut<'_>,
+        rows: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        let (m_i, n_i, k_i) = (c_int("n", n)?, c_int("rows", rows)?, c_int("k", k)?);
+        // SAFETY: shapes checked against the buffers by `linear`; alpha and
+        // beta are f32 for the f32 compute type; on the handle's stream.
+        unsafe {
+            cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m_i,
+                n_i,
+                k_i,
+                (&alpha as *const f32).cast(),
+                w as *const c_void,
+                cudaDataType::CUDA_R_16F,
+                k_i.max(1),
+                x as *const c_void,
+                cudaDataType::CUDA_R_16F,
+                k_i.max(1),
+                (&beta as *const f32).cast(),
+                out.ptr() as *mut c_void,
+                blas_type(out.is_f32()),
+                m_i,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas_err("cublasGemmEx", e))
+    }
+
+    /// `C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]` for `batch`
+    /// column-major matrices (cuBLAS's convention: op(A) is `m × k`, op(B)
+    /// `k × n`, C `m × n`), f16 operands, f32 compute.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched(
+        &self,
+        (trans_a, trans_b): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: Operand<'_, f16>,
+        b: Operand<'_, f16>,
+        beta: f32,
+        c: BatchedOut<'_>,
+        batch: usize,
+    ) -> Result<()> {
+        use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+        let (br, bc) = if trans_b { (n, k) } else { (k, n) };
+        let a_ptr = a.checked("A", ar, ac, batch)?;
+        let b_ptr = b.checked("B", br, bc, batch)?;
+        let (c_ptr, ldc, stride_c, f32_out) = match c {
+            BatchedOut::F16(o) => (o.checked("C", m, n, batch)?, o.ld, o.stride, false),
+            BatchedOut::F32(o) => (o.checked("C", m, n, batch)?, o.ld, o.stride, true),
+        };
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let stride = |s: usize| s as i64;
+        // SAFETY: every operand's extent was checked against its buffer just
+        // above; alpha and beta are f32 for the f32 compute type; on the
+        // handle's stream.
+        unsafe {
+            cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(trans_a),
+                op(trans_b),
+                c_int("m", m)?,
+                c_int("n", n)?,
+                c_int("k", k)?,
+                (&alpha as *const f32).cast(),
+                a_ptr as *const c_void,
+                blas_type(false),
+                c_int("lda", a.ld)?,
+                stride(a.stride),
+                b_ptr as *const c_void,
+                blas_type(false),
+                c_int("ldb", b.ld)?,
+                stride(b.stride),
+                (&beta as *const f32).cast(),
+                c_ptr as *mut c_void,
+                blas_type(f32_out),
+                c_int("ldc", ldc)?,
+                stride(stride_c),
+                c_int("batch", batch)?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas_err("cublasGemmStridedBatchedEx", e))
+    }
+
+    /// The plan cache (a panic elsewhere while it was held leaves nothing
+    /// half-made in it: plans are inserted whole).
+    fn plans(&self) -> MutexGuard<'_, HashMap<PlanKey, Option<LtPlan>>> {
+        self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Bytes of cuBLASLt's workspace (held on the GPU tier's account).
+    pub fn workspace_bytes(&self) -> u64 {
+        self.workspace.byte_len() as u64
+    }
+}

@@ -1,0 +1,494 @@
+//! OPT on the GPU, a part at a time: [`GpuModel::embed`], then
+//! [`GpuModel::layer_forward`] for each layer with that layer's weights and
+//! cache (itself [`GpuModel::attention_block`] then
+//! [`GpuModel::mlp_block`]), then [`GpuModel::logits`] and
+//! [`GpuModel::argmax`]. The maths is the CPU reference's
+//! ([`crate::model`]); only the arithmetic's order and the rounding of
+//! activations to f16 between products differ.
+
+use half::f16;
+use indicatif::ProgressBar;
+
+use super::blas::{BatchedOut, LinearOut, Operand};
+use super::buffer::DevBuf;
+use super::cache::{GpuKvCache, GpuLayerCache, KeyMask};
+use super::kernels::decode_kernel_fits;
+use super::profile::Profiler;
+use super::weights::{GpuEmbeddings, GpuLayerNorm, GpuLayerWeights};
+use super::Gpu;
+use crate::config::OptConfig;
+use crate::error::{Error, Result};
+use crate::weights::WeightSource;
+
+/// Bytes of attention scores the prefill may hold at once (scores are f16,
+/// `heads × new × total` per sequence); sequences are taken in chunks that
+/// fit, one sequence at least.
+pub const SCORE_BUDGET_BYTES: usize = 1 << 30;
+
+/// What a layer needs to know about the step besides the hidden states.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuStep<'a> {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// New tokens per sequence (prompt length at prefill, 1 when decoding).
+    pub new_len: usize,
+    /// Positions already in the cache before this step.
+    pub past: usize,
+    /// Which cache positions hold real tokens, per sequence.
+    pub key_mask: &'a KeyMask,
+}
+
+impl GpuStep<'_> {
+    fn rows(&self) -> usize {
+        self.batch * self.new_len
+    }
+}
+
+/// The hidden states of one batch, kept between layers: f32 (the residual
+/// stream), and for post-layer-norm models their f16 copy, which is each
+/// block's input.
+#[derive(Debug)]
+pub struct GpuHidden {
+    pub hidden: DevBuf<f32>,
+    pub hidden16: Option<DevBuf<f16>>,
+}
+
+impl GpuHidden {
+    /// Room for `rows` hidden states of `config`.
+    pub fn new(gpu: &Gpu, config: &OptConfig, rows: usize) -> Result<Self> {
+        let h = config.hidden_size;
+        let hidden16 = if config.do_layer_norm_before { None } else { Some(DevBuf::alloc(gpu, rows * h)?) };
+        Ok(GpuHidden { hidden: DevBuf::alloc(gpu, rows * h)?, hidden16 })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.hidden.bytes() + self.hidden16.as_ref().map_or(0, DevBuf::bytes)
+    }
+}
+
+/// Scratch space shared by the batches of a block: the products' outputs,
+/// the step's inputs and the logits. Sized for `rows` rows (sequences ×
+/// new tokens) and `batch` sequences per step at most.
+#[derive(Debug)]
+pub struct Workspace {
+    rows: usize,
+    batch: usize,
+    x16: DevBuf<f16>,
+    qkv: DevBuf<f16>,
+    attn: DevBuf<f16>,
+    /// Queries, then the attention's output, by head: `[batch][head][new][hd]`.
+    heads: DevBuf<f16>,
+    ffn: DevBuf<f16>,
+    scores: Option<DevBuf<f16>>,
+    last32: DevBuf<f32>,
+    last16: DevBuf<f16>,
+    proj16: DevBuf<f16>,
+    /// `[batch, vocab]` f32, after [`GpuModel::logits`].
+    pub logits: DevBuf<f32>,
+    tokens: DevBuf<u32>,
+    step_mask: DevBuf<u8>,
+    past_real: DevBuf<i32>,
+    picked: DevBuf<u32>,
+    score_budget: usize,
+}
+
+impl Workspace {
+    /// Scratch for steps of at most `rows` rows over at most `batch`
+    /// sequences.
+    pub fn new(gpu: &Gpu, config: &OptConfig, rows: usize, batch: usize) -> Result<Self> {
+        let (h, e, f, v) = (config.hidden_size, config.word_embed_proj_dim(), config.ffn_dim, config.vocab_size);
+        let wide = h.max(e);
+        Ok(Workspace {
+            rows,
+            batch,
+            x16: DevBuf::alloc(gpu, rows * wide)?,
+            qkv: DevBuf::alloc(gpu, rows * 3 * h)?,
+            attn: DevBuf::alloc(gpu, rows * h)?,
+            heads: DevBuf::alloc(gpu, rows * h)?,
+            ffn: DevBuf::alloc(gpu, rows * f)?,
+            scores: None,
+            last32: DevBuf::alloc(gpu, batch * h)?,
+            last16: DevBuf::alloc(gpu, batch * wide)?,
+            proj16: DevBuf::alloc(gpu, batch * e)?,
+            logits: DevBuf::alloc(gpu, batch * v)?,
+            tokens: DevBuf::alloc(gpu, rows)?,
+            step_mask: DevBuf::alloc(gpu, rows)?,
+            past_real: DevBuf::alloc(gpu, batch)?,
+            picked: DevBuf::alloc(gpu, batch)?,
+            score_budget: SCORE_BUDGET_BYTES,
+        })
+    }
+
+    /// Sets the bytes of attention scores a step may hold at once (default
+    /// [`SCORE_BUDGET_BYTES`]); smaller budgets take fewer sequences at a
+    /// time.
+    pub fn set_score_budget(&mut self, bytes: usize) {
+        self.score_budget = bytes;
+    }
+
+    fn check(&self, step: &GpuStep<'_>) -> Result<()> {
+        if step.rows() > self.rows || step.batch > self.batch {
+            return Err(Error::Gpu(format!(
+                "GPU workspace holds {} rows of {} sequences; the step has {} of {}",
+                self.rows,
+                self.batch,
+                step.rows(),
+                step.batch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes the f16 score buffer at least `len` elements (grown on demand,
+    /// the old one freed first).
+    fn ensure_scores(&mut self, gpu: &Gpu, len: usize) -> Result<()> {
+        if self.scores.as_ref().is_none_or(|s| s.len() < len) {
+            self.scores = None;
+            gpu.synchronize()?;
+            self.scores = Some(DevBuf::alloc(gpu, len)?);
+        }
+        Ok(())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        [
+            self.x16.bytes(),
+            self.qkv.bytes(),
+            self.attn.bytes(),
+            self.heads.bytes(),
+            self.ffn.bytes(),
+            self.scores.as_ref().map_or(0, DevBuf::bytes),
+            self.last32.bytes(),
+            self.last16.bytes(),
+            self.proj16.bytes(),
+            self.logits.bytes(),
+            self.tokens.bytes(),
+            self.step_mask.bytes(),
+            self.past_real.bytes(),
+            self.picked.bytes(),
+        ]
+        .iter()
+        .sum()
+    }
+}
+
+/// An OPT model with all its weights on one GPU.
+#[derive(Debug)]
+pub struct GpuModel {
+    pub config: OptConfig,
+    pub embeddings: GpuEmbeddings,
+    pub layers: Vec<GpuLayerWeights>,
+    /// Where parts of steps are timed, when profiling is on.
+    pub profiler: Option<Profiler>,
+    /// Last, so that the buffers above are freed before its stream and
+    /// handles go.
+    pub gpu: Gpu,
+}
+
+impl GpuModel {
+    /// Uploads the model's weights from `src` (every tensor's shape
+    /// checked, as the CPU loader does).
+    pub fn load(gpu: Gpu, config: OptConfig, src: &dyn WeightSource, pb: &ProgressBar) -> Result<Self> {
+        config.validate()?;
+        let embeddings = GpuEmbeddings::load(&gpu, &config, src, pb)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| GpuLayerWeights::load(&gpu, &config, i, src, pb))
+            .collect::<Result<Vec<_>>>()?;
+        gpu.synchronize()?;
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None })
+    }
+
+    /// Seeded random weights made on the GPU (`--dummy`): seconds for
+    /// billions of parameters, nothing through host memory.
+    pub fn dummy(gpu: Gpu, config: OptConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let embeddings = GpuEmbeddings::dummy(&gpu, &config, seed)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| GpuLayerWeights::dummy(&gpu, &config, i, seed))
+            .collect::<Result<Vec<_>>>()?;
+        gpu.synchronize()?;
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None })
+    }
+
+    /// Bytes of weights on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        self.embeddings.bytes() + self.layers.iter().map(GpuLayerWeights::bytes).sum::<u64>()
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` positions.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<GpuKvCache> {
+        GpuKvCache::new(&self.gpu, &self.config, batch, capacity)
+    }
+
+    /// Marks the end of `part` on the stream when profiling.
+    pub fn mark(&self, part: &'static str) -> Result<()> {
+        match &self.profiler {
+            Some(p) => p.mark(&self.gpu, part),
+            None => Ok(()),
+        }
+    }
+
+    /// The f16 input of a block: the layer-normed states (pre-LN, into the
+    /// workspace) or the states themselves (post-LN).
+    fn block_input<'a>(
+        &self,
+        act: &'a GpuHidden,
+        ws: &'a Workspace,
+        rows: usize,
+        norm: &Option<GpuLayerNorm>,
+    ) -> Result<&'a DevBuf<f16>> {
+        let h = self.config.hidden_size;
+        if self.config.do_layer_norm_before {
+            self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, h, GpuLayerNorm::params(norm), false, &ws.x16)?;
+            Ok(&ws.x16)
+        } else {
+            act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without their f16 copy".into()))
+        }
+    }
+
+    /// After a post-LN block: the norm in place on the f32 states, and
+    /// their f16 copy for the next block.
+    fn post_norm(&self, act: &GpuHidden, rows: usize, norm: &Option<GpuLayerNorm>) -> Result<()> {
+        if self.config.do_layer_norm_before {
+            return Ok(());
+        }
+        let out = act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without f16 copy".into()))?;
+        let h = self.config.hidden_size;
+        self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, h, GpuLayerNorm::params(norm), true, out)
+    }
+
+    /// Hidden states of this step's tokens (`[batch × new_len]`, left
+    /// padded, `step_mask` 1 for real tokens): token embedding (through
+    /// `project_in`) plus position embedding, the positions counted from
+    /// the mask (`past_real[b]` real tokens came before in sequence `b`).
+    /// Also records the mask in the key mask at `step.past`.
+    pub fn embed(
+        &self,
+        act: &GpuHidden,
+        ws: &mut Workspace,
+        tokens: &[u32],
+        step_mask: &[u8],
+        past_real: &[i32],
+        step: &GpuStep<'_>,
+    ) -> Result<()> {
+        ws.check(step)?;
+        let (rows, h, e) = (step.rows(), self.config.hidden_size, self.config.word_embed_proj_dim());
+        if tokens.len() != rows || step_mask.len() != rows || past_real.len() != step.batch {
+            return Err(Error::Gpu("embed: tokens, mask and positions disagree with the step".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(Error::TokenOutOfRange { index: 0, id: bad, vocab: self.config.vocab_size });
+        }
+        let max_pos = past_real.iter().map(|&p| p.max(0) as usize).max().unwrap_or(0) + step.new_len;
+        if max_pos > self.config.max_position_embeddings {
+            return Err(Error::Gpu(format!("embed: position {max_pos} is past the model's positions")));
+        }
+        let stream = self.gpu.stream();
+        ws.tokens.upload(stream, 0, tokens)?;
+        ws.step_mask.upload(stream, 0, step_mask)?;
+        ws.past_real.upload(stream, 0, past_real)?;
+        let emb = &self.embeddings;
+        let add_tokens = match &emb.project_in {
+            Some(project_in) => {
+                self.gpu.kernels.gather_tokens(&self.gpu, &ws.tokens, rows, &emb.embed_tokens, e, &ws.x16)?;
+                let out = LinearOut::F32 { out: &act.hidden, bias: None };
+                self.gpu.blas.linear(&self.gpu, &ws.x16, rows, project_in, (h, e), out, false, false)?;
+                false
+            }
+            None => true,
+        };
+        let hidden16 = act.hidden16.as_ref().unwrap_or(&ws.x16);
+        self.gpu.kernels.embed(
+            &self.gpu,
+            &ws.tokens,
+            &ws.step_mask,
+            &ws.past_real,
+            &emb.embed_tokens,
+            &emb.embed_positions,
+            (step.batch, step.new_len, h),
+            add_tokens,
+            &act.hidden,
+            hidden16,
+            (&step.key_mask.mask, step.key_mask.stride, step.past),
+        )?;
+        self.mark("embed")
+    }
+
+    /// The attention block of layer `layer` with its residual (and layer
+    /// norm), in place on `act`. Appends this step's keys and values to
+    /// `cache`.
+    pub fn attention_block(
+        &self,
+        layer: usize,
+        cache: &mut GpuLayerCache,
+        act: &GpuHidden,
+        ws: &mut Workspace,
+        step: &GpuStep<'_>,
+    ) -> Result<()> {
+        ws.check(step)?;
+        let w = self.weights(layer)?;
+        let c = &self.config;
+        let (rows, h, heads, hd) = (step.rows(), c.hidden_size, c.num_attention_heads, c.head_dim());
+        if cache.len() != step.past || cache.batch != step.batch {
+            return Err(Error::Gpu(format!(
+                "layer {layer}: the cache holds {} positions of {} sequences, the step expects {} of {}",
+                cache.len(),
+                cache.batch,
+                step.past,
+                step.batch
+            )));
+        }
+        let input = self.block_input(act, ws, rows, &w.self_attn_layer_norm)?;
+        self.mark("layer norm")?;
+        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias.as_ref() };
+        self.gpu.blas.linear(&self.gpu, input, rows, &w.qkv, (3 * h, h), qkv, false, false)?;
+        self.mark("qkv product")?;
+        let gpu = &self.gpu;
+        gpu.kernels.store_kv(
+            gpu,
+            &ws.qkv,
+            step.batch,
+            step.new_len,
+            heads,
+            hd,
+            step.past,
+            cache.capacity,
+            &cache.keys,
+            &cache.values,
+        )?;
+        cache.advance(step.new_len)?;
+        self.mark("store kv")?;
+        self.attention(cache, ws, step)?;
+        self.mark("attention")?;
+        let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias.as_ref() };
+        gpu.blas.linear(gpu, &ws.attn, rows, &w.out_proj, (h, h), out, false, true)?;
+        self.mark("out product")?;
+        self.post_norm(act, rows, &w.self_attn_layer_norm)?;
+        self.mark("layer norm")
+    }
+
+    /// Attention of this step's queries (in `ws.qkv`) over the cache
+    /// (this step's keys included) into `ws.attn`.
+    fn attention(&self, cache: &GpuLayerCache, ws: &mut Workspace, step: &GpuStep<'_>) -> Result<()> {
+        let c = &self.config;
+        let (h, heads, hd) = (c.hidden_size, c.num_attention_heads, c.head_dim());
+        let (s_n, total, cap) = (step.new_len, cache.len(), cache.capacity);
+        let scale = (hd as f32).powf(-0.5);
+        let gpu = &self.gpu;
+        let mask = (&step.key_mask.mask, step.key_mask.stride);
+        if s_n == 1 && decode_kernel_fits(hd) && (total + (256 / (hd / 8)) * hd) * 4 <= 48 * 1024 {
+            let dims = (step.batch, heads, hd, cap, total);
+            return gpu.kernels.attn_decode(gpu, &ws.qkv, (&cache.keys, &cache.values), mask, dims, scale, &ws.attn);
+        }
+        // Prefill (or any step), a chunk of sequences at a time: the queries
+        // by head; scores = Q·Kᵀ by cuBLAS (f32 accumulation, stored f16 as
+        // transformers does in f16); masked softmax in place (in f32); P·V
+        // by cuBLAS over the chunk's queries (no longer needed); the output
+        // back to rows. One batched product each for all sequences × heads
+        // of a chunk.
+        let per_seq = heads * s_n * total;
+        let chunk = (ws.score_budget / (2 * per_seq.max(1))).clamp(1, step.batch.max(1));
+        ws.ensure_scores(gpu, chunk * per_seq)?;
+        let ws = &*ws;
+        let scores = ws.scores.as_ref().ok_or_else(|| Error::Gpu("GPU score buffer missing".into()))?;
+        let shape = (step.batch, s_n, heads, hd);
+        gpu.kernels.transpose_heads(gpu, &ws.qkv, &ws.heads, 3 * h, shape, true)?;
+        let head_block = cap * hd;
+        for b0 in (0..step.batch).step_by(chunk) {
+            let nb = chunk.min(step.batch - b0);
+            let n = nb * heads;
+            let keys = Operand::new(&cache.keys, b0 * heads * head_block, hd, head_block);
+            let queries = Operand::new(&ws.heads, b0 * heads * s_n * hd, hd, s_n * hd);
+            let out = BatchedOut::F16(Operand::new(scores, 0, total, s_n * total));
+            gpu.blas.gemm_batched((true, false), (total, s_n, hd), scale, keys, queries, 0.0, out, n)?;
+            gpu.kernels.softmax_rows(gpu, scores, n * s_n, total, s_n, heads, step.past, mask, b0)?;
+            let values = Operand::new(&cache.values, b0 * heads * head_block, hd, head_block);
+            let probs = Operand::new(scores, 0, total, s_n * total);
+            let out = BatchedOut::F16(Operand::new(&ws.heads, b0 * heads * s_n * hd, hd, s_n * hd));
+            gpu.blas.gemm_batched((false, false), (hd, s_n, total), 1.0, values, probs, 0.0, out, n)?;
+        }
+        gpu.kernels.transpose_heads(gpu, &ws.heads, &ws.attn, h, shape, false)
+    }
+
+    /// The MLP block of layer `layer` with its residual (and layer norm),
+    /// in place on `act`.
+    pub fn mlp_block(&self, layer: usize, act: &GpuHidden, ws: &mut Workspace, step: &GpuStep<'_>) -> Result<()> {
+        ws.check(step)?;
+        let w = self.weights(layer)?;
+        let (rows, h, f) = (step.rows(), self.config.hidden_size, self.config.ffn_dim);
+        let input = self.block_input(act, ws, rows, &w.final_layer_norm)?;
+        self.mark("layer norm")?;
+        let gpu = &self.gpu;
+        let fc1 = LinearOut::F16 { out: &ws.ffn, bias: w.fc1_bias.as_ref() };
+        gpu.blas.linear(gpu, input, rows, &w.fc1, (f, h), fc1, true, false)?;
+        self.mark("fc1 product")?;
+        let fc2 = LinearOut::F32 { out: &act.hidden, bias: w.fc2_bias.as_ref() };
+        gpu.blas.linear(gpu, &ws.ffn, rows, &w.fc2, (h, f), fc2, false, true)?;
+        self.mark("fc2 product")?;
+        self.post_norm(act, rows, &w.final_layer_norm)?;
+        self.mark("layer norm")
+    }
+
+    /// Layer `layer`: the attention block, then the MLP block.
+    pub fn layer_forward(
+        &self,
+        layer: usize,
+        cache: &mut GpuLayerCache,
+        act: &GpuHidden,
+        ws: &mut Workspace,
+        step: &GpuStep<'_>,
+    ) -> Result<()> {
+        self.attention_block(layer, cache, act, ws, step)?;
+        self.mlp_block(layer, act, ws, step)
+    }
+
+    fn weights(&self, layer: usize) -> Result<&GpuLayerWeights> {
+        self.layers.get(layer).ok_or_else(|| Error::Gpu(format!("layer {layer} does not exist")))
+    }
+
+    /// Logits of the last position of each sequence into `ws.logits`
+    /// (`[batch, vocab]`, f32): final layer norm (pre-LN models),
+    /// `project_out`, then the tied embedding.
+    pub fn logits(&self, act: &GpuHidden, ws: &mut Workspace, batch: usize, new_len: usize) -> Result<()> {
+        let c = &self.config;
+        let (h, e, v) = (c.hidden_size, c.word_embed_proj_dim(), c.vocab_size);
+        if batch > ws.batch {
+            return Err(Error::Gpu(format!("logits: {batch} sequences, the workspace holds {}", ws.batch)));
+        }
+        let gpu = &self.gpu;
+        gpu.kernels.gather_last(gpu, &act.hidden, (batch, new_len, h), &ws.last32, &ws.last16)?;
+        if let Some(norm) = &self.embeddings.final_layer_norm {
+            gpu.kernels.layer_norm(gpu, &ws.last32, batch, h, Some((&norm.weight, &norm.bias)), false, &ws.last16)?;
+        } else if self.config.has_final_layer_norm() {
+            // A final norm without affine parameters.
+            gpu.kernels.layer_norm(gpu, &ws.last32, batch, h, None, false, &ws.last16)?;
+        }
+        let x = match &self.embeddings.project_out {
+            Some(p) => {
+                let out = LinearOut::F16 { out: &ws.proj16, bias: None };
+                gpu.blas.linear(gpu, &ws.last16, batch, p, (e, h), out, false, false)?;
+                &ws.proj16
+            }
+            None => &ws.last16,
+        };
+        let out = LinearOut::F32 { out: &ws.logits, bias: None };
+        gpu.blas.linear(gpu, x, batch, &self.embeddings.embed_tokens, (v, e), out, false, false)?;
+        self.mark("logits")
+    }
+
+    /// The greedy pick of each row of `ws.logits` (the first maximum, as the
+    /// CPU sampler), copied to the host.
+    pub fn argmax(&self, ws: &Workspace, batch: usize) -> Result<Vec<u32>> {
+        let v = self.config.vocab_size;
+        self.gpu.kernels.argmax_rows(&self.gpu, &ws.logits, batch, v, &ws.picked)?;
+        self.mark("argmax")?;
+        ws.picked.download_range(self.gpu.stream(), 0, batch)
+    }
+
+    /// `ws.logits`' first `batch` rows copied to the host.
+    pub fn logits_to_host(&self, ws: &Workspace, batch: usize) -> Result<Vec<f32>> {
+        ws.logits.download_range(self.gpu.stream(), 0, batch * self.config.vocab_size)
+    }
+}
