@@ -154,7 +154,13 @@ pub struct BenchReport {
 
 /// Deterministic prompts: `</s>` then ids drawn from the vocabulary (past
 /// the special tokens), `batches × batch` of them.
-fn bench_prompts(config: &OptConfig, batches: usize, batch: usize, len: usize, seed: u64) -> Vec<Vec<Vec<u32>>> {
+pub(crate) fn bench_prompts(
+    config: &OptConfig,
+    batches: usize,
+    batch: usize,
+    len: usize,
+    seed: u64,
+) -> Vec<Vec<Vec<u32>>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let low = 4.min(config.vocab_size as u32 - 1);
     (0..batches)
@@ -198,6 +204,10 @@ fn notes(args: &BenchArgs, policy: &Policy) {
 /// Runs `tierlm bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let policy = args.policy()?;
+    // Everything on the GPU, and a GPU here: the GPU engine runs it.
+    if let Some(result) = crate::gpu::bench::try_bench(&args, &policy) {
+        return result;
+    }
     policy.check_cpu_engine()?;
     if args.prompt_len == 0 || args.gen_len == 0 {
         return Err(Error::InvalidArgument("--prompt-len and --gen-len must be at least 1".to_string()));

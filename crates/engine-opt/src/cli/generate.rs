@@ -50,6 +50,15 @@ pub struct GenerateArgs {
     /// Sequences run together in one batch
     #[arg(long, default_value_t = 8)]
     pub gpu_batch_size: usize,
+    /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU%: 100 0 100 0
+    /// 100 0 runs on the GPU engine; the default, everything on the CPU
+    #[arg(
+        long,
+        num_args = 6,
+        allow_negative_numbers = true,
+        value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"]
+    )]
+    pub percent: Option<Vec<f64>>,
 }
 
 /// One input: text to tokenize, or token ids.
@@ -121,6 +130,9 @@ fn stdout_err(e: std::io::Error) -> Error {
 
 /// Runs `tierlm generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if let Some(result) = crate::gpu::bench::try_generate(&args) {
+        return result;
+    }
     let sampling =
         SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;

@@ -22,7 +22,7 @@
 //! - [`generation`]: prefill and decode over a block of batches in
 //!   FlexGen's order (for each step, for each layer, for each batch), with the
 //!   CPU engine's stopping rules and timing split.
-//! - `bench`: `tierlm bench` and `tierlm generate` on this engine.
+//! - [`bench`]: `tierlm bench` and `tierlm generate` on this engine.
 //!
 //! Numerics: f16 storage, f32 accumulation everywhere. Matrix products go
 //! through cuBLASLt (bias, ReLU and the residual add fused into the product's
@@ -34,6 +34,7 @@
 //! the engine cannot run ("no CUDA driver: ..."), and [`Gpu::new`] returns
 //! that as an [`Error::Gpu`].
 
+pub mod bench;
 pub mod blas;
 pub mod buffer;
 pub mod cache;

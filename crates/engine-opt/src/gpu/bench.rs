@@ -1,0 +1,556 @@
+//! `tierlm bench` and `tierlm generate` on the GPU engine, when `--percent`
+//! puts everything on the GPU (`100 0 100 0 100 0`) and a GPU is there.
+//!
+//! The benchmark reports FlexLLMGen's three figures, defined as the CPU
+//! engine's bench does, beside the GPU memory held, and sets them against
+//! the limits of the machine measured in the same run: a decode step must
+//! read every weight and the KV cache so far, so its time is at least those
+//! bytes over the device-to-device copy bandwidth; the prefill must do its
+//! matrix products, so its time is at least their FLOPs over the rate of a
+//! large f16 product through the same cuBLASLt.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use half::f16;
+use serde::Serialize;
+
+use super::blas::LinearOut;
+use super::buffer::DevBuf;
+use super::generation::{generate, validate_prompts};
+use super::{driver_err, Gpu, GpuModel};
+use crate::checkpoint::Checkpoint;
+use crate::cli::bench::{bench_prompts, throughput, BenchArgs};
+use crate::cli::generate::{read_inputs, GenerateArgs, Input};
+use crate::config::OptConfig;
+use crate::dummy::DummyWeights;
+use crate::error::{Error, Result};
+use crate::generation::GenerateOptions;
+use crate::loading::ModelSpec;
+use crate::policy::Policy;
+use crate::progress;
+use crate::sampling::{Sampler, SamplingConfig};
+use crate::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
+
+/// Whether `policy` puts weights, cache and activations all on the GPU.
+pub fn all_on_gpu(policy: &Policy) -> bool {
+    policy.w_gpu_percent == 100.0 && policy.cache_gpu_percent == 100.0 && policy.act_gpu_percent == 100.0
+}
+
+/// The GPU engine's answer to a policy: `None` where it does not take the
+/// run (the placement is not all-GPU, or there is no GPU: the caller keeps
+/// its own behaviour), else the run's result.
+pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
+    if policy.validate().is_err() || !all_on_gpu(policy) {
+        return None;
+    }
+    if let Some(reason) = super::unavailable_reason() {
+        eprintln!("note: the GPU engine cannot run here ({reason})");
+        return None;
+    }
+    Some(run_bench(args, policy))
+}
+
+/// Refuses the flags this engine does not implement yet.
+fn check_flags(policy: &Policy) -> Result<()> {
+    let unsupported = [
+        (policy.compress_weight, "--compress-weight"),
+        (policy.compress_cache, "--compress-cache"),
+        (policy.attn_sparsity < 1.0, "--attn-sparsity below 1"),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|f| f.0) {
+        return Err(Error::NeedsGpuEngine(format!(
+            "{flag} (the GPU engine runs f16 weights and cache, dense attention)"
+        )));
+    }
+    if policy.overlap {
+        eprintln!("note: --overlap: everything is on the GPU, there are no copies to overlap");
+    }
+    if policy.cpu_cache_compute {
+        eprintln!("note: --cpu-cache-compute: the cache is on the GPU, attention runs there");
+    }
+    Ok(())
+}
+
+/// The machine's limits, measured in the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Roofline {
+    /// Device-to-device copy, bytes read plus bytes written per second.
+    pub copy_bytes_per_s: f64,
+    /// A `8192 × 8192 × 8192` f16 product (f32 accumulation), FLOP/s.
+    pub gemm_flop_per_s: f64,
+}
+
+/// Bytes and FLOPs the run must move and do, and the times they bound.
+#[derive(Debug, Clone, Serialize)]
+pub struct Limits {
+    /// Bytes every decode step reads whatever the cache (weights).
+    pub decode_weight_bytes: u64,
+    /// Cache bytes read by the first and the last decode step.
+    pub decode_cache_bytes_first: u64,
+    pub decode_cache_bytes_last: u64,
+    /// All decode steps' bytes over the copy bandwidth.
+    pub decode_min_s: f64,
+    /// Prefill FLOPs (products and attention, as computed).
+    pub prefill_flop: f64,
+    /// Those over the measured product rate.
+    pub prefill_min_s: f64,
+    /// prompts × (gen_len − 1) / decode_min_s.
+    pub decode_tokens_per_s_limit: Option<f64>,
+    /// prompts × gen_len / (prefill_min_s + decode_min_s).
+    pub total_tokens_per_s_limit: f64,
+}
+
+/// GPU memory of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuMemory {
+    pub weights_bytes: u64,
+    pub kv_cache_bytes: u64,
+    /// Hidden states and scratch (products' outputs, scores, logits).
+    pub activation_bytes: u64,
+    /// The most the engine's buffers held at once (exact, the GPU tier's
+    /// account).
+    pub peak_held_bytes: u64,
+    /// What the driver reported in use at the end beyond the engine's
+    /// buffers (CUDA context, libraries' workspaces and kernels).
+    pub other_in_use_bytes: u64,
+}
+
+/// The result of a GPU benchmark, as `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuBenchReport {
+    pub model: String,
+    pub engine: String,
+    pub device: String,
+    pub prompts: usize,
+    pub gpu_batch_size: usize,
+    pub num_gpu_batches: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub percent: [f64; 6],
+    pub load_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub total_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: Option<f64>,
+    pub total_tokens_per_s: f64,
+    pub memory: GpuMemory,
+    pub roofline: Roofline,
+    pub limits: Limits,
+}
+
+/// Copy bandwidth and product rate of `gpu`, measured with events: the
+/// median of several timed repetitions after a warm-up.
+pub fn measure_roofline(gpu: &Gpu) -> Result<Roofline> {
+    let ev = |timing| gpu.device().new_event(timing).map_err(super::tier_err);
+    let time_ms = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?;
+        let mut times = Vec::new();
+        for _ in 0..7 {
+            let (a, b) = (ev(true)?, ev(true)?);
+            a.record(gpu.stream()).map_err(|e| driver_err("cuEventRecord", e))?;
+            f()?;
+            b.record(gpu.stream()).map_err(|e| driver_err("cuEventRecord", e))?;
+            b.synchronize().map_err(|e| driver_err("cuEventSynchronize", e))?;
+            times.push(f64::from(a.elapsed_ms(&b).map_err(|e| driver_err("cuEventElapsedTime", e))?));
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+
+    // 1 GiB copied device to device, random contents.
+    const COPY: usize = 1 << 29;
+    let (src, dst) = (DevBuf::<f16>::alloc(gpu, COPY)?, DevBuf::<f16>::alloc(gpu, COPY)?);
+    gpu.kernels.fill_uniform_f16(gpu, &src, 1, 1.0)?;
+    let copy = || -> Result<()> {
+        gpu.stream().context().bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+        // SAFETY: both buffers hold COPY f16 values (2·COPY bytes), are
+        // distinct allocations, and live until the stream is synchronized
+        // (by the timing above) before they drop.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr(), src.ptr(), 2 * COPY, gpu.stream().cu_stream()) }
+            .map_err(|e| driver_err("cuMemcpyDtoDAsync", e))
+    };
+    let copy_ms = time_ms(&copy)?;
+    drop((src, dst));
+
+    const N: usize = 8192;
+    let (a, b, c) =
+        (DevBuf::<f16>::alloc(gpu, N * N)?, DevBuf::<f16>::alloc(gpu, N * N)?, DevBuf::<f16>::alloc(gpu, N * N)?);
+    gpu.kernels.fill_uniform_f16(gpu, &a, 2, 1.0)?;
+    gpu.kernels.fill_uniform_f16(gpu, &b, 3, 1.0)?;
+    let gemm = || gpu.blas.linear(gpu, &a, N, &b, (N, N), LinearOut::F16 { out: &c, bias: None }, false, false);
+    let gemm_ms = time_ms(&gemm)?;
+    Ok(Roofline {
+        copy_bytes_per_s: 2.0 * 2.0 * COPY as f64 / (copy_ms / 1e3),
+        gemm_flop_per_s: 2.0 * (N as f64).powi(3) / (gemm_ms / 1e3),
+    })
+}
+
+/// What the run must move and compute, against the measured limits.
+pub fn limits(
+    config: &OptConfig,
+    model_weight_bytes: u64,
+    prompts: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    roof: &Roofline,
+) -> Limits {
+    let c = config;
+    let (h, e, f, v) = (c.hidden_size as f64, c.word_embed_proj_dim() as f64, c.ffn_dim as f64, c.vocab_size as f64);
+    let (layers, n) = (c.num_hidden_layers as f64, prompts as f64);
+    // Decode reads every weight but the position table (a row a sequence).
+    let positions = (c.position_rows() * c.hidden_size * 2) as u64;
+    let weight_bytes = model_weight_bytes.saturating_sub(positions);
+    // Decode step i (1-based) attends over prompt_len + i cached positions.
+    let cache_bytes = |pos: usize| config.kv_cache_bytes(prompts, pos);
+    let steps = gen_len.saturating_sub(1);
+    let decode_bytes: f64 = (1..=steps).map(|i| (weight_bytes + cache_bytes(prompt_len + i)) as f64).sum();
+    let decode_min_s = decode_bytes / roof.copy_bytes_per_s;
+    let rows = n * prompt_len as f64;
+    let s = prompt_len as f64;
+    let mut flop = 2.0 * rows * layers * (4.0 * h * h + 2.0 * h * f);
+    flop += layers * 4.0 * n * s * s * h; // QKᵀ and PV over every key, as computed
+    flop += 2.0 * n * v * e; // logits of the last positions
+    if c.has_projections() {
+        flop += 2.0 * rows * h * e;
+    }
+    let prefill_min_s = flop / roof.gemm_flop_per_s;
+    Limits {
+        decode_weight_bytes: weight_bytes,
+        decode_cache_bytes_first: if steps > 0 { cache_bytes(prompt_len + 1) } else { 0 },
+        decode_cache_bytes_last: if steps > 0 { cache_bytes(prompt_len + steps) } else { 0 },
+        decode_min_s,
+        prefill_flop: flop,
+        prefill_min_s,
+        decode_tokens_per_s_limit: (steps > 0).then(|| n * steps as f64 / decode_min_s),
+        total_tokens_per_s_limit: n * gen_len as f64 / (prefill_min_s + decode_min_s),
+    }
+}
+
+fn load_for_bench(args: &BenchArgs, gpu: Gpu) -> Result<(GpuModel, String)> {
+    match ModelSpec::parse(&args.model)? {
+        ModelSpec::Preset(name, config) => {
+            if !args.dummy {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} is a preset: give a checkpoint directory, or --dummy for random weights"
+                )));
+            }
+            let desc = format!("{name} (dummy weights made on the GPU, seed {})", args.seed);
+            Ok((GpuModel::dummy(gpu, config, args.seed)?, desc))
+        }
+        ModelSpec::Dir(dir) => {
+            let config = OptConfig::from_dir(&dir)?;
+            let name = dir.display().to_string();
+            if args.dummy {
+                let desc = format!("{name} (dummy weights made on the GPU, seed {})", args.seed);
+                return Ok((GpuModel::dummy(gpu, config, args.seed)?, desc));
+            }
+            let src = Checkpoint::open(&dir)?;
+            let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
+            let model = GpuModel::load(gpu, config, &src, &pb)?;
+            pb.finish_and_clear();
+            Ok((model, name))
+        }
+    }
+}
+
+/// Runs `tierlm bench` on the GPU engine.
+pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
+    check_flags(policy)?;
+    if args.prompt_len == 0 || args.gen_len == 0 {
+        return Err(Error::InvalidArgument("--prompt-len and --gen-len must be at least 1".to_string()));
+    }
+    let config = match ModelSpec::parse(&args.model)? {
+        ModelSpec::Dir(dir) => OptConfig::from_dir(&dir)?,
+        ModelSpec::Preset(_, config) => config,
+    };
+    if args.prompt_len + args.gen_len > config.max_sequence_len() {
+        return Err(Error::InvalidArgument(format!(
+            "--prompt-len {} + --gen-len {} exceed the model's {} positions",
+            args.prompt_len,
+            args.gen_len,
+            config.max_sequence_len()
+        )));
+    }
+    let gpu = Gpu::new(0)?;
+    let device = gpu.device().info().to_string();
+    let prompts_n = policy.block_size();
+    let need = config.weight_bytes() + config.kv_cache_bytes(prompts_n, args.prompt_len + args.gen_len);
+    let (_, total_mem) = gpu.mem_info()?;
+    if need > total_mem {
+        return Err(Error::Gpu(format!(
+            "out of GPU memory: weights and KV cache need {:.1} GiB, the GPU has {:.1} GiB; \
+             put part of them on the CPU (the tiered engine comes later) or use fewer prompts",
+            crate::memory::gib(need),
+            crate::memory::gib(total_mem)
+        )));
+    }
+    let roof = measure_roofline(&gpu)?;
+
+    let t = Instant::now();
+    let (mut model, description) = load_for_bench(args, gpu)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
+    let hidden = indicatif::ProgressBar::hidden();
+
+    // Warm-up, untimed: the timed run's shapes (so that cuBLAS's kernels
+    // are loaded and cuBLASLt's plans made), two new tokens.
+    let warm =
+        bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed ^ 1);
+    generate(&model, &warm, &GenerateOptions { max_new_tokens: args.gen_len.min(2), ..opts }, None, &hidden)?;
+
+    let prompts =
+        bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed);
+    let pb = progress::bar(args.gen_len as u64, "generating");
+    let out = generate(&model, &prompts, &opts, None, &pb)?;
+    pb.finish_and_clear();
+
+    let (held_now, peak_held) = model.gpu.held_bytes();
+    let (free, total) = model.gpu.mem_info()?;
+    let other = (total - free).saturating_sub(held_now);
+    let (prefill_tput, decode_tput, total_tput) = throughput(prompts_n, args.prompt_len, args.gen_len, &out);
+    let weights = model.weight_bytes();
+    let report = GpuBenchReport {
+        model: description,
+        engine: "gpu".into(),
+        device,
+        prompts: prompts_n,
+        gpu_batch_size: policy.gpu_batch_size,
+        num_gpu_batches: policy.num_gpu_batches,
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+        percent: [
+            policy.w_gpu_percent,
+            policy.w_cpu_percent,
+            policy.cache_gpu_percent,
+            policy.cache_cpu_percent,
+            policy.act_gpu_percent,
+            policy.act_cpu_percent,
+        ],
+        load_s,
+        prefill_s: out.prefill_time.as_secs_f64(),
+        decode_s: out.decode_time.as_secs_f64(),
+        total_s: (out.prefill_time + out.decode_time).as_secs_f64(),
+        prefill_tokens_per_s: prefill_tput,
+        decode_tokens_per_s: decode_tput,
+        total_tokens_per_s: total_tput,
+        memory: GpuMemory {
+            weights_bytes: weights,
+            kv_cache_bytes: out.cache_bytes,
+            activation_bytes: out.activation_bytes,
+            peak_held_bytes: peak_held,
+            other_in_use_bytes: other,
+        },
+        limits: limits(&model.config, weights, prompts_n, args.prompt_len, args.gen_len, &roof),
+        roofline: roof,
+    };
+    print_report(&report, args.json)?;
+
+    // TIERLM_GPU_PROFILE=1: one more run with every part timed by events.
+    if std::env::var_os("TIERLM_GPU_PROFILE").is_some_and(|v| v != "0") {
+        model.profiler = Some(super::profile::Profiler::default());
+        generate(&model, &prompts, &opts, None, &hidden)?;
+        if let Some(p) = &model.profiler {
+            let parts = p.take(&model.gpu)?;
+            let mut text = String::from("profile (a separate run, events after every part):\n");
+            for ((phase, part), ms) in &parts {
+                text.push_str(&format!("  {phase:>8} {part:<18} {ms:>10.2} ms\n"));
+            }
+            std::io::stdout().write_all(text.as_bytes()).map_err(|e| Error::io("<stdout>", e))?;
+        }
+    }
+    Ok(())
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
+    let stdout_err = |e: std::io::Error| Error::io("<stdout>", e);
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line =
+            serde_json::to_string(r).map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
+        return writeln!(out, "{line}").map_err(stdout_err);
+    }
+    let (m, l, roof, p) = (&r.memory, &r.limits, &r.roofline, r.percent);
+    let pct = |a: f64, b: f64| 100.0 * a / b;
+    let decode = match (r.decode_tokens_per_s, l.decode_tokens_per_s_limit) {
+        (Some(t), Some(lim)) => format!("{t:.1} token/s ({:.0}% of the bytes limit, {lim:.0} token/s)", pct(t, lim)),
+        _ => "n/a (gen-len 1)".to_string(),
+    };
+    let text = format!(
+        "model: {}\n\
+         engine: GPU, {}\n\
+         prompts: {} ({} × {}), prompt_len {}, gen_len {}, percent {} {} {} {} {} {}\n\
+         load: {:.2} s\n\
+         prefill: {:.3} s, {:.1} token/s ({:.0}% of the product-rate limit, {:.3} s)\n\
+         decode:  {:.3} s, {}\n\
+         total:   {:.3} s, {:.1} token/s ({:.0}% of the limit, {:.1} token/s)\n\
+         peak GPU memory: {} held by the engine (weights {}, KV cache {}, activations {}), \
+         + {} for the CUDA context and libraries\n\
+         measured here: device copy {:.0} GB/s (read + write), f16 product 8192³ {:.0} TFLOP/s\n\
+         bytes a decode step reads: weights {} + KV cache {} to {}; prefill {:.1} TFLOP\n",
+        r.model,
+        r.device,
+        r.prompts,
+        r.gpu_batch_size,
+        r.num_gpu_batches,
+        r.prompt_len,
+        r.gen_len,
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        r.load_s,
+        r.prefill_s,
+        r.prefill_tokens_per_s,
+        pct(l.prefill_min_s, r.prefill_s),
+        l.prefill_min_s,
+        r.decode_s,
+        decode,
+        r.total_s,
+        r.total_tokens_per_s,
+        pct(r.total_tokens_per_s, l.total_tokens_per_s_limit),
+        l.total_tokens_per_s_limit,
+        gb(m.peak_held_bytes),
+        gb(m.weights_bytes),
+        gb(m.kv_cache_bytes),
+        gb(m.activation_bytes),
+        gb(m.other_in_use_bytes),
+        roof.copy_bytes_per_s / 1e9,
+        roof.gemm_flop_per_s / 1e12,
+        gb(l.decode_weight_bytes),
+        gb(l.decode_cache_bytes_first),
+        gb(l.decode_cache_bytes_last),
+        l.prefill_flop / 1e12,
+    );
+    out.write_all(text.as_bytes()).map_err(stdout_err)
+}
+
+/// Runs `tierlm generate` on the GPU engine (`--percent 100 0 100 0 100 0`
+/// on a machine with a GPU). `--dummy` uploads the CPU generator's weights,
+/// so that a seed gives the same model on both engines.
+pub fn run_generate(args: &GenerateArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct OutputLine<'a> {
+        index: usize,
+        output_ids: &'a [u32],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    }
+    let sampling =
+        SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    sampling.validate()?;
+    if args.gpu_batch_size == 0 {
+        return Err(Error::InvalidArgument("--gpu-batch-size must be at least 1".to_string()));
+    }
+    let inputs = match &args.input {
+        Some(path) => read_inputs(path)?,
+        None => args.prompts.iter().cloned().map(Input::Text).collect(),
+    };
+    let json = args.json || args.input.is_some();
+    let (config, dir) = match ModelSpec::parse(&args.model)? {
+        ModelSpec::Dir(dir) => (OptConfig::from_dir(&dir)?, Some(dir)),
+        ModelSpec::Preset(name, config) => {
+            if !args.dummy {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} is a preset: give a checkpoint directory, or --dummy for random weights"
+                )));
+            }
+            (config, None)
+        }
+    };
+    let tokenizer = match &dir {
+        Some(d) => OptTokenizer::from_dir(d, config.bos_token_id.unwrap_or(BOS_TOKEN_ID))?,
+        None => None,
+    };
+    let prompts: Vec<Vec<u32>> = inputs
+        .iter()
+        .map(|input| match input {
+            Input::Ids(ids) => Ok(ids.clone()),
+            Input::Text(text) => match &tokenizer {
+                Some(tok) => tok.encode(text),
+                None => Err(Error::NoTokenizer { dir: dir.clone().unwrap_or_else(|| PathBuf::from(&args.model)) }),
+            },
+        })
+        .collect::<Result<_>>()?;
+
+    let gpu = Gpu::new(0)?;
+    let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
+    let model = match (&dir, args.dummy) {
+        (Some(d), false) => GpuModel::load(gpu, config, &Checkpoint::open(d)?, &pb)?,
+        _ => GpuModel::load(gpu, config, &DummyWeights::new(args.seed), &pb)?,
+    };
+    pb.finish_and_clear();
+    validate_prompts(&model, &prompts, args.max_new_tokens, 0)?;
+    let c = &model.config;
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        stop_on_eos: true,
+        eos_token_id: c.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID),
+        pad_token_id: c.pad_token_id.unwrap_or(crate::tokenizer::PAD_TOKEN_ID),
+    };
+    let mut sampler = Sampler::new(sampling);
+    let greedy = sampling.is_greedy();
+    let batches: Vec<&[Vec<u32>]> = prompts.chunks(args.gpu_batch_size).collect();
+    let pb = progress::bar((batches.len() * args.max_new_tokens) as u64, "generating");
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let stdout_err = |e: std::io::Error| Error::io("<stdout>", e);
+    let mut index = 0;
+    for batch in batches {
+        let s = if greedy { None } else { Some(&mut sampler) };
+        let result = generate(&model, &[batch.to_vec()], &opts, s, &pb)?;
+        for new_ids in &result.tokens {
+            let text = match &tokenizer {
+                Some(tok) => Some(tok.decode(new_ids)?),
+                None => None,
+            };
+            if json {
+                let line = OutputLine { index, output_ids: new_ids, text };
+                let line = serde_json::to_string(&line)
+                    .map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
+                pb.suspend(|| writeln!(out, "{line}")).map_err(stdout_err)?;
+            } else {
+                let prompt = match &inputs[index] {
+                    Input::Text(t) => t.clone(),
+                    Input::Ids(_) => String::new(),
+                };
+                let sep = if index > 0 { "\n" } else { "" };
+                pb.suspend(|| writeln!(out, "{sep}{prompt}{}", text.unwrap_or_default())).map_err(stdout_err)?;
+            }
+            index += 1;
+        }
+        out.flush().map_err(stdout_err)?;
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// The GPU engine's answer to `tierlm generate --percent ...`: `None` to
+/// run on the CPU engine (no `--percent`, or everything on the CPU), the
+/// GPU run for `100 0 100 0 100 0`, or the error for a placement neither
+/// engine runs.
+pub fn try_generate(args: &GenerateArgs) -> Option<Result<()>> {
+    let percent = args.percent.as_ref()?;
+    let policy = match Policy::default().with_percent(percent).and_then(|p| p.validate().map(|()| p)) {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    if all_on_gpu(&policy) {
+        return Some(match super::unavailable_reason() {
+            Some(reason) => Err(Error::Gpu(reason)),
+            None => run_generate(args),
+        });
+    }
+    match policy.check_cpu_engine() {
+        Ok(()) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
