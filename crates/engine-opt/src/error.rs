@@ -79,9 +79,17 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// The request needs the GPU engine, which is not built yet.
-    #[error("{0} needs the GPU engine, which comes later; the CPU run holds everything in host memory")]
+    /// The request needs the GPU engine, and this run is on the CPU engine.
+    #[error("{0} needs the GPU engine; the CPU engine holds everything in host memory")]
     NeedsGpuEngine(String),
+
+    /// The request needs the tiered engine (placements split over GPU, host
+    /// and disk, and the flags of its schedule), which is not built yet.
+    #[error(
+        "{0} needs the tiered engine, which is not built yet; today tierlm runs everything on the GPU \
+         (--percent 100 0 100 0 100 0) or everything in host memory on the CPU (--percent 0 100 0 100 0 100)"
+    )]
+    NeedsTieredEngine(String),
 
     /// A placement policy that the machine cannot hold, with the bytes each
     /// tier would need and what would help (see `placement`).

@@ -1,7 +1,7 @@
 //! FlexGen's placement policy (`flex_opt.py`'s `Policy`): batch sizes, the
 //! GPU/CPU/disk split of weights, KV cache and activations, and the flags of
 //! the tiered engine. The CPU engine accepts only the policies it can honour
-//! and names what needs the GPU engine.
+//! and names what needs the GPU engine or the tiered engine.
 
 use crate::error::{Error, Result};
 
@@ -127,16 +127,16 @@ impl Policy {
     /// memory, no GPU-engine feature).
     pub fn check_cpu_engine(&self) -> Result<()> {
         self.validate()?;
+        let all_gpu = self.pairs().iter().all(|&(_, gpu, _)| gpu == 100.0);
         for (what, gpu, _) in self.pairs() {
             if gpu > 0.0 {
-                return Err(Error::NeedsGpuEngine(format!("putting {gpu}% of the {what} on the GPU")));
+                let what = format!("putting {gpu}% of the {what} on the GPU");
+                return Err(if all_gpu { Error::NeedsGpuEngine(what) } else { Error::NeedsTieredEngine(what) });
             }
         }
         for ((what, _, _), disk) in self.pairs().iter().zip(self.disk_percents()) {
             if disk > 0.0 {
-                return Err(Error::NeedsGpuEngine(format!(
-                    "putting {disk}% of the {what} on disk (the tiered engine)"
-                )));
+                return Err(Error::NeedsTieredEngine(format!("putting {disk}% of the {what} on disk")));
             }
         }
         let flags = [
@@ -147,7 +147,7 @@ impl Policy {
             (self.attn_sparsity < 1.0, "--attn-sparsity below 1"),
         ];
         if let Some((_, flag)) = flags.iter().find(|f| f.0) {
-            return Err(Error::NeedsGpuEngine((*flag).to_string()));
+            return Err(Error::NeedsTieredEngine((*flag).to_string()));
         }
         Ok(())
     }
@@ -178,6 +178,7 @@ mod tests {
         let gpu = with(&[100.0, 0.0, 100.0, 0.0, 100.0, 0.0]).unwrap().check_cpu_engine().unwrap_err();
         assert!(matches!(gpu, Error::NeedsGpuEngine(_)), "{gpu}");
         let disk = with(&[0.0, 75.0, 0.0, 100.0, 0.0, 100.0]).unwrap().check_cpu_engine().unwrap_err();
+        assert!(matches!(disk, Error::NeedsTieredEngine(_)), "{disk}");
         assert!(disk.to_string().contains("25% of the weights on disk"), "{disk}");
         let overlap = Policy { overlap: true, ..Policy::default() };
         assert!(overlap.check_cpu_engine().unwrap_err().to_string().contains("--overlap"));

@@ -294,18 +294,23 @@ fn bench_policies_the_cpu_engine_cannot_run() {
     assert!(err.contains("over 100"), "{err}");
     let err = with(&["--percent", "-5", "100", "0", "100", "0", "100"]);
     assert!(err.contains("outside 0..=100"), "{err}");
-    let err = with(&["--percent", "100", "0", "100", "0", "100", "0"]);
-    assert!(err.contains("needs the GPU engine"), "{err}");
+    if !engine_opt::gpu::available() {
+        // With a GPU this placement runs on the GPU engine.
+        let err = with(&["--percent", "100", "0", "100", "0", "100", "0"]);
+        assert!(err.contains("needs the GPU engine"), "{err}");
+    }
     let err = with(&["--percent", "0", "50", "0", "100", "0", "100"]);
-    assert!(err.contains("50% of the weights on disk") && err.contains("needs the GPU engine"), "{err}");
+    assert!(err.contains("50% of the weights on disk") && err.contains("needs the tiered engine"), "{err}");
+    let err = with(&["--percent", "50", "50", "100", "0", "100", "0"]);
+    assert!(err.contains("50% of the weights on the GPU") && err.contains("needs the tiered engine"), "{err}");
     let err = with(&["--gpu-batch-size", "0"]);
     assert!(err.contains("--gpu-batch-size must be at least 1"), "{err}");
     for flag in [&["--compress-weight"][..], &["--compress-cache"], &["--overlap"], &["--sep-layer", "true"]] {
         let err = with(flag);
-        assert!(err.contains("needs the GPU engine"), "{flag:?}: {err}");
+        assert!(err.contains("needs the tiered engine"), "{flag:?}: {err}");
     }
     let err = with(&["--attn-sparsity", "0.5"]);
-    assert!(err.contains("needs the GPU engine"), "{err}");
+    assert!(err.contains("needs the tiered engine"), "{err}");
     let err = fails(&["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "2040", "--gen-len", "32"]);
     assert!(err.contains("exceed the model's 2048 positions"), "{err}");
     // Flags that mean "off" are accepted.

@@ -1,5 +1,5 @@
 //! `tierlm bench`: FlexGen's benchmark (`flex_opt.py`) with its knobs, run on
-//! the CPU engine until the GPU engine exists. Throughput is defined exactly
+//! the CPU engine, or on the GPU engine when everything is placed on a GPU. Throughput is defined exactly
 //! as FlexLLMGen reports it: prefill = prompts × prompt_len / prefill time,
 //! decode = prompts × (gen_len − 1) / decode time, total = prompts × gen_len
 //! / (prefill + decode time); one warm-up generation runs first, untimed.

@@ -60,7 +60,7 @@ fn check_flags(policy: &Policy) -> Result<()> {
         (policy.attn_sparsity < 1.0, "--attn-sparsity below 1"),
     ];
     if let Some((_, flag)) = unsupported.iter().find(|f| f.0) {
-        return Err(Error::NeedsGpuEngine(format!(
+        return Err(Error::NeedsTieredEngine(format!(
             "{flag} (the GPU engine runs f16 weights and cache, dense attention)"
         )));
     }
