@@ -177,6 +177,50 @@ pub struct Capacity {
     pub disk: u64,
 }
 
+/// The locked-memory limit (RLIMIT_MEMLOCK) from `/proc/self/limits`, in
+/// bytes; `u64::MAX` when unlimited or unreadable (the allocation itself
+/// then says so).
+pub fn memlock_limit() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse::<u64>().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Free bytes (for an unprivileged user) of the file system holding `dir`,
+/// by statvfs; `None` where it cannot be asked.
+pub fn disk_free(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call and
+    // `st` has room for one `statvfs`, which the call fills on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // c_ulong is not u64 on every target
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+impl Capacity {
+    /// What this machine has: `gpu` bytes for the engine (the driver's free
+    /// memory or `--gpu-mem`), MemAvailable, RLIMIT_MEMLOCK and the offload
+    /// directory's free space (0 where the directory cannot be asked).
+    pub fn of_machine(gpu: u64, offload_dir: &std::path::Path) -> Capacity {
+        Capacity {
+            gpu,
+            host: crate::memory::available_bytes().unwrap_or(0),
+            pinnable: memlock_limit(),
+            disk: disk_free(offload_dir).unwrap_or(0),
+        }
+    }
+}
+
 /// Which tiers a footprint overruns, as (tier, needed, available).
 pub fn overruns(total: &TierBytes, cap: &Capacity) -> Vec<(&'static str, u64, u64)> {
     let mut out = Vec::new();
@@ -392,6 +436,15 @@ mod tests {
             Ok(_) => panic!("the locked-memory limit is exceeded"),
         };
         assert!(err.contains("locked-memory limit"), "{err}");
+    }
+
+    #[test]
+    fn this_machine_has_some_of_everything() {
+        let cap = Capacity::of_machine(GIB, &std::env::temp_dir());
+        assert!(cap.host > 0, "MemAvailable");
+        assert!(cap.disk > 0, "statvfs of the temporary directory");
+        assert!(cap.pinnable > 0);
+        assert_eq!(disk_free(std::path::Path::new("/no/such/dir/tierlm")), None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::blas::LinearOut;
 use super::buffer::DevBuf;
 use super::generation::{generate, validate_prompts};
+use super::offload::{split_layers, LayerSplit, OffloadTiers};
 use super::{driver_err, Gpu, GpuModel};
 use crate::checkpoint::Checkpoint;
 use crate::cli::bench::{bench_prompts, throughput, BenchArgs};
@@ -28,21 +29,31 @@ use crate::dummy::DummyWeights;
 use crate::error::{Error, Result};
 use crate::generation::GenerateOptions;
 use crate::loading::ModelSpec;
+use crate::placement::{Capacity, Machine, Workload};
 use crate::policy::Policy;
 use crate::progress;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
+use tier_api::Device as _;
 
 /// Whether `policy` puts weights, cache and activations all on the GPU.
 pub fn all_on_gpu(policy: &Policy) -> bool {
     policy.w_gpu_percent == 100.0 && policy.cache_gpu_percent == 100.0 && policy.act_gpu_percent == 100.0
 }
 
+/// Whether `policy` keeps the cache and activations on the GPU and puts
+/// weights partly or wholly off it (`--percent W_GPU W_CPU 100 0 100 0`):
+/// the GPU engine streams those weights ([`super::offload`]).
+pub fn streams_weights(policy: &Policy) -> bool {
+    policy.w_gpu_percent < 100.0 && policy.cache_gpu_percent == 100.0 && policy.act_gpu_percent == 100.0
+}
+
 /// The GPU engine's answer to a policy: `None` where it does not take the
-/// run (the placement is not all-GPU, or there is no GPU: the caller keeps
-/// its own behaviour), else the run's result.
+/// run (the placement is neither all-GPU nor weights-only offloading, or
+/// there is no GPU: the caller keeps its own behaviour), else the run's
+/// result.
 pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
-    if policy.validate().is_err() || !all_on_gpu(policy) {
+    if policy.validate().is_err() || !(all_on_gpu(policy) || streams_weights(policy)) {
         return None;
     }
     if let Some(reason) = super::unavailable_reason() {
@@ -64,7 +75,7 @@ fn check_flags(policy: &Policy) -> Result<()> {
             "{flag} (the GPU engine runs f16 weights and cache, dense attention)"
         )));
     }
-    if policy.overlap {
+    if policy.overlap && !streams_weights(policy) {
         eprintln!("note: --overlap: everything is on the GPU, there are no copies to overlap");
     }
     if policy.cpu_cache_compute {
@@ -117,6 +128,37 @@ pub struct GpuMemory {
     pub other_in_use_bytes: u64,
 }
 
+/// Where the weights were and what streaming them cost (tiered runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct TierReport {
+    /// Decoder layers resident on the GPU, in host memory, on disk (whole
+    /// layers, in order; embeddings and logits weights stay on the GPU).
+    pub layers_gpu: usize,
+    pub layers_host: usize,
+    pub layers_disk: usize,
+    /// `pinned` or `pageable` for the host layers.
+    pub host_memory: Option<String>,
+    /// Bytes of weights copied to the GPU each step.
+    pub streamed_bytes_per_step: u64,
+    /// A layer's copy into a GPU slot, bytes per second, measured in the
+    /// run through the engine's own route: host, disk.
+    pub host_copy_bytes_per_s: Option<f64>,
+    pub disk_copy_bytes_per_s: Option<f64>,
+    /// prompts × (gen_len − 1) / (decode steps × streamed bytes over those rates).
+    pub decode_tokens_per_s_stream_limit: Option<f64>,
+    /// Peak bytes held per tier (the tiers' `MemAccount`s): GPU (the
+    /// engine's buffers), pinned host (weights if pinned, plus the GPU
+    /// tier's staging ring), pageable host, disk.
+    pub peak_gpu_bytes: u64,
+    pub peak_pinned_host_bytes: u64,
+    pub peak_pageable_host_bytes: u64,
+    pub peak_disk_bytes: u64,
+    /// Bytes of the two GPU slots.
+    pub slot_bytes: u64,
+    /// The process's peak resident set.
+    pub peak_rss_bytes: Option<u64>,
+}
+
 /// The result of a GPU benchmark, as `--json` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct GpuBenchReport {
@@ -139,6 +181,9 @@ pub struct GpuBenchReport {
     pub memory: GpuMemory,
     pub roofline: Roofline,
     pub limits: Limits,
+    /// Tiered runs only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<TierReport>,
 }
 
 /// Copy bandwidth and product rate of `gpu`, measured with events: the
@@ -256,6 +301,38 @@ fn load_for_bench(args: &BenchArgs, gpu: Gpu) -> Result<(GpuModel, String)> {
     }
 }
 
+/// Loads the model for a tiered run: layers split by `policy`'s weight
+/// percentages, the off-GPU ones moved to `tiers` as they are made.
+fn load_tiered(
+    args: &BenchArgs,
+    gpu: Gpu,
+    config: OptConfig,
+    split: LayerSplit,
+    tiers: OffloadTiers,
+) -> Result<(GpuModel, String)> {
+    let hidden = indicatif::ProgressBar::hidden();
+    match ModelSpec::parse(&args.model)? {
+        ModelSpec::Preset(name, _) if !args.dummy => Err(Error::InvalidArgument(format!(
+            "{name} is a preset: give a checkpoint directory, or --dummy for random weights"
+        ))),
+        ModelSpec::Dir(dir) if !args.dummy => {
+            let src = Checkpoint::open(&dir)?;
+            let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
+            let model = GpuModel::tiered(gpu, config, split, tiers, Some(&src), args.seed, &pb)?;
+            pb.finish_and_clear();
+            Ok((model, dir.display().to_string()))
+        }
+        spec => {
+            let name = match spec {
+                ModelSpec::Preset(name, _) => name.to_string(),
+                ModelSpec::Dir(dir) => dir.display().to_string(),
+            };
+            let desc = format!("{name} (dummy weights made on the GPU, seed {})", args.seed);
+            Ok((GpuModel::tiered(gpu, config, split, tiers, None, args.seed, &hidden)?, desc))
+        }
+    }
+}
+
 /// Runs `tierlm bench` on the GPU engine.
 pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     check_flags(policy)?;
@@ -278,8 +355,18 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let device = gpu.device().info().to_string();
     let prompts_n = policy.block_size();
     let need = config.weight_bytes() + config.kv_cache_bytes(prompts_n, args.prompt_len + args.gen_len);
-    let (_, total_mem) = gpu.mem_info()?;
-    if need > total_mem {
+    let (free_mem, total_mem) = gpu.mem_info()?;
+    let tiered = streams_weights(policy);
+    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    if tiered {
+        // Refuse what does not fit before anything is allocated.
+        let can_pin = policy.pin_weight
+            && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(super::tier_err)?.kind
+                != tier_api::HostMemKind::Pageable;
+        let cap = Capacity::of_machine(free_mem, &offload_dir);
+        let work = Workload { prompt_len: args.prompt_len, gen_len: args.gen_len };
+        crate::placement::check(&config, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
+    } else if need > total_mem {
         return Err(Error::Gpu(format!(
             "out of GPU memory: weights and KV cache need {:.1} GiB, the GPU has {:.1} GiB; \
              put part of them on the CPU (the tiered engine comes later) or use fewer prompts",
@@ -290,8 +377,23 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let roof = measure_roofline(&gpu)?;
 
     let t = Instant::now();
-    let (mut model, description) = load_for_bench(args, gpu)?;
+    let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
+    let (mut model, description) = if tiered {
+        let tiers = OffloadTiers::for_split(&split, policy.pin_weight, &offload_dir)?;
+        load_tiered(args, gpu, config, split, tiers)?
+    } else {
+        load_for_bench(args, gpu)?
+    };
     let load_s = t.elapsed().as_secs_f64();
+    // The copy rates of the engine's routes, measured once loaded.
+    let rates = match &model.offload {
+        Some(s) => {
+            let host = (split.host_layers() > 0).then(|| s.copy_rate(split.gpu_end)).transpose()?;
+            let disk = (split.disk_layers() > 0).then(|| s.copy_rate(split.host_end)).transpose()?;
+            (host, disk)
+        }
+        None => (None, None),
+    };
     let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
     let hidden = indicatif::ProgressBar::hidden();
 
@@ -307,6 +409,33 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let out = generate(&model, &prompts, &opts, None, &pb)?;
     pb.finish_and_clear();
 
+    let tier_report = model.offload.as_ref().map(|s| {
+        let layer_bytes = s.slot_bytes();
+        let (host_bytes, disk_bytes) =
+            (layer_bytes * split.host_layers() as u64, layer_bytes * split.disk_layers() as u64);
+        let step_s = rates.0.map_or(0.0, |r| host_bytes as f64 / r) + rates.1.map_or(0.0, |r| disk_bytes as f64 / r);
+        let steps = args.gen_len.saturating_sub(1);
+        let peak = |d: Option<tier_api::MemStats>| d.map_or(0, |s| s.peak_resident);
+        let host_stats = s.tiers().host.as_ref().map(|h| h.stats());
+        let pinned_host = s.tiers().host.as_ref().is_some_and(|h| h.mem_kind().is_page_locked());
+        let staging = peak(model.gpu.device().staging_stats());
+        TierReport {
+            layers_gpu: split.gpu_end,
+            layers_host: split.host_layers(),
+            layers_disk: split.disk_layers(),
+            host_memory: s.tiers().host.as_ref().map(|h| h.mem_kind().to_string()),
+            streamed_bytes_per_step: host_bytes + disk_bytes,
+            host_copy_bytes_per_s: rates.0,
+            disk_copy_bytes_per_s: rates.1,
+            decode_tokens_per_s_stream_limit: (steps > 0 && step_s > 0.0).then(|| prompts_n as f64 / step_s),
+            peak_gpu_bytes: model.gpu.held_bytes().1,
+            peak_pinned_host_bytes: staging + if pinned_host { peak(host_stats.clone()) } else { 0 },
+            peak_pageable_host_bytes: if pinned_host { 0 } else { peak(host_stats) },
+            peak_disk_bytes: peak(s.tiers().disk.as_ref().map(|d| d.stats())),
+            slot_bytes: model.slot_bytes(),
+            peak_rss_bytes: crate::memory::peak_rss_bytes(),
+        }
+    });
     let (held_now, peak_held) = model.gpu.held_bytes();
     let (free, total) = model.gpu.mem_info()?;
     let other = (total - free).saturating_sub(held_now);
@@ -314,7 +443,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let weights = model.weight_bytes();
     let report = GpuBenchReport {
         model: description,
-        engine: "gpu".into(),
+        engine: if tiered { "gpu, weights streamed".into() } else { "gpu".into() },
         device,
         prompts: prompts_n,
         gpu_batch_size: policy.gpu_batch_size,
@@ -343,8 +472,16 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
             peak_held_bytes: peak_held,
             other_in_use_bytes: other,
         },
-        limits: limits(&model.config, weights, prompts_n, args.prompt_len, args.gen_len, &roof),
+        limits: limits(
+            &model.config,
+            weights + tier_report.as_ref().map_or(0, |t| t.streamed_bytes_per_step),
+            prompts_n,
+            args.prompt_len,
+            args.gen_len,
+            &roof,
+        ),
         roofline: roof,
+        tiers: tier_report,
     };
     print_report(&report, args.json)?;
 
@@ -430,7 +567,35 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
         gb(l.decode_cache_bytes_last),
         l.prefill_flop / 1e12,
     );
-    out.write_all(text.as_bytes()).map_err(stdout_err)
+    out.write_all(text.as_bytes()).map_err(stdout_err)?;
+    if let Some(t) = &r.tiers {
+        let rate = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1} GB/s", v / 1e9));
+        let limit = match (r.decode_tokens_per_s, t.decode_tokens_per_s_stream_limit) {
+            (Some(d), Some(l)) => format!("{l:.1} token/s (decode reaches {:.0}%)", 100.0 * d / l),
+            _ => "-".to_string(),
+        };
+        let text = format!(
+            "weights: layers {} on GPU, {} on host ({}), {} on disk; embeddings and logits weights on the GPU\n\
+             streamed per step: {}; layer copy into a GPU slot: host {}, disk {}; decode limit from those: {}\n\
+             peak per tier: GPU {} (slots {}), pinned host {}, pageable host {}, disk {}; peak RSS {}\n",
+            t.layers_gpu,
+            t.layers_host,
+            t.host_memory.as_deref().unwrap_or("-"),
+            t.layers_disk,
+            gb(t.streamed_bytes_per_step),
+            rate(t.host_copy_bytes_per_s),
+            rate(t.disk_copy_bytes_per_s),
+            limit,
+            gb(t.peak_gpu_bytes),
+            gb(t.slot_bytes),
+            gb(t.peak_pinned_host_bytes),
+            gb(t.peak_pageable_host_bytes),
+            gb(t.peak_disk_bytes),
+            t.peak_rss_bytes.map_or("-".to_string(), gb),
+        );
+        out.write_all(text.as_bytes()).map_err(stdout_err)?;
+    }
+    Ok(())
 }
 
 /// Runs `tierlm generate` on the GPU engine (`--percent 100 0 100 0 100 0`

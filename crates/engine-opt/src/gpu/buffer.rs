@@ -86,6 +86,12 @@ impl<T: DevElem> DevBuf<T> {
         self.tensor.byte_len() as u64
     }
 
+    /// The GPU tier's tensor behind the buffer (`[len]` of the tier's type
+    /// of the same size), for copies through the copy matrix.
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
     /// Copies `host` into elements `offset..offset + host.len()`, enqueued
     /// on `stream`. The host slice may be reused as soon as this returns.
     pub fn upload(&self, stream: &CudaStream, offset: usize, host: &[T]) -> Result<()> {

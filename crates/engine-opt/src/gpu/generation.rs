@@ -135,8 +135,10 @@ impl GpuBatch {
     /// The whole step for this batch alone: embeddings, every layer, logits.
     pub fn step(&mut self, model: &GpuModel, ws: &mut Workspace) -> Result<()> {
         self.embed(model, ws)?;
-        for j in 0..model.layers.len() {
+        for j in 0..model.num_layers() {
+            model.begin_layer(j)?;
             self.layer(model, j, ws)?;
+            model.end_layer(j)?;
         }
         self.logits(model, ws)
     }
@@ -211,10 +213,15 @@ pub fn generate(
         for &k in &active {
             states[k].embed(model, &mut ws)?;
         }
-        for j in 0..model.layers.len() {
+        // Layer j's weights are in a GPU slot before its batches are
+        // enqueued; the next streamed layer copies while they compute, once
+        // for all the block's batches.
+        for j in 0..model.num_layers() {
+            model.begin_layer(j)?;
             for &k in &active {
                 states[k].layer(model, j, &mut ws)?;
             }
+            model.end_layer(j)?;
         }
         for &k in &active {
             let st = &mut states[k];

@@ -41,6 +41,7 @@ pub mod cache;
 pub mod generation;
 pub mod kernels;
 pub mod model;
+pub mod offload;
 pub mod profile;
 pub mod weights;
 
@@ -120,7 +121,7 @@ impl Gpu {
         if let Some(reason) = unavailable_reason() {
             return Err(Error::Gpu(reason));
         }
-        let device = GpuDevice::new(GpuConfig { ordinal, streams: 1, ..GpuConfig::default() }).map_err(tier_err)?;
+        let device = GpuDevice::new(GpuConfig { ordinal, streams: 4, ..GpuConfig::default() }).map_err(tier_err)?;
         let stream = device.new_stream().map_err(tier_err)?;
         let kernels = kernels::Kernels::load(&device)?;
         let blas = blas::Blas::new(&device, &stream)?;

@@ -13,6 +13,7 @@ use super::blas::{BatchedOut, LinearOut, Operand};
 use super::buffer::DevBuf;
 use super::cache::{GpuKvCache, GpuLayerCache, KeyMask};
 use super::kernels::decode_kernel_fits;
+use super::offload::{LayerSplit, OffloadTiers, WeightStreamer};
 use super::profile::Profiler;
 use super::weights::{GpuEmbeddings, GpuLayerNorm, GpuLayerWeights};
 use super::Gpu;
@@ -174,14 +175,19 @@ impl Workspace {
     }
 }
 
-/// An OPT model with all its weights on one GPU.
+/// An OPT model on one GPU: embeddings and the first layers resident, the
+/// other layers (if any) streamed from host memory or disk through two GPU
+/// slots ([`WeightStreamer`]).
 #[derive(Debug)]
 pub struct GpuModel {
     pub config: OptConfig,
     pub embeddings: GpuEmbeddings,
+    /// The resident layers, `0..layers.len()` (all of them unless tiered).
     pub layers: Vec<GpuLayerWeights>,
     /// Where parts of steps are timed, when profiling is on.
     pub profiler: Option<Profiler>,
+    /// The layers past `layers.len()`, off the GPU.
+    pub offload: Option<WeightStreamer>,
     /// Last, so that the buffers above are freed before its stream and
     /// handles go.
     pub gpu: Gpu,
@@ -197,7 +203,7 @@ impl GpuModel {
             .map(|i| GpuLayerWeights::load(&gpu, &config, i, src, pb))
             .collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None })
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None })
     }
 
     /// Seeded random weights made on the GPU (`--dummy`): seconds for
@@ -209,12 +215,81 @@ impl GpuModel {
             .map(|i| GpuLayerWeights::dummy(&gpu, &config, i, seed))
             .collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None })
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None })
     }
 
-    /// Bytes of weights on the GPU.
+    /// A model whose layers `split.gpu_end..` live on `tiers` (host memory,
+    /// then disk; see [`super::offload`]), each made on the GPU from `src`
+    /// (or seeded, `src` `None`) and moved to its tier one at a time, so the
+    /// GPU never holds more than the resident part, two slots and one layer
+    /// in passing.
+    pub fn tiered(
+        gpu: Gpu,
+        config: OptConfig,
+        split: LayerSplit,
+        tiers: OffloadTiers,
+        src: Option<&dyn WeightSource>,
+        seed: u64,
+        pb: &ProgressBar,
+    ) -> Result<Self> {
+        config.validate()?;
+        if split.layers != config.num_hidden_layers || split.gpu_end > split.host_end || split.host_end > split.layers {
+            return Err(Error::Gpu(format!("a layer split {split:?} for {} layers", config.num_hidden_layers)));
+        }
+        let make = |gpu: &Gpu, i: usize| match src {
+            Some(src) => GpuLayerWeights::load(gpu, &config, i, src, pb),
+            None => GpuLayerWeights::dummy(gpu, &config, i, seed),
+        };
+        let embeddings = match src {
+            Some(src) => GpuEmbeddings::load(&gpu, &config, src, pb)?,
+            None => GpuEmbeddings::dummy(&gpu, &config, seed)?,
+        };
+        let layers = (0..split.gpu_end).map(|i| make(&gpu, i)).collect::<Result<Vec<_>>>()?;
+        let offload = if split.streams() {
+            let mut streamer = WeightStreamer::new(&gpu, &config, split, tiers)?;
+            for i in split.gpu_end..split.layers {
+                let layer = make(&gpu, i)?;
+                streamer.park(&gpu, i, layer)?;
+            }
+            Some(streamer)
+        } else {
+            None
+        };
+        gpu.synchronize()?;
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload })
+    }
+
+    /// Decoder layers (resident and streamed).
+    pub fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    /// Before layer `j`'s compute is enqueued: its weights in a GPU slot.
+    pub fn begin_layer(&self, j: usize) -> Result<()> {
+        match &self.offload {
+            Some(s) => s.begin_layer(j),
+            None => Ok(()),
+        }
+    }
+
+    /// After layer `j`'s compute is enqueued for every batch: the next
+    /// streamed layer starts copying.
+    pub fn end_layer(&self, j: usize) -> Result<()> {
+        match &self.offload {
+            Some(s) => s.end_layer(&self.gpu, j),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes of weights on the GPU (resident ones; the streaming slots are
+    /// counted by [`GpuModel::slot_bytes`]).
     pub fn weight_bytes(&self) -> u64 {
         self.embeddings.bytes() + self.layers.iter().map(GpuLayerWeights::bytes).sum::<u64>()
+    }
+
+    /// Bytes of the two streaming slots on the GPU (0 when nothing streams).
+    pub fn slot_bytes(&self) -> u64 {
+        self.offload.as_ref().map_or(0, |s| 2 * s.slot_bytes())
     }
 
     /// An empty cache for `batch` sequences of up to `capacity` positions.
@@ -445,7 +520,13 @@ impl GpuModel {
     }
 
     fn weights(&self, layer: usize) -> Result<&GpuLayerWeights> {
-        self.layers.get(layer).ok_or_else(|| Error::Gpu(format!("layer {layer} does not exist")))
+        if let Some(w) = self.layers.get(layer) {
+            return Ok(w);
+        }
+        match &self.offload {
+            Some(s) if layer < self.config.num_hidden_layers => s.weights(layer),
+            _ => Err(Error::Gpu(format!("layer {layer} does not exist"))),
+        }
     }
 
     /// Logits of the last position of each sequence into `ws.logits`

@@ -227,6 +227,25 @@ impl GpuLayerWeights {
         Self::make(gpu, config, i, &Fill::Dummy(seed))
     }
 
+    /// The GPU tier's tensors behind every buffer, in a fixed order (the
+    /// same for every layer of a model): what moves between tiers.
+    pub fn tensors(&self) -> Vec<&tier_api::Tensor> {
+        let mut out = Vec::with_capacity(12);
+        for n in [&self.self_attn_layer_norm, &self.final_layer_norm].into_iter().flatten() {
+            out.push(n.weight.tensor());
+            out.push(n.bias.tensor());
+        }
+        out.push(self.qkv.tensor());
+        out.extend(self.qkv_bias.as_ref().map(DevBuf::tensor));
+        out.push(self.out_proj.tensor());
+        out.extend(self.out_proj_bias.as_ref().map(DevBuf::tensor));
+        out.push(self.fc1.tensor());
+        out.extend(self.fc1_bias.as_ref().map(DevBuf::tensor));
+        out.push(self.fc2.tensor());
+        out.extend(self.fc2_bias.as_ref().map(DevBuf::tensor));
+        out
+    }
+
     /// Bytes held on the GPU.
     pub fn bytes(&self) -> u64 {
         let norm = |n: &Option<GpuLayerNorm>| n.as_ref().map_or(0, |n| n.weight.bytes() + n.bias.bytes());
