@@ -515,8 +515,15 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
     }
     let (m, l, roof, p) = (&r.memory, &r.limits, &r.roofline, r.percent);
     let pct = |a: f64, b: f64| 100.0 * a / b;
-    let decode = match (r.decode_tokens_per_s, l.decode_tokens_per_s_limit) {
-        (Some(t), Some(lim)) => format!("{t:.1} token/s ({:.0}% of the bytes limit, {lim:.0} token/s)", pct(t, lim)),
+    let stream_limit = r.tiers.as_ref().and_then(|t| t.decode_tokens_per_s_stream_limit);
+    let decode = match (r.decode_tokens_per_s, stream_limit, l.decode_tokens_per_s_limit) {
+        // Weights streamed: the copies, not the GPU's memory, bound decode.
+        (Some(t), Some(sl), _) => {
+            format!("{t:.1} token/s ({:.0}% of the weight-streaming limit, {sl:.1} token/s)", pct(t, sl))
+        }
+        (Some(t), None, Some(lim)) => {
+            format!("{t:.1} token/s ({:.0}% of the bytes limit, {lim:.0} token/s)", pct(t, lim))
+        }
         _ => "n/a (gen-len 1)".to_string(),
     };
     let text = format!(

@@ -22,6 +22,11 @@
 //! - [`generation`]: prefill and decode over a block of batches in
 //!   FlexGen's order (for each step, for each layer, for each batch), with the
 //!   CPU engine's stopping rules and timing split.
+//! - [`offload`]: weights off the GPU (`--percent W_GPU W_CPU 100 0 100 0`):
+//!   decoder layers split by whole layers in order (GPU, then host pinned or
+//!   pageable, then disk in `--offload-dir`), streamed through two GPU slots
+//!   with `CopyMatrix::submit`, the next layer copying while the current
+//!   one computes; embeddings and logits weights stay on the GPU.
 //! - [`bench`]: `tierlm bench` and `tierlm generate` on this engine.
 //!
 //! Numerics: f16 storage, f32 accumulation everywhere. Matrix products go
