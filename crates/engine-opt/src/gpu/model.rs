@@ -247,6 +247,8 @@ impl GpuModel {
         let layers = (0..split.gpu_end).map(|i| make(&gpu, i)).collect::<Result<Vec<_>>>()?;
         let offload = if split.streams() {
             let mut streamer = WeightStreamer::new(&gpu, &config, split, tiers)?;
+            let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
+            streamer.allocate_homes(threads)?;
             for i in split.gpu_end..split.layers {
                 let layer = make(&gpu, i)?;
                 streamer.park(&gpu, i, layer)?;

@@ -25,6 +25,10 @@
 //! layer `j + 1`'s copy runs while layer `j` computes, and memory stays two
 //! layers' worth whatever the model's size.
 //!
+//! Start-up: every home tensor is allocated first, on several threads
+//! ([`WeightStreamer::allocate_homes`]), then each layer is made on the GPU
+//! and copied to its home ([`WeightStreamer::park`]).
+//!
 //! Splitting each tensor's rows by the percentages (`SegmentedTensor`) is
 //! the follow-up: by whole layers, small models cannot hit the asked
 //! percentages exactly (`split_layers` rounds).
@@ -223,36 +227,93 @@ impl WeightStreamer {
         self.state.lock().map_err(|_| Error::Gpu("the weight streamer's state was poisoned by a panic".into()))
     }
 
-    /// Moves the next off-GPU layer, made on the GPU (`layer`, everything
-    /// enqueued on `gpu`'s stream), to its home tier; `layer` is freed
-    /// after. Layers must come in order.
-    pub fn park(&mut self, gpu: &Gpu, index: usize, layer: GpuLayerWeights) -> Result<()> {
-        let expect = self.split.gpu_end + self.homes.len();
-        if index != expect {
-            return Err(Error::Gpu(format!("layer {index} parked out of order (expected {expect})")));
-        }
-        let device: Arc<dyn Device> = if index < self.split.host_end {
-            match &self.tiers.host {
-                Some(h) => h.clone(),
-                None => return Err(Error::Gpu("no host tier".into())),
-            }
+    /// The tier layer `layer` lives on.
+    fn device_for(&self, layer: usize) -> Result<Arc<dyn Device>> {
+        let device: Option<Arc<dyn Device>> = if layer < self.split.host_end {
+            self.tiers.host.clone().map(|h| h as Arc<dyn Device>)
         } else {
-            match &self.tiers.disk {
-                Some(d) => d.clone(),
-                None => return Err(Error::Gpu("no disk tier".into())),
-            }
+            self.tiers.disk.clone().map(|d| d as Arc<dyn Device>)
         };
+        device.ok_or_else(|| Error::Gpu(format!("no tier for layer {layer}")))
+    }
+
+    /// Allocates every off-GPU layer's tensors on their tiers, on up to
+    /// `threads` threads at once (largest first): pinned memory is locked
+    /// and zeroed by the allocating thread, which dominates start-up for
+    /// tens of gigabytes.
+    pub fn allocate_homes(&mut self, threads: usize) -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let specs: Vec<(tier_api::Shape, tier_api::DType, usize)> =
+            self.slots[0].tensors().iter().map(|t| (t.shape().clone(), t.dtype(), t.byte_len())).collect();
+        let off = self.split.layers - self.split.gpu_end;
+        let devices = (0..off).map(|i| self.device_for(self.split.gpu_end + i)).collect::<Result<Vec<_>>>()?;
+        let mut items: Vec<(usize, usize)> = (0..off).flat_map(|i| (0..specs.len()).map(move |k| (i, k))).collect();
+        items.sort_by_key(|&(_, k)| std::cmp::Reverse(specs[k].2));
+        let made: Mutex<Vec<Vec<Option<Tensor>>>> = Mutex::new(vec![vec![None; specs.len()]; off]);
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads.clamp(1, 16) {
+                scope.spawn(|| loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(i, k)) = items.get(n) else { break };
+                    let (shape, dtype, _) = &specs[k];
+                    match devices[i].allocate(shape, *dtype) {
+                        Ok(t) => {
+                            if let Ok(mut m) = made.lock() {
+                                m[i][k] = Some(t);
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = first_error.lock() {
+                                f.get_or_insert(tier_err(e));
+                            }
+                            // Stop every thread: the run cannot go on.
+                            next.store(items.len(), Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_error.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        let made = made.into_inner().map_err(|_| Error::Gpu("home allocation panicked".into()))?;
+        self.homes = made
+            .into_iter()
+            .map(|tensors| {
+                let tensors = tensors.into_iter().collect::<Option<Vec<_>>>();
+                tensors.map(|tensors| HomeLayer { tensors })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Gpu("a home tensor was not allocated".into()))?;
+        Ok(())
+    }
+
+    /// Copies layer `index` (off the GPU), made on the GPU in `layer`
+    /// (everything enqueued on `gpu`'s stream), into its home tensors
+    /// (from [`WeightStreamer::allocate_homes`]); `layer` is freed after.
+    pub fn park(&mut self, gpu: &Gpu, index: usize, layer: GpuLayerWeights) -> Result<()> {
+        let home = self
+            .homes
+            .get(index.wrapping_sub(self.split.gpu_end))
+            .ok_or_else(|| Error::Gpu(format!("layer {index} has no home allocated")))?;
         // The layer's values must be on the GPU before a copy stream reads them.
         gpu.synchronize()?;
-        let mut tensors = Vec::new();
+        let src = layer.tensors();
+        if src.len() != home.tensors.len() {
+            return Err(Error::Gpu(format!(
+                "layer {index}: {} buffers for {} home tensors",
+                src.len(),
+                home.tensors.len()
+            )));
+        }
         let mut handle = CopyHandle::empty();
-        for t in layer.tensors() {
-            let home = device.allocate(t.shape(), t.dtype()).map_err(tier_err)?;
-            handle = handle.join(self.matrix.submit(t.view(), home.view()).map_err(tier_err)?);
-            tensors.push(home);
+        for (t, h) in src.into_iter().zip(&home.tensors) {
+            handle = handle.join(self.matrix.submit(t.view(), h.view()).map_err(tier_err)?);
         }
         handle.wait().map_err(tier_err)?;
-        self.homes.push(HomeLayer { tensors });
         drop(layer);
         Ok(())
     }
