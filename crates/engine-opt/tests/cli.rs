@@ -8,12 +8,30 @@ use std::process::{Command, Output};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+/// The repository: `TIERLM_REPO_ROOT` where the tests run from a bundle on
+/// another machine (`.gpu/run-tests.sh` sets it), else where they were built.
+fn repo_root() -> PathBuf {
+    std::env::var_os("TIERLM_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+/// The binary cargo built beside this test, or the bundled one.
+fn tierlm_exe() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_tierlm"));
+    if built.is_file() {
+        built
+    } else {
+        repo_root().join(".gpu/tierlm")
+    }
+}
+
 fn tierlm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tierlm")).args(args).output().expect("tierlm runs")
+    Command::new(tierlm_exe()).args(args).output().expect("tierlm runs")
 }
 
 fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/opt").join(name).to_str().unwrap().to_string()
+    repo_root().join("fixtures/opt").join(name).to_str().unwrap().to_string()
 }
 
 /// Runs tierlm, expects failure, and returns stderr.
