@@ -104,6 +104,7 @@ fn gpu_bundle() -> Result<(), String> {
         names.push(file);
     }
     names.sort();
+    names.dedup();
     let script = format!(
         r#"#!/usr/bin/env bash
 # Runs every tierlm test executable on the GPU machine. Made by `cargo xtask gpu-bundle`.
@@ -148,7 +149,7 @@ fn package_name(id: &str) -> &str {
 fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::copy(from, to).map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
     // Debug info is most of a test executable's size; the device tool carries 64 MiB at most.
-    let stripped = Command::new("strip").arg("--strip-debug").arg(to).status();
+    let stripped = Command::new("strip").arg("--strip-all").arg(to).status();
     if !matches!(stripped, Ok(s) if s.success()) {
         eprintln!("xtask: note: could not strip {}; carrying it whole", to.display());
     }
