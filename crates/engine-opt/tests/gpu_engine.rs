@@ -10,70 +10,20 @@
 //! where there is none (CI). Fixtures are found through `TIERLM_REPO_ROOT`
 //! (set by the GPU bundle's run-tests.sh) or the crate's directory.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
+
 use std::process::Command;
 
 use engine_opt::checkpoint::Checkpoint;
-use engine_opt::generation::{generate as cpu_generate, prefill_logits as cpu_prefill_logits, GenerateOptions};
-use engine_opt::gpu::generation::{generate, prefill_logits, GpuBatch};
+use engine_opt::generation::{prefill_logits as cpu_prefill_logits, GenerateOptions};
+use engine_opt::gpu::generation::{prefill_logits, GpuBatch};
 use engine_opt::gpu::model::Workspace;
 use engine_opt::gpu::{self, Gpu, GpuModel};
 use engine_opt::kv_cache::KvCache;
-use engine_opt::loading::{load_model, LoadedModel};
 use engine_opt::model::{OptModel, StepContext};
-use engine_opt::sampling::{Sampler, SamplingConfig};
 use engine_opt::tokenizer::left_pad;
 use engine_opt::OptConfig;
-use serde::Deserialize;
-
-/// What the engine must meet.
-const LOGIT_TOLERANCE: f32 = 2e-2;
-const MIN_EQUAL_TOKENS: usize = 16;
-
-fn repo_root() -> PathBuf {
-    match std::env::var_os("TIERLM_REPO_ROOT") {
-        Some(root) => PathBuf::from(root),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
-    }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    repo_root().join("fixtures/opt").join(name)
-}
-
-/// Whether the GPU engine can run here; prints the skip line if not.
-fn gpu_here(test: &str) -> bool {
-    match gpu::unavailable_reason() {
-        None => true,
-        Some(reason) => {
-            println!("skipped: no CUDA driver ({test}: {reason})");
-            false
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct Expected {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    input_ids: Vec<Vec<u32>>,
-    last_logits: Vec<Vec<f32>>,
-    greedy_new_tokens: Vec<Vec<u32>>,
-    max_new_tokens: usize,
-}
-
-fn expected(dir: &str) -> Expected {
-    let text = std::fs::read_to_string(fixture(dir).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn cpu_model(name: &str) -> LoadedModel {
-    load_model(fixture(name).to_str().unwrap(), false, 0).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
 
 fn gpu_model(name: &str) -> GpuModel {
     let dir = fixture(name);
@@ -81,70 +31,6 @@ fn gpu_model(name: &str) -> GpuModel {
     let src = Checkpoint::open(&dir).unwrap();
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     GpuModel::load(gpu, config, &src, &indicatif::ProgressBar::hidden()).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() })
-        .fold(0.0, f32::max)
-}
-
-fn max_abs(a: &[f32]) -> f32 {
-    a.iter().map(|x| x.abs()).fold(0.0, f32::max)
-}
-
-fn gpu_greedy(model: &GpuModel, batches: &[Vec<Vec<u32>>], n: usize) -> Vec<Vec<u32>> {
-    generate(model, batches, &GenerateOptions::new(n), None, &indicatif::ProgressBar::hidden())
-        .unwrap_or_else(|e| panic!("{e}"))
-        .tokens
-}
-
-fn cpu_greedy(model: &OptModel, batches: &[Vec<Vec<u32>>], n: usize) -> Vec<Vec<u32>> {
-    let mut sampler = Sampler::new(SamplingConfig::default());
-    cpu_generate(model, batches, &GenerateOptions::new(n), &mut sampler, &indicatif::ProgressBar::hidden())
-        .unwrap()
-        .tokens
-}
-
-/// A greedy step the CPU reference itself decides by less than this (its
-/// two best logits this close) may go either way in f16: a tenth of the
-/// logit tolerance, twice the largest first-step logit difference measured
-/// on the fixtures.
-const NEAR_TIE: f32 = 2e-3;
-
-/// Tokens equal up to the end, or for at least the first MIN_EQUAL_TOKENS;
-/// an earlier difference passes only where the CPU's own logits at that
-/// step (teacher-forced on the common prefix) put its pick and the GPU's
-/// within NEAR_TIE, the GPU's being the CPU's second best.
-fn check_tokens(what: &str, cpu: &OptModel, prompts: &[Vec<u32>], got: &[Vec<u32>], want: &[Vec<u32>]) {
-    assert_eq!(got.len(), want.len(), "{what}: sequences");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if g == w {
-            continue;
-        }
-        let same = g.iter().zip(w).take_while(|(a, b)| a == b).count();
-        eprintln!("{what}: sequence {i} agrees for {same} tokens, then {:?} vs {:?}", &g[same..], &w[same..]);
-        if same >= MIN_EQUAL_TOKENS.min(w.len()) {
-            continue;
-        }
-        let mut seq = prompts[i].clone();
-        seq.extend_from_slice(&w[..same]);
-        let logits = cpu_prefill_logits(cpu, &[seq]).unwrap();
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        let (best, second) = (order[0], order[1]);
-        let gap = logits[best] - logits[second];
-        let gpu_pick = g.get(same).map(|&t| t as usize);
-        eprintln!(
-            "{what}: sequence {i}, step {same}: the CPU's best two are {best} and {second}, {gap:.2e} apart; the GPU picked {gpu_pick:?}"
-        );
-        assert!(
-            gap <= NEAR_TIE && gpu_pick == Some(second),
-            "{what}: sequence {i} differs after {same} tokens, and not at a near tie (gap {gap:.2e})"
-        );
-    }
 }
 
 fn check_fixture(model_dir: &str, expected_dir: &str) {
@@ -340,12 +226,6 @@ fn dummy_weights_on_the_gpu_are_seeded_and_finite() {
     assert!(a.iter().all(|v| v.is_finite()));
     assert_eq!(a, b, "same seed, same model");
     assert_ne!(a, c, "another seed, another model");
-}
-
-fn tierlm() -> Option<PathBuf> {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_tierlm"));
-    let bundled = repo_root().join(".gpu/tierlm");
-    [built, bundled].into_iter().find(|p| p.is_file())
 }
 
 #[test]
