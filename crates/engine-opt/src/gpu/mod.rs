@@ -27,6 +27,10 @@
 //!   pageable, then disk in `--offload-dir`), streamed through two GPU slots
 //!   with `CopyMatrix::submit`, the next layer copying while the current
 //!   one computes; embeddings and logits weights stay on the GPU.
+//! - [`packed`]: `--compress-weight`: decoder matrices quantized to 4 bits
+//!   at load and held packed on their tier (GPU, host, disk, slots);
+//!   dequantized on the GPU into one shared f16 layer workspace just before
+//!   each layer computes.
 //! - [`bench`]: `tierlm bench` and `tierlm generate` on this engine.
 //!
 //! Numerics: f16 storage, f32 accumulation everywhere. Matrix products go
@@ -47,6 +51,7 @@ pub mod generation;
 pub mod kernels;
 pub mod model;
 pub mod offload;
+pub mod packed;
 pub mod profile;
 pub mod weights;
 

@@ -14,12 +14,15 @@ use super::buffer::DevBuf;
 use super::cache::{GpuKvCache, GpuLayerCache, KeyMask};
 use super::kernels::decode_kernel_fits;
 use super::offload::{LayerSplit, OffloadTiers, WeightStreamer};
+use super::packed::{unpack, LayerWorkspace};
 use super::profile::Profiler;
 use super::weights::{GpuEmbeddings, GpuLayerNorm, GpuLayerWeights};
 use super::Gpu;
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
+use compression::gpu::{GpuDequantizer, Pending};
+use std::sync::Mutex;
 
 /// Bytes of attention scores the prefill may hold at once (scores are f16,
 /// `heads × new × total` per sequence); sequences are taken in chunks that
@@ -175,6 +178,19 @@ impl Workspace {
     }
 }
 
+/// What `--compress-weight` adds to a model.
+pub struct Compressed {
+    pub dequant: GpuDequantizer,
+    pub workspace: LayerWorkspace,
+    in_flight: Mutex<Vec<Pending>>,
+}
+
+impl std::fmt::Debug for Compressed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressed").field("workspace", &self.workspace).finish_non_exhaustive()
+    }
+}
+
 /// An OPT model on one GPU: embeddings and the first layers resident, the
 /// other layers (if any) streamed from host memory or disk through two GPU
 /// slots ([`WeightStreamer`]).
@@ -188,6 +204,9 @@ pub struct GpuModel {
     pub profiler: Option<Profiler>,
     /// The layers past `layers.len()`, off the GPU.
     pub offload: Option<WeightStreamer>,
+    /// With `--compress-weight`: the dequantizer, the shared f16 layer
+    /// workspace and the dequantizations in flight (see [`super::packed`]).
+    pub compressed: Option<Compressed>,
     /// Last, so that the buffers above are freed before its stream and
     /// handles go.
     pub gpu: Gpu,
@@ -203,7 +222,7 @@ impl GpuModel {
             .map(|i| GpuLayerWeights::load(&gpu, &config, i, src, pb))
             .collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None })
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None, compressed: None })
     }
 
     /// Seeded random weights made on the GPU (`--dummy`): seconds for
@@ -215,7 +234,7 @@ impl GpuModel {
             .map(|i| GpuLayerWeights::dummy(&gpu, &config, i, seed))
             .collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None })
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None, compressed: None })
     }
 
     /// A model whose layers `split.gpu_end..` live on `tiers` (host memory,
@@ -232,13 +251,46 @@ impl GpuModel {
         seed: u64,
         pb: &ProgressBar,
     ) -> Result<Self> {
+        Self::tiered_with(gpu, config, split, tiers, src, seed, pb, false)
+    }
+
+    /// [`GpuModel::tiered`], with every decoder layer's matrices quantized
+    /// to 4 bits and held packed on its tier when `compress_weight` (see
+    /// [`super::packed`]); a split with every layer on the GPU is the
+    /// all-on-GPU model.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tiered_with(
+        gpu: Gpu,
+        config: OptConfig,
+        split: LayerSplit,
+        tiers: OffloadTiers,
+        src: Option<&dyn WeightSource>,
+        seed: u64,
+        pb: &ProgressBar,
+        compress_weight: bool,
+    ) -> Result<Self> {
         config.validate()?;
         if split.layers != config.num_hidden_layers || split.gpu_end > split.host_end || split.host_end > split.layers {
             return Err(Error::Gpu(format!("a layer split {split:?} for {} layers", config.num_hidden_layers)));
         }
-        let make = |gpu: &Gpu, i: usize| match src {
-            Some(src) => GpuLayerWeights::load(gpu, &config, i, src, pb),
-            None => GpuLayerWeights::dummy(gpu, &config, i, seed),
+        let compressed = if compress_weight {
+            let dequant = GpuDequantizer::new(gpu.device().clone())
+                .map_err(|e| Error::Gpu(format!("the GPU dequantizer: {e}")))?;
+            let workspace = LayerWorkspace::new(&gpu, &config)?;
+            Some(Compressed { dequant, workspace, in_flight: Mutex::new(Vec::new()) })
+        } else {
+            None
+        };
+        let ws = compressed.as_ref().map(|c| &c.workspace);
+        let make = |gpu: &Gpu, i: usize| {
+            let w = match src {
+                Some(src) => GpuLayerWeights::load(gpu, &config, i, src, pb),
+                None => GpuLayerWeights::dummy(gpu, &config, i, seed),
+            }?;
+            match ws {
+                Some(ws) => w.compress(gpu, &config, ws),
+                None => Ok(w),
+            }
         };
         let embeddings = match src {
             Some(src) => GpuEmbeddings::load(&gpu, &config, src, pb)?,
@@ -246,7 +298,7 @@ impl GpuModel {
         };
         let layers = (0..split.gpu_end).map(|i| make(&gpu, i)).collect::<Result<Vec<_>>>()?;
         let offload = if split.streams() {
-            let mut streamer = WeightStreamer::new(&gpu, &config, split, tiers)?;
+            let mut streamer = WeightStreamer::new(&gpu, &config, split, tiers, ws)?;
             let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
             streamer.allocate_homes(threads)?;
             for i in split.gpu_end..split.layers {
@@ -258,7 +310,7 @@ impl GpuModel {
             None
         };
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload })
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload, compressed })
     }
 
     /// Decoder layers (resident and streamed).
@@ -267,11 +319,24 @@ impl GpuModel {
     }
 
     /// Before layer `j`'s compute is enqueued: its weights in a GPU slot.
+    /// Compressed: its packed matrices dequantized into the f16 workspace
+    /// (enqueued on the compute stream, after the previous layer's compute).
     pub fn begin_layer(&self, j: usize) -> Result<()> {
-        match &self.offload {
-            Some(s) => s.begin_layer(j),
-            None => Ok(()),
+        if let Some(s) = &self.offload {
+            s.begin_layer(j)?;
         }
+        if let Some(c) = &self.compressed {
+            let w = self.weights(j)?;
+            let mut in_flight =
+                c.in_flight.lock().map_err(|_| Error::Gpu("the dequantizations' list was poisoned".into()))?;
+            // The previous layer's dequantizations ran before its compute:
+            // waiting for them keeps the host at most a layer ahead.
+            for p in in_flight.drain(..) {
+                p.wait().map_err(|e| Error::Gpu(format!("dequantizing weights on the GPU: {e}")))?;
+            }
+            in_flight.extend(unpack(&self.gpu, &c.dequant, w)?);
+        }
+        Ok(())
     }
 
     /// After layer `j`'s compute is enqueued for every batch: the next
@@ -292,6 +357,12 @@ impl GpuModel {
     /// Bytes of the two streaming slots on the GPU (0 when nothing streams).
     pub fn slot_bytes(&self) -> u64 {
         self.offload.as_ref().map_or(0, |s| 2 * s.slot_bytes())
+    }
+
+    /// Bytes of the f16 layer workspace compressed weights are dequantized
+    /// into (0 unless `--compress-weight`).
+    pub fn workspace_bytes(&self) -> u64 {
+        self.compressed.as_ref().map_or(0, |c| c.workspace.bytes())
     }
 
     /// An empty cache for `batch` sequences of up to `capacity` positions.

@@ -40,6 +40,7 @@ use tier_api::{CopyConfig, CopyHandle, CopyMatrix, Device, Tensor};
 use tier_disk::DiskDevice;
 use tier_host::HostDevice;
 
+use super::packed::LayerWorkspace;
 use super::weights::GpuLayerWeights;
 use super::{driver_err, tier_err, Gpu};
 use crate::config::OptConfig;
@@ -175,8 +176,16 @@ impl Drop for WeightStreamer {
 impl WeightStreamer {
     /// Sets up the slots (two layers' buffers on the GPU) and the copy
     /// matrix (the GPU routes added) for `split`; the homes are added with
-    /// [`WeightStreamer::park`], in layer order.
-    pub fn new(gpu: &Gpu, config: &OptConfig, split: LayerSplit, tiers: OffloadTiers) -> Result<Self> {
+    /// [`WeightStreamer::park`], in layer order. With `compressed` (the
+    /// shared f16 workspace of `--compress-weight`) the slots, and so the
+    /// homes, hold packed matrices.
+    pub fn new(
+        gpu: &Gpu,
+        config: &OptConfig,
+        split: LayerSplit,
+        tiers: OffloadTiers,
+        compressed: Option<&LayerWorkspace>,
+    ) -> Result<Self> {
         if split.host_layers() > 0 && tiers.host.is_none() {
             return Err(Error::Gpu("layers on the host, but no host tier".into()));
         }
@@ -185,7 +194,14 @@ impl WeightStreamer {
         }
         // The slots' contents are overwritten before any use; seeded values
         // are only the cheapest way to allocate a layer's buffers.
-        let slots = [GpuLayerWeights::dummy(gpu, config, 0, 0)?, GpuLayerWeights::dummy(gpu, config, 0, 0)?];
+        let slot = || -> Result<GpuLayerWeights> {
+            let w = GpuLayerWeights::dummy(gpu, config, 0, 0)?;
+            match compressed {
+                Some(ws) => w.compress(gpu, config, ws),
+                None => Ok(w),
+            }
+        };
+        let slots = [slot()?, slot()?];
         // The fills run on the compute stream; copies into the slots run on
         // copy streams.
         gpu.synchronize()?;

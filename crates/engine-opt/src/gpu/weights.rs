@@ -52,6 +52,10 @@ pub struct GpuLayerWeights {
     /// `[hidden, ffn]`.
     pub fc2: DevBuf<f16>,
     pub fc2_bias: Option<DevBuf<f32>>,
+    /// With `--compress-weight`: the matrices quantized and packed (see
+    /// [`super::packed`]); `qkv`, `out_proj`, `fc1` and `fc2` are then
+    /// handles on the shared f16 workspace they are dequantized into.
+    pub packed: Option<Vec<super::packed::PackedMatrix>>,
 }
 
 /// The weights outside the layers.
@@ -212,6 +216,7 @@ impl GpuLayerWeights {
             fc1_bias: if bias { Some(fill.bias(gpu, &one(format!("{p}.fc1.bias")), f)?) } else { None },
             fc2: fill.matrix(gpu, &format!("{p}.fc2.weight"), h, f)?,
             fc2_bias: if bias { Some(fill.bias(gpu, &one(format!("{p}.fc2.bias")), h)?) } else { None },
+            packed: None,
         })
     }
 
@@ -230,10 +235,20 @@ impl GpuLayerWeights {
     /// The GPU tier's tensors behind every buffer, in a fixed order (the
     /// same for every layer of a model): what moves between tiers.
     pub fn tensors(&self) -> Vec<&tier_api::Tensor> {
-        let mut out = Vec::with_capacity(12);
+        let mut out = Vec::with_capacity(14);
         for n in [&self.self_attn_layer_norm, &self.final_layer_norm].into_iter().flatten() {
             out.push(n.weight.tensor());
             out.push(n.bias.tensor());
+        }
+        if let Some(parts) = &self.packed {
+            // Compressed: the vectors, then the packed matrices (the f16
+            // matrices are the shared workspace, not this layer's).
+            out.extend(self.qkv_bias.as_ref().map(DevBuf::tensor));
+            out.extend(self.out_proj_bias.as_ref().map(DevBuf::tensor));
+            out.extend(self.fc1_bias.as_ref().map(DevBuf::tensor));
+            out.extend(self.fc2_bias.as_ref().map(DevBuf::tensor));
+            out.extend(parts.iter().map(|p| p.buf.tensor()));
+            return out;
         }
         out.push(self.qkv.tensor());
         out.extend(self.qkv_bias.as_ref().map(DevBuf::tensor));
@@ -246,8 +261,15 @@ impl GpuLayerWeights {
         out
     }
 
-    /// Bytes held on the GPU.
+    /// Bytes held on the GPU (packed matrices when compressed; the shared
+    /// workspace is not this layer's).
     pub fn bytes(&self) -> u64 {
+        self.tensors().iter().map(|t| t.byte_len() as u64).sum()
+    }
+
+    /// Bytes of the f16 form (what [`GpuLayerWeights::bytes`] is when not
+    /// compressed).
+    pub fn f16_bytes(&self) -> u64 {
         let norm = |n: &Option<GpuLayerNorm>| n.as_ref().map_or(0, |n| n.weight.bytes() + n.bias.bytes());
         norm(&self.self_attn_layer_norm)
             + norm(&self.final_layer_norm)
