@@ -65,14 +65,12 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
 
 /// Refuses the flags this engine does not implement yet.
 fn check_flags(policy: &Policy) -> Result<()> {
-    let unsupported = [
-        (policy.compress_weight, "--compress-weight"),
-        (policy.compress_cache, "--compress-cache"),
-        (policy.attn_sparsity < 1.0, "--attn-sparsity below 1"),
-    ];
+    let unsupported =
+        [(policy.compress_cache, "--compress-cache"), (policy.attn_sparsity < 1.0, "--attn-sparsity below 1")];
     if let Some((_, flag)) = unsupported.iter().find(|f| f.0) {
         return Err(Error::NeedsTieredEngine(format!(
-            "{flag} (the GPU engine runs f16 weights and cache, dense attention)"
+            "{flag} (not done on the GPU engine: it runs an f16 cache and dense attention; \
+             --compress-weight is supported)"
         )));
     }
     if policy.overlap && !streams_weights(policy) {
@@ -309,6 +307,7 @@ fn load_tiered(
     config: OptConfig,
     split: LayerSplit,
     tiers: OffloadTiers,
+    compress: bool,
 ) -> Result<(GpuModel, String)> {
     let hidden = indicatif::ProgressBar::hidden();
     match ModelSpec::parse(&args.model)? {
@@ -318,7 +317,7 @@ fn load_tiered(
         ModelSpec::Dir(dir) if !args.dummy => {
             let src = Checkpoint::open(&dir)?;
             let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
-            let model = GpuModel::tiered(gpu, config, split, tiers, Some(&src), args.seed, &pb)?;
+            let model = GpuModel::tiered_with(gpu, config, split, tiers, Some(&src), args.seed, &pb, compress)?;
             pb.finish_and_clear();
             Ok((model, dir.display().to_string()))
         }
@@ -328,7 +327,7 @@ fn load_tiered(
                 ModelSpec::Dir(dir) => dir.display().to_string(),
             };
             let desc = format!("{name} (dummy weights made on the GPU, seed {})", args.seed);
-            Ok((GpuModel::tiered(gpu, config, split, tiers, None, args.seed, &hidden)?, desc))
+            Ok((GpuModel::tiered_with(gpu, config, split, tiers, None, args.seed, &hidden, compress)?, desc))
         }
     }
 }
@@ -378,9 +377,10 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
 
     let t = Instant::now();
     let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
-    let (mut model, description) = if tiered {
+    let (mut model, description) = if tiered || policy.compress_weight {
+        // With every layer on the GPU the split makes no tiers.
         let tiers = OffloadTiers::for_split(&split, policy.pin_weight, &offload_dir)?;
-        load_tiered(args, gpu, config, split, tiers)?
+        load_tiered(args, gpu, config, split, tiers, policy.compress_weight)?
     } else {
         load_for_bench(args, gpu)?
     };
@@ -443,7 +443,11 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let weights = model.weight_bytes();
     let report = GpuBenchReport {
         model: description,
-        engine: if tiered { "gpu, weights streamed".into() } else { "gpu".into() },
+        engine: format!(
+            "gpu{}{}",
+            if tiered { ", weights streamed" } else { "" },
+            if policy.compress_weight { ", 4-bit weights" } else { "" }
+        ),
         device,
         prompts: prompts_n,
         gpu_batch_size: policy.gpu_batch_size,
@@ -528,7 +532,7 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
     };
     let text = format!(
         "model: {}\n\
-         engine: GPU, {}\n\
+         engine: GPU{}, {}\n\
          prompts: {} ({} × {}), prompt_len {}, gen_len {}, percent {} {} {} {} {} {}\n\
          load: {:.2} s\n\
          prefill: {:.3} s, {:.1} token/s ({:.0}% of the product-rate limit, {:.3} s)\n\
@@ -539,6 +543,7 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
          measured here: device copy {:.0} GB/s (read + write), f16 product 8192³ {:.0} TFLOP/s\n\
          bytes a decode step reads: weights {} + KV cache {} to {}; prefill {:.1} TFLOP\n",
         r.model,
+        if r.engine.contains("4-bit") { ", 4-bit weights (dequantized on the GPU a layer at a time)" } else { "" },
         r.device,
         r.prompts,
         r.gpu_batch_size,
