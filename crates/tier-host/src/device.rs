@@ -110,6 +110,30 @@ impl Device for HostDevice {
     }
 
     fn allocate(&self, shape: &Shape, dtype: DType) -> Result<Tensor> {
+        self.allocate_filled(shape, dtype, true)
+    }
+
+    fn account(&self) -> &Arc<MemAccount> {
+        &self.account
+    }
+}
+
+impl HostDevice {
+    /// Like [`Device::allocate`], but the tensor's contents are
+    /// **unspecified** (old bytes of the process's own memory, never another
+    /// process's): for a tensor the caller overwrites whole before anything
+    /// reads it, such as a layer's home that a copy fills. It saves zeroing:
+    /// pinned memory from `cuMemHostAlloc` is otherwise written once by the
+    /// CPU here (tens of gigabytes at start-up for a model's weights).
+    /// Pageable and registered memory are fresh anonymous mappings, zero
+    /// from the kernel at no cost, so they come back zeroed all the same.
+    /// Accounted exactly as [`Device::allocate`].
+    pub fn allocate_uninit(&self, shape: &Shape, dtype: DType) -> Result<Tensor> {
+        self.allocate_filled(shape, dtype, false)
+    }
+
+    /// An allocation, zeroed where the memory does not come zeroed when `zero`.
+    fn allocate_filled(&self, shape: &Shape, dtype: DType, zero: bool) -> Result<Tensor> {
         let len = shape.byte_size(dtype)?;
         // Every kind holds whole pages: the kernel maps, and the driver
         // locks, nothing smaller. Nothing is rounded further.
@@ -117,7 +141,7 @@ impl Device for HostDevice {
         let reservation = self.account.reserve(len as u64, resident as u64)?;
         let storage = match (self.kind, &self.ctx) {
             (HostMemKind::Pageable, _) => HostStorage::pageable(len, reservation)?,
-            (HostMemKind::Pinned, Some(ctx)) => HostStorage::pinned(ctx, len, self.alignment, reservation)?,
+            (HostMemKind::Pinned, Some(ctx)) => HostStorage::pinned(ctx, len, self.alignment, reservation, zero)?,
             (HostMemKind::Registered, Some(ctx)) => HostStorage::registered(ctx, len, resident, reservation)?,
             (kind, None) => {
                 return Err(Error::Unsupported {
@@ -128,10 +152,6 @@ impl Device for HostDevice {
         };
         debug_assert_eq!(storage.len, len, "{}", self.tier());
         Tensor::from_storage(Arc::new(storage), shape.clone(), dtype)
-    }
-
-    fn account(&self) -> &Arc<MemAccount> {
-        &self.account
     }
 }
 
@@ -159,7 +179,8 @@ enum Backing {
 
 /// Bytes of host memory. Pageable and registered memory is an anonymous
 /// mapping (page aligned, zeroed); pinned memory comes from `cuMemHostAlloc`
-/// at exactly the size asked and is zeroed on allocation.
+/// at exactly the size asked and is zeroed on allocation (not by
+/// [`HostDevice::allocate_uninit`]).
 #[derive(Debug)]
 pub struct HostStorage {
     ptr: NonNull<u8>,
@@ -232,7 +253,15 @@ impl HostStorage {
         })
     }
 
-    fn pinned(ctx: &Arc<CudaContext>, len: usize, alignment: usize, reservation: Reservation) -> Result<Self> {
+    /// `len` bytes from `cuMemHostAlloc`, zeroed when `zero` (else their
+    /// contents are whatever the driver hands out).
+    fn pinned(
+        ctx: &Arc<CudaContext>,
+        len: usize,
+        alignment: usize,
+        reservation: Reservation,
+        zero: bool,
+    ) -> Result<Self> {
         let kind = HostMemKind::Pinned;
         if len == 0 {
             return Ok(Self::empty(kind, reservation));
@@ -267,8 +296,10 @@ impl HostStorage {
                 _reservation: reservation,
             }
         };
-        // SAFETY: `len` bytes at `ptr` are ours and nobody else sees them yet.
-        unsafe { std::ptr::write_bytes(storage.ptr.as_ptr(), 0, len) };
+        if zero {
+            // SAFETY: `len` bytes at `ptr` are ours and nobody else sees them yet.
+            unsafe { std::ptr::write_bytes(storage.ptr.as_ptr(), 0, len) };
+        }
         Ok(storage)
     }
 
@@ -443,6 +474,40 @@ mod tests {
             let empty = dev.allocate_bytes(0).unwrap();
             assert_eq!(empty.byte_len(), 0);
         }
+    }
+
+    #[test]
+    fn uninit_allocations_are_exact_accounted_and_hold_what_is_written() {
+        let mut kinds = vec![HostMemKind::Pageable];
+        if have_driver() {
+            kinds.extend([HostMemKind::Pinned, HostMemKind::Registered]);
+        }
+        for kind in kinds {
+            let dev = HostDevice::new(HostConfig { kind, ..HostConfig::default() }).unwrap();
+            for len in [1usize, 4097, (10 << 20) + 1] {
+                let t = dev.allocate_uninit(&Shape::new([len]), DType::U8).unwrap();
+                assert_eq!(t.byte_len(), len, "{kind}");
+                let Access::Host(span) = t.storage().access() else { panic!("host access") };
+                assert_eq!(span.as_ptr() as usize % 4096, 0, "{kind}: {len} bytes aligned");
+                let s = dev.stats();
+                assert_eq!(s.asked, len as u64, "{kind}");
+                assert_eq!(s.resident, len.div_ceil(page_size()) as u64 * page_size() as u64, "{kind}");
+                assert_eq!(s.allocations, 1, "{kind}");
+                let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+                t.write_bytes(0, &data).unwrap();
+                assert_eq!(t.to_bytes().unwrap(), data, "{kind}: {len} bytes read back");
+                drop(t);
+                let s = dev.stats();
+                assert_eq!((s.asked, s.resident, s.allocations), (0, 0, 0), "{kind}");
+            }
+            assert_eq!(dev.allocate_uninit(&Shape::new([0]), DType::U8).unwrap().byte_len(), 0);
+        }
+    }
+
+    #[test]
+    fn uninit_budget_is_enforced() {
+        let dev = HostDevice::new(HostConfig { budget: Some(1 << 20), ..HostConfig::default() }).unwrap();
+        assert!(matches!(dev.allocate_uninit(&Shape::new([2 << 20]), DType::U8), Err(Error::OutOfMemory { .. })));
     }
 
     #[test]
