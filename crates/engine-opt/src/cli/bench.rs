@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// Directory for tensors placed on disk (GPU engine)
     #[arg(long)]
     pub offload_dir: Option<PathBuf>,
+    /// GPU memory the engine may use, e.g. 16G to act as a 16 GB card
+    /// (GPU engine; default: what is free)
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::tiers::parse_size)]
+    pub gpu_mem: Option<u64>,
     /// Seed of the dummy weights and of the prompts' token ids
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -195,6 +199,9 @@ pub fn throughput(
 fn notes(args: &BenchArgs, policy: &Policy) {
     if args.offload_dir.is_some() {
         eprintln!("note: --offload-dir is unused: the CPU engine places nothing on disk");
+    }
+    if args.gpu_mem.is_some() {
+        eprintln!("note: --gpu-mem is unused: the CPU engine uses no GPU");
     }
     if policy.cpu_cache_compute {
         eprintln!("note: --cpu-cache-compute: the CPU engine computes attention on the CPU anyway");
@@ -374,6 +381,21 @@ mod tests {
         assert_eq!(t, 4.0 * 32.0 / 33.0);
         let (_, d, _) = throughput(4, 512, 1, &out);
         assert_eq!(d, None);
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn gpu_mem_parses_sizes() {
+        use clap::Parser;
+        let args = Cli::try_parse_from(["x", "--gpu-mem", "16G"]).unwrap().bench;
+        assert_eq!(args.gpu_mem, Some(16 << 30));
+        assert_eq!(Cli::try_parse_from(["x"]).unwrap().bench.gpu_mem, None);
+        assert!(Cli::try_parse_from(["x", "--gpu-mem", "lots"]).is_err());
     }
 
     #[test]

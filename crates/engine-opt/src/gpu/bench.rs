@@ -332,6 +332,13 @@ fn load_tiered(
     }
 }
 
+/// The GPU memory the engine may plan for: what the driver reports free,
+/// or `--gpu-mem` where that is less (the GPU tier's budget is the same
+/// figure, so nothing placement admitted is refused later for it).
+pub fn gpu_capacity(free: u64, gpu_mem: Option<u64>) -> u64 {
+    gpu_mem.map_or(free, |budget| budget.min(free))
+}
+
 /// Runs `tierlm bench` on the GPU engine.
 pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     check_flags(policy)?;
@@ -357,14 +364,15 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let (free_mem, total_mem) = gpu.mem_info()?;
     let tiered = streams_weights(policy);
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
-    if tiered {
+    if tiered || args.gpu_mem.is_some() {
         // Refuse what does not fit before anything is allocated.
         let can_pin = policy.pin_weight
             && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(super::tier_err)?.kind
                 != tier_api::HostMemKind::Pageable;
-        let cap = Capacity::of_machine(free_mem, &offload_dir);
+        let cap = Capacity::of_machine(gpu_capacity(free_mem, args.gpu_mem), &offload_dir);
         let work = Workload { prompt_len: args.prompt_len, gen_len: args.gen_len };
         crate::placement::check(&config, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
+        gpu.set_budget(args.gpu_mem);
     } else if need > total_mem {
         return Err(Error::Gpu(format!(
             "out of GPU memory: weights and KV cache need {:.1} GiB, the GPU has {:.1} GiB; \
@@ -729,5 +737,30 @@ pub fn try_generate(args: &GenerateArgs) -> Option<Result<()>> {
     match policy.check_cpu_engine() {
         Ok(()) => None,
         Err(e) => Some(Err(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_mem_becomes_the_capacity() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(gpu_capacity(78 * GIB, None), 78 * GIB);
+        assert_eq!(gpu_capacity(78 * GIB, Some(16 * GIB)), 16 * GIB);
+        assert_eq!(gpu_capacity(10 * GIB, Some(16 * GIB)), 10 * GIB, "never more than is free");
+        // A policy that fits 78 GiB but not 16 is refused with placement's message.
+        let config = OptConfig::preset("opt-30b").unwrap();
+        let policy = Policy::default().with_percent(&[100.0, 0.0, 100.0, 0.0, 100.0, 0.0]).unwrap();
+        let work = Workload { prompt_len: 512, gen_len: 32 };
+        let machine = Machine { gpu_compute: true, can_pin: true };
+        let cap = |gpu| Capacity { gpu, host: 200 * GIB, pinnable: u64::MAX, disk: 1000 * GIB };
+        let small = crate::placement::check(&config, &policy, work, machine, &cap(gpu_capacity(78 * GIB, Some(GIB))));
+        let err = small.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("the policy does not fit this machine"), "{err}");
+        let policy = Policy::default().with_percent(&[0.0, 100.0, 100.0, 0.0, 100.0, 0.0]).unwrap();
+        let big = crate::placement::check(&config, &policy, work, machine, &cap(gpu_capacity(78 * GIB, None)));
+        assert!(big.is_ok(), "{big:?}");
     }
 }

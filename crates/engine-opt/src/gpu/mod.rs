@@ -138,6 +138,14 @@ impl Gpu {
         Ok(Gpu { device, stream, blas, kernels })
     }
 
+    /// Limits the GPU tier to `budget` bytes held by the engine's buffers
+    /// (`--gpu-mem`; `None`: no limit), what is held already included. Set
+    /// after [`Gpu::new`], whose own buffers (the BLAS workspace) a tiny
+    /// budget would refuse before placement could say why.
+    pub fn set_budget(&self, budget: Option<u64>) {
+        self.device.account().set_budget(budget);
+    }
+
     /// The `tier-cuda` device (its account counts every buffer here).
     pub fn device(&self) -> &Arc<GpuDevice> {
         &self.device
