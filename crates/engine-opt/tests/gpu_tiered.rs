@@ -170,3 +170,58 @@ fn tierlm_bench_streams_weights_from_the_host() {
     assert!(stdout.contains("weights: layers 1 on GPU, 1 on host"), "{stdout}");
     assert!(stdout.contains("peak per tier: GPU"), "{stdout}");
 }
+
+/// `tierlm` with `args`: (success, stdout, stderr).
+fn run_tierlm(exe: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(exe).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn tierlm_generate_streams_weights_like_all_gpu() {
+    if !gpu_here("tierlm generate, weights streamed") {
+        return;
+    }
+    let Some(exe) = tierlm() else {
+        println!("skipped: no tierlm executable");
+        return;
+    };
+    let offload = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-opt-sharded");
+    let input = offload.path().join("input.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [2, 100, 200, 300, 42]}\n{\"input_ids\": [2, 7, 9]}\n").unwrap();
+    let gen = ["generate", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()];
+    let gen = [&gen[..], &["--max-new-tokens", "12"]].concat();
+    let all_gpu = ["--percent", "100", "0", "100", "0", "100", "0"];
+    let (ok, want, err) = run_tierlm(&exe, &[&gen[..], &all_gpu].concat());
+    assert!(ok, "all on the GPU: {err}");
+    assert!(want.contains("output_ids"), "{want}");
+    let streamed = ["--percent", "30", "30", "100", "0", "100", "0", "--offload-dir", offload.path().to_str().unwrap()];
+    for extra in [&[][..], &["--pin-weight", "false"][..]] {
+        let (ok, got, err) = run_tierlm(&exe, &[&gen[..], &streamed, extra].concat());
+        assert!(ok, "streamed {extra:?}: {err}");
+        assert_eq!(got, want, "streamed {extra:?}: output ids differ from the all-GPU run's");
+    }
+}
+
+#[test]
+fn tierlm_bench_gpu_mem_refuses_what_does_not_fit() {
+    if !gpu_here("tierlm bench --gpu-mem") {
+        return;
+    }
+    let Some(exe) = tierlm() else {
+        println!("skipped: no tierlm executable");
+        return;
+    };
+    let offload = tempfile::tempdir().unwrap();
+    let bench = ["bench", "--model", "opt-1.3b", "--dummy", "--prompt-len", "512", "--gen-len", "32"];
+    let bench = [&bench[..], &["--gpu-batch-size", "32", "--num-gpu-batches", "2", "--gpu-mem", "1M"]].concat();
+    let dir = ["--offload-dir", offload.path().to_str().unwrap()];
+    for percent in [["0", "100", "100", "0", "100", "0"], ["100", "0", "100", "0", "100", "0"]] {
+        let (ok, stdout, stderr) = run_tierlm(&exe, &[&bench[..], &["--percent"], &percent, &dir].concat());
+        assert!(!ok, "{percent:?} fits 1 MiB? {stdout}");
+        assert!(stderr.contains("the policy does not fit this machine"), "{percent:?}: {stderr}");
+        assert!(stderr.contains("needs"), "{percent:?}: {stderr}");
+        assert!(!stdout.contains("prefill:"), "{percent:?}: refused before running: {stdout}");
+    }
+}

@@ -59,6 +59,16 @@ pub struct GenerateArgs {
         value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"]
     )]
     pub percent: Option<Vec<f64>>,
+    /// Directory for weights placed on disk (GPU engine, `--percent W_GPU
+    /// W_CPU 100 0 100 0` with W_GPU + W_CPU below 100)
+    #[arg(long)]
+    pub offload_dir: Option<PathBuf>,
+    /// Pin host weights in page-locked memory (GPU engine; default true)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub pin_weight: Option<bool>,
+    /// 4-bit weights (GPU engine)
+    #[arg(long)]
+    pub compress_weight: bool,
 }
 
 /// One input: text to tokenize, or token ids.

@@ -666,11 +666,26 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
+    let policy = generate_policy(args)?;
     let gpu = Gpu::new(0)?;
     let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
-    let model = match (&dir, args.dummy) {
-        (Some(d), false) => GpuModel::load(gpu, config, &Checkpoint::open(d)?, &pb)?,
-        _ => GpuModel::load(gpu, config, &DummyWeights::new(args.seed), &pb)?,
+    let checkpoint = match (&dir, args.dummy) {
+        (Some(d), false) => Some(Checkpoint::open(d)?),
+        _ => None,
+    };
+    let dummy = DummyWeights::new(args.seed);
+    let src: &dyn crate::weights::WeightSource = match &checkpoint {
+        Some(c) => c,
+        None => &dummy,
+    };
+    let model = if streams_weights(&policy) || policy.compress_weight {
+        // Weights off the GPU (or packed): the same loading as `bench`.
+        let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
+        let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let tiers = OffloadTiers::for_split(&split, policy.pin_weight, &offload_dir)?;
+        GpuModel::tiered_with(gpu, config, split, tiers, Some(src), args.seed, &pb, policy.compress_weight)?
+    } else {
+        GpuModel::load(gpu, config, src, &pb)?
     };
     pb.finish_and_clear();
     validate_prompts(&model, &prompts, args.max_new_tokens, 0)?;
@@ -718,17 +733,33 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The policy `tierlm generate`'s flags ask for (`--percent`, default all
+/// on the CPU; `--pin-weight`, default true; `--compress-weight`).
+pub fn generate_policy(args: &GenerateArgs) -> Result<Policy> {
+    let policy = Policy {
+        pin_weight: args.pin_weight.unwrap_or(true),
+        compress_weight: args.compress_weight,
+        ..Policy::default()
+    };
+    let policy = match &args.percent {
+        Some(p) => policy.with_percent(p)?,
+        None => policy,
+    };
+    policy.validate()?;
+    Ok(policy)
+}
+
 /// The GPU engine's answer to `tierlm generate --percent ...`: `None` to
 /// run on the CPU engine (no `--percent`, or everything on the CPU), the
-/// GPU run for `100 0 100 0 100 0`, or the error for a placement neither
-/// engine runs.
+/// GPU run for `100 0 100 0 100 0` and for weights streamed (`W_GPU W_CPU
+/// 100 0 100 0`, the rest of the weights on disk in `--offload-dir`), or
+/// the error for a placement neither engine runs.
 pub fn try_generate(args: &GenerateArgs) -> Option<Result<()>> {
-    let percent = args.percent.as_ref()?;
-    let policy = match Policy::default().with_percent(percent).and_then(|p| p.validate().map(|()| p)) {
+    let policy = match generate_policy(args) {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
     };
-    if all_on_gpu(&policy) {
+    if all_on_gpu(&policy) || streams_weights(&policy) {
         return Some(match super::unavailable_reason() {
             Some(reason) => Err(Error::Gpu(reason)),
             None => run_generate(args),
