@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
+use crate::config::OptConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{OptModel, StepContext};
@@ -141,15 +142,10 @@ impl BatchState {
     }
 }
 
-/// Checks prompts against the vocabulary and the model's positions.
-/// `first_index` numbers the prompts in messages.
-pub fn validate_prompts(
-    model: &OptModel,
-    prompts: &[Vec<u32>],
-    max_new_tokens: usize,
-    first_index: usize,
-) -> Result<()> {
-    let c = &model.config;
+/// Checks prompts against the vocabulary and the positions of a model of
+/// configuration `c` (both engines use it). `first_index` numbers the
+/// prompts in messages.
+pub fn validate_prompts(c: &OptConfig, prompts: &[Vec<u32>], max_new_tokens: usize, first_index: usize) -> Result<()> {
     for (i, p) in prompts.iter().enumerate() {
         let index = first_index + i;
         if p.is_empty() {
@@ -185,7 +181,7 @@ pub fn generate(
 ) -> Result<GenerationOutput> {
     let mut first = 0;
     for prompts in batches {
-        validate_prompts(model, prompts, opts.max_new_tokens, first)?;
+        validate_prompts(&model.config, prompts, opts.max_new_tokens, first)?;
         first += prompts.len();
     }
     let dim = model.config.hidden_size;
@@ -236,7 +232,7 @@ pub fn generate(
 /// Logits at the last position of each prompt after the prompts (left
 /// padded into one batch) go through the model: `[batch, vocab]`.
 pub fn prefill_logits(model: &OptModel, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
-    validate_prompts(model, prompts, 0, 0)?;
+    validate_prompts(&model.config, prompts, 0, 0)?;
     let st = BatchState::new(model, prompts, 0, crate::tokenizer::PAD_TOKEN_ID);
     let mut cache = model.new_cache(st.batch, st.new_len);
     let hidden = model.forward_hidden(&st.step_tokens, &st.step_positions, &st.context(), &mut cache);

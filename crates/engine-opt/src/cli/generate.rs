@@ -157,7 +157,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let loaded = load_model(&args.model, args.dummy, args.seed)?;
     let prompts = tokenize(&loaded, &inputs)?;
-    validate_prompts(&loaded.model, &prompts, args.max_new_tokens, 0)?;
+    validate_prompts(&loaded.model.config, &prompts, args.max_new_tokens, 0)?;
     let config = &loaded.model.config;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::blas::LinearOut;
 use super::buffer::DevBuf;
-use super::generation::{generate, validate_prompts};
+use super::generation::generate;
 use super::offload::{split_layers, LayerSplit, OffloadTiers};
 use super::{driver_err, Gpu, GpuModel};
 use crate::checkpoint::Checkpoint;
@@ -27,6 +27,7 @@ use crate::cli::generate::{read_inputs, GenerateArgs, Input};
 use crate::config::OptConfig;
 use crate::dummy::DummyWeights;
 use crate::error::{Error, Result};
+use crate::generation::validate_prompts;
 use crate::generation::GenerateOptions;
 use crate::loading::ModelSpec;
 use crate::placement::{Capacity, Machine, Workload};
@@ -688,7 +689,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         GpuModel::load(gpu, config, src, &pb)?
     };
     pb.finish_and_clear();
-    validate_prompts(&model, &prompts, args.max_new_tokens, 0)?;
+    validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;
     let c = &model.config;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,

@@ -14,40 +14,9 @@ use indicatif::ProgressBar;
 use super::cache::GpuKvCache;
 use super::model::{GpuHidden, GpuModel, GpuStep, Workspace};
 use crate::error::{Error, Result};
-use crate::generation::{GenerateOptions, GenerationOutput};
+use crate::generation::{validate_prompts, GenerateOptions, GenerationOutput};
 use crate::sampling::Sampler;
 use crate::tokenizer::left_pad;
-
-/// Checks prompts against the vocabulary and the model's positions (the
-/// CPU engine's rules and messages). `first_index` numbers the prompts.
-pub fn validate_prompts(
-    model: &GpuModel,
-    prompts: &[Vec<u32>],
-    max_new_tokens: usize,
-    first_index: usize,
-) -> Result<()> {
-    let c = &model.config;
-    for (i, p) in prompts.iter().enumerate() {
-        let index = first_index + i;
-        if p.is_empty() {
-            return Err(Error::Prompt { index, reason: "no tokens".to_string() });
-        }
-        if let Some(&id) = p.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(Error::TokenOutOfRange { index, id, vocab: c.vocab_size });
-        }
-        if p.len() + max_new_tokens > c.max_sequence_len() {
-            return Err(Error::Prompt {
-                index,
-                reason: format!(
-                    "{} prompt tokens + {max_new_tokens} new tokens exceed the model's {} positions",
-                    p.len(),
-                    c.max_sequence_len()
-                ),
-            });
-        }
-    }
-    Ok(())
-}
 
 /// One batch through a generation: its cache and hidden states on the
 /// GPU, its next step's inputs and its outputs on the host.
@@ -179,7 +148,7 @@ pub fn generate(
 ) -> Result<GenerationOutput> {
     let mut first = 0;
     for prompts in batches {
-        validate_prompts(model, prompts, opts.max_new_tokens, first)?;
+        validate_prompts(&model.config, prompts, opts.max_new_tokens, first)?;
         first += prompts.len();
     }
     let vocab = model.config.vocab_size;
@@ -250,7 +219,7 @@ pub fn generate(
 /// Logits at the last position of each prompt after the prompts (left
 /// padded into one batch) go through the model: `[batch, vocab]`.
 pub fn prefill_logits(model: &GpuModel, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
-    validate_prompts(model, prompts, 0, 0)?;
+    validate_prompts(&model.config, prompts, 0, 0)?;
     let mut st = GpuBatch::new(model, prompts, 0, crate::tokenizer::PAD_TOKEN_ID)?;
     let mut ws = Workspace::new(&model.gpu, &model.config, st.rows().max(1), st.batch().max(1))?;
     st.step(model, &mut ws)?;
