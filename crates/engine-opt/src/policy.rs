@@ -72,6 +72,18 @@ impl Policy {
         Ok(self)
     }
 
+    /// The six percentages in FlexGen's `--percent` order.
+    pub fn percent(&self) -> [f64; 6] {
+        [
+            self.w_gpu_percent,
+            self.w_cpu_percent,
+            self.cache_gpu_percent,
+            self.cache_cpu_percent,
+            self.act_gpu_percent,
+            self.act_cpu_percent,
+        ]
+    }
+
     /// Prompts in one block: `gpu_batch_size × num_gpu_batches`.
     pub fn block_size(&self) -> usize {
         self.gpu_batch_size * self.num_gpu_batches
@@ -165,6 +177,8 @@ mod tests {
     fn percent_validation() {
         assert!(with(&[0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap().check_cpu_engine().is_ok());
         assert!(with(&[0.0, 100.0]).is_err());
+        let p = with(&[1.0, 2.0, 3.0, 4.0, 5.0, 95.0]).unwrap();
+        assert_eq!(p.percent(), [1.0, 2.0, 3.0, 4.0, 5.0, 95.0], "round-trips in --percent order");
         let over = with(&[60.0, 50.0, 0.0, 100.0, 0.0, 100.0]).unwrap().validate().unwrap_err();
         assert!(over.to_string().contains("over 100"), "{over}");
         let neg = with(&[-1.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap().validate().unwrap_err();
