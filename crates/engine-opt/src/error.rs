@@ -83,11 +83,12 @@ pub enum Error {
     #[error("{0} needs the GPU engine; the CPU engine holds everything in host memory")]
     NeedsGpuEngine(String),
 
-    /// The request needs the tiered engine (placements split over GPU, host
-    /// and disk, and the flags of its schedule), which is not built yet.
+    /// The request needs parts of the tiered engine not built yet: the KV
+    /// cache or activations off the GPU, and the schedule's other flags.
     #[error(
-        "{0} needs the tiered engine, which is not built yet; today tierlm runs everything on the GPU \
-         (--percent 100 0 100 0 100 0) or everything in host memory on the CPU (--percent 0 100 0 100 0 100)"
+        "{0} needs the tiered engine, which does not do this yet; today tierlm runs everything in host memory \
+         on the CPU (--percent 0 100 0 100 0 100), or on a GPU with the KV cache and activations there and the \
+         weights on any tiers (--percent W_GPU W_CPU 100 0 100 0, optionally --compress-weight)"
     )]
     NeedsTieredEngine(String),
 

@@ -139,22 +139,32 @@ impl Policy {
     /// memory, no GPU-engine feature).
     pub fn check_cpu_engine(&self) -> Result<()> {
         self.validate()?;
-        let all_gpu = self.pairs().iter().all(|&(_, gpu, _)| gpu == 100.0);
+        // What the GPU engine runs: the KV cache and activations on the GPU,
+        // the weights on any tiers, optionally 4-bit.
+        let gpu_engine_takes = self.cache_gpu_percent == 100.0 && self.act_gpu_percent == 100.0;
+        let needs = |what: String| {
+            if gpu_engine_takes {
+                Error::NeedsGpuEngine(what)
+            } else {
+                Error::NeedsTieredEngine(what)
+            }
+        };
         for (what, gpu, _) in self.pairs() {
             if gpu > 0.0 {
-                let what = format!("putting {gpu}% of the {what} on the GPU");
-                return Err(if all_gpu { Error::NeedsGpuEngine(what) } else { Error::NeedsTieredEngine(what) });
+                return Err(needs(format!("putting {gpu}% of the {what} on the GPU")));
             }
         }
         for ((what, _, _), disk) in self.pairs().iter().zip(self.disk_percents()) {
             if disk > 0.0 {
-                return Err(Error::NeedsTieredEngine(format!("putting {disk}% of the {what} on disk")));
+                return Err(needs(format!("putting {disk}% of the {what} on disk")));
             }
+        }
+        if self.compress_weight {
+            return Err(Error::NeedsGpuEngine("--compress-weight".to_string()));
         }
         let flags = [
             (self.overlap, "--overlap true"),
             (self.sep_layer, "--sep-layer true"),
-            (self.compress_weight, "--compress-weight"),
             (self.compress_cache, "--compress-cache"),
             (self.attn_sparsity < 1.0, "--attn-sparsity below 1"),
         ];

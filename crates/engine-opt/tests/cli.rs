@@ -319,18 +319,20 @@ fn bench_policies_the_cpu_engine_cannot_run() {
     }
     let err = with(&["--percent", "0", "50", "0", "100", "0", "100"]);
     assert!(err.contains("50% of the weights on disk") && err.contains("needs the tiered engine"), "{err}");
+    let err = with(&["--percent", "0", "100", "0", "50", "0", "100"]);
+    assert!(err.contains("50% of the KV cache on disk") && err.contains("needs the tiered engine"), "{err}");
     if !engine_opt::gpu::available() {
         // With a GPU this placement runs on the GPU engine, weights streamed
         // (tests/gpu_tiered.rs).
         let err = with(&["--percent", "50", "50", "100", "0", "100", "0"]);
-        assert!(err.contains("50% of the weights on the GPU") && err.contains("needs the tiered engine"), "{err}");
+        assert!(err.contains("50% of the weights on the GPU") && err.contains("needs the GPU engine"), "{err}");
     }
     let err = with(&["--gpu-batch-size", "0"]);
     assert!(err.contains("--gpu-batch-size must be at least 1"), "{err}");
     if !engine_opt::gpu::available() {
         // With a GPU, 4-bit weights run on the GPU engine (tests/gpu_compressed.rs).
         let err = with(&["--compress-weight"]);
-        assert!(err.contains("needs the tiered engine"), "--compress-weight: {err}");
+        assert!(err.contains("needs the GPU engine"), "--compress-weight: {err}");
     }
     for flag in [&["--compress-cache"][..], &["--overlap"], &["--sep-layer", "true"]] {
         let err = with(flag);

@@ -377,7 +377,8 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     } else if need > total_mem {
         return Err(Error::Gpu(format!(
             "out of GPU memory: weights and KV cache need {:.1} GiB, the GPU has {:.1} GiB; \
-             put part of them on the CPU (the tiered engine comes later) or use fewer prompts",
+             move weights off the GPU (--percent 0 100 100 0 100 0, or a share of them), compress them \
+             (--compress-weight), or use fewer prompts",
             crate::memory::gib(need),
             crate::memory::gib(total_mem)
         )));
