@@ -80,9 +80,10 @@ fn compressed_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuM
     let split = split_layers(config.num_hidden_layers, percent.0, percent.1);
     let offload = tempfile::tempdir().unwrap();
     let tiers = OffloadTiers {
-        host: (split.host_layers() > 0)
+        host: split
+            .uses_host()
             .then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
-        disk: (split.disk_layers() > 0).then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
+        disk: split.uses_disk().then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();
@@ -134,11 +135,13 @@ fn check_compressed(model_dir: &str, percent: (f64, f64), host: HostMemKind) {
     if let Some(s) = &gpu.offload {
         let split = s.split();
         assert_eq!(s.slot_bytes(), per_layer, "{label}: slot");
+        let (host_bytes, disk_bytes) = s.home_bytes();
+        assert_eq!(host_bytes + disk_bytes, per_layer * split.offloaded() as u64, "{label}: streamed layers");
         if let Some(h) = &s.tiers().host {
-            check_held("host", &label, h.stats(), per_layer * split.host_layers() as u64);
+            check_held("host", &label, h.stats(), host_bytes);
         }
         if let Some(d) = &s.tiers().disk {
-            check_held("disk", &label, d.stats(), per_layer * split.disk_layers() as u64);
+            check_held("disk", &label, d.stats(), disk_bytes);
         }
     }
 

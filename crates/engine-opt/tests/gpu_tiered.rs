@@ -30,9 +30,10 @@ fn tiered_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuModel
     let split = split_layers(config.num_hidden_layers, percent.0, percent.1);
     let offload = tempfile::tempdir().unwrap();
     let tiers = OffloadTiers {
-        host: (split.host_layers() > 0)
+        host: split
+            .uses_host()
             .then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
-        disk: (split.disk_layers() > 0).then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
+        disk: split.uses_disk().then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();
@@ -47,7 +48,7 @@ fn check_tiered(model_dir: &str, percent: (f64, f64), host: HostMemKind) {
     let streamer = gpu.offload.as_ref().expect("layers off the GPU");
     let split = streamer.split();
     let tiers = streamer.tiers();
-    if split.host_layers() > 0 {
+    if split.uses_host() {
         let kind = tiers.host.as_ref().map(|h| h.mem_kind());
         assert_eq!(kind, Some(host), "{model_dir}: host layers in {host} memory");
     }
@@ -80,7 +81,13 @@ fn check_tiered(model_dir: &str, percent: (f64, f64), host: HostMemKind) {
     // More than two layers off the GPU cycle through the two slots: every
     // step copies each of them again.
     let streamed = streamer.bytes_streamed() - streamed_before;
-    let off = split.layers - split.gpu_end;
+    let off = split.offloaded();
+    // Every streamed layer's rows are on the tiers the split names, and
+    // nowhere else.
+    let (host_bytes, disk_bytes) = streamer.home_bytes();
+    assert_eq!(host_bytes + disk_bytes, off as u64 * streamer.slot_bytes(), "{label}: home bytes");
+    assert_eq!(host_bytes > 0, split.uses_host(), "{label}: host rows");
+    assert_eq!(disk_bytes > 0, split.uses_disk(), "{label}: disk rows");
     eprintln!("{label}: {streamed} bytes streamed, {off} layers off the GPU");
     assert!(streamed >= streamer.slot_bytes(), "{label}: nothing streamed");
     if off > 2 {
@@ -126,23 +133,32 @@ fn weights_on_disk_match_cpu() {
 fn weights_split_30_30_40_match_cpu() {
     if gpu_here("30/30/40 split") {
         let kind = if host_kind_here(HostMemKind::Pinned) { HostMemKind::Pinned } else { HostMemKind::Pageable };
-        // 3 layers: one on the GPU, one on the host, one on disk.
+        // 3 layers: one on the GPU; the other two's rows 45% on the host
+        // (30% of the model), 55% on disk.
         let split = split_layers(3, 30.0, 30.0);
-        assert_eq!((split.gpu_end, split.host_layers(), split.disk_layers()), (1, 1, 1));
+        assert_eq!((split.gpu_end, split.host_percent), (1, 45.0));
         check_tiered("tiny-opt-sharded", (30.0, 30.0), kind);
     }
 }
 
 #[test]
-fn layer_split_rounds_whole_layers() {
+fn layer_split_gpu_by_layers_host_and_disk_by_rows() {
     let s = split_layers(32, 0.0, 100.0);
-    assert_eq!((s.gpu_end, s.host_end, s.layers), (0, 32, 32));
+    assert_eq!((s.gpu_end, s.host_percent, s.layers), (0, 100.0, 32));
+    assert!(s.uses_host() && !s.uses_disk());
+    let s = split_layers(40, 0.0, 75.0);
+    assert_eq!(s.rows(5120), [0..3840, 3840..5120], "case C: a quarter of every layer's rows on disk");
     let s = split_layers(48, 20.0, 50.0);
-    assert_eq!((s.gpu_end, s.host_layers(), s.disk_layers()), (10, 24, 14));
+    assert_eq!(s.gpu_end, 10);
+    // 50% of 48 layers over the 38 streamed ones.
+    assert!((s.host_percent - 50.0 * 48.0 / 38.0).abs() < 1e-9);
     let s = split_layers(2, 100.0, 0.0);
-    assert!(!s.streams());
+    assert!(!s.streams() && !s.uses_host() && !s.uses_disk());
     let s = split_layers(4, 60.0, 60.0);
-    assert_eq!((s.gpu_end, s.host_end), (2, 4), "shares past 100% are cut at the last layer");
+    assert_eq!((s.gpu_end, s.host_percent), (2, 100.0), "shares past 100% are cut");
+    let s = split_layers(4, 0.0, 0.0);
+    assert_eq!(s.rows(7), [0..0, 0..7]);
+    assert!(s.uses_disk() && !s.uses_host());
 }
 
 #[test]

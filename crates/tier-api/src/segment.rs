@@ -95,6 +95,39 @@ impl SegmentedTensor {
         Ok(SegmentedTensor { shape: shape.clone(), dtype, dim, segments })
     }
 
+    /// A segmented tensor from segments made elsewhere (allocated in
+    /// parallel, say): they must cover `0..shape[dim]` in order without gaps,
+    /// each view of `dtype` with `shape`'s dimensions except its range's
+    /// length along `dim`.
+    pub fn from_segments(shape: &Shape, dtype: DType, dim: usize, segments: Vec<Segment>) -> Result<Self> {
+        let size = *shape.dims().get(dim).ok_or(Error::DimOutOfRange { dim, rank: shape.rank() })?;
+        let mut next = 0;
+        for s in &segments {
+            if s.range.start != next || s.range.end < s.range.start {
+                return Err(Error::BadSplit(format!(
+                    "segment {:?} does not follow the previous one (expected a start at {next})",
+                    s.range
+                )));
+            }
+            let mut dims = shape.dims().to_vec();
+            dims[dim] = s.range.len();
+            let want = Shape::new(dims);
+            if s.view.shape() != want || s.view.dtype() != dtype {
+                return Err(Error::BadSplit(format!(
+                    "segment {:?} is a {} view of shape {}, expected {dtype} of shape {want}",
+                    s.range,
+                    s.view.dtype(),
+                    s.view.shape()
+                )));
+            }
+            next = s.range.end;
+        }
+        if next != size {
+            return Err(Error::BadSplit(format!("segments cover 0..{next} of 0..{size}")));
+        }
+        Ok(SegmentedTensor { shape: shape.clone(), dtype, dim, segments })
+    }
+
     /// A plain view seen as a segmented tensor of one segment along `dim`.
     pub fn single(view: TensorView, dim: usize) -> Result<Self> {
         let shape = view.shape();
@@ -131,6 +164,22 @@ mod tests {
         for x in &r[..2] {
             assert_eq!(x.end % 12, 0);
         }
+    }
+
+    #[test]
+    fn from_segments_checks_coverage_and_shapes() {
+        use crate::tensor::test_support::tensor;
+        let shape = Shape::new(vec![10, 4]);
+        let (a, b) = (tensor(&[3, 4], DType::F16), tensor(&[7, 4], DType::F16));
+        let seg = |range: Range<usize>, t: &crate::tensor::Tensor| Segment { range, view: t.view() };
+        let t = SegmentedTensor::from_segments(&shape, DType::F16, 0, vec![seg(0..3, &a), seg(3..10, &b)]).unwrap();
+        assert_eq!(t.segments().len(), 2);
+        // A gap, a short cover, a wrong shape, a wrong dtype: refused.
+        assert!(SegmentedTensor::from_segments(&shape, DType::F16, 0, vec![seg(0..3, &a), seg(4..10, &b)]).is_err());
+        assert!(SegmentedTensor::from_segments(&shape, DType::F16, 0, vec![seg(0..3, &a)]).is_err());
+        assert!(SegmentedTensor::from_segments(&shape, DType::F16, 0, vec![seg(0..7, &a), seg(7..10, &b)]).is_err());
+        assert!(SegmentedTensor::from_segments(&shape, DType::F32, 0, vec![seg(0..3, &a), seg(3..10, &b)]).is_err());
+        assert!(SegmentedTensor::from_segments(&shape, DType::F16, 2, vec![]).is_err());
     }
 
     #[test]

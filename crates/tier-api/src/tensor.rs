@@ -239,8 +239,9 @@ impl TensorView {
     }
 }
 
+/// A host tensor over a plain boxed slice, for unit tests in this crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
     use crate::storage::HostSpan;
     use std::any::Any;
@@ -266,10 +267,17 @@ mod tests {
         }
     }
 
-    fn tensor(shape: &[usize], dtype: DType) -> Tensor {
+    /// A zeroed tensor of `shape` in ordinary memory.
+    pub(crate) fn tensor(shape: &[usize], dtype: DType) -> Tensor {
         let len = Shape::from(shape).byte_size(dtype).unwrap();
         Tensor::from_storage(Arc::new(VecStorage(vec![0; len].into())), Shape::from(shape), dtype).unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::tensor;
+    use super::*;
 
     #[test]
     fn whole_tensor_is_one_run() {

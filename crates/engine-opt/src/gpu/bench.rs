@@ -130,20 +130,30 @@ pub struct GpuMemory {
 /// Where the weights were and what streaming them cost (tiered runs).
 #[derive(Debug, Clone, Serialize)]
 pub struct TierReport {
-    /// Decoder layers resident on the GPU, in host memory, on disk (whole
-    /// layers, in order; embeddings and logits weights stay on the GPU).
+    /// Decoder layers resident on the GPU (whole layers, the first ones;
+    /// embeddings and logits weights stay on the GPU too) and streamed.
     pub layers_gpu: usize,
-    pub layers_host: usize,
-    pub layers_disk: usize,
-    /// `pinned` or `pageable` for the host layers.
+    pub layers_streamed: usize,
+    /// Of each streamed layer's rows, the share in host memory (percent;
+    /// the rest on disk).
+    pub host_rows_percent: f64,
+    /// `pinned`, `registered` or `pageable` for the host rows.
     pub host_memory: Option<String>,
-    /// Bytes of weights copied to the GPU each step.
+    /// Bytes of weights copied to the GPU each step: in all, from host
+    /// memory, from disk.
     pub streamed_bytes_per_step: u64,
-    /// A layer's copy into a GPU slot, bytes per second, measured in the
-    /// run through the engine's own route: host, disk.
+    pub host_bytes_per_step: u64,
+    pub disk_bytes_per_step: u64,
+    /// Copy rates into a GPU slot, bytes per second, measured in the run
+    /// through the engine's own routes: a layer's host rows alone, its disk
+    /// rows alone, the whole layer (both links at once).
     pub host_copy_bytes_per_s: Option<f64>,
     pub disk_copy_bytes_per_s: Option<f64>,
-    /// prompts × (gen_len − 1) / (decode steps × streamed bytes over those rates).
+    pub layer_copy_bytes_per_s: Option<f64>,
+    /// The link that bounds a step: `pcie` (every streamed byte crosses it,
+    /// at the host rows' rate) or `disk` (the disk rows at the disk's rate).
+    pub bounding_link: Option<String>,
+    /// prompts / (the bounding link's bytes per step over its rate).
     pub decode_tokens_per_s_stream_limit: Option<f64>,
     /// Peak bytes held per tier (the tiers' `MemAccount`s): GPU (the
     /// engine's buffers), pinned host (weights if pinned, plus the GPU
@@ -396,14 +406,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     };
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
-    let rates = match &model.offload {
-        Some(s) => {
-            let host = (split.host_layers() > 0).then(|| s.copy_rate(split.gpu_end)).transpose()?;
-            let disk = (split.disk_layers() > 0).then(|| s.copy_rate(split.host_end)).transpose()?;
-            (host, disk)
-        }
-        None => (None, None),
-    };
+    let rates = model.offload.as_ref().map(|s| s.copy_rates()).transpose()?.unwrap_or_default();
     let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
     let hidden = indicatif::ProgressBar::hidden();
 
@@ -420,10 +423,13 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     pb.finish_and_clear();
 
     let tier_report = model.offload.as_ref().map(|s| {
-        let layer_bytes = s.slot_bytes();
-        let (host_bytes, disk_bytes) =
-            (layer_bytes * split.host_layers() as u64, layer_bytes * split.disk_layers() as u64);
-        let step_s = rates.0.map_or(0.0, |r| host_bytes as f64 / r) + rates.1.map_or(0.0, |r| disk_bytes as f64 / r);
+        let (host_bytes, disk_bytes) = s.home_bytes();
+        // Every streamed byte crosses PCIe (disk rows through pinned
+        // staging), at best at the host rows' DMA rate; the disk rows also
+        // cross the disk at its rate. The slower of the two bounds a step.
+        let pcie_s = rates.host.or(rates.layer).map_or(0.0, |r| (host_bytes + disk_bytes) as f64 / r);
+        let disk_s = rates.disk.map_or(0.0, |r| disk_bytes as f64 / r);
+        let (step_s, link) = if disk_s > pcie_s { (disk_s, "disk") } else { (pcie_s, "pcie") };
         let steps = args.gen_len.saturating_sub(1);
         let peak = |d: Option<tier_api::MemStats>| d.map_or(0, |s| s.peak_resident);
         let host_stats = s.tiers().host.as_ref().map(|h| h.stats());
@@ -431,12 +437,16 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         let staging = peak(model.gpu.device().staging_stats());
         TierReport {
             layers_gpu: split.gpu_end,
-            layers_host: split.host_layers(),
-            layers_disk: split.disk_layers(),
+            layers_streamed: split.offloaded(),
+            host_rows_percent: split.host_percent,
             host_memory: s.tiers().host.as_ref().map(|h| h.mem_kind().to_string()),
             streamed_bytes_per_step: host_bytes + disk_bytes,
-            host_copy_bytes_per_s: rates.0,
-            disk_copy_bytes_per_s: rates.1,
+            host_bytes_per_step: host_bytes,
+            disk_bytes_per_step: disk_bytes,
+            host_copy_bytes_per_s: rates.host,
+            disk_copy_bytes_per_s: rates.disk,
+            layer_copy_bytes_per_s: rates.layer,
+            bounding_link: (step_s > 0.0).then(|| link.to_string()),
             decode_tokens_per_s_stream_limit: (steps > 0 && step_s > 0.0).then(|| prompts_n as f64 / step_s),
             peak_gpu_bytes: model.gpu.held_bytes().1,
             peak_pinned_host_bytes: staging + if pinned_host { peak(host_stats.clone()) } else { 0 },
@@ -590,17 +600,23 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
             _ => "-".to_string(),
         };
         let text = format!(
-            "weights: layers {} on GPU, {} on host ({}), {} on disk; embeddings and logits weights on the GPU\n\
-             streamed per step: {}; layer copy into a GPU slot: host {}, disk {}; decode limit from those: {}\n\
+            "weights: {} layers resident on the GPU, {} streamed ({:.1}% of their rows in {} host memory, \
+             the rest on disk); embeddings and logits weights on the GPU\n\
+             streamed per step: {} ({} from host, {} from disk); copy into a GPU slot: host rows {}, \
+             disk rows {}, whole layer {}; decode limit from those: {} (bound by {})\n\
              peak per tier: GPU {} (slots {}), pinned host {}, pageable host {}, disk {}; peak RSS {}\n",
             t.layers_gpu,
-            t.layers_host,
+            t.layers_streamed,
+            t.host_rows_percent,
             t.host_memory.as_deref().unwrap_or("-"),
-            t.layers_disk,
             gb(t.streamed_bytes_per_step),
+            gb(t.host_bytes_per_step),
+            gb(t.disk_bytes_per_step),
             rate(t.host_copy_bytes_per_s),
             rate(t.disk_copy_bytes_per_s),
+            rate(t.layer_copy_bytes_per_s),
             limit,
+            t.bounding_link.as_deref().unwrap_or("-"),
             gb(t.peak_gpu_bytes),
             gb(t.slot_bytes),
             gb(t.peak_pinned_host_bytes),

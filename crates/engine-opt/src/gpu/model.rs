@@ -270,7 +270,7 @@ impl GpuModel {
         compress_weight: bool,
     ) -> Result<Self> {
         config.validate()?;
-        if split.layers != config.num_hidden_layers || split.gpu_end > split.host_end || split.host_end > split.layers {
+        if split.layers != config.num_hidden_layers || split.gpu_end > split.layers || !(0.0..=100.0).contains(&split.host_percent) {
             return Err(Error::Gpu(format!("a layer split {split:?} for {} layers", config.num_hidden_layers)));
         }
         let compressed = if compress_weight {
