@@ -35,6 +35,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod cpu_attention;
 pub mod dummy;
 mod error;
 pub mod generation;
