@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Issue 6's benchmark cases on the GPU machine, with FlexLLMGen's flags
+# (../shared/reference/peer-baseline.md): one `tierlm bench --json` per case,
+# then a markdown table (scripts/bench_table.py) in $OUT/bench-cases/table.md
+# and in docs/benchmarks.md between the bench-cases markers (a copy of the
+# updated file goes to $OUT/bench-cases/benchmarks.md to be brought back).
+#
+# Usage (repository root): scripts/bench-cases.sh [options] [CASE...]
+#   CASE             A B C D D4 (default: all, in that order)
+#   --tierlm PATH    the binary (default .gpu/tierlm)
+#   --offload-dir D  disk tier's directory (default ./offload; tierlm's arena
+#                    files in it are removed after each case, and D itself
+#                    if empty); no spaces in D
+#   --out DIR        results (default $OUT/bench-cases, else /tmp/bench-cases)
+#   --doc PATH       file whose marked section is replaced (default docs/benchmarks.md)
+#   --budget S       seconds this call may take (default 570, under the
+#                    device's 600 s a command); a case gets
+#                    min(540, what is left - 20) and is skipped below 60
+#   --dry-run        print the plan and the commands, run nothing
+#   --from DIR       run nothing: render the table from DIR's .meta/.json/.log
+#
+# One 600 s call fits A B D D4 (about 5 minutes); run C (3-4 minutes) in a
+# call of its own. Rows of cases not run in a call stay in the docs table.
+set -euo pipefail
+
+tierlm=.gpu/tierlm offload=offload out=${OUT:-/tmp}/bench-cases doc=docs/benchmarks.md
+budget=570 dry=0 from="" cases=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --tierlm) tierlm=$2; shift 2 ;;
+    --offload-dir) offload=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --doc) doc=$2; shift 2 ;;
+    --budget) budget=$2; shift 2 ;;
+    --dry-run) dry=1; shift ;;
+    --from) from=$2; shift 2 ;;
+    A|B|C|D|D4) cases+=("$1"); shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "bench-cases.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+  esac
+done
+[ ${#cases[@]} -gt 0 ] || cases=(A B C D D4)
+table=(python3 "$(dirname "$0")/bench_table.py" --out "$out" --doc "$doc")
+
+if [ -n "$from" ]; then
+  "${table[@]}" --dir "$from" "${cases[@]}"
+  mkdir -p "$out" && cp "$doc" "$out/benchmarks.md"
+  exit 0
+fi
+
+# The flags of each case (dummy weights, prompt 512); A, B, D and D4 are the
+# commands of docs/benchmarks.md's earlier runs, C is FlexLLMGen's.
+flags() {
+  case $1 in
+    # A: OPT-6.7B all on the GPU, 32 prompts (FlexLLMGen: 1,512 decode, 977 total tok/s;
+    #    its --overlap False is tierlm's default). Target: decode >= 2x, total >= 1.6x.
+    A) echo "--model opt-6.7b --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 32 --prompt-len 512 --gen-len 32" ;;
+    # B: OPT-30B weights on pinned host memory (--pin-weight defaults to true),
+    #    cache and activations on the GPU, 2 x 32 prompts (FlexLLMGen: 54.8 / 51.9).
+    #    Target: decode >= 95% of the weight-streaming limit, start-up < 30 s.
+    B) echo "--model opt-30b --dummy --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --prompt-len 512 --gen-len 32 --offload-dir $offload" ;;
+    # C: OPT-13B weights 1/4 disk 3/4 host, cache on the host with attention on
+    #    the CPU, 2 x 32 prompts, 8 new tokens (FlexLLMGen: 21.9 / 19.5).
+    #    Target: decode >= 90% of the limit of the links' bytes over their rates.
+    C) echo "--model opt-13b --dummy --percent 0 75 0 100 0 100 --gpu-batch-size 32 --num-gpu-batches 2 --cpu-cache-compute --prompt-len 512 --gen-len 8 --offload-dir $offload" ;;
+    # D: OPT-6.7B weights on pinned host memory, cache on the GPU, 32 prompts
+    #    (FlexLLMGen: 113.0 / 111.1).
+    D) echo "--model opt-6.7b --dummy --percent 0 100 100 0 100 0 --gpu-batch-size 32 --prompt-len 512 --gen-len 32 --offload-dir $offload" ;;
+    # D4: D with 4-bit weights (no FlexLLMGen run to compare).
+    D4) echo "$(flags D) --compress-weight" ;;
+  esac
+}
+# Rough seconds per case on the H100 (whole process: roofline, load, warm-up, run).
+declare -A est=([A]=60 [B]=120 [C]=240 [D]=60 [D4]=60)
+
+total=0
+for c in "${cases[@]}"; do total=$((total + est[$c])); done
+echo "plan: ${cases[*]}, about ${total} s of the ${budget} s budget (A ~60, B ~120, C ~240, D ~60, D4 ~60;" \
+  "one call fits A B D D4, C goes alone)" >&2
+[ "$total" -le "$budget" ] || echo "warning: may not fit; the cases at the end are skipped if time runs out" >&2
+
+if [ "$dry" = 1 ]; then
+  for c in "${cases[@]}"; do echo "$c: timeout 540 $tierlm bench $(flags "$c") --json"; done
+  exit 0
+fi
+
+clean_offload() {  # tierlm's disk arenas, then the directory if that left it empty
+  rm -f "$offload"/.tierlm-disk*.arena 2>/dev/null || true
+  rmdir "$offload" 2>/dev/null || true
+}
+trap clean_offload EXIT
+mkdir -p "$out"
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) || device=""
+deadline=$((SECONDS + budget))
+for c in "${cases[@]}"; do
+  limit=$((deadline - SECONDS - 20)); [ "$limit" -le 540 ] || limit=540
+  cmd="$tierlm bench $(flags "$c") --json"
+  rc=0 start=$(date +%s.%N) date=$(date -u '+%Y-%m-%d %H:%M UTC')
+  if [ "$limit" -lt 60 ]; then
+    rc=skipped; echo "$c: skipped, ${limit} s left" >&2
+  else
+    echo "$c: timeout $limit $cmd" >&2
+    # shellcheck disable=SC2086  # the flags are words
+    timeout --kill-after=10 "$limit" $cmd >"$out/$c.json" 2>"$out/$c.log" || rc=$?
+    echo "$c: exit $rc, $(tail -n 1 "$out/$c.log" 2>/dev/null)" >&2
+  fi
+  printf 'case=%s\nrc=%s\nstart=%s\nend=%s\ndate=%s\ndevice=%s\ncmd=timeout %s %s\n' \
+    "$c" "$rc" "$start" "$(date +%s.%N)" "$date" "$device" "$limit" "$cmd" >"$out/$c.meta"
+  clean_offload
+done
+
+"${table[@]}" --dir "$out" "${cases[@]}"
+cp "$doc" "$out/benchmarks.md"
