@@ -83,12 +83,12 @@ pub enum Error {
     #[error("{0} needs the GPU engine; the CPU engine holds everything in host memory")]
     NeedsGpuEngine(String),
 
-    /// The request needs parts of the tiered engine not built yet: the KV
-    /// cache or activations off the GPU, and the schedule's other flags.
+    /// The request needs parts of the tiered engine not built yet: disk
+    /// tiers under the CPU's compute, `--sep-layer`, `--compress-cache`.
     #[error(
         "{0} needs the tiered engine, which does not do this yet; today tierlm runs everything in host memory \
-         on the CPU (--percent 0 100 0 100 0 100), or on a GPU with the KV cache and activations there and the \
-         weights on any tiers (--percent W_GPU W_CPU 100 0 100 0, optionally --compress-weight)"
+         on the CPU (--percent 0 100 0 100 0 100), or on a GPU with weights and KV cache on any tiers \
+         (GPU, host, disk), --cpu-cache-compute, --attn-sparsity and --compress-weight"
     )]
     NeedsTieredEngine(String),
 

@@ -34,6 +34,7 @@ fn report<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    engine_opt::progress::mark_process_start();
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => report(engine_opt::cli::generate::run(args)),

@@ -139,35 +139,28 @@ impl Policy {
     /// memory, no GPU-engine feature).
     pub fn check_cpu_engine(&self) -> Result<()> {
         self.validate()?;
-        // What the GPU engine runs: the KV cache and activations on the GPU,
-        // the weights on any tiers, optionally 4-bit.
-        let gpu_engine_takes = self.cache_gpu_percent == 100.0 && self.act_gpu_percent == 100.0;
-        let needs = |what: String| {
-            if gpu_engine_takes {
-                Error::NeedsGpuEngine(what)
-            } else {
-                Error::NeedsTieredEngine(what)
-            }
-        };
+        // The GPU engine runs weights and KV cache on any tiers, the
+        // CPU's attention and 4-bit weights; computing on the CPU over disk
+        // tiers is the tiered engine's, not built yet.
         for (what, gpu, _) in self.pairs() {
             if gpu > 0.0 {
-                return Err(needs(format!("putting {gpu}% of the {what} on the GPU")));
+                return Err(Error::NeedsGpuEngine(format!("putting {gpu}% of the {what} on the GPU")));
             }
         }
         for ((what, _, _), disk) in self.pairs().iter().zip(self.disk_percents()) {
             if disk > 0.0 {
-                return Err(needs(format!("putting {disk}% of the {what} on disk")));
+                return Err(Error::NeedsTieredEngine(format!("putting {disk}% of the {what} on disk")));
             }
         }
-        if self.compress_weight {
-            return Err(Error::NeedsGpuEngine("--compress-weight".to_string()));
-        }
-        let flags = [
+        let gpu_flags = [
+            (self.compress_weight, "--compress-weight"),
             (self.overlap, "--overlap true"),
-            (self.sep_layer, "--sep-layer true"),
-            (self.compress_cache, "--compress-cache"),
             (self.attn_sparsity < 1.0, "--attn-sparsity below 1"),
         ];
+        if let Some((_, flag)) = gpu_flags.iter().find(|f| f.0) {
+            return Err(Error::NeedsGpuEngine((*flag).to_string()));
+        }
+        let flags = [(self.sep_layer, "--sep-layer true"), (self.compress_cache, "--compress-cache")];
         if let Some((_, flag)) = flags.iter().find(|f| f.0) {
             return Err(Error::NeedsTieredEngine((*flag).to_string()));
         }

@@ -16,3 +16,16 @@ pub fn bar(len: u64, msg: &str) -> ProgressBar {
     pb.set_message(msg.to_string());
     pb
 }
+
+static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// The instant `main` started (the first call's, if `main` did not call
+/// [`mark_process_start`]): start-up times are counted from it.
+pub fn process_start() -> std::time::Instant {
+    *PROCESS_START.get_or_init(std::time::Instant::now)
+}
+
+/// Records that the process starts now (the first thing `main` does).
+pub fn mark_process_start() {
+    let _ = process_start();
+}

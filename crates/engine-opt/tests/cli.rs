@@ -317,10 +317,13 @@ fn bench_policies_the_cpu_engine_cannot_run() {
         let err = with(&["--percent", "100", "0", "100", "0", "100", "0"]);
         assert!(err.contains("needs the GPU engine"), "{err}");
     }
-    let err = with(&["--percent", "0", "50", "0", "100", "0", "100"]);
-    assert!(err.contains("50% of the weights on disk") && err.contains("needs the tiered engine"), "{err}");
-    let err = with(&["--percent", "0", "100", "0", "50", "0", "100"]);
-    assert!(err.contains("50% of the KV cache on disk") && err.contains("needs the tiered engine"), "{err}");
+    if !engine_opt::gpu::available() {
+        // With a GPU these run on the GPU engine (tests/gpu_tiered.rs).
+        let err = with(&["--percent", "0", "50", "0", "100", "0", "100"]);
+        assert!(err.contains("50% of the weights on disk") && err.contains("needs the tiered engine"), "{err}");
+        let err = with(&["--percent", "0", "100", "0", "50", "0", "100"]);
+        assert!(err.contains("50% of the KV cache on disk") && err.contains("needs the tiered engine"), "{err}");
+    }
     if !engine_opt::gpu::available() {
         // With a GPU this placement runs on the GPU engine, weights streamed
         // (tests/gpu_tiered.rs).
@@ -334,12 +337,20 @@ fn bench_policies_the_cpu_engine_cannot_run() {
         let err = with(&["--compress-weight"]);
         assert!(err.contains("needs the GPU engine"), "--compress-weight: {err}");
     }
-    for flag in [&["--compress-cache"][..], &["--overlap"], &["--sep-layer", "true"]] {
+    for flag in [&["--compress-cache"][..], &["--sep-layer", "true"]] {
         let err = with(flag);
         assert!(err.contains("needs the tiered engine"), "{flag:?}: {err}");
     }
-    let err = with(&["--attn-sparsity", "0.5"]);
-    assert!(err.contains("needs the tiered engine"), "{err}");
+    if !engine_opt::gpu::available() {
+        for flag in [&["--overlap"][..], &["--attn-sparsity", "0.5"]] {
+            let err = with(flag);
+            assert!(err.contains("needs the GPU engine"), "{flag:?}: {err}");
+        }
+    } else {
+        // The CPU's sparse attention runs over a host cache only.
+        let err = with(&["--attn-sparsity", "0.5"]);
+        assert!(err.contains("--cpu-cache-compute"), "{err}");
+    }
     let err = fails(&["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "2040", "--gen-len", "32"]);
     assert!(err.contains("exceed the model's 2048 positions"), "{err}");
     // Flags that mean "off" are accepted.

@@ -20,6 +20,7 @@ use super::blas::LinearOut;
 use super::buffer::DevBuf;
 use super::generation::generate;
 use super::offload::{split_layers, LayerSplit, OffloadTiers};
+use super::tiered_cache::{CachePlan, CacheTiers};
 use super::{driver_err, Gpu, GpuModel};
 use crate::checkpoint::Checkpoint;
 use crate::cli::bench::{bench_prompts, throughput, BenchArgs};
@@ -42,11 +43,34 @@ pub fn all_on_gpu(policy: &Policy) -> bool {
     policy.w_gpu_percent == 100.0 && policy.cache_gpu_percent == 100.0 && policy.act_gpu_percent == 100.0
 }
 
-/// Whether `policy` keeps the cache and activations on the GPU and puts
-/// weights partly or wholly off it (`--percent W_GPU W_CPU 100 0 100 0`):
-/// the GPU engine streams those weights ([`super::offload`]).
+/// Whether `policy` puts weights partly or wholly off the GPU: the GPU
+/// engine streams those weights ([`super::offload`]).
 pub fn streams_weights(policy: &Policy) -> bool {
-    policy.w_gpu_percent < 100.0 && policy.cache_gpu_percent == 100.0 && policy.act_gpu_percent == 100.0
+    policy.w_gpu_percent < 100.0
+}
+
+/// Whether the GPU engine runs `policy` where a GPU is present: every
+/// placement of weights and cache. Activations are kept on the GPU (a
+/// batch's hidden states; the policy's activation shares are noted, not
+/// honoured).
+pub fn takes(policy: &Policy) -> bool {
+    policy.validate().is_ok()
+}
+
+/// Whether the policy puts any of the KV cache off the GPU, or asks for the
+/// CPU's attention over a host cache.
+pub fn tiers_cache(policy: &Policy) -> bool {
+    policy.cache_gpu_percent < 100.0
+}
+
+/// The cache placement `policy` asks the GPU engine for.
+pub fn cache_plan(policy: &Policy) -> CachePlan {
+    CachePlan {
+        gpu_percent: policy.cache_gpu_percent,
+        cpu_percent: policy.cache_cpu_percent,
+        cpu_compute: policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0,
+        attn_sparsity: policy.attn_sparsity,
+    }
 }
 
 /// The GPU engine's answer to a policy: `None` where it does not take the
@@ -54,7 +78,7 @@ pub fn streams_weights(policy: &Policy) -> bool {
 /// there is no GPU: the caller keeps its own behaviour), else the run's
 /// result.
 pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
-    if policy.validate().is_err() || !(all_on_gpu(policy) || streams_weights(policy)) {
+    if policy.validate().is_err() || !takes(policy) {
         return None;
     }
     if let Some(reason) = super::unavailable_reason() {
@@ -66,19 +90,27 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
 
 /// Refuses the flags this engine does not implement yet.
 fn check_flags(policy: &Policy) -> Result<()> {
-    let unsupported =
-        [(policy.compress_cache, "--compress-cache"), (policy.attn_sparsity < 1.0, "--attn-sparsity below 1")];
-    if let Some((_, flag)) = unsupported.iter().find(|f| f.0) {
-        return Err(Error::NeedsTieredEngine(format!(
-            "{flag} (not done on the GPU engine: it runs an f16 cache and dense attention; \
-             --compress-weight is supported)"
-        )));
+    if policy.compress_cache {
+        return Err(Error::NeedsTieredEngine(
+            "--compress-cache (the GPU engine keeps an f16 cache; --compress-weight is supported)".into(),
+        ));
     }
-    if policy.overlap && !streams_weights(policy) {
+    cache_plan(policy).validate()?;
+    if policy.sep_layer {
+        return Err(Error::NeedsTieredEngine("--sep-layer (the GPU engine streams and computes whole layers)".into()));
+    }
+    if policy.overlap && all_on_gpu(policy) {
         eprintln!("note: --overlap: everything is on the GPU, there are no copies to overlap");
     }
-    if policy.cpu_cache_compute {
-        eprintln!("note: --cpu-cache-compute: the cache is on the GPU, attention runs there");
+    if policy.cpu_cache_compute && policy.cache_cpu_percent < 100.0 {
+        eprintln!("note: --cpu-cache-compute: the cache is not all in host memory, attention runs on the GPU");
+    }
+    if policy.act_gpu_percent < 100.0 {
+        eprintln!(
+            "note: activations stay on the GPU (a batch's hidden states, counted in the GPU's peak); \
+             the policy's activation shares {} {} are not applied",
+            policy.act_gpu_percent, policy.act_cpu_percent
+        );
     }
     Ok(())
 }
@@ -127,6 +159,24 @@ pub struct GpuMemory {
     pub other_in_use_bytes: u64,
 }
 
+/// Where the KV cache was (runs with it off the GPU).
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    /// Shares of each batch's sequences: GPU, host, disk (percent).
+    pub percent: [f64; 3],
+    /// Decode attention on the CPU over the host cache.
+    pub cpu_compute: bool,
+    pub attn_sparsity: f64,
+    /// Peak bytes of the cache's host and disk tiers.
+    pub host_bytes: u64,
+    pub disk_bytes: u64,
+    /// Bytes of the two GPU slots the cache is loaded into.
+    pub slot_bytes: u64,
+    /// Bytes moved between the slots and the cache's homes (the timed run
+    /// and those before it).
+    pub bytes_moved: u64,
+}
+
 /// Where the weights were and what streaming them cost (tiered runs).
 #[derive(Debug, Clone, Serialize)]
 pub struct TierReport {
@@ -155,6 +205,8 @@ pub struct TierReport {
     pub bounding_link: Option<String>,
     /// prompts / (the bounding link's bytes per step over its rate).
     pub decode_tokens_per_s_stream_limit: Option<f64>,
+    /// The KV cache off the GPU, if it is.
+    pub cache: Option<CacheReport>,
     /// Peak bytes held per tier (the tiers' `MemAccount`s): GPU (the
     /// engine's buffers), pinned host (weights if pinned, plus the GPU
     /// tier's staging ring), pageable host, disk.
@@ -181,6 +233,9 @@ pub struct GpuBenchReport {
     pub gen_len: usize,
     pub percent: [f64; 6],
     pub load_s: f64,
+    /// Process start to the first prefill, less the benchmark's own
+    /// measurements (roofline, copy rates).
+    pub startup_s: f64,
     pub prefill_s: f64,
     pub decode_s: f64,
     pub total_s: f64,
@@ -373,7 +428,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let prompts_n = policy.block_size();
     let need = config.weight_bytes() + config.kv_cache_bytes(prompts_n, args.prompt_len + args.gen_len);
     let (free_mem, total_mem) = gpu.mem_info()?;
-    let tiered = streams_weights(policy);
+    let tiered = streams_weights(policy) || tiers_cache(policy);
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     if tiered || args.gpu_mem.is_some() {
         // Refuse what does not fit before anything is allocated.
@@ -393,20 +448,28 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
             crate::memory::gib(total_mem)
         )));
     }
+    let measuring = Instant::now();
     let roof = measure_roofline(&gpu)?;
+    let mut measure_s = measuring.elapsed().as_secs_f64();
 
     let t = Instant::now();
     let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
-    let (mut model, description) = if tiered || policy.compress_weight {
+    let (mut model, description) = if streams_weights(policy) || policy.compress_weight {
         // With every layer on the GPU the split makes no tiers.
         let tiers = OffloadTiers::for_split(&split, policy.pin_weight, &offload_dir)?;
         load_tiered(args, gpu, config, split, tiers, policy.compress_weight)?
     } else {
         load_for_bench(args, gpu)?
     };
+    if tiers_cache(policy) {
+        let plan = cache_plan(policy);
+        model.place_cache(plan, CacheTiers::for_plan(&plan, &offload_dir)?)?;
+    }
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
+    let measuring = Instant::now();
     let rates = model.offload.as_ref().map(|s| s.copy_rates()).transpose()?.unwrap_or_default();
+    measure_s += measuring.elapsed().as_secs_f64();
     let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
     let hidden = indicatif::ProgressBar::hidden();
 
@@ -414,6 +477,9 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     // are loaded and cuBLASLt's plans made), two new tokens.
     let warm =
         bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed ^ 1);
+    // Start-up: process start to the first prefill, less the benchmark's
+    // own measurements (roofline, copy rates), which a run does not need.
+    let startup_s = crate::progress::process_start().elapsed().as_secs_f64() - measure_s;
     generate(&model, &warm, &GenerateOptions { max_new_tokens: args.gen_len.min(2), ..opts }, None, &hidden)?;
 
     let prompts =
@@ -422,8 +488,8 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let out = generate(&model, &prompts, &opts, None, &pb)?;
     pb.finish_and_clear();
 
-    let tier_report = model.offload.as_ref().map(|s| {
-        let (host_bytes, disk_bytes) = s.home_bytes();
+    let tier_report = (model.offload.is_some() || model.cache_streamer.is_some()).then(|| {
+        let (host_bytes, disk_bytes) = model.offload.as_ref().map_or((0, 0), |s| s.home_bytes());
         // Every streamed byte crosses PCIe (disk rows through pinned
         // staging), at best at the host rows' DMA rate; the disk rows also
         // cross the disk at its rate. The slower of the two bounds a step.
@@ -431,15 +497,32 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         let disk_s = rates.disk.map_or(0.0, |r| disk_bytes as f64 / r);
         let (step_s, link) = if disk_s > pcie_s { (disk_s, "disk") } else { (pcie_s, "pcie") };
         let steps = args.gen_len.saturating_sub(1);
-        let peak = |d: Option<tier_api::MemStats>| d.map_or(0, |s| s.peak_resident);
-        let host_stats = s.tiers().host.as_ref().map(|h| h.stats());
-        let pinned_host = s.tiers().host.as_ref().is_some_and(|h| h.mem_kind().is_page_locked());
-        let staging = peak(model.gpu.device().staging_stats());
+        // Peaks per tier over every host and disk device of the run
+        // (weights' and cache's), the GPU tier's staging ring counted as
+        // pinned host memory.
+        let w_tiers = model.offload.as_ref().map(|s| s.tiers().clone());
+        let c_tiers = model.cache_streamer.as_ref().map(|c| c.tiers().clone());
+        let hosts: Vec<_> =
+            [w_tiers.as_ref().and_then(|t| t.host.clone()), c_tiers.as_ref().and_then(|t| t.host.clone())]
+                .into_iter()
+                .flatten()
+                .collect();
+        let disks: Vec<_> =
+            [w_tiers.as_ref().and_then(|t| t.disk.clone()), c_tiers.as_ref().and_then(|t| t.disk.clone())]
+                .into_iter()
+                .flatten()
+                .collect();
+        let locked =
+            hosts.iter().filter(|h| h.mem_kind().is_page_locked()).map(|h| h.stats().peak_resident).sum::<u64>();
+        let pageable =
+            hosts.iter().filter(|h| !h.mem_kind().is_page_locked()).map(|h| h.stats().peak_resident).sum::<u64>();
+        let staging = model.gpu.device().staging_stats().map_or(0, |s| s.peak_resident);
+        let split = model.offload.as_ref().map(|s| s.split());
         TierReport {
-            layers_gpu: split.gpu_end,
-            layers_streamed: split.offloaded(),
-            host_rows_percent: split.host_percent,
-            host_memory: s.tiers().host.as_ref().map(|h| h.mem_kind().to_string()),
+            layers_gpu: split.map_or(model.config.num_hidden_layers, |s| s.gpu_end),
+            layers_streamed: split.map_or(0, |s| s.offloaded()),
+            host_rows_percent: split.map_or(0.0, |s| s.host_percent),
+            host_memory: w_tiers.as_ref().and_then(|t| t.host.as_ref()).map(|h| h.mem_kind().to_string()),
             streamed_bytes_per_step: host_bytes + disk_bytes,
             host_bytes_per_step: host_bytes,
             disk_bytes_per_step: disk_bytes,
@@ -448,10 +531,23 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
             layer_copy_bytes_per_s: rates.layer,
             bounding_link: (step_s > 0.0).then(|| link.to_string()),
             decode_tokens_per_s_stream_limit: (steps > 0 && step_s > 0.0).then(|| prompts_n as f64 / step_s),
+            cache: model.cache_streamer.as_ref().map(|c| {
+                let p = c.plan();
+                let per_tier = |d: Option<tier_api::MemStats>| d.map_or(0, |s| s.peak_resident);
+                CacheReport {
+                    percent: [p.gpu_percent, p.cpu_percent, p.disk_percent()],
+                    cpu_compute: p.cpu_compute,
+                    attn_sparsity: p.attn_sparsity,
+                    host_bytes: per_tier(c.tiers().host.as_ref().map(|h| h.stats())),
+                    disk_bytes: per_tier(c.tiers().disk.as_ref().map(|d| d.stats())),
+                    slot_bytes: c.slot_bytes(),
+                    bytes_moved: c.bytes_moved(),
+                }
+            }),
             peak_gpu_bytes: model.gpu.held_bytes().1,
-            peak_pinned_host_bytes: staging + if pinned_host { peak(host_stats.clone()) } else { 0 },
-            peak_pageable_host_bytes: if pinned_host { 0 } else { peak(host_stats) },
-            peak_disk_bytes: peak(s.tiers().disk.as_ref().map(|d| d.stats())),
+            peak_pinned_host_bytes: staging + locked,
+            peak_pageable_host_bytes: pageable,
+            peak_disk_bytes: disks.iter().map(|d| d.stats().peak_resident).sum(),
             slot_bytes: model.slot_bytes(),
             peak_rss_bytes: crate::memory::peak_rss_bytes(),
         }
@@ -464,8 +560,9 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let report = GpuBenchReport {
         model: description,
         engine: format!(
-            "gpu{}{}",
-            if tiered { ", weights streamed" } else { "" },
+            "gpu{}{}{}",
+            if streams_weights(policy) { ", weights streamed" } else { "" },
+            if tiers_cache(policy) { ", cache tiered" } else { "" },
             if policy.compress_weight { ", 4-bit weights" } else { "" }
         ),
         device,
@@ -476,6 +573,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         gen_len: args.gen_len,
         percent: policy.percent(),
         load_s,
+        startup_s,
         prefill_s: out.prefill_time.as_secs_f64(),
         decode_s: out.decode_time.as_secs_f64(),
         total_s: (out.prefill_time + out.decode_time).as_secs_f64(),
@@ -547,7 +645,7 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
         "model: {}\n\
          engine: GPU{}, {}\n\
          prompts: {} ({} × {}), prompt_len {}, gen_len {}, percent {} {} {} {} {} {}\n\
-         load: {:.2} s\n\
+         load: {:.2} s; start-up (process start to first prefill, benchmark's own measurements excluded) {:.2} s\n\
          prefill: {:.3} s, {:.1} token/s ({:.0}% of the product-rate limit, {:.3} s)\n\
          decode:  {:.3} s, {}\n\
          total:   {:.3} s, {:.1} token/s ({:.0}% of the limit, {:.1} token/s)\n\
@@ -570,6 +668,7 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
         p[4],
         p[5],
         r.load_s,
+        r.startup_s,
         r.prefill_s,
         r.prefill_tokens_per_s,
         pct(l.prefill_min_s, r.prefill_s),
@@ -625,6 +724,25 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
             t.peak_rss_bytes.map_or("-".to_string(), gb),
         );
         out.write_all(text.as_bytes()).map_err(stdout_err)?;
+        if let Some(c) = &t.cache {
+            let text = format!(
+                "KV cache: sequences {:.0}% GPU, {:.0}% host, {:.0}% disk{}; host {}, disk {}, GPU slots {}; \
+                 {} moved between slots and homes\n",
+                c.percent[0],
+                c.percent[1],
+                c.percent[2],
+                if c.cpu_compute {
+                    format!(", decode attention on the CPU (sparsity {})", c.attn_sparsity)
+                } else {
+                    String::new()
+                },
+                gb(c.host_bytes),
+                gb(c.disk_bytes),
+                gb(c.slot_bytes),
+                gb(c.bytes_moved),
+            );
+            out.write_all(text.as_bytes()).map_err(stdout_err)?;
+        }
     }
     Ok(())
 }
@@ -689,15 +807,20 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         Some(c) => c,
         None => &dummy,
     };
-    let model = if streams_weights(&policy) || policy.compress_weight {
+    check_flags(&policy)?;
+    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let mut model = if streams_weights(&policy) || policy.compress_weight {
         // Weights off the GPU (or packed): the same loading as `bench`.
         let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
-        let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
         let tiers = OffloadTiers::for_split(&split, policy.pin_weight, &offload_dir)?;
         GpuModel::tiered_with(gpu, config, split, tiers, Some(src), args.seed, &pb, policy.compress_weight)?
     } else {
         GpuModel::load(gpu, config, src, &pb)?
     };
+    if tiers_cache(&policy) {
+        let plan = cache_plan(&policy);
+        model.place_cache(plan, CacheTiers::for_plan(&plan, &offload_dir)?)?;
+    }
     pb.finish_and_clear();
     validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;
     let c = &model.config;
@@ -770,11 +893,8 @@ pub fn try_generate(args: &GenerateArgs) -> Option<Result<()>> {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
     };
-    if all_on_gpu(&policy) || streams_weights(&policy) {
-        return Some(match super::unavailable_reason() {
-            Some(reason) => Err(Error::Gpu(reason)),
-            None => run_generate(args),
-        });
+    if takes(&policy) && super::available() {
+        return Some(run_generate(args));
     }
     match policy.check_cpu_engine() {
         Ok(()) => None,

@@ -41,6 +41,17 @@ impl GpuLayerCache {
         })
     }
 
+    /// A cache over existing buffers (a slot the tiered cache loads into),
+    /// `(batch, heads, head_dim, capacity)`, holding `len` positions.
+    pub(crate) fn over(
+        keys: DevBuf<f16>,
+        values: DevBuf<f16>,
+        (batch, heads, head_dim, capacity): (usize, usize, usize, usize),
+        len: usize,
+    ) -> Self {
+        GpuLayerCache { keys, values, batch, heads, head_dim, capacity, len }
+    }
+
     /// Positions stored so far (the same for every sequence: padding counts).
     pub fn len(&self) -> usize {
         self.len

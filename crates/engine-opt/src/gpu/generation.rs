@@ -12,7 +12,7 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 
 use super::cache::GpuKvCache;
-use super::model::{GpuHidden, GpuModel, GpuStep, Workspace};
+use super::model::{BatchCache, GpuHidden, GpuModel, GpuStep, Workspace};
 use crate::error::{Error, Result};
 use crate::generation::{validate_prompts, GenerateOptions, GenerationOutput};
 use crate::sampling::Sampler;
@@ -29,7 +29,7 @@ pub struct GpuBatch {
     new_len: usize,
     /// Per sequence, real tokens so far (the next token's position).
     next_position: Vec<usize>,
-    pub cache: GpuKvCache,
+    pub cache: BatchCache,
     pub act: GpuHidden,
     pub generated: Vec<Vec<u32>>,
     pub finished: Vec<bool>,
@@ -71,7 +71,7 @@ impl GpuBatch {
     }
 
     fn past(&self) -> usize {
-        self.cache.layers.first().map_or(0, |l| l.len())
+        self.cache.len()
     }
 
     /// The step's embeddings into the batch's hidden states.
@@ -84,16 +84,29 @@ impl GpuBatch {
                 (self.next_position[b] - real_now.count()) as i32
             })
             .collect();
-        let step = GpuStep { batch: self.batch, new_len: self.new_len, past, key_mask: &self.cache.key_mask };
+        if let BatchCache::Tiered(c) = &mut self.cache {
+            c.record_mask(&self.step_mask, self.new_len, past)?;
+        }
+        let step = GpuStep { batch: self.batch, new_len: self.new_len, past, key_mask: self.cache.key_mask() };
         model.embed(&self.act, ws, &self.step_tokens, &self.step_mask, &past_real, &step)
     }
 
     /// Layer `j` of the step.
     pub fn layer(&mut self, model: &GpuModel, j: usize, ws: &mut Workspace) -> Result<()> {
-        let GpuKvCache { layers, key_mask } = &mut self.cache;
-        let cache = layers.get_mut(j).ok_or_else(|| Error::Gpu(format!("no cache for layer {j}")))?;
-        let step = GpuStep { batch: self.batch, new_len: self.new_len, past: cache.len(), key_mask };
-        model.layer_forward(j, cache, &self.act, ws, &step)
+        match &mut self.cache {
+            BatchCache::Gpu(GpuKvCache { layers, key_mask }) => {
+                let cache = layers.get_mut(j).ok_or_else(|| Error::Gpu(format!("no cache for layer {j}")))?;
+                let step = GpuStep { batch: self.batch, new_len: self.new_len, past: cache.len(), key_mask };
+                model.layer_forward(j, cache, &self.act, ws, &step)
+            }
+            BatchCache::Tiered(tc) => {
+                let streamer = model
+                    .cache_streamer
+                    .as_ref()
+                    .ok_or_else(|| Error::Gpu("a tiered cache without its streamer".into()))?;
+                streamer.layer(model, j, tc, &self.act, ws, self.new_len)
+            }
+        }
     }
 
     /// The logits of the step's last positions into `ws.logits`.
@@ -165,7 +178,8 @@ pub fn generate(
     let mut ws = Workspace::new(&model.gpu, &model.config, rows.max(1), batch.max(1))?;
     model.gpu.synchronize()?;
     let mut out = GenerationOutput {
-        cache_bytes: states.iter().map(|s| s.cache.bytes()).sum(),
+        cache_bytes: states.iter().map(|s| s.cache.bytes().0).sum::<u64>()
+            + model.cache_streamer.as_ref().map_or(0, |c| c.slot_bytes()),
         activation_bytes: states.iter().map(|s| s.act.bytes()).sum::<u64>() + ws.bytes(),
         ..Default::default()
     };
@@ -192,6 +206,8 @@ pub fn generate(
             }
             model.end_layer(j)?;
         }
+        // Keys and values left in the tiered cache's GPU slots go home.
+        model.end_step()?;
         for &k in &active {
             let st = &mut states[k];
             st.logits(model, &mut ws)?;
@@ -223,5 +239,6 @@ pub fn prefill_logits(model: &GpuModel, prompts: &[Vec<u32>]) -> Result<Vec<f32>
     let mut st = GpuBatch::new(model, prompts, 0, crate::tokenizer::PAD_TOKEN_ID)?;
     let mut ws = Workspace::new(&model.gpu, &model.config, st.rows().max(1), st.batch().max(1))?;
     st.step(model, &mut ws)?;
+    model.end_step()?;
     model.logits_to_host(&ws, st.batch())
 }

@@ -31,6 +31,10 @@
 //!   at load and held packed on their tier (GPU, host, disk, slots);
 //!   dequantized on the GPU into one shared f16 layer workspace just before
 //!   each layer computes.
+//! - [`tiered_cache`]: the KV cache off the GPU (`--percent _ _ C_GPU C_CPU
+//!   _ _`): each batch's cache split in whole sequences over GPU, host and
+//!   disk, loaded into two GPU slots a layer at a time; with
+//!   `--cpu-cache-compute`, decode attention on the CPU over the host cache.
 //! - [`bench`]: `tierlm bench` and `tierlm generate` on this engine.
 //!
 //! Numerics: f16 storage, f32 accumulation everywhere. Matrix products go
@@ -53,6 +57,7 @@ pub mod model;
 pub mod offload;
 pub mod packed;
 pub mod profile;
+pub mod tiered_cache;
 pub mod weights;
 
 use std::sync::Arc;

@@ -16,6 +16,7 @@ use super::kernels::decode_kernel_fits;
 use super::offload::{LayerSplit, OffloadTiers, WeightStreamer};
 use super::packed::{unpack, LayerWorkspace};
 use super::profile::Profiler;
+use super::tiered_cache::{CachePlan, CacheStreamer, CacheTiers, TieredCache};
 use super::weights::{GpuEmbeddings, GpuLayerNorm, GpuLayerWeights};
 use super::Gpu;
 use crate::config::OptConfig;
@@ -178,6 +179,48 @@ impl Workspace {
     }
 }
 
+/// Attention computed on the host: the step's `[rows, 3·hidden]` products
+/// in, `[rows, hidden]` outputs written.
+pub type HostAttention<'a> = dyn FnMut(&[f16], &mut [f16]) -> Result<()> + 'a;
+
+/// One batch's KV cache: all on the GPU, or placed over the tiers.
+#[derive(Debug)]
+pub enum BatchCache {
+    Gpu(GpuKvCache),
+    Tiered(TieredCache),
+}
+
+impl BatchCache {
+    /// Which positions hold real tokens (on the GPU).
+    pub fn key_mask(&self) -> &KeyMask {
+        match self {
+            BatchCache::Gpu(c) => &c.key_mask,
+            BatchCache::Tiered(c) => &c.key_mask,
+        }
+    }
+
+    /// Positions stored in layer 0 (every layer, between steps).
+    pub fn len(&self) -> usize {
+        match self {
+            BatchCache::Gpu(c) => c.layers.first().map_or(0, GpuLayerCache::len),
+            BatchCache::Tiered(c) => c.len(0),
+        }
+    }
+
+    /// Whether nothing is stored yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held per tier: GPU, host, disk.
+    pub fn bytes(&self) -> (u64, u64, u64) {
+        match self {
+            BatchCache::Gpu(c) => (c.bytes(), 0, 0),
+            BatchCache::Tiered(c) => c.bytes(),
+        }
+    }
+}
+
 /// What `--compress-weight` adds to a model.
 pub struct Compressed {
     pub dequant: GpuDequantizer,
@@ -207,6 +250,9 @@ pub struct GpuModel {
     /// With `--compress-weight`: the dequantizer, the shared f16 layer
     /// workspace and the dequantizations in flight (see [`super::packed`]).
     pub compressed: Option<Compressed>,
+    /// With the KV cache off the GPU: its tiers and GPU slots (see
+    /// [`super::tiered_cache`]); `None`: every cache on the GPU.
+    pub cache_streamer: Option<CacheStreamer>,
     /// Last, so that the buffers above are freed before its stream and
     /// handles go.
     pub gpu: Gpu,
@@ -222,7 +268,16 @@ impl GpuModel {
             .map(|i| GpuLayerWeights::load(&gpu, &config, i, src, pb))
             .collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None, compressed: None })
+        Ok(GpuModel {
+            gpu,
+            config,
+            embeddings,
+            layers,
+            profiler: None,
+            offload: None,
+            compressed: None,
+            cache_streamer: None,
+        })
     }
 
     /// Seeded random weights made on the GPU (`--dummy`): seconds for
@@ -234,7 +289,16 @@ impl GpuModel {
             .map(|i| GpuLayerWeights::dummy(&gpu, &config, i, seed))
             .collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload: None, compressed: None })
+        Ok(GpuModel {
+            gpu,
+            config,
+            embeddings,
+            layers,
+            profiler: None,
+            offload: None,
+            compressed: None,
+            cache_streamer: None,
+        })
     }
 
     /// A model whose layers `split.gpu_end..` live on `tiers` (host memory,
@@ -270,7 +334,10 @@ impl GpuModel {
         compress_weight: bool,
     ) -> Result<Self> {
         config.validate()?;
-        if split.layers != config.num_hidden_layers || split.gpu_end > split.layers || !(0.0..=100.0).contains(&split.host_percent) {
+        if split.layers != config.num_hidden_layers
+            || split.gpu_end > split.layers
+            || !(0.0..=100.0).contains(&split.host_percent)
+        {
             return Err(Error::Gpu(format!("a layer split {split:?} for {} layers", config.num_hidden_layers)));
         }
         let compressed = if compress_weight {
@@ -310,7 +377,7 @@ impl GpuModel {
             None
         };
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload, compressed })
+        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload, compressed, cache_streamer: None })
     }
 
     /// Decoder layers (resident and streamed).
@@ -365,9 +432,34 @@ impl GpuModel {
         self.compressed.as_ref().map_or(0, |c| c.workspace.bytes())
     }
 
-    /// An empty cache for `batch` sequences of up to `capacity` positions.
-    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<GpuKvCache> {
-        GpuKvCache::new(&self.gpu, &self.config, batch, capacity)
+    /// Puts every batch's KV cache made from now on where `plan` says
+    /// (GPU, host, disk; see [`super::tiered_cache`]). A plan with the whole
+    /// cache on the GPU keeps the resident cache.
+    pub fn place_cache(&mut self, plan: CachePlan, tiers: CacheTiers) -> Result<()> {
+        plan.validate()?;
+        self.cache_streamer = if plan.gpu_percent >= 100.0 && !plan.cpu_compute {
+            None
+        } else {
+            Some(CacheStreamer::new(&self.gpu, plan, tiers)?)
+        };
+        Ok(())
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` positions,
+    /// on the GPU or where [`GpuModel::place_cache`] said.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<BatchCache> {
+        Ok(match &self.cache_streamer {
+            None => BatchCache::Gpu(GpuKvCache::new(&self.gpu, &self.config, batch, capacity)?),
+            Some(s) => BatchCache::Tiered(s.new_cache(&self.gpu, &self.config, batch, capacity)?),
+        })
+    }
+
+    /// After a step's layers: the tiered cache's slots stored.
+    pub fn end_step(&self) -> Result<()> {
+        match &self.cache_streamer {
+            Some(s) => s.flush(),
+            None => Ok(()),
+        }
     }
 
     /// Marks the end of `part` on the stream when profiling.
@@ -510,6 +602,39 @@ impl GpuModel {
         self.mark("store kv")?;
         self.attention(cache, ws, step)?;
         self.mark("attention")?;
+        let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias.as_ref() };
+        gpu.blas.linear(gpu, &ws.attn, rows, &w.out_proj, (h, h), out, false, true)?;
+        self.mark("out product")?;
+        self.post_norm(act, rows, &w.self_attn_layer_norm)?;
+        self.mark("layer norm")
+    }
+
+    /// The attention block of layer `layer` with the attention computed by
+    /// `attend` on the host: the step's `[rows, 3·hidden]` products come to
+    /// the host, `attend` writes `[rows, hidden]` outputs (and keeps the
+    /// keys and values itself), which go back for the output product, the
+    /// residual and the norm.
+    pub fn attention_block_with(
+        &self,
+        layer: usize,
+        act: &GpuHidden,
+        ws: &mut Workspace,
+        step: &GpuStep<'_>,
+        attend: &mut HostAttention<'_>,
+    ) -> Result<()> {
+        ws.check(step)?;
+        let w = self.weights(layer)?;
+        let (rows, h) = (step.rows(), self.config.hidden_size);
+        let input = self.block_input(act, ws, rows, &w.self_attn_layer_norm)?;
+        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias.as_ref() };
+        self.gpu.blas.linear(&self.gpu, input, rows, &w.qkv, (3 * h, h), qkv, false, false)?;
+        self.mark("qkv product")?;
+        let host_qkv = ws.qkv.download_range(self.gpu.stream(), 0, rows * 3 * h)?;
+        let mut out = vec![f16::ZERO; rows * h];
+        attend(&host_qkv, &mut out)?;
+        ws.attn.upload(self.gpu.stream(), 0, &out)?;
+        self.mark("attention (host)")?;
+        let gpu = &self.gpu;
         let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias.as_ref() };
         gpu.blas.linear(gpu, &ws.attn, rows, &w.out_proj, (h, h), out, false, true)?;
         self.mark("out product")?;
