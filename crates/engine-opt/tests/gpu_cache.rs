@@ -19,6 +19,7 @@ use engine_opt::gpu::offload::{split_layers, OffloadTiers};
 use engine_opt::gpu::tiered_cache::{CachePlan, CacheTiers};
 use engine_opt::gpu::{Gpu, GpuModel};
 use engine_opt::OptConfig;
+use tier_api::Device;
 
 /// `name` on the GPU, weights split by `weights` (GPU, host percent; the
 /// rest on disk), cache placed by `plan`.
