@@ -25,9 +25,11 @@
 //!
 //! # Numerics
 //!
-//! f16 is converted to f32 a chunk of rows at a time; dot products, the
-//! softmax and the weighted sum of values accumulate in f32, and the result
-//! is rounded to f16 once. Scores are `head_dim^-0.5 · (q · k_p)`; masked
+//! Dot products, the softmax and the weighted sum of values accumulate in
+//! f32, and the result is rounded to f16 once. On x86-64 with AVX2, FMA and
+//! F16C (checked at run time) keys and values go from f16 to f32 in registers,
+//! eight at a time, into fused multiply-adds; elsewhere a chunk of rows is
+//! converted to an f32 buffer and the loops are written to auto-vectorise. Scores are `head_dim^-0.5 · (q · k_p)`; masked
 //! positions are left out of the softmax (FlexGen gives them a score of
 //! `-1e4`, whose weight is 0 in f32 all the same). A sequence with no
 //! unmasked position gets a zero output. Each key and value row is read once:
@@ -208,7 +210,7 @@ pub fn decode_attention(
         return Err(invalid(format!("attention sparsity must be in (0, 1], got {sparsity}")));
     }
     check_decode(qkv, &cache, dims, out)?;
-    attend(qkv, cache, dims, sparse_top_k(sparsity, cache.total), out);
+    attend(qkv, cache, dims, sparse_top_k(sparsity, cache.total), simd_available(), out);
     Ok(())
 }
 
@@ -234,9 +236,22 @@ struct Scratch {
     picks: Vec<usize>,
 }
 
+/// Whether the fused x86-64 kernels (AVX2, FMA, F16C) can run here.
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The parallel driver, lengths checked. `top_k`: `None` for dense
 /// attention, else the past positions kept (see [`decode_attention`]).
-fn attend(qkv: &[f16], cache: HostCache<'_>, dims: AttnDims, top_k: Option<usize>, out: &mut [f16]) {
+/// `simd`: use the fused x86-64 kernels (only if [`simd_available`]).
+fn attend(qkv: &[f16], cache: HostCache<'_>, dims: AttnDims, top_k: Option<usize>, simd: bool, out: &mut [f16]) {
     let (hidden, hd, total) = (dims.hidden(), dims.head_dim, cache.total);
     let chunk_rows = (CHUNK_ELEMS / hd).max(1);
     let block = dims.capacity * hd;
@@ -257,7 +272,7 @@ fn attend(qkv: &[f16], cache: HostCache<'_>, dims: AttnDims, top_k: Option<usize
                 values: &cache.values[i * block..][..total * hd],
                 mask: &cache.key_mask[b * dims.capacity..][..total],
             };
-            head.attend(scale, top_k, chunk_rows, s);
+            head.attend(scale, top_k, chunk_rows, simd, s);
             for (o, a) in out_head.iter_mut().zip(&s.acc) {
                 *o = f16::from_f32(*a);
             }
@@ -276,38 +291,17 @@ struct Head<'a> {
 
 impl Head<'_> {
     /// Leaves the attention output in `s.acc`.
-    fn attend(&self, scale: f32, top_k: Option<usize>, chunk_rows: usize, s: &mut Scratch) {
-        let hd = self.q.len();
+    fn attend(&self, scale: f32, top_k: Option<usize>, chunk_rows: usize, simd: bool, s: &mut Scratch) {
         let total = self.mask.len();
         convert_f16(self.q, &mut s.q);
         let scores = &mut s.scores[..total];
-
-        // Scores: one pass over the keys, a chunk of rows converted at a time.
-        for (kc, sc) in self.keys.chunks(chunk_rows * hd).zip(scores.chunks_mut(chunk_rows)) {
-            let rows = &mut s.rows[..kc.len()];
-            convert_f16(kc, rows);
-            for (row, score) in rows.chunks_exact(hd).zip(sc.iter_mut()) {
-                *score = scale * dot(&s.q, row);
-            }
-        }
+        self.scores(scale, chunk_rows, simd, &s.q, &mut s.rows, scores);
         let mask = self.mask;
         masked_softmax_inplace(scores, |p| mask[p] != 0);
 
         s.acc.fill(0.0);
         match top_k {
-            None => {
-                for (c, vc) in self.values.chunks(chunk_rows * hd).enumerate() {
-                    let rows = &mut s.rows[..vc.len()];
-                    convert_f16(vc, rows);
-                    let p0 = c * chunk_rows;
-                    let chunk_mask = &mask[p0..p0 + vc.len() / hd];
-                    for ((row, &w), &m) in rows.chunks_exact(hd).zip(&scores[p0..]).zip(chunk_mask) {
-                        if m != 0 {
-                            axpy(&mut s.acc, w, row);
-                        }
-                    }
-                }
-            }
+            None => self.dense_values(chunk_rows, simd, scores, &mut s.rows, &mut s.acc),
             Some(k) => {
                 let picks = &mut s.picks;
                 picks.clear();
@@ -322,12 +316,70 @@ impl Head<'_> {
                 if mask[total - 1] != 0 {
                     picks.push(total - 1);
                 }
-                let row = &mut s.rows[..hd];
-                for &p in picks.iter() {
-                    convert_f16(&self.values[p * hd..(p + 1) * hd], row);
-                    axpy(&mut s.acc, scores[p], row);
+                self.sparse_values(simd, scores, picks, &mut s.rows, &mut s.acc);
+            }
+        }
+    }
+
+    /// `scores[p] = scale · (q · k_p)`: one pass over the keys.
+    fn scores(&self, scale: f32, chunk_rows: usize, simd: bool, q: &[f32], rows: &mut [f32], scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only set where `x86::available()` said the
+            // CPU has AVX2, FMA and F16C, all the function requires.
+            unsafe { x86::scores(q, self.keys, scale, scores) };
+            return;
+        }
+        let _ = simd;
+        let hd = q.len();
+        // A chunk of rows converted at a time.
+        for (kc, sc) in self.keys.chunks(chunk_rows * hd).zip(scores.chunks_mut(chunk_rows)) {
+            let rows = &mut rows[..kc.len()];
+            convert_f16(kc, rows);
+            for (row, score) in rows.chunks_exact(hd).zip(sc.iter_mut()) {
+                *score = scale * dot(q, row);
+            }
+        }
+    }
+
+    /// `acc = Σ_p w_p · v_p` over the unmasked positions.
+    fn dense_values(&self, chunk_rows: usize, simd: bool, weights: &[f32], rows: &mut [f32], acc: &mut [f32]) {
+        let mask = self.mask;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `scores`: the CPU has AVX2, FMA and F16C.
+            unsafe { x86::accumulate(self.values, (0..mask.len()).filter(|&p| mask[p] != 0), weights, acc) };
+            return;
+        }
+        let _ = simd;
+        let hd = acc.len();
+        for (c, vc) in self.values.chunks(chunk_rows * hd).enumerate() {
+            let rows = &mut rows[..vc.len()];
+            convert_f16(vc, rows);
+            let p0 = c * chunk_rows;
+            let chunk_mask = &mask[p0..p0 + vc.len() / hd];
+            for ((row, &w), &m) in rows.chunks_exact(hd).zip(&weights[p0..]).zip(chunk_mask) {
+                if m != 0 {
+                    axpy(acc, w, row);
                 }
             }
+        }
+    }
+
+    /// `acc = Σ_p w_p · v_p` over the positions picked (each below `total`).
+    fn sparse_values(&self, simd: bool, weights: &[f32], picks: &[usize], rows: &mut [f32], acc: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `scores`: the CPU has AVX2, FMA and F16C.
+            unsafe { x86::accumulate(self.values, picks.iter().copied(), weights, acc) };
+            return;
+        }
+        let _ = simd;
+        let hd = acc.len();
+        let row = &mut rows[..hd];
+        for &p in picks {
+            convert_f16(&self.values[p * hd..(p + 1) * hd], row);
+            axpy(acc, weights[p], row);
         }
     }
 }
@@ -363,6 +415,113 @@ fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     }
     for (a, x) in a_rest.iter_mut().zip(x_rest) {
         *a += w * x;
+    }
+}
+
+/// The fused kernels: keys and values are read as f16 straight into
+/// registers, converted 8 at a time (F16C) and used at once (FMA), so the
+/// loads of the next rows overlap the arithmetic of this one, and no f32
+/// copy passes through the L1 cache.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::{
+        __m128i, __m256, _mm256_add_ps, _mm256_castps256_ps128, _mm256_cvtph_ps, _mm256_extractf128_ps,
+        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm_add_ps, _mm_add_ss,
+        _mm_cvtss_f32, _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps,
+    };
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+
+    /// Eight f16 at `src[i..i + 8]` as f32.
+    ///
+    /// # Safety
+    /// The CPU supports F16C and AVX; `i + 8 <= src.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(src: &[f16], i: usize) -> __m256 {
+        debug_assert!(i + 8 <= src.len());
+        // SAFETY: the caller guarantees 8 values (16 bytes) at `i`; the load
+        // is unaligned.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>())) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<1>(x, x)))
+    }
+
+    /// `scores[p] = scale · (q · keys[p])`, each key row `q.len()` long.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C. (A `keys` too short panics.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scores(q: &[f32], keys: &[f16], scale: f32, scores: &mut [f32]) {
+        let hd = q.len();
+        let n8 = hd / 8 * 8;
+        for (p, score) in scores.iter_mut().enumerate() {
+            let row = &keys[p * hd..(p + 1) * hd];
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= n8 {
+                // SAFETY: `i + 16 <= hd`, the length of `q` and of `row`;
+                // the features are enabled on this function.
+                unsafe {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), load8(row, i), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), load8(row, i + 8), a1);
+                }
+                i += 16;
+            }
+            if i < n8 {
+                // SAFETY: `i + 8 <= n8 <= hd`, as above.
+                unsafe { a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), load8(row, i), a0) };
+            }
+            let mut sum = hsum(_mm256_add_ps(a0, a1));
+            for (x, y) in q[n8..].iter().zip(&row[n8..]) {
+                sum += x * y.to_f32();
+            }
+            *score = scale * sum;
+        }
+    }
+
+    /// `acc += weights[p] · values[p]` for each position `p` of `positions`,
+    /// each value row `acc.len()` long.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C. (A position whose row or weight
+    /// is out of range panics.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn accumulate(
+        values: &[f16],
+        positions: impl Iterator<Item = usize>,
+        weights: &[f32],
+        acc: &mut [f32],
+    ) {
+        let hd = acc.len();
+        let n8 = hd / 8 * 8;
+        for p in positions {
+            let row = &values[p * hd..(p + 1) * hd];
+            let w = weights[p];
+            let wv = _mm256_set1_ps(w);
+            let mut i = 0;
+            while i < n8 {
+                // SAFETY: `i + 8 <= hd`, the length of `acc` and of `row`;
+                // the features are enabled on this function.
+                unsafe {
+                    let a = acc.as_mut_ptr().add(i);
+                    _mm256_storeu_ps(a, _mm256_fmadd_ps(wv, load8(row, i), _mm256_loadu_ps(a)));
+                }
+                i += 8;
+            }
+            for (a, v) in acc[n8..].iter_mut().zip(&row[n8..]) {
+                *a += w * v.to_f32();
+            }
+        }
     }
 }
 
@@ -415,9 +574,21 @@ mod tests {
             HostCache { keys: &self.keys, values: &self.values, key_mask: &self.mask, total: self.total }
         }
 
+        /// Through the public function, and through the portable kernels;
+        /// asserts they agree and returns the first.
         fn run(&self, sparsity: f64) -> Vec<f16> {
             let mut out = vec![f16::ZERO; self.dims.batch * self.dims.hidden()];
             decode_attention(&self.qkv, self.cache(), self.dims, sparsity, &mut out).unwrap();
+            let portable = self.run_path(sparse_top_k(sparsity, self.total), false);
+            for (a, b) in out.iter().zip(&portable) {
+                assert!((a.to_f32() - b.to_f32()).abs() <= 1e-3 * b.to_f32().abs() + 1e-4, "{a} vs {b}");
+            }
+            out
+        }
+
+        fn run_path(&self, top_k: Option<usize>, simd: bool) -> Vec<f16> {
+            let mut out = vec![f16::ZERO; self.dims.batch * self.dims.hidden()];
+            attend(&self.qkv, self.cache(), self.dims, top_k, simd, &mut out);
             out
         }
 
@@ -479,7 +650,7 @@ mod tests {
             (dims(3, 4, 64, 40), 33, vec![0, 5, 17], true),
             (dims(3, 2, 128, 300), 257, vec![2, 0, 100], false),
             (dims(1, 3, 12, 20), 11, vec![4], true),
-            (dims(1, 2, 64, 9), 9, vec![0], false),
+            (dims(1, 2, 24, 9), 9, vec![0], false),
             (dims(2, 2, 12, 2), 1, vec![0, 0], false),
         ] {
             let c = case(d, total, &pad, holes, 7 + total as u64);
@@ -493,10 +664,11 @@ mod tests {
         let dense = c.run(1.0);
         assert_eq!(sparse_top_k(1.0, 41), None);
         // The sparse path keeping every past position gives the dense result.
-        let mut out = vec![f16::ZERO; dense.len()];
-        attend(&c.qkv, c.cache(), c.dims, Some(40), &mut out);
-        for (a, b) in out.iter().zip(&dense) {
-            assert!((a.to_f32() - b.to_f32()).abs() <= 1e-3 * b.to_f32().abs() + 1e-4, "{a} vs {b}");
+        for simd in [false, simd_available()] {
+            let out = c.run_path(Some(40), simd);
+            for (a, b) in out.iter().zip(&dense) {
+                assert!((a.to_f32() - b.to_f32()).abs() <= 1e-3 * b.to_f32().abs() + 1e-4, "{a} vs {b}");
+            }
         }
     }
 
