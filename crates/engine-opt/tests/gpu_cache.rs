@@ -154,3 +154,32 @@ fn cache_plans_the_engine_cannot_run_are_refused() {
     assert!(plan(0.0, 100.0, true).validate().is_ok());
     assert!(plan(30.0, 30.0, false).validate().is_ok());
 }
+
+#[test]
+fn tierlm_bench_runs_case_c_placement() {
+    if !gpu_here("tierlm bench, case C's placement") {
+        return;
+    }
+    let Some(exe) = tierlm() else {
+        println!("skipped: no tierlm executable");
+        return;
+    };
+    let offload = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-opt-sharded");
+    let out = std::process::Command::new(exe)
+        .args(["bench", "--model", model.to_str().unwrap(), "--percent", "0", "75", "0", "100", "0", "100"])
+        .args(["--cpu-cache-compute", "--gpu-batch-size", "2", "--num-gpu-batches", "2"])
+        .args(["--prompt-len", "16", "--gen-len", "4", "--offload-dir"])
+        .arg(offload.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    println!("{stdout}");
+    assert!(stdout.contains("75.0% of their rows in"), "{stdout}");
+    assert!(stdout.contains("decode attention on the CPU"), "{stdout}");
+    assert!(stderr.contains("activations stay on the GPU"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
+}

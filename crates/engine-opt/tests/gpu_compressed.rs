@@ -80,9 +80,7 @@ fn compressed_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuM
     let split = split_layers(config.num_hidden_layers, percent.0, percent.1);
     let offload = tempfile::tempdir().unwrap();
     let tiers = OffloadTiers {
-        host: split
-            .uses_host()
-            .then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
+        host: split.uses_host().then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
         disk: split.uses_disk().then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));

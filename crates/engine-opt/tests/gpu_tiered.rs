@@ -30,9 +30,7 @@ fn tiered_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuModel
     let split = split_layers(config.num_hidden_layers, percent.0, percent.1);
     let offload = tempfile::tempdir().unwrap();
     let tiers = OffloadTiers {
-        host: split
-            .uses_host()
-            .then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
+        host: split.uses_host().then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
         disk: split.uses_disk().then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
@@ -183,8 +181,12 @@ fn tierlm_bench_streams_weights_from_the_host() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     println!("{stdout}");
-    assert!(stdout.contains("weights: layers 1 on GPU, 1 on host"), "{stdout}");
+    assert!(stdout.contains("weights: 1 of 3 layers resident on the GPU, 2 streamed (45.0% of their rows"), "{stdout}");
+    assert!(stdout.contains("bound by"), "{stdout}");
     assert!(stdout.contains("peak per tier: GPU"), "{stdout}");
+    // The disk tier's arena was unlinked when opened: nothing is left behind.
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
 }
 
 /// `tierlm` with `args`: (success, stdout, stderr).

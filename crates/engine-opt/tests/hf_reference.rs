@@ -3,7 +3,9 @@
 //! logits within 1e-2, greedy continuations token for token, the tokenizer's
 //! ids, and sharded and single-file checkpoints loading the same weights.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use engine_opt::generation::{generate, prefill_logits, GenerateOptions};
 use engine_opt::loading::{load_model, LoadedModel};
@@ -35,8 +37,10 @@ struct Case {
     prompts: Option<Vec<String>>,
 }
 
+/// The fixture `name`, found from `TIERLM_REPO_ROOT` where the test binary
+/// runs away from its source tree (the GPU bundle).
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/opt").join(name)
+    common::fixture(name)
 }
 
 fn load(name: &str) -> LoadedModel {

@@ -50,11 +50,13 @@ pub fn streams_weights(policy: &Policy) -> bool {
 }
 
 /// Whether the GPU engine runs `policy` where a GPU is present: every
-/// placement of weights and cache. Activations are kept on the GPU (a
+/// valid placement the CPU engine cannot run (anything on the GPU or on
+/// disk, `--cpu-cache-compute`, the GPU's flags); placements entirely in
+/// host memory stay on the CPU engine. Activations are kept on the GPU (a
 /// batch's hidden states; the policy's activation shares are noted, not
 /// honoured).
 pub fn takes(policy: &Policy) -> bool {
-    policy.validate().is_ok()
+    policy.validate().is_ok() && (policy.cpu_cache_compute || policy.check_cpu_engine().is_err())
 }
 
 /// Whether the policy puts any of the KV cache off the GPU, or asks for the
@@ -699,12 +701,13 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
             _ => "-".to_string(),
         };
         let text = format!(
-            "weights: {} layers resident on the GPU, {} streamed ({:.1}% of their rows in {} host memory, \
+            "weights: {} of {} layers resident on the GPU, {} streamed ({:.1}% of their rows in {} host memory, \
              the rest on disk); embeddings and logits weights on the GPU\n\
              streamed per step: {} ({} from host, {} from disk); copy into a GPU slot: host rows {}, \
              disk rows {}, whole layer {}; decode limit from those: {} (bound by {})\n\
              peak per tier: GPU {} (slots {}), pinned host {}, pageable host {}, disk {}; peak RSS {}\n",
             t.layers_gpu,
+            t.layers_gpu + t.layers_streamed,
             t.layers_streamed,
             t.host_rows_percent,
             t.host_memory.as_deref().unwrap_or("-"),
