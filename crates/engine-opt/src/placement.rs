@@ -102,8 +102,9 @@ fn split(total: u64, gpu: f64, cpu: f64, pinned: bool) -> TierBytes {
 /// compressed, 1-D ones never do. The KV cache holds `block × (prompt + gen)`
 /// positions, split in whole sequences; it is never pinned on the host
 /// (FlexGen's choice: pinned cache would lock tens of gigabytes). When the
-/// GPU computes on weights or cache that live elsewhere, it needs slots for
-/// two layers' worth (one computing, one loading) and a pinned staging ring.
+/// GPU computes on weights that live elsewhere, it needs three layers' slots
+/// ([`crate::gpu::offload::MAX_SLOTS`]), for a cache that lives elsewhere
+/// two slots of one GPU batch's layer, and a pinned staging ring.
 pub fn footprint(config: &OptConfig, policy: &Policy, work: Workload, machine: Machine) -> Footprint {
     let h = config.hidden_size as u64;
     let f = config.ffn_dim as u64;
@@ -145,12 +146,23 @@ pub fn footprint(config: &OptConfig, policy: &Policy, work: Workload, machine: M
         buffers.gpu += workspace;
         let off_gpu_weights = weight_total - weights.gpu;
         if off_gpu_weights > 0 {
-            // Two layers' worth of what is not resident, f16 after unpacking.
-            buffers.gpu += 2 * (layer_all * (100.0 - policy.w_gpu_percent) as u64 / 100);
+            // Whole layers stream through three slots (packed when
+            // compressed, with one f16 layer to unpack into).
+            let slot = if policy.compress_weight {
+                (layer_matrices as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64 + (layer_all - layer_matrices)
+            } else {
+                layer_all
+            };
+            buffers.gpu += crate::gpu::offload::MAX_SLOTS as u64 * slot;
+            if policy.compress_weight {
+                buffers.gpu += layer_all;
+            }
         }
         let cache_off_gpu = cache_total - cache.gpu;
-        if cache_off_gpu > 0 && !policy.cpu_cache_compute {
-            // One GPU batch's cache of one layer, loading beside computing.
+        if cache_off_gpu > 0 {
+            // Two slots of one GPU batch's cache of one layer, loading beside
+            // computing (the prefill goes through them with
+            // --cpu-cache-compute too).
             let one = 2 * gbs * seq as u64 * h * F16_BYTES;
             buffers.gpu += 2 * one;
         }
@@ -193,6 +205,10 @@ pub fn memlock_limit() -> u64 {
 /// by statvfs; `None` where it cannot be asked.
 pub fn disk_free(dir: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
+    // A directory the run will create: ask the file system of its nearest
+    // existing ancestor (`offload` in the current directory: `.`).
+    let existing = dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.exists());
+    let dir = existing.unwrap_or(std::path::Path::new("."));
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: `path` is a NUL-terminated string that outlives the call and
@@ -444,7 +460,12 @@ mod tests {
         assert!(cap.host > 0, "MemAvailable");
         assert!(cap.disk > 0, "statvfs of the temporary directory");
         assert!(cap.pinnable > 0);
-        assert_eq!(disk_free(std::path::Path::new("/no/such/dir/tierlm")), None);
+        // A directory the run will make counts its parent's file system
+        // (the offload directory is created after the placement check).
+        let later = std::env::temp_dir().join("tierlm-not-made-yet/offload");
+        assert!(!later.exists());
+        assert!(disk_free(&later).is_some_and(|b| b > 0), "the nearest existing ancestor is asked");
+        assert!(disk_free(std::path::Path::new("not-made-yet-relative")).is_some_and(|b| b > 0));
     }
 
     #[test]

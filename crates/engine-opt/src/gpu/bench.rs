@@ -209,6 +209,8 @@ pub struct TierReport {
     pub decode_tokens_per_s_stream_limit: Option<f64>,
     /// The KV cache off the GPU, if it is.
     pub cache: Option<CacheReport>,
+    /// Where the streamed weights' start-up went.
+    pub weights_startup: Option<super::offload::StartupTimes>,
     /// Peak bytes held per tier (the tiers' `MemAccount`s): GPU (the
     /// engine's buffers), pinned host (weights if pinned, plus the GPU
     /// tier's staging ring), pageable host, disk.
@@ -533,6 +535,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
             layer_copy_bytes_per_s: rates.layer,
             bounding_link: (step_s > 0.0).then(|| link.to_string()),
             decode_tokens_per_s_stream_limit: (steps > 0 && step_s > 0.0).then(|| prompts_n as f64 / step_s),
+            weights_startup: model.offload.as_ref().map(|s| s.startup),
             cache: model.cache_streamer.as_ref().map(|c| {
                 let p = c.plan();
                 let per_tier = |d: Option<tier_api::MemStats>| d.map_or(0, |s| s.peak_resident);
@@ -705,7 +708,8 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
              the rest on disk); embeddings and logits weights on the GPU\n\
              streamed per step: {} ({} from host, {} from disk); copy into a GPU slot: host rows {}, \
              disk rows {}, whole layer {}; decode limit from those: {} (bound by {})\n\
-             peak per tier: GPU {} (slots {}), pinned host {}, pageable host {}, disk {}; peak RSS {}\n",
+             peak per tier: GPU {} (slots {}), pinned host {}, pageable host {}, disk {}; peak RSS {}\n\
+             start-up of the streamed weights: homes allocated in {:.2} s, layers made and parked in {:.2} s\n",
             t.layers_gpu,
             t.layers_gpu + t.layers_streamed,
             t.layers_streamed,
@@ -725,6 +729,8 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
             gb(t.peak_pageable_host_bytes),
             gb(t.peak_disk_bytes),
             t.peak_rss_bytes.map_or("-".to_string(), gb),
+            t.weights_startup.map_or(0.0, |s| s.homes_s),
+            t.weights_startup.map_or(0.0, |s| s.park_s),
         );
         out.write_all(text.as_bytes()).map_err(stdout_err)?;
         if let Some(c) = &t.cache {

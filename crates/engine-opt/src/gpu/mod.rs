@@ -22,11 +22,11 @@
 //! - [`generation`]: prefill and decode over a block of batches in
 //!   FlexGen's order (for each step, for each layer, for each batch), with the
 //!   CPU engine's stopping rules and timing split.
-//! - [`offload`]: weights off the GPU (`--percent W_GPU W_CPU 100 0 100 0`):
-//!   decoder layers split by whole layers in order (GPU, then host pinned or
-//!   pageable, then disk in `--offload-dir`), streamed through two GPU slots
-//!   with `CopyMatrix::submit`, the next layer copying while the current
-//!   one computes; embeddings and logits weights stay on the GPU.
+//! - [`offload`]: weights off the GPU (`--percent W_GPU W_CPU ...`): the
+//!   first decoder layers resident, the others' rows split over host memory
+//!   (page-locked or pageable) and disk in `--offload-dir`, streamed through
+//!   GPU slots with the copy matrix, the next layer copying while the
+//!   current one computes; embeddings and logits weights stay on the GPU.
 //! - [`packed`]: `--compress-weight`: decoder matrices quantized to 4 bits
 //!   at load and held packed on their tier (GPU, host, disk, slots);
 //!   dequantized on the GPU into one shared f16 layer workspace just before

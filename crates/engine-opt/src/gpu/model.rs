@@ -304,7 +304,7 @@ impl GpuModel {
     /// A model whose layers `split.gpu_end..` live on `tiers` (host memory,
     /// then disk; see [`super::offload`]), each made on the GPU from `src`
     /// (or seeded, `src` `None`) and moved to its tier one at a time, so the
-    /// GPU never holds more than the resident part, two slots and one layer
+    /// GPU never holds more than the resident part, the slots and one layer
     /// in passing.
     pub fn tiered(
         gpu: Gpu,
@@ -367,11 +367,15 @@ impl GpuModel {
         let offload = if split.streams() {
             let mut streamer = WeightStreamer::new(&gpu, &config, split, tiers, ws)?;
             let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
+            let t = std::time::Instant::now();
             streamer.allocate_homes(threads)?;
+            streamer.startup.homes_s = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
             for i in split.gpu_end..split.layers {
                 let layer = make(&gpu, i)?;
                 streamer.park(&gpu, i, layer)?;
             }
+            streamer.startup.park_s = t.elapsed().as_secs_f64();
             Some(streamer)
         } else {
             None
@@ -421,9 +425,9 @@ impl GpuModel {
         self.embeddings.bytes() + self.layers.iter().map(GpuLayerWeights::bytes).sum::<u64>()
     }
 
-    /// Bytes of the two streaming slots on the GPU (0 when nothing streams).
+    /// Bytes of the streaming slots on the GPU (0 when nothing streams).
     pub fn slot_bytes(&self) -> u64 {
-        self.offload.as_ref().map_or(0, |s| 2 * s.slot_bytes())
+        self.offload.as_ref().map_or(0, |s| s.slot_count() as u64 * s.slot_bytes())
     }
 
     /// Bytes of the f16 layer workspace compressed weights are dequantized

@@ -1,4 +1,4 @@
-//! Weights off the GPU, streamed into two GPU slots a layer at a time.
+//! Weights off the GPU, streamed into GPU slots a layer at a time.
 //!
 //! The placement of `--percent W_GPU W_CPU ...` ([`split_layers`]): the
 //! first `a = round(n · W_GPU / 100)` decoder layers stay resident on the
@@ -16,16 +16,19 @@
 //! and both links stay busy every layer (whole layers on disk would leave
 //! the disk idle while host layers stream).
 //!
-//! Streaming ([`WeightStreamer`]): two GPU slots, each a whole layer's
-//! buffers. [`WeightStreamer::begin_layer`] makes sure layer `j` is in a
-//! slot (waiting on its [`CopyHandle`], or copying it now when nothing
-//! fetched it ahead); the engine enqueues every batch's compute of layer `j`
-//! on the compute stream; [`WeightStreamer::end_layer`] records an event
-//! after it and starts copying the next off-GPU layer (cyclically, so the
-//! last layer fetches the first of the next step) into the other slot, once
-//! the compute that last read that slot (layer `j − 1`) has finished. So
-//! layer `j + 1`'s copy runs while layer `j` computes, and memory stays two
-//! layers' worth whatever the model's size.
+//! Streaming ([`WeightStreamer`]): three GPU slots ([`MAX_SLOTS`]; two when
+//! three layers or fewer stream), each a whole layer's buffers.
+//! [`WeightStreamer::begin_layer`] makes sure layer `j` is in a slot
+//! (waiting on its [`CopyHandle`], or copying it now when nothing fetched it
+//! ahead) and at once starts copying the next streamed layer (cyclically, so
+//! the last layer fetches the first of the next step) into the slot computed
+//! on least recently, which held layer `j − 2` and is free as soon as that
+//! compute ended; the engine enqueues every batch's compute of layer `j` on
+//! the compute stream; [`WeightStreamer::end_layer`] records an event after
+//! it. So layer `j + 1`'s copy runs during all of layer `j`'s work, the
+//! host's part of it (the CPU's attention) included, and the links never
+//! wait for a compute to end; memory stays three layers' worth whatever the
+//! model's size.
 //!
 //! Start-up: every home tensor is allocated first, on several threads
 //! ([`WeightStreamer::allocate_homes`]), then each layer is made on the GPU
@@ -173,25 +176,46 @@ struct Pending {
     handle: CopyHandle,
 }
 
+/// GPU slots when more than this many layers stream: one computing, one
+/// arriving, one being prefetched (its copy starts as soon as the layer
+/// before is in place, so the links never wait for a compute to end).
+pub const MAX_SLOTS: usize = 3;
+
 struct State {
     /// Which layer each slot holds (None while empty or being written).
-    holds: [Option<usize>; 2],
+    holds: Vec<Option<usize>>,
     /// Whether the slot's event was recorded after the last compute that
     /// read it.
-    recorded: [bool; 2],
+    recorded: Vec<bool>,
+    /// When each slot was last computed on (a tick per layer).
+    used_at: Vec<u64>,
+    tick: u64,
+    /// The layer computed last.
+    last: Option<usize>,
     pending: Option<Pending>,
     /// Bytes copied into the slots so far.
     bytes_streamed: u64,
 }
 
-/// Off-GPU layers and the two GPU slots they stream through.
+/// Where a tiered model's start-up went, seconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StartupTimes {
+    /// Allocating (and page-locking) every home tensor.
+    pub homes_s: f64,
+    /// Making each streamed layer on the GPU and copying it to its home.
+    pub park_s: f64,
+}
+
+/// Off-GPU layers and the GPU slots they stream through.
 pub struct WeightStreamer {
+    /// Filled in by the loader.
+    pub startup: StartupTimes,
     split: LayerSplit,
     /// `homes[i]` is layer `split.gpu_end + i`.
     homes: Vec<HomeLayer>,
-    slots: [GpuLayerWeights; 2],
+    slots: Vec<GpuLayerWeights>,
     /// Recorded on the compute stream after the last compute reading each slot.
-    done: [CudaEvent; 2],
+    done: Vec<CudaEvent>,
     state: Mutex<State>,
     tiers: OffloadTiers,
     /// Last, so that copies still queued drain before the tensors go.
@@ -244,19 +268,33 @@ impl WeightStreamer {
                 None => Ok(w),
             }
         };
-        let slots = [slot()?, slot()?];
+        // Three slots let a copy start a layer ahead of the compute that
+        // frees its slot; with three layers or fewer streaming, two, so that
+        // every step still streams them (and nothing stays on the GPU that a
+        // larger model's run would not keep).
+        let n = if split.offloaded() > MAX_SLOTS { MAX_SLOTS } else { 2 };
+        let slots = (0..n).map(|_| slot()).collect::<Result<Vec<_>>>()?;
         // The fills run on the compute stream; copies into the slots run on
         // copy streams.
         gpu.synchronize()?;
-        let ev = || gpu.device().new_event(false).map_err(tier_err);
-        let done = [ev()?, ev()?];
+        let done = (0..n).map(|_| gpu.device().new_event(false).map_err(tier_err)).collect::<Result<Vec<_>>>()?;
+        let state = State {
+            holds: vec![None; n],
+            recorded: vec![false; n],
+            used_at: vec![0; n],
+            tick: 0,
+            last: None,
+            pending: None,
+            bytes_streamed: 0,
+        };
         let matrix = tier_cuda::copy_matrix(CopyConfig { workers: 4, queue_capacity: 64 }).map_err(tier_err)?;
         Ok(WeightStreamer {
+            startup: StartupTimes::default(),
             split,
             homes: Vec::with_capacity(split.layers - split.gpu_end),
             slots,
             done,
-            state: Mutex::new(State { holds: [None; 2], recorded: [false; 2], pending: None, bytes_streamed: 0 }),
+            state: Mutex::new(state),
             tiers,
             matrix,
         })
@@ -280,6 +318,11 @@ impl WeightStreamer {
     /// Bytes of one layer's slot on the GPU.
     pub fn slot_bytes(&self) -> u64 {
         self.slots[0].bytes()
+    }
+
+    /// GPU slots.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
@@ -469,48 +512,73 @@ impl WeightStreamer {
         Ok(())
     }
 
+    /// The least recently computed-on slot holding none of `avoid` and not
+    /// being written, if any.
+    fn pick_slot(st: &State, avoid: &[Option<usize>]) -> Option<usize> {
+        let writing = st.pending.as_ref().map(|p| p.slot);
+        (0..st.holds.len())
+            .filter(|&s| Some(s) != writing && (st.holds[s].is_none() || !avoid.contains(&st.holds[s])))
+            .min_by_key(|&s| (st.holds[s].is_some(), st.used_at[s]))
+    }
+
+    /// Starts copying the streamed layer after `j` into a free slot, if it
+    /// is not in one or on its way, and a slot is free of `j` and of the
+    /// layer computed before it.
+    fn prefetch_after(&self, st: &mut State, j: usize) -> Result<()> {
+        let Some(next) = self.next_offloaded(j) else { return Ok(()) };
+        if st.holds.contains(&Some(next)) || st.pending.is_some() {
+            return Ok(());
+        }
+        match Self::pick_slot(st, &[Some(j), st.last]) {
+            Some(slot) => self.submit(st, slot, next),
+            None => Ok(()),
+        }
+    }
+
     /// Makes sure layer `j` (off the GPU) is in a slot before its compute is
-    /// enqueued: waits for its prefetch, or copies it now.
+    /// enqueued: waits for its prefetch, or copies it now; then starts
+    /// copying the next streamed layer, so that it arrives while `j`
+    /// computes.
     pub fn begin_layer(&self, j: usize) -> Result<()> {
         if j < self.split.gpu_end {
             return Ok(());
         }
         let mut st = self.lock()?;
-        if st.holds.contains(&Some(j)) {
-            return Ok(());
-        }
-        let prefetched = st.pending.as_ref().is_some_and(|p| p.layer == j);
-        self.finish_pending(&mut st)?;
-        if !prefetched {
-            // Nothing fetched it ahead (the first layer of a run, or a
-            // different order): copy it into a slot not holding the other
-            // layer in use, and wait.
-            let slot = if st.holds[0].is_none() { 0 } else { 1 };
-            self.submit(&mut st, slot, j)?;
+        if !st.holds.contains(&Some(j)) {
+            let prefetched = st.pending.as_ref().is_some_and(|p| p.layer == j);
             self.finish_pending(&mut st)?;
+            if !prefetched {
+                // Nothing fetched it ahead (the first layer of a run, or a
+                // different order): copy it into a slot not holding the
+                // layer computed last, and wait.
+                let last = st.last;
+                let slot = Self::pick_slot(&st, &[last]).unwrap_or(0);
+                self.submit(&mut st, slot, j)?;
+                self.finish_pending(&mut st)?;
+            }
         }
-        Ok(())
+        self.prefetch_after(&mut st, j)
     }
 
     /// After every batch's compute of layer `j` is enqueued: marks its slot
-    /// busy until that compute ends, and starts copying the next off-GPU
-    /// layer into the other slot.
+    /// busy until that compute ends, and (if [`Self::begin_layer`] could
+    /// not) starts copying the next streamed layer.
     pub fn end_layer(&self, gpu: &Gpu, j: usize) -> Result<()> {
         let mut st = self.lock()?;
         if let Some(s) = st.holds.iter().position(|&h| h == Some(j)) {
             self.done[s].record(gpu.stream()).map_err(|e| driver_err("cuEventRecord", e))?;
             st.recorded[s] = true;
+            st.tick += 1;
+            st.used_at[s] = st.tick;
         }
         let Some(next) = self.next_offloaded(j) else { return Ok(()) };
         if st.holds.contains(&Some(next)) || st.pending.as_ref().is_some_and(|p| p.layer == next) {
+            st.last = Some(j);
             return Ok(());
         }
         self.finish_pending(&mut st)?;
-        // The slot not holding layer j (or the first, when j is resident).
-        let slot = match st.holds.iter().position(|&h| h == Some(j)) {
-            Some(s) => 1 - s,
-            None => st.holds.iter().position(Option::is_none).unwrap_or(0),
-        };
+        let slot = Self::pick_slot(&st, &[Some(j)]).unwrap_or(0);
+        st.last = Some(j);
         self.submit(&mut st, slot, next)
     }
 

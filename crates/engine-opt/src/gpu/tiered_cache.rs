@@ -103,17 +103,15 @@ pub struct CacheTiers {
 }
 
 impl CacheTiers {
-    /// The tiers `plan` needs: host memory (page-locked, registered, where
-    /// the platform allows: the prefill's stores are DMA), a disk in
-    /// `offload_dir`.
+    /// The tiers `plan` needs: pageable host memory (FlexGen's choice, and
+    /// the placement check's: a page-locked cache would lock tens of
+    /// gigabytes; the GPU's copies go through the pinned relay, and the
+    /// CPU's attention reads it in place), a disk in `offload_dir`.
     pub fn for_plan(plan: &CachePlan, offload_dir: &std::path::Path) -> Result<Self> {
         use tier_api::HostMemKind;
-        use tier_host::{HostConfig, HostMemKindExt};
+        use tier_host::HostConfig;
         let host = if plan.cpu_percent > 0.0 {
-            let kind = match HostMemKind::choose(None).map_err(tier_err)?.kind {
-                HostMemKind::Pageable => HostMemKind::Pageable,
-                _ => HostMemKind::Registered,
-            };
+            let kind = HostMemKind::Pageable;
             Some(HostDevice::new(HostConfig { kind, ..HostConfig::default() }).map_err(tier_err)?)
         } else {
             None
