@@ -102,7 +102,7 @@ fn split(total: u64, gpu: f64, cpu: f64, pinned: bool) -> TierBytes {
 /// compressed, 1-D ones never do. The KV cache holds `block × (prompt + gen)`
 /// positions, split in whole sequences; it is never pinned on the host
 /// (FlexGen's choice: pinned cache would lock tens of gigabytes). When the
-/// GPU computes on weights that live elsewhere, it needs three layers' slots
+/// GPU computes on weights that live elsewhere, it needs four layers' slots
 /// ([`crate::gpu::offload::MAX_SLOTS`]), for a cache that lives elsewhere
 /// two slots of one GPU batch's layer, and a pinned staging ring.
 pub fn footprint(config: &OptConfig, policy: &Policy, work: Workload, machine: Machine) -> Footprint {
@@ -146,7 +146,7 @@ pub fn footprint(config: &OptConfig, policy: &Policy, work: Workload, machine: M
         buffers.gpu += workspace;
         let off_gpu_weights = weight_total - weights.gpu;
         if off_gpu_weights > 0 {
-            // Whole layers stream through three slots (packed when
+            // Whole layers stream through four slots (packed when
             // compressed, with one f16 layer to unpack into).
             let slot = if policy.compress_weight {
                 (layer_matrices as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64 + (layer_all - layer_matrices)

@@ -243,3 +243,35 @@ fn tierlm_bench_gpu_mem_refuses_what_does_not_fit() {
         assert!(!stdout.contains("prefill:"), "{percent:?}: refused before running: {stdout}");
     }
 }
+
+#[test]
+fn many_streamed_layers_equal_the_resident_model() {
+    if !gpu_here("ten streamed layers") {
+        return;
+    }
+    // Ten layers of tiny-opt's shape, seeded: enough streamed layers for the
+    // four slots and two copies in flight, rows split 60/40 over host and
+    // disk. The same seed makes the same weights on both models, and both
+    // compute with the same kernels, so the results must agree exactly.
+    let mut config = OptConfig::from_dir(&fixture("tiny-opt")).unwrap();
+    config.num_hidden_layers = 10;
+    let pb = indicatif::ProgressBar::hidden();
+    let resident = GpuModel::dummy(Gpu::new(0).unwrap(), config.clone(), 7).unwrap();
+    let offload = tempfile::tempdir().unwrap();
+    let split = split_layers(10, 20.0, 48.0);
+    assert_eq!((split.gpu_end, split.host_percent), (2, 60.0));
+    let tiers = OffloadTiers::for_split(&split, true, offload.path()).unwrap();
+    let streamed = GpuModel::tiered(Gpu::new(0).unwrap(), config, split, tiers, None, 7, &pb).unwrap();
+    let s = streamed.offload.as_ref().unwrap();
+    assert_eq!(s.slot_count(), engine_opt::gpu::offload::MAX_SLOTS);
+    let prompts: Vec<Vec<u32>> = vec![vec![2, 11, 12, 13, 14, 15, 16], vec![2, 300, 301, 302], vec![2, 5]];
+    let a = prefill_logits(&resident, &prompts).unwrap();
+    let b = prefill_logits(&streamed, &prompts).unwrap();
+    assert_eq!(a, b, "prefill logits of the streamed model");
+    let want = gpu_greedy(&resident, &[prompts[..2].to_vec(), prompts[2..].to_vec()], 12);
+    let before = s.bytes_streamed();
+    let got = gpu_greedy(&streamed, &[prompts[..2].to_vec(), prompts[2..].to_vec()], 12);
+    assert_eq!(got, want, "greedy tokens of the streamed model");
+    // Eight streamed layers through four slots: every step copies each again.
+    assert!(s.bytes_streamed() - before >= 11 * 8 * s.slot_bytes(), "layers not re-streamed every step");
+}

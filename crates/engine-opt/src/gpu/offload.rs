@@ -16,19 +16,19 @@
 //! and both links stay busy every layer (whole layers on disk would leave
 //! the disk idle while host layers stream).
 //!
-//! Streaming ([`WeightStreamer`]): three GPU slots ([`MAX_SLOTS`]; two when
-//! three layers or fewer stream), each a whole layer's buffers.
+//! Streaming ([`WeightStreamer`]): four GPU slots ([`MAX_SLOTS`]; two when
+//! four layers or fewer stream), each a whole layer's buffers.
 //! [`WeightStreamer::begin_layer`] makes sure layer `j` is in a slot
 //! (waiting on its [`CopyHandle`], or copying it now when nothing fetched it
-//! ahead) and at once starts copying the next streamed layer (cyclically, so
-//! the last layer fetches the first of the next step) into the slot computed
-//! on least recently, which held layer `j − 2` and is free as soon as that
-//! compute ended; the engine enqueues every batch's compute of layer `j` on
-//! the compute stream; [`WeightStreamer::end_layer`] records an event after
-//! it. So layer `j + 1`'s copy runs during all of layer `j`'s work, the
-//! host's part of it (the CPU's attention) included, and the links never
-//! wait for a compute to end; memory stays three layers' worth whatever the
-//! model's size.
+//! ahead) and at once starts copying the streamed layers after it (two
+//! ahead, cyclically, so the last layers fetch the first of the next step)
+//! into the slots computed on least recently, which held layers `j − 2`
+//! and before, whose computes have ended; the engine enqueues every batch's
+//! compute of layer `j` on the compute stream; [`WeightStreamer::end_layer`]
+//! records an event after it. So the copies run during all of layer `j`'s
+//! work, the host's part of it (the CPU's attention) included, a copy is
+//! always queued behind the one finishing (a disk read's queue never
+//! drains), and memory stays four layers' worth whatever the model's size.
 //!
 //! Start-up: every home tensor is allocated first, on several threads
 //! ([`WeightStreamer::allocate_homes`]), then each layer is made on the GPU
@@ -176,10 +176,15 @@ struct Pending {
     handle: CopyHandle,
 }
 
-/// GPU slots when more than this many layers stream: one computing, one
-/// arriving, one being prefetched (its copy starts as soon as the layer
-/// before is in place, so the links never wait for a compute to end).
-pub const MAX_SLOTS: usize = 3;
+/// GPU slots when more than this many layers stream: the layer computing,
+/// the one computed before it (its compute may still run), and two being
+/// copied, so that the links always have a copy queued behind the one
+/// finishing (a disk read's queue drains and refills at every copy's end
+/// otherwise).
+pub const MAX_SLOTS: usize = 4;
+
+/// Copies in flight at most: every slot but the two in use.
+const PREFETCH: usize = MAX_SLOTS - 2;
 
 struct State {
     /// Which layer each slot holds (None while empty or being written).
@@ -192,7 +197,8 @@ struct State {
     tick: u64,
     /// The layer computed last.
     last: Option<usize>,
-    pending: Option<Pending>,
+    /// Copies in flight, oldest first.
+    pending: std::collections::VecDeque<Pending>,
     /// Bytes copied into the slots so far.
     bytes_streamed: u64,
 }
@@ -233,7 +239,7 @@ impl Drop for WeightStreamer {
         // A prefetch may still be writing into a slot: let it finish (the
         // views it holds keep the memory alive either way).
         if let Ok(mut st) = self.state.lock() {
-            if let Some(p) = st.pending.take() {
+            while let Some(p) = st.pending.pop_front() {
                 let _ = p.handle.wait();
             }
         }
@@ -268,10 +274,10 @@ impl WeightStreamer {
                 None => Ok(w),
             }
         };
-        // Three slots let a copy start a layer ahead of the compute that
-        // frees its slot; with three layers or fewer streaming, two, so that
-        // every step still streams them (and nothing stays on the GPU that a
-        // larger model's run would not keep).
+        // Four slots let copies run two layers ahead of the compute; with
+        // four layers or fewer streaming, two, so that every step still
+        // streams them (and nothing stays on the GPU that a larger model's
+        // run would not keep).
         let n = if split.offloaded() > MAX_SLOTS { MAX_SLOTS } else { 2 };
         let slots = (0..n).map(|_| slot()).collect::<Result<Vec<_>>>()?;
         // The fills run on the compute stream; copies into the slots run on
@@ -284,7 +290,7 @@ impl WeightStreamer {
             used_at: vec![0; n],
             tick: 0,
             last: None,
-            pending: None,
+            pending: std::collections::VecDeque::with_capacity(PREFETCH),
             bytes_streamed: 0,
         };
         let matrix = tier_cuda::copy_matrix(CopyConfig { workers: 4, queue_capacity: 64 }).map_err(tier_err)?;
@@ -498,46 +504,75 @@ impl WeightStreamer {
             let d = SegmentedTensor::single(d.view(), 0).map_err(tier_err)?;
             handle = handle.join(self.matrix.submit_segmented(src, &d).map_err(tier_err)?);
         }
-        st.pending = Some(Pending { slot, layer, handle });
+        st.pending.push_back(Pending { slot, layer, handle });
         Ok(())
     }
 
-    /// Waits for the copy in flight, if any, and records where it went.
-    fn finish_pending(&self, st: &mut State) -> Result<()> {
-        if let Some(p) = st.pending.take() {
+    /// Waits for the copies in flight, oldest first, until the one bringing
+    /// `layer` has arrived (all of them for `None`), and records where they
+    /// went.
+    fn finish_until(&self, st: &mut State, layer: Option<usize>) -> Result<()> {
+        while let Some(p) = st.pending.pop_front() {
             let report = p.handle.wait().map_err(tier_err)?;
             st.bytes_streamed += report.bytes;
             st.holds[p.slot] = Some(p.layer);
+            if layer == Some(p.layer) {
+                break;
+            }
         }
         Ok(())
+    }
+
+    fn finish_pending(&self, st: &mut State) -> Result<()> {
+        self.finish_until(st, None)
     }
 
     /// The least recently computed-on slot holding none of `avoid` and not
     /// being written, if any.
     fn pick_slot(st: &State, avoid: &[Option<usize>]) -> Option<usize> {
-        let writing = st.pending.as_ref().map(|p| p.slot);
         (0..st.holds.len())
-            .filter(|&s| Some(s) != writing && (st.holds[s].is_none() || !avoid.contains(&st.holds[s])))
+            .filter(|&s| !st.pending.iter().any(|p| p.slot == s))
+            .filter(|&s| st.holds[s].is_none() || !avoid.contains(&st.holds[s]))
             .min_by_key(|&s| (st.holds[s].is_some(), st.used_at[s]))
     }
 
-    /// Starts copying the streamed layer after `j` into a free slot, if it
-    /// is not in one or on its way, and a slot is free of `j` and of the
-    /// layer computed before it.
+    /// Starts copying the streamed layers after `j` (as many as there are
+    /// slots free of `j`, of the layer computed before it, and of the
+    /// layers already on their way) that are not in a slot or on their way.
     fn prefetch_after(&self, st: &mut State, j: usize) -> Result<()> {
-        let Some(next) = self.next_offloaded(j) else { return Ok(()) };
-        if st.holds.contains(&Some(next)) || st.pending.is_some() {
-            return Ok(());
+        let depth = st.holds.len().saturating_sub(2).max(1);
+        let mut ahead = Vec::with_capacity(depth);
+        let mut at = j;
+        for _ in 0..depth {
+            match self.next_offloaded(at) {
+                Some(n) if n != j && !ahead.contains(&Some(n)) => {
+                    ahead.push(Some(n));
+                    at = n;
+                }
+                _ => break,
+            }
         }
-        match Self::pick_slot(st, &[Some(j), st.last]) {
-            Some(slot) => self.submit(st, slot, next),
-            None => Ok(()),
+        for (d, &next) in ahead.iter().enumerate() {
+            let Some(layer) = next else { continue };
+            if st.holds.contains(&next) || st.pending.iter().any(|p| p.layer == layer) {
+                continue;
+            }
+            if st.pending.len() >= depth {
+                break;
+            }
+            let mut avoid = vec![Some(j), st.last];
+            avoid.extend_from_slice(&ahead[..d]);
+            match Self::pick_slot(st, &avoid) {
+                Some(slot) => self.submit(st, slot, layer)?,
+                None => break,
+            }
         }
+        Ok(())
     }
 
     /// Makes sure layer `j` (off the GPU) is in a slot before its compute is
     /// enqueued: waits for its prefetch, or copies it now; then starts
-    /// copying the next streamed layer, so that it arrives while `j`
+    /// copying the next streamed layers, so that they arrive while `j`
     /// computes.
     pub fn begin_layer(&self, j: usize) -> Result<()> {
         if j < self.split.gpu_end {
@@ -545,12 +580,13 @@ impl WeightStreamer {
         }
         let mut st = self.lock()?;
         if !st.holds.contains(&Some(j)) {
-            let prefetched = st.pending.as_ref().is_some_and(|p| p.layer == j);
-            self.finish_pending(&mut st)?;
-            if !prefetched {
+            if st.pending.iter().any(|p| p.layer == j) {
+                self.finish_until(&mut st, Some(j))?;
+            } else {
                 // Nothing fetched it ahead (the first layer of a run, or a
                 // different order): copy it into a slot not holding the
                 // layer computed last, and wait.
+                self.finish_pending(&mut st)?;
                 let last = st.last;
                 let slot = Self::pick_slot(&st, &[last]).unwrap_or(0);
                 self.submit(&mut st, slot, j)?;
@@ -572,7 +608,7 @@ impl WeightStreamer {
             st.used_at[s] = st.tick;
         }
         let Some(next) = self.next_offloaded(j) else { return Ok(()) };
-        if st.holds.contains(&Some(next)) || st.pending.as_ref().is_some_and(|p| p.layer == next) {
+        if st.holds.contains(&Some(next)) || st.pending.iter().any(|p| p.layer == next) {
             st.last = Some(j);
             return Ok(());
         }
