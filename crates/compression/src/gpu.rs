@@ -45,6 +45,9 @@ use tier_cuda::GpuDevice;
 use crate::error::{Error, Result};
 use crate::format::{CompressedLayout, KernelParams};
 
+mod quant;
+pub use quant::{quant_path_for, GpuQuantOptions, GpuQuantizer, QuantPath, QuantPending, QUANT_KERNEL_SOURCE};
+
 /// The CUDA C++ source of the dequantize kernels.
 pub const KERNEL_SOURCE: &str = include_str!("gpu/dequant.cu");
 
@@ -184,20 +187,7 @@ impl GpuDequantizer {
     /// there is no driver or no GPU, "no NVRTC" where the compiler is
     /// missing.
     pub fn open(ordinal: u32) -> Result<Self> {
-        match tier_cuda::probe_all() {
-            Ok(gpus) if gpus.iter().any(|g| g.ordinal == ordinal) => {}
-            Ok(gpus) if gpus.is_empty() => {
-                return Err(Error::NoCudaDriver(
-                    "libcuda could not be loaded or sees no GPU; dequantize on the CPU with dequantize_into".into(),
-                ))
-            }
-            Ok(gpus) => {
-                return Err(Error::NoCudaDriver(format!("there is no gpu:{ordinal}; the driver sees {}", gpus.len())))
-            }
-            Err(e) => return Err(Error::NoCudaDriver(e.to_string())),
-        }
-        let gpu = GpuDevice::new(tier_cuda::GpuConfig { ordinal, ..Default::default() })?;
-        Self::new(gpu)
+        Self::new(open_gpu(ordinal, "dequantize on the CPU with dequantize_into")?)
     }
 
     /// Loads the kernels for `gpu` (compiling them on the first call in
@@ -374,6 +364,22 @@ impl GpuDequantizer {
 struct Args {
     packed: u64,
     out: u64,
+}
+
+/// Opens GPU `ordinal`, or says why not ("no CUDA driver: ..."), naming
+/// the CPU function to use instead (`instead`).
+fn open_gpu(ordinal: u32, instead: &str) -> Result<Arc<GpuDevice>> {
+    match tier_cuda::probe_all() {
+        Ok(gpus) if gpus.iter().any(|g| g.ordinal == ordinal) => {}
+        Ok(gpus) if gpus.is_empty() => {
+            return Err(Error::NoCudaDriver(format!("libcuda could not be loaded or sees no GPU; {instead}")))
+        }
+        Ok(gpus) => {
+            return Err(Error::NoCudaDriver(format!("there is no gpu:{ordinal}; the driver sees {}", gpus.len())))
+        }
+        Err(e) => return Err(Error::NoCudaDriver(e.to_string())),
+    }
+    Ok(GpuDevice::new(tier_cuda::GpuConfig { ordinal, ..Default::default() })?)
 }
 
 /// `(address, bytes)` of a contiguous view on `gpu` of `dtype`.

@@ -79,6 +79,12 @@ impl GroupParams {
         let max_code = config.max_code();
         match config.mode() {
             Mode::Asymmetric => {
+                // A zero `lo` is taken as +0: which zero a group's min
+                // reduction returns (rayon lanes, `f32::min`) is not
+                // specified, and the stored min must not depend on it (the
+                // GPU quantizer makes the same choice). Decoding is the same
+                // either way.
+                let lo = if lo == 0.0 { 0.0 } else { lo };
                 let min = f16_round_down(f64::from(lo));
                 let origin = min.to_f64_const();
                 let range = f64::from(hi) - origin;
@@ -238,6 +244,15 @@ mod tests {
         assert!(m + 15.0 * s >= f64::from(2.7f32));
         assert_eq!(p.encode(-1.3), 0);
         assert_eq!(p.encode(2.7), 15);
+    }
+
+    #[test]
+    fn a_zero_min_is_stored_as_positive_zero() {
+        let c = CompressionConfig::int4(0);
+        for (lo, hi) in [(-0.0, 0.0), (-0.0, 1.5), (0.0, 1.5), (-0.0, -0.0)] {
+            let p = GroupParams::new(lo, hi, &c);
+            assert_eq!(p.min.to_bits(), 0, "{lo} {hi}");
+        }
     }
 
     #[test]
