@@ -253,7 +253,9 @@ fn round_trip_through_the_gpu_dequantizer() {
         let case = Case { src_at: 0, out_at: 0, f32_source: false, ..case };
         let layout = case.layout();
         let v: Vec<f16> = common::values(&mut rng, layout.numel()).iter().map(|&x| f16::from_f32(x)).collect();
-        let src = rig.upload(&f16_bytes(&v), DType::F16);
+        let flat = rig.upload(&f16_bytes(&v), DType::F16);
+        // The same bytes with the case's shape, which quantize_new reads.
+        let src = Tensor::from_storage(Arc::clone(flat.storage()), Shape::new(case.shape.clone()), DType::F16).unwrap();
         let (l2, packed) = q.fast.quantize_new(&src.view(), *layout.config()).unwrap();
         assert_eq!(l2, layout);
         let out = rig.gpu.allocate(&Shape::new([layout.numel()]), DType::F16).unwrap();
