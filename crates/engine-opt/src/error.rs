@@ -106,6 +106,11 @@ pub enum Error {
     /// The run would not fit in this machine's memory.
     #[error("not enough host memory: {what} needs {need_gib:.1} GiB, {avail_gib:.1} GiB available")]
     OutOfMemory { what: String, need_gib: f64, avail_gib: f64 },
+
+    /// SIGINT (Ctrl-C) or SIGTERM arrived (see `interrupt`); by the time
+    /// `tierlm` prints this, the unwind has dropped every tier's memory.
+    #[error("interrupted (Ctrl-C or SIGTERM): generation stopped; pinned memory freed and offload files removed")]
+    Interrupted,
 }
 
 /// The library's result type.

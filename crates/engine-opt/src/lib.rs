@@ -40,6 +40,7 @@ pub mod dummy;
 mod error;
 pub mod generation;
 pub mod gpu;
+pub mod interrupt;
 pub mod kv_cache;
 pub mod loading;
 pub mod memory;

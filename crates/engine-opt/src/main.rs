@@ -1,6 +1,7 @@
 //! `tierlm`: run language models larger than one GPU's memory on that GPU.
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -33,12 +34,35 @@ fn report<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
     }
 }
 
+/// [`report`] for the commands that generate: a run stopped by Ctrl-C
+/// (SIGINT) exits with 130, the shell's convention (143 for SIGTERM). The
+/// subcommand has returned by then, so every tier's memory was dropped.
+fn report_run(result: engine_opt::Result<()>) -> ExitCode {
+    match result {
+        Err(e @ engine_opt::Error::Interrupted) => {
+            if std::io::stderr().is_terminal() {
+                // Off the line of the progress bar and the terminal's "^C".
+                eprintln!();
+            }
+            eprintln!("error: {e}");
+            ExitCode::from(engine_opt::interrupt::exit_status())
+        }
+        other => report(other),
+    }
+}
+
 fn main() -> ExitCode {
     engine_opt::progress::mark_process_start();
     let cli = Cli::parse();
+    // Ctrl-C and SIGTERM set a flag that the generation loops turn into
+    // `Error::Interrupted`, so that everything is dropped on the way out.
+    // The other commands never look at it: a first Ctrl-C ends them.
+    if matches!(cli.command, Command::Generate(_) | Command::Bench(_)) {
+        engine_opt::interrupt::install();
+    }
     match cli.command {
-        Command::Generate(args) => report(engine_opt::cli::generate::run(args)),
-        Command::Bench(args) => report(engine_opt::cli::bench::run(args)),
+        Command::Generate(args) => report_run(engine_opt::cli::generate::run(args)),
+        Command::Bench(args) => report_run(engine_opt::cli::bench::run(args)),
         Command::CopyMatrix(args) => report(engine_opt::cli::copy_matrix::run(args)),
         Command::BenchTiers(args) => report(engine_opt::cli::bench_tiers::run(args)),
     }

@@ -363,3 +363,166 @@ fn bench_policies_the_cpu_engine_cannot_run() {
         assert!(err.contains("not enough host memory"), "{err}");
     }
 }
+
+/// Starts `tierlm args` with piped output and SIGINT and SIGTERM at their
+/// default disposition: a test runner started as a background job of a
+/// non-interactive shell ignores SIGINT, its children inherit that, and
+/// `tierlm` keeps ignoring a signal ignored on entry (as it should).
+fn spawn_tierlm(args: &[&str]) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(tierlm_exe());
+    cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    // SAFETY: runs in the forked child before exec; `signal` is
+    // async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("tierlm starts")
+}
+
+/// Waits for `child` at most `limit`; past it, kills it (SIGKILL) and fails.
+/// Returns the status and stderr.
+fn wait_at_most(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut stderr = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+            panic!("{what}: tierlm still ran {limit:?} after the signal; killed. stderr: {stderr}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status, stderr)
+}
+
+fn send(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid; it has not been reaped (only
+    // `wait_at_most` reaps it, after this).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0, "kill {sig}");
+}
+
+/// A benchmark that runs for minutes on the CPU engine (each layer a few
+/// milliseconds): opt-125m, 4 prompts of 64 tokens, 1984 new tokens.
+fn long_bench(offload_dir: &Path) -> Vec<String> {
+    ["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "64", "--gen-len", "1984", "--offload-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([offload_dir.to_str().unwrap().to_string()])
+        .collect()
+}
+
+#[test]
+fn ctrl_c_stops_generation_cleanly_with_status_130() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let offload = tmp.path().join("offload");
+    std::fs::create_dir(&offload).unwrap();
+    let args = long_bench(&offload);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = spawn_tierlm(&args);
+    // Loading or generating by then: the flag stays set, and is honoured
+    // at the next layer of the generation (loading does not look at it).
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(child.try_wait().unwrap().is_none(), "the benchmark ended before it could be interrupted");
+    send(&child, libc::SIGINT);
+    let (status, stderr) = wait_at_most(&mut child, std::time::Duration::from_secs(20), "one SIGINT");
+    assert_eq!(status.code(), Some(130), "status {status:?} (signal {:?}); stderr: {stderr}", status.signal());
+    assert!(stderr.contains("error: interrupted"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The CPU engine places nothing on disk (it says so); the GPU engine's
+    // arena is unlinked as soon as it is created. Either way: nothing left.
+    let left: Vec<_> = std::fs::read_dir(&offload).unwrap().collect();
+    assert!(left.is_empty(), "left in the offload directory: {left:?}");
+
+    // SIGTERM is honoured the same way, with 128 + 15.
+    let mut child = spawn_tierlm(&args);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    send(&child, libc::SIGTERM);
+    let (status, stderr) = wait_at_most(&mut child, std::time::Duration::from_secs(20), "one SIGTERM");
+    assert_eq!(status.code(), Some(143), "status {status:?}; stderr: {stderr}");
+    assert!(stderr.contains("error: interrupted"), "{stderr}");
+}
+
+#[test]
+fn a_second_ctrl_c_quits_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let args = long_bench(tmp.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = spawn_tierlm(&args);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    send(&child, libc::SIGINT);
+    send(&child, libc::SIGINT);
+    let (status, stderr) = wait_at_most(&mut child, std::time::Duration::from_secs(10), "two SIGINTs");
+    // The second signal re-raises SIGINT with its default action: a death
+    // by SIGINT, as a shell expects from Ctrl-C. (Were the first already
+    // honoured between the two kill calls, the clean exit is fine too.)
+    assert!(status.signal() == Some(libc::SIGINT) || status.code() == Some(130), "status {status:?}; stderr: {stderr}");
+    assert!(stderr.contains("stopping cleanly"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The descriptors of process `pid` open on files that were in `dir` and
+/// have no name any more.
+fn unlinked_files_in(pid: u32, dir: &Path) -> Vec<String> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let dir = dir.to_str().unwrap();
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().to_string())
+        .filter(|t| t.starts_with(dir) && t.ends_with(" (deleted)"))
+        .collect()
+}
+
+#[test]
+fn ctrl_c_with_weights_on_disk_leaves_nothing_in_the_offload_dir() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let offload = tmp.path().join("offload");
+    std::fs::create_dir(&offload).unwrap();
+    let mut args = long_bench(&offload);
+    args.extend(["--percent", "0", "50", "0", "100", "0", "100"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = spawn_tierlm(&args);
+    // Half the weights on disk: the arena is open, and already nameless.
+    let start = std::time::Instant::now();
+    let arena = loop {
+        let open = unlinked_files_in(child.id(), &offload);
+        if !open.is_empty() {
+            break open;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let (_, stderr) = wait_at_most(&mut child, std::time::Duration::from_secs(1), "ended");
+            panic!("tierlm ended ({status:?}) before it opened an arena in {offload:?}: {stderr}");
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("no unlinked arena in {offload:?} after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let named: Vec<_> = std::fs::read_dir(&offload).unwrap().collect();
+    assert!(named.is_empty(), "the arena {arena:?} is open, but the directory holds {named:?}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    send(&child, libc::SIGINT);
+    let (status, stderr) = wait_at_most(&mut child, std::time::Duration::from_secs(20), "one SIGINT");
+    assert_eq!(status.code(), Some(130), "status {status:?} (signal {:?}); stderr: {stderr}", status.signal());
+    assert!(stderr.contains("error: interrupted"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&offload).unwrap().collect();
+    assert!(left.is_empty(), "left in the offload directory: {left:?}");
+}
