@@ -103,6 +103,14 @@ pub enum Error {
     #[error("{0}")]
     Gpu(String),
 
+    /// A thread the engine started to work beside it panicked.
+    #[error("a worker thread failed: {0}")]
+    Worker(String),
+
+    /// A memory tier (host memory, disk) failed: allocation, I/O, a full disk.
+    #[error("memory tier: {0}")]
+    Tier(#[from] tier_api::Error),
+
     /// The run would not fit in this machine's memory.
     #[error("not enough host memory: {what} needs {need_gib:.1} GiB, {avail_gib:.1} GiB available")]
     OutOfMemory { what: String, need_gib: f64, avail_gib: f64 },

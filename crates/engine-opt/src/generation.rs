@@ -2,16 +2,19 @@
 //! over a block of batches in FlexGen's order (for each step, for each
 //! layer, for each batch), with per-sequence stopping.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use indicatif::ProgressBar;
 
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
+use std::sync::Arc;
+
+use crate::cpu_offload::DiskLayers;
 use crate::kv_cache::KvCache;
-use crate::model::{OptModel, StepContext};
+use crate::model::{DecoderLayer, OptModel, StepContext};
 use crate::sampling::Sampler;
-use crate::tokenizer::left_pad;
+use crate::schedule::{BatchTokens, ComputeDevice};
 
 /// What to generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,89 +59,153 @@ pub struct GenerationOutput {
     pub activation_bytes: u64,
 }
 
-/// The state of one batch through a generation.
-struct BatchState {
-    batch: usize,
-    /// Tokens and positions of the next step, `batch × new_len`.
-    step_tokens: Vec<u32>,
-    step_positions: Vec<Option<usize>>,
-    new_len: usize,
-    /// Per sequence, whether each position so far is a real token.
-    key_mask: Vec<Vec<bool>>,
-    /// Per sequence, real tokens so far (the next token's position).
-    next_position: Vec<usize>,
-    cache: KvCache,
-    generated: Vec<Vec<u32>>,
-    finished: Vec<bool>,
+/// The CPU as a [`ComputeDevice`]: caches in host memory, f32 arithmetic;
+/// the model's layers in host memory, and with [`CpuDevice::with_disk`]
+/// the later ones on disk, read back a layer ahead on a thread of their own.
+pub struct CpuDevice<'a> {
+    model: &'a OptModel,
+    disk: Option<Arc<DiskLayers>>,
+    /// The streamed layer in use.
+    current: Option<(usize, DecoderLayer)>,
+    /// The streamed layer being read.
+    next: Option<(usize, std::thread::JoinHandle<Result<DecoderLayer>>)>,
 }
 
-impl BatchState {
-    fn new(model: &OptModel, prompts: &[Vec<u32>], max_new_tokens: usize, pad: u32) -> Self {
-        let (ids, mask) = left_pad(prompts, pad);
-        let len = ids.first().map_or(0, Vec::len);
-        let mut step_positions = Vec::with_capacity(prompts.len() * len);
-        for row in &mask {
-            // OPT's positions: cumsum(mask) * mask - 1 (padding has none).
-            let mut seen = 0;
-            for &real in row {
-                step_positions.push(real.then(|| {
-                    seen += 1;
-                    seen - 1
-                }));
+impl<'a> CpuDevice<'a> {
+    /// The device computing `model` (all its layers in host memory).
+    pub fn new(model: &'a OptModel) -> Self {
+        CpuDevice { model, disk: None, current: None, next: None }
+    }
+
+    /// The device computing `model`'s resident layers and `disk`'s.
+    pub fn with_disk(model: &'a OptModel, disk: Arc<DiskLayers>) -> Result<Self> {
+        let layers = model.config.num_hidden_layers;
+        if model.layers.len() != disk.first() || !(disk.first()..layers).all(|j| disk.holds(j)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} resident layers and layers from {} on disk do not make the model's {layers}",
+                model.layers.len(),
+                disk.first()
+            )));
+        }
+        Ok(CpuDevice { model, disk: Some(disk), current: None, next: None })
+    }
+
+    /// Starts reading streamed layer `j` on a thread.
+    fn read_ahead(&mut self, j: usize) {
+        if let Some(disk) = &self.disk {
+            let disk = Arc::clone(disk);
+            self.next = Some((j, std::thread::spawn(move || disk.load(j))));
+        }
+    }
+
+    fn decoder_layer(&self, j: usize) -> Result<&DecoderLayer> {
+        if let Some(l) = self.model.layers.get(j) {
+            return Ok(l);
+        }
+        match &self.current {
+            Some((i, l)) if *i == j => Ok(l),
+            _ => Err(Error::InvalidArgument(format!("layer {j} was not brought in (begin_layer)"))),
+        }
+    }
+}
+
+/// One batch on the CPU: its cache, which positions hold real tokens, and
+/// the step's hidden states.
+pub struct CpuBatch {
+    cache: KvCache,
+    /// Per sequence, whether each position so far is a real token.
+    key_mask: Vec<Vec<bool>>,
+    hidden: Vec<f32>,
+    new_len: usize,
+}
+
+/// Hidden states of the last position of each of `batch` sequences.
+fn last_rows(hidden: &[f32], batch: usize, new_len: usize, dim: usize) -> Vec<f32> {
+    (0..batch)
+        .flat_map(|b| {
+            let row = b * new_len + new_len - 1;
+            hidden[row * dim..(row + 1) * dim].iter().copied()
+        })
+        .collect()
+}
+
+impl ComputeDevice for CpuDevice<'_> {
+    type Batch = CpuBatch;
+
+    fn config(&self) -> &OptConfig {
+        &self.model.config
+    }
+
+    fn begin_layer(&mut self, j: usize) -> Result<()> {
+        let Some(disk) = self.disk.clone() else { return Ok(()) };
+        if !disk.holds(j) || self.current.as_ref().is_some_and(|(i, _)| *i == j) {
+            return Ok(());
+        }
+        self.current = None;
+        let layer = match self.next.take() {
+            Some((i, handle)) if i == j => {
+                handle.join().map_err(|_| Error::Worker(format!("reading layer {j} from disk panicked")))??
             }
-        }
-        BatchState {
-            batch: prompts.len(),
-            step_tokens: ids.concat(),
-            step_positions,
-            new_len: len,
-            key_mask: mask,
-            next_position: prompts.iter().map(Vec::len).collect(),
-            cache: model.new_cache(prompts.len(), len + max_new_tokens),
-            generated: vec![Vec::new(); prompts.len()],
-            finished: vec![false; prompts.len()],
-        }
-    }
-
-    fn all_finished(&self) -> bool {
-        self.finished.iter().all(|&f| f)
-    }
-
-    fn context(&self) -> StepContext<'_> {
-        StepContext { batch: self.batch, new_len: self.new_len, key_mask: &self.key_mask }
-    }
-
-    /// Hidden states of the last position of each sequence.
-    fn last_rows(&self, hidden: &[f32], dim: usize) -> Vec<f32> {
-        (0..self.batch)
-            .flat_map(|b| {
-                let row = b * self.new_len + self.new_len - 1;
-                hidden[row * dim..(row + 1) * dim].iter().copied()
-            })
-            .collect()
-    }
-
-    /// Records the picked tokens and sets up the next one-token step.
-    fn advance(&mut self, picked: &[u32], opts: &GenerateOptions) {
-        self.step_tokens.clear();
-        self.step_positions.clear();
-        for (b, &token) in picked.iter().enumerate() {
-            let fed = if self.finished[b] {
-                opts.pad_token_id
-            } else {
-                self.generated[b].push(token);
-                let eos = opts.stop_on_eos && token == opts.eos_token_id;
-                if eos || self.generated[b].len() >= opts.max_new_tokens {
-                    self.finished[b] = true;
+            other => {
+                if let Some((_, handle)) = other {
+                    // Read ahead for another order: let it finish, unused.
+                    let _ = handle.join();
                 }
-                token
-            };
-            self.step_tokens.push(fed);
-            self.step_positions.push(Some(self.next_position[b]));
-            self.next_position[b] += 1;
-            self.key_mask[b].push(true);
+                disk.load(j)?
+            }
+        };
+        self.current = Some((j, layer));
+        // The next streamed layer (the first again after the last).
+        let next = if disk.holds(j + 1) { j + 1 } else { disk.first() };
+        if next != j {
+            self.read_ahead(next);
         }
-        self.new_len = 1;
+        Ok(())
+    }
+
+    fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<CpuBatch> {
+        Ok(CpuBatch {
+            cache: self.model.new_cache(tokens.batch(), capacity),
+            key_mask: vec![Vec::with_capacity(capacity); tokens.batch()],
+            hidden: Vec::new(),
+            new_len: 0,
+        })
+    }
+
+    fn embed(&mut self, tokens: &BatchTokens, b: &mut CpuBatch) -> Result<()> {
+        let n = tokens.new_len();
+        for (seq, mask) in b.key_mask.iter_mut().enumerate() {
+            mask.extend(tokens.mask()[seq * n..(seq + 1) * n].iter().map(|&m| m != 0));
+        }
+        b.hidden = self.model.embed(tokens.tokens(), &tokens.positions());
+        b.new_len = n;
+        Ok(())
+    }
+
+    fn layer(&mut self, j: usize, _tokens: &BatchTokens, b: &mut CpuBatch) -> Result<()> {
+        let layer = self.decoder_layer(j)?;
+        let cache = b.cache.layers.get_mut(j).ok_or_else(|| Error::InvalidArgument(format!("no cache for {j}")))?;
+        let ctx = StepContext { batch: b.key_mask.len(), new_len: b.new_len, key_mask: &b.key_mask };
+        layer.forward(&mut b.hidden, &ctx, cache);
+        Ok(())
+    }
+
+    fn pick(&mut self, tokens: &BatchTokens, b: &mut CpuBatch, sampler: Option<&mut Sampler>) -> Result<Vec<u32>> {
+        let c = &self.model.config;
+        let last = last_rows(&b.hidden, tokens.batch(), b.new_len, c.hidden_size);
+        let logits = self.model.logits(&last, tokens.batch());
+        Ok(match sampler {
+            Some(s) => logits.chunks(c.vocab_size).map(|row| s.sample(row)).collect(),
+            None => logits.chunks(c.vocab_size).map(crate::sampling::argmax).collect(),
+        })
+    }
+
+    fn cache_bytes(&self, b: &CpuBatch) -> u64 {
+        b.cache.bytes()
+    }
+
+    fn activation_bytes(&self, batches: &[&CpuBatch]) -> u64 {
+        batches.iter().map(|b| (b.hidden.len() * std::mem::size_of::<f32>()) as u64).sum()
     }
 }
 
@@ -169,9 +236,9 @@ pub fn validate_prompts(c: &OptConfig, prompts: &[Vec<u32>], max_new_tokens: usi
 }
 
 /// Generates for a block of batches (`batches[k]` holds the prompts of batch
-/// `k`, unpadded). Each step runs every layer over every unfinished batch
-/// before the next layer, the order a tiered engine needs to reuse a layer's
-/// weights across batches.
+/// `k`, unpadded) on the CPU, in FlexGen's order ([`crate::schedule`]):
+/// each step runs every layer over every unfinished batch before the next
+/// layer.
 pub fn generate(
     model: &OptModel,
     batches: &[Vec<Vec<u32>>],
@@ -179,64 +246,38 @@ pub fn generate(
     sampler: &mut Sampler,
     progress: &ProgressBar,
 ) -> Result<GenerationOutput> {
-    let mut first = 0;
-    for prompts in batches {
-        validate_prompts(&model.config, prompts, opts.max_new_tokens, first)?;
-        first += prompts.len();
-    }
-    let dim = model.config.hidden_size;
-    let vocab = model.config.vocab_size;
-    let mut states: Vec<BatchState> = batches
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| BatchState::new(model, p, opts.max_new_tokens, opts.pad_token_id))
-        .collect();
-    if opts.max_new_tokens == 0 {
-        states.iter_mut().for_each(|s| s.finished.fill(true));
-    }
-    let mut out = GenerationOutput { cache_bytes: states.iter().map(|s| s.cache.bytes()).sum(), ..Default::default() };
+    crate::schedule::generate(&mut CpuDevice::new(model), batches, opts, Some(sampler), progress)
+}
 
-    let start = Instant::now();
-    for step in 0..opts.max_new_tokens {
-        let active: Vec<usize> = (0..states.len()).filter(|&k| !states[k].all_finished()).collect();
-        if active.is_empty() {
-            break;
-        }
-        let mut hidden: Vec<Vec<f32>> =
-            active.iter().map(|&k| model.embed(&states[k].step_tokens, &states[k].step_positions)).collect();
-        let held: usize = hidden.iter().map(Vec::len).sum();
-        out.activation_bytes = out.activation_bytes.max((held * std::mem::size_of::<f32>()) as u64);
-        for (j, layer) in model.layers.iter().enumerate() {
-            for (h, &k) in hidden.iter_mut().zip(&active) {
-                let st = &mut states[k];
-                let ctx = StepContext { batch: st.batch, new_len: st.new_len, key_mask: &st.key_mask };
-                layer.forward(h, &ctx, &mut st.cache.layers[j]);
-            }
-        }
-        for (h, &k) in hidden.iter().zip(&active) {
-            let st = &mut states[k];
-            let logits = model.logits(&st.last_rows(h, dim), st.batch);
-            let picked: Vec<u32> = logits.chunks(vocab).map(|row| sampler.sample(row)).collect();
-            st.advance(&picked, opts);
-        }
-        if step == 0 {
-            out.prefill_time = start.elapsed();
-        }
-        progress.inc(1);
-    }
-    out.decode_time = start.elapsed().saturating_sub(out.prefill_time);
-    out.tokens = states.into_iter().flat_map(|s| s.generated).collect();
-    Ok(out)
+/// [`generate`] with the layers from `disk.first()` on read back from disk
+/// a layer ahead ([`CpuDevice::with_disk`]); `None`: all in memory.
+pub fn generate_with(
+    model: &OptModel,
+    disk: Option<Arc<DiskLayers>>,
+    batches: &[Vec<Vec<u32>>],
+    opts: &GenerateOptions,
+    sampler: &mut Sampler,
+    progress: &ProgressBar,
+) -> Result<GenerationOutput> {
+    let mut device = match disk {
+        Some(d) => CpuDevice::with_disk(model, d)?,
+        None => CpuDevice::new(model),
+    };
+    crate::schedule::generate(&mut device, batches, opts, Some(sampler), progress)
 }
 
 /// Logits at the last position of each prompt after the prompts (left
 /// padded into one batch) go through the model: `[batch, vocab]`.
 pub fn prefill_logits(model: &OptModel, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
     validate_prompts(&model.config, prompts, 0, 0)?;
-    let st = BatchState::new(model, prompts, 0, crate::tokenizer::PAD_TOKEN_ID);
-    let mut cache = model.new_cache(st.batch, st.new_len);
-    let hidden = model.forward_hidden(&st.step_tokens, &st.step_positions, &st.context(), &mut cache);
-    Ok(model.logits(&st.last_rows(&hidden, model.config.hidden_size), st.batch))
+    let tokens = BatchTokens::new(prompts, crate::tokenizer::PAD_TOKEN_ID);
+    let mut device = CpuDevice::new(model);
+    let mut b = device.new_batch(&tokens, tokens.new_len())?;
+    device.embed(&tokens, &mut b)?;
+    for j in 0..model.layers.len() {
+        device.layer(j, &tokens, &mut b)?;
+    }
+    Ok(model.logits(&last_rows(&b.hidden, tokens.batch(), b.new_len, model.config.hidden_size), tokens.batch()))
 }
 
 #[cfg(test)]
@@ -303,27 +344,6 @@ mod tests {
         let no_stop = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(6) };
         let out = run(&src, &no_stop, &prompts);
         assert_eq!(out.tokens, vec![vec![2; 6], vec![2; 6]]);
-    }
-
-    #[test]
-    fn each_sequence_stops_on_its_own() {
-        let model = OptModel::load(tiny(), &DummyWeights::new(3), &ProgressBar::hidden()).unwrap();
-        let opts = GenerateOptions::new(3);
-        let mut st = BatchState::new(&model, &[vec![2, 9, 9], vec![2, 9]], 3, opts.pad_token_id);
-        assert_eq!(st.step_positions, vec![Some(0), Some(1), Some(2), None, Some(0), Some(1)]);
-        st.advance(&[2, 11], &opts);
-        assert_eq!(st.finished, vec![true, false]);
-        assert_eq!(st.step_tokens, vec![2, 11]);
-        assert_eq!(st.step_positions, vec![Some(3), Some(2)]);
-        st.advance(&[12, 13], &opts);
-        // From then on the finished sequence is fed padding, and its output
-        // stays put.
-        assert_eq!(st.step_tokens, vec![opts.pad_token_id, 13]);
-        assert_eq!(st.generated, vec![vec![2], vec![11, 13]]);
-        assert!(!st.all_finished());
-        st.advance(&[14, 15], &opts);
-        assert!(st.all_finished(), "the token limit ends the other one");
-        assert_eq!(st.generated[1], vec![11, 13, 15]);
     }
 
     #[test]

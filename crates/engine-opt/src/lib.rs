@@ -36,6 +36,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod cpu_attention;
+pub mod cpu_offload;
 pub mod dummy;
 mod error;
 pub mod generation;
@@ -50,6 +51,7 @@ pub mod placement;
 pub mod policy;
 pub mod progress;
 pub mod sampling;
+pub mod schedule;
 pub mod tokenizer;
 pub mod weights;
 

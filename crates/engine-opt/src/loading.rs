@@ -8,7 +8,7 @@ use crate::config::OptConfig;
 use crate::dummy::DummyWeights;
 use crate::error::{Error, Result};
 use crate::memory;
-use crate::model::OptModel;
+use crate::model::{DecoderLayer, OptModel};
 use crate::progress;
 use crate::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
 
@@ -67,6 +67,18 @@ pub fn check_fits(what: &str, need: u64) -> Result<()> {
 /// deterministic random weights (`dummy`, seeded by `seed`) for a directory's
 /// configuration or a preset.
 pub fn load_model(arg: &str, dummy: bool, seed: u64) -> Result<LoadedModel> {
+    load_model_with(arg, dummy, seed, None)
+}
+
+/// [`load_model`], with the decoder layers from `offload.0` on written to
+/// the disk tier `offload.1` as they load (the CPU engine's weights on
+/// disk, [`crate::cpu_offload`]); only the resident ones stay in memory.
+pub fn load_model_with(
+    arg: &str,
+    dummy: bool,
+    seed: u64,
+    offload: Option<(usize, &mut crate::cpu_offload::DiskLayers)>,
+) -> Result<LoadedModel> {
     let spec = ModelSpec::parse(arg)?;
     let (config, dir, name) = match spec {
         ModelSpec::Dir(dir) => {
@@ -83,15 +95,28 @@ pub fn load_model(arg: &str, dummy: bool, seed: u64) -> Result<LoadedModel> {
             (config, None, name)
         }
     };
-    check_fits(&format!("{name}'s weights"), config.weight_bytes())?;
+    let layers = config.num_hidden_layers;
+    let (resident, mut disk) = match offload {
+        Some((resident, disk)) => (resident, Some(disk)),
+        None => (layers, None),
+    };
+    let mut away = |i: usize, layer: DecoderLayer| match disk.as_mut() {
+        Some(d) => d.put(i, layer),
+        None => Ok(()),
+    };
+    let in_memory = config.weight_bytes() - (layers - resident.min(layers)) as u64 * config.layer_param_count() * 2;
+    check_fits(&format!("{name}'s weights"), in_memory)?;
     let pb = progress::bar(OptModel::tensor_count(&config), "loading");
     let (model, description) = if dummy {
         let src = DummyWeights::new(seed);
-        (OptModel::load(config, &src, &pb)?, format!("{name} (dummy weights, seed {seed})"))
+        (
+            OptModel::load_streaming(config, &src, &pb, resident, &mut away)?,
+            format!("{name} (dummy weights, seed {seed})"),
+        )
     } else {
         let dir_ref = dir.as_deref().ok_or_else(|| Error::InvalidArgument("no checkpoint directory".into()))?;
         let src = Checkpoint::open(dir_ref)?;
-        (OptModel::load(config, &src, &pb)?, name)
+        (OptModel::load_streaming(config, &src, &pb, resident, &mut away)?, name)
     };
     pb.finish_and_clear();
     let tokenizer = match &dir {

@@ -246,6 +246,18 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Layer `i` of a model of configuration `c`, from `src`.
+    pub fn load_from(src: &dyn WeightSource, c: &OptConfig, i: usize) -> Result<Self> {
+        Self::load(&Loader { src, progress: &ProgressBar::hidden() }, c, i)
+    }
+
+    /// Every weight with its name (`decoder.layers.{i}.…`).
+    pub fn parameters(&self, i: usize) -> Vec<(String, ParamRef<'_>)> {
+        let mut out = Vec::new();
+        self.params(&format!("decoder.layers.{i}"), &mut out);
+        out
+    }
+
     fn load(l: &Loader<'_>, c: &OptConfig, i: usize) -> Result<Self> {
         let p = format!("decoder.layers.{i}");
         let (h, f, bias, affine) = (c.hidden_size, c.ffn_dim, c.enable_bias, c.layer_norm_elementwise_affine);
@@ -346,6 +358,23 @@ impl OptModel {
     /// `lm_head.weight`, where present, is ignored: OPT ties it to
     /// `embed_tokens`.
     pub fn load(config: OptConfig, src: &dyn WeightSource, progress: &ProgressBar) -> Result<Self> {
+        let layers = config.num_hidden_layers;
+        Self::load_streaming(config, src, progress, layers, &mut |_, _| Ok(()))
+    }
+
+    /// [`OptModel::load`] keeping only the first `resident` decoder layers:
+    /// each later one is handed to `away` as soon as it is loaded (to be
+    /// written elsewhere) and dropped, so host memory never holds more than
+    /// the resident layers and one more. Such a model computes only through
+    /// a device that brings the other layers back
+    /// ([`crate::generation::CpuDevice::with_disk`]).
+    pub fn load_streaming(
+        config: OptConfig,
+        src: &dyn WeightSource,
+        progress: &ProgressBar,
+        resident: usize,
+        away: &mut dyn FnMut(usize, DecoderLayer) -> Result<()>,
+    ) -> Result<Self> {
         config.validate()?;
         let l = Loader { src, progress };
         let (h, e) = (config.hidden_size, config.word_embed_proj_dim());
@@ -359,8 +388,15 @@ impl OptModel {
         } else {
             (None, None)
         };
-        let layers =
-            (0..config.num_hidden_layers).map(|i| DecoderLayer::load(&l, &config, i)).collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::with_capacity(resident.min(config.num_hidden_layers));
+        for i in 0..config.num_hidden_layers {
+            let layer = DecoderLayer::load(&l, &config, i)?;
+            if i < resident {
+                layers.push(layer);
+            } else {
+                away(i, layer)?;
+            }
+        }
         let final_layer_norm = if config.has_final_layer_norm() {
             Some(LayerNorm::load(&l, "decoder.final_layer_norm", h, config.layer_norm_elementwise_affine)?)
         } else {
@@ -454,6 +490,7 @@ impl OptModel {
         cache: &mut KvCache,
     ) -> Vec<f32> {
         let mut hidden = self.embed(tokens, positions);
+        debug_assert_eq!(self.layers.len(), self.config.num_hidden_layers, "forward_hidden on a partial model");
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             layer.forward(&mut hidden, ctx, layer_cache);
         }

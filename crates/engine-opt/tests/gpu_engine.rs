@@ -123,7 +123,7 @@ fn part_by_part(name: &str) {
     let mut st = GpuBatch::new(&gpu, prompts, 0, 1).unwrap();
     let mut ws = Workspace::new(&gpu.gpu, &gpu.config, batch * len, batch).unwrap();
     st.embed(&gpu, &mut ws).unwrap();
-    let got = st.act.hidden.download(gpu.gpu.stream()).unwrap();
+    let got = st.act().hidden.download(gpu.gpu.stream()).unwrap();
     let d = max_abs_diff(&got, &want);
     eprintln!("{name}: embeddings differ by {d:.2e} (max {:.2})", max_abs(&want));
     assert!(d <= 1e-3 * max_abs(&want).max(1.0), "{name}: embeddings differ by {d}");
@@ -132,7 +132,7 @@ fn part_by_part(name: &str) {
         let ctx = StepContext { batch, new_len: len, key_mask: &mask };
         layer.forward(&mut want, &ctx, &mut cache.layers[j]);
         st.layer(&gpu, j, &mut ws).unwrap();
-        let got = st.act.hidden.download(gpu.gpu.stream()).unwrap();
+        let got = st.act().hidden.download(gpu.gpu.stream()).unwrap();
         // Real positions only: padding rows see no key at all.
         let mut d = 0.0f32;
         for (r, p) in positions.iter().enumerate() {

@@ -7,13 +7,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use indicatif::ProgressBar;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::generation::{generate, GenerateOptions, GenerationOutput};
-use crate::loading::{check_fits, load_model, ModelSpec};
+use crate::generation::{generate_with, GenerateOptions, GenerationOutput};
+use crate::loading::{check_fits, load_model_with, ModelSpec};
 use crate::memory;
 use crate::model::OptModel;
 use crate::policy::Policy;
@@ -118,6 +119,8 @@ impl BenchArgs {
 pub struct MemoryReport {
     /// Host bytes the CPU engine held: weights (f16 matrices, f32 vectors).
     pub weights_bytes: u64,
+    /// Bytes of weights on disk (f16), streamed back a layer at a time.
+    pub disk_weights_bytes: u64,
     /// Host bytes of the KV caches (f32).
     pub kv_cache_bytes: u64,
     /// Host bytes of the hidden states held between layers (f32).
@@ -197,8 +200,8 @@ pub fn throughput(
 }
 
 fn notes(args: &BenchArgs, policy: &Policy) {
-    if args.offload_dir.is_some() {
-        eprintln!("note: --offload-dir is unused: the CPU engine places nothing on disk");
+    if args.offload_dir.is_some() && policy.w_cpu_percent >= 100.0 {
+        eprintln!("note: --offload-dir is unused: this placement puts nothing on disk");
     }
     if args.gpu_mem.is_some() {
         eprintln!("note: --gpu-mem is unused: the CPU engine uses no GPU");
@@ -237,10 +240,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )));
     }
     let f32_cache = 2 * config.kv_cache_bytes(prompts_n, seq);
-    check_fits("the weights and the f32 KV cache", config.weight_bytes() + f32_cache)?;
+    let mut on_disk = crate::cpu_offload::for_policy(&config, &policy, args.offload_dir.as_deref())?;
+    let streamed = (config.num_hidden_layers - on_disk.as_ref().map_or(config.num_hidden_layers, |d| d.first())) as u64;
+    let in_memory = config.weight_bytes() - streamed * config.layer_param_count() * 2;
+    check_fits("the weights in memory and the f32 KV cache", in_memory + f32_cache)?;
 
-    let loaded = load_model(&args.model, args.dummy, args.seed)?;
+    let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
+    let on_disk = on_disk.map(std::sync::Arc::new);
+    let disk_bytes = on_disk.as_ref().map_or(0, |d| d.bytes());
     let model = &loaded.model;
+    let generate = |prompts: &[Vec<Vec<u32>>], opts: &GenerateOptions, sampler: &mut Sampler, pb: &ProgressBar| {
+        generate_with(model, on_disk.clone(), prompts, opts, sampler, pb)
+    };
     let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
     let mut sampler = Sampler::new(SamplingConfig::default());
 
@@ -248,15 +259,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // new token.
     let warm = bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len.min(32), 1);
     let hidden = indicatif::ProgressBar::hidden();
-    generate(model, &warm, &GenerateOptions { max_new_tokens: 1, ..opts }, &mut sampler, &hidden)?;
+    generate(&warm, &GenerateOptions { max_new_tokens: 1, ..opts }, &mut sampler, &hidden)?;
 
     let prompts =
         bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed);
     let pb = progress::bar(args.gen_len as u64, "generating");
-    let out = generate(model, &prompts, &opts, &mut sampler, &pb)?;
+    let out = generate(&prompts, &opts, &mut sampler, &pb)?;
     pb.finish_and_clear();
 
-    let report = make_report(&args, &policy, &loaded.description, model, &out);
+    let mut report = make_report(&args, &policy, &loaded.description, model, &out);
+    report.memory.disk_weights_bytes = disk_bytes;
     print_report(&report, args.json)
 }
 
@@ -289,6 +301,7 @@ fn make_report(
         total_tokens_per_s: total_tput,
         memory: MemoryReport {
             weights_bytes: weights,
+            disk_weights_bytes: 0,
             kv_cache_bytes: out.cache_bytes,
             activation_bytes: out.activation_bytes,
             total_held_bytes: weights + out.cache_bytes + out.activation_bytes,
@@ -322,7 +335,7 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
          prefill: {:.3} s, {:.2} token/s\n\
          decode:  {:.3} s, {}\n\
          total:   {:.3} s, {:.2} token/s\n\
-         host memory held: weights {} + KV cache {} + activations {} = {}\n\
+         host memory held: weights {} + KV cache {} + activations {} = {}; weights on disk {}\n\
          FlexGen accounting (f16): weights {}, KV cache {}, hidden {}\n\
          peak RSS (VmHWM): {}\n",
         r.model,
@@ -348,6 +361,7 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
         mib(m.kv_cache_bytes),
         mib(m.activation_bytes),
         mib(m.total_held_bytes),
+        mib(m.disk_weights_bytes),
         mib(m.flexgen_weight_bytes),
         mib(m.flexgen_cache_bytes),
         mib(m.flexgen_hidden_bytes),

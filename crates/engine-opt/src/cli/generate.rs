@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::generation::{generate, validate_prompts, GenerateOptions};
-use crate::loading::{load_model, LoadedModel};
+use crate::generation::{generate_with, validate_prompts, GenerateOptions};
+use crate::loading::{load_model_with, LoadedModel};
 use crate::progress;
 use crate::sampling::{Sampler, SamplingConfig};
 
@@ -155,7 +155,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let json = args.json || args.input.is_some();
 
-    let loaded = load_model(&args.model, args.dummy, args.seed)?;
+    // Weights with a disk share stream back a layer at a time (the CPU
+    // engine's only tier beside host memory).
+    let policy = crate::gpu::bench::generate_policy(&args)?;
+    let model_config = match crate::loading::ModelSpec::parse(&args.model)? {
+        crate::loading::ModelSpec::Dir(dir) => crate::OptConfig::from_dir(&dir)?,
+        crate::loading::ModelSpec::Preset(_, config) => config,
+    };
+    let mut on_disk = crate::cpu_offload::for_policy(&model_config, &policy, args.offload_dir.as_deref())?;
+    let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
+    let on_disk = on_disk.map(std::sync::Arc::new);
     let prompts = tokenize(&loaded, &inputs)?;
     validate_prompts(&loaded.model.config, &prompts, args.max_new_tokens, 0)?;
     let config = &loaded.model.config;
@@ -173,7 +182,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut out = stdout.lock();
     let mut index = 0;
     for batch in batches {
-        let result = generate(&loaded.model, &[batch.to_vec()], &opts, &mut sampler, &pb)?;
+        let result = generate_with(&loaded.model, on_disk.clone(), &[batch.to_vec()], &opts, &mut sampler, &pb)?;
         for new_ids in &result.tokens {
             let text = match &loaded.tokenizer {
                 Some(tok) => Some(tok.decode(new_ids)?),

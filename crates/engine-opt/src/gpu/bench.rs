@@ -50,13 +50,14 @@ pub fn streams_weights(policy: &Policy) -> bool {
 }
 
 /// Whether the GPU engine runs `policy` where a GPU is present: every
-/// valid placement the CPU engine cannot run (anything on the GPU or on
-/// disk, `--cpu-cache-compute`, the GPU's flags); placements entirely in
-/// host memory stay on the CPU engine. Activations are kept on the GPU (a
+/// valid placement with anything on the GPU or on disk, `--cpu-cache-compute`
+/// and the GPU's flags; placements entirely in host memory stay on the CPU
+/// engine (the reference). Activations are kept on the GPU (a
 /// batch's hidden states; the policy's activation shares are noted, not
 /// honoured).
 pub fn takes(policy: &Policy) -> bool {
-    policy.validate().is_ok() && (policy.cpu_cache_compute || policy.check_cpu_engine().is_err())
+    let on_disk = policy.disk_percents().iter().any(|&d| d > 0.0);
+    policy.validate().is_ok() && (on_disk || policy.cpu_cache_compute || policy.check_cpu_engine().is_err())
 }
 
 /// Whether the policy puts any of the KV cache off the GPU, or asks for the

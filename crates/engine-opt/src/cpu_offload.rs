@@ -1,0 +1,191 @@
+//! Weights on disk for the CPU engine: `--percent 0 W_CPU ...` with
+//! `W_CPU < 100` and no GPU.
+//!
+//! The first `round(n · W_CPU / 100)` decoder layers stay in host memory
+//! (the [`OptModel`]'s own); every later one is written to a [`DiskDevice`]
+//! in `--offload-dir` as it is loaded ([`OptModel::load_streaming`]: host
+//! memory never holds the whole model) and read back when the schedule
+//! reaches it: [`crate::generation::CpuDevice::with_disk`] brings layer `j`
+//! in at `begin_layer(j)` and starts reading the next streamed layer on a
+//! thread of its own, so the disk reads while the CPU computes. The disk
+//! tier's arena is unlinked when opened: nothing is left behind, whatever
+//! way the process ends.
+//!
+//! Each weight is one f16 tensor on disk under its checkpoint name (the
+//! model's f32 vectors were f16 in every source, so the round trip is
+//! exact).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use tier_api::{DType, Device, Shape, Tensor};
+use tier_disk::DiskDevice;
+
+use crate::config::OptConfig;
+use crate::error::{Error, Result};
+use crate::model::{DecoderLayer, ParamRef};
+use crate::weights::WeightSource;
+
+/// The streamed decoder layers, on disk.
+pub struct DiskLayers {
+    disk: Arc<DiskDevice>,
+    config: OptConfig,
+    /// The first streamed layer; `layers[i]` is layer `first + i`.
+    first: usize,
+    layers: Vec<HashMap<String, Tensor>>,
+}
+
+impl std::fmt::Debug for DiskLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskLayers").field("first", &self.first).field("layers", &self.layers.len()).finish()
+    }
+}
+
+/// The resident layers' count for `w_cpu_percent` of `layers`.
+pub fn resident_layers(layers: usize, w_cpu_percent: f64) -> usize {
+    (((layers as f64) * w_cpu_percent.clamp(0.0, 100.0) / 100.0).round() as usize).min(layers)
+}
+
+/// The disk tier and an empty layer store for the CPU engine where
+/// `policy` puts a share of the weights on disk (`None` otherwise), in
+/// `offload_dir` (the system's temporary directory by default).
+pub fn for_policy(
+    config: &OptConfig,
+    policy: &crate::policy::Policy,
+    offload_dir: Option<&std::path::Path>,
+) -> Result<Option<DiskLayers>> {
+    let resident = resident_layers(config.num_hidden_layers, policy.w_cpu_percent);
+    if resident >= config.num_hidden_layers {
+        return Ok(None);
+    }
+    let dir = offload_dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let disk = DiskDevice::new(tier_disk::DiskConfig::new(&dir))?;
+    Ok(Some(DiskLayers::new(disk, config.clone(), resident)))
+}
+
+impl DiskLayers {
+    /// Empty: layers `first..` will be [`DiskLayers::put`] in order.
+    pub fn new(disk: Arc<DiskDevice>, config: OptConfig, first: usize) -> Self {
+        DiskLayers { disk, config, first, layers: Vec::new() }
+    }
+
+    /// The first streamed layer.
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// Whether layer `j` is one of these.
+    pub fn holds(&self, j: usize) -> bool {
+        j >= self.first && j < self.first + self.layers.len()
+    }
+
+    /// Bytes on disk (asked of the tier).
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().flat_map(|l| l.values()).map(|t| t.byte_len() as u64).sum()
+    }
+
+    /// Writes layer `i` (the next one) to disk.
+    pub fn put(&mut self, i: usize, layer: DecoderLayer) -> Result<()> {
+        if i != self.first + self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "layer {i} written to disk out of order (expected {})",
+                self.first + self.layers.len()
+            )));
+        }
+        let mut map = HashMap::new();
+        for (name, p) in layer.parameters(i) {
+            let bytes: Vec<u8> = match p {
+                ParamRef::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ParamRef::F32(v) => v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+            };
+            let t = self.disk.allocate(&Shape::new([bytes.len() / 2]), DType::F16)?;
+            t.write_bytes(0, &bytes)?;
+            map.insert(name, t);
+        }
+        self.layers.push(map);
+        Ok(())
+    }
+
+    /// Layer `j`, read back from disk.
+    pub fn load(&self, j: usize) -> Result<DecoderLayer> {
+        let map = self
+            .layers
+            .get(j.wrapping_sub(self.first))
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {j} is not on disk")))?;
+        DecoderLayer::load_from(&LayerOnDisk { map }, &self.config, j)
+    }
+}
+
+/// One layer's tensors on disk as a weight source.
+struct LayerOnDisk<'a> {
+    map: &'a HashMap<String, Tensor>,
+}
+
+impl WeightSource for LayerOnDisk<'_> {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>> {
+        let t = self.map.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let len: usize = shape.iter().product();
+        if t.byte_len() != 2 * len {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape().dims().to_vec(),
+            });
+        }
+        let mut bytes = vec![0u8; 2 * len];
+        t.read_bytes(0, &mut bytes)?;
+        Ok(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect())
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dummy::DummyWeights;
+    use crate::model::OptModel;
+    use indicatif::ProgressBar;
+
+    fn tiny() -> OptConfig {
+        OptConfig::from_json_str(
+            r#"{"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 4, "ffn_dim": 32,
+                "vocab_size": 40, "max_position_embeddings": 32}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn layers_round_trip_through_the_disk_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskDevice::new(tier_disk::DiskConfig::new(dir.path())).unwrap();
+        let src = DummyWeights::new(9);
+        let full = OptModel::load(tiny(), &src, &ProgressBar::hidden()).unwrap();
+        let mut on_disk = DiskLayers::new(disk, tiny(), 1);
+        let partial =
+            OptModel::load_streaming(tiny(), &src, &ProgressBar::hidden(), 1, &mut |i, l| on_disk.put(i, l)).unwrap();
+        assert_eq!(partial.layers.len(), 1);
+        assert!(on_disk.holds(3) && !on_disk.holds(0) && !on_disk.holds(4));
+        assert!(on_disk.bytes() > 0);
+        for j in 1..4 {
+            let back = on_disk.load(j).unwrap();
+            assert_eq!(back.parameters(j), full.layers[j].parameters(j), "layer {j}");
+        }
+        assert!(on_disk.load(0).is_err());
+        let mut wrong = DiskLayers::new(DiskDevice::new(tier_disk::DiskConfig::new(dir.path())).unwrap(), tiny(), 2);
+        let layer = DecoderLayer::load_from(&src, &tiny(), 3).unwrap();
+        assert!(wrong.put(3, layer).is_err(), "out of order");
+    }
+
+    #[test]
+    fn resident_share_rounds_to_layers() {
+        assert_eq!(resident_layers(4, 50.0), 2);
+        assert_eq!(resident_layers(3, 0.0), 0);
+        assert_eq!(resident_layers(3, 100.0), 3);
+        assert_eq!(resident_layers(40, 75.0), 30);
+    }
+}
