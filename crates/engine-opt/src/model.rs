@@ -390,6 +390,7 @@ impl OptModel {
         };
         let mut layers = Vec::with_capacity(resident.min(config.num_hidden_layers));
         for i in 0..config.num_hidden_layers {
+            crate::interrupt::check()?;
             let layer = DecoderLayer::load(&l, &config, i)?;
             if i < resident {
                 layers.push(layer);

@@ -151,6 +151,15 @@ impl<'a> GpuCompute<'a> {
     }
 }
 
+impl Drop for GpuCompute<'_> {
+    fn drop(&mut self) {
+        // A run that stopped early (an error, Ctrl-C) may leave work on the
+        // stream that reads the workspace: let it finish before the
+        // workspace is freed.
+        let _ = self.model.gpu.synchronize();
+    }
+}
+
 impl ComputeDevice for GpuCompute<'_> {
     type Batch = GpuBatchState;
 

@@ -350,6 +350,7 @@ impl GpuModel {
         };
         let ws = compressed.as_ref().map(|c| &c.workspace);
         let make = |gpu: &Gpu, i: usize| {
+            crate::interrupt::check()?;
             let w = match src {
                 Some(src) => GpuLayerWeights::load(gpu, &config, i, src, pb),
                 None => GpuLayerWeights::dummy(gpu, &config, i, seed),
