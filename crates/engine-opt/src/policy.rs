@@ -158,11 +158,12 @@ impl Policy {
             (self.compress_weight, "--compress-weight"),
             (self.overlap, "--overlap true"),
             (self.attn_sparsity < 1.0, "--attn-sparsity below 1"),
+            (self.compress_cache, "--compress-cache"),
         ];
         if let Some((_, flag)) = gpu_flags.iter().find(|f| f.0) {
             return Err(Error::NeedsGpuEngine((*flag).to_string()));
         }
-        let flags = [(self.sep_layer, "--sep-layer true"), (self.compress_cache, "--compress-cache")];
+        let flags = [(self.sep_layer, "--sep-layer true")];
         if let Some((_, flag)) = flags.iter().find(|f| f.0) {
             return Err(Error::NeedsTieredEngine((*flag).to_string()));
         }

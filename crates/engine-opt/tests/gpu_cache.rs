@@ -40,7 +40,7 @@ fn model(name: &str, weights: (f64, f64), plan: CachePlan) -> (GpuModel, tempfil
 }
 
 fn plan(gpu: f64, cpu: f64, cpu_compute: bool) -> CachePlan {
-    CachePlan { gpu_percent: gpu, cpu_percent: cpu, cpu_compute, attn_sparsity: 1.0 }
+    CachePlan { gpu_percent: gpu, cpu_percent: cpu, cpu_compute, attn_sparsity: 1.0, compress: false }
 }
 
 fn check(model_dir: &str, weights: (f64, f64), plan: CachePlan) {
@@ -144,7 +144,8 @@ fn sparse_attention_keeping_everything_is_dense() {
 
 #[test]
 fn cache_plans_the_engine_cannot_run_are_refused() {
-    let bad = CachePlan { gpu_percent: 50.0, cpu_percent: 50.0, cpu_compute: true, attn_sparsity: 1.0 };
+    let bad =
+        CachePlan { gpu_percent: 50.0, cpu_percent: 50.0, cpu_compute: true, attn_sparsity: 1.0, compress: false };
     let err = bad.validate().unwrap_err().to_string();
     assert!(err.contains("--cpu-cache-compute") && err.contains("50% of it on the GPU"), "{err}");
     let sparse = CachePlan { attn_sparsity: 0.5, ..plan(0.0, 100.0, false) };
@@ -152,6 +153,11 @@ fn cache_plans_the_engine_cannot_run_are_refused() {
     let over = plan(60.0, 60.0, false);
     assert!(over.validate().unwrap_err().to_string().contains("do not fit"));
     assert!(plan(0.0, 100.0, true).validate().is_ok());
+    let packed_split = CachePlan { compress: true, ..plan(30.0, 30.0, false) };
+    assert!(packed_split.validate().unwrap_err().to_string().contains("--compress-cache"));
+    let packed_cpu = CachePlan { compress: true, ..plan(0.0, 100.0, true) };
+    assert!(packed_cpu.validate().unwrap_err().to_string().contains("--compress-cache"));
+    assert!(CachePlan { compress: true, ..plan(0.0, 100.0, false) }.validate().is_ok());
     assert!(plan(30.0, 30.0, false).validate().is_ok());
 }
 
@@ -182,4 +188,71 @@ fn tierlm_bench_runs_case_c_placement() {
     assert!(stderr.contains("activations stay on the GPU"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
     assert!(left.is_empty(), "offload files left behind: {left:?}");
+}
+
+/// With `--compress-cache`: the prefill's logits are the f16 run's (the
+/// prefill attends over the step's own keys before they are packed); each
+/// later step reads keys and values back from 4 bits, so its logits stay
+/// within the quantization's error of the CPU's, and the tier holds the
+/// packed bytes only.
+fn check_compressed(model_dir: &str, cpu_share: f64) {
+    use engine_opt::gpu::generation::GpuBatch;
+    use engine_opt::gpu::model::Workspace;
+    let cpu = cpu_model(model_dir);
+    let plan = CachePlan { compress: true, ..plan(0.0, cpu_share, false) };
+    let (gpu, _offload) = model(model_dir, (100.0, 0.0), plan);
+    let label = format!("{model_dir} 4-bit cache, {cpu_share}% host");
+    let prompts = expected(model_dir).cases[0].input_ids.clone();
+    let n = prompts.len();
+    let steps = 6;
+    let mut st = GpuBatch::new(&gpu, &prompts, steps, 1).unwrap();
+    let mut ws = Workspace::new(&gpu.gpu, &gpu.config, st.rows(), n).unwrap();
+    let opts = engine_opt::generation::GenerateOptions {
+        stop_on_eos: false,
+        ..engine_opt::generation::GenerateOptions::new(steps)
+    };
+    let mut seqs = prompts.clone();
+    let mut worst = 0.0f32;
+    for step in 0..steps {
+        st.step(&gpu, &mut ws).unwrap_or_else(|e| panic!("{label} step {step}: {e}"));
+        let got = gpu.logits_to_host(&ws, n).unwrap();
+        let want = cpu_prefill_logits(&cpu.model, &seqs).unwrap();
+        let d = max_abs_diff(&got, &want);
+        let scale = max_abs(&want).max(1.0);
+        eprintln!("{label} step {step}: logits differ from the CPU's by {d:.3e} (max |logit| {scale:.2})");
+        if step == 0 {
+            assert!(d <= LOGIT_TOLERANCE, "{label}: prefill logits differ by {d}");
+        }
+        worst = worst.max(d / scale);
+        let forced: Vec<u32> = (0..n).map(|b| (5 + step * 3 + b) as u32).collect();
+        for (s, t) in seqs.iter_mut().zip(&forced) {
+            s.push(*t);
+        }
+        st.advance(&forced, &opts);
+    }
+    // 4-bit keys and values (groups of up to 64 along the head dimension):
+    // a few percent of the logits' range at most on these models.
+    assert!(worst <= 0.05, "{label}: decode logits differ from the CPU's by {worst} of their range");
+    let streamer = gpu.cache_streamer.as_ref().unwrap();
+    let t = streamer.tiers();
+    let c = &gpu.config;
+    let f16_bytes = (2
+        * c.num_hidden_layers
+        * n
+        * c.num_attention_heads
+        * (prompts.iter().map(Vec::len).max().unwrap() + steps)
+        * c.head_dim()
+        * 2) as u64;
+    let held = t.host.as_ref().map_or(0, |h| h.stats().asked) + t.disk.as_ref().map_or(0, |d| d.stats().asked);
+    eprintln!("{label}: {held} bytes packed for {f16_bytes} f16 bytes");
+    assert!(held > 0 && held * 2 < f16_bytes, "{label}: {held} bytes held for {f16_bytes} f16 bytes");
+}
+
+#[test]
+fn compressed_cache_stays_within_the_quantization_error() {
+    if gpu_here("--compress-cache") {
+        check_compressed("tiny-opt", 100.0);
+        check_compressed("tiny-opt-350m-style", 100.0);
+        check_compressed("tiny-opt-sharded", 0.0);
+    }
 }

@@ -66,6 +66,11 @@ pub fn tiers_cache(policy: &Policy) -> bool {
     policy.cache_gpu_percent < 100.0
 }
 
+/// The cache tiering's share of `CacheReport`: whether it is 4-bit.
+fn cache_is_packed(policy: &Policy) -> bool {
+    policy.compress_cache && tiers_cache(policy)
+}
+
 /// The cache placement `policy` asks the GPU engine for.
 pub fn cache_plan(policy: &Policy) -> CachePlan {
     CachePlan {
@@ -73,6 +78,7 @@ pub fn cache_plan(policy: &Policy) -> CachePlan {
         cpu_percent: policy.cache_cpu_percent,
         cpu_compute: policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0,
         attn_sparsity: policy.attn_sparsity,
+        compress: policy.compress_cache,
     }
 }
 
@@ -93,9 +99,11 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
 
 /// Refuses the flags this engine does not implement yet.
 fn check_flags(policy: &Policy) -> Result<()> {
-    if policy.compress_cache {
+    if policy.compress_cache && policy.cache_gpu_percent >= 100.0 {
         return Err(Error::NeedsTieredEngine(
-            "--compress-cache (the GPU engine keeps an f16 cache; --compress-weight is supported)".into(),
+            "--compress-cache with the cache all on the GPU (the GPU engine packs a cache it keeps off the GPU: \
+             give the cache a host or disk share, e.g. --percent W W 0 100 100 0)"
+                .into(),
         ));
     }
     cache_plan(policy).validate()?;
@@ -568,7 +576,13 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         engine: format!(
             "gpu{}{}{}",
             if streams_weights(policy) { ", weights streamed" } else { "" },
-            if tiers_cache(policy) { ", cache tiered" } else { "" },
+            if cache_is_packed(policy) {
+                ", cache tiered 4-bit"
+            } else if tiers_cache(policy) {
+                ", cache tiered"
+            } else {
+                ""
+            },
             if policy.compress_weight { ", 4-bit weights" } else { "" }
         ),
         device,

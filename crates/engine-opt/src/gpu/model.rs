@@ -187,7 +187,7 @@ pub type HostAttention<'a> = dyn FnMut(&[f16], &mut [f16]) -> Result<()> + 'a;
 #[derive(Debug)]
 pub enum BatchCache {
     Gpu(GpuKvCache),
-    Tiered(TieredCache),
+    Tiered(Box<TieredCache>),
 }
 
 impl BatchCache {
@@ -455,7 +455,7 @@ impl GpuModel {
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<BatchCache> {
         Ok(match &self.cache_streamer {
             None => BatchCache::Gpu(GpuKvCache::new(&self.gpu, &self.config, batch, capacity)?),
-            Some(s) => BatchCache::Tiered(s.new_cache(&self.gpu, &self.config, batch, capacity)?),
+            Some(s) => BatchCache::Tiered(Box::new(s.new_cache(&self.gpu, &self.config, batch, capacity)?)),
         })
     }
 

@@ -55,6 +55,9 @@ pub struct CachePlan {
     pub cpu_compute: bool,
     /// `--attn-sparsity` (1 = dense) for the CPU's attention.
     pub attn_sparsity: f64,
+    /// `--compress-cache`: keys and values held 4-bit (groups along the
+    /// head dimension) on their tier.
+    pub compress: bool,
 }
 
 impl CachePlan {
@@ -83,6 +86,14 @@ impl CachePlan {
         }
         if !(self.attn_sparsity > 0.0 && self.attn_sparsity <= 1.0) {
             return Err(Error::InvalidArgument(format!("--attn-sparsity {} is outside (0, 1]", self.attn_sparsity)));
+        }
+        let tiers = [self.gpu_percent, self.cpu_percent, self.disk_percent()].iter().filter(|&&p| p > 0.0).count();
+        if self.compress && (self.cpu_compute || tiers > 1) {
+            return Err(Error::NeedsTieredEngine(
+                "--compress-cache with --cpu-cache-compute or with the cache split over tiers (the GPU engine \
+                 keeps a 4-bit cache whole on one tier, unpacked on the GPU)"
+                    .into(),
+            ));
         }
         if self.attn_sparsity < 1.0 && !self.cpu_compute {
             return Err(Error::InvalidArgument(
@@ -132,8 +143,12 @@ pub struct TieredCache {
     pub heads: usize,
     pub head_dim: usize,
     pub capacity: usize,
-    /// Per layer: keys, values.
+    /// Per layer: keys, values (`[batch, heads, capacity, head_dim]` f16,
+    /// or with `packed` one `u8` tensor each in that layout).
     layers: Vec<[SegmentedTensor; 2]>,
+    /// The 4-bit layout of one layer's keys (and values), with
+    /// `--compress-cache`.
+    packed: Option<compression::CompressedLayout>,
     /// Per layer: positions stored.
     len: Vec<usize>,
     /// Which positions hold real tokens, on the GPU (read by its kernels).
@@ -200,6 +215,25 @@ struct Dirty {
     values: SegmentedTensor,
     from: usize,
     n: usize,
+    /// A 4-bit cache: its `(batch, capacity)`.
+    packed: Option<(usize, usize)>,
+}
+
+/// GPU scratch for one 4-bit cache shape: its layout, the packed bytes and
+/// the f16 cache they unpack to (zeroed once, so that every value the
+/// quantizer reads is finite).
+struct PackScratch {
+    layout: compression::CompressedLayout,
+    packed: Tensor,
+    _dense_buf: DevBuf<f16>,
+    dense4: Tensor,
+}
+
+/// The GPU's 4-bit kernels and scratch, with `--compress-cache`.
+struct Packer {
+    quant: compression::gpu::GpuQuantizer,
+    dequant: compression::gpu::GpuDequantizer,
+    scratch: Mutex<std::collections::HashMap<(usize, usize), Arc<PackScratch>>>,
 }
 
 /// One GPU slot: a layer's cache for the largest batch, as 4-D tensors
@@ -231,6 +265,7 @@ pub struct CacheStreamer {
     tiers: CacheTiers,
     done: [CudaEvent; 2],
     state: Mutex<State>,
+    packer: Option<Packer>,
     /// Last, so that copies still queued drain before the tensors go.
     matrix: CopyMatrix,
 }
@@ -256,7 +291,17 @@ impl CacheStreamer {
         let done = [ev()?, ev()?];
         let matrix = tier_cuda::copy_matrix(CopyConfig { workers: 4, queue_capacity: 64 }).map_err(tier_err)?;
         let state = State { slots: Vec::new(), dirty: [None, None], recorded: [false; 2], next: 0, bytes_moved: 0 };
-        Ok(CacheStreamer { plan, tiers, done, state: Mutex::new(state), matrix })
+        let packer = if plan.compress {
+            let err = |e: compression::Error| Error::Gpu(format!("the GPU's 4-bit cache kernels: {e}"));
+            Some(Packer {
+                quant: compression::gpu::GpuQuantizer::new(gpu.device().clone()).map_err(err)?,
+                dequant: compression::gpu::GpuDequantizer::new(gpu.device().clone()).map_err(err)?,
+                scratch: Mutex::new(std::collections::HashMap::new()),
+            })
+        } else {
+            None
+        };
+        Ok(CacheStreamer { plan, tiers, done, state: Mutex::new(state), packer, matrix })
     }
 
     /// The plan.
@@ -308,11 +353,26 @@ impl CacheStreamer {
         if let Some(last) = placements.last_mut() {
             last.1 += 100.0 - sum;
         }
+        let packed = match &self.packer {
+            Some(packer) => Some(self.pack_scratch(gpu, packer, batch, heads, hd, capacity)?.layout.clone()),
+            None => None,
+        };
         let layers = (0..config.num_hidden_layers)
-            .map(|_| {
-                let k = SegmentedTensor::allocate(&shape, DType::F16, 0, &placements, 1).map_err(tier_err)?;
-                let v = SegmentedTensor::allocate(&shape, DType::F16, 0, &placements, 1).map_err(tier_err)?;
-                Ok([k, v])
+            .map(|_| match &packed {
+                // 4-bit: one packed tensor each, whole on its one tier.
+                Some(layout) => {
+                    let (dev, _) = placements.first().ok_or_else(|| Error::Gpu("no tier for the cache".into()))?;
+                    let one = || -> Result<SegmentedTensor> {
+                        let t = dev.allocate(&Shape::new([layout.total_bytes()]), DType::U8).map_err(tier_err)?;
+                        SegmentedTensor::single(t.view(), 0).map_err(tier_err)
+                    };
+                    Ok([one()?, one()?])
+                }
+                None => {
+                    let k = SegmentedTensor::allocate(&shape, DType::F16, 0, &placements, 1).map_err(tier_err)?;
+                    let v = SegmentedTensor::allocate(&shape, DType::F16, 0, &placements, 1).map_err(tier_err)?;
+                    Ok([k, v])
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         self.ensure_slots(gpu, batch, heads, hd, capacity)?;
@@ -323,9 +383,84 @@ impl CacheStreamer {
             capacity,
             layers,
             len: vec![0; config.num_hidden_layers],
+            packed,
             key_mask: KeyMask::new(gpu, batch, capacity)?,
             host_mask: vec![0; batch * capacity],
         })
+    }
+
+    /// The GPU scratch of a 4-bit cache of `batch × capacity` positions,
+    /// made on first use: the layout (`[batch·heads·capacity, head_dim]`,
+    /// groups of up to 64 along the head dimension, FlexGen's), the packed
+    /// bytes, the zeroed f16 cache.
+    fn pack_scratch(
+        &self,
+        gpu: &Gpu,
+        packer: &Packer,
+        batch: usize,
+        heads: usize,
+        hd: usize,
+        capacity: usize,
+    ) -> Result<Arc<PackScratch>> {
+        let mut scratch = packer.scratch.lock().map_err(|_| Error::Gpu("the 4-bit scratch was poisoned".into()))?;
+        if let Some(s) = scratch.get(&(batch, capacity)) {
+            return Ok(Arc::clone(s));
+        }
+        let err = |e: compression::Error| Error::Gpu(format!("the 4-bit cache layout: {e}"));
+        let group = (hd.min(compression::DEFAULT_GROUP_SIZE) & !1).max(2);
+        let config = compression::CompressionConfig::new(4, group, 1, compression::Mode::Asymmetric).map_err(err)?;
+        let rows = batch * heads * capacity;
+        let layout =
+            compression::CompressedLayout::new(&[rows, hd], compression::SourceDtype::F16, config).map_err(err)?;
+        let packed = gpu.device().allocate(&Shape::new([layout.total_bytes()]), DType::U8).map_err(tier_err)?;
+        let dense = DevBuf::<f16>::from_host(gpu, &vec![f16::ZERO; rows * hd])?;
+        let shape = Shape::new([batch, heads, capacity, hd]);
+        let dense4 = Tensor::from_storage(dense.tensor().storage().clone(), shape, DType::F16).map_err(tier_err)?;
+        gpu.synchronize()?;
+        let s = Arc::new(PackScratch { layout, packed, _dense_buf: dense, dense4 });
+        scratch.insert((batch, capacity), Arc::clone(&s));
+        Ok(s)
+    }
+
+    fn scratch(&self, batch: usize, capacity: usize) -> Result<(&Packer, Arc<PackScratch>)> {
+        let packer = self.packer.as_ref().ok_or_else(|| Error::Gpu("a 4-bit cache without its kernels".into()))?;
+        let map = packer.scratch.lock().map_err(|_| Error::Gpu("the 4-bit scratch was poisoned".into()))?;
+        let s = map.get(&(batch, capacity)).ok_or_else(|| Error::Gpu("no 4-bit scratch for this cache".into()))?;
+        Ok((packer, Arc::clone(s)))
+    }
+
+    /// A 4-bit home's positions `0..past` unpacked into the slot tensor
+    /// `slot4`: the packed bytes to the GPU, unpacked there, the positions
+    /// copied into the slot's layout. Returns the bytes moved.
+    fn load_packed(&self, home: &SegmentedTensor, slot4: &Tensor, dims: (usize, usize), past: usize) -> Result<u64> {
+        let (packer, s) = self.scratch(dims.0, dims.1)?;
+        let seg = home.segments().first().ok_or_else(|| Error::Gpu("an empty 4-bit home".into()))?;
+        let mut bytes = self.matrix.copy(&seg.view, &s.packed.view()).map_err(tier_err)?.bytes;
+        packer
+            .dequant
+            .dequantize(&s.packed.view(), &s.layout, &s.dense4.view())
+            .map_err(|e| Error::Gpu(format!("unpacking the 4-bit cache: {e}")))?;
+        let src = s.dense4.narrow(2, 0, past).map_err(tier_err)?;
+        let dst = slot4.narrow(0, 0, dims.0).and_then(|v| v.narrow(2, 0, past)).map_err(tier_err)?;
+        bytes += self.matrix.copy(&src, &dst).map_err(tier_err)?.bytes;
+        Ok(bytes)
+    }
+
+    /// The slot's positions `0..len` packed into a 4-bit home (the whole
+    /// layer is quantized again: positions past `len` hold earlier, finite
+    /// values nobody reads). Returns the bytes moved.
+    fn store_packed(&self, slot4: &Tensor, home: &SegmentedTensor, dims: (usize, usize), len: usize) -> Result<u64> {
+        let (packer, s) = self.scratch(dims.0, dims.1)?;
+        let src = slot4.narrow(0, 0, dims.0).and_then(|v| v.narrow(2, 0, len)).map_err(tier_err)?;
+        let dst = s.dense4.narrow(2, 0, len).map_err(tier_err)?;
+        let mut bytes = self.matrix.copy(&src, &dst).map_err(tier_err)?.bytes;
+        packer
+            .quant
+            .quantize(&s.dense4.view(), &s.layout, &s.packed.view())
+            .map_err(|e| Error::Gpu(format!("packing the 4-bit cache: {e}")))?;
+        let seg = home.segments().first().ok_or_else(|| Error::Gpu("an empty 4-bit home".into()))?;
+        bytes += self.matrix.copy(&s.packed.view(), &seg.view).map_err(tier_err)?.bytes;
+        Ok(bytes)
     }
 
     /// Makes both slots hold at least `batch × capacity` positions.
@@ -386,6 +521,12 @@ impl CacheStreamer {
         }
         if let Some(d) = st.dirty[i].take() {
             let slot = &st.slots[i];
+            if let Some(dims) = d.packed {
+                let len = d.from + d.n;
+                st.bytes_moved += self.store_packed(&slot.keys4, &d.keys, dims, len)?
+                    + self.store_packed(&slot.values4, &d.values, dims, len)?;
+                return Ok(());
+            }
             let h = self.copy_positions(&d.keys, &slot.keys4, d.from, d.n, false)?.join(self.copy_positions(
                 &d.values,
                 &slot.values4,
@@ -424,7 +565,7 @@ impl CacheStreamer {
         ws: &mut super::model::Workspace,
         new_len: usize,
     ) -> Result<()> {
-        let TieredCache { batch, heads, head_dim, capacity, layers, len, key_mask, host_mask } = tc;
+        let TieredCache { batch, heads, head_dim, capacity, layers, len, packed, key_mask, host_mask } = tc;
         let [keys, values] = layers.get_mut(j).ok_or_else(|| Error::Gpu(format!("no cache for layer {j}")))?;
         let past = len[j];
         let step = super::model::GpuStep { batch: *batch, new_len, past, key_mask };
@@ -451,14 +592,24 @@ impl CacheStreamer {
         if slot.batch < *batch || slot.capacity < *capacity {
             return Err(Error::Gpu("a cache larger than the GPU slots".into()));
         }
-        let h = self.copy_positions(&keys, &slot.keys4, 0, past, true)?.join(self.copy_positions(
-            &values,
-            &slot.values4,
-            0,
-            past,
-            true,
-        )?);
-        let loaded = h.wait().map_err(tier_err)?.bytes;
+        let packed = packed.as_ref().map(|_| (*batch, *capacity));
+        let loaded = match packed {
+            Some(dims) if past > 0 => {
+                self.load_packed(&keys, &slot.keys4, dims, past)?
+                    + self.load_packed(&values, &slot.values4, dims, past)?
+            }
+            Some(_) => 0,
+            None => {
+                let h = self.copy_positions(&keys, &slot.keys4, 0, past, true)?.join(self.copy_positions(
+                    &values,
+                    &slot.values4,
+                    0,
+                    past,
+                    true,
+                )?);
+                h.wait().map_err(tier_err)?.bytes
+            }
+        };
         let mut cache = GpuLayerCache::over(
             slot.keys.share(),
             slot.values.share(),
@@ -471,7 +622,7 @@ impl CacheStreamer {
         model.layer_forward(j, &mut cache, act, ws, &step)?;
         self.done[i].record(model.gpu.stream()).map_err(|e| driver_err("cuEventRecord", e))?;
         st.recorded[i] = true;
-        st.dirty[i] = Some(Dirty { keys, values, from: past, n: new_len });
+        st.dirty[i] = Some(Dirty { keys, values, from: past, n: new_len, packed });
         len[j] = past + new_len;
         Ok(())
     }
