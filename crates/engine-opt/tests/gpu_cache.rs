@@ -230,9 +230,11 @@ fn check_compressed(model_dir: &str, cpu_share: f64) {
         }
         st.advance(&forced, &opts);
     }
-    // 4-bit keys and values (groups of up to 64 along the head dimension):
-    // a few percent of the logits' range at most on these models.
-    assert!(worst <= 0.05, "{label}: decode logits differ from the CPU's by {worst} of their range");
+    // 4-bit keys and values (groups of up to 64 along the head dimension,
+    // 16 on these models' 16-value heads): measured at most 8% of the
+    // logits' range on these random tiny models; that the bytes are the
+    // right ones is checked exactly by `packed_cache_is_the_quantized_cache`.
+    assert!(worst <= 0.15, "{label}: decode logits differ from the CPU's by {worst} of their range");
     let streamer = gpu.cache_streamer.as_ref().unwrap();
     let t = streamer.tiers();
     let c = &gpu.config;
@@ -254,5 +256,48 @@ fn compressed_cache_stays_within_the_quantization_error() {
         check_compressed("tiny-opt", 100.0);
         check_compressed("tiny-opt-350m-style", 100.0);
         check_compressed("tiny-opt-sharded", 0.0);
+    }
+}
+
+/// After the prefill (identical keys and values in both runs, computed by
+/// the same kernels), a 4-bit cache holds byte for byte what the CPU
+/// quantizer makes of the f16 cache of a run without `--compress-cache`.
+#[test]
+fn packed_cache_is_the_quantized_cache() {
+    use engine_opt::gpu::generation::GpuBatch;
+    use engine_opt::gpu::model::{BatchCache, Workspace};
+    if !gpu_here("--compress-cache bytes") {
+        return;
+    }
+    for model_dir in ["tiny-opt", "tiny-opt-350m-style"] {
+        let prompts = expected(model_dir).cases[0].input_ids.clone();
+        let prefill = |compress: bool| {
+            let (gpu, offload) = model(model_dir, (100.0, 0.0), CachePlan { compress, ..plan(0.0, 100.0, false) });
+            let mut st = GpuBatch::new(&gpu, &prompts, 4, 1).unwrap();
+            let mut ws = Workspace::new(&gpu.gpu, &gpu.config, st.rows(), prompts.len()).unwrap();
+            st.step(&gpu, &mut ws).unwrap();
+            (gpu, offload, st)
+        };
+        let (plain_model, _o1, plain) = prefill(false);
+        let (_packed_model, _o2, packed) = prefill(true);
+        let (BatchCache::Tiered(plain), BatchCache::Tiered(packed)) = (&plain.state.cache, &packed.state.cache) else {
+            panic!("{model_dir}: the caches are not tiered");
+        };
+        let layout = packed.packed_layout().expect("a 4-bit layout").clone();
+        for j in 0..plain_model.config.num_hidden_layers {
+            for (kv, (p, q)) in plain.homes(j).unwrap().iter().zip(packed.homes(j).unwrap()).enumerate() {
+                let read = |t: &tier_api::SegmentedTensor| {
+                    let seg = &t.segments()[0];
+                    let mut bytes = vec![0u8; seg.view.byte_len()];
+                    seg.view.tensor().read_bytes(0, &mut bytes).unwrap();
+                    bytes
+                };
+                let f16s: Vec<half::f16> =
+                    read(p).chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect();
+                let mut want = vec![0u8; layout.total_bytes()];
+                compression::quantize_into(&f16s, &layout, &mut want).unwrap();
+                assert!(read(q) == want, "{model_dir}: layer {j} {}: packed bytes differ", ["keys", "values"][kv]);
+            }
+        }
     }
 }

@@ -178,6 +178,17 @@ impl TieredCache {
         self.len(0) == 0
     }
 
+    /// Layer `j`'s keys and values where they live (f16 `[batch, heads,
+    /// capacity, head_dim]`, or packed bytes with [`TieredCache::packed_layout`]).
+    pub fn homes(&self, j: usize) -> Option<&[SegmentedTensor; 2]> {
+        self.layers.get(j)
+    }
+
+    /// The 4-bit layout of a layer's keys, with `--compress-cache`.
+    pub fn packed_layout(&self) -> Option<&compression::CompressedLayout> {
+        self.packed.as_ref()
+    }
+
     /// Records this step's mask (`[batch][new_len]`) at `past` in the host
     /// copy (the embedding kernel writes the GPU's).
     pub fn record_mask(&mut self, step_mask: &[u8], new_len: usize, past: usize) -> Result<()> {
