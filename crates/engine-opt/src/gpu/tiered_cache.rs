@@ -44,6 +44,9 @@ use crate::config::OptConfig;
 use crate::cpu_attention::{append_kv, decode_attention, AttnDims, HostCache};
 use crate::error::{Error, Result};
 
+/// Cores left to the copy workers when the CPU computes attention.
+pub const IO_CORES: usize = 3;
+
 /// Where the cache goes and how decoding reads it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CachePlan {
@@ -277,6 +280,10 @@ pub struct CacheStreamer {
     done: [CudaEvent; 2],
     state: Mutex<State>,
     packer: Option<Packer>,
+    /// The CPU's attention threads, with `--cpu-cache-compute`: all cores
+    /// but [`IO_CORES`], so that the copy workers and io_uring completions
+    /// that keep the disk and PCIe busy are never queued behind them.
+    cpu_pool: Option<rayon::ThreadPool>,
     /// Last, so that copies still queued drain before the tensors go.
     matrix: CopyMatrix,
 }
@@ -312,7 +319,18 @@ impl CacheStreamer {
         } else {
             None
         };
-        Ok(CacheStreamer { plan, tiers, done, state: Mutex::new(state), packer, matrix })
+        let cpu_pool = if plan.cpu_compute {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = cores.saturating_sub(IO_CORES).max(1);
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("tierlm-attn-{i}"))
+                .build()
+                .ok()
+        } else {
+            None
+        };
+        Ok(CacheStreamer { plan, tiers, done, state: Mutex::new(state), packer, cpu_pool, matrix })
     }
 
     /// The plan.
@@ -589,7 +607,10 @@ impl CacheStreamer {
             model.attention_block_with(j, act, ws, &step, &mut |qkv: &[f16], out: &mut [f16]| {
                 append_kv(qkv, 1, dims, past, k, v)?;
                 let cache = HostCache { keys: k, values: v, key_mask: mask, total: past + 1 };
-                decode_attention(qkv, cache, dims, sparsity, out)
+                match &self.cpu_pool {
+                    Some(pool) => pool.install(|| decode_attention(qkv, cache, dims, sparsity, out)),
+                    None => decode_attention(qkv, cache, dims, sparsity, out),
+                }
             })?;
             len[j] = past + 1;
             return model.mlp_block(j, act, ws, &step);
