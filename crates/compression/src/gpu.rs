@@ -197,13 +197,7 @@ impl GpuDequantizer {
     }
 
     pub fn with_options(gpu: Arc<GpuDevice>, options: GpuDequantOptions) -> Result<Self> {
-        if !kernels::nvrtc_available() {
-            return Err(Error::NoNvrtc(
-                "libnvrtc (CUDA's run-time compiler) could not be loaded; install CUDA's NVRTC library or add its \
-                 directory to LD_LIBRARY_PATH, or dequantize on the CPU with dequantize_into"
-                    .into(),
-            ));
-        }
+        require_nvrtc("dequantize on the CPU with dequantize_into")?;
         let mut compile = CompileOptions::default();
         if options.portable_convert {
             compile.defines.push("TLQ_PORTABLE_CVT".into());
@@ -367,6 +361,17 @@ struct Args {
 }
 
 /// Opens GPU `ordinal`, or says why not ("no CUDA driver: ..."), naming
+/// "no NVRTC", naming `fallback`, where CUDA's run-time compiler is missing.
+pub(crate) fn require_nvrtc(fallback: &str) -> Result<()> {
+    if kernels::nvrtc_available() {
+        return Ok(());
+    }
+    Err(Error::NoNvrtc(format!(
+        "libnvrtc (CUDA's run-time compiler) could not be loaded; install CUDA's NVRTC library or add its \
+         directory to LD_LIBRARY_PATH, or {fallback}"
+    )))
+}
+
 /// the CPU function to use instead (`instead`).
 fn open_gpu(ordinal: u32, instead: &str) -> Result<Arc<GpuDevice>> {
     match tier_cuda::probe_all() {

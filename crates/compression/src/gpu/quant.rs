@@ -162,13 +162,7 @@ impl GpuQuantizer {
     }
 
     pub fn with_options(gpu: Arc<GpuDevice>, options: GpuQuantOptions) -> Result<Self> {
-        if !kernels::nvrtc_available() {
-            return Err(Error::NoNvrtc(
-                "libnvrtc (CUDA's run-time compiler) could not be loaded; install CUDA's NVRTC library or add its \
-                 directory to LD_LIBRARY_PATH, or quantize on the CPU with quantize_into"
-                    .into(),
-            ));
-        }
+        super::require_nvrtc("quantize on the CPU with quantize_into")?;
         let o = CompileOptions::default();
         let load = |entry: &str| kernels::load(&gpu, QUANT_KERNEL_SOURCE, entry, &o);
         let rows = [load("tlq_quant_rows4")?, load("tlq_quant_rows8")?];

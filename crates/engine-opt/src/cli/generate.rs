@@ -11,6 +11,8 @@ use crate::generation::{generate_with, validate_prompts, GenerateOptions};
 use crate::loading::{load_model_with, LoadedModel};
 use crate::progress;
 use crate::sampling::{Sampler, SamplingConfig};
+use crate::tokenizer::OptTokenizer;
+use indicatif::ProgressBar;
 
 /// Arguments of `tierlm generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -134,10 +136,6 @@ fn tokenize(loaded: &LoadedModel, inputs: &[Input]) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
-fn stdout_err(e: std::io::Error) -> Error {
-    Error::io("<stdout>", e)
-}
-
 /// Runs `tierlm generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(result) = crate::gpu::bench::try_generate(&args) {
@@ -176,38 +174,67 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
 
     let mut sampler = Sampler::new(sampling);
-    let batches: Vec<&[Vec<u32>]> = prompts.chunks(args.gpu_batch_size).collect();
-    let pb = progress::bar((batches.len() * args.max_new_tokens) as u64, "generating");
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut index = 0;
-    for batch in batches {
-        let result = generate_with(&loaded.model, on_disk.clone(), &[batch.to_vec()], &opts, &mut sampler, &pb)?;
-        for new_ids in &result.tokens {
-            let text = match &loaded.tokenizer {
-                Some(tok) => Some(tok.decode(new_ids)?),
-                None => None,
-            };
-            if json {
-                let line = OutputLine { index, output_ids: new_ids, text };
-                let line = serde_json::to_string(&line)
-                    .map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
-                pb.suspend(|| writeln!(out, "{line}")).map_err(stdout_err)?;
-            } else {
-                let prompt = match &inputs[index] {
-                    Input::Text(t) => t.clone(),
-                    Input::Ids(_) => String::new(),
+    let tokenizer = loaded.tokenizer.as_ref();
+    let out = Outputs { prompts: &prompts, inputs: &inputs, tokenizer, batch_size: args.gpu_batch_size, json };
+    out.write(args.max_new_tokens, &mut |batch, pb| {
+        Ok(generate_with(&loaded.model, on_disk.clone(), &[batch.to_vec()], &opts, &mut sampler, pb)?.tokens)
+    })
+}
+
+/// Generates one batch's new tokens, ticking the progress bar.
+pub type BatchGenerator<'a> = dyn FnMut(&[Vec<u32>], &ProgressBar) -> Result<Vec<Vec<u32>>> + 'a;
+
+/// Errors writing to standard output.
+fn stdout_err(e: std::io::Error) -> Error {
+    Error::io("<stdout>", e)
+}
+
+/// What `tierlm generate` prints, whichever engine generates.
+pub struct Outputs<'a> {
+    pub prompts: &'a [Vec<u32>],
+    pub inputs: &'a [Input],
+    pub tokenizer: Option<&'a OptTokenizer>,
+    pub batch_size: usize,
+    /// JSON lines (`--json`, `--input`), else each prompt and its continuation.
+    pub json: bool,
+}
+
+impl Outputs<'_> {
+    /// Runs `generate` on each batch of `batch_size` prompts (with a
+    /// progress bar of `max_new_tokens` a batch) and writes its outputs as
+    /// soon as the batch is done.
+    pub fn write(&self, max_new_tokens: usize, generate: &mut BatchGenerator<'_>) -> Result<()> {
+        let batches: Vec<&[Vec<u32>]> = self.prompts.chunks(self.batch_size.max(1)).collect();
+        let pb = progress::bar((batches.len() * max_new_tokens) as u64, "generating");
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let mut index = 0;
+        for batch in batches {
+            for new_ids in &generate(batch, &pb)? {
+                let text = match self.tokenizer {
+                    Some(tok) => Some(tok.decode(new_ids)?),
+                    None => None,
                 };
-                let text = text.unwrap_or_default();
-                let sep = if index > 0 { "\n" } else { "" };
-                pb.suspend(|| writeln!(out, "{sep}{prompt}{text}")).map_err(stdout_err)?;
+                if self.json {
+                    let line = OutputLine { index, output_ids: new_ids, text };
+                    let line = serde_json::to_string(&line)
+                        .map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
+                    pb.suspend(|| writeln!(out, "{line}")).map_err(stdout_err)?;
+                } else {
+                    let prompt = match self.inputs.get(index) {
+                        Some(Input::Text(t)) => t.clone(),
+                        _ => String::new(),
+                    };
+                    let sep = if index > 0 { "\n" } else { "" };
+                    pb.suspend(|| writeln!(out, "{sep}{prompt}{}", text.unwrap_or_default())).map_err(stdout_err)?;
+                }
+                index += 1;
             }
-            index += 1;
+            out.flush().map_err(stdout_err)?;
         }
-        out.flush().map_err(stdout_err)?;
+        pb.finish_and_clear();
+        Ok(())
     }
-    pb.finish_and_clear();
-    Ok(())
 }
 
 #[cfg(test)]

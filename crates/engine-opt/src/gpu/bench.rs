@@ -24,7 +24,7 @@ use super::tiered_cache::{CachePlan, CacheTiers};
 use super::{driver_err, Gpu, GpuModel};
 use crate::checkpoint::Checkpoint;
 use crate::cli::bench::{bench_prompts, throughput, BenchArgs};
-use crate::cli::generate::{read_inputs, GenerateArgs, Input};
+use crate::cli::generate::{read_inputs, GenerateArgs, Input, Outputs};
 use crate::config::OptConfig;
 use crate::dummy::DummyWeights;
 use crate::error::{Error, Result};
@@ -775,13 +775,6 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
 /// on a machine with a GPU). `--dummy` uploads the CPU generator's weights,
 /// so that a seed gives the same model on both engines.
 pub fn run_generate(args: &GenerateArgs) -> Result<()> {
-    #[derive(Serialize)]
-    struct OutputLine<'a> {
-        index: usize,
-        output_ids: &'a [u32],
-        #[serde(skip_serializing_if = "Option::is_none")]
-        text: Option<String>,
-    }
     let sampling =
         SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;
@@ -856,39 +849,17 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     };
     let mut sampler = Sampler::new(sampling);
     let greedy = sampling.is_greedy();
-    let batches: Vec<&[Vec<u32>]> = prompts.chunks(args.gpu_batch_size).collect();
-    let pb = progress::bar((batches.len() * args.max_new_tokens) as u64, "generating");
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let stdout_err = |e: std::io::Error| Error::io("<stdout>", e);
-    let mut index = 0;
-    for batch in batches {
+    let out = Outputs {
+        prompts: &prompts,
+        inputs: &inputs,
+        tokenizer: tokenizer.as_ref(),
+        batch_size: args.gpu_batch_size,
+        json,
+    };
+    out.write(args.max_new_tokens, &mut |batch, pb| {
         let s = if greedy { None } else { Some(&mut sampler) };
-        let result = generate(&model, &[batch.to_vec()], &opts, s, &pb)?;
-        for new_ids in &result.tokens {
-            let text = match &tokenizer {
-                Some(tok) => Some(tok.decode(new_ids)?),
-                None => None,
-            };
-            if json {
-                let line = OutputLine { index, output_ids: new_ids, text };
-                let line = serde_json::to_string(&line)
-                    .map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
-                pb.suspend(|| writeln!(out, "{line}")).map_err(stdout_err)?;
-            } else {
-                let prompt = match &inputs[index] {
-                    Input::Text(t) => t.clone(),
-                    Input::Ids(_) => String::new(),
-                };
-                let sep = if index > 0 { "\n" } else { "" };
-                pb.suspend(|| writeln!(out, "{sep}{prompt}{}", text.unwrap_or_default())).map_err(stdout_err)?;
-            }
-            index += 1;
-        }
-        out.flush().map_err(stdout_err)?;
-    }
-    pb.finish_and_clear();
-    Ok(())
+        Ok(generate(&model, &[batch.to_vec()], &opts, s, pb)?.tokens)
+    })
 }
 
 /// The policy `tierlm generate`'s flags ask for (`--percent`, default all

@@ -575,7 +575,7 @@ impl GpuModel {
         ws.check(step)?;
         let w = self.weights(layer)?;
         let c = &self.config;
-        let (rows, h, heads, hd) = (step.rows(), c.hidden_size, c.num_attention_heads, c.head_dim());
+        let (rows, heads, hd) = (step.rows(), c.num_attention_heads, c.head_dim());
         if cache.len() != step.past || cache.batch != step.batch {
             return Err(Error::Gpu(format!(
                 "layer {layer}: the cache holds {} positions of {} sequences, the step expects {} of {}",
@@ -585,11 +585,7 @@ impl GpuModel {
                 step.batch
             )));
         }
-        let input = self.block_input(act, ws, rows, &w.self_attn_layer_norm)?;
-        self.mark("layer norm")?;
-        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias.as_ref() };
-        self.gpu.blas.linear(&self.gpu, input, rows, &w.qkv, (3 * h, h), qkv, false, false)?;
-        self.mark("qkv product")?;
+        self.qkv_product(w, act, ws, rows)?;
         let gpu = &self.gpu;
         gpu.kernels.store_kv(
             gpu,
@@ -607,8 +603,26 @@ impl GpuModel {
         self.mark("store kv")?;
         self.attention(cache, ws, step)?;
         self.mark("attention")?;
+        self.attention_output(w, act, ws, rows)
+    }
+
+    /// The block's input (layer-normed for pre-LN models) through the
+    /// stacked q, k, v product into `ws.qkv`.
+    fn qkv_product(&self, w: &GpuLayerWeights, act: &GpuHidden, ws: &Workspace, rows: usize) -> Result<()> {
+        let h = self.config.hidden_size;
+        let input = self.block_input(act, ws, rows, &w.self_attn_layer_norm)?;
+        self.mark("layer norm")?;
+        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias.as_ref() };
+        self.gpu.blas.linear(&self.gpu, input, rows, &w.qkv, (3 * h, h), qkv, false, false)?;
+        self.mark("qkv product")
+    }
+
+    /// The attention's output (`ws.attn`) through the output product, added
+    /// to the residual stream, then the norm of post-LN models.
+    fn attention_output(&self, w: &GpuLayerWeights, act: &GpuHidden, ws: &Workspace, rows: usize) -> Result<()> {
+        let h = self.config.hidden_size;
         let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias.as_ref() };
-        gpu.blas.linear(gpu, &ws.attn, rows, &w.out_proj, (h, h), out, false, true)?;
+        self.gpu.blas.linear(&self.gpu, &ws.attn, rows, &w.out_proj, (h, h), out, false, true)?;
         self.mark("out product")?;
         self.post_norm(act, rows, &w.self_attn_layer_norm)?;
         self.mark("layer norm")
@@ -630,21 +644,13 @@ impl GpuModel {
         ws.check(step)?;
         let w = self.weights(layer)?;
         let (rows, h) = (step.rows(), self.config.hidden_size);
-        let input = self.block_input(act, ws, rows, &w.self_attn_layer_norm)?;
-        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias.as_ref() };
-        self.gpu.blas.linear(&self.gpu, input, rows, &w.qkv, (3 * h, h), qkv, false, false)?;
-        self.mark("qkv product")?;
+        self.qkv_product(w, act, ws, rows)?;
         let host_qkv = ws.qkv.download_range(self.gpu.stream(), 0, rows * 3 * h)?;
         let mut out = vec![f16::ZERO; rows * h];
         attend(&host_qkv, &mut out)?;
         ws.attn.upload(self.gpu.stream(), 0, &out)?;
         self.mark("attention (host)")?;
-        let gpu = &self.gpu;
-        let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias.as_ref() };
-        gpu.blas.linear(gpu, &ws.attn, rows, &w.out_proj, (h, h), out, false, true)?;
-        self.mark("out product")?;
-        self.post_norm(act, rows, &w.self_attn_layer_norm)?;
-        self.mark("layer norm")
+        self.attention_output(w, act, ws, rows)
     }
 
     /// Attention of this step's queries (in `ws.qkv`) over the cache
