@@ -301,3 +301,41 @@ fn packed_cache_is_the_quantized_cache() {
         }
     }
 }
+
+#[test]
+fn tierlm_generate_takes_the_cache_flags() {
+    if !gpu_here("tierlm generate, cache flags") {
+        return;
+    }
+    let Some(exe) = tierlm() else {
+        println!("skipped: no tierlm executable");
+        return;
+    };
+    let offload = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-opt");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(&exe)
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "Hello there", "--max-new-tokens", "8"])
+            .args(extra)
+            .arg("--offload-dir")
+            .arg(offload.path())
+            .output()
+            .unwrap()
+    };
+    for flags in [
+        &["--percent", "100", "0", "0", "100", "100", "0", "--cpu-cache-compute"][..],
+        &["--percent", "100", "0", "0", "100", "100", "0", "--cpu-cache-compute", "--attn-sparsity", "0.5"],
+        &["--percent", "100", "0", "0", "0", "100", "0", "--compress-cache"],
+    ] {
+        let out = run(flags);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{flags:?}: {stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("Hello there"), "{flags:?}");
+    }
+    // A GPU budget nothing fits in: refused before loading, with advice.
+    let out = run(&["--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "4K"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("does not fit"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
+}

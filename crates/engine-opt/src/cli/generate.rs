@@ -52,8 +52,10 @@ pub struct GenerateArgs {
     /// Sequences run together in one batch
     #[arg(long, default_value_t = 8)]
     pub gpu_batch_size: usize,
-    /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU%: 100 0 100 0
-    /// 100 0 runs on the GPU engine; the default, everything on the CPU
+    /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU% (disk gets
+    /// the rest of each pair); the default, everything in host memory on the
+    /// CPU. Anything on the GPU or on disk runs on the GPU engine where
+    /// there is a GPU; without one, weights may go partly to disk
     #[arg(
         long,
         num_args = 6,
@@ -61,8 +63,8 @@ pub struct GenerateArgs {
         value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"]
     )]
     pub percent: Option<Vec<f64>>,
-    /// Directory for weights placed on disk (GPU engine, `--percent W_GPU
-    /// W_CPU 100 0 100 0` with W_GPU + W_CPU below 100)
+    /// Directory for weights and cache placed on disk (default: the
+    /// system's temporary directory); nothing is left in it afterwards
     #[arg(long)]
     pub offload_dir: Option<PathBuf>,
     /// Pin host weights in page-locked memory (GPU engine; default true)
@@ -71,6 +73,20 @@ pub struct GenerateArgs {
     /// 4-bit weights (GPU engine)
     #[arg(long)]
     pub compress_weight: bool,
+    /// 4-bit KV cache, off the GPU on one tier (GPU engine)
+    #[arg(long)]
+    pub compress_cache: bool,
+    /// Decode attention on the CPU over a cache in host memory (GPU engine,
+    /// cache shares 0 100)
+    #[arg(long)]
+    pub cpu_cache_compute: bool,
+    /// Keep this fraction of the attention weights when decoding
+    /// (`--cpu-cache-compute`; 1 = dense)
+    #[arg(long, default_value_t = 1.0)]
+    pub attn_sparsity: f64,
+    /// GPU memory tierlm may use (e.g. 16G), to act as a smaller card
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::tiers::parse_size)]
+    pub gpu_mem: Option<u64>,
 }
 
 /// One input: text to tokenize, or token ids.

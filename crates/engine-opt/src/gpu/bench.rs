@@ -411,6 +411,25 @@ fn load_tiered(
     }
 }
 
+/// Refuses a placement that does not fit this machine (the GPU's `free`
+/// bytes or `gpu_mem` where less, host memory, the locked-memory limit,
+/// the offload directory's disk) before anything is allocated, with
+/// FlexGen's advice.
+fn check_placement(
+    config: &OptConfig,
+    policy: &Policy,
+    work: Workload,
+    free: u64,
+    gpu_mem: Option<u64>,
+    offload_dir: &std::path::Path,
+) -> Result<()> {
+    let can_pin = policy.pin_weight
+        && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(super::tier_err)?.kind
+            != tier_api::HostMemKind::Pageable;
+    let cap = Capacity::of_machine(gpu_capacity(free, gpu_mem), offload_dir);
+    crate::placement::check(config, policy, work, Machine { gpu_compute: true, can_pin }, &cap).map(|_| ())
+}
+
 /// The GPU memory the engine may plan for: what the driver reports free,
 /// or `--gpu-mem` where that is less (the GPU tier's budget is the same
 /// figure, so nothing placement admitted is refused later for it).
@@ -443,14 +462,11 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let (free_mem, total_mem) = gpu.mem_info()?;
     let tiered = streams_weights(policy) || tiers_cache(policy);
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
-    if tiered || args.gpu_mem.is_some() {
-        // Refuse what does not fit before anything is allocated.
-        let can_pin = policy.pin_weight
-            && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(super::tier_err)?.kind
-                != tier_api::HostMemKind::Pageable;
-        let cap = Capacity::of_machine(gpu_capacity(free_mem, args.gpu_mem), &offload_dir);
+    if tiered || args.gpu_mem.is_some() || policy.compress_weight {
+        // Refuse what does not fit before anything is allocated (4-bit
+        // weights counted packed).
         let work = Workload { prompt_len: args.prompt_len, gen_len: args.gen_len };
-        crate::placement::check(&config, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
+        check_placement(&config, policy, work, free_mem, args.gpu_mem, &offload_dir)?;
         gpu.set_budget(args.gpu_mem);
     } else if need > total_mem {
         return Err(Error::Gpu(format!(
@@ -826,6 +842,12 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     };
     check_flags(&policy)?;
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // Refuse what does not fit before anything is allocated: the longest
+    // prompt and every new token, a batch at a time.
+    let (free, _) = gpu.mem_info()?;
+    let work = Workload { prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(0), gen_len: args.max_new_tokens };
+    check_placement(&config, &policy, work, free, args.gpu_mem, &offload_dir)?;
+    gpu.set_budget(args.gpu_mem);
     let mut model = if streams_weights(&policy) || policy.compress_weight {
         // Weights off the GPU (or packed): the same loading as `bench`.
         let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
@@ -866,8 +888,13 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
 /// on the CPU; `--pin-weight`, default true; `--compress-weight`).
 pub fn generate_policy(args: &GenerateArgs) -> Result<Policy> {
     let policy = Policy {
+        gpu_batch_size: args.gpu_batch_size,
+        num_gpu_batches: 1,
         pin_weight: args.pin_weight.unwrap_or(true),
         compress_weight: args.compress_weight,
+        compress_cache: args.compress_cache,
+        cpu_cache_compute: args.cpu_cache_compute,
+        attn_sparsity: args.attn_sparsity,
         ..Policy::default()
     };
     let policy = match &args.percent {
