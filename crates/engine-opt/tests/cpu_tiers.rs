@@ -84,7 +84,9 @@ fn tierlm_streams_weights_from_disk_on_the_cpu() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("new tokens for 1 prompts") && stderr.contains("peak per tier:"), "{stderr}");
         String::from_utf8(out.stdout).unwrap()
     };
     let in_memory = run(&[]);
@@ -99,6 +101,7 @@ fn tierlm_streams_weights_from_disk_on_the_cpu() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("weights on disk") && !stdout.contains("weights on disk 0.0"), "{stdout}");
+    assert!(stdout.contains("peak per tier: GPU 0.00 GB, pinned host 0.00 GB"), "{stdout}");
     let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
     assert!(left.is_empty(), "offload files left behind: {left:?}");
 }

@@ -157,6 +157,8 @@ pub struct BenchReport {
     /// prompts × gen_len / (prefill_s + decode_s).
     pub total_tokens_per_s: f64,
     pub memory: MemoryReport,
+    /// The most each memory tier held (GPU, page-locked host, pageable host, disk).
+    pub peak_per_tier: memory::TierPeaks,
 }
 
 /// Deterministic prompts: `</s>` then ids drawn from the vocabulary (past
@@ -269,6 +271,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut report = make_report(&args, &policy, &loaded.description, model, &out);
     report.memory.disk_weights_bytes = disk_bytes;
+    // The CPU engine's memory is pageable (plain allocations); disk holds
+    // the streamed layers.
+    report.peak_per_tier =
+        memory::TierPeaks { pageable: report.memory.total_held_bytes, disk: disk_bytes, ..Default::default() };
     print_report(&report, args.json)
 }
 
@@ -299,6 +305,7 @@ fn make_report(
         prefill_tokens_per_s: prefill_tput,
         decode_tokens_per_s: decode_tput,
         total_tokens_per_s: total_tput,
+        peak_per_tier: memory::TierPeaks::default(),
         memory: MemoryReport {
             weights_bytes: weights,
             disk_weights_bytes: 0,
@@ -337,7 +344,8 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
          total:   {:.3} s, {:.2} token/s\n\
          host memory held: weights {} + KV cache {} + activations {} = {}; weights on disk {}\n\
          FlexGen accounting (f16): weights {}, KV cache {}, hidden {}\n\
-         peak RSS (VmHWM): {}\n",
+         peak RSS (VmHWM): {}\n\
+         peak per tier: {}\n",
         r.model,
         r.threads,
         r.prompts,
@@ -366,6 +374,7 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
         mib(m.flexgen_cache_bytes),
         mib(m.flexgen_hidden_bytes),
         m.peak_rss_bytes.map_or("unknown".to_string(), mib),
+        r.peak_per_tier,
     );
     out.write_all(text.as_bytes()).map_err(stdout_err)
 }

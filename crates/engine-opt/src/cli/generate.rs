@@ -192,9 +192,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampler = Sampler::new(sampling);
     let tokenizer = loaded.tokenizer.as_ref();
     let out = Outputs { prompts: &prompts, inputs: &inputs, tokenizer, batch_size: args.gpu_batch_size, json };
-    out.write(args.max_new_tokens, &mut |batch, pb| {
-        Ok(generate_with(&loaded.model, on_disk.clone(), &[batch.to_vec()], &opts, &mut sampler, pb)?.tokens)
-    })
+    // The CPU engine's memory is pageable: weights, the cache of the batch
+    // in flight (f32, the largest batch's), and the layers on disk.
+    let c = &loaded.model.config;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + args.max_new_tokens;
+    let cache = 2 * c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest);
+    let peaks = || crate::memory::TierPeaks {
+        pageable: loaded.model.held_bytes() + cache,
+        disk: on_disk.as_ref().map_or(0, |d| d.bytes()),
+        ..Default::default()
+    };
+    out.write(
+        args.max_new_tokens,
+        &mut |batch, pb| {
+            Ok(generate_with(&loaded.model, on_disk.clone(), &[batch.to_vec()], &opts, &mut sampler, pb)?.tokens)
+        },
+        &peaks,
+    )
 }
 
 /// Generates one batch's new tokens, ticking the progress bar.
@@ -219,14 +233,25 @@ impl Outputs<'_> {
     /// Runs `generate` on each batch of `batch_size` prompts (with a
     /// progress bar of `max_new_tokens` a batch) and writes its outputs as
     /// soon as the batch is done.
-    pub fn write(&self, max_new_tokens: usize, generate: &mut BatchGenerator<'_>) -> Result<()> {
+    /// At the end, a summary on stderr: new tokens, time, throughput and
+    /// `peaks()`, the most each memory tier held.
+    pub fn write(
+        &self,
+        max_new_tokens: usize,
+        generate: &mut BatchGenerator<'_>,
+        peaks: &dyn Fn() -> crate::memory::TierPeaks,
+    ) -> Result<()> {
+        let start = std::time::Instant::now();
+        let mut new_tokens = 0usize;
         let batches: Vec<&[Vec<u32>]> = self.prompts.chunks(self.batch_size.max(1)).collect();
         let pb = progress::bar((batches.len() * max_new_tokens) as u64, "generating");
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let mut index = 0;
         for batch in batches {
-            for new_ids in &generate(batch, &pb)? {
+            let generated = generate(batch, &pb)?;
+            new_tokens += generated.iter().map(Vec::len).sum::<usize>();
+            for new_ids in &generated {
                 let text = match self.tokenizer {
                     Some(tok) => Some(tok.decode(new_ids)?),
                     None => None,
@@ -249,6 +274,13 @@ impl Outputs<'_> {
             out.flush().map_err(stdout_err)?;
         }
         pb.finish_and_clear();
+        let s = start.elapsed().as_secs_f64();
+        eprintln!(
+            "generated {new_tokens} new tokens for {} prompts in {s:.2} s ({:.1} token/s); peak per tier: {}",
+            self.prompts.len(),
+            new_tokens as f64 / s.max(1e-9),
+            peaks()
+        );
         Ok(())
     }
 }

@@ -261,6 +261,8 @@ pub struct GpuBenchReport {
     /// Tiered runs only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tiers: Option<TierReport>,
+    /// The most each tier held (GPU, page-locked host, pageable host, disk).
+    pub peak_per_tier: crate::memory::TierPeaks,
 }
 
 /// Copy bandwidth and product rate of `gpu`, measured with events: the
@@ -526,26 +528,8 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         let disk_s = rates.disk.map_or(0.0, |r| disk_bytes as f64 / r);
         let (step_s, link) = if disk_s > pcie_s { (disk_s, "disk") } else { (pcie_s, "pcie") };
         let steps = args.gen_len.saturating_sub(1);
-        // Peaks per tier over every host and disk device of the run
-        // (weights' and cache's), the GPU tier's staging ring counted as
-        // pinned host memory.
+        let peaks = model.tier_peaks();
         let w_tiers = model.offload.as_ref().map(|s| s.tiers().clone());
-        let c_tiers = model.cache_streamer.as_ref().map(|c| c.tiers().clone());
-        let hosts: Vec<_> =
-            [w_tiers.as_ref().and_then(|t| t.host.clone()), c_tiers.as_ref().and_then(|t| t.host.clone())]
-                .into_iter()
-                .flatten()
-                .collect();
-        let disks: Vec<_> =
-            [w_tiers.as_ref().and_then(|t| t.disk.clone()), c_tiers.as_ref().and_then(|t| t.disk.clone())]
-                .into_iter()
-                .flatten()
-                .collect();
-        let locked =
-            hosts.iter().filter(|h| h.mem_kind().is_page_locked()).map(|h| h.stats().peak_resident).sum::<u64>();
-        let pageable =
-            hosts.iter().filter(|h| !h.mem_kind().is_page_locked()).map(|h| h.stats().peak_resident).sum::<u64>();
-        let staging = model.gpu.device().staging_stats().map_or(0, |s| s.peak_resident);
         let split = model.offload.as_ref().map(|s| s.split());
         TierReport {
             layers_gpu: split.map_or(model.config.num_hidden_layers, |s| s.gpu_end),
@@ -574,10 +558,10 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
                     bytes_moved: c.bytes_moved(),
                 }
             }),
-            peak_gpu_bytes: model.gpu.held_bytes().1,
-            peak_pinned_host_bytes: staging + locked,
-            peak_pageable_host_bytes: pageable,
-            peak_disk_bytes: disks.iter().map(|d| d.stats().peak_resident).sum(),
+            peak_gpu_bytes: peaks.gpu,
+            peak_pinned_host_bytes: peaks.pinned,
+            peak_pageable_host_bytes: peaks.pageable,
+            peak_disk_bytes: peaks.disk,
             slot_bytes: model.slot_bytes(),
             peak_rss_bytes: crate::memory::peak_rss_bytes(),
         }
@@ -633,6 +617,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         ),
         roofline: roof,
         tiers: tier_report,
+        peak_per_tier: model.tier_peaks(),
     };
     print_report(&report, args.json)?;
 
@@ -728,6 +713,9 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
         l.prefill_flop / 1e12,
     );
     out.write_all(text.as_bytes()).map_err(stdout_err)?;
+    if r.tiers.is_none() {
+        writeln!(out, "peak per tier: {}", r.peak_per_tier).map_err(stdout_err)?;
+    }
     if let Some(t) = &r.tiers {
         let rate = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1} GB/s", v / 1e9));
         let limit = match (r.decode_tokens_per_s, t.decode_tokens_per_s_stream_limit) {
@@ -878,10 +866,14 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         batch_size: args.gpu_batch_size,
         json,
     };
-    out.write(args.max_new_tokens, &mut |batch, pb| {
-        let s = if greedy { None } else { Some(&mut sampler) };
-        Ok(generate(&model, &[batch.to_vec()], &opts, s, pb)?.tokens)
-    })
+    out.write(
+        args.max_new_tokens,
+        &mut |batch, pb| {
+            let s = if greedy { None } else { Some(&mut sampler) };
+            Ok(generate(&model, &[batch.to_vec()], &opts, s, pb)?.tokens)
+        },
+        &|| model.tier_peaks(),
+    )
 }
 
 /// The policy `tierlm generate`'s flags ask for (`--percent`, default all

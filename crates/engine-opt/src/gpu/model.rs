@@ -420,6 +420,33 @@ impl GpuModel {
         }
     }
 
+    /// The most each tier held so far: the GPU (the engine's buffers), page-
+    /// locked host memory (weights or cache homes, and the GPU tier's
+    /// staging ring), pageable host memory, disk; over every tier the
+    /// weights and the cache use.
+    pub fn tier_peaks(&self) -> crate::memory::TierPeaks {
+        use tier_api::Device;
+        let w = self.offload.as_ref().map(|s| s.tiers().clone());
+        let c = self.cache_streamer.as_ref().map(|c| c.tiers().clone());
+        let hosts = [w.as_ref().and_then(|t| t.host.clone()), c.as_ref().and_then(|t| t.host.clone())];
+        let disks = [w.as_ref().and_then(|t| t.disk.clone()), c.as_ref().and_then(|t| t.disk.clone())];
+        let mut peaks = crate::memory::TierPeaks {
+            gpu: self.gpu.held_bytes().1,
+            pinned: self.gpu.device().staging_stats().map_or(0, |s| s.peak_resident),
+            ..Default::default()
+        };
+        for h in hosts.iter().flatten() {
+            let bytes = h.stats().peak_resident;
+            if h.mem_kind().is_page_locked() {
+                peaks.pinned += bytes;
+            } else {
+                peaks.pageable += bytes;
+            }
+        }
+        peaks.disk = disks.iter().flatten().map(|d| d.stats().peak_resident).sum();
+        peaks
+    }
+
     /// Bytes of weights on the GPU (resident ones; the streaming slots are
     /// counted by [`GpuModel::slot_bytes`]).
     pub fn weight_bytes(&self) -> u64 {
