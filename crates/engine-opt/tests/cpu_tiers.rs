@@ -52,19 +52,13 @@ fn weights_on_disk_give_the_same_tokens() {
             let (got, bytes) = greedy_tokens(model_dir, w_cpu, offload.path());
             assert!(bytes > 0, "{model_dir} {w_cpu}% in memory: nothing on disk");
             assert_eq!(got, want, "{model_dir}, {w_cpu}% of the weights in memory, the rest on disk");
-            let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
-            assert!(left.is_empty(), "offload files left behind: {left:?}");
+            assert_nothing_left(offload.path());
         }
     }
 }
 
 fn tierlm_exe() -> std::path::PathBuf {
-    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tierlm"));
-    if built.is_file() {
-        built
-    } else {
-        repo_root().join(".gpu/tierlm")
-    }
+    tierlm().unwrap_or_else(|| repo_root().join(".gpu/tierlm"))
 }
 
 #[test]
@@ -102,6 +96,5 @@ fn tierlm_streams_weights_from_disk_on_the_cpu() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("weights on disk") && !stdout.contains("weights on disk 0.0"), "{stdout}");
     assert!(stdout.contains("peak per tier: GPU 0.00 GB, pinned host 0.00 GB"), "{stdout}");
-    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
-    assert!(left.is_empty(), "offload files left behind: {left:?}");
+    assert_nothing_left(offload.path());
 }

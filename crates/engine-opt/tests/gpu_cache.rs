@@ -170,24 +170,19 @@ fn tierlm_bench_runs_case_c_placement() {
         println!("skipped: no tierlm executable");
         return;
     };
-    let offload = tempfile::tempdir().unwrap();
     let model = fixture("tiny-opt-sharded");
-    let out = std::process::Command::new(exe)
-        .args(["bench", "--model", model.to_str().unwrap(), "--percent", "0", "75", "0", "100", "0", "100"])
-        .args(["--cpu-cache-compute", "--gpu-batch-size", "2", "--num-gpu-batches", "2"])
-        .args(["--prompt-len", "16", "--gen-len", "4", "--offload-dir"])
-        .arg(offload.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = tierlm_with_offload(
+        &exe,
+        &["bench", "--model", model.to_str().unwrap(), "--percent", "0", "75", "0", "100", "0", "100"]
+            .into_iter()
+            .chain(["--cpu-cache-compute", "--gpu-batch-size", "2", "--num-gpu-batches", "2"])
+            .chain(["--prompt-len", "16", "--gen-len", "4"])
+            .collect::<Vec<_>>(),
+    );
     println!("{stdout}");
     assert!(stdout.contains("75.0% of their rows in"), "{stdout}");
     assert!(stdout.contains("decode attention on the CPU"), "{stdout}");
     assert!(stderr.contains("activations stay on the GPU"), "{stderr}");
-    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
-    assert!(left.is_empty(), "offload files left behind: {left:?}");
 }
 
 /// With `--compress-cache`: the prefill's logits are the f16 run's (the
@@ -336,6 +331,5 @@ fn tierlm_generate_takes_the_cache_flags() {
     let out = run(&["--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "4K"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("does not fit"), "{stderr}");
-    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
-    assert!(left.is_empty(), "offload files left behind: {left:?}");
+    assert_nothing_left(offload.path());
 }

@@ -133,3 +133,21 @@ pub fn tierlm() -> Option<PathBuf> {
     let bundled = repo_root().join(".gpu/tierlm");
     [built, bundled].into_iter().find(|p| p.is_file())
 }
+
+/// Asserts that `dir` (an offload directory after a run) holds nothing:
+/// the disk tier's arena is unlinked as soon as it is opened.
+pub fn assert_nothing_left(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind in {dir:?}: {left:?}");
+}
+
+/// Runs `exe` with `args` and `--offload-dir` a fresh temporary directory;
+/// asserts it succeeded and left nothing there; returns (stdout, stderr).
+pub fn tierlm_with_offload(exe: &Path, args: &[&str]) -> (String, String) {
+    let offload = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(exe).args(args).arg("--offload-dir").arg(offload.path()).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into());
+    assert!(out.status.success(), "{args:?}: {stdout}\n{stderr}");
+    assert_nothing_left(offload.path());
+    (stdout, stderr)
+}
