@@ -41,7 +41,8 @@ impl Default for Policy {
             act_gpu_percent: 0.0,
             act_cpu_percent: 100.0,
             overlap: false,
-            sep_layer: false,
+            // FlexGen's default.
+            sep_layer: true,
             pin_weight: true,
             cpu_cache_compute: false,
             attn_sparsity: 1.0,
@@ -163,10 +164,8 @@ impl Policy {
         if let Some((_, flag)) = gpu_flags.iter().find(|f| f.0) {
             return Err(Error::NeedsGpuEngine((*flag).to_string()));
         }
-        let flags = [(self.sep_layer, "--sep-layer true")];
-        if let Some((_, flag)) = flags.iter().find(|f| f.0) {
-            return Err(Error::NeedsTieredEngine((*flag).to_string()));
-        }
+        // --sep-layer changes only when a streamed layer's MLP weights are
+        // waited for; the CPU engine reads its disk layers whole either way.
         Ok(())
     }
 }

@@ -254,7 +254,10 @@ fn many_streamed_layers_equal_the_resident_model() {
     let split = split_layers(10, 20.0, 48.0);
     assert_eq!((split.gpu_end, split.host_percent), (2, 60.0));
     let tiers = OffloadTiers::for_split(&split, true, offload.path()).unwrap();
-    let streamed = GpuModel::tiered(Gpu::new(0).unwrap(), config, split, tiers, None, 7, &pb).unwrap();
+    let mut streamed = GpuModel::tiered(Gpu::new(0).unwrap(), config, split, tiers, None, 7, &pb).unwrap();
+    // --sep-layer: each layer's attention computes while its MLP weights
+    // may still be arriving.
+    streamed.offload.as_mut().unwrap().set_sep_layer(true);
     let s = streamed.offload.as_ref().unwrap();
     assert_eq!(s.slot_count(), engine_opt::gpu::offload::MAX_SLOTS);
     let prompts: Vec<Vec<u32>> = vec![vec![2, 11, 12, 13, 14, 15, 16], vec![2, 300, 301, 302], vec![2, 5]];

@@ -74,7 +74,9 @@ pub struct BenchArgs {
     /// Overlap copies with compute (GPU engine)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub overlap: Option<bool>,
-    /// Schedule attention and MLP as separate layers (GPU engine)
+    /// Wait for a streamed layer's attention and MLP weights separately, so
+    /// the attention computes while the MLP's weights arrive (GPU engine;
+    /// default true, as FlexGen)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub sep_layer: Option<bool>,
     /// Directory for tensors placed on disk (GPU engine)
@@ -99,7 +101,7 @@ impl BenchArgs {
             gpu_batch_size: self.gpu_batch_size,
             num_gpu_batches: self.num_gpu_batches,
             overlap: self.overlap.unwrap_or(false),
-            sep_layer: self.sep_layer.unwrap_or(false),
+            sep_layer: self.sep_layer.unwrap_or(true),
             pin_weight: self.pin_weight.unwrap_or(true),
             cpu_cache_compute: self.cpu_cache_compute,
             attn_sparsity: self.attn_sparsity,

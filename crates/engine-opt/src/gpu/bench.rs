@@ -107,9 +107,6 @@ fn check_flags(policy: &Policy) -> Result<()> {
         ));
     }
     cache_plan(policy).validate()?;
-    if policy.sep_layer {
-        return Err(Error::NeedsTieredEngine("--sep-layer (the GPU engine streams and computes whole layers)".into()));
-    }
     if policy.overlap && all_on_gpu(policy) {
         eprintln!("note: --overlap: everything is on the GPU, there are no copies to overlap");
     }
@@ -496,6 +493,9 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         let plan = cache_plan(policy);
         model.place_cache(plan, CacheTiers::for_plan(&plan, &offload_dir)?)?;
     }
+    if let Some(s) = model.offload.as_mut() {
+        s.set_sep_layer(policy.sep_layer);
+    }
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
     let measuring = Instant::now();
@@ -847,6 +847,9 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     if tiers_cache(&policy) {
         let plan = cache_plan(&policy);
         model.place_cache(plan, CacheTiers::for_plan(&plan, &offload_dir)?)?;
+    }
+    if let Some(s) = model.offload.as_mut() {
+        s.set_sep_layer(policy.sep_layer);
     }
     pb.finish_and_clear();
     validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;

@@ -727,6 +727,9 @@ impl GpuModel {
     /// in place on `act`.
     pub fn mlp_block(&self, layer: usize, act: &GpuHidden, ws: &mut Workspace, step: &GpuStep<'_>) -> Result<()> {
         ws.check(step)?;
+        if let Some(s) = &self.offload {
+            s.begin_mlp(layer)?;
+        }
         let w = self.weights(layer)?;
         let (rows, h, f) = (step.rows(), self.config.hidden_size, self.config.ffn_dim);
         let input = self.block_input(act, ws, rows, &w.final_layer_norm)?;

@@ -30,6 +30,12 @@
 //! always queued behind the one finishing (a disk read's queue never
 //! drains), and memory stays four layers' worth whatever the model's size.
 //!
+//! With `--sep-layer` (FlexGen's default) a layer's attention-block tensors
+//! are copied before its MLP block's and waited for alone
+//! ([`WeightStreamer::begin_layer`]); the MLP block's are waited for just
+//! before the MLP computes ([`WeightStreamer::begin_mlp`]), so the attention
+//! of every batch overlaps the rest of the layer's copy.
+//!
 //! Start-up: every home tensor is allocated first, on several threads
 //! ([`WeightStreamer::allocate_homes`]), then each layer is made on the GPU
 //! and copied to its home ([`WeightStreamer::park`]). Host homes are not
@@ -173,7 +179,10 @@ struct HomeLayer {
 struct Pending {
     slot: usize,
     layer: usize,
+    /// The attention block's tensors (all of them without `--sep-layer`).
     handle: CopyHandle,
+    /// The MLP block's, with `--sep-layer`.
+    mlp: CopyHandle,
 }
 
 /// GPU slots when more than this many layers stream: the layer computing,
@@ -199,6 +208,9 @@ struct State {
     last: Option<usize>,
     /// Copies in flight, oldest first.
     pending: std::collections::VecDeque<Pending>,
+    /// With `--sep-layer`: the MLP block's tensors of the layer in use,
+    /// still arriving.
+    mlp_pending: Option<(usize, CopyHandle)>,
     /// Bytes copied into the slots so far.
     bytes_streamed: u64,
 }
@@ -224,6 +236,8 @@ pub struct WeightStreamer {
     done: Vec<CudaEvent>,
     state: Mutex<State>,
     tiers: OffloadTiers,
+    /// `--sep-layer`: see [`WeightStreamer::set_sep_layer`].
+    sep_layer: bool,
     /// Last, so that copies still queued drain before the tensors go.
     matrix: CopyMatrix,
 }
@@ -241,6 +255,10 @@ impl Drop for WeightStreamer {
         if let Ok(mut st) = self.state.lock() {
             while let Some(p) = st.pending.pop_front() {
                 let _ = p.handle.wait();
+                let _ = p.mlp.wait();
+            }
+            if let Some((_, h)) = st.mlp_pending.take() {
+                let _ = h.wait();
             }
         }
     }
@@ -291,6 +309,7 @@ impl WeightStreamer {
             tick: 0,
             last: None,
             pending: std::collections::VecDeque::with_capacity(PREFETCH),
+            mlp_pending: None,
             bytes_streamed: 0,
         };
         let matrix = tier_cuda::copy_matrix(CopyConfig { workers: 4, queue_capacity: 64 }).map_err(tier_err)?;
@@ -302,6 +321,7 @@ impl WeightStreamer {
             done,
             state: Mutex::new(state),
             tiers,
+            sep_layer: false,
             matrix,
         })
     }
@@ -506,12 +526,25 @@ impl WeightStreamer {
                 dst.len()
             )));
         }
-        let mut handle = CopyHandle::empty();
-        for (src, d) in home.tensors.iter().zip(dst) {
-            let d = SegmentedTensor::single(d.view(), 0).map_err(tier_err)?;
-            handle = handle.join(self.matrix.submit_segmented(src, &d).map_err(tier_err)?);
+        // The attention block's tensors first: with --sep-layer the layer
+        // starts computing once they are in, the MLP's still arriving.
+        let mlp = if self.sep_layer { self.slots[slot].mlp_tensors() } else { vec![false; dst.len()] };
+        let (mut handle, mut mlp_handle) = (CopyHandle::empty(), CopyHandle::empty());
+        for want_mlp in [false, true] {
+            for ((src, d), &is_mlp) in home.tensors.iter().zip(&dst).zip(&mlp) {
+                if is_mlp != want_mlp {
+                    continue;
+                }
+                let d = SegmentedTensor::single(d.view(), 0).map_err(tier_err)?;
+                let h = self.matrix.submit_segmented(src, &d).map_err(tier_err)?;
+                if is_mlp {
+                    mlp_handle = mlp_handle.join(h);
+                } else {
+                    handle = handle.join(h);
+                }
+            }
         }
-        st.pending.push_back(Pending { slot, layer, handle });
+        st.pending.push_back(Pending { slot, layer, handle, mlp: mlp_handle });
         Ok(())
     }
 
@@ -519,15 +552,52 @@ impl WeightStreamer {
     /// `layer` has arrived (all of them for `None`), and records where they
     /// went.
     fn finish_until(&self, st: &mut State, layer: Option<usize>) -> Result<()> {
+        if layer.is_none() {
+            self.finish_mlp(st)?;
+        }
         while let Some(p) = st.pending.pop_front() {
             let report = p.handle.wait().map_err(tier_err)?;
             st.bytes_streamed += report.bytes;
             st.holds[p.slot] = Some(p.layer);
+            if layer == Some(p.layer) && self.sep_layer {
+                // The MLP block's tensors may land while the attention
+                // computes ([`WeightStreamer::begin_mlp`] waits for them).
+                self.finish_mlp(st)?;
+                st.mlp_pending = Some((p.layer, p.mlp));
+                break;
+            }
+            st.bytes_streamed += p.mlp.wait().map_err(tier_err)?.bytes;
             if layer == Some(p.layer) {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Waits for the MLP block's tensors still arriving, if any.
+    fn finish_mlp(&self, st: &mut State) -> Result<()> {
+        if let Some((_, h)) = st.mlp_pending.take() {
+            st.bytes_streamed += h.wait().map_err(tier_err)?.bytes;
+        }
+        Ok(())
+    }
+
+    /// Before layer `j`'s MLP block is enqueued: its tensors are in the
+    /// slot (with `--sep-layer` they may still have been arriving while the
+    /// attention block computed).
+    pub fn begin_mlp(&self, j: usize) -> Result<()> {
+        let mut st = self.lock()?;
+        if st.mlp_pending.as_ref().is_some_and(|(l, _)| *l == j) {
+            self.finish_mlp(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// With `sep` (`--sep-layer`, FlexGen's default), a layer's attention
+    /// block computes as soon as its own tensors are in a slot, the MLP
+    /// block's still copying; without, a layer waits for all of it.
+    pub fn set_sep_layer(&mut self, sep: bool) {
+        self.sep_layer = sep;
     }
 
     fn finish_pending(&self, st: &mut State) -> Result<()> {

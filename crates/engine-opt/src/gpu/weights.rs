@@ -261,6 +261,24 @@ impl GpuLayerWeights {
         out
     }
 
+    /// For each of [`GpuLayerWeights::tensors`], whether the MLP block alone
+    /// reads it (its norm, `fc1`, `fc2`): with `--sep-layer` those copy
+    /// after the attention block's and are waited for only before the MLP.
+    /// Compressed layers are unpacked whole, so none is set apart.
+    pub fn mlp_tensors(&self) -> Vec<bool> {
+        let tensors = self.tensors();
+        if self.packed.is_some() {
+            return vec![false; tensors.len()];
+        }
+        let mut mlp: Vec<&tier_api::Tensor> = vec![self.fc1.tensor(), self.fc2.tensor()];
+        mlp.extend(self.fc1_bias.as_ref().map(DevBuf::tensor));
+        mlp.extend(self.fc2_bias.as_ref().map(DevBuf::tensor));
+        if let Some(n) = &self.final_layer_norm {
+            mlp.extend([n.weight.tensor(), n.bias.tensor()]);
+        }
+        tensors.iter().map(|t| mlp.iter().any(|m| m.same_storage(t))).collect()
+    }
+
     /// Bytes held on the GPU (packed matrices when compressed; the shared
     /// workspace is not this layer's).
     pub fn bytes(&self) -> u64 {
