@@ -155,6 +155,12 @@ pub trait ComputeDevice {
     /// The model's configuration.
     fn config(&self) -> &OptConfig;
 
+    /// Before any batch is made: every batch's first step (the GPU sizes
+    /// what the batches share from the largest).
+    fn begin_block(&mut self, _tokens: &[BatchTokens]) -> Result<()> {
+        Ok(())
+    }
+
     /// The state of a batch whose first step is `tokens`, with room for
     /// `capacity` positions per sequence.
     fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<Self::Batch>;
@@ -226,12 +232,20 @@ pub fn generate<D: ComputeDevice>(
         validate_prompts(device.config(), prompts, opts.max_new_tokens, first)?;
         first += prompts.len();
     }
-    let mut states = Vec::with_capacity(batches.len());
-    for prompts in batches.iter().filter(|p| !p.is_empty()) {
-        let mut tokens = BatchTokens::new(prompts, opts.pad_token_id);
-        if opts.max_new_tokens == 0 {
-            tokens.finished.fill(true);
-        }
+    let all: Vec<BatchTokens> = batches
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|prompts| {
+            let mut tokens = BatchTokens::new(prompts, opts.pad_token_id);
+            if opts.max_new_tokens == 0 {
+                tokens.finished.fill(true);
+            }
+            tokens
+        })
+        .collect();
+    device.begin_block(&all)?;
+    let mut states = Vec::with_capacity(all.len());
+    for tokens in all {
         let state = device.new_batch(&tokens, tokens.new_len() + opts.max_new_tokens)?;
         states.push((tokens, state));
     }

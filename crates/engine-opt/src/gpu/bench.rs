@@ -113,11 +113,10 @@ fn check_flags(policy: &Policy) -> Result<()> {
     if policy.cpu_cache_compute && policy.cache_cpu_percent < 100.0 {
         eprintln!("note: --cpu-cache-compute: the cache is not all in host memory, attention runs on the GPU");
     }
-    if policy.act_gpu_percent < 100.0 {
+    if policy.act_gpu_percent < 100.0 && policy.act_cpu_percent < 100.0 {
         eprintln!(
-            "note: activations stay on the GPU (a batch's hidden states, counted in the GPU's peak); \
-             the policy's activation shares {} {} are not applied",
-            policy.act_gpu_percent, policy.act_cpu_percent
+            "note: activations on disk are kept in host memory (a batch's hidden states between layers; \
+             FlexGen's disk share of them is not applied)"
         );
     }
     Ok(())
@@ -496,6 +495,11 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     if let Some(s) = model.offload.as_mut() {
         s.set_sep_layer(policy.sep_layer);
     }
+    if policy.act_gpu_percent < 100.0 {
+        // Hidden states between layers in host memory (FlexGen's
+        // activation placement).
+        model.activations = Some(super::model::ActivationTier::new()?);
+    }
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
     let measuring = Instant::now();
@@ -850,6 +854,11 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     }
     if let Some(s) = model.offload.as_mut() {
         s.set_sep_layer(policy.sep_layer);
+    }
+    if policy.act_gpu_percent < 100.0 {
+        // Hidden states between layers in host memory (FlexGen's
+        // activation placement).
+        model.activations = Some(super::model::ActivationTier::new()?);
     }
     pb.finish_and_clear();
     validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;

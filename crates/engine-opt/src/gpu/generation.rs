@@ -10,18 +10,21 @@
 use indicatif::ProgressBar;
 
 use super::cache::GpuKvCache;
-use super::model::{BatchCache, GpuHidden, GpuModel, GpuStep, Workspace};
+use super::model::{ActivationHome, BatchCache, GpuHidden, GpuModel, GpuStep, Workspace};
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
 use crate::generation::{validate_prompts, GenerateOptions, GenerationOutput};
 use crate::sampling::Sampler;
 use crate::schedule::{BatchTokens, ComputeDevice};
 
-/// One batch's state on the GPU: its KV cache and hidden states.
+/// One batch's state on the GPU: its KV cache and hidden states (and,
+/// with the activations in host memory, their home there; `act` is then the
+/// block's shared GPU buffer).
 #[derive(Debug)]
 pub struct GpuBatchState {
     pub cache: BatchCache,
     pub act: GpuHidden,
+    pub home: Option<ActivationHome>,
 }
 
 impl GpuBatchState {
@@ -30,6 +33,7 @@ impl GpuBatchState {
         Ok(GpuBatchState {
             cache: model.new_cache(tokens.batch(), capacity)?,
             act: GpuHidden::new(&model.gpu, &model.config, tokens.rows())?,
+            home: None,
         })
     }
 
@@ -138,12 +142,15 @@ impl GpuBatch {
 pub struct GpuCompute<'a> {
     model: &'a GpuModel,
     ws: Option<Workspace>,
+    /// With the activations in host memory: the one GPU buffer the block's
+    /// batches load their hidden states into.
+    shared_act: Option<GpuHidden>,
 }
 
 impl<'a> GpuCompute<'a> {
     /// The device computing `model`.
     pub fn new(model: &'a GpuModel) -> Self {
-        GpuCompute { model, ws: None }
+        GpuCompute { model, ws: None, shared_act: None }
     }
 
     fn ws(&mut self) -> Result<&mut Workspace> {
@@ -167,8 +174,23 @@ impl ComputeDevice for GpuCompute<'_> {
         &self.model.config
     }
 
+    fn begin_block(&mut self, tokens: &[BatchTokens]) -> Result<()> {
+        if self.model.activations.is_some() {
+            let rows = tokens.iter().map(BatchTokens::rows).max().unwrap_or(0).max(1);
+            self.shared_act = Some(GpuHidden::new(&self.model.gpu, &self.model.config, rows)?);
+        }
+        Ok(())
+    }
+
     fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<GpuBatchState> {
-        GpuBatchState::new(self.model, tokens, capacity)
+        match (&self.model.activations, &self.shared_act) {
+            (Some(tier), Some(shared)) => Ok(GpuBatchState {
+                cache: self.model.new_cache(tokens.batch(), capacity)?,
+                act: shared.share(),
+                home: Some(tier.home(&self.model.config, tokens.rows())?),
+            }),
+            _ => GpuBatchState::new(self.model, tokens, capacity),
+        }
     }
 
     fn prepare(&mut self, batches: &[(BatchTokens, GpuBatchState)]) -> Result<()> {
@@ -187,7 +209,11 @@ impl ComputeDevice for GpuCompute<'_> {
 
     fn embed(&mut self, tokens: &BatchTokens, b: &mut GpuBatchState) -> Result<()> {
         let model = self.model;
-        b.embed(model, tokens, self.ws()?)
+        b.embed(model, tokens, self.ws()?)?;
+        match (&model.activations, &b.home) {
+            (Some(tier), Some(home)) => tier.store(&model.gpu, home, &b.act),
+            _ => Ok(()),
+        }
     }
 
     fn begin_layer(&mut self, j: usize) -> Result<()> {
@@ -198,7 +224,14 @@ impl ComputeDevice for GpuCompute<'_> {
 
     fn layer(&mut self, j: usize, tokens: &BatchTokens, b: &mut GpuBatchState) -> Result<()> {
         let model = self.model;
-        b.layer(model, j, tokens, self.ws()?)
+        if let (Some(tier), Some(home)) = (&model.activations, &b.home) {
+            tier.load(home, &b.act)?;
+        }
+        b.layer(model, j, tokens, self.ws()?)?;
+        match (&model.activations, &b.home) {
+            (Some(tier), Some(home)) => tier.store(&model.gpu, home, &b.act),
+            _ => Ok(()),
+        }
     }
 
     fn end_layer(&mut self, j: usize) -> Result<()> {
@@ -212,6 +245,9 @@ impl ComputeDevice for GpuCompute<'_> {
 
     fn pick(&mut self, tokens: &BatchTokens, b: &mut GpuBatchState, sampler: Option<&mut Sampler>) -> Result<Vec<u32>> {
         let model = self.model;
+        if let (Some(tier), Some(home)) = (&model.activations, &b.home) {
+            tier.load(home, &b.act)?;
+        }
         let ws = self.ws()?;
         b.logits(model, tokens, ws)?;
         match sampler {
@@ -232,7 +268,11 @@ impl ComputeDevice for GpuCompute<'_> {
     }
 
     fn activation_bytes(&self, batches: &[&GpuBatchState]) -> u64 {
-        batches.iter().map(|b| b.act.bytes()).sum::<u64>() + self.ws.as_ref().map_or(0, Workspace::bytes)
+        let act = match &self.shared_act {
+            Some(shared) => shared.bytes(),
+            None => batches.iter().map(|b| b.act.bytes()).sum::<u64>(),
+        };
+        act + self.ws.as_ref().map_or(0, Workspace::bytes)
     }
 }
 

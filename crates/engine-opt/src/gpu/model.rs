@@ -70,6 +70,90 @@ impl GpuHidden {
     pub fn bytes(&self) -> u64 {
         self.hidden.bytes() + self.hidden16.as_ref().map_or(0, DevBuf::bytes)
     }
+
+    /// Another handle on the same GPU buffers (the batches of a block share
+    /// one when their hidden states live in host memory).
+    pub fn share(&self) -> Self {
+        GpuHidden { hidden: self.hidden.share(), hidden16: self.hidden16.as_ref().map(DevBuf::share) }
+    }
+}
+
+/// Activations off the GPU (`--percent _ _ _ _ A_GPU A_CPU`, `A_GPU` 0):
+/// each batch's hidden states live in host memory between layers, loaded
+/// into one GPU buffer the block's batches share before each layer and
+/// stored back after it (FlexGen's load and store of the hidden states).
+pub struct ActivationTier {
+    pub host: std::sync::Arc<tier_host::HostDevice>,
+    matrix: tier_api::CopyMatrix,
+}
+
+impl std::fmt::Debug for ActivationTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivationTier").finish_non_exhaustive()
+    }
+}
+
+impl ActivationTier {
+    /// Pageable host memory (the hidden states of a step are written once
+    /// and read once a layer) and a copy matrix with the GPU's routes.
+    pub fn new() -> Result<Self> {
+        use tier_host::HostConfig;
+        let host =
+            tier_host::HostDevice::new(HostConfig { kind: tier_api::HostMemKind::Pageable, ..HostConfig::default() })
+                .map_err(super::tier_err)?;
+        let matrix =
+            tier_cuda::copy_matrix(tier_api::CopyConfig { workers: 2, queue_capacity: 16 }).map_err(super::tier_err)?;
+        Ok(ActivationTier { host, matrix })
+    }
+
+    /// A batch's home for `rows` hidden states (f32, and their f16 copy for
+    /// post-LN models).
+    pub fn home(&self, config: &OptConfig, rows: usize) -> Result<ActivationHome> {
+        use tier_api::Device;
+        let h = config.hidden_size;
+        let f32s =
+            self.host.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F32).map_err(super::tier_err)?;
+        let f16s = if config.do_layer_norm_before {
+            None
+        } else {
+            Some(self.host.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F16).map_err(super::tier_err)?)
+        };
+        Ok(ActivationHome { hidden: f32s, hidden16: f16s })
+    }
+
+    /// The first `rows × hidden` values of `act` (the GPU's shared buffer)
+    /// from the batch's home, before a layer.
+    pub fn load(&self, home: &ActivationHome, act: &GpuHidden) -> Result<()> {
+        self.move_rows(home, act, true)
+    }
+
+    /// The same to the home, once the compute enqueued so far on `gpu` has
+    /// finished.
+    pub fn store(&self, gpu: &Gpu, home: &ActivationHome, act: &GpuHidden) -> Result<()> {
+        gpu.synchronize()?;
+        self.move_rows(home, act, false)
+    }
+
+    fn move_rows(&self, home: &ActivationHome, act: &GpuHidden, load: bool) -> Result<()> {
+        let mut pairs = vec![(home.hidden.view(), act.hidden.tensor())];
+        if let (Some(h), Some(a)) = (&home.hidden16, &act.hidden16) {
+            pairs.push((h.view(), a.tensor()));
+        }
+        for (h, a) in pairs {
+            let n = h.shape().dims().first().copied().unwrap_or(0);
+            let a = a.narrow(0, 0, n).map_err(super::tier_err)?;
+            let (src, dst) = if load { (h, a) } else { (a, h) };
+            self.matrix.copy(&src, &dst).map_err(super::tier_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// One batch's hidden states in host memory.
+#[derive(Debug)]
+pub struct ActivationHome {
+    hidden: tier_api::Tensor,
+    hidden16: Option<tier_api::Tensor>,
 }
 
 /// Scratch space shared by the batches of a block: the products' outputs,
@@ -253,6 +337,8 @@ pub struct GpuModel {
     /// With the KV cache off the GPU: its tiers and GPU slots (see
     /// [`super::tiered_cache`]); `None`: every cache on the GPU.
     pub cache_streamer: Option<CacheStreamer>,
+    /// With the activations in host memory ([`ActivationTier`]).
+    pub activations: Option<ActivationTier>,
     /// Last, so that the buffers above are freed before its stream and
     /// handles go.
     pub gpu: Gpu,
@@ -277,6 +363,7 @@ impl GpuModel {
             offload: None,
             compressed: None,
             cache_streamer: None,
+            activations: None,
         })
     }
 
@@ -298,6 +385,7 @@ impl GpuModel {
             offload: None,
             compressed: None,
             cache_streamer: None,
+            activations: None,
         })
     }
 
@@ -382,7 +470,17 @@ impl GpuModel {
             None
         };
         gpu.synchronize()?;
-        Ok(GpuModel { gpu, config, embeddings, layers, profiler: None, offload, compressed, cache_streamer: None })
+        Ok(GpuModel {
+            gpu,
+            config,
+            embeddings,
+            layers,
+            profiler: None,
+            offload,
+            compressed,
+            cache_streamer: None,
+            activations: None,
+        })
     }
 
     /// Decoder layers (resident and streamed).
@@ -428,7 +526,11 @@ impl GpuModel {
         use tier_api::Device;
         let w = self.offload.as_ref().map(|s| s.tiers().clone());
         let c = self.cache_streamer.as_ref().map(|c| c.tiers().clone());
-        let hosts = [w.as_ref().and_then(|t| t.host.clone()), c.as_ref().and_then(|t| t.host.clone())];
+        let hosts = [
+            w.as_ref().and_then(|t| t.host.clone()),
+            c.as_ref().and_then(|t| t.host.clone()),
+            self.activations.as_ref().map(|a| a.host.clone()),
+        ];
         let disks = [w.as_ref().and_then(|t| t.disk.clone()), c.as_ref().and_then(|t| t.disk.clone())];
         let mut peaks = crate::memory::TierPeaks {
             gpu: self.gpu.held_bytes().1,
