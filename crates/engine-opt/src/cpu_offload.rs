@@ -1,5 +1,7 @@
-//! Weights on disk for the CPU engine: `--percent 0 W_CPU ...` with
-//! `W_CPU < 100` and no GPU.
+//! Weights and KV cache on disk for the CPU engine: `--percent 0 W_CPU 0
+//! C_CPU 0 100` with `W_CPU` or `C_CPU` below 100 and no GPU (the cache's
+//! disk share is [`cache_disk_for_policy`]; the CPU device gathers a
+//! batch's memory and disk sequences around each layer).
 //!
 //! The first `round(n · W_CPU / 100)` decoder layers stay in host memory
 //! (the [`OptModel`]'s own); every later one is written to a [`DiskDevice`]
@@ -63,6 +65,20 @@ pub fn for_policy(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let disk = DiskDevice::new(tier_disk::DiskConfig::new(&dir))?;
     Ok(Some(DiskLayers::new(disk, config.clone(), resident)))
+}
+
+/// The disk and the share of each batch's sequences kept in memory, where
+/// `policy` puts a share of the KV cache on disk (`None` otherwise).
+pub fn cache_disk_for_policy(
+    policy: &crate::policy::Policy,
+    offload_dir: Option<&std::path::Path>,
+) -> Result<Option<(Arc<DiskDevice>, f64)>> {
+    if policy.cache_cpu_percent >= 100.0 {
+        return Ok(None);
+    }
+    let dir = offload_dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(Some((DiskDevice::new(tier_disk::DiskConfig::new(&dir))?, policy.cache_cpu_percent)))
 }
 
 impl DiskLayers {

@@ -83,14 +83,14 @@ pub enum Error {
     #[error("{0} needs the GPU engine; the CPU engine holds everything in host memory")]
     NeedsGpuEngine(String),
 
-    /// The request needs parts of the tiered engine not built yet: a KV
-    /// cache on disk under the CPU's compute, `--sep-layer`, a 4-bit cache
-    /// split over tiers or read by the CPU.
+    /// The request needs parts of the tiered engine not built yet:
+    /// activations on disk under the CPU's compute, a 4-bit cache split over
+    /// tiers or read by the CPU.
     #[error(
         "{0} needs the tiered engine, which does not do this yet; today tierlm runs on the CPU with the weights \
-         in host memory or partly on disk (--percent 0 W_CPU 0 100 0 100), or on a GPU with weights and KV cache \
-         on any tiers (GPU, host, disk), --cpu-cache-compute, --attn-sparsity, --compress-weight and \
-         --compress-cache (a cache on one tier off the GPU)"
+         and KV cache in host memory or partly on disk (--percent 0 W_CPU 0 C_CPU 0 100), or on a GPU with \
+         weights, KV cache and activations on any tiers, --cpu-cache-compute, --attn-sparsity, --sep-layer, \
+         --compress-weight and --compress-cache (a cache on one tier off the GPU)"
     )]
     NeedsTieredEngine(String),
 

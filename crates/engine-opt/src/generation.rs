@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use std::sync::Arc;
 
 use crate::cpu_offload::DiskLayers;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, LayerCache};
 use crate::model::{DecoderLayer, OptModel, StepContext};
 use crate::sampling::Sampler;
 use crate::schedule::{BatchTokens, ComputeDevice};
@@ -65,6 +65,12 @@ pub struct GenerationOutput {
 pub struct CpuDevice<'a> {
     model: &'a OptModel,
     disk: Option<Arc<DiskLayers>>,
+    /// With a share of the KV cache on disk: the disk and the share of each
+    /// batch's sequences kept in memory (percent).
+    cache_disk: Option<(Arc<tier_disk::DiskDevice>, f64)>,
+    /// One layer's cache of a whole batch, per batch shape, that the
+    /// memory and disk sequences are gathered into around a layer.
+    slots: std::collections::HashMap<(usize, usize), LayerCache>,
     /// The streamed layer in use.
     current: Option<(usize, DecoderLayer)>,
     /// The streamed layer being read.
@@ -74,7 +80,14 @@ pub struct CpuDevice<'a> {
 impl<'a> CpuDevice<'a> {
     /// The device computing `model` (all its layers in host memory).
     pub fn new(model: &'a OptModel) -> Self {
-        CpuDevice { model, disk: None, current: None, next: None }
+        CpuDevice { model, disk: None, cache_disk: None, slots: Default::default(), current: None, next: None }
+    }
+
+    /// Puts the last `100 − cpu_percent`% of each batch's sequences' KV
+    /// cache on `disk` (whole sequences; the rest stays in memory).
+    pub fn with_cache_on_disk(mut self, disk: Arc<tier_disk::DiskDevice>, cpu_percent: f64) -> Self {
+        self.cache_disk = Some((disk, cpu_percent.clamp(0.0, 100.0)));
+        self
     }
 
     /// The device computing `model`'s resident layers and `disk`'s.
@@ -87,7 +100,14 @@ impl<'a> CpuDevice<'a> {
                 disk.first()
             )));
         }
-        Ok(CpuDevice { model, disk: Some(disk), current: None, next: None })
+        Ok(CpuDevice {
+            model,
+            disk: Some(disk),
+            cache_disk: None,
+            slots: Default::default(),
+            current: None,
+            next: None,
+        })
     }
 
     /// Starts reading streamed layer `j` on a thread.
@@ -112,11 +132,73 @@ impl<'a> CpuDevice<'a> {
 /// One batch on the CPU: its cache, which positions hold real tokens, and
 /// the step's hidden states.
 pub struct CpuBatch {
+    /// The sequences kept in memory (all of them without a disk share).
     cache: KvCache,
+    /// The others', on disk.
+    on_disk: Option<CpuDiskCache>,
     /// Per sequence, whether each position so far is a real token.
     key_mask: Vec<Vec<bool>>,
     hidden: Vec<f32>,
     new_len: usize,
+}
+
+/// The KV cache of a batch's last sequences on disk: per layer, keys and
+/// values of sequences `first..` (f32, the memory layout), and the positions
+/// stored.
+pub struct CpuDiskCache {
+    first: usize,
+    batch: usize,
+    layers: Vec<[tier_api::Tensor; 2]>,
+    len: Vec<usize>,
+}
+
+/// `values` as bytes, to read into or write from a tier.
+fn f32_bytes_mut(values: &mut [f32]) -> &mut [u8] {
+    // SAFETY: any byte pattern is a valid f32, u8 has alignment 1, and the
+    // byte slice covers exactly the f32 slice's memory, borrowed mutably
+    // for the returned slice's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
+impl CpuDevice<'_> {
+    /// Layer `j` of a batch whose last sequences' cache is on disk: memory
+    /// and disk sequences gathered into one slot, the layer run, the slot
+    /// scattered back (the disk part written whole).
+    fn layer_with_disk_cache(&mut self, j: usize, b: &mut CpuBatch) -> Result<()> {
+        let dc = b.on_disk.as_mut().ok_or_else(|| Error::InvalidArgument("no disk cache".into()))?;
+        let host = b.cache.layers.get_mut(j).ok_or_else(|| Error::InvalidArgument(format!("no cache for {j}")))?;
+        let (heads, hd, cap) = host.dims();
+        let per_seq = heads * cap * hd;
+        let split = dc.first * per_seq;
+        let past = dc.len[j];
+        let mut slot = self.slots.remove(&(dc.batch, cap)).unwrap_or_else(|| LayerCache::new(dc.batch, heads, hd, cap));
+        {
+            let (sk, sv) = slot.data_mut();
+            let (hk, hv) = host.data();
+            sk[..split].copy_from_slice(hk);
+            sv[..split].copy_from_slice(hv);
+            let [dk, dv] = &dc.layers[j];
+            dk.read_bytes(0, f32_bytes_mut(&mut sk[split..]))?;
+            dv.read_bytes(0, f32_bytes_mut(&mut sv[split..]))?;
+        }
+        slot.set_len(past);
+        let layer = self.decoder_layer(j)?;
+        let ctx = StepContext { batch: b.key_mask.len(), new_len: b.new_len, key_mask: &b.key_mask };
+        layer.forward(&mut b.hidden, &ctx, &mut slot);
+        {
+            let (sk, sv) = slot.data_mut();
+            let (hk, hv) = host.data_mut();
+            hk.copy_from_slice(&sk[..split]);
+            hv.copy_from_slice(&sv[..split]);
+            let [dk, dv] = &dc.layers[j];
+            dk.write_bytes(0, f32_bytes_mut(&mut sk[split..]))?;
+            dv.write_bytes(0, f32_bytes_mut(&mut sv[split..]))?;
+        }
+        host.set_len(past + b.new_len);
+        dc.len[j] = past + b.new_len;
+        self.slots.insert((dc.batch, cap), slot);
+        Ok(())
+    }
 }
 
 /// Hidden states of the last position of each of `batch` sequences.
@@ -164,8 +246,42 @@ impl ComputeDevice for CpuDevice<'_> {
     }
 
     fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<CpuBatch> {
+        let batch = tokens.batch();
+        let (in_memory, on_disk) = match &self.cache_disk {
+            Some((disk, cpu_percent)) => {
+                let first = ((batch as f64) * cpu_percent / 100.0).round() as usize;
+                let first = first.min(batch);
+                if first == batch {
+                    return Ok(CpuBatch {
+                        cache: self.model.new_cache(batch, capacity),
+                        on_disk: None,
+                        key_mask: vec![Vec::with_capacity(capacity); batch],
+                        hidden: Vec::new(),
+                        new_len: 0,
+                    });
+                }
+                let c = &self.model.config;
+                let len = (batch - first) * c.num_attention_heads * capacity * c.head_dim();
+                let layers = (0..c.num_hidden_layers)
+                    .map(|_| -> Result<[tier_api::Tensor; 2]> {
+                        let t = || {
+                            tier_api::Device::allocate(
+                                disk.as_ref(),
+                                &tier_api::Shape::new([len]),
+                                tier_api::DType::F32,
+                            )
+                        };
+                        Ok([t()?, t()?])
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let len = vec![0; c.num_hidden_layers];
+                (first, Some(CpuDiskCache { first, batch, layers, len }))
+            }
+            None => (batch, None),
+        };
         Ok(CpuBatch {
-            cache: self.model.new_cache(tokens.batch(), capacity),
+            cache: self.model.new_cache(in_memory, capacity),
+            on_disk,
             key_mask: vec![Vec::with_capacity(capacity); tokens.batch()],
             hidden: Vec::new(),
             new_len: 0,
@@ -183,6 +299,9 @@ impl ComputeDevice for CpuDevice<'_> {
     }
 
     fn layer(&mut self, j: usize, _tokens: &BatchTokens, b: &mut CpuBatch) -> Result<()> {
+        if b.on_disk.is_some() {
+            return self.layer_with_disk_cache(j, b);
+        }
         let layer = self.decoder_layer(j)?;
         let cache = b.cache.layers.get_mut(j).ok_or_else(|| Error::InvalidArgument(format!("no cache for {j}")))?;
         let ctx = StepContext { batch: b.key_mask.len(), new_len: b.new_len, key_mask: &b.key_mask };
@@ -250,10 +369,13 @@ pub fn generate(
 }
 
 /// [`generate`] with the layers from `disk.first()` on read back from disk
-/// a layer ahead ([`CpuDevice::with_disk`]); `None`: all in memory.
+/// a layer ahead ([`CpuDevice::with_disk`]), and with `cache_disk` (a disk
+/// and the share of sequences kept in memory) the others' KV cache on disk
+/// ([`CpuDevice::with_cache_on_disk`]); `None`: all in memory.
 pub fn generate_with(
     model: &OptModel,
     disk: Option<Arc<DiskLayers>>,
+    cache_disk: Option<(Arc<tier_disk::DiskDevice>, f64)>,
     batches: &[Vec<Vec<u32>>],
     opts: &GenerateOptions,
     sampler: &mut Sampler,
@@ -263,6 +385,9 @@ pub fn generate_with(
         Some(d) => CpuDevice::with_disk(model, d)?,
         None => CpuDevice::new(model),
     };
+    if let Some((d, cpu_percent)) = cache_disk {
+        device = device.with_cache_on_disk(d, cpu_percent);
+    }
     crate::schedule::generate(&mut device, batches, opts, Some(sampler), progress)
 }
 

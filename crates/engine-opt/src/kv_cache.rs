@@ -74,6 +74,28 @@ impl LayerCache {
         self.len += new_len;
     }
 
+    /// Keys and values, every position of the capacity (a tier copies
+    /// them whole).
+    pub(crate) fn data(&self) -> (&[f32], &[f32]) {
+        (&self.keys, &self.values)
+    }
+
+    /// The same, to write into.
+    pub(crate) fn data_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.keys, &mut self.values)
+    }
+
+    /// Records that `len` positions are stored (after their keys and
+    /// values were written through [`LayerCache::data_mut`]).
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.capacity);
+    }
+
+    /// Heads, values per head, positions per sequence.
+    pub(crate) fn dims(&self) -> (usize, usize, usize) {
+        (self.heads, self.head_dim, self.capacity)
+    }
+
     fn offset(&self, b: usize, h: usize) -> usize {
         (b * self.heads + h) * self.capacity * self.head_dim
     }

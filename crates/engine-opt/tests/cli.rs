@@ -321,8 +321,8 @@ fn bench_policies_the_cpu_engine_cannot_run() {
         // With a GPU this runs on the GPU engine (tests/gpu_cache.rs); the
         // CPU engine streams weights from disk (tests/cpu_tiers.rs) but
         // keeps its cache in memory.
-        let err = with(&["--percent", "0", "100", "0", "50", "0", "100"]);
-        assert!(err.contains("50% of the KV cache on disk") && err.contains("needs the tiered engine"), "{err}");
+        let err = with(&["--percent", "0", "100", "0", "100", "0", "0"]);
+        assert!(err.contains("100% of the activations on disk") && err.contains("needs the tiered engine"), "{err}");
     }
     if !engine_opt::gpu::available() {
         // With a GPU this placement runs on the GPU engine, weights streamed

@@ -19,10 +19,19 @@ use engine_opt::sampling::{Sampler, SamplingConfig};
 use indicatif::ProgressBar;
 
 fn greedy_tokens(model_dir: &str, w_cpu: f64, offload: &std::path::Path) -> (Vec<Vec<u32>>, u64) {
+    greedy_tokens_with_cache(model_dir, w_cpu, 100.0, offload)
+}
+
+fn greedy_tokens_with_cache(
+    model_dir: &str,
+    w_cpu: f64,
+    c_cpu: f64,
+    offload: &std::path::Path,
+) -> (Vec<Vec<u32>>, u64) {
     let dir = fixture(model_dir);
     let arg = dir.to_str().unwrap();
     let config = engine_opt::OptConfig::from_dir(&dir).unwrap();
-    let policy = Policy::default().with_percent(&[0.0, w_cpu, 0.0, 100.0, 0.0, 100.0]).unwrap();
+    let policy = Policy::default().with_percent(&[0.0, w_cpu, 0.0, c_cpu, 0.0, 100.0]).unwrap();
     let mut on_disk: Option<DiskLayers> = for_policy(&config, &policy, Some(offload)).unwrap();
     let loaded = load_model_with(arg, false, 0, on_disk.as_mut().map(|d| (d.first(), d))).unwrap();
     let on_disk = on_disk.map(std::sync::Arc::new);
@@ -32,7 +41,8 @@ fn greedy_tokens(model_dir: &str, w_cpu: f64, offload: &std::path::Path) -> (Vec
     let batches = vec![a.to_vec(), b.to_vec()];
     let mut sampler = Sampler::new(SamplingConfig::default());
     let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(MIN_EQUAL_TOKENS) };
-    let out = generate_with(&loaded.model, on_disk, &batches, &opts, &mut sampler, &ProgressBar::hidden()).unwrap();
+    let out =
+        generate_with(&loaded.model, on_disk, None, &batches, &opts, &mut sampler, &ProgressBar::hidden()).unwrap();
     (out.tokens, bytes)
 }
 
@@ -52,6 +62,14 @@ fn weights_on_disk_give_the_same_tokens() {
             let (got, bytes) = greedy_tokens(model_dir, w_cpu, offload.path());
             assert!(bytes > 0, "{model_dir} {w_cpu}% in memory: nothing on disk");
             assert_eq!(got, want, "{model_dir}, {w_cpu}% of the weights in memory, the rest on disk");
+            assert_nothing_left(offload.path());
+        }
+        // The KV cache on disk, whole or for half of each batch's sequences
+        // (in whole sequences), with half the weights on disk too.
+        for c_cpu in [0.0, 50.0] {
+            let offload = tempfile::tempdir().unwrap();
+            let (got, _) = greedy_tokens_with_cache(model_dir, 50.0, c_cpu, offload.path());
+            assert_eq!(got, want, "{model_dir}, {c_cpu}% of the cache in memory, the rest on disk");
             assert_nothing_left(offload.path());
         }
     }

@@ -251,10 +251,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);
+    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&policy, args.offload_dir.as_deref())?;
     let disk_bytes = on_disk.as_ref().map_or(0, |d| d.bytes());
     let model = &loaded.model;
     let generate = |prompts: &[Vec<Vec<u32>>], opts: &GenerateOptions, sampler: &mut Sampler, pb: &ProgressBar| {
-        generate_with(model, on_disk.clone(), prompts, opts, sampler, pb)
+        generate_with(model, on_disk.clone(), cache_disk.clone(), prompts, opts, sampler, pb)
     };
     let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
     let mut sampler = Sampler::new(SamplingConfig::default());

@@ -179,6 +179,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut on_disk = crate::cpu_offload::for_policy(&model_config, &policy, args.offload_dir.as_deref())?;
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);
+    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&policy, args.offload_dir.as_deref())?;
     let prompts = tokenize(&loaded, &inputs)?;
     validate_prompts(&loaded.model.config, &prompts, args.max_new_tokens, 0)?;
     let config = &loaded.model.config;
@@ -205,7 +206,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     out.write(
         args.max_new_tokens,
         &mut |batch, pb| {
-            Ok(generate_with(&loaded.model, on_disk.clone(), &[batch.to_vec()], &opts, &mut sampler, pb)?.tokens)
+            Ok(generate_with(
+                &loaded.model,
+                on_disk.clone(),
+                cache_disk.clone(),
+                &[batch.to_vec()],
+                &opts,
+                &mut sampler,
+                pb,
+            )?
+            .tokens)
         },
         &peaks,
     )
