@@ -335,7 +335,7 @@ fn tierlm_generate_takes_the_cache_flags() {
 }
 
 #[test]
-fn activations_in_host_memory_change_nothing() {
+fn activations_in_host_memory_or_on_disk_change_nothing() {
     if !gpu_here("activations in host memory") {
         return;
     }
@@ -349,10 +349,19 @@ fn activations_in_host_memory_change_nothing() {
         let (a, b) = case.input_ids.split_at(case.input_ids.len() / 2);
         let batches = [a.to_vec(), b.to_vec()];
         let want = gpu_greedy(&gpu, &batches, MIN_EQUAL_TOKENS);
-        gpu.activations = Some(engine_opt::gpu::model::ActivationTier::new().unwrap());
+        gpu.activations = Some(engine_opt::gpu::model::ActivationTier::new(None).unwrap());
         let got = gpu_greedy(&gpu, &batches, MIN_EQUAL_TOKENS);
         assert_eq!(got, want, "cache {cache:?}: tokens with the activations in host memory");
-        let held = gpu.activations.as_ref().unwrap().host.stats().peak_resident;
+        let held = gpu.activations.as_ref().unwrap().host.as_ref().unwrap().stats().peak_resident;
         assert!(held > 0, "nothing was stored in host memory");
+        // On disk: the same bytes through the staged disk path.
+        let dir = tempfile::tempdir().unwrap();
+        gpu.activations = Some(engine_opt::gpu::model::ActivationTier::new(Some(dir.path())).unwrap());
+        let got = gpu_greedy(&gpu, &batches, MIN_EQUAL_TOKENS);
+        assert_eq!(got, want, "cache {cache:?}: tokens with the activations on disk");
+        let held = gpu.activations.as_ref().unwrap().disk.as_ref().unwrap().stats().peak_resident;
+        assert!(held > 0, "nothing was stored on disk");
+        gpu.activations = None;
+        assert_nothing_left(dir.path());
     }
 }

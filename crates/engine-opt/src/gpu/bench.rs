@@ -113,12 +113,6 @@ fn check_flags(policy: &Policy) -> Result<()> {
     if policy.cpu_cache_compute && policy.cache_cpu_percent < 100.0 {
         eprintln!("note: --cpu-cache-compute: the cache is not all in host memory, attention runs on the GPU");
     }
-    if policy.act_gpu_percent < 100.0 && policy.act_cpu_percent < 100.0 {
-        eprintln!(
-            "note: activations on disk are kept in host memory (a batch's hidden states between layers; \
-             FlexGen's disk share of them is not applied)"
-        );
-    }
     Ok(())
 }
 
@@ -496,9 +490,10 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         s.set_sep_layer(policy.sep_layer);
     }
     if policy.act_gpu_percent < 100.0 {
-        // Hidden states between layers in host memory (FlexGen's
-        // activation placement).
-        model.activations = Some(super::model::ActivationTier::new()?);
+        // Hidden states between layers in host memory or on disk (FlexGen's
+        // activation placement: on one tier).
+        let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
+        model.activations = Some(super::model::ActivationTier::new(on_disk)?);
     }
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
@@ -856,9 +851,10 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         s.set_sep_layer(policy.sep_layer);
     }
     if policy.act_gpu_percent < 100.0 {
-        // Hidden states between layers in host memory (FlexGen's
-        // activation placement).
-        model.activations = Some(super::model::ActivationTier::new()?);
+        // Hidden states between layers in host memory or on disk (FlexGen's
+        // activation placement: on one tier).
+        let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
+        model.activations = Some(super::model::ActivationTier::new(on_disk)?);
     }
     pb.finish_and_clear();
     validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;

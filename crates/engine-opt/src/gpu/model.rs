@@ -79,11 +79,13 @@ impl GpuHidden {
 }
 
 /// Activations off the GPU (`--percent _ _ _ _ A_GPU A_CPU`, `A_GPU` 0):
-/// each batch's hidden states live in host memory between layers, loaded
-/// into one GPU buffer the block's batches share before each layer and
-/// stored back after it (FlexGen's load and store of the hidden states).
+/// each batch's hidden states live in host memory (`A_CPU` 100) or on disk
+/// (`A_CPU` 0) between layers, loaded into one GPU buffer the block's
+/// batches share before each layer and stored back after it (FlexGen's load
+/// and store of the hidden states).
 pub struct ActivationTier {
-    pub host: std::sync::Arc<tier_host::HostDevice>,
+    pub host: Option<std::sync::Arc<tier_host::HostDevice>>,
+    pub disk: Option<std::sync::Arc<tier_disk::DiskDevice>>,
     matrix: tier_api::CopyMatrix,
 }
 
@@ -95,28 +97,43 @@ impl std::fmt::Debug for ActivationTier {
 
 impl ActivationTier {
     /// Pageable host memory (the hidden states of a step are written once
-    /// and read once a layer) and a copy matrix with the GPU's routes.
-    pub fn new() -> Result<Self> {
+    /// and read once a layer), or with `disk_dir` a disk tier there, and a
+    /// copy matrix with the GPU's routes.
+    pub fn new(disk_dir: Option<&std::path::Path>) -> Result<Self> {
         use tier_host::HostConfig;
-        let host =
-            tier_host::HostDevice::new(HostConfig { kind: tier_api::HostMemKind::Pageable, ..HostConfig::default() })
-                .map_err(super::tier_err)?;
+        let (host, disk) = match disk_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                (None, Some(tier_disk::DiskDevice::new(tier_disk::DiskConfig::new(dir)).map_err(super::tier_err)?))
+            }
+            None => {
+                let config = HostConfig { kind: tier_api::HostMemKind::Pageable, ..HostConfig::default() };
+                (Some(tier_host::HostDevice::new(config).map_err(super::tier_err)?), None)
+            }
+        };
         let matrix =
             tier_cuda::copy_matrix(tier_api::CopyConfig { workers: 2, queue_capacity: 16 }).map_err(super::tier_err)?;
-        Ok(ActivationTier { host, matrix })
+        Ok(ActivationTier { host, disk, matrix })
+    }
+
+    fn device(&self) -> Result<&dyn tier_api::Device> {
+        match (&self.host, &self.disk) {
+            (Some(h), _) => Ok(h.as_ref()),
+            (_, Some(d)) => Ok(d.as_ref()),
+            _ => Err(Error::Gpu("an activation tier with no device".into())),
+        }
     }
 
     /// A batch's home for `rows` hidden states (f32, and their f16 copy for
     /// post-LN models).
     pub fn home(&self, config: &OptConfig, rows: usize) -> Result<ActivationHome> {
-        use tier_api::Device;
         let h = config.hidden_size;
-        let f32s =
-            self.host.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F32).map_err(super::tier_err)?;
+        let dev = self.device()?;
+        let f32s = dev.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F32).map_err(super::tier_err)?;
         let f16s = if config.do_layer_norm_before {
             None
         } else {
-            Some(self.host.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F16).map_err(super::tier_err)?)
+            Some(dev.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F16).map_err(super::tier_err)?)
         };
         Ok(ActivationHome { hidden: f32s, hidden16: f16s })
     }
@@ -529,9 +546,13 @@ impl GpuModel {
         let hosts = [
             w.as_ref().and_then(|t| t.host.clone()),
             c.as_ref().and_then(|t| t.host.clone()),
-            self.activations.as_ref().map(|a| a.host.clone()),
+            self.activations.as_ref().and_then(|a| a.host.clone()),
         ];
-        let disks = [w.as_ref().and_then(|t| t.disk.clone()), c.as_ref().and_then(|t| t.disk.clone())];
+        let disks = [
+            w.as_ref().and_then(|t| t.disk.clone()),
+            c.as_ref().and_then(|t| t.disk.clone()),
+            self.activations.as_ref().and_then(|a| a.disk.clone()),
+        ];
         let mut peaks = crate::memory::TierPeaks {
             gpu: self.gpu.held_bytes().1,
             pinned: self.gpu.device().staging_stats().map_or(0, |s| s.peak_resident),
