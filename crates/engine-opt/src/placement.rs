@@ -165,6 +165,16 @@ pub fn footprint(config: &OptConfig, policy: &Policy, work: Workload, machine: M
             // --cpu-cache-compute too).
             let one = 2 * gbs * seq as u64 * h * F16_BYTES;
             buffers.gpu += 2 * one;
+            if policy.compress_cache {
+                // The 4-bit cache's GPU scratch: one layer-batch unpacked
+                // (f16) and packed.
+                buffers.gpu += one + (one as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64;
+            }
+        }
+        if policy.act_gpu_percent < 100.0 {
+            // Hidden states off the GPU are loaded into one buffer the
+            // block's batches share (f32 and an f16 copy).
+            buffers.gpu += gbs * work.prompt_len as u64 * h * (4 + F16_BYTES);
         }
         let relay = weights.pageable + weights.disk + cache.pageable + cache.disk + activations.disk;
         if relay > 0 {
