@@ -53,6 +53,7 @@ pub fn resident_layers(layers: usize, w_cpu_percent: f64) -> usize {
 /// `policy` puts a share of the weights on disk (`None` otherwise), in
 /// `offload_dir` (the system's temporary directory by default).
 pub fn for_policy(
+    tiers: &runtime::Tiers,
     config: &OptConfig,
     policy: &crate::policy::Policy,
     offload_dir: Option<&std::path::Path>,
@@ -62,14 +63,13 @@ pub fn for_policy(
         return Ok(None);
     }
     let dir = offload_dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let disk = DiskDevice::new(tier_disk::DiskConfig::new(&dir))?;
-    Ok(Some(DiskLayers::new(disk, config.clone(), resident)))
+    Ok(Some(DiskLayers::new(tiers.disk(&dir)?, config.clone(), resident)))
 }
 
 /// The disk and the share of each batch's sequences kept in memory, where
 /// `policy` puts a share of the KV cache on disk (`None` otherwise).
 pub fn cache_disk_for_policy(
+    tiers: &runtime::Tiers,
     policy: &crate::policy::Policy,
     offload_dir: Option<&std::path::Path>,
 ) -> Result<Option<(Arc<DiskDevice>, f64)>> {
@@ -77,8 +77,7 @@ pub fn cache_disk_for_policy(
         return Ok(None);
     }
     let dir = offload_dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    Ok(Some((DiskDevice::new(tier_disk::DiskConfig::new(&dir))?, policy.cache_cpu_percent)))
+    Ok(Some((tiers.disk(&dir)?, policy.cache_cpu_percent)))
 }
 
 impl DiskLayers {

@@ -126,6 +126,16 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<runtime::Error> for Error {
+    fn from(e: runtime::Error) -> Self {
+        match e {
+            runtime::Error::Io { path, source } => Error::Io { path, source },
+            runtime::Error::Tier(e) => Error::Tier(e),
+            runtime::Error::Interrupted => Error::Interrupted,
+        }
+    }
+}
+
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -41,7 +41,6 @@ pub mod dummy;
 mod error;
 pub mod generation;
 pub mod gpu;
-pub mod interrupt;
 pub mod kv_cache;
 pub mod loading;
 pub mod memory;
@@ -49,11 +48,12 @@ pub mod model;
 pub mod ops;
 pub mod placement;
 pub mod policy;
-pub mod progress;
 pub mod sampling;
 pub mod schedule;
 pub mod tokenizer;
 pub mod weights;
+
+pub use runtime::{interrupt, progress};
 
 pub use config::OptConfig;
 pub use error::{Error, Result};

@@ -32,7 +32,8 @@ fn greedy_tokens_with_cache(
     let arg = dir.to_str().unwrap();
     let config = engine_opt::OptConfig::from_dir(&dir).unwrap();
     let policy = Policy::default().with_percent(&[0.0, w_cpu, 0.0, c_cpu, 0.0, 100.0]).unwrap();
-    let mut on_disk: Option<DiskLayers> = for_policy(&config, &policy, Some(offload)).unwrap();
+    let tiers = runtime::Tiers::default();
+    let mut on_disk: Option<DiskLayers> = for_policy(&tiers, &config, &policy, Some(offload)).unwrap();
     let loaded = load_model_with(arg, false, 0, on_disk.as_mut().map(|d| (d.first(), d))).unwrap();
     let on_disk = on_disk.map(std::sync::Arc::new);
     let bytes = on_disk.as_ref().map_or(0, |d| d.bytes());

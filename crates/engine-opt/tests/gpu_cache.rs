@@ -29,12 +29,12 @@ fn model(name: &str, weights: (f64, f64), plan: CachePlan) -> (GpuModel, tempfil
     let src = Checkpoint::open(&dir).unwrap();
     let offload = tempfile::tempdir().unwrap();
     let split = split_layers(config.num_hidden_layers, weights.0, weights.1);
-    let tiers = OffloadTiers::for_split(&split, true, offload.path()).unwrap();
+    let tiers = OffloadTiers::for_split(&runtime::Tiers::default(), &split, true, offload.path()).unwrap();
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();
     let mut model = GpuModel::tiered_with(gpu, config, split, tiers, Some(&src), 0, &pb, false)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let cache_tiers = CacheTiers::for_plan(&plan, offload.path()).unwrap();
+    let cache_tiers = CacheTiers::for_plan(&runtime::Tiers::default(), &plan, offload.path()).unwrap();
     model.place_cache(plan, cache_tiers).unwrap_or_else(|e| panic!("{name}: {e}"));
     (model, offload)
 }
@@ -349,14 +349,15 @@ fn activations_in_host_memory_or_on_disk_change_nothing() {
         let (a, b) = case.input_ids.split_at(case.input_ids.len() / 2);
         let batches = [a.to_vec(), b.to_vec()];
         let want = gpu_greedy(&gpu, &batches, MIN_EQUAL_TOKENS);
-        gpu.activations = Some(engine_opt::gpu::model::ActivationTier::new(None).unwrap());
+        gpu.activations = Some(engine_opt::gpu::model::ActivationTier::new(&runtime::Tiers::default(), None).unwrap());
         let got = gpu_greedy(&gpu, &batches, MIN_EQUAL_TOKENS);
         assert_eq!(got, want, "cache {cache:?}: tokens with the activations in host memory");
         let held = gpu.activations.as_ref().unwrap().host.as_ref().unwrap().stats().peak_resident;
         assert!(held > 0, "nothing was stored in host memory");
         // On disk: the same bytes through the staged disk path.
         let dir = tempfile::tempdir().unwrap();
-        gpu.activations = Some(engine_opt::gpu::model::ActivationTier::new(Some(dir.path())).unwrap());
+        gpu.activations =
+            Some(engine_opt::gpu::model::ActivationTier::new(&runtime::Tiers::default(), Some(dir.path())).unwrap());
         let got = gpu_greedy(&gpu, &batches, MIN_EQUAL_TOKENS);
         assert_eq!(got, want, "cache {cache:?}: tokens with the activations on disk");
         let held = gpu.activations.as_ref().unwrap().disk.as_ref().unwrap().stats().peak_resident;

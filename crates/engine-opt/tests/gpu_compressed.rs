@@ -32,8 +32,6 @@ use engine_opt::weights::WeightSource;
 use engine_opt::OptConfig;
 use half::f16;
 use tier_api::{Device as _, HostMemKind};
-use tier_disk::{DiskConfig, DiskDevice};
-use tier_host::{HostConfig, HostDevice};
 
 /// First-step logits against the uncompressed CPU reference, as a fraction
 /// of the largest |logit|. 4-bit asymmetric groups of 64 move each weight
@@ -79,9 +77,11 @@ fn compressed_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuM
     let src = Checkpoint::open(&dir).unwrap();
     let split = split_layers(config.num_hidden_layers, percent.0, percent.1);
     let offload = tempfile::tempdir().unwrap();
+    let run_tiers = runtime::Tiers::default();
     let tiers = OffloadTiers {
-        host: split.uses_host().then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
-        disk: split.uses_disk().then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
+        host: split.uses_host().then(|| run_tiers.host(host).unwrap()),
+        disk: split.uses_disk().then(|| run_tiers.disk(offload.path()).unwrap()),
+        matrix: run_tiers.matrix().unwrap(),
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();

@@ -18,7 +18,6 @@ use engine_opt::gpu::offload::{split_layers, OffloadTiers};
 use engine_opt::gpu::{Gpu, GpuModel};
 use engine_opt::OptConfig;
 use tier_api::HostMemKind;
-use tier_disk::{DiskConfig, DiskDevice};
 use tier_host::{HostConfig, HostDevice};
 
 /// `name` with its layers split by `percent` (GPU, host; the rest on disk),
@@ -29,9 +28,11 @@ fn tiered_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuModel
     let src = Checkpoint::open(&dir).unwrap();
     let split = split_layers(config.num_hidden_layers, percent.0, percent.1);
     let offload = tempfile::tempdir().unwrap();
+    let run_tiers = runtime::Tiers::default();
     let tiers = OffloadTiers {
-        host: split.uses_host().then(|| HostDevice::new(HostConfig { kind: host, ..HostConfig::default() }).unwrap()),
-        disk: split.uses_disk().then(|| DiskDevice::new(DiskConfig::new(offload.path())).unwrap()),
+        host: split.uses_host().then(|| run_tiers.host(host).unwrap()),
+        disk: split.uses_disk().then(|| run_tiers.disk(offload.path()).unwrap()),
+        matrix: run_tiers.matrix().unwrap(),
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();
@@ -253,7 +254,7 @@ fn many_streamed_layers_equal_the_resident_model() {
     let offload = tempfile::tempdir().unwrap();
     let split = split_layers(10, 20.0, 48.0);
     assert_eq!((split.gpu_end, split.host_percent), (2, 60.0));
-    let tiers = OffloadTiers::for_split(&split, true, offload.path()).unwrap();
+    let tiers = OffloadTiers::for_split(&runtime::Tiers::default(), &split, true, offload.path()).unwrap();
     let mut streamed = GpuModel::tiered(Gpu::new(0).unwrap(), config, split, tiers, None, 7, &pb).unwrap();
     // --sep-layer: each layer's attention computes while its MLP weights
     // may still be arriving.

@@ -244,14 +244,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )));
     }
     let f32_cache = 2 * config.kv_cache_bytes(prompts_n, seq);
-    let mut on_disk = crate::cpu_offload::for_policy(&config, &policy, args.offload_dir.as_deref())?;
+    // One disk arena for the weights and the cache (the run's tiers).
+    let run_tiers = runtime::Tiers::default();
+    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &config, &policy, args.offload_dir.as_deref())?;
     let streamed = (config.num_hidden_layers - on_disk.as_ref().map_or(config.num_hidden_layers, |d| d.first())) as u64;
     let in_memory = config.weight_bytes() - streamed * config.layer_param_count() * 2;
     check_fits("the weights in memory and the f32 KV cache", in_memory + f32_cache)?;
 
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);
-    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&policy, args.offload_dir.as_deref())?;
+    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
     let disk_bytes = on_disk.as_ref().map_or(0, |d| d.bytes());
     let model = &loaded.model;
     let generate = |prompts: &[Vec<Vec<u32>>], opts: &GenerateOptions, sampler: &mut Sampler, pb: &ProgressBar| {

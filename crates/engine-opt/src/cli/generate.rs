@@ -176,10 +176,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         crate::loading::ModelSpec::Dir(dir) => crate::OptConfig::from_dir(&dir)?,
         crate::loading::ModelSpec::Preset(_, config) => config,
     };
-    let mut on_disk = crate::cpu_offload::for_policy(&model_config, &policy, args.offload_dir.as_deref())?;
+    // One disk arena for the weights and the cache (the run's tiers).
+    let run_tiers = runtime::Tiers::default();
+    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &model_config, &policy, args.offload_dir.as_deref())?;
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);
-    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&policy, args.offload_dir.as_deref())?;
+    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
     let prompts = tokenize(&loaded, &inputs)?;
     validate_prompts(&loaded.model.config, &prompts, args.max_new_tokens, 0)?;
     let config = &loaded.model.config;

@@ -475,16 +475,19 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
 
     let t = Instant::now();
     let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
+    // One set of tiers for the run: weights, cache and activations share
+    // the host devices, the disk arena and the copy matrix.
+    let run_tiers = runtime::Tiers::default();
     let (mut model, description) = if streams_weights(policy) || policy.compress_weight {
         // With every layer on the GPU the split makes no tiers.
-        let tiers = OffloadTiers::for_split(&split, policy.pin_weight, &offload_dir)?;
+        let tiers = OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?;
         load_tiered(args, gpu, config, split, tiers, policy.compress_weight)?
     } else {
         load_for_bench(args, gpu)?
     };
     if tiers_cache(policy) {
         let plan = cache_plan(policy);
-        model.place_cache(plan, CacheTiers::for_plan(&plan, &offload_dir)?)?;
+        model.place_cache(plan, CacheTiers::for_plan(&run_tiers, &plan, &offload_dir)?)?;
     }
     if let Some(s) = model.offload.as_mut() {
         s.set_sep_layer(policy.sep_layer);
@@ -493,7 +496,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         // Hidden states between layers in host memory or on disk (FlexGen's
         // activation placement: on one tier).
         let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
-        model.activations = Some(super::model::ActivationTier::new(on_disk)?);
+        model.activations = Some(super::model::ActivationTier::new(&run_tiers, on_disk)?);
     }
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
@@ -835,17 +838,19 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let work = Workload { prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(0), gen_len: args.max_new_tokens };
     check_placement(&config, &policy, work, free, args.gpu_mem, &offload_dir)?;
     gpu.set_budget(args.gpu_mem);
+    // One set of tiers for the run (see `bench`).
+    let run_tiers = runtime::Tiers::default();
     let mut model = if streams_weights(&policy) || policy.compress_weight {
         // Weights off the GPU (or packed): the same loading as `bench`.
         let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
-        let tiers = OffloadTiers::for_split(&split, policy.pin_weight, &offload_dir)?;
+        let tiers = OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?;
         GpuModel::tiered_with(gpu, config, split, tiers, Some(src), args.seed, &pb, policy.compress_weight)?
     } else {
         GpuModel::load(gpu, config, src, &pb)?
     };
     if tiers_cache(&policy) {
         let plan = cache_plan(&policy);
-        model.place_cache(plan, CacheTiers::for_plan(&plan, &offload_dir)?)?;
+        model.place_cache(plan, CacheTiers::for_plan(&run_tiers, &plan, &offload_dir)?)?;
     }
     if let Some(s) = model.offload.as_mut() {
         s.set_sep_layer(policy.sep_layer);
@@ -854,7 +859,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         // Hidden states between layers in host memory or on disk (FlexGen's
         // activation placement: on one tier).
         let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
-        model.activations = Some(super::model::ActivationTier::new(on_disk)?);
+        model.activations = Some(super::model::ActivationTier::new(&run_tiers, on_disk)?);
     }
     pb.finish_and_clear();
     validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;

@@ -86,7 +86,7 @@ impl GpuHidden {
 pub struct ActivationTier {
     pub host: Option<std::sync::Arc<tier_host::HostDevice>>,
     pub disk: Option<std::sync::Arc<tier_disk::DiskDevice>>,
-    matrix: tier_api::CopyMatrix,
+    matrix: std::sync::Arc<tier_api::CopyMatrix>,
 }
 
 impl std::fmt::Debug for ActivationTier {
@@ -97,23 +97,14 @@ impl std::fmt::Debug for ActivationTier {
 
 impl ActivationTier {
     /// Pageable host memory (the hidden states of a step are written once
-    /// and read once a layer), or with `disk_dir` a disk tier there, and a
-    /// copy matrix with the GPU's routes.
-    pub fn new(disk_dir: Option<&std::path::Path>) -> Result<Self> {
-        use tier_host::HostConfig;
+    /// and read once a layer), or with `disk_dir` the disk tier there, and
+    /// the copy matrix: all the run's ([`runtime::Tiers`]).
+    pub fn new(tiers: &runtime::Tiers, disk_dir: Option<&std::path::Path>) -> Result<Self> {
         let (host, disk) = match disk_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                (None, Some(tier_disk::DiskDevice::new(tier_disk::DiskConfig::new(dir)).map_err(super::tier_err)?))
-            }
-            None => {
-                let config = HostConfig { kind: tier_api::HostMemKind::Pageable, ..HostConfig::default() };
-                (Some(tier_host::HostDevice::new(config).map_err(super::tier_err)?), None)
-            }
+            Some(dir) => (None, Some(tiers.disk(dir)?)),
+            None => (Some(tiers.host(tier_api::HostMemKind::Pageable)?), None),
         };
-        let matrix =
-            tier_cuda::copy_matrix(tier_api::CopyConfig { workers: 2, queue_capacity: 16 }).map_err(super::tier_err)?;
-        Ok(ActivationTier { host, disk, matrix })
+        Ok(ActivationTier { host, disk, matrix: tiers.matrix()? })
     }
 
     fn device(&self) -> Result<&dyn tier_api::Device> {
@@ -540,25 +531,40 @@ impl GpuModel {
     /// staging ring), pageable host memory, disk; over every tier the
     /// weights and the cache use.
     pub fn tier_peaks(&self) -> crate::memory::TierPeaks {
+        use std::sync::Arc;
         use tier_api::Device;
         let w = self.offload.as_ref().map(|s| s.tiers().clone());
         let c = self.cache_streamer.as_ref().map(|c| c.tiers().clone());
-        let hosts = [
+        let mut hosts: Vec<Arc<tier_host::HostDevice>> = Vec::new();
+        let mut disks: Vec<Arc<tier_disk::DiskDevice>> = Vec::new();
+        // The weights, the cache and the activations share the run's tiers:
+        // each device counted once.
+        let host_candidates = [
             w.as_ref().and_then(|t| t.host.clone()),
             c.as_ref().and_then(|t| t.host.clone()),
             self.activations.as_ref().and_then(|a| a.host.clone()),
         ];
-        let disks = [
+        for h in host_candidates.into_iter().flatten() {
+            if !hosts.iter().any(|x| Arc::ptr_eq(x, &h)) {
+                hosts.push(h);
+            }
+        }
+        let disk_candidates = [
             w.as_ref().and_then(|t| t.disk.clone()),
             c.as_ref().and_then(|t| t.disk.clone()),
             self.activations.as_ref().and_then(|a| a.disk.clone()),
         ];
+        for d in disk_candidates.into_iter().flatten() {
+            if !disks.iter().any(|x| Arc::ptr_eq(x, &d)) {
+                disks.push(d);
+            }
+        }
         let mut peaks = crate::memory::TierPeaks {
             gpu: self.gpu.held_bytes().1,
             pinned: self.gpu.device().staging_stats().map_or(0, |s| s.peak_resident),
             ..Default::default()
         };
-        for h in hosts.iter().flatten() {
+        for h in &hosts {
             let bytes = h.stats().peak_resident;
             if h.mem_kind().is_page_locked() {
                 peaks.pinned += bytes;
@@ -566,7 +572,7 @@ impl GpuModel {
                 peaks.pageable += bytes;
             }
         }
-        peaks.disk = disks.iter().flatten().map(|d| d.stats().peak_resident).sum();
+        peaks.disk = disks.iter().map(|d| d.stats().peak_resident).sum();
         peaks
     }
 

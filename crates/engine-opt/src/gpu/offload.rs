@@ -46,7 +46,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::CudaEvent;
-use tier_api::{CopyConfig, CopyHandle, CopyMatrix, Device, SegmentedTensor, Tensor};
+use tier_api::{CopyHandle, CopyMatrix, Device, SegmentedTensor, Tensor};
 use tier_disk::DiskDevice;
 use tier_host::HostDevice;
 
@@ -114,13 +114,16 @@ pub fn split_layers(layers: usize, w_gpu_percent: f64, w_cpu_percent: f64) -> La
     LayerSplit { layers, gpu_end, host_percent }
 }
 
-/// The tiers the off-GPU layers live on.
+/// The tiers the off-GPU layers live on, taken from the run's
+/// [`runtime::Tiers`].
 #[derive(Clone)]
 pub struct OffloadTiers {
     /// Host memory for the streamed layers' first rows (page-locked or pageable).
     pub host: Option<Arc<HostDevice>>,
     /// The disk for the streamed layers' other rows.
     pub disk: Option<Arc<DiskDevice>>,
+    /// The run's copy matrix.
+    pub matrix: Arc<CopyMatrix>,
 }
 
 impl OffloadTiers {
@@ -128,9 +131,14 @@ impl OffloadTiers {
     /// (page-locked when `pin` and the platform allow it: registered unless
     /// `TIERLM_HOST_MEMORY` names a kind; else pageable), a disk in
     /// `offload_dir` if rows live on disk.
-    pub fn for_split(split: &LayerSplit, pin: bool, offload_dir: &std::path::Path) -> Result<Self> {
+    pub fn for_split(
+        tiers: &runtime::Tiers,
+        split: &LayerSplit,
+        pin: bool,
+        offload_dir: &std::path::Path,
+    ) -> Result<Self> {
         use tier_api::HostMemKind;
-        use tier_host::{HostConfig, HostMemKindExt};
+        use tier_host::HostMemKindExt;
         let host = if split.uses_host() {
             let explicit = std::env::var_os(tier_host::HOST_MEMORY_ENV).is_some_and(|v| !v.is_empty());
             let kind = match HostMemKind::choose(None).map_err(tier_err)?.kind {
@@ -144,17 +152,12 @@ impl OffloadTiers {
                 kind if explicit => kind,
                 _ => HostMemKind::Registered,
             };
-            Some(HostDevice::new(HostConfig { kind, ..HostConfig::default() }).map_err(tier_err)?)
+            Some(tiers.host(kind)?)
         } else {
             None
         };
-        let disk = if split.uses_disk() {
-            std::fs::create_dir_all(offload_dir).map_err(|e| Error::io(offload_dir, e))?;
-            Some(DiskDevice::new(tier_disk::DiskConfig::new(offload_dir)).map_err(tier_err)?)
-        } else {
-            None
-        };
-        Ok(OffloadTiers { host, disk })
+        let disk = if split.uses_disk() { Some(tiers.disk(offload_dir)?) } else { None };
+        Ok(OffloadTiers { host, disk, matrix: tiers.matrix()? })
     }
 }
 
@@ -238,8 +241,8 @@ pub struct WeightStreamer {
     tiers: OffloadTiers,
     /// `--sep-layer`: see [`WeightStreamer::set_sep_layer`].
     sep_layer: bool,
-    /// Last, so that copies still queued drain before the tensors go.
-    matrix: CopyMatrix,
+    /// The run's copy matrix (copies still queued hold their tensors).
+    matrix: Arc<CopyMatrix>,
 }
 
 impl std::fmt::Debug for WeightStreamer {
@@ -312,7 +315,7 @@ impl WeightStreamer {
             mlp_pending: None,
             bytes_streamed: 0,
         };
-        let matrix = tier_cuda::copy_matrix(CopyConfig { workers: 4, queue_capacity: 64 }).map_err(tier_err)?;
+        let matrix = tiers.matrix.clone();
         Ok(WeightStreamer {
             startup: StartupTimes::default(),
             split,

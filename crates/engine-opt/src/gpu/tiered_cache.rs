@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::CudaEvent;
 use half::f16;
-use tier_api::{CopyConfig, CopyHandle, CopyMatrix, DType, Device, SegmentedTensor, Shape, Tensor, TensorView};
+use tier_api::{CopyHandle, CopyMatrix, DType, Device, SegmentedTensor, Shape, Tensor, TensorView};
 use tier_disk::DiskDevice;
 use tier_host::HostDevice;
 
@@ -109,11 +109,14 @@ impl CachePlan {
     }
 }
 
-/// The tiers a tiered cache lives on.
+/// The tiers a tiered cache lives on, taken from the run's
+/// [`runtime::Tiers`].
 #[derive(Clone)]
 pub struct CacheTiers {
     pub host: Option<Arc<HostDevice>>,
     pub disk: Option<Arc<DiskDevice>>,
+    /// The run's copy matrix.
+    pub matrix: Arc<CopyMatrix>,
 }
 
 impl CacheTiers {
@@ -121,22 +124,10 @@ impl CacheTiers {
     /// the placement check's: a page-locked cache would lock tens of
     /// gigabytes; the GPU's copies go through the pinned relay, and the
     /// CPU's attention reads it in place), a disk in `offload_dir`.
-    pub fn for_plan(plan: &CachePlan, offload_dir: &std::path::Path) -> Result<Self> {
-        use tier_api::HostMemKind;
-        use tier_host::HostConfig;
-        let host = if plan.cpu_percent > 0.0 {
-            let kind = HostMemKind::Pageable;
-            Some(HostDevice::new(HostConfig { kind, ..HostConfig::default() }).map_err(tier_err)?)
-        } else {
-            None
-        };
-        let disk = if plan.disk_percent() > 0.0 {
-            std::fs::create_dir_all(offload_dir).map_err(|e| Error::io(offload_dir, e))?;
-            Some(DiskDevice::new(tier_disk::DiskConfig::new(offload_dir)).map_err(tier_err)?)
-        } else {
-            None
-        };
-        Ok(CacheTiers { host, disk })
+    pub fn for_plan(tiers: &runtime::Tiers, plan: &CachePlan, offload_dir: &std::path::Path) -> Result<Self> {
+        let host = if plan.cpu_percent > 0.0 { Some(tiers.host(tier_api::HostMemKind::Pageable)?) } else { None };
+        let disk = if plan.disk_percent() > 0.0 { Some(tiers.disk(offload_dir)?) } else { None };
+        Ok(CacheTiers { host, disk, matrix: tiers.matrix()? })
     }
 }
 
@@ -284,8 +275,8 @@ pub struct CacheStreamer {
     /// but [`IO_CORES`], so that the copy workers and io_uring completions
     /// that keep the disk and PCIe busy are never queued behind them.
     cpu_pool: Option<rayon::ThreadPool>,
-    /// Last, so that copies still queued drain before the tensors go.
-    matrix: CopyMatrix,
+    /// The run's copy matrix (copies still queued hold their tensors).
+    matrix: Arc<CopyMatrix>,
 }
 
 impl std::fmt::Debug for CacheStreamer {
@@ -307,7 +298,7 @@ impl CacheStreamer {
         }
         let ev = || gpu.device().new_event(false).map_err(tier_err);
         let done = [ev()?, ev()?];
-        let matrix = tier_cuda::copy_matrix(CopyConfig { workers: 4, queue_capacity: 64 }).map_err(tier_err)?;
+        let matrix = tiers.matrix.clone();
         let state = State { slots: Vec::new(), dirty: [None, None], recorded: [false; 2], next: 0, bytes_moved: 0 };
         let packer = if plan.compress {
             let err = |e: compression::Error| Error::Gpu(format!("the GPU's 4-bit cache kernels: {e}"));

@@ -1,8 +1,8 @@
-//! `engine_opt::interrupt` in this process: a signal sets the flag that
+//! `runtime::interrupt` in this process: a signal sets the flag that
 //! `check` turns into `Error::Interrupted`. Its own test binary, one test,
 //! so that no other test sees the flag set.
 
-use engine_opt::{interrupt, Error};
+use runtime::{interrupt, Error};
 
 #[test]
 fn a_signal_sets_the_flag_and_an_ignored_one_stays_ignored() {
