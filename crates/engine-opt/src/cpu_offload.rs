@@ -44,10 +44,7 @@ impl std::fmt::Debug for DiskLayers {
     }
 }
 
-/// The resident layers' count for `w_cpu_percent` of `layers`.
-pub fn resident_layers(layers: usize, w_cpu_percent: f64) -> usize {
-    (((layers as f64) * w_cpu_percent.clamp(0.0, 100.0) / 100.0).round() as usize).min(layers)
-}
+pub use runtime::plan::resident_layers;
 
 /// The disk tier and an empty layer store for the CPU engine where
 /// `policy` puts a share of the weights on disk (`None` otherwise), in

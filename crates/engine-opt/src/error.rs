@@ -132,6 +132,11 @@ impl From<runtime::Error> for Error {
             runtime::Error::Io { path, source } => Error::Io { path, source },
             runtime::Error::Tier(e) => Error::Tier(e),
             runtime::Error::Interrupted => Error::Interrupted,
+            runtime::Error::Spec(m) => Error::Config(m),
+            runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),
+            runtime::Error::NeedsGpuEngine(m) => Error::NeedsGpuEngine(m),
+            runtime::Error::NeedsTieredEngine(m) => Error::NeedsTieredEngine(m),
+            runtime::Error::PolicyDoesNotFit(m) => Error::PolicyDoesNotFit(m),
         }
     }
 }

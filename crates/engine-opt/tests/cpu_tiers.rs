@@ -37,6 +37,12 @@ fn greedy_tokens_with_cache(
     let loaded = load_model_with(arg, false, 0, on_disk.as_mut().map(|d| (d.first(), d))).unwrap();
     let on_disk = on_disk.map(std::sync::Arc::new);
     let bytes = on_disk.as_ref().map_or(0, |d| d.bytes());
+    // The plan's disk bytes are the bytes the layers took on disk.
+    let spec = engine_opt::spec::model_spec(&config, false).unwrap();
+    let work = engine_opt::placement::Workload { prompt_len: 8, gen_len: 8 };
+    let machine = engine_opt::placement::Machine { gpu_compute: false, can_pin: false };
+    let planned = engine_opt::placement::footprint(&spec, &policy, work, machine).unwrap();
+    assert_eq!(planned.weights.disk, bytes, "{model_dir}: planned and written disk bytes");
     let case = &expected(model_dir).cases[0];
     let (a, b) = case.input_ids.split_at(case.input_ids.len() / 2);
     let batches = vec![a.to_vec(), b.to_vec()];

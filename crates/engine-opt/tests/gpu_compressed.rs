@@ -119,6 +119,7 @@ fn check_compressed(model_dir: &str, percent: (f64, f64), host: HostMemKind) {
     let cpu_q = OptModel::load(OptConfig::from_dir(&dir).unwrap(), &Dequantized(&ckpt), &pb).unwrap();
     let (gpu, _offload) = compressed_model(model_dir, percent, host);
     let label = format!("{model_dir} 4-bit, percent {percent:?}");
+    assert_plan_matches(&gpu, percent, true);
 
     // Bytes on each tier: the packed layers.
     let (per_layer, packed_data, f16_data) = layer_bytes(&gpu.config);

@@ -87,6 +87,7 @@ fn check_tiered(model_dir: &str, percent: (f64, f64), host: HostMemKind) {
     assert_eq!(host_bytes + disk_bytes, off as u64 * streamer.slot_bytes(), "{label}: home bytes");
     assert_eq!(host_bytes > 0, split.uses_host(), "{label}: host rows");
     assert_eq!(disk_bytes > 0, split.uses_disk(), "{label}: disk rows");
+    assert_plan_matches(&gpu, percent, false);
     eprintln!("{label}: {streamed} bytes streamed, {off} layers off the GPU");
     assert!(streamed >= streamer.slot_bytes(), "{label}: nothing streamed");
     if off > 2 {

@@ -17,6 +17,32 @@ pub enum Error {
     #[error("memory tier: {0}")]
     Tier(#[from] tier_api::Error),
 
+    /// A model's spec is inconsistent or its sizes overflow.
+    #[error("model spec: {0}")]
+    Spec(String),
+
+    /// A command-line or API argument is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The request needs the GPU engine, and this run is on the CPU engine.
+    #[error("{0} needs the GPU engine; the CPU engine holds everything in host memory")]
+    NeedsGpuEngine(String),
+
+    /// The request needs parts of the tiered engine not built yet.
+    #[error(
+        "{0} needs the tiered engine, which does not do this yet; today tierlm runs on the CPU with the weights \
+         and KV cache in host memory or partly on disk (--percent 0 W_CPU 0 C_CPU 0 100), or on a GPU with \
+         weights, KV cache and activations on any tiers, --cpu-cache-compute, --attn-sparsity, --sep-layer, \
+         --compress-weight and --compress-cache (a cache on one tier off the GPU)"
+    )]
+    NeedsTieredEngine(String),
+
+    /// A placement policy that the machine cannot hold, with the bytes each
+    /// tier would need and what would help (see [`crate::plan`]).
+    #[error("{0}")]
+    PolicyDoesNotFit(String),
+
     /// SIGINT (Ctrl-C) or SIGTERM arrived (see [`crate::interrupt`]); by the
     /// time `tierlm` prints this, the unwind has dropped every tier's memory.
     #[error("interrupted (Ctrl-C or SIGTERM): generation stopped; pinned memory freed and offload files removed")]

@@ -1,23 +1,37 @@
 //! # runtime: what every model family runs on
 //!
-//! This room holds the parts of tierlm that know no model family: the tiers
-//! of a run ([`tiers::Tiers`], built once per process and shared by the
-//! weights, the KV cache and the activations), what each tier held at its
-//! peak ([`TierPeaks`]), stopping cleanly on Ctrl-C ([`interrupt`]) and
-//! progress bars ([`progress`]).
+//! This room holds the parts of tierlm that know no model family:
+//!
+//! - [`spec`]: what the runtime knows of a model, its layer spec (every
+//!   tensor of a layer by name, shape, held type, block, compressibility),
+//!   the KV-cache layout per token and the widths of a step;
+//! - [`policy`]: FlexGen's placement policy (`--percent` and the flags);
+//! - [`plan`]: where a policy puts every byte of a spec (weights split as
+//!   the engine places them, cache, activations, buffers), refused before
+//!   allocation with FlexGen's advice when it does not fit;
+//! - [`tiers`]: the tiers of a run ([`tiers::Tiers`], built once per process
+//!   and shared by the weights, the KV cache and the activations), and what
+//!   each tier held at its peak ([`TierPeaks`]);
+//! - [`memory`]: the host's memory figures from `/proc`;
+//! - [`interrupt`] (Ctrl-C stops a run cleanly) and [`progress`] bars.
 //!
 //! It may use the tier crates (`tier-api`, `tier-host`, `tier-disk`,
 //! `tier-cuda`) through their public types; it names no model, no tensor of
 //! a model and no model configuration, and nothing here calls `cudarc`. A
-//! model family's crate (`engine-opt`) and the `tierlm` command depend on
+//! model family's crate and the `tierlm` command depend on
 //! it; it depends on neither.
 //!
 //! Every failure here is a [`Error`].
 
 mod error;
 pub mod interrupt;
+pub mod memory;
+pub mod plan;
+pub mod policy;
 pub mod progress;
+pub mod spec;
 pub mod tiers;
 
 pub use error::{Error, Result};
+pub use memory::available_bytes;
 pub use tiers::{TierPeaks, Tiers};

@@ -110,7 +110,7 @@ impl BenchArgs {
             ..Policy::default()
         };
         match &self.percent {
-            Some(p) => policy.with_percent(p),
+            Some(p) => Ok(policy.with_percent(p)?),
             None => Ok(policy),
         }
     }

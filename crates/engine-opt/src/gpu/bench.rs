@@ -419,7 +419,9 @@ fn check_placement(
         && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(super::tier_err)?.kind
             != tier_api::HostMemKind::Pageable;
     let cap = Capacity::of_machine(gpu_capacity(free, gpu_mem), offload_dir);
-    crate::placement::check(config, policy, work, Machine { gpu_compute: true, can_pin }, &cap).map(|_| ())
+    let spec = crate::spec::model_spec(config, true)?;
+    crate::placement::check(&spec, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
+    Ok(())
 }
 
 /// The GPU memory the engine may plan for: what the driver reports free,
@@ -925,7 +927,7 @@ pub fn try_generate(args: &GenerateArgs) -> Option<Result<()>> {
     }
     match policy.check_cpu_engine() {
         Ok(()) => None,
-        Err(e) => Some(Err(e)),
+        Err(e) => Some(Err(e.into())),
     }
 }
 
@@ -940,7 +942,7 @@ mod tests {
         assert_eq!(gpu_capacity(78 * GIB, Some(16 * GIB)), 16 * GIB);
         assert_eq!(gpu_capacity(10 * GIB, Some(16 * GIB)), 10 * GIB, "never more than is free");
         // A policy that fits 78 GiB but not 16 is refused with placement's message.
-        let config = OptConfig::preset("opt-30b").unwrap();
+        let config = crate::spec::model_spec(&OptConfig::preset("opt-30b").unwrap(), true).unwrap();
         let policy = Policy::default().with_percent(&[100.0, 0.0, 100.0, 0.0, 100.0, 0.0]).unwrap();
         let work = Workload { prompt_len: 512, gen_len: 32 };
         let machine = Machine { gpu_compute: true, can_pin: true };

@@ -56,63 +56,7 @@ use super::{driver_err, tier_err, Gpu};
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
 
-/// Where the decoder layers live: `0..gpu_end` resident on the GPU; every
-/// other layer streamed, each of its tensors split by rows: the first
-/// `host_percent` in host memory, the rest on disk.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LayerSplit {
-    pub layers: usize,
-    pub gpu_end: usize,
-    /// Of each streamed layer's rows, the share in host memory (percent).
-    pub host_percent: f64,
-}
-
-impl LayerSplit {
-    /// Layers off the GPU.
-    pub fn offloaded(&self) -> usize {
-        self.layers - self.gpu_end
-    }
-
-    /// Whether any layer lives off the GPU.
-    pub fn streams(&self) -> bool {
-        self.gpu_end < self.layers
-    }
-
-    /// Whether streamed layers have rows in host memory.
-    pub fn uses_host(&self) -> bool {
-        self.streams() && self.host_percent > 0.0
-    }
-
-    /// Whether streamed layers have rows on disk.
-    pub fn uses_disk(&self) -> bool {
-        self.streams() && self.host_percent < 100.0
-    }
-
-    /// The row ranges of a tensor of `rows` rows in host memory and on disk.
-    pub fn rows(&self, rows: usize) -> [std::ops::Range<usize>; 2] {
-        let host = ((rows as f64) * self.host_percent / 100.0).round() as usize;
-        let host = host.min(rows);
-        [0..host, host..rows]
-    }
-}
-
-/// Splits `layers` by the weight percentages: the GPU's share as whole
-/// resident layers (rounded to the nearest layer), and each streamed layer's
-/// rows between host and disk so that the host holds `w_cpu_percent` of the
-/// whole model (the rest of the streamed bytes on disk). Splitting rows
-/// rather than layers lets the disk and the PCIe link carry every layer's
-/// bytes at the same time.
-pub fn split_layers(layers: usize, w_gpu_percent: f64, w_cpu_percent: f64) -> LayerSplit {
-    let gpu_end = (((layers as f64) * w_gpu_percent.clamp(0.0, 100.0) / 100.0).round() as usize).min(layers);
-    let off = layers - gpu_end;
-    let host_percent = if off == 0 {
-        100.0
-    } else {
-        // The host's share of the model over the streamed layers' share.
-        (w_cpu_percent.clamp(0.0, 100.0) * layers as f64 / off as f64).clamp(0.0, 100.0)
-    };
-    LayerSplit { layers, gpu_end, host_percent }
-}
+pub use runtime::plan::{split_layers, LayerSplit, MAX_WEIGHT_SLOTS as MAX_SLOTS};
 
 /// The tiers the off-GPU layers live on, taken from the run's
 /// [`runtime::Tiers`].
@@ -188,12 +132,11 @@ struct Pending {
     mlp: CopyHandle,
 }
 
-/// GPU slots when more than this many layers stream: the layer computing,
-/// the one computed before it (its compute may still run), and two being
-/// copied, so that the links always have a copy queued behind the one
-/// finishing (a disk read's queue drains and refills at every copy's end
-/// otherwise).
-pub const MAX_SLOTS: usize = 4;
+// GPU slots when more than this many layers stream ([`MAX_SLOTS`], the
+// plan's): the layer computing, the one computed before it (its compute may
+// still run), and two being copied, so that the links always have a copy
+// queued behind the one finishing (a disk read's queue drains and refills at
+// every copy's end otherwise).
 
 /// Copies in flight at most: every slot but the two in use.
 const PREFETCH: usize = MAX_SLOTS - 2;
@@ -299,7 +242,7 @@ impl WeightStreamer {
         // four layers or fewer streaming, two, so that every step still
         // streams them (and nothing stays on the GPU that a larger model's
         // run would not keep).
-        let n = if split.offloaded() > MAX_SLOTS { MAX_SLOTS } else { 2 };
+        let n = runtime::plan::weight_slots(split.offloaded());
         let slots = (0..n).map(|_| slot()).collect::<Result<Vec<_>>>()?;
         // The fills run on the compute stream; copies into the slots run on
         // copy streams.

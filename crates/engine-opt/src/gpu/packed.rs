@@ -87,7 +87,7 @@ impl LayerWorkspace {
 
 /// The weight format: FlexGen's 4-bit groups of 64 along the output dim.
 pub fn weight_config() -> CompressionConfig {
-    CompressionConfig::int4(0)
+    runtime::spec::weight_format()
 }
 
 fn comp_err(what: &str, e: compression::Error) -> Error {

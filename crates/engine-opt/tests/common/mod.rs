@@ -151,3 +151,27 @@ pub fn tierlm_with_offload(exe: &Path, args: &[&str]) -> (String, String) {
     assert_nothing_left(offload.path());
     (stdout, stderr)
 }
+
+/// The plan's bytes are the allocated bytes: for the policy `--percent
+/// W_GPU W_CPU 100 0 100 0` (with `compress` for `--compress-weight`), the
+/// weights the plan puts on the GPU, in host memory and on disk, and the
+/// streaming slots, equal what the model allocated.
+pub fn assert_plan_matches(model: &GpuModel, percent: (f64, f64), compress: bool) {
+    use engine_opt::placement::{footprint, weight_slots, Machine, Workload};
+    let spec = engine_opt::spec::model_spec(&model.config, true).unwrap();
+    let mut policy =
+        engine_opt::policy::Policy::default().with_percent(&[percent.0, percent.1, 100.0, 0.0, 100.0, 0.0]).unwrap();
+    policy.compress_weight = compress;
+    let work = Workload { prompt_len: 8, gen_len: 8 };
+    let fp = footprint(&spec, &policy, work, Machine { gpu_compute: true, can_pin: true }).unwrap();
+    let label = format!("plan for {percent:?} compress {compress}");
+    assert_eq!(fp.weights.gpu, model.weight_bytes(), "{label}: weights on the GPU");
+    let (host, disk) = model.offload.as_ref().map_or((0, 0), |s| s.home_bytes());
+    assert_eq!(fp.weights.host(), host, "{label}: weights in host memory");
+    assert_eq!(fp.weights.disk, disk, "{label}: weights on disk");
+    if let Some(s) = &model.offload {
+        assert_eq!(s.slot_count(), weight_slots(s.split().offloaded()), "{label}: slots");
+        assert_eq!(s.slot_bytes(), spec.layer_bytes(compress).unwrap(), "{label}: a slot's bytes");
+    }
+    eprintln!("{label}: GPU {} host {host} disk {disk} bytes, as planned", fp.weights.gpu);
+}

@@ -1,4 +1,4 @@
-//! FlexGen's placement policy (`flex_opt.py`'s `Policy`): batch sizes, the
+//! FlexGen's placement policy (its `Policy`): batch sizes, the
 //! GPU/CPU/disk split of weights, KV cache and activations, and the flags of
 //! the tiered engine. The CPU engine accepts only the policies it can honour
 //! and names what needs the GPU engine or the tiered engine.
@@ -87,7 +87,7 @@ impl Policy {
 
     /// Prompts in one block: `gpu_batch_size × num_gpu_batches`.
     pub fn block_size(&self) -> usize {
-        self.gpu_batch_size * self.num_gpu_batches
+        self.gpu_batch_size.saturating_mul(self.num_gpu_batches)
     }
 
     /// Percent on disk for weights, cache and activations.

@@ -1,0 +1,98 @@
+//! OPT as the runtime sees it: its [`ModelSpec`].
+//!
+//! The layer's tensors are listed as the compute device holds them, so that
+//! the plan's bytes are the allocated bytes: on the GPU the q, k and v
+//! projections stacked into one `[3·hidden, hidden]` matrix (packed as its
+//! three parts under `--compress-weight`) and the biases fused into an f32
+//! output (`out_proj`, `fc2`) held in f32; on the CPU every tensor f16 as
+//! loaded. The names are the checkpoint's, relative to
+//! `decoder.layers.{i}.` (the stacked matrix is named after its first part's
+//! module, `self_attn.qkv_proj`).
+
+use runtime::spec::{Block, KvLayout, ModelSpec, TensorSpec, Widths};
+use tier_api::DType;
+
+use crate::config::OptConfig;
+use crate::error::Result;
+
+fn tensor(name: &str, shape: &[usize], dtype: DType, block: Block) -> TensorSpec {
+    let compressible = shape.len() == 2;
+    TensorSpec { name: name.into(), shape: shape.to_vec(), dtype, block, compressible, packed_as: Vec::new() }
+}
+
+/// OPT's spec for `config`, as the GPU engine holds it (`gpu`) or the CPU
+/// engine. The tensors are in the order the GPU engine moves them
+/// (`GpuLayerWeights::tensors`).
+pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
+    let (h, f, e) = (config.hidden_size, config.ffn_dim, config.word_embed_proj_dim());
+    let (bias, affine) = (config.enable_bias, config.layer_norm_elementwise_affine);
+    let fused = if gpu { DType::F32 } else { DType::F16 };
+    let (att, mlp, f16) = (Block::Attention, Block::Mlp, DType::F16);
+    let mut layer = Vec::new();
+    if affine {
+        for (norm, block) in [("self_attn_layer_norm", att), ("final_layer_norm", mlp)] {
+            layer.push(tensor(&format!("{norm}.weight"), &[h], f16, block));
+            layer.push(tensor(&format!("{norm}.bias"), &[h], f16, block));
+        }
+    }
+    let mut qkv = tensor("self_attn.qkv_proj.weight", &[3 * h, h], f16, att);
+    qkv.packed_as = vec![vec![h, h]; 3];
+    layer.push(qkv);
+    if bias {
+        layer.push(tensor("self_attn.qkv_proj.bias", &[3 * h], f16, att));
+    }
+    layer.push(tensor("self_attn.out_proj.weight", &[h, h], f16, att));
+    if bias {
+        layer.push(tensor("self_attn.out_proj.bias", &[h], fused, att));
+    }
+    layer.push(tensor("fc1.weight", &[f, h], f16, mlp));
+    if bias {
+        layer.push(tensor("fc1.bias", &[f], f16, mlp));
+    }
+    layer.push(tensor("fc2.weight", &[h, f], f16, mlp));
+    if bias {
+        layer.push(tensor("fc2.bias", &[h], fused, mlp));
+    }
+    let outside_tensor =
+        |name: &str, shape: &[usize]| TensorSpec { compressible: false, ..tensor(name, shape, f16, att) };
+    let mut outside = vec![
+        outside_tensor("decoder.embed_tokens.weight", &[config.vocab_size, e]),
+        outside_tensor("decoder.embed_positions.weight", &[config.position_rows(), h]),
+    ];
+    if config.has_projections() {
+        outside.push(outside_tensor("decoder.project_in.weight", &[h, e]));
+        outside.push(outside_tensor("decoder.project_out.weight", &[e, h]));
+    }
+    if config.has_final_layer_norm() && affine {
+        outside.push(outside_tensor("decoder.final_layer_norm.weight", &[h]));
+        outside.push(outside_tensor("decoder.final_layer_norm.bias", &[h]));
+    }
+    let kv = KvLayout { kv_heads: config.num_attention_heads, head_dim: config.head_dim(), dtype: f16 };
+    let widths = Widths { hidden: h, heads: config.num_attention_heads, intermediate: f, dtype: f16 };
+    Ok(ModelSpec::new(config.num_hidden_layers, layer, outside, kv, widths)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_spec_counts_the_published_parameters() {
+        for name in OptConfig::preset_names() {
+            let c = OptConfig::preset(name).unwrap();
+            let s = model_spec(&c, false).unwrap();
+            assert_eq!(s.weight_bytes(false).unwrap(), c.weight_bytes(), "{name}");
+            assert_eq!(s.kv_cache_bytes(3, 7), c.kv_cache_bytes(3, 7), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_gpu_spec_holds_fused_biases_in_f32() {
+        let c = OptConfig::preset("opt-125m").unwrap();
+        let (cpu, gpu) = (model_spec(&c, false).unwrap(), model_spec(&c, true).unwrap());
+        let h = c.hidden_size as u64;
+        // out_proj's and fc2's biases: h values each, 2 more bytes a value.
+        assert_eq!(gpu.layer_bytes(false).unwrap() - cpu.layer_bytes(false).unwrap(), 2 * h * 2);
+        assert_eq!(gpu.layer_tensor("fc2.bias").unwrap().dtype, DType::F32);
+    }
+}

@@ -1,0 +1,665 @@
+//! The plan: where a policy puts every byte, worked out before any byte is
+//! allocated, from the model's spec ([`crate::spec::ModelSpec`]).
+//!
+//! [`footprint`] counts, for a model, a policy and a workload, the bytes of
+//! weights, KV cache, activations and the engine's own buffers on each tier
+//! (GPU, pinned host, pageable host, disk). The weights are counted the way
+//! the engine places them ([`split_layers`]: the first layers resident,
+//! every other layer's tensors split by rows over host and disk with
+//! [`LayerSplit::rows`]), tensor by tensor from the spec, so the bytes the
+//! check refuses are the bytes the engine would allocate. [`check`]
+//! compares them with what the machine has and, when the policy does not
+//! fit, refuses it with the bytes each tier would need and FlexGen's advice
+//! in its order (unpin the weights, compress them, move them to disk),
+//! saying which of those would make it fit — computed with the same
+//! accounting, not guessed.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+use crate::spec::{packed_bytes, ModelSpec};
+
+/// Bytes a 4-bit value of the KV cache takes with group size 64 and an f16
+/// (min, scale) pair per group, over f16's two bytes.
+const COMPRESSED_PER_F16_BYTE: f64 = 0.5625 / 2.0;
+
+/// Pinned staging the GPU tier keeps for pageable and disk paths (its
+/// default ring: 16 slots of 8 MiB).
+pub const STAGING_BYTES: u64 = 16 * (8 << 20);
+
+/// GPU slots streamed layers pass through: four let copies run two layers
+/// ahead of the compute; with four layers or fewer streaming, two, so that
+/// every step still streams them.
+pub fn weight_slots(streamed_layers: usize) -> usize {
+    if streamed_layers > MAX_WEIGHT_SLOTS {
+        MAX_WEIGHT_SLOTS
+    } else {
+        2
+    }
+}
+
+/// The most GPU slots streamed weights use.
+pub const MAX_WEIGHT_SLOTS: usize = 4;
+
+/// Where the decoder layers live: `0..gpu_end` resident on the GPU; every
+/// other layer streamed, each of its tensors split by rows: the first
+/// `host_percent` in host memory, the rest on disk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerSplit {
+    pub layers: usize,
+    pub gpu_end: usize,
+    /// Of each streamed layer's rows, the share in host memory (percent).
+    pub host_percent: f64,
+}
+
+impl LayerSplit {
+    /// Layers off the GPU.
+    pub fn offloaded(&self) -> usize {
+        self.layers - self.gpu_end
+    }
+
+    /// Whether any layer lives off the GPU.
+    pub fn streams(&self) -> bool {
+        self.gpu_end < self.layers
+    }
+
+    /// Whether streamed layers have rows in host memory.
+    pub fn uses_host(&self) -> bool {
+        self.streams() && self.host_percent > 0.0
+    }
+
+    /// Whether streamed layers have rows on disk.
+    pub fn uses_disk(&self) -> bool {
+        self.streams() && self.host_percent < 100.0
+    }
+
+    /// The row ranges of a tensor of `rows` rows in host memory and on disk.
+    pub fn rows(&self, rows: usize) -> [std::ops::Range<usize>; 2] {
+        let host = ((rows as f64) * self.host_percent / 100.0).round() as usize;
+        let host = host.min(rows);
+        [0..host, host..rows]
+    }
+}
+
+/// Splits `layers` by the weight percentages: the GPU's share as whole
+/// resident layers (rounded to the nearest layer), and each streamed layer's
+/// rows between host and disk so that the host holds `w_cpu_percent` of the
+/// whole model (the rest of the streamed bytes on disk). Splitting rows
+/// rather than layers lets the disk and the PCIe link carry every layer's
+/// bytes at the same time.
+pub fn split_layers(layers: usize, w_gpu_percent: f64, w_cpu_percent: f64) -> LayerSplit {
+    let gpu_end = (((layers as f64) * w_gpu_percent.clamp(0.0, 100.0) / 100.0).round() as usize).min(layers);
+    let off = layers - gpu_end;
+    let host_percent = if off == 0 {
+        100.0
+    } else {
+        // The host's share of the model over the streamed layers' share.
+        (w_cpu_percent.clamp(0.0, 100.0) * layers as f64 / off as f64).clamp(0.0, 100.0)
+    };
+    LayerSplit { layers, gpu_end, host_percent }
+}
+
+/// The layers the CPU engine keeps in memory for `w_cpu_percent` (whole
+/// layers, rounded); the others live on disk and are read back a layer
+/// ahead.
+pub fn resident_layers(layers: usize, w_cpu_percent: f64) -> usize {
+    (((layers as f64) * w_cpu_percent.clamp(0.0, 100.0) / 100.0).round() as usize).min(layers)
+}
+
+/// The shape and type of every tensor one streamed layer holds, as the GPU
+/// engine holds it: the spec's tensors, and under `compress` each
+/// compressible one as the packed bytes of each of its parts (one `u8`
+/// tensor a part).
+pub fn held_layer_tensors(spec: &ModelSpec, compress: bool) -> Result<Vec<(Vec<usize>, tier_api::DType)>> {
+    let mut out = Vec::with_capacity(spec.layer.len());
+    for t in &spec.layer {
+        if compress && t.compressible {
+            for part in t.parts() {
+                out.push((vec![packed_bytes(&part)? as usize], tier_api::DType::U8));
+            }
+        } else {
+            out.push((t.shape.clone(), t.dtype));
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes of one streamed layer in host memory and on disk under `split`
+/// (each tensor's rows split by [`LayerSplit::rows`]).
+pub fn streamed_layer_bytes(spec: &ModelSpec, split: &LayerSplit, compress: bool) -> Result<(u64, u64)> {
+    let mut out = (0u64, 0u64);
+    for (shape, dtype) in held_layer_tensors(spec, compress)? {
+        let rows = shape.first().copied().unwrap_or(1);
+        let row_bytes = shape.iter().skip(1).fold(dtype.size() as u64, |b, &d| b.saturating_mul(d as u64));
+        let [host, disk] = split.rows(rows);
+        out.0 = out.0.saturating_add((host.len() as u64).saturating_mul(row_bytes));
+        out.1 = out.1.saturating_add((disk.len() as u64).saturating_mul(row_bytes));
+    }
+    Ok(out)
+}
+
+/// Bytes on each tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierBytes {
+    pub gpu: u64,
+    pub pinned: u64,
+    pub pageable: u64,
+    pub disk: u64,
+}
+
+impl TierBytes {
+    /// Host memory of both kinds.
+    pub fn host(&self) -> u64 {
+        self.pinned.saturating_add(self.pageable)
+    }
+}
+
+impl std::ops::Add for TierBytes {
+    type Output = TierBytes;
+
+    fn add(self, o: TierBytes) -> TierBytes {
+        TierBytes {
+            gpu: self.gpu.saturating_add(o.gpu),
+            pinned: self.pinned.saturating_add(o.pinned),
+            pageable: self.pageable.saturating_add(o.pageable),
+            disk: self.disk.saturating_add(o.disk),
+        }
+    }
+}
+
+/// What a generation needs, by kind of tensor and tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub weights: TierBytes,
+    pub cache: TierBytes,
+    pub activations: TierBytes,
+    /// The engine's own: GPU weight slots and cache buffers, compute
+    /// workspace, pinned staging.
+    pub buffers: TierBytes,
+}
+
+impl Footprint {
+    pub fn total(&self) -> TierBytes {
+        self.weights + self.cache + self.activations + self.buffers
+    }
+}
+
+/// The shape of the work: prompts of `prompt_len` tokens, `gen_len` new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    pub prompt_len: usize,
+    pub gen_len: usize,
+}
+
+/// Whether the engine computes on a GPU, and whether host memory can be pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Machine {
+    pub gpu_compute: bool,
+    pub can_pin: bool,
+}
+
+fn share(total: u64, percent: f64) -> u64 {
+    (total as f64 * percent / 100.0).round() as u64
+}
+
+/// Splits `total` by GPU and CPU percentages (the rest to disk), host bytes
+/// pinned or pageable.
+fn split(total: u64, gpu: f64, cpu: f64, pinned: bool) -> TierBytes {
+    let gpu = gpu.clamp(0.0, 100.0);
+    let cpu = cpu.clamp(0.0, 100.0);
+    let g = share(total, gpu).min(total);
+    let c = share(total, cpu).min(total - g);
+    let (pinned, pageable) = if pinned { (c, 0) } else { (0, c) };
+    TierBytes { gpu: g, pinned, pageable, disk: total - g - c }
+}
+
+/// Counts the bytes `policy` places on each tier for `spec` and `work`.
+///
+/// Weights as the engine places them (see the module's documentation); the
+/// tensors outside the layers stay with the compute device. The KV cache
+/// holds `block × (prompt + gen)` positions, split in whole sequences; it
+/// is never pinned on the host (FlexGen's choice: pinned cache would lock
+/// tens of gigabytes). When the GPU computes on weights that live
+/// elsewhere, it needs [`weight_slots`] layers' slots, for a cache that
+/// lives elsewhere two slots of one GPU batch's layer, and a pinned staging
+/// ring. Counts saturate: a workload too large for `u64` never fits.
+pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Machine) -> Result<Footprint> {
+    let layers = spec.layers as u64;
+    let block = policy.block_size();
+    let seq = work.prompt_len.saturating_add(work.gen_len);
+    let compress = policy.compress_weight && machine.gpu_compute;
+    let outside = spec.outside_bytes()?;
+    let layer_held = spec.layer_bytes(compress)?;
+    let pin = policy.pin_weight && machine.can_pin;
+
+    // Weights.
+    let mut weights = TierBytes::default();
+    let mut streamed = 0u64;
+    if machine.gpu_compute {
+        let split = split_layers(spec.layers, policy.w_gpu_percent, policy.w_cpu_percent);
+        weights.gpu = outside.saturating_add((split.gpu_end as u64).saturating_mul(layer_held));
+        let (host, disk) = streamed_layer_bytes(spec, &split, compress)?;
+        let off = split.offloaded() as u64;
+        let host = off.saturating_mul(host);
+        if pin {
+            weights.pinned = host;
+        } else {
+            weights.pageable = host;
+        }
+        weights.disk = off.saturating_mul(disk);
+        streamed = split.offloaded() as u64;
+    } else {
+        let resident = resident_layers(spec.layers, policy.w_cpu_percent) as u64;
+        weights.pageable = outside.saturating_add(resident.saturating_mul(layer_held));
+        weights.disk = (layers - resident).saturating_mul(layer_held);
+    }
+
+    // KV cache.
+    let cache_plain = spec.kv_cache_bytes(block, seq);
+    let cache_total =
+        if policy.compress_cache { (cache_plain as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64 } else { cache_plain };
+    let cache = split(cache_total, policy.cache_gpu_percent, policy.cache_cpu_percent, false);
+
+    // Hidden states between layers: the largest is the prefill's.
+    let w = spec.widths;
+    let act = w.dtype.size() as u64;
+    let hidden = (block as u64).saturating_mul(work.prompt_len as u64).saturating_mul(w.hidden as u64 * act);
+    let activations = split(hidden, policy.act_gpu_percent, policy.act_cpu_percent, false);
+
+    // The engine's buffers.
+    let mut buffers = TierBytes::default();
+    let gbs = policy.gpu_batch_size as u64;
+    let p = work.prompt_len as u64;
+    let rows = gbs.saturating_mul(p);
+    let kv_width = (spec.kv.kv_heads * spec.kv.head_dim) as u64;
+    let q_width = (w.heads * spec.kv.head_dim) as u64;
+    // Workspace for one GPU batch of one layer at prefill: q, k, v and the
+    // attention's output, the f32 scores of every head, and the MLP's
+    // inner activations.
+    let workspace = rows
+        .saturating_mul((2 * q_width + 2 * kv_width) * act)
+        .saturating_add(gbs.saturating_mul(w.heads as u64).saturating_mul(p.saturating_mul(p)).saturating_mul(4))
+        .saturating_add(rows.saturating_mul(w.intermediate as u64 * act));
+    if machine.gpu_compute {
+        buffers.gpu = buffers.gpu.saturating_add(workspace);
+        if streamed > 0 {
+            // Streamed layers pass through slots (packed when compressed,
+            // with one plain layer to unpack into).
+            let slots = weight_slots(streamed as usize) as u64;
+            buffers.gpu = buffers.gpu.saturating_add(slots.saturating_mul(layer_held));
+        }
+        if compress {
+            buffers.gpu = buffers.gpu.saturating_add(spec.layer_bytes(false)?);
+        }
+        let cache_off_gpu = cache_total - cache.gpu;
+        if cache_off_gpu > 0 {
+            // Two slots of one GPU batch's cache of one layer, loading beside
+            // computing (the prefill goes through them with
+            // --cpu-cache-compute too).
+            let one = gbs.saturating_mul(seq as u64).saturating_mul(spec.kv.token_bytes());
+            buffers.gpu = buffers.gpu.saturating_add(one.saturating_mul(2));
+            if policy.compress_cache {
+                // The 4-bit cache's GPU scratch: one layer-batch unpacked
+                // and packed.
+                buffers.gpu = buffers.gpu.saturating_add(one + (one as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64);
+            }
+        }
+        if policy.act_gpu_percent < 100.0 {
+            // Hidden states off the GPU are loaded into one buffer the
+            // block's batches share (f32 and a copy in the activations' type).
+            buffers.gpu = buffers.gpu.saturating_add(rows.saturating_mul(w.hidden as u64 * (4 + act)));
+        }
+        let relay = weights.pageable + weights.disk + cache.pageable + cache.disk + activations.disk;
+        if relay > 0 {
+            buffers.pinned += STAGING_BYTES;
+        }
+    } else {
+        buffers.pageable = workspace;
+    }
+    Ok(Footprint { weights, cache, activations, buffers })
+}
+
+/// What the machine has for the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// GPU memory the engine may use (`--gpu-mem`, else what is free).
+    pub gpu: u64,
+    /// Host memory available (MemAvailable).
+    pub host: u64,
+    /// Host memory that may be page-locked (RLIMIT_MEMLOCK; `u64::MAX` when unlimited).
+    pub pinnable: u64,
+    /// Free space in the offload directory.
+    pub disk: u64,
+}
+
+/// The locked-memory limit (RLIMIT_MEMLOCK) from `/proc/self/limits`, in
+/// bytes; `u64::MAX` when unlimited or unreadable (the allocation itself
+/// then says so).
+pub fn memlock_limit() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse::<u64>().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Free bytes (for an unprivileged user) of the file system holding `dir`,
+/// by statvfs; `None` where it cannot be asked.
+pub fn disk_free(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    // A directory the run will create: ask the file system of its nearest
+    // existing ancestor (`offload` in the current directory: `.`).
+    let existing = dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.exists());
+    let dir = existing.unwrap_or(std::path::Path::new("."));
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call and
+    // `st` has room for one `statvfs`, which the call fills on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // c_ulong is not u64 on every target
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+impl Capacity {
+    /// What this machine has: `gpu` bytes for the engine (the driver's free
+    /// memory or `--gpu-mem`), MemAvailable, RLIMIT_MEMLOCK and the offload
+    /// directory's free space (0 where the directory cannot be asked).
+    pub fn of_machine(gpu: u64, offload_dir: &std::path::Path) -> Capacity {
+        Capacity {
+            gpu,
+            host: crate::available_bytes().unwrap_or(0),
+            pinnable: memlock_limit(),
+            disk: disk_free(offload_dir).unwrap_or(0),
+        }
+    }
+}
+
+/// Which tiers a footprint overruns, as (tier, needed, available).
+pub fn overruns(total: &TierBytes, cap: &Capacity) -> Vec<(&'static str, u64, u64)> {
+    let mut out = Vec::new();
+    if total.gpu > cap.gpu {
+        out.push(("GPU", total.gpu, cap.gpu));
+    }
+    if total.host() > cap.host {
+        out.push(("host", total.host(), cap.host));
+    }
+    if total.pinned > cap.pinnable {
+        out.push(("pinned host (locked-memory limit)", total.pinned, cap.pinnable));
+    }
+    if total.disk > cap.disk {
+        out.push(("disk", total.disk, cap.disk));
+    }
+    out
+}
+
+/// One of FlexGen's remedies, and what it would need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remedy {
+    pub flag: &'static str,
+    pub total: TierBytes,
+    pub fits: bool,
+}
+
+/// A change to a policy.
+type Adjust = fn(&mut Policy);
+
+/// The remedies in FlexGen's order, each applied on top of the ones before
+/// it (as its README advises: unpin, then compress, then weights to disk).
+pub fn remedies(
+    spec: &ModelSpec,
+    policy: &Policy,
+    work: Workload,
+    machine: Machine,
+    cap: &Capacity,
+) -> Result<Vec<Remedy>> {
+    let mut p = policy.clone();
+    let mut out = Vec::new();
+    let steps: [(&'static str, Adjust); 3] = [
+        ("--pin-weight 0", |p| p.pin_weight = false),
+        ("--compress-weight", |p| p.compress_weight = true),
+        ("weights on disk (--percent 0 0 with the cache and activation shares kept)", |p| {
+            p.w_gpu_percent = 0.0;
+            p.w_cpu_percent = 0.0;
+        }),
+    ];
+    for (flag, apply) in steps {
+        apply(&mut p);
+        let total = footprint(spec, &p, work, machine)?.total();
+        out.push(Remedy { flag, fits: overruns(&total, cap).is_empty(), total });
+    }
+    Ok(out)
+}
+
+/// A refused policy's report: what each tier would need and what would help.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub footprint: Footprint,
+    pub overruns: Vec<(&'static str, u64, u64)>,
+    pub remedies: Vec<Remedy>,
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "the policy does not fit this machine:")?;
+        for (tier, need, have) in &self.overruns {
+            writeln!(f, "  {tier}: needs {}, has {}", gib(*need), gib(*have))?;
+        }
+        let fp = &self.footprint;
+        for (what, t) in
+            [("weights", fp.weights), ("KV cache", fp.cache), ("activations", fp.activations), ("buffers", fp.buffers)]
+        {
+            writeln!(
+                f,
+                "  {what:<12} GPU {:>11}  pinned {:>11}  pageable {:>11}  disk {:>11}",
+                gib(t.gpu),
+                gib(t.pinned),
+                gib(t.pageable),
+                gib(t.disk)
+            )?;
+        }
+        writeln!(f, "what would help, in FlexGen's order (each on top of the ones before):")?;
+        for (i, r) in self.remedies.iter().enumerate() {
+            writeln!(
+                f,
+                "  {}. {}: {} (GPU {}, host {}, disk {})",
+                i + 1,
+                r.flag,
+                if r.fits { "fits" } else { "still does not fit" },
+                gib(r.total.gpu),
+                gib(r.total.host()),
+                gib(r.total.disk)
+            )?;
+        }
+        if !self.remedies.iter().any(|r| r.fits) {
+            write!(
+                f,
+                "none of them is enough: lower --gpu-batch-size or --num-gpu-batches, or move the KV cache to disk"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a policy that does not fit `cap`, before anything is allocated.
+pub fn check(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Machine, cap: &Capacity) -> Result<Footprint> {
+    let fp = footprint(spec, policy, work, machine)?;
+    let over = overruns(&fp.total(), cap);
+    if over.is_empty() {
+        return Ok(fp);
+    }
+    let refusal = Refusal { footprint: fp, overruns: over, remedies: remedies(spec, policy, work, machine, cap)? };
+    Err(Error::PolicyDoesNotFit(refusal.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Block, KvLayout, TensorSpec, Widths};
+    use tier_api::DType;
+
+    const GPU: Machine = Machine { gpu_compute: true, can_pin: true };
+    const WORK: Workload = Workload { prompt_len: 512, gen_len: 32 };
+    const GIB: u64 = 1 << 30;
+
+    /// A model-shaped spec: `layers` layers of hidden `h`, MLP `4h`.
+    fn spec(layers: usize, h: usize) -> ModelSpec {
+        let t = |name: &str, shape: &[usize], dtype, block, c| TensorSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            block,
+            compressible: c,
+            packed_as: Vec::new(),
+        };
+        ModelSpec::new(
+            layers,
+            vec![
+                t("norm1", &[h], DType::F16, Block::Attention, false),
+                t("qkv", &[3 * h, h], DType::F16, Block::Attention, true),
+                t("out", &[h, h], DType::F16, Block::Attention, true),
+                t("up", &[4 * h, h], DType::F16, Block::Mlp, true),
+                t("down", &[h, 4 * h], DType::F16, Block::Mlp, true),
+                t("down_bias", &[h], DType::F32, Block::Mlp, false),
+            ],
+            vec![t("embed", &[50_000, h], DType::F16, Block::Attention, false)],
+            KvLayout { kv_heads: h / 128, head_dim: 128, dtype: DType::F16 },
+            Widths { hidden: h, heads: h / 128, intermediate: 4 * h, dtype: DType::F16 },
+        )
+        .unwrap()
+    }
+
+    fn policy(percent: [f64; 6], gbs: usize, nb: usize) -> Policy {
+        match (Policy { gpu_batch_size: gbs, num_gpu_batches: nb, ..Policy::default() }).with_percent(&percent) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn every_weight_byte_is_placed_once_as_the_engine_places_it() {
+        let s = spec(48, 7168);
+        let p = policy([20.0, 50.0, 30.0, 30.0, 100.0, 0.0], 32, 2);
+        let fp = footprint(&s, &p, WORK, GPU).unwrap();
+        let w = fp.weights;
+        assert_eq!(w.gpu + w.pinned + w.pageable + w.disk, s.weight_bytes(false).unwrap());
+        assert_eq!(w.pageable, 0, "weights pinned by default");
+        // 20% of 48 layers: 10 whole layers resident, with the embeddings.
+        assert_eq!(w.gpu, s.outside_bytes().unwrap() + 10 * s.layer_bytes(false).unwrap());
+        let k = fp.cache;
+        assert_eq!(k.gpu + k.pageable + k.disk, s.kv_cache_bytes(64, 544));
+        assert_eq!(k.pinned, 0, "the cache is never pinned");
+        assert!(fp.buffers.pinned > 0, "disk and pageable paths need the staging ring");
+    }
+
+    #[test]
+    fn compression_packs_layer_matrices_exactly() {
+        let s = spec(4, 1024);
+        let mut p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 8, 1);
+        let plain = footprint(&s, &p, WORK, GPU).unwrap();
+        p.compress_weight = true;
+        let packed = footprint(&s, &p, WORK, GPU).unwrap();
+        let per_layer = s.layer_bytes(true).unwrap();
+        assert_eq!(packed.weights.gpu, s.outside_bytes().unwrap() + 4 * per_layer);
+        assert!(packed.weights.gpu < plain.weights.gpu);
+        // The plain layer the packed ones are unpacked into.
+        assert_eq!(packed.buffers.gpu - plain.buffers.gpu, s.layer_bytes(false).unwrap());
+    }
+
+    #[test]
+    fn streamed_rows_split_as_the_engine_rounds_them() {
+        let s = spec(10, 256);
+        let split = split_layers(10, 0.0, 30.0);
+        let (host, disk) = streamed_layer_bytes(&s, &split, false).unwrap();
+        assert_eq!(host + disk, s.layer_bytes(false).unwrap());
+        let by_hand: u64 = held_layer_tensors(&s, false)
+            .unwrap()
+            .iter()
+            .map(|(shape, dt)| {
+                let rows = shape[0];
+                let host_rows = ((rows as f64) * 0.3).round() as u64;
+                host_rows * (shape.iter().skip(1).product::<usize>() * dt.size()) as u64
+            })
+            .sum();
+        assert_eq!(host, by_hand);
+    }
+
+    #[test]
+    fn all_on_gpu_needs_no_staging() {
+        let s = spec(32, 4096);
+        let fp = footprint(&s, &policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 32, 1), WORK, GPU).unwrap();
+        assert_eq!(fp.total().host(), 0);
+        assert_eq!(fp.total().disk, 0);
+    }
+
+    #[test]
+    fn a_policy_that_does_not_fit_is_refused_with_advice() {
+        // 55 GB of weights on the host of a machine with 40 GiB; packed
+        // (about 15.5 GB) they fit.
+        let s = spec(48, 7168);
+        let p = policy([0.0, 100.0, 100.0, 0.0, 100.0, 0.0], 32, 2);
+        let cap = Capacity { gpu: 78 * GIB, host: 40 * GIB, pinnable: u64::MAX, disk: 500 * GIB };
+        let err = match check(&s, &p, WORK, GPU, &cap) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("should not fit"),
+        };
+        assert!(err.contains("host: needs"), "{err}");
+        assert!(err.contains("1. --pin-weight 0: still does not fit"), "{err}");
+        assert!(err.contains("2. --compress-weight: fits"), "{err}");
+        let roomy = Capacity { host: 100 * GIB, ..cap };
+        assert!(check(&s, &p, WORK, GPU, &roomy).is_ok());
+    }
+
+    #[test]
+    fn unpinning_helps_only_against_the_locked_memory_limit() {
+        let s = spec(32, 4096);
+        let p = policy([0.0, 100.0, 100.0, 0.0, 100.0, 0.0], 32, 1);
+        let cap = Capacity { gpu: 78 * GIB, host: 100 * GIB, pinnable: 4 * GIB, disk: 500 * GIB };
+        let r = remedies(&s, &p, WORK, GPU, &cap).unwrap();
+        assert_eq!(r[0].flag, "--pin-weight 0");
+        assert!(r[0].fits, "pageable weights avoid the locked-memory limit");
+        let err = check(&s, &p, WORK, GPU, &cap).unwrap_err().to_string();
+        assert!(err.contains("locked-memory limit"), "{err}");
+    }
+
+    #[test]
+    fn this_machine_has_some_of_everything() {
+        let cap = Capacity::of_machine(GIB, &std::env::temp_dir());
+        assert!(cap.host > 0, "MemAvailable");
+        assert!(cap.disk > 0, "statvfs of the temporary directory");
+        assert!(cap.pinnable > 0);
+        let later = std::env::temp_dir().join("tierlm-not-made-yet/offload");
+        assert!(!later.exists());
+        assert!(disk_free(&later).is_some_and(|b| b > 0), "the nearest existing ancestor is asked");
+        assert!(disk_free(std::path::Path::new("not-made-yet-relative")).is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn nothing_helps_when_the_cache_is_too_big() {
+        let s = spec(96, 12288);
+        let p = policy([0.0, 0.0, 100.0, 0.0, 100.0, 0.0], 64, 8);
+        let cap = Capacity { gpu: 16 * GIB, host: 200 * GIB, pinnable: u64::MAX, disk: 1500 * GIB };
+        let err = check(&s, &p, WORK, GPU, &cap).unwrap_err().to_string();
+        assert!(err.contains("none of them is enough"), "{err}");
+    }
+
+    #[test]
+    fn sizes_near_u64_max_saturate_and_are_refused() {
+        let s = spec(4, 1024);
+        let p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], usize::MAX / 2, 2);
+        let work = Workload { prompt_len: usize::MAX, gen_len: usize::MAX };
+        let cap = Capacity { gpu: 78 * GIB, host: 100 * GIB, pinnable: u64::MAX, disk: 500 * GIB };
+        let err = check(&s, &p, work, GPU, &cap).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
+    }
+}
