@@ -133,6 +133,8 @@ impl From<runtime::Error> for Error {
             runtime::Error::Tier(e) => Error::Tier(e),
             runtime::Error::Interrupted => Error::Interrupted,
             runtime::Error::Spec(m) => Error::Config(m),
+            runtime::Error::Prompt { index, reason } => Error::Prompt { index, reason },
+            runtime::Error::TokenOutOfRange { index, id, vocab } => Error::TokenOutOfRange { index, id, vocab },
             runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),
             runtime::Error::NeedsGpuEngine(m) => Error::NeedsGpuEngine(m),
             runtime::Error::NeedsTieredEngine(m) => Error::NeedsTieredEngine(m),

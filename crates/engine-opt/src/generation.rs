@@ -2,8 +2,6 @@
 //! over a block of batches in FlexGen's order (for each step, for each
 //! layer, for each batch), with per-sequence stopping.
 
-use std::time::Duration;
-
 use indicatif::ProgressBar;
 
 use crate::config::OptConfig;
@@ -13,50 +11,15 @@ use std::sync::Arc;
 use crate::cpu_offload::DiskLayers;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::model::{DecoderLayer, OptModel, StepContext};
-use crate::sampling::Sampler;
-use crate::schedule::{BatchTokens, ComputeDevice};
+use runtime::sampling::Sampler;
+use runtime::schedule::{BatchTokens, ComputeDevice};
 
-/// What to generate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GenerateOptions {
-    /// New tokens per sequence at most.
-    pub max_new_tokens: usize,
-    /// Stop a sequence once it produced the end-of-sequence token (which is
-    /// kept in its output). Benchmarks turn this off to generate exactly
-    /// `max_new_tokens`.
-    pub stop_on_eos: bool,
-    /// The end-of-sequence token.
-    pub eos_token_id: u32,
-    /// The token fed to finished sequences and used for left padding.
-    pub pad_token_id: u32,
-}
+pub use runtime::schedule::{GenerateOptions, GenerationOutput};
 
-impl GenerateOptions {
-    /// OPT's ids (`</s>` = 2 ends, `<pad>` = 1 pads), stopping on EOS.
-    pub fn new(max_new_tokens: usize) -> Self {
-        GenerateOptions {
-            max_new_tokens,
-            stop_on_eos: true,
-            eos_token_id: crate::tokenizer::EOS_TOKEN_ID,
-            pad_token_id: crate::tokenizer::PAD_TOKEN_ID,
-        }
-    }
-}
-
-/// The result of [`generate`].
-#[derive(Debug, Clone, Default)]
-pub struct GenerationOutput {
-    /// New tokens of each prompt, in the order the prompts were given.
-    pub tokens: Vec<Vec<u32>>,
-    /// Time of the first step: the prompts through the model and the first
-    /// new token picked.
-    pub prefill_time: Duration,
-    /// Time of every later step.
-    pub decode_time: Duration,
-    /// Bytes held by the KV caches of the block.
-    pub cache_bytes: u64,
-    /// Most bytes of hidden states (f32) held between layers at once.
-    pub activation_bytes: u64,
+/// Options for OPT's ids (`</s>` = 2 ends, `<pad>` = 1 pads), stopping on
+/// the end of sequence.
+pub fn options(max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions::new(max_new_tokens, crate::tokenizer::EOS_TOKEN_ID, crate::tokenizer::PAD_TOKEN_ID)
 }
 
 /// The CPU as a [`ComputeDevice`]: caches in host memory, f32 arithmetic;
@@ -213,9 +176,18 @@ fn last_rows(hidden: &[f32], batch: usize, new_len: usize, dim: usize) -> Vec<f3
 
 impl ComputeDevice for CpuDevice<'_> {
     type Batch = CpuBatch;
+    type Error = Error;
 
-    fn config(&self) -> &OptConfig {
-        &self.model.config
+    fn num_layers(&self) -> usize {
+        self.model.config.num_hidden_layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.config.max_sequence_len()
     }
 
     fn begin_layer(&mut self, j: usize) -> Result<()> {
@@ -315,7 +287,7 @@ impl ComputeDevice for CpuDevice<'_> {
         let logits = self.model.logits(&last, tokens.batch());
         Ok(match sampler {
             Some(s) => logits.chunks(c.vocab_size).map(|row| s.sample(row)).collect(),
-            None => logits.chunks(c.vocab_size).map(crate::sampling::argmax).collect(),
+            None => logits.chunks(c.vocab_size).map(runtime::sampling::argmax).collect(),
         })
     }
 
@@ -329,29 +301,11 @@ impl ComputeDevice for CpuDevice<'_> {
 }
 
 /// Checks prompts against the vocabulary and the positions of a model of
-/// configuration `c` (both engines use it). `first_index` numbers the
+/// configuration `c` (both engines use it; see
+/// [`runtime::schedule::validate_prompts`]). `first_index` numbers the
 /// prompts in messages.
 pub fn validate_prompts(c: &OptConfig, prompts: &[Vec<u32>], max_new_tokens: usize, first_index: usize) -> Result<()> {
-    for (i, p) in prompts.iter().enumerate() {
-        let index = first_index + i;
-        if p.is_empty() {
-            return Err(Error::Prompt { index, reason: "no tokens".to_string() });
-        }
-        if let Some(&id) = p.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(Error::TokenOutOfRange { index, id, vocab: c.vocab_size });
-        }
-        if p.len() + max_new_tokens > c.max_sequence_len() {
-            return Err(Error::Prompt {
-                index,
-                reason: format!(
-                    "{} prompt tokens + {max_new_tokens} new tokens exceed the model's {} positions",
-                    p.len(),
-                    c.max_sequence_len()
-                ),
-            });
-        }
-    }
-    Ok(())
+    Ok(runtime::schedule::validate_prompts(c.vocab_size, c.max_sequence_len(), prompts, max_new_tokens, first_index)?)
 }
 
 /// Generates for a block of batches (`batches[k]` holds the prompts of batch
@@ -365,7 +319,7 @@ pub fn generate(
     sampler: &mut Sampler,
     progress: &ProgressBar,
 ) -> Result<GenerationOutput> {
-    crate::schedule::generate(&mut CpuDevice::new(model), batches, opts, Some(sampler), progress)
+    runtime::schedule::generate(&mut CpuDevice::new(model), batches, opts, Some(sampler), progress)
 }
 
 /// [`generate`] with the layers from `disk.first()` on read back from disk
@@ -388,7 +342,7 @@ pub fn generate_with(
     if let Some((d, cpu_percent)) = cache_disk {
         device = device.with_cache_on_disk(d, cpu_percent);
     }
-    crate::schedule::generate(&mut device, batches, opts, Some(sampler), progress)
+    runtime::schedule::generate(&mut device, batches, opts, Some(sampler), progress)
 }
 
 /// Logits at the last position of each prompt after the prompts (left
@@ -464,9 +418,9 @@ mod tests {
     fn stops_on_eos_unless_told_not_to() {
         let src = AlwaysEos(DummyWeights::new(1));
         let prompts = vec![vec![vec![2, 5, 6], vec![2, 7]]];
-        let out = run(&src, &GenerateOptions::new(6), &prompts);
+        let out = run(&src, &crate::generation::options(6), &prompts);
         assert_eq!(out.tokens, vec![vec![2], vec![2]]);
-        let no_stop = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(6) };
+        let no_stop = GenerateOptions { stop_on_eos: false, ..crate::generation::options(6) };
         let out = run(&src, &no_stop, &prompts);
         assert_eq!(out.tokens, vec![vec![2; 6], vec![2; 6]]);
     }

@@ -46,13 +46,11 @@ pub mod loading;
 pub mod memory;
 pub mod model;
 pub mod ops;
-pub mod sampling;
-pub mod schedule;
 pub mod spec;
 pub mod tokenizer;
 pub mod weights;
 
-pub use runtime::{interrupt, plan as placement, policy, progress};
+pub use runtime::{interrupt, plan as placement, policy, progress, sampling, schedule};
 
 pub use config::OptConfig;
 pub use error::{Error, Result};

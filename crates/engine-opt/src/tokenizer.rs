@@ -93,30 +93,4 @@ impl OptTokenizer {
     }
 }
 
-/// Left-pads sequences to the longest: returns the `[batch, len]` ids and
-/// the mask (`true` for real tokens), row by row.
-pub fn left_pad(seqs: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
-    let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
-    seqs.iter()
-        .map(|s| {
-            let pad = len - s.len();
-            let mut ids = vec![pad_id; pad];
-            ids.extend_from_slice(s);
-            let mut mask = vec![false; pad];
-            mask.resize(len, true);
-            (ids, mask)
-        })
-        .unzip()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn left_padding() {
-        let (ids, mask) = left_pad(&[vec![2, 5, 6], vec![2, 7]], 1);
-        assert_eq!(ids, vec![vec![2, 5, 6], vec![1, 2, 7]]);
-        assert_eq!(mask, vec![vec![true, true, true], vec![false, true, true]]);
-    }
-}
+pub use runtime::schedule::left_pad;

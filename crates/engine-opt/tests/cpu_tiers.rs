@@ -47,7 +47,7 @@ fn greedy_tokens_with_cache(
     let (a, b) = case.input_ids.split_at(case.input_ids.len() / 2);
     let batches = vec![a.to_vec(), b.to_vec()];
     let mut sampler = Sampler::new(SamplingConfig::default());
-    let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(MIN_EQUAL_TOKENS) };
+    let opts = GenerateOptions { stop_on_eos: false, ..engine_opt::generation::options(MIN_EQUAL_TOKENS) };
     let out =
         generate_with(&loaded.model, on_disk, None, &batches, &opts, &mut sampler, &ProgressBar::hidden()).unwrap();
     (out.tokens, bytes)
@@ -61,7 +61,7 @@ fn weights_on_disk_give_the_same_tokens() {
         let case = &expected(model_dir).cases[0];
         let (a, b) = case.input_ids.split_at(case.input_ids.len() / 2);
         let mut sampler = Sampler::new(SamplingConfig::default());
-        let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(MIN_EQUAL_TOKENS) };
+        let opts = GenerateOptions { stop_on_eos: false, ..engine_opt::generation::options(MIN_EQUAL_TOKENS) };
         let batches = vec![a.to_vec(), b.to_vec()];
         let want = generate(&loaded.model, &batches, &opts, &mut sampler, &ProgressBar::hidden()).unwrap().tokens;
         for w_cpu in [0.0, 50.0] {

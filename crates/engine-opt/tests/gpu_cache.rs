@@ -202,10 +202,7 @@ fn check_compressed(model_dir: &str, cpu_share: f64) {
     let steps = 6;
     let mut st = GpuBatch::new(&gpu, &prompts, steps, 1).unwrap();
     let mut ws = Workspace::new(&gpu.gpu, &gpu.config, st.rows(), n).unwrap();
-    let opts = engine_opt::generation::GenerateOptions {
-        stop_on_eos: false,
-        ..engine_opt::generation::GenerateOptions::new(steps)
-    };
+    let opts = engine_opt::generation::GenerateOptions { stop_on_eos: false, ..engine_opt::generation::options(steps) };
     let mut seqs = prompts.clone();
     let mut worst = 0.0f32;
     for step in 0..steps {

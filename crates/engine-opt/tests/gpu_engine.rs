@@ -191,7 +191,7 @@ fn decode_over_long_cache_matches_cpu() {
     let mut st = GpuBatch::new(&gpu, &prompts, steps, 1).unwrap();
     let mut ws = Workspace::new(&gpu.gpu, &gpu.config, st.rows(), 3).unwrap();
     ws.set_score_budget(1);
-    let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(steps) };
+    let opts = GenerateOptions { stop_on_eos: false, ..engine_opt::generation::options(steps) };
     let mut seqs = prompts.clone();
     for step in 0..steps {
         st.step(&gpu, &mut ws).unwrap();

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use engine_opt::generation::{generate, prefill_logits, GenerateOptions};
+use engine_opt::generation::{generate, prefill_logits};
 use engine_opt::loading::{load_model, LoadedModel};
 use engine_opt::sampling::{Sampler, SamplingConfig};
 use serde::Deserialize;
@@ -55,7 +55,9 @@ fn expected(dir: &str) -> Expected {
 fn greedy(loaded: &LoadedModel, batches: &[Vec<Vec<u32>>], max_new_tokens: usize) -> Vec<Vec<u32>> {
     let mut sampler = Sampler::new(SamplingConfig::default());
     let progress = indicatif::ProgressBar::hidden();
-    generate(&loaded.model, batches, &GenerateOptions::new(max_new_tokens), &mut sampler, &progress).unwrap().tokens
+    generate(&loaded.model, batches, &engine_opt::generation::options(max_new_tokens), &mut sampler, &progress)
+        .unwrap()
+        .tokens
 }
 
 fn check_against_transformers(model_dir: &str, expected_dir: &str) {

@@ -43,6 +43,14 @@ pub enum Error {
     #[error("{0}")]
     PolicyDoesNotFit(String),
 
+    /// A prompt is empty, or does not fit in the model's positions.
+    #[error("prompt {index}: {reason}")]
+    Prompt { index: usize, reason: String },
+
+    /// A token id is outside the vocabulary.
+    #[error("prompt {index}: token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { index: usize, id: u32, vocab: usize },
+
     /// SIGINT (Ctrl-C) or SIGTERM arrived (see [`crate::interrupt`]); by the
     /// time `tierlm` prints this, the unwind has dropped every tier's memory.
     #[error("interrupted (Ctrl-C or SIGTERM): generation stopped; pinned memory freed and offload files removed")]

@@ -12,6 +12,10 @@
 //! - [`tiers`]: the tiers of a run ([`tiers::Tiers`], built once per process
 //!   and shared by the weights, the KV cache and the activations), and what
 //!   each tier held at its peak ([`TierPeaks`]);
+//! - [`schedule`]: the block schedule (FlexGen's order) over the
+//!   [`schedule::ComputeDevice`] trait, with a batch's tokens through a
+//!   generation ([`schedule::BatchTokens`]); [`sampling`]: greedy,
+//!   temperature, top-k, top-p;
 //! - [`memory`]: the host's memory figures from `/proc`;
 //! - [`interrupt`] (Ctrl-C stops a run cleanly) and [`progress`] bars.
 //!
@@ -29,6 +33,8 @@ pub mod memory;
 pub mod plan;
 pub mod policy;
 pub mod progress;
+pub mod sampling;
+pub mod schedule;
 pub mod spec;
 pub mod tiers;
 

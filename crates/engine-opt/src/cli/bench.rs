@@ -259,14 +259,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let generate = |prompts: &[Vec<Vec<u32>>], opts: &GenerateOptions, sampler: &mut Sampler, pb: &ProgressBar| {
         generate_with(model, on_disk.clone(), cache_disk.clone(), prompts, opts, sampler, pb)
     };
-    let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
+    let opts = GenerateOptions { stop_on_eos: false, ..crate::generation::options(args.gen_len) };
     let mut sampler = Sampler::new(SamplingConfig::default());
 
     // Warm-up as FlexLLMGen: the same prompts count, 32-token prompts, one
     // new token.
     let warm = bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len.min(32), 1);
     let hidden = indicatif::ProgressBar::hidden();
-    generate(&warm, &GenerateOptions { max_new_tokens: 1, ..opts }, &mut sampler, &hidden)?;
+    generate(&warm, &GenerateOptions { max_new_tokens: 1, ..opts.clone() }, &mut sampler, &hidden)?;
 
     let prompts =
         bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed);

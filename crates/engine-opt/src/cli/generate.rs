@@ -188,7 +188,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         stop_on_eos: true,
-        eos_token_id: config.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID),
+        eos_token_ids: vec![config.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID)],
         pad_token_id: config.pad_token_id.unwrap_or(crate::tokenizer::PAD_TOKEN_ID),
     };
 

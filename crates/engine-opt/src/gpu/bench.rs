@@ -505,7 +505,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     let measuring = Instant::now();
     let rates = model.offload.as_ref().map(|s| s.copy_rates()).transpose()?.unwrap_or_default();
     measure_s += measuring.elapsed().as_secs_f64();
-    let opts = GenerateOptions { stop_on_eos: false, ..GenerateOptions::new(args.gen_len) };
+    let opts = GenerateOptions { stop_on_eos: false, ..crate::generation::options(args.gen_len) };
     let hidden = indicatif::ProgressBar::hidden();
 
     // Warm-up, untimed: the timed run's shapes (so that cuBLAS's kernels
@@ -515,7 +515,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
     // Start-up: process start to the first prefill, less the benchmark's
     // own measurements (roofline, copy rates), which a run does not need.
     let startup_s = crate::progress::process_start().elapsed().as_secs_f64() - measure_s;
-    generate(&model, &warm, &GenerateOptions { max_new_tokens: args.gen_len.min(2), ..opts }, None, &hidden)?;
+    generate(&model, &warm, &GenerateOptions { max_new_tokens: args.gen_len.min(2), ..opts.clone() }, None, &hidden)?;
 
     let prompts =
         bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed);
@@ -869,7 +869,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         stop_on_eos: true,
-        eos_token_id: c.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID),
+        eos_token_ids: vec![c.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID)],
         pad_token_id: c.pad_token_id.unwrap_or(crate::tokenizer::PAD_TOKEN_ID),
     };
     let mut sampler = Sampler::new(sampling);

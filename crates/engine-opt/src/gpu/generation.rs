@@ -11,11 +11,10 @@ use indicatif::ProgressBar;
 
 use super::cache::GpuKvCache;
 use super::model::{ActivationHome, BatchCache, GpuHidden, GpuModel, GpuStep, Workspace};
-use crate::config::OptConfig;
 use crate::error::{Error, Result};
 use crate::generation::{validate_prompts, GenerateOptions, GenerationOutput};
 use crate::sampling::Sampler;
-use crate::schedule::{BatchTokens, ComputeDevice};
+use runtime::schedule::{BatchTokens, ComputeDevice};
 
 /// One batch's state on the GPU: its KV cache and hidden states (and,
 /// with the activations in host memory, their home there; `act` is then the
@@ -170,8 +169,18 @@ impl Drop for GpuCompute<'_> {
 impl ComputeDevice for GpuCompute<'_> {
     type Batch = GpuBatchState;
 
-    fn config(&self) -> &OptConfig {
-        &self.model.config
+    type Error = Error;
+
+    fn num_layers(&self) -> usize {
+        self.model.config.num_hidden_layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.config.max_sequence_len()
     }
 
     fn begin_block(&mut self, tokens: &[BatchTokens]) -> Result<()> {
@@ -287,7 +296,7 @@ pub fn generate(
     progress: &ProgressBar,
 ) -> Result<GenerationOutput> {
     let mut device = GpuCompute::new(model);
-    let mut out = crate::schedule::generate(&mut device, batches, opts, sampler, progress)?;
+    let mut out = runtime::schedule::generate(&mut device, batches, opts, sampler, progress)?;
     // The cache's GPU slots are the GPU's share of a tiered cache.
     out.cache_bytes += model.cache_streamer.as_ref().map_or(0, |c| c.slot_bytes());
     Ok(out)

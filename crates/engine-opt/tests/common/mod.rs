@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use engine_opt::generation::{generate as cpu_generate, prefill_logits as cpu_prefill_logits, GenerateOptions};
+use engine_opt::generation::{generate as cpu_generate, prefill_logits as cpu_prefill_logits};
 use engine_opt::gpu::generation::generate;
 use engine_opt::gpu::{self, GpuModel};
 use engine_opt::loading::{load_model, LoadedModel};
@@ -77,14 +77,14 @@ pub fn max_abs(a: &[f32]) -> f32 {
 }
 
 pub fn gpu_greedy(model: &GpuModel, batches: &[Vec<Vec<u32>>], n: usize) -> Vec<Vec<u32>> {
-    generate(model, batches, &GenerateOptions::new(n), None, &indicatif::ProgressBar::hidden())
+    generate(model, batches, &engine_opt::generation::options(n), None, &indicatif::ProgressBar::hidden())
         .unwrap_or_else(|e| panic!("{e}"))
         .tokens
 }
 
 pub fn cpu_greedy(model: &OptModel, batches: &[Vec<Vec<u32>>], n: usize) -> Vec<Vec<u32>> {
     let mut sampler = Sampler::new(SamplingConfig::default());
-    cpu_generate(model, batches, &GenerateOptions::new(n), &mut sampler, &indicatif::ProgressBar::hidden())
+    cpu_generate(model, batches, &engine_opt::generation::options(n), &mut sampler, &indicatif::ProgressBar::hidden())
         .unwrap()
         .tokens
 }

@@ -1,4 +1,5 @@
-//! The block schedule, written once for every compute device.
+//! The block schedule, written once for every compute device and every
+//! model family.
 //!
 //! FlexGen's order over a block of GPU batches: for each generation step,
 //! for each decoder layer, for each unfinished batch. A layer's weights are
@@ -7,27 +8,113 @@
 //! ([`ComputeDevice::end_layer`]); each batch's cache and hidden states are
 //! the device's business (in place, or loaded into and stored from slots).
 //! [`generate`] drives it; a device only says how to embed a batch's step,
-//! run one layer of one batch, and pick the next tokens:
+//! run one layer of one batch, and pick the next tokens (a family's CPU
+//! reference, or its GPU engine with weights and cache on any tiers).
 //!
-//! - the CPU engine ([`crate::generation`]): weights and cache in host
-//!   memory, f32 arithmetic;
-//! - the GPU engine ([`crate::gpu::generation`]): weights and cache on any
-//!   tiers, streamed through GPU slots.
-//!
-//! What is the same for both lives here: [`BatchTokens`], a batch's tokens
-//! through a generation (left padding, positions, per-sequence stopping,
-//! finished sequences fed padding), and the timing split (the first step is
+//! What is the same for every device lives here: [`BatchTokens`], a batch's
+//! tokens through a generation (left padding, positions counted from each
+//! sequence's first real token, per-sequence stopping on any of the
+//! end-of-sequence ids, finished sequences fed padding), the prompts'
+//! checks ([`validate_prompts`]) and the timing split (the first step is
 //! the prefill).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
-use crate::config::OptConfig;
-use crate::error::Result;
-use crate::generation::{validate_prompts, GenerateOptions, GenerationOutput};
+use crate::error::{Error, Result};
 use crate::sampling::Sampler;
-use crate::tokenizer::left_pad;
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerateOptions {
+    /// New tokens per sequence at most.
+    pub max_new_tokens: usize,
+    /// Stop a sequence once it produced an end-of-sequence token (which is
+    /// kept in its output). Benchmarks turn this off to generate exactly
+    /// `max_new_tokens`.
+    pub stop_on_eos: bool,
+    /// The end-of-sequence tokens (a checkpoint's `generation_config.json`
+    /// may give several): any of them ends a sequence.
+    pub eos_token_ids: Vec<u32>,
+    /// The token fed to finished sequences and used for left padding.
+    pub pad_token_id: u32,
+}
+
+impl GenerateOptions {
+    /// `max_new_tokens`, stopping on `eos`, padding with `pad`.
+    pub fn new(max_new_tokens: usize, eos: u32, pad: u32) -> Self {
+        GenerateOptions { max_new_tokens, stop_on_eos: true, eos_token_ids: vec![eos], pad_token_id: pad }
+    }
+
+    /// Whether `token` ends a sequence.
+    pub fn is_eos(&self, token: u32) -> bool {
+        self.stop_on_eos && self.eos_token_ids.contains(&token)
+    }
+}
+
+/// The result of [`generate`].
+#[derive(Debug, Clone, Default)]
+pub struct GenerationOutput {
+    /// New tokens of each prompt, in the order the prompts were given.
+    pub tokens: Vec<Vec<u32>>,
+    /// Time of the first step: the prompts through the model and the first
+    /// new token picked.
+    pub prefill_time: Duration,
+    /// Time of every later step.
+    pub decode_time: Duration,
+    /// Bytes held by the KV caches of the block.
+    pub cache_bytes: u64,
+    /// Most bytes of hidden states held between layers at once.
+    pub activation_bytes: u64,
+}
+
+/// Checks prompts against a model's vocabulary (`vocab` ids) and positions
+/// (`max_positions` per sequence, prompt and new tokens together).
+/// `first_index` numbers the prompts in messages.
+pub fn validate_prompts(
+    vocab: usize,
+    max_positions: usize,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    first_index: usize,
+) -> Result<()> {
+    for (i, p) in prompts.iter().enumerate() {
+        let index = first_index.saturating_add(i);
+        if p.is_empty() {
+            return Err(Error::Prompt { index, reason: "no tokens".to_string() });
+        }
+        if let Some(&id) = p.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { index, id, vocab });
+        }
+        if p.len().checked_add(max_new_tokens).is_none_or(|n| n > max_positions) {
+            return Err(Error::Prompt {
+                index,
+                reason: format!(
+                    "{} prompt tokens + {max_new_tokens} new tokens exceed the model's {max_positions} positions",
+                    p.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `seqs` left padded with `pad_id` to the longest, with the mask of real
+/// tokens.
+pub fn left_pad(seqs: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+    let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    seqs.iter()
+        .map(|s| {
+            let pad = len - s.len();
+            let mut ids = vec![pad_id; pad];
+            ids.extend_from_slice(s);
+            let mut mask = vec![false; pad];
+            mask.resize(len, true);
+            (ids, mask)
+        })
+        .unzip()
+}
 
 /// One batch's tokens through a generation: the next step's tokens (left
 /// padded at the prefill, one per sequence after), which are real, each
@@ -99,9 +186,9 @@ impl BatchTokens {
             .collect()
     }
 
-    /// Each row's position (0-based, before OPT's offset; `None` for
-    /// padding): OPT's `cumsum(mask) · mask − 1`, continued from the tokens
-    /// before.
+    /// Each row's position (0-based from the sequence's first real token,
+    /// before any offset a family adds; `None` for padding):
+    /// `cumsum(mask) · mask − 1`, continued from the tokens before.
     pub fn positions(&self) -> Vec<Option<usize>> {
         let past = self.past_real();
         let mut out = Vec::with_capacity(self.rows());
@@ -133,8 +220,7 @@ impl BatchTokens {
                 opts.pad_token_id
             } else {
                 self.generated[b].push(token);
-                let eos = opts.stop_on_eos && token == opts.eos_token_id;
-                if eos || self.generated[b].len() >= opts.max_new_tokens {
+                if opts.is_eos(token) || self.generated[b].len() >= opts.max_new_tokens {
                     self.finished[b] = true;
                 }
                 token
@@ -147,53 +233,63 @@ impl BatchTokens {
     }
 }
 
-/// A device that computes OPT a layer at a time over a block of batches.
+/// A device that computes a model a layer at a time over a block of
+/// batches.
 pub trait ComputeDevice {
     /// One batch's state on the device: its KV cache and hidden states.
     type Batch;
+    /// The device's errors; the schedule's own (an interrupt, a bad prompt)
+    /// convert into it.
+    type Error: From<Error>;
 
-    /// The model's configuration.
-    fn config(&self) -> &OptConfig;
+    /// Decoder layers.
+    fn num_layers(&self) -> usize;
+
+    /// Token ids the model knows.
+    fn vocab_size(&self) -> usize;
+
+    /// Positions a sequence may hold, prompt and new tokens together.
+    fn max_positions(&self) -> usize;
 
     /// Before any batch is made: every batch's first step (the GPU sizes
     /// what the batches share from the largest).
-    fn begin_block(&mut self, _tokens: &[BatchTokens]) -> Result<()> {
+    fn begin_block(&mut self, _tokens: &[BatchTokens]) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// The state of a batch whose first step is `tokens`, with room for
     /// `capacity` positions per sequence.
-    fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<Self::Batch>;
+    fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<Self::Batch, Self::Error>;
 
     /// Once every batch of the block is made, before the first step (the
     /// GPU sizes its scratch space for the largest).
-    fn prepare(&mut self, _batches: &[(BatchTokens, Self::Batch)]) -> Result<()> {
+    fn prepare(&mut self, _batches: &[(BatchTokens, Self::Batch)]) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// A step begins (`prefill` for the first): for profiling.
-    fn begin_step(&mut self, _prefill: bool) -> Result<()> {
+    fn begin_step(&mut self, _prefill: bool) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// The step's embeddings into the batch's hidden states.
-    fn embed(&mut self, tokens: &BatchTokens, batch: &mut Self::Batch) -> Result<()>;
+    fn embed(&mut self, tokens: &BatchTokens, batch: &mut Self::Batch) -> Result<(), Self::Error>;
 
     /// Layer `j`'s weights are ready before any batch computes it.
-    fn begin_layer(&mut self, _j: usize) -> Result<()> {
+    fn begin_layer(&mut self, _j: usize) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// Layer `j` of one batch, in place on its hidden states and cache.
-    fn layer(&mut self, j: usize, tokens: &BatchTokens, batch: &mut Self::Batch) -> Result<()>;
+    fn layer(&mut self, j: usize, tokens: &BatchTokens, batch: &mut Self::Batch) -> Result<(), Self::Error>;
 
     /// Every batch has layer `j` (enqueued): its weights may go.
-    fn end_layer(&mut self, _j: usize) -> Result<()> {
+    fn end_layer(&mut self, _j: usize) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// Every layer of the step is done for every batch (caches stored).
-    fn end_step(&mut self) -> Result<()> {
+    fn end_step(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
 
@@ -203,10 +299,10 @@ pub trait ComputeDevice {
         tokens: &BatchTokens,
         batch: &mut Self::Batch,
         sampler: Option<&mut Sampler>,
-    ) -> Result<Vec<u32>>;
+    ) -> Result<Vec<u32>, Self::Error>;
 
     /// Everything the device was asked is done (timing ends here).
-    fn finish(&mut self) -> Result<()> {
+    fn finish(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
 
@@ -226,10 +322,10 @@ pub fn generate<D: ComputeDevice>(
     opts: &GenerateOptions,
     mut sampler: Option<&mut Sampler>,
     progress: &ProgressBar,
-) -> Result<GenerationOutput> {
+) -> Result<GenerationOutput, D::Error> {
     let mut first = 0;
     for prompts in batches {
-        validate_prompts(device.config(), prompts, opts.max_new_tokens, first)?;
+        validate_prompts(device.vocab_size(), device.max_positions(), prompts, opts.max_new_tokens, first)?;
         first += prompts.len();
     }
     let all: Vec<BatchTokens> = batches
@@ -246,7 +342,8 @@ pub fn generate<D: ComputeDevice>(
     device.begin_block(&all)?;
     let mut states = Vec::with_capacity(all.len());
     for tokens in all {
-        let state = device.new_batch(&tokens, tokens.new_len() + opts.max_new_tokens)?;
+        // validate_prompts bounded prompt plus new tokens by the positions.
+        let state = device.new_batch(&tokens, tokens.new_len().saturating_add(opts.max_new_tokens))?;
         states.push((tokens, state));
     }
     device.prepare(&states)?;
@@ -269,7 +366,7 @@ pub fn generate<D: ComputeDevice>(
         }
         let held = device.activation_bytes(&active.iter().map(|&k| &states[k].1).collect::<Vec<_>>());
         out.activation_bytes = out.activation_bytes.max(held);
-        for j in 0..device.config().num_hidden_layers {
+        for j in 0..device.num_layers() {
             crate::interrupt::check()?;
             device.begin_layer(j)?;
             for &k in &active {
@@ -300,8 +397,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn left_padding() {
+        let (ids, mask) = left_pad(&[vec![2, 5, 6], vec![2, 7]], 1);
+        assert_eq!(ids, vec![vec![2, 5, 6], vec![1, 2, 7]]);
+        assert_eq!(mask, vec![vec![true, true, true], vec![false, true, true]]);
+    }
+
+    #[test]
+    fn prompts_are_checked_without_overflow() {
+        assert!(validate_prompts(10, 8, &[vec![1, 2]], 6, 0).is_ok());
+        let long = validate_prompts(10, 8, &[vec![1, 2]], 7, 4).unwrap_err().to_string();
+        assert!(long.contains("prompt 4") && long.contains("exceed the model's 8 positions"), "{long}");
+        let huge = validate_prompts(10, 8, &[vec![1, 2]], usize::MAX, 0).unwrap_err().to_string();
+        assert!(huge.contains("exceed"), "{huge}");
+        let out = validate_prompts(10, 8, &[vec![1, 12]], 1, 0).unwrap_err().to_string();
+        assert!(out.contains("token id 12"), "{out}");
+        assert!(validate_prompts(10, 8, &[vec![]], 1, 0).is_err());
+    }
+
+    #[test]
+    fn any_eos_id_ends_a_sequence() {
+        let opts = GenerateOptions { eos_token_ids: vec![7, 9], ..GenerateOptions::new(5, 7, 0) };
+        let mut t = BatchTokens::new(&[vec![1], vec![1], vec![1]], 0);
+        t.advance(&[9, 7, 4], &opts);
+        assert_eq!(t.finished, vec![true, true, false]);
+        let no_stop = GenerateOptions { stop_on_eos: false, ..opts };
+        let mut t = BatchTokens::new(&[vec![1]], 0);
+        t.advance(&[9], &no_stop);
+        assert_eq!(t.finished, vec![false]);
+    }
+
+    #[test]
     fn positions_follow_the_mask_and_continue() {
-        let opts = GenerateOptions::new(3);
+        let opts = GenerateOptions::new(3, 2, 1);
         let mut t = BatchTokens::new(&[vec![2, 9, 9], vec![2, 9]], opts.pad_token_id);
         assert_eq!(t.tokens(), &[2, 9, 9, opts.pad_token_id, 2, 9]);
         assert_eq!(t.mask(), &[1, 1, 1, 0, 1, 1]);
