@@ -51,7 +51,8 @@ import sys
 import types
 import zipfile
 
-SOURCE = os.path.join("fixtures", "opt", "tiny-opt")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SOURCE = os.path.join(ROOT, "fixtures", "opt", "tiny-opt")
 COPIED = ["config.json", "tokenizer.json"]
 ALIGN = 64
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -293,7 +294,7 @@ def hostile(directory, torch_fake):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("fixtures", "pytorch"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "fixtures", "pytorch"))
     ap.add_argument("--real-torch", action="store_true", help="write with torch.save (needs torch)")
     args = ap.parse_args()
 
