@@ -50,8 +50,11 @@ pub fn read_pickle(path: &Path, data_pkl: &[u8]) -> Result<Vec<(String, TensorRe
 }
 
 /// Whether `shape`/`strides` are row-major contiguous (strides of size-1
-/// dimensions do not matter, as in torch).
+/// dimensions, and of empty tensors, do not matter, as in torch).
 fn contiguous(shape: &[u64], strides: &[u64]) -> bool {
+    if shape.contains(&0) {
+        return true;
+    }
     let mut expected: u64 = 1;
     for (&size, &stride) in shape.iter().zip(strides).rev() {
         if size != 1 && stride != expected {
@@ -164,11 +167,15 @@ mod tests {
     use crate::zip::tests::build_zip;
 
     fn archive(pkl: &[u8], storages: &[(&str, &[u8])]) -> Vec<u8> {
+        archive_with(pkl, storages, false)
+    }
+
+    fn archive_with(pkl: &[u8], storages: &[(&str, &[u8])], zip64: bool) -> Vec<u8> {
         let names: Vec<String> = storages.iter().map(|(k, _)| format!("archive/data/{k}")).collect();
         let mut entries: Vec<(&str, &[u8])> = vec![("archive/data.pkl", pkl), ("archive/byteorder", b"little")];
         entries.extend(names.iter().map(String::as_str).zip(storages.iter().map(|(_, d)| *d)));
         entries.push(("archive/version", b"3\n"));
-        build_zip(&entries, false, 64)
+        build_zip(&entries, zip64, 64)
     }
 
     /// name, storage key, storage class, storage numel, offset, shape, stride
@@ -190,13 +197,16 @@ mod tests {
             ("b", "0", "HalfStorage", 12, 4, &[4, 2], &[2, 1]),
             ("c", "1", "ByteStorage", 3, 1, &[2], &[1]),
         ]);
-        let buf = archive(&pkl, &[("0", &data), ("1", b"xyz")]);
-        let t = read_tensors(Path::new("x.bin"), &buf).unwrap();
-        assert_eq!(t.len(), 3);
-        assert_eq!(&buf[t[0].range.clone()], &data[0..8]);
-        assert_eq!(&buf[t[1].range.clone()], &data[8..24]);
-        assert_eq!(&buf[t[2].range.clone()], b"yz");
-        assert_eq!(t[1].shape, [4, 2]);
+        for zip64 in [false, true] {
+            let buf = archive_with(&pkl, &[("0", &data), ("1", b"xyz")], zip64);
+            let t = read_tensors(Path::new("x.bin"), &buf).unwrap();
+            assert_eq!(t.len(), 3);
+            assert_eq!(&buf[t[0].range.clone()], &data[0..8]);
+            assert_eq!(&buf[t[1].range.clone()], &data[8..24]);
+            assert_eq!(&buf[t[2].range.clone()], b"yz");
+            assert_eq!(t[1].shape, [4, 2]);
+            assert_eq!(t[0].range.start % 64, 0, "torch's alignment kept");
+        }
     }
 
     #[test]
@@ -248,5 +258,6 @@ mod tests {
         assert!(contiguous(&[2, 1, 4], &[4, 99, 1]));
         assert!(!contiguous(&[2, 3], &[1, 2]));
         assert!(contiguous(&[0, 3], &[3, 1]));
+        assert!(contiguous(&[0, 3], &[1, 7]));
     }
 }
