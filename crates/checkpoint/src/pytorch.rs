@@ -4,8 +4,8 @@
 //! little-endian elements), `<prefix>/version`, `<prefix>/byteorder`, ...
 //!
 //! The file is memory-mapped by the caller; [`read_tensors`] finds the
-//! entries ([`crate::zip`]), reads the state dict with the restricted
-//! unpickler of [`crate::pickle`] (which runs nothing and refuses every
+//! entries (module `zip`), reads the state dict with the restricted
+//! unpickler of module `pickle` (which runs nothing and refuses every
 //! global outside its allowlist), and places each tensor in the file: the
 //! byte range of its elements inside its storage's entry, checked to lie
 //! there. Several tensors may share a storage (tied weights, views) at
