@@ -134,8 +134,8 @@ def install_stand_in_torch():
 
 
 class TorchPickler(pickle.Pickler):
-    def __init__(self, f, torch):
-        super().__init__(f, protocol=2)
+    def __init__(self, f, torch, protocol):
+        super().__init__(f, protocol=protocol)
         self.torch = torch
         self.keys = {}
         self.storages = []
@@ -165,9 +165,9 @@ def write_archive(path, entries):
         f.write(buf.getvalue())
 
 
-def fake_save(state_dict, path, torch):
+def fake_save(state_dict, path, torch, protocol=2):
     pkl = io.BytesIO()
-    pickler = TorchPickler(pkl, torch)
+    pickler = TorchPickler(pkl, torch, protocol)
     pickler.dump(state_dict)
     entries = [("archive/data.pkl", pkl.getvalue()), ("archive/byteorder", b"little")]
     for key, storage in enumerate(pickler.storages):
@@ -296,6 +296,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "fixtures", "pytorch"))
     ap.add_argument("--real-torch", action="store_true", help="write with torch.save (needs torch)")
+    ap.add_argument(
+        "--protocol",
+        type=int,
+        default=2,
+        choices=[2, 3, 4, 5],
+        help="pickle protocol of the checkpoints (torch.save's default, and the committed files', is 2)",
+    )
     args = ap.parse_args()
 
     src = read_safetensors(os.path.join(SOURCE, "model.safetensors"))
@@ -305,14 +312,14 @@ def main():
         make = RealMaker(torch)
 
         def save(sd, path):
-            torch.save(sd, path)
+            torch.save(sd, path, pickle_protocol=args.protocol)
 
     else:
         torch_fake = install_stand_in_torch()
         make = FakeMaker()
 
         def save(sd, path):
-            fake_save(sd, path, torch_fake)
+            fake_save(sd, path, torch_fake, args.protocol)
 
     single = os.path.join(args.out, "tiny-opt-bin")
     sharded = os.path.join(args.out, "tiny-opt-bin-sharded")
