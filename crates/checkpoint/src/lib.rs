@@ -29,6 +29,11 @@
 //! `pickle` (the restricted unpickler), `zip` (entries of a stored zip),
 //! `convert` (dtype conversions).
 
+// The rules above, enforced: the mapping is the one `unsafe` (allowed where
+// it is), and nothing input can reach unwraps.
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 mod convert;
 mod error;
 mod pickle;
@@ -212,6 +217,7 @@ fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
     Ok((names, index.weight_map))
 }
 
+#[allow(unsafe_code)]
 fn map(path: &Path) -> Result<Mmap> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the mapping is read-only and lives as long as the `Checkpoint`
