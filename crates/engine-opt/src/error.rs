@@ -35,13 +35,19 @@ pub enum Error {
     #[error("unknown model {name:?}: not a directory, and not a preset (known: {known})")]
     UnknownModel { name: String, known: String },
 
-    /// The directory holds no safetensors checkpoint.
-    #[error("{dir}: no model.safetensors and no model.safetensors.index.json")]
+    /// The directory holds no checkpoint in a layout the reader takes.
+    #[error("{dir}: no {} in this directory (is it a Hugging Face checkpoint directory?)", checkpoint::LOOKED_FOR)]
     MissingWeights { dir: PathBuf },
 
     /// A safetensors file is truncated or corrupt.
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
+
+    /// A checkpoint could not be read: a corrupt or refused file (a PyTorch
+    /// pickle naming a forbidden global), a tensor missing, misshaped or of
+    /// an unconvertible type; the message names the file and the tensor.
+    #[error(transparent)]
+    Checkpoint(checkpoint::Error),
 
     /// A tensor the model needs is in no file of the checkpoint.
     #[error("tensor {name} is missing from the checkpoint")]
