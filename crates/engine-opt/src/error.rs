@@ -132,6 +132,14 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<ops::Error> for Error {
+    fn from(e: ops::Error) -> Self {
+        match e {
+            ops::Error::Gpu(m) => Error::Gpu(m),
+        }
+    }
+}
+
 impl From<runtime::Error> for Error {
     fn from(e: runtime::Error) -> Self {
         match e {

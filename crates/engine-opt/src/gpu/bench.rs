@@ -294,7 +294,9 @@ pub fn measure_roofline(gpu: &Gpu) -> Result<Roofline> {
         (DevBuf::<f16>::alloc(gpu, N * N)?, DevBuf::<f16>::alloc(gpu, N * N)?, DevBuf::<f16>::alloc(gpu, N * N)?);
     gpu.kernels.fill_uniform_f16(gpu, &a, 2, 1.0)?;
     gpu.kernels.fill_uniform_f16(gpu, &b, 3, 1.0)?;
-    let gemm = || gpu.blas.linear(gpu, &a, N, &b, (N, N), LinearOut::F16 { out: &c, bias: None }, false, false);
+    let gemm = || -> Result<()> {
+        Ok(gpu.blas.linear(gpu, &a, N, &b, (N, N), LinearOut::F16 { out: &c, bias: None }, false, false)?)
+    };
     let gemm_ms = time_ms(&gemm)?;
     Ok(Roofline {
         copy_bytes_per_s: 2.0 * 2.0 * COPY as f64 / (copy_ms / 1e3),

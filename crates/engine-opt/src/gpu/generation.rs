@@ -206,12 +206,12 @@ impl ComputeDevice for GpuCompute<'_> {
         let rows = batches.iter().map(|(t, _)| t.rows()).max().unwrap_or(0);
         let batch = batches.iter().map(|(t, _)| t.batch()).max().unwrap_or(0);
         self.ws = Some(Workspace::new(&self.model.gpu, &self.model.config, rows.max(1), batch.max(1))?);
-        self.model.gpu.synchronize()
+        Ok(self.model.gpu.synchronize()?)
     }
 
     fn begin_step(&mut self, prefill: bool) -> Result<()> {
         match &self.model.profiler {
-            Some(p) => p.phase(&self.model.gpu, if prefill { "prefill" } else { "decode" }),
+            Some(p) => Ok(p.phase(&self.model.gpu, if prefill { "prefill" } else { "decode" })?),
             None => Ok(()),
         }
     }
@@ -269,7 +269,7 @@ impl ComputeDevice for GpuCompute<'_> {
     }
 
     fn finish(&mut self) -> Result<()> {
-        self.model.gpu.synchronize()
+        Ok(self.model.gpu.synchronize()?)
     }
 
     fn cache_bytes(&self, b: &GpuBatchState) -> u64 {

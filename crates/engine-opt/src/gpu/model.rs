@@ -25,6 +25,14 @@ use crate::weights::WeightSource;
 use compression::gpu::{GpuDequantizer, Pending};
 use std::sync::Mutex;
 
+/// OPT's layer norms' epsilon (PyTorch's `LayerNorm` default, as the CPU
+/// reference uses).
+const LN_EPS: f32 = crate::ops::LAYER_NORM_EPS;
+
+/// OPT's learned positions: row `p + 2` for position `p`, padding row 1.
+const OPT_POSITIONS: ops::gpu::kernels::LearnedPositions =
+    ops::gpu::kernels::LearnedPositions { offset: crate::config::POSITION_OFFSET, pad_row: 1 };
+
 /// Bytes of attention scores the prefill may hold at once (scores are f16,
 /// `heads × new × total` per sequence); sequences are taken in chunks that
 /// fit, one sequence at least.
@@ -626,7 +634,7 @@ impl GpuModel {
     /// Marks the end of `part` on the stream when profiling.
     pub fn mark(&self, part: &'static str) -> Result<()> {
         match &self.profiler {
-            Some(p) => p.mark(&self.gpu, part),
+            Some(p) => Ok(p.mark(&self.gpu, part)?),
             None => Ok(()),
         }
     }
@@ -642,7 +650,15 @@ impl GpuModel {
     ) -> Result<&'a DevBuf<f16>> {
         let h = self.config.hidden_size;
         if self.config.do_layer_norm_before {
-            self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, h, GpuLayerNorm::params(norm), false, &ws.x16)?;
+            self.gpu.kernels.layer_norm(
+                &self.gpu,
+                &act.hidden,
+                rows,
+                (h, LN_EPS),
+                GpuLayerNorm::params(norm),
+                false,
+                &ws.x16,
+            )?;
             Ok(&ws.x16)
         } else {
             act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without their f16 copy".into()))
@@ -657,7 +673,15 @@ impl GpuModel {
         }
         let out = act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without f16 copy".into()))?;
         let h = self.config.hidden_size;
-        self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, h, GpuLayerNorm::params(norm), true, out)
+        Ok(self.gpu.kernels.layer_norm(
+            &self.gpu,
+            &act.hidden,
+            rows,
+            (h, LN_EPS),
+            GpuLayerNorm::params(norm),
+            true,
+            out,
+        )?)
     }
 
     /// Hidden states of this step's tokens (`[batch × new_len]`, left
@@ -713,6 +737,7 @@ impl GpuModel {
             &act.hidden,
             hidden16,
             (&step.key_mask.mask, step.key_mask.stride, step.past),
+            OPT_POSITIONS,
         )?;
         self.mark("embed")
     }
@@ -820,7 +845,15 @@ impl GpuModel {
         let mask = (&step.key_mask.mask, step.key_mask.stride);
         if s_n == 1 && decode_kernel_fits(hd) && (total + (256 / (hd / 8)) * hd) * 4 <= 48 * 1024 {
             let dims = (step.batch, heads, hd, cap, total);
-            return gpu.kernels.attn_decode(gpu, &ws.qkv, (&cache.keys, &cache.values), mask, dims, scale, &ws.attn);
+            return Ok(gpu.kernels.attn_decode(
+                gpu,
+                &ws.qkv,
+                (&cache.keys, &cache.values),
+                mask,
+                dims,
+                scale,
+                &ws.attn,
+            )?);
         }
         // Prefill (or any step), a chunk of sequences at a time: the queries
         // by head; scores = Q·Kᵀ by cuBLAS (f32 accumulation, stored f16 as
@@ -849,7 +882,7 @@ impl GpuModel {
             let out = BatchedOut::F16(Operand::new(&ws.heads, b0 * heads * s_n * hd, hd, s_n * hd));
             gpu.blas.gemm_batched((false, false), (hd, s_n, total), 1.0, values, probs, 0.0, out, n)?;
         }
-        gpu.kernels.transpose_heads(gpu, &ws.heads, &ws.attn, h, shape, false)
+        Ok(gpu.kernels.transpose_heads(gpu, &ws.heads, &ws.attn, h, shape, false)?)
     }
 
     /// The MLP block of layer `layer` with its residual (and layer norm),
@@ -909,10 +942,18 @@ impl GpuModel {
         let gpu = &self.gpu;
         gpu.kernels.gather_last(gpu, &act.hidden, (batch, new_len, h), &ws.last32, &ws.last16)?;
         if let Some(norm) = &self.embeddings.final_layer_norm {
-            gpu.kernels.layer_norm(gpu, &ws.last32, batch, h, Some((&norm.weight, &norm.bias)), false, &ws.last16)?;
+            gpu.kernels.layer_norm(
+                gpu,
+                &ws.last32,
+                batch,
+                (h, LN_EPS),
+                Some((&norm.weight, &norm.bias)),
+                false,
+                &ws.last16,
+            )?;
         } else if self.config.has_final_layer_norm() {
             // A final norm without affine parameters.
-            gpu.kernels.layer_norm(gpu, &ws.last32, batch, h, None, false, &ws.last16)?;
+            gpu.kernels.layer_norm(gpu, &ws.last32, batch, (h, LN_EPS), None, false, &ws.last16)?;
         }
         let x = match &self.embeddings.project_out {
             Some(p) => {
@@ -933,11 +974,11 @@ impl GpuModel {
         let v = self.config.vocab_size;
         self.gpu.kernels.argmax_rows(&self.gpu, &ws.logits, batch, v, &ws.picked)?;
         self.mark("argmax")?;
-        ws.picked.download_range(self.gpu.stream(), 0, batch)
+        Ok(ws.picked.download_range(self.gpu.stream(), 0, batch)?)
     }
 
     /// `ws.logits`' first `batch` rows copied to the host.
     pub fn logits_to_host(&self, ws: &Workspace, batch: usize) -> Result<Vec<f32>> {
-        ws.logits.download_range(self.gpu.stream(), 0, batch * self.config.vocab_size)
+        Ok(ws.logits.download_range(self.gpu.stream(), 0, batch * self.config.vocab_size)?)
     }
 }

@@ -96,7 +96,7 @@ impl Fill<'_> {
             Fill::Source(src, pb) => {
                 let t = src.load(name, &[rows, cols])?;
                 pb.inc(1);
-                DevBuf::from_host(gpu, &t)
+                Ok(DevBuf::from_host(gpu, &t)?)
             }
             Fill::Dummy(seed) => {
                 let buf = DevBuf::alloc(gpu, rows * cols)?;
@@ -179,7 +179,7 @@ impl BiasElem for f16 {
         v
     }
     fn fill_uniform(gpu: &Gpu, buf: &DevBuf<Self>, seed: u64, scale: f32) -> Result<()> {
-        gpu.kernels.fill_uniform_f16(gpu, buf, seed, scale)
+        Ok(gpu.kernels.fill_uniform_f16(gpu, buf, seed, scale)?)
     }
 }
 
@@ -188,7 +188,7 @@ impl BiasElem for f32 {
         v.to_f32()
     }
     fn fill_uniform(gpu: &Gpu, buf: &DevBuf<Self>, seed: u64, scale: f32) -> Result<()> {
-        gpu.kernels.fill_uniform_f32(gpu, buf, seed, scale)
+        Ok(gpu.kernels.fill_uniform_f32(gpu, buf, seed, scale)?)
     }
 }
 

@@ -36,6 +36,15 @@ pub const ENTRIES: &[&str] = &[
     "fill_f32",
 ];
 
+/// A learned position embedding's lookup: a real token at position `p`
+/// (counted from its sequence's first real token) reads row `p + offset`,
+/// padding reads row `pad_row` (OPT: offset 2, padding row 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LearnedPositions {
+    pub offset: usize,
+    pub pad_row: usize,
+}
+
 /// Threads per block of the decode attention kernel.
 const ATTN_THREADS: u32 = 256;
 
@@ -156,6 +165,7 @@ impl Kernels {
         hidden: &DevBuf<f32>,
         hidden16: &DevBuf<f16>,
         key_mask: (&DevBuf<u8>, usize, usize),
+        positions: LearnedPositions,
     ) -> Result<()> {
         let (batch, new_len, h) = dims;
         let (mask, mask_stride, past) = key_mask;
@@ -180,6 +190,10 @@ impl Kernels {
         let (mut h_i, mut nl, mut add) = (int("embed", h)?, int("embed", new_len)?, i32::from(add_tokens));
         let (mut hid, mut hid16, mut km) = (hidden.ptr(), hidden16.ptr(), mask.ptr());
         let (mut ms, mut past_i) = (int("embed", mask_stride)?, int("embed", past)?);
+        let (mut pos_offset, mut pad_row) = (int("embed", positions.offset)?, int("embed", positions.pad_row)?);
+        if positions.pad_row.saturating_mul(h) >= pos_table.len() {
+            return Err(Error::Gpu(format!("embed: padding row {} is outside the position table", positions.pad_row)));
+        }
         Self::launch(
             gpu,
             &self.embed,
@@ -198,6 +212,8 @@ impl Kernels {
                 arg(&mut km),
                 arg(&mut ms),
                 arg(&mut past_i),
+                arg(&mut pos_offset),
+                arg(&mut pad_row),
             ],
         )
     }
@@ -226,15 +242,15 @@ impl Kernels {
         )
     }
 
-    /// Layer norm of `rows` rows of `x` (`dim` wide) into `y16`, and into
-    /// `y32` where given (which may be `x`: pass `InPlace`).
+    /// Layer norm of `rows` rows of `x` (`dim` wide, epsilon `eps`) into
+    /// `y16`, and with `write_back` into `x` too.
     #[allow(clippy::too_many_arguments)]
     pub fn layer_norm(
         &self,
         gpu: &Gpu,
         x: &DevBuf<f32>,
         rows: usize,
-        dim: usize,
+        (dim, eps): (usize, f32),
         affine: Option<(&DevBuf<f16>, &DevBuf<f16>)>,
         write_back: bool,
         y16: &DevBuf<f16>,
@@ -248,7 +264,10 @@ impl Kernels {
         if rows == 0 {
             return Ok(());
         }
-        let (mut xp, mut d) = (x.ptr(), int("layer norm", dim)?);
+        let (mut xp, mut d, mut eps) = (x.ptr(), int("layer norm", dim)?, eps);
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::Gpu(format!("layer norm: epsilon {eps} is not a finite non-negative number")));
+        }
         let (mut w, mut b) = affine.map_or((0, 0), |(w, b)| (w.ptr(), b.ptr()));
         let (mut y32, mut y) = (if write_back { x.ptr() } else { 0 }, y16.ptr());
         if dim > 16 * 1024 {
@@ -263,7 +282,7 @@ impl Kernels {
             gpu,
             &self.layer_norm,
             LaunchDims::linear(blocks("layer norm", rows)?, threads),
-            &mut [arg(&mut xp), arg(&mut d), arg(&mut w), arg(&mut b), arg(&mut y32), arg(&mut y)],
+            &mut [arg(&mut xp), arg(&mut d), arg(&mut eps), arg(&mut w), arg(&mut b), arg(&mut y32), arg(&mut y)],
         )
     }
 

@@ -50,17 +50,18 @@ __device__ float block_max(float v, float* red) {
 }
 
 // Hidden states of the new tokens: token embedding (or what `hidden`
-// already holds, after project_in) plus OPT's position embedding. The
+// already holds, after a projection) plus a learned position embedding. The
 // position of a real token is the number of real tokens before it in its
 // sequence (`past_real[b]` of them in earlier steps, plus those of this
-// step's mask up to it), looked up at position + 2; padding looks up row 1.
+// step's mask up to it), looked up at position + pos_offset; padding looks
+// up row pad_row.
 // Also records this step's mask in the sequence's key mask at `past`.
 // Grid: one block per row (batch x new_len).
 extern "C" __global__ void embed(const u32* __restrict__ tokens, const u8* __restrict__ step_mask,
                                  const int* __restrict__ past_real, const __half* __restrict__ tok_table,
                                  const __half* __restrict__ pos_table, int h, int new_len, int add_tokens,
                                  float* hidden, __half* __restrict__ hidden16, u8* __restrict__ key_mask,
-                                 int mask_stride, int past) {
+                                 int mask_stride, int past, int pos_offset, int pad_row) {
     int r = blockIdx.x;
     int b = r / new_len, s = r % new_len;
     const u8* m = step_mask + (u64)b * new_len;
@@ -70,7 +71,7 @@ extern "C" __global__ void embed(const u32* __restrict__ tokens, const u8* __res
         count += __syncthreads_count(i <= s && m[i] != 0);
     }
     int real = m[s] != 0;
-    u64 idx = real ? (u64)(past_real[b] + count - 1 + 2) : 1;
+    u64 idx = real ? (u64)(past_real[b] + count - 1 + pos_offset) : (u64)pad_row;
     if (threadIdx.x == 0) key_mask[(u64)b * mask_stride + past + s] = (u8)real;
     u64 tok = tokens[r];
     for (int c = threadIdx.x; c < h; c += blockDim.x) {
@@ -90,12 +91,12 @@ extern "C" __global__ void gather_tokens(const u32* __restrict__ tokens, const _
     for (int c = threadIdx.x; c < e; c += blockDim.x) out[r * e + c] = table[tok * e + c];
 }
 
-// Layer norm of each f32 row (eps 1e-5), optional affine parameters (null
+// Layer norm of each f32 row (epsilon eps), optional affine parameters (null
 // pointers: none). Writes f16 to y16 and, where y32 is not null, f32 to y32
 // (which may be x itself). One block per row; each thread keeps its (up to
 // LN_PER_THREAD) values in registers, so the row is read once.
 #define LN_PER_THREAD 16
-extern "C" __global__ void layer_norm(const float* x, int dim, const __half* __restrict__ w,
+extern "C" __global__ void layer_norm(const float* x, int dim, float eps, const __half* __restrict__ w,
                                       const __half* __restrict__ bias, float* y32, __half* __restrict__ y16) {
     __shared__ float red[32];
     u64 off = (u64)blockIdx.x * dim;
@@ -117,7 +118,7 @@ extern "C" __global__ void layer_norm(const float* x, int dim, const __half* __r
         q += d * d;
     }
     float var = block_sum(q, red) / dim;
-    float inv = 1.0f / sqrtf(var + 1e-5f);
+    float inv = 1.0f / sqrtf(var + eps);
 #pragma unroll
     for (int k = 0; k < LN_PER_THREAD; k++) {
         int i = threadIdx.x + k * blockDim.x;
