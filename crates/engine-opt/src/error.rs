@@ -81,6 +81,12 @@ pub enum Error {
     #[error("{path}:{line}: {reason}")]
     InputLine { path: PathBuf, line: usize, reason: String },
 
+    /// A checkpoint does not hold a tensor the configuration says it must,
+    /// in its shape and a type the engine reads (message names the tensor,
+    /// the file and what was expected).
+    #[error("{0}")]
+    CheckpointMismatch(String),
+
     /// A command-line or API argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -147,6 +153,7 @@ impl From<runtime::Error> for Error {
             runtime::Error::Tier(e) => Error::Tier(e),
             runtime::Error::Interrupted => Error::Interrupted,
             runtime::Error::Spec(m) => Error::Config(m),
+            runtime::Error::Checkpoint(m) => Error::CheckpointMismatch(m),
             runtime::Error::Prompt { index, reason } => Error::Prompt { index, reason },
             runtime::Error::TokenOutOfRange { index, id, vocab } => Error::TokenOutOfRange { index, id, vocab },
             runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),

@@ -49,6 +49,16 @@ impl ModelSpec {
     }
 }
 
+/// The checkpoint in `dir`, once it is known to hold every tensor
+/// `config` needs in the right shape and a readable type (OPT's spec,
+/// [`crate::spec::model_spec`]): a mismatch is refused before anything is
+/// allocated, naming the tensor, its file and what was expected.
+pub fn open_checked(dir: &Path, config: &OptConfig) -> Result<Checkpoint> {
+    let ckpt = Checkpoint::open(dir)?;
+    crate::spec::model_spec(config, false)?.check_checkpoint(&ckpt)?;
+    Ok(ckpt)
+}
+
 /// Refuses to load weights that cannot fit in the memory available.
 pub fn check_fits(what: &str, need: u64) -> Result<()> {
     if let Some(avail) = memory::available_bytes() {
@@ -115,7 +125,7 @@ pub fn load_model_with(
         )
     } else {
         let dir_ref = dir.as_deref().ok_or_else(|| Error::InvalidArgument("no checkpoint directory".into()))?;
-        let src = Checkpoint::open(dir_ref)?;
+        let src = open_checked(dir_ref, &config)?;
         (OptModel::load_streaming(config, &src, &pb, resident, &mut away)?, name)
     };
     pb.finish_and_clear();

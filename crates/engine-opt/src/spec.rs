@@ -9,7 +9,7 @@
 //! `decoder.layers.{i}.` (the stacked matrix is named after its first part's
 //! module, `self_attn.qkv_proj`).
 
-use runtime::spec::{Block, KvLayout, ModelSpec, TensorSpec, Widths};
+use runtime::spec::{Block, KvLayout, ModelSpec, Source, TensorSpec, Widths};
 use tier_api::DType;
 
 use crate::config::OptConfig;
@@ -17,7 +17,24 @@ use crate::error::Result;
 
 fn tensor(name: &str, shape: &[usize], dtype: DType, block: Block) -> TensorSpec {
     let compressible = shape.len() == 2;
-    TensorSpec { name: name.into(), shape: shape.to_vec(), dtype, block, compressible, packed_as: Vec::new() }
+    TensorSpec {
+        name: name.into(),
+        shape: shape.to_vec(),
+        dtype,
+        block,
+        compressible,
+        packed_as: Vec::new(),
+        sources: Vec::new(),
+    }
+}
+
+/// The q, k and v projections' `part` (`weight` or `bias`), each of
+/// `shape`, that a stacked tensor is made from.
+fn qkv_sources(part: &str, shape: &[usize]) -> Vec<Source> {
+    ["q_proj", "k_proj", "v_proj"]
+        .iter()
+        .map(|p| Source { name: format!("self_attn.{p}.{part}"), shape: shape.to_vec() })
+        .collect()
 }
 
 /// OPT's spec for `config`, as the GPU engine holds it (`gpu`) or the CPU
@@ -37,9 +54,12 @@ pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
     }
     let mut qkv = tensor("self_attn.qkv_proj.weight", &[3 * h, h], f16, att);
     qkv.packed_as = vec![vec![h, h]; 3];
+    qkv.sources = qkv_sources("weight", &[h, h]);
     layer.push(qkv);
     if bias {
-        layer.push(tensor("self_attn.qkv_proj.bias", &[3 * h], f16, att));
+        let mut qkv_bias = tensor("self_attn.qkv_proj.bias", &[3 * h], f16, att);
+        qkv_bias.sources = qkv_sources("bias", &[h]);
+        layer.push(qkv_bias);
     }
     layer.push(tensor("self_attn.out_proj.weight", &[h, h], f16, att));
     if bias {
@@ -69,7 +89,7 @@ pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
     }
     let kv = KvLayout { kv_heads: config.num_attention_heads, head_dim: config.head_dim(), dtype: f16 };
     let widths = Widths { hidden: h, heads: config.num_attention_heads, intermediate: f, dtype: f16 };
-    Ok(ModelSpec::new(config.num_hidden_layers, layer, outside, kv, widths)?)
+    Ok(ModelSpec::new((config.num_hidden_layers, "decoder.layers.{}."), layer, outside, kv, widths)?)
 }
 
 #[cfg(test)]
@@ -83,6 +103,17 @@ mod tests {
             let s = model_spec(&c, false).unwrap();
             assert_eq!(s.weight_bytes(false).unwrap(), c.weight_bytes(), "{name}");
             assert_eq!(s.kv_cache_bytes(3, 7), c.kv_cache_bytes(3, 7), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_fixture_holds_what_its_spec_names() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/opt");
+        for name in ["tiny-opt", "tiny-opt-350m-style", "tiny-opt-sharded"] {
+            let dir = root.join(name);
+            let config = OptConfig::from_dir(&dir).unwrap();
+            let ckpt = checkpoint::Checkpoint::open(&dir).unwrap();
+            model_spec(&config, true).unwrap().check_checkpoint(&ckpt).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
 

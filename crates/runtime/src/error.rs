@@ -21,6 +21,10 @@ pub enum Error {
     #[error("model spec: {0}")]
     Spec(String),
 
+    /// A checkpoint does not hold what the model's spec says it must.
+    #[error("{0}")]
+    Checkpoint(String),
+
     /// A command-line or API argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -521,9 +521,10 @@ mod tests {
             block,
             compressible: c,
             packed_as: Vec::new(),
+            sources: Vec::new(),
         };
         ModelSpec::new(
-            layers,
+            (layers, "layers.{}."),
             vec![
                 t("norm1", &[h], DType::F16, Block::Attention, false),
                 t("qkv", &[3 * h, h], DType::F16, Block::Attention, true),

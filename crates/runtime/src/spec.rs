@@ -43,6 +43,17 @@ pub struct TensorSpec {
     /// The matrices it is packed as when compressed, if not itself whole
     /// (a stacked q/k/v matrix packed as its three parts); empty: whole.
     pub packed_as: Vec<Vec<usize>>,
+    /// The checkpoint tensors it is made from, stacked by rows in this
+    /// order (a q/k/v matrix from the three projections), with their names
+    /// relative as [`TensorSpec::name`] is; empty: the tensor `name` itself.
+    pub sources: Vec<Source>,
+}
+
+/// A checkpoint tensor a held tensor is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub name: String,
+    pub shape: Vec<usize>,
 }
 
 /// The format of 4-bit weights: FlexGen's groups of 64 along the output
@@ -78,6 +89,16 @@ impl TensorSpec {
             vec![self.shape.clone()]
         } else {
             self.packed_as.clone()
+        }
+    }
+
+    /// The checkpoint tensors it is made from (itself unless
+    /// [`TensorSpec::sources`] says otherwise).
+    pub fn sources(&self) -> Vec<Source> {
+        if self.sources.is_empty() {
+            vec![Source { name: self.name.clone(), shape: self.shape.clone() }]
+        } else {
+            self.sources.clone()
         }
     }
 
@@ -128,6 +149,9 @@ pub struct Widths {
 pub struct ModelSpec {
     /// Decoder layers.
     pub layers: usize,
+    /// The checkpoint names of layer `i`'s tensors start with this, `{}`
+    /// standing for `i` (`layers.{}.`).
+    pub layer_prefix: String,
     /// The tensors of every decoder layer (the same for each).
     pub layer: Vec<TensorSpec>,
     /// The tensors outside the layers (never streamed: they stay with the
@@ -140,13 +164,13 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// The spec, once every byte count it gives is known to fit in `u64`.
     pub fn new(
-        layers: usize,
+        (layers, layer_prefix): (usize, &str),
         layer: Vec<TensorSpec>,
         outside: Vec<TensorSpec>,
         kv: KvLayout,
         widths: Widths,
     ) -> Result<Self> {
-        let spec = ModelSpec { layers, layer, outside, kv, widths };
+        let spec = ModelSpec { layers, layer_prefix: layer_prefix.to_string(), layer, outside, kv, widths };
         let layer_bytes = spec.layer_bytes(false)?;
         let outside = spec.outside_bytes()?;
         (layers as u64)
@@ -187,6 +211,56 @@ impl ModelSpec {
             .saturating_mul(self.kv.token_bytes())
     }
 
+    /// The checkpoint name of layer `i`'s tensor `name`.
+    pub fn layer_name(&self, i: usize, name: &str) -> String {
+        format!("{}{name}", self.layer_prefix.replace("{}", &i.to_string()))
+    }
+
+    /// Checks that `ckpt` holds every tensor the spec is made from, in the
+    /// shape the spec says and in a type the engine converts from (f16,
+    /// bf16, f32), before anything is allocated. A tensor that is missing,
+    /// of another shape or of another type is named, with its file and what
+    /// was expected. Tensors the spec does not name are left alone.
+    pub fn check_checkpoint(&self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
+        use checkpoint::Dtype;
+        let mut wanted: Vec<Source> = self.outside.iter().flat_map(TensorSpec::sources).collect();
+        for i in 0..self.layers {
+            for t in &self.layer {
+                wanted.extend(
+                    t.sources().into_iter().map(|s| Source { name: self.layer_name(i, &s.name), shape: s.shape }),
+                );
+            }
+        }
+        for want in wanted {
+            let Some(info) = ckpt.info(&want.name) else {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {} is missing from the checkpoint in {} (expected shape {:?})",
+                    want.name,
+                    ckpt.dir().display(),
+                    want.shape
+                )));
+            };
+            if info.shape != want.shape {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {} has shape {:?}, expected {:?} (in {}; the shape follows from config.json)",
+                    info.stored_name,
+                    info.shape,
+                    want.shape,
+                    info.file.display()
+                )));
+            }
+            if !matches!(info.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {} is stored as {}; only F16, BF16 and F32 are supported (in {})",
+                    info.stored_name,
+                    info.dtype,
+                    info.file.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The tensor of a layer named `name`.
     pub fn layer_tensor(&self, name: &str) -> Option<&TensorSpec> {
         self.layer.iter().find(|t| t.name == name)
@@ -198,12 +272,20 @@ mod tests {
     use super::*;
 
     fn t(name: &str, shape: &[usize], dtype: DType, block: Block, compressible: bool) -> TensorSpec {
-        TensorSpec { name: name.into(), shape: shape.to_vec(), dtype, block, compressible, packed_as: Vec::new() }
+        TensorSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            block,
+            compressible,
+            packed_as: Vec::new(),
+            sources: Vec::new(),
+        }
     }
 
     fn small() -> ModelSpec {
         ModelSpec::new(
-            3,
+            (3, "layers.{}."),
             vec![
                 t("w1", &[128, 64], DType::F16, Block::Attention, true),
                 t("b1", &[128], DType::F32, Block::Attention, false),
@@ -230,11 +312,72 @@ mod tests {
         assert_eq!(s.kv_cache_bytes(usize::MAX, usize::MAX), u64::MAX, "saturates");
     }
 
+    /// A safetensors file of zeros with `tensors` (name, dtype, shape).
+    fn write_safetensors(dir: &std::path::Path, tensors: &[(&str, &str, &[usize])]) {
+        let mut header = String::from("{");
+        let mut offset = 0usize;
+        for (k, (name, dtype, shape)) in tensors.iter().enumerate() {
+            let size = if *dtype == "F32" { 4 } else { 2 };
+            let bytes = shape.iter().product::<usize>() * size;
+            let comma = if k == 0 { "" } else { "," };
+            header += &format!(
+                r#"{comma}"{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{offset},{}]}}"#,
+                offset + bytes
+            );
+            offset += bytes;
+        }
+        header += "}";
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header.as_bytes());
+        file.resize(file.len() + offset, 0);
+        std::fs::write(dir.join("model.safetensors"), file).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_is_checked_against_the_spec_by_name_shape_and_type() {
+        let mut spec = small();
+        spec.layers = 1;
+        spec.layer[0].sources = vec![
+            Source { name: "a.weight".into(), shape: vec![64, 64] },
+            Source { name: "b.weight".into(), shape: vec![64, 64] },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let good: Vec<(&str, &str, &[usize])> = vec![
+            ("layers.0.a.weight", "BF16", &[64, 64]),
+            ("layers.0.b.weight", "F16", &[64, 64]),
+            ("layers.0.b1", "F32", &[128]),
+            ("layers.0.w2", "F32", &[64, 256]),
+            ("embed", "F16", &[1000, 64]),
+            ("unrelated", "F16", &[3]),
+        ];
+        write_safetensors(dir.path(), &good);
+        spec.check_checkpoint(&checkpoint::Checkpoint::open(dir.path()).unwrap()).unwrap();
+
+        let mut missing = good.clone();
+        missing.remove(1);
+        write_safetensors(dir.path(), &missing);
+        let err = spec.check_checkpoint(&checkpoint::Checkpoint::open(dir.path()).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("layers.0.b.weight is missing") && err.contains("[64, 64]"), "{err}");
+
+        let mut wrong = good.clone();
+        wrong[4] = ("embed", "F16", &[999, 64]);
+        write_safetensors(dir.path(), &wrong);
+        let err = spec.check_checkpoint(&checkpoint::Checkpoint::open(dir.path()).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("tensor embed has shape [999, 64], expected [1000, 64]"), "{err}");
+        assert!(err.contains("model.safetensors"), "{err}");
+
+        let mut ints = good.clone();
+        ints[2] = ("layers.0.b1", "I16", &[128]);
+        write_safetensors(dir.path(), &ints);
+        let err = spec.check_checkpoint(&checkpoint::Checkpoint::open(dir.path()).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("layers.0.b1 is stored as") && err.contains("only F16, BF16 and F32"), "{err}");
+    }
+
     #[test]
     fn sizes_past_u64_are_refused_when_made() {
         let huge = t("w", &[1 << 40, 1 << 30], DType::F16, Block::Mlp, true);
         let err = ModelSpec::new(
-            1,
+            (1, "layers.{}."),
             vec![huge],
             Vec::new(),
             KvLayout { kv_heads: 1, head_dim: 1, dtype: DType::F16 },

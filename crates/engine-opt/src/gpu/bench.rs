@@ -22,7 +22,6 @@ use super::generation::generate;
 use super::offload::{split_layers, LayerSplit, OffloadTiers};
 use super::tiered_cache::{CachePlan, CacheTiers};
 use super::{driver_err, Gpu, GpuModel};
-use crate::checkpoint::Checkpoint;
 use crate::cli::bench::{bench_prompts, throughput, BenchArgs};
 use crate::cli::generate::{read_inputs, GenerateArgs, Input, Outputs};
 use crate::config::OptConfig;
@@ -363,7 +362,7 @@ fn load_for_bench(args: &BenchArgs, gpu: Gpu) -> Result<(GpuModel, String)> {
                 let desc = format!("{name} (dummy weights made on the GPU, seed {})", args.seed);
                 return Ok((GpuModel::dummy(gpu, config, args.seed)?, desc));
             }
-            let src = Checkpoint::open(&dir)?;
+            let src = crate::loading::open_checked(&dir, &config)?;
             let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
             let model = GpuModel::load(gpu, config, &src, &pb)?;
             pb.finish_and_clear();
@@ -388,7 +387,7 @@ fn load_tiered(
             "{name} is a preset: give a checkpoint directory, or --dummy for random weights"
         ))),
         ModelSpec::Dir(dir) if !args.dummy => {
-            let src = Checkpoint::open(&dir)?;
+            let src = crate::loading::open_checked(&dir, &config)?;
             let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
             let model = GpuModel::tiered_with(gpu, config, split, tiers, Some(&src), args.seed, &pb, compress)?;
             pb.finish_and_clear();
@@ -826,7 +825,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let gpu = Gpu::new(0)?;
     let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
     let checkpoint = match (&dir, args.dummy) {
-        (Some(d), false) => Some(Checkpoint::open(d)?),
+        (Some(d), false) => Some(crate::loading::open_checked(d, &config)?),
         _ => None,
     };
     let dummy = DummyWeights::new(args.seed);
