@@ -340,7 +340,7 @@ pub fn validate_prompts(c: &OptConfig, prompts: &[Vec<u32>], max_new_tokens: usi
         if let Some(&id) = p.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::TokenOutOfRange { index, id, vocab: c.vocab_size });
         }
-        if p.len() + max_new_tokens > c.max_sequence_len() {
+        if p.len().saturating_add(max_new_tokens) > c.max_sequence_len() {
             return Err(Error::Prompt {
                 index,
                 reason: format!(

@@ -87,7 +87,7 @@ impl Policy {
 
     /// Prompts in one block: `gpu_batch_size × num_gpu_batches`.
     pub fn block_size(&self) -> usize {
-        self.gpu_batch_size * self.num_gpu_batches
+        self.gpu_batch_size.saturating_mul(self.num_gpu_batches)
     }
 
     /// Percent on disk for weights, cache and activations.

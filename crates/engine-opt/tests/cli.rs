@@ -584,3 +584,62 @@ fn ctrl_c_with_weights_on_disk_leaves_nothing_in_the_offload_dir() {
     let left: Vec<_> = std::fs::read_dir(&offload).unwrap().collect();
     assert!(left.is_empty(), "left in the offload directory: {left:?}");
 }
+
+#[test]
+fn huge_sizes_from_flags_are_clear_errors() {
+    let tiny = fixture("tiny-opt");
+    let max = u64::MAX.to_string();
+    let err = fails(&["generate", "--model", &tiny, "--prompt", "hi", "--max-new-tokens", &max]);
+    assert!(err.contains(&format!("{max} new tokens exceed the model's 128 positions")), "{err}");
+    let err = fails(&["bench", "--model", &tiny, "--gen-len", &max]);
+    assert!(err.contains(&format!("--gen-len {max} exceed the model's 128 positions")), "{err}");
+    let err = fails(&["bench", "--model", &tiny, "--prompt-len", &max]);
+    assert!(err.contains(&format!("--prompt-len {max} + --gen-len 32 exceed")), "{err}");
+    let err = fails(&["bench", "--model", &tiny, "--prompt-len", "8", "--gen-len", "8", "--gpu-batch-size", &max]);
+    assert!(err.contains("prompts in one block; at most 1048576"), "{err}");
+    let big = (1u64 << 32).to_string();
+    let err = fails(&["bench", "--model", &tiny, "--gpu-batch-size", &big, "--num-gpu-batches", &big]);
+    assert!(err.contains("more than 2^64 prompts in one block"), "{err}");
+    let err = fails(&["generate", "--model", &tiny, "--prompt", "hi", "--temperature", "1e-45"]);
+    assert!(err.contains("too small to sample with"), "{err}");
+    for flags in [["--temperature", "NaN"], ["--temperature", "inf"], ["--top-p", "NaN"]] {
+        let err = fails(&[&["generate", "--model", &tiny, "--prompt", "hi"][..], &flags].concat());
+        assert!(err.contains("must be"), "{flags:?}: {err}");
+    }
+    let err = fails(&["generate", "--model", &tiny, "--prompt", "hi", "--gpu-batch-size", &max]);
+    assert!(err.contains("--gpu-batch-size 18446744073709551615 is above"), "{err}");
+    // A block that fits the count but not the memory: refused before loading.
+    let err =
+        fails(&["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "1024", "--gpu-batch-size", "1048576"]);
+    assert!(err.contains("not enough host memory"), "{err}");
+}
+
+#[test]
+fn huge_sizes_in_config_json_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    for field in ["ffn_dim", "max_position_embeddings", "vocab_size", "hidden_size", "num_hidden_layers"] {
+        let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+        config[field] = serde_json::json!(1u64 << 62);
+        let dir = tmp.path().join(field);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        for cmd in [&["generate", "--prompt", "hi"][..], &["bench"][..]] {
+            let mut args = cmd.to_vec();
+            args.extend(["--model", dir.to_str().unwrap(), "--dummy"]);
+            let err = fails(&args);
+            assert!(err.contains(&format!("{field} 4611686018427387904 is larger than tierlm supports")), "{err}");
+        }
+    }
+    // The largest sizes accepted still overflow no count: too big for
+    // memory, said before anything is allocated.
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    config["ffn_dim"] = serde_json::json!(1 << 20);
+    config["hidden_size"] = serde_json::json!(1 << 17);
+    config["num_hidden_layers"] = serde_json::json!(1 << 12);
+    config["max_position_embeddings"] = serde_json::json!(1 << 24);
+    let dir = tmp.path().join("largest");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let err = fails(&["generate", "--model", dir.to_str().unwrap(), "--dummy", "--prompt", "hi"]);
+    assert!(err.contains("not enough host memory"), "{err}");
+}

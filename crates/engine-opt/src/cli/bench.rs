@@ -97,6 +97,7 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// The policy these flags ask for.
     pub fn policy(&self) -> Result<Policy> {
+        check_block(self.gpu_batch_size, self.num_gpu_batches)?;
         let policy = Policy {
             gpu_batch_size: self.gpu_batch_size,
             num_gpu_batches: self.num_gpu_batches,
@@ -113,6 +114,23 @@ impl BenchArgs {
             Some(p) => policy.with_percent(p),
             None => Ok(policy),
         }
+    }
+}
+
+/// The most prompts one block may hold (`--gpu-batch-size` ×
+/// `--num-gpu-batches`): far above what any machine runs at once, low enough
+/// that every count derived from it fits.
+pub const MAX_BLOCK: usize = 1 << 20;
+
+/// Refuses a block of prompts whose size overflows or passes [`MAX_BLOCK`].
+pub fn check_block(batch_size: usize, batches: usize) -> Result<()> {
+    match batch_size.checked_mul(batches) {
+        Some(n) if n <= MAX_BLOCK => Ok(()),
+        n => Err(Error::InvalidArgument(format!(
+            "--gpu-batch-size {batch_size} × --num-gpu-batches {batches} = {} prompts in one block; at most \
+             {MAX_BLOCK} are supported (lower either)",
+            n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+        ))),
     }
 }
 
@@ -234,7 +252,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ModelSpec::Preset(_, config) => config,
     };
     let prompts_n = policy.block_size();
-    let seq = args.prompt_len + args.gen_len;
+    let seq = args.prompt_len.saturating_add(args.gen_len);
     if seq > config.max_sequence_len() {
         return Err(Error::InvalidArgument(format!(
             "--prompt-len {} + --gen-len {} exceed the model's {} positions",
@@ -243,11 +261,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             config.max_sequence_len()
         )));
     }
-    let f32_cache = 2 * config.kv_cache_bytes(prompts_n, seq);
+    let f32_cache = config.kv_cache_bytes(prompts_n, seq).saturating_mul(2);
     let mut on_disk = crate::cpu_offload::for_policy(&config, &policy, args.offload_dir.as_deref())?;
     let streamed = (config.num_hidden_layers - on_disk.as_ref().map_or(config.num_hidden_layers, |d| d.first())) as u64;
     let in_memory = config.weight_bytes() - streamed * config.layer_param_count() * 2;
-    check_fits("the weights in memory and the f32 KV cache", in_memory + f32_cache)?;
+    check_fits("the weights in memory and the f32 KV cache", in_memory.saturating_add(f32_cache))?;
 
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);

@@ -152,8 +152,27 @@ fn tokenize(loaded: &LoadedModel, inputs: &[Input]) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
+/// The smallest sampling temperature above 0: logits up to about 1e32
+/// stay finite once divided by it.
+pub const MIN_TEMPERATURE: f32 = 1e-6;
+
 /// Runs `tierlm generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.gpu_batch_size > crate::cli::bench::MAX_BLOCK {
+        return Err(Error::InvalidArgument(format!(
+            "--gpu-batch-size {} is above the {} sequences a batch may hold",
+            args.gpu_batch_size,
+            crate::cli::bench::MAX_BLOCK
+        )));
+    }
+    // Logits divided by a temperature this small overflow f32 to infinity
+    // and sampling would pick tokens at random.
+    if args.temperature > 0.0 && args.temperature < MIN_TEMPERATURE {
+        return Err(Error::InvalidArgument(format!(
+            "--temperature {} is too small to sample with (at least {MIN_TEMPERATURE}); give 0 to decode greedily",
+            args.temperature
+        )));
+    }
     if let Some(result) = crate::gpu::bench::try_generate(&args) {
         return result;
     }
@@ -196,8 +215,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // The CPU engine's memory is pageable: weights, the cache of the batch
     // in flight (f32, the largest batch's), and the layers on disk.
     let c = &loaded.model.config;
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + args.max_new_tokens;
-    let cache = 2 * c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest);
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens);
+    let cache = c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest).saturating_mul(2);
+    crate::loading::check_fits("the f32 KV cache of a batch", cache)?;
     let peaks = || crate::memory::TierPeaks {
         pageable: loaded.model.held_bytes() + cache,
         disk: on_disk.as_ref().map_or(0, |d| d.bytes()),
@@ -254,7 +274,7 @@ impl Outputs<'_> {
         let start = std::time::Instant::now();
         let mut new_tokens = 0usize;
         let batches: Vec<&[Vec<u32>]> = self.prompts.chunks(self.batch_size.max(1)).collect();
-        let pb = progress::bar((batches.len() * max_new_tokens) as u64, "generating");
+        let pb = progress::bar((batches.len() as u64).saturating_mul(max_new_tokens as u64), "generating");
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let mut index = 0;
