@@ -75,6 +75,10 @@ pub enum Error {
     #[error("{path}:{line}: {reason}")]
     InputLine { path: PathBuf, line: usize, reason: String },
 
+    /// A weight or a logit is infinite or NaN (see `finite`).
+    #[error("{0}")]
+    NonFinite(String),
+
     /// A command-line or API argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

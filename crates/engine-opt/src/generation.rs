@@ -313,6 +313,7 @@ impl ComputeDevice for CpuDevice<'_> {
         let c = &self.model.config;
         let last = last_rows(&b.hidden, tokens.batch(), b.new_len, c.hidden_size);
         let logits = self.model.logits(&last, tokens.batch());
+        crate::finite::check_logits(&logits, c.vocab_size)?;
         Ok(match sampler {
             Some(s) => logits.chunks(c.vocab_size).map(|row| s.sample(row)).collect(),
             None => logits.chunks(c.vocab_size).map(crate::sampling::argmax).collect(),

@@ -643,3 +643,73 @@ fn huge_sizes_in_config_json_are_clear_errors() {
     let err = fails(&["generate", "--model", dir.to_str().unwrap(), "--dummy", "--prompt", "hi"]);
     assert!(err.contains("not enough host memory"), "{err}");
 }
+
+/// `tiny_dir`'s checkpoint with value `index` of tensor `name` set to `value`.
+fn tiny_dir_with(tmp: &Path, name: &str, index: usize, value: f32) -> PathBuf {
+    let dir = tmp.join(format!("tiny-{name}-{value}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let tensors = tiny_tensors();
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(n, shape)| {
+            let len: usize = shape.iter().product();
+            (0..len)
+                .flat_map(|i| if n == name && i == index { value } else { (i % 7) as f32 * 0.01 }.to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((n, shape), bytes)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn weights_that_are_not_finite_in_f16_are_named_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [2, 5]}\n").unwrap();
+    let cases = [
+        ("model.decoder.layers.0.fc1.weight", 1e6, "is inf after conversion to f16"),
+        ("model.decoder.layers.0.fc2.bias", f32::NAN, "is NaN"),
+        ("model.decoder.embed_tokens.weight", -7e4, "is -inf after conversion to f16"),
+    ];
+    for (name, value, what) in cases {
+        let dir = tiny_dir_with(tmp.path(), name, 3, value);
+        let short = name.strip_prefix("model.").unwrap();
+        let expect = format!("tensor {short} has 1 value that is not finite; the first, at index 3, {what}");
+        let model = dir.to_str().unwrap();
+        let err = fails(&["generate", "--model", model, "--input", input.to_str().unwrap()]);
+        assert!(err.contains(&expect), "{name}: {err}");
+        let err = fails(&["bench", "--model", model, "--prompt-len", "2", "--gen-len", "2"]);
+        assert!(err.contains(&expect), "{name}: {err}");
+        // With the layers on disk too, where the CPU engine reads them back.
+        let err = fails(&[
+            "bench",
+            "--model",
+            model,
+            "--prompt-len",
+            "2",
+            "--gen-len",
+            "2",
+            "--percent",
+            "0",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "--offload-dir",
+            tmp.path().to_str().unwrap(),
+        ]);
+        assert!(err.contains(&expect), "{name} on disk: {err}");
+    }
+    // The largest f16 value is fine.
+    let dir = tiny_dir_with(tmp.path(), "model.decoder.layers.0.fc1.weight", 3, 65504.0);
+    let out = succeeds(&["bench", "--model", dir.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "2", "--json"]);
+    assert!(out.contains("\"engine\":\"cpu\""), "{out}");
+}
