@@ -53,8 +53,12 @@ pub struct GenerationOutput {
     pub prefill_time: Duration,
     /// Time of every later step.
     pub decode_time: Duration,
-    /// Bytes held by the KV caches of the block.
+    /// Host bytes held by the KV caches of the block (with a share on
+    /// disk, also the buffer each layer's cache is gathered into).
     pub cache_bytes: u64,
+    /// Bytes of the KV caches of the block on disk (`--percent` with a
+    /// cache disk share).
+    pub disk_cache_bytes: u64,
     /// Most bytes of hidden states (f32) held between layers at once.
     pub activation_bytes: u64,
 }
@@ -75,12 +79,22 @@ pub struct CpuDevice<'a> {
     current: Option<(usize, DecoderLayer)>,
     /// The streamed layer being read.
     next: Option<(usize, std::thread::JoinHandle<Result<DecoderLayer>>)>,
+    /// Bytes of KV cache allocated on `cache_disk`.
+    disk_cache_bytes: u64,
 }
 
 impl<'a> CpuDevice<'a> {
     /// The device computing `model` (all its layers in host memory).
     pub fn new(model: &'a OptModel) -> Self {
-        CpuDevice { model, disk: None, cache_disk: None, slots: Default::default(), current: None, next: None }
+        CpuDevice {
+            model,
+            disk: None,
+            cache_disk: None,
+            slots: Default::default(),
+            current: None,
+            next: None,
+            disk_cache_bytes: 0,
+        }
     }
 
     /// Puts the last `100 − cpu_percent`% of each batch's sequences' KV
@@ -107,6 +121,7 @@ impl<'a> CpuDevice<'a> {
             slots: Default::default(),
             current: None,
             next: None,
+            disk_cache_bytes: 0,
         })
     }
 
@@ -274,6 +289,8 @@ impl ComputeDevice for CpuDevice<'_> {
                         Ok([t()?, t()?])
                     })
                     .collect::<Result<Vec<_>>>()?;
+                let bytes: u64 = layers.iter().flatten().map(|t| t.byte_len() as u64).sum();
+                self.disk_cache_bytes = self.disk_cache_bytes.saturating_add(bytes);
                 let len = vec![0; c.num_hidden_layers];
                 (first, Some(CpuDiskCache { first, batch, layers, len }))
             }
@@ -389,7 +406,10 @@ pub fn generate_with(
     if let Some((d, cpu_percent)) = cache_disk {
         device = device.with_cache_on_disk(d, cpu_percent);
     }
-    crate::schedule::generate(&mut device, batches, opts, Some(sampler), progress)
+    let mut out = crate::schedule::generate(&mut device, batches, opts, Some(sampler), progress)?;
+    out.disk_cache_bytes = device.disk_cache_bytes;
+    out.cache_bytes += device.slots.values().map(LayerCache::bytes).sum::<u64>();
+    Ok(out)
 }
 
 /// Logits at the last position of each prompt after the prompts (left

@@ -713,3 +713,31 @@ fn weights_that_are_not_finite_in_f16_are_named_at_load() {
     let out = succeeds(&["bench", "--model", dir.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "2", "--json"]);
     assert!(out.contains("\"engine\":\"cpu\""), "{out}");
 }
+
+#[test]
+fn bench_reports_the_cache_it_puts_on_disk_and_where() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("offload");
+    let d = dir.to_str().unwrap();
+    let args = ["bench", "--model", &fixture("tiny-opt"), "--prompt-len", "8", "--gen-len", "4", "--offload-dir", d];
+    let out = tierlm(&[&args[..], &["--percent", "0", "100", "0", "50", "0", "100", "--json"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("unused"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 4 prompts, half of them on disk: 2 × 2 layers × (k, v) × 12 positions × 64 × f32.
+    let on_disk = 2 * 2 * 2 * 12 * 64 * 4;
+    assert_eq!(report["memory"]["disk_kv_cache_bytes"], on_disk, "{report}");
+    assert_eq!(report["memory"]["disk_weights_bytes"], 0, "{report}");
+    assert_eq!(report["peak_per_tier"]["disk"], on_disk, "{report}");
+    assert_eq!(report["offload_dir"], d, "{report}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the offload directory is left empty");
+
+    let text = succeeds(&[&args[..], &["--percent", "0", "100", "0", "50", "0", "100"]].concat());
+    assert!(text.contains(&format!("on disk: weights 0 B + KV cache 24.0 KiB in {d}")), "{text}");
+    // Everything in memory: no directory, and the note says so.
+    let out = tierlm(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("--offload-dir is unused"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("on disk: weights 0 B + KV cache 0 B\n"));
+}

@@ -47,7 +47,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub num_gpu_batches: usize,
     /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU% (the rest
-    /// on disk); the CPU engine takes only 0 100 0 100 0 100
+    /// on disk); the CPU engine takes 0 W_CPU 0 C_CPU 0 100 (weights and
+    /// cache partly on disk)
     #[arg(
         long,
         num_args = 6,
@@ -79,7 +80,8 @@ pub struct BenchArgs {
     /// default true, as FlexGen)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub sep_layer: Option<bool>,
-    /// Directory for tensors placed on disk (GPU engine)
+    /// Directory for tensors placed on disk (default: the system's
+    /// temporary directory); nothing is left in it afterwards
     #[arg(long)]
     pub offload_dir: Option<PathBuf>,
     /// GPU memory the engine may use, e.g. 16G to act as a 16 GB card
@@ -143,6 +145,8 @@ pub struct MemoryReport {
     pub disk_weights_bytes: u64,
     /// Host bytes of the KV caches (f32).
     pub kv_cache_bytes: u64,
+    /// Bytes of the KV caches on disk (f32), with a cache disk share.
+    pub disk_kv_cache_bytes: u64,
     /// Host bytes of the hidden states held between layers (f32).
     pub activation_bytes: u64,
     /// Their sum.
@@ -177,6 +181,8 @@ pub struct BenchReport {
     /// prompts × gen_len / (prefill_s + decode_s).
     pub total_tokens_per_s: f64,
     pub memory: MemoryReport,
+    /// The directory that held what this run put on disk (none if nothing).
+    pub offload_dir: Option<PathBuf>,
     /// The most each memory tier held (GPU, page-locked host, pageable host, disk).
     pub peak_per_tier: memory::TierPeaks,
 }
@@ -221,8 +227,19 @@ pub fn throughput(
     (prefill_tput, decode_tput, total_tput)
 }
 
+/// Whether the CPU engine puts anything of this policy on disk (weights or
+/// KV cache; it refuses activations on disk).
+fn cpu_uses_disk(policy: &Policy) -> bool {
+    policy.w_cpu_percent < 100.0 || policy.cache_cpu_percent < 100.0
+}
+
+/// The directory the CPU engine's disk tiers use.
+fn offload_dir_of(args: &BenchArgs) -> PathBuf {
+    args.offload_dir.clone().unwrap_or_else(std::env::temp_dir)
+}
+
 fn notes(args: &BenchArgs, policy: &Policy) {
-    if args.offload_dir.is_some() && policy.w_cpu_percent >= 100.0 {
+    if args.offload_dir.is_some() && !cpu_uses_disk(policy) {
         eprintln!("note: --offload-dir is unused: this placement puts nothing on disk");
     }
     if args.gpu_mem.is_some() {
@@ -292,10 +309,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut report = make_report(&args, &policy, &loaded.description, model, &out);
     report.memory.disk_weights_bytes = disk_bytes;
+    report.offload_dir = cpu_uses_disk(&policy).then(|| offload_dir_of(&args));
     // The CPU engine's memory is pageable (plain allocations); disk holds
-    // the streamed layers.
-    report.peak_per_tier =
-        memory::TierPeaks { pageable: report.memory.total_held_bytes, disk: disk_bytes, ..Default::default() };
+    // the streamed layers and the cache's disk share.
+    report.peak_per_tier = memory::TierPeaks {
+        pageable: report.memory.total_held_bytes,
+        disk: disk_bytes + report.memory.disk_kv_cache_bytes,
+        ..Default::default()
+    };
     print_report(&report, args.json)
 }
 
@@ -327,10 +348,12 @@ fn make_report(
         decode_tokens_per_s: decode_tput,
         total_tokens_per_s: total_tput,
         peak_per_tier: memory::TierPeaks::default(),
+        offload_dir: None,
         memory: MemoryReport {
             weights_bytes: weights,
             disk_weights_bytes: 0,
             kv_cache_bytes: out.cache_bytes,
+            disk_kv_cache_bytes: out.disk_cache_bytes,
             activation_bytes: out.activation_bytes,
             total_held_bytes: weights + out.cache_bytes + out.activation_bytes,
             flexgen_weight_bytes: c.weight_bytes(),
@@ -341,8 +364,13 @@ fn make_report(
     }
 }
 
+/// Bytes in MiB, or in KiB or bytes where MiB would read 0.0.
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..0x1_9999 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64),
+    }
 }
 
 fn print_report(r: &BenchReport, json: bool) -> Result<()> {
@@ -363,7 +391,8 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
          prefill: {:.3} s, {:.2} token/s\n\
          decode:  {:.3} s, {}\n\
          total:   {:.3} s, {:.2} token/s\n\
-         host memory held: weights {} + KV cache {} + activations {} = {}; weights on disk {}\n\
+         host memory held: weights {} + KV cache {} + activations {} = {}\n\
+         on disk: weights {} + KV cache {}{}\n\
          FlexGen accounting (f16): weights {}, KV cache {}, hidden {}\n\
          peak RSS (VmHWM): {}\n\
          peak per tier: {}\n",
@@ -391,6 +420,8 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
         mib(m.activation_bytes),
         mib(m.total_held_bytes),
         mib(m.disk_weights_bytes),
+        mib(m.disk_kv_cache_bytes),
+        r.offload_dir.as_ref().map_or(String::new(), |d| format!(" in {}", d.display())),
         mib(m.flexgen_weight_bytes),
         mib(m.flexgen_cache_bytes),
         mib(m.flexgen_hidden_bytes),

@@ -218,15 +218,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens);
     let cache = c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest).saturating_mul(2);
     crate::loading::check_fits("the f32 KV cache of a batch", cache)?;
+    // The most KV cache a batch put on disk.
+    let disk_cache = std::cell::Cell::new(0u64);
     let peaks = || crate::memory::TierPeaks {
         pageable: loaded.model.held_bytes() + cache,
-        disk: on_disk.as_ref().map_or(0, |d| d.bytes()),
+        disk: on_disk.as_ref().map_or(0, |d| d.bytes()) + disk_cache.get(),
         ..Default::default()
     };
     out.write(
         args.max_new_tokens,
         &mut |batch, pb| {
-            Ok(generate_with(
+            let out = generate_with(
                 &loaded.model,
                 on_disk.clone(),
                 cache_disk.clone(),
@@ -234,8 +236,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 &opts,
                 &mut sampler,
                 pb,
-            )?
-            .tokens)
+            )?;
+            disk_cache.set(disk_cache.get().max(out.disk_cache_bytes));
+            Ok(out.tokens)
         },
         &peaks,
     )
