@@ -741,3 +741,162 @@ fn bench_reports_the_cache_it_puts_on_disk_and_where() {
     assert!(out.status.success() && stderr.contains("--offload-dir is unused"), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("on disk: weights 0 B + KV cache 0 B\n"));
 }
+
+#[test]
+fn ctrl_c_during_bench_tiers_leaves_no_baseline_file() {
+    let _serial = one_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("offload");
+    std::fs::create_dir(&dir).unwrap();
+    let args = ["bench-tiers", "--bytes", "128M", "--rss-check", "0", "--offload-dir", dir.to_str().unwrap()];
+    let mut run = spawn_tierlm(&args);
+    let pid = run.child.id();
+    let start = std::time::Instant::now();
+    let mut named = Vec::new();
+    // Until the baseline file is open: it must never have a name there.
+    loop {
+        named.extend(
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().to_string()))
+                .filter(|n| n.starts_with("tierlm-bench-baseline")),
+        );
+        if unlinked_files_in(pid, &dir).iter().any(|f| f.contains("tierlm-bench-baseline")) {
+            break;
+        }
+        if let Some(status) = run.child.try_wait().unwrap() {
+            panic!("bench-tiers ended ({status:?}) before its baseline was seen; stderr: {}", run.stderr());
+        }
+        assert!(start.elapsed() < STOP_LIMIT, "no baseline after {STOP_LIMIT:?}; stderr: {}", run.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    run.send(libc::SIGINT);
+    let (status, stderr) = run.wait_at_most(STOP_LIMIT, "SIGINT during the baseline");
+    assert!(!status.success() && !stderr.contains("panicked"), "{status:?}: {stderr}");
+    assert!(named.is_empty(), "the baseline file had a name in the offload directory: {named:?}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "left in the offload directory: {left:?}");
+}
+
+#[test]
+fn bench_tiers_json_prints_only_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tierlm(&[
+        "bench-tiers",
+        "--json",
+        "--bytes",
+        "1M",
+        "--rss-check",
+        "0",
+        "--reps",
+        "1",
+        "--offload-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without a GPU, the disk rows are all of stdout; the GPU note is on stderr.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    if !String::from_utf8_lossy(&out.stderr).contains("gpu: no CUDA") {
+        return; // A GPU here: its table follows on stderr, checked the same way below.
+    }
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(rows.as_array().is_some_and(|r| !r.is_empty()), "{stdout}");
+}
+
+#[test]
+fn a_host_memory_kind_that_is_missing_is_not_claimed() {
+    let out = Command::new(tierlm_exe())
+        .args(["copy-matrix", "--json"])
+        .env("TIERLM_HOST_MEMORY", "pinned")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let missing = doc["unavailable"].as_array().unwrap().iter().any(|t| t["name"] == "host:pinned");
+    let listed = doc["tiers"].as_array().unwrap().iter().any(|t| t["name"] == "host:pinned");
+    assert_ne!(missing, listed, "{doc}");
+    if missing {
+        assert_eq!(doc["host_memory"]["kind"], "pageable", "{doc}");
+        let reason = doc["host_memory"]["reason"].as_str().unwrap();
+        assert!(reason.starts_with("fell back from pinned, chosen with TIERLM_HOST_MEMORY"), "{reason}");
+    } else {
+        assert_eq!(doc["host_memory"]["kind"], "pinned", "{doc}");
+    }
+}
+
+#[test]
+fn an_offload_dir_that_is_a_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let f = file.to_str().unwrap();
+    let tiny = fixture("tiny-opt");
+    let disk = ["--percent", "0", "50", "0", "100", "0", "100"];
+    for args in [
+        vec!["generate", "--model", &tiny, "--prompt", "hi", "--offload-dir", f],
+        [&["generate", "--model", &tiny, "--prompt", "hi", "--offload-dir", f][..], &disk].concat(),
+        vec!["bench", "--model", &tiny, "--prompt-len", "4", "--gen-len", "2", "--offload-dir", f],
+        [&["bench", "--model", &tiny, "--prompt-len", "4", "--gen-len", "2", "--offload-dir", f][..], &disk].concat(),
+        vec!["bench-tiers", "--bytes", "1M", "--offload-dir", f],
+        vec!["copy-matrix", "--offload-dir", f],
+    ] {
+        let err = fails(&args);
+        assert!(err.contains(&format!("{f}: is a file, not a directory")), "{args:?}: {err}");
+    }
+    let under = format!("{f}/sub");
+    let err = fails(&[&["generate", "--model", &tiny, "--prompt", "hi", "--offload-dir", &under][..], &disk].concat());
+    assert!(err.contains(&format!("{under}: cannot be made: {f} is a file, not a directory")), "{err}");
+}
+
+#[test]
+fn a_disk_too_small_is_found_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 4096 layers of 12 × 131072² parameters: 1.7 PB, more than any disk.
+    let dir = tmp.path().join("big");
+    std::fs::create_dir(&dir).unwrap();
+    let config = r#"{"model_type": "opt", "hidden_size": 131072, "num_attention_heads": 64, "num_hidden_layers": 4096,
+        "ffn_dim": 32768, "vocab_size": 16, "max_position_embeddings": 64}"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let offload = tmp.path().join("offload");
+    let (m, o) = (dir.to_str().unwrap(), offload.to_str().unwrap());
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [2, 5]}\n").unwrap();
+    let disk = ["--percent", "0", "0", "0", "100", "0", "100", "--offload-dir", o, "--dummy", "--model", m];
+    for args in [
+        [&["bench", "--prompt-len", "8", "--gen-len", "8"][..], &disk].concat(),
+        [&["generate", "--input", input.to_str().unwrap()][..], &disk].concat(),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains("placed on disk need "), "{args:?}: {err}");
+        assert!(
+            err.contains("GiB) on disk, and its file system has ") && err.contains("GiB) free;"),
+            "{args:?}: {err}"
+        );
+        assert!(!offload.exists(), "nothing made before the check");
+    }
+    // The KV cache's disk share counts too: 2^20 sequences of 64 positions
+    // of opt-125m, 4.9 TB.
+    let err = fails(&[
+        "bench",
+        "--model",
+        "opt-125m",
+        "--dummy",
+        "--prompt-len",
+        "60",
+        "--gen-len",
+        "4",
+        "--gpu-batch-size",
+        "1048576",
+        "--percent",
+        "0",
+        "100",
+        "0",
+        "0",
+        "0",
+        "100",
+        "--offload-dir",
+        o,
+    ]);
+    assert!(err.contains("the weights and KV cache placed on disk need 4"), "{err}");
+    assert!(!offload.exists(), "nothing made before the check");
+}

@@ -446,7 +446,7 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();
         let err = DiskDevice::new(DiskConfig::new(&file)).err().expect("a file");
-        assert!(err.to_string().contains("is not a directory"), "{err}");
+        assert!(err.to_string().contains("is a file, not a directory"), "{err}");
         // Root may write anywhere, so a read-only directory only tells as a user.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {

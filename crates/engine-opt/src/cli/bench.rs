@@ -252,6 +252,7 @@ fn notes(args: &BenchArgs, policy: &Policy) {
 
 /// Runs `tierlm bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     let policy = args.policy()?;
     // Everything on the GPU, and a GPU here: the GPU engine runs it.
     if let Some(result) = crate::gpu::bench::try_bench(&args, &policy) {
@@ -279,6 +280,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )));
     }
     let f32_cache = config.kv_cache_bytes(prompts_n, seq).saturating_mul(2);
+    let on_disk_bytes = crate::cpu_offload::weights_disk_bytes(&config, &policy).saturating_add(
+        crate::cpu_offload::cache_disk_bytes(&config, &policy, policy.num_gpu_batches, policy.gpu_batch_size, seq),
+    );
+    crate::cpu_offload::check_disk_space(
+        args.offload_dir.as_deref(),
+        on_disk_bytes,
+        "the weights and KV cache placed on disk",
+    )?;
     let mut on_disk = crate::cpu_offload::for_policy(&config, &policy, args.offload_dir.as_deref())?;
     let streamed = (config.num_hidden_layers - on_disk.as_ref().map_or(config.num_hidden_layers, |d| d.first())) as u64;
     let in_memory = config.weight_bytes() - streamed * config.layer_param_count() * 2;

@@ -73,14 +73,26 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
         print!("{}", tier_disk::bench::table(&rows));
     }
 
-    println!("\ngpu: {}", tier_cuda::probe_message());
+    // With --json, stdout holds the JSON alone: everything else goes to stderr.
+    let json = args.json;
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if json { eprintln!($($t)*) } else { println!($($t)*) }
+        };
+    }
+    macro_rules! say_part {
+        ($($t:tt)*) => {
+            if json { eprint!($($t)*) } else { print!($($t)*) }
+        };
+    }
+    say!("\ngpu: {}", tier_cuda::probe_message());
     if tier_cuda::probe()?.is_none() {
         return Ok(());
     }
     if args.rss_check > 0 {
         for kind in [HostMemKind::Pinned, HostMemKind::Registered] {
             let check = gpu_bench::pinned_rss_check(kind, to_usize(args.rss_check, "residency check size")?)?;
-            println!("residency {check} => {}", if check.passes() { "ok" } else { "MISS" });
+            say!("residency {check} => {}", if check.passes() { "ok" } else { "MISS" });
         }
     }
     let disk = tier_disk::DiskDevice::new(args.tiers.disk_config(0, args.tiers.disk_backend))?;
@@ -91,12 +103,12 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
         ..gpu_bench::BenchConfig::default()
     };
     let report = gpu_bench::run(&gpu_config)?;
-    print!("{report}");
+    say_part!("{report}");
     let misses = report.misses();
     if misses.is_empty() {
-        println!("all GPU path targets met");
+        say!("all GPU path targets met");
     } else {
-        println!("targets missed: {}", misses.join("; "));
+        say!("targets missed: {}", misses.join("; "));
     }
     if args.sweep {
         let rows = gpu_bench::disk_read_sweep(&gpu_config, disk.as_ref(), &[1, 2, 4, 8])?;
@@ -113,7 +125,7 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
                 .collect();
         let rows = rows.into_iter().chain(gpu_bench::relay_sweep(&gpu_config, &shapes)?);
         for r in rows {
-            println!("{:<60} {:>8.2} GB/s (best {:.2}, worst {:.2})", r.name, r.gbps(), r.best_gbps(), r.worst_gbps());
+            say!("{:<60} {:>8.2} GB/s (best {:.2}, worst {:.2})", r.name, r.gbps(), r.best_gbps(), r.worst_gbps());
         }
     }
     Ok(())

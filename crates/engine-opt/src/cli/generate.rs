@@ -173,6 +173,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.temperature
         )));
     }
+    crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     if let Some(result) = crate::gpu::bench::try_generate(&args) {
         return result;
     }
@@ -195,7 +196,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         crate::loading::ModelSpec::Dir(dir) => crate::OptConfig::from_dir(&dir)?,
         crate::loading::ModelSpec::Preset(_, config) => config,
     };
-    let mut on_disk = crate::cpu_offload::for_policy(&model_config, &policy, args.offload_dir.as_deref())?;
+    let offload_dir = args.offload_dir.as_deref();
+    let weights_on_disk = crate::cpu_offload::weights_disk_bytes(&model_config, &policy);
+    crate::cpu_offload::check_disk_space(offload_dir, weights_on_disk, "the weights placed on disk")?;
+    let mut on_disk = crate::cpu_offload::for_policy(&model_config, &policy, offload_dir)?;
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);
     let cache_disk = crate::cpu_offload::cache_disk_for_policy(&policy, args.offload_dir.as_deref())?;
@@ -218,6 +222,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens);
     let cache = c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest).saturating_mul(2);
     crate::loading::check_fits("the f32 KV cache of a batch", cache)?;
+    // The weights are on disk by now: the cache's disk share must fit what is left.
+    let batch = args.gpu_batch_size.min(prompts.len());
+    let cache_on_disk = crate::cpu_offload::cache_disk_bytes(c, &policy, 1, batch, longest);
+    crate::cpu_offload::check_disk_space(offload_dir, cache_on_disk, "the KV cache placed on disk")?;
     // The most KV cache a batch put on disk.
     let disk_cache = std::cell::Cell::new(0u64);
     let peaks = || crate::memory::TierPeaks {
