@@ -34,6 +34,15 @@ pub struct GenerateArgs {
     /// Print JSONL (implied by --input): one line per input, in input order
     #[arg(long)]
     pub json: bool,
+    /// Append each result to this JSONL file instead of printing it, written
+    /// and synced a batch at a time, each line with its input's line number;
+    /// an existing non-empty file is refused unless --resume is given
+    #[arg(long, value_name = "FILE.jsonl", requires = "input")]
+    pub output: Option<PathBuf>,
+    /// Continue an interrupted --output run: skip the inputs already in the
+    /// file (after checking it holds this input's results) and append the rest
+    #[arg(long, requires = "output")]
+    pub resume: bool,
     /// New tokens per sequence at most (fewer if it ends with </s>)
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
@@ -131,6 +140,13 @@ pub fn read_inputs(path: &Path) -> Result<Vec<Input>> {
 /// One output line of `--json` / `--input`.
 #[derive(Serialize)]
 struct OutputLine<'a> {
+    /// The input's line number in `--input` (1-based), with `--output`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+    /// A hash of that input line's text, with `--output`: `--resume`
+    /// checks it to refuse a file written for another input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_hash: Option<String>,
     index: usize,
     output_ids: &'a [u32],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,6 +190,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         )));
     }
     crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
+    // Refuse an --output that would be overwritten, or does not match, before loading.
+    output_file(&args)?;
     if let Some(result) = crate::gpu::bench::try_generate(&args) {
         return result;
     }
@@ -215,7 +233,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let mut sampler = Sampler::new(sampling);
     let tokenizer = loaded.tokenizer.as_ref();
-    let out = Outputs { prompts: &prompts, inputs: &inputs, tokenizer, batch_size: args.gpu_batch_size, json };
+    let out = Outputs {
+        prompts: &prompts,
+        inputs: &inputs,
+        tokenizer,
+        batch_size: args.gpu_batch_size,
+        json,
+        file: output_file(&args)?,
+    };
     // The CPU engine's memory is pageable: weights, the cache of the batch
     // in flight (f32, the largest batch's), and the layers on disk.
     let c = &loaded.model.config;
@@ -252,6 +277,187 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     )
 }
 
+/// The `--output` file of a run: where results go, whether to resume, and
+/// for each input (in order) its line number and text hash.
+#[derive(Debug)]
+pub struct OutputFile {
+    path: PathBuf,
+    resume: bool,
+    sources: Vec<(usize, String)>,
+}
+
+/// FNV-1a of a line's text, as 16 hex digits: stable across runs and builds.
+fn line_hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.trim().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The `--output` file `args` ask for (`None` without `--output`), checked:
+/// without `--resume` it must be missing or empty.
+pub fn output_file(args: &GenerateArgs) -> Result<Option<OutputFile>> {
+    let (Some(path), Some(input)) = (&args.output, &args.input) else {
+        return Ok(None);
+    };
+    if !args.resume {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => {
+                return Err(Error::InvalidArgument(format!("--output {}: is a directory", path.display())))
+            }
+            Ok(m) if m.len() > 0 => {
+                return Err(Error::InvalidArgument(format!(
+                    "--output {} already holds results; pass --resume to continue that run, or choose another \
+                     file (tierlm never overwrites results)",
+                    path.display()
+                )))
+            }
+            _ => {}
+        }
+    }
+    let text = std::fs::read_to_string(input).map_err(|e| Error::io(input, e))?;
+    let sources =
+        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, line_hash(l))).collect();
+    let file = OutputFile { path: path.clone(), resume: args.resume, sources };
+    if args.resume {
+        file.done()?;
+    }
+    Ok(Some(file))
+}
+
+impl OutputFile {
+    /// The inputs (indices) the file already holds, after cutting off a
+    /// last line left partial by a crash. Refuses a file whose lines do not
+    /// belong to this input.
+    fn done(&self) -> Result<std::collections::BTreeSet<usize>> {
+        let path = &self.path;
+        let mut bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        // A crash mid-write leaves a last line without its newline: drop it.
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < bytes.len() {
+            let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+            f.set_len(whole as u64).map_err(|e| Error::io(path, e))?;
+            f.sync_all().map_err(|e| Error::io(path, e))?;
+            eprintln!("note: {}: dropped a partly written last line ({} bytes)", path.display(), bytes.len() - whole);
+            bytes.truncate(whole);
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::InvalidArgument(format!("--output {}: not UTF-8 text", path.display())))?;
+        let mut done = std::collections::BTreeSet::new();
+        #[derive(Deserialize)]
+        struct Written {
+            line: usize,
+            index: usize,
+            input_hash: String,
+        }
+        for (i, l) in text.lines().enumerate() {
+            let bad = |reason: String| Error::InputLine { path: path.clone(), line: i + 1, reason };
+            let w: Written = serde_json::from_str(l)
+                .map_err(|e| bad(format!("not a result line of tierlm generate --output ({e}); refusing to resume")))?;
+            match self.sources.get(w.index) {
+                Some((line, hash)) if *line == w.line && *hash == w.input_hash => {}
+                _ => {
+                    return Err(bad(format!(
+                        "written for another input (input {} at line {} does not match this --input); refusing to \
+                         resume: choose another --output",
+                        w.index, w.line
+                    )))
+                }
+            }
+            if !done.insert(w.index) {
+                return Err(bad(format!("input {} is in the file twice; refusing to resume", w.index)));
+            }
+        }
+        Ok(done)
+    }
+}
+
+impl Outputs<'_> {
+    /// [`Outputs::write`] to an `--output` file: skips the batches whose
+    /// inputs are all there already (`--resume`), runs the others whole (so
+    /// that a batch holds the same prompts as in an uninterrupted run), and
+    /// appends the missing lines of each, synced before the next batch.
+    fn write_file(
+        &self,
+        file: &OutputFile,
+        max_new_tokens: usize,
+        generate: &mut BatchGenerator<'_>,
+        peaks: &dyn Fn() -> crate::memory::TierPeaks,
+    ) -> Result<()> {
+        let path = &file.path;
+        if file.sources.len() != self.prompts.len() {
+            return Err(Error::InvalidArgument(format!(
+                "--output: the input has {} lines but {} prompts were read",
+                file.sources.len(),
+                self.prompts.len()
+            )));
+        }
+        let done = if file.resume { file.done()? } else { Default::default() };
+        let size = self.batch_size.max(1);
+        let todo: Vec<usize> = (0..self.prompts.len().div_ceil(size))
+            .filter(|&b| (b * size..((b + 1) * size).min(self.prompts.len())).any(|i| !done.contains(&i)))
+            .collect();
+        if file.resume {
+            eprintln!(
+                "resuming {}: {} of {} inputs done, {} batches to run",
+                path.display(),
+                done.len(),
+                self.prompts.len(),
+                todo.len()
+            );
+        }
+        let mut out =
+            std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        let start = std::time::Instant::now();
+        let mut new_tokens = 0usize;
+        let pb = progress::bar((todo.len() as u64).saturating_mul(max_new_tokens as u64), "generating");
+        for b in todo {
+            let first = b * size;
+            let batch = &self.prompts[first..(first + size).min(self.prompts.len())];
+            let generated = generate(batch, &pb)?;
+            new_tokens += generated.iter().map(Vec::len).sum::<usize>();
+            let mut lines = String::new();
+            for (k, new_ids) in generated.iter().enumerate() {
+                let index = first + k;
+                if done.contains(&index) {
+                    continue;
+                }
+                let text = match self.tokenizer {
+                    Some(tok) => Some(tok.decode(new_ids)?),
+                    None => None,
+                };
+                let (line, hash) = &file.sources[index];
+                let line =
+                    OutputLine { line: Some(*line), input_hash: Some(hash.clone()), index, output_ids: new_ids, text };
+                let line = serde_json::to_string(&line).map_err(|source| Error::Json { path: path.clone(), source })?;
+                lines.push_str(&line);
+                lines.push('\n');
+            }
+            // One write and a sync per batch: a crash loses at most the
+            // batch in flight (a partial last line is cut off on resume).
+            out.write_all(lines.as_bytes()).map_err(|e| Error::io(path, e))?;
+            out.sync_data().map_err(|e| Error::io(path, e))?;
+        }
+        pb.finish_and_clear();
+        let s = start.elapsed().as_secs_f64();
+        eprintln!(
+            "generated {new_tokens} new tokens for {} prompts in {s:.2} s ({:.1} token/s), results in {}; peak per \
+             tier: {}",
+            self.prompts.len() - done.len(),
+            new_tokens as f64 / s.max(1e-9),
+            path.display(),
+            peaks()
+        );
+        Ok(())
+    }
+}
+
 /// Generates one batch's new tokens, ticking the progress bar.
 pub type BatchGenerator<'a> = dyn FnMut(&[Vec<u32>], &ProgressBar) -> Result<Vec<Vec<u32>>> + 'a;
 
@@ -268,6 +474,8 @@ pub struct Outputs<'a> {
     pub batch_size: usize,
     /// JSON lines (`--json`, `--input`), else each prompt and its continuation.
     pub json: bool,
+    /// `--output`: results appended to a file, durably, a batch at a time.
+    pub file: Option<OutputFile>,
 }
 
 impl Outputs<'_> {
@@ -282,6 +490,9 @@ impl Outputs<'_> {
         generate: &mut BatchGenerator<'_>,
         peaks: &dyn Fn() -> crate::memory::TierPeaks,
     ) -> Result<()> {
+        if let Some(file) = &self.file {
+            return self.write_file(file, max_new_tokens, generate, peaks);
+        }
         let start = std::time::Instant::now();
         let mut new_tokens = 0usize;
         let batches: Vec<&[Vec<u32>]> = self.prompts.chunks(self.batch_size.max(1)).collect();
@@ -298,7 +509,7 @@ impl Outputs<'_> {
                     None => None,
                 };
                 if self.json {
-                    let line = OutputLine { index, output_ids: new_ids, text };
+                    let line = OutputLine { line: None, input_hash: None, index, output_ids: new_ids, text };
                     let line = serde_json::to_string(&line)
                         .map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
                     pb.suspend(|| writeln!(out, "{line}")).map_err(stdout_err)?;
