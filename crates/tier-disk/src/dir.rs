@@ -66,6 +66,26 @@ pub fn free_bytes(dir: &Path) -> Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
+/// Whether `dir` (or its nearest existing ancestor) is on tmpfs or ramfs,
+/// whose files live in host memory: what is put there counts against RAM.
+pub fn in_memory_fs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let existing = dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.exists()).unwrap_or(Path::new("."));
+    let Ok(path) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else { return false };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call and
+    // `st` has room for one `statfs`, which the call fills on success.
+    if unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statfs returned 0, so it initialised `st`.
+    #[allow(clippy::unnecessary_cast)] // f_type is not i64 on every target
+    let kind = unsafe { st.assume_init() }.f_type as i64;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+}
+
 /// Refuses to put `need` bytes of `what` in `dir` when its file system has
 /// less free space, naming both figures.
 pub fn check_free(dir: &Path, need: u64, what: &str) -> Result<()> {
@@ -105,6 +125,8 @@ mod tests {
         check_offload_dir(&tmp.path().join("not/yet")).unwrap();
         assert!(!tmp.path().join("not").exists(), "checking makes nothing");
 
+        assert!(in_memory_fs(Path::new("/dev/shm")) || !Path::new("/dev/shm").exists());
+        assert!(!in_memory_fs(Path::new("/proc/self")));
         let free = free_bytes(tmp.path()).unwrap();
         assert!(free > 0);
         // A directory not made yet: its ancestor's file system.

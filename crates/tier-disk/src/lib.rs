@@ -56,7 +56,7 @@ pub use config::{
     MAX_SESSIONS, MAX_STAGING_BUFFERS, MAX_THREADS, MIN_CHUNK_SIZE,
 };
 pub use device::{DiskDevice, DiskStorage};
-pub use dir::{check_free, check_offload_dir, free_bytes, prepare_offload_dir};
+pub use dir::{check_free, check_offload_dir, free_bytes, in_memory_fs, prepare_offload_dir};
 pub use io::{IoFailure, MAX_AGAIN_RETRIES, MAX_SHORT_RETRIES};
 pub use sys::{page_size, AlignedBuf};
 

@@ -49,6 +49,24 @@ fn to_usize(v: u64, what: &str) -> tier_api::Result<usize> {
 
 pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
     let dir = args.tiers.offload_dir();
+    // The run holds --bytes in host memory and on disk at once: refuse up
+    // front what the machine cannot hold, rather than fail (or swap) midway.
+    tier_disk::check_offload_dir(&dir)?;
+    if let Some(avail) = crate::memory::available_bytes() {
+        // On tmpfs the "disk" copy lives in host memory too.
+        let tmpfs = tier_disk::in_memory_fs(&dir);
+        let need = if tmpfs { args.bytes.saturating_mul(2) } else { args.bytes };
+        if need > avail {
+            return Err(Error::Config(format!(
+                "--bytes {} needs {need} bytes of host memory{}, and {avail} bytes are available; give a smaller \
+                 --bytes{}",
+                args.bytes,
+                if tmpfs { " (the offload directory is on tmpfs, in memory too)" } else { "" },
+                if tmpfs { " or an --offload-dir on a disk" } else { "" },
+            )));
+        }
+    }
+    tier_disk::check_free(&dir, args.bytes, "bench-tiers' test data (--bytes)")?;
     let config = tier_disk::bench::BenchConfig {
         bytes: args.bytes,
         block: to_usize(args.block, "block size")?,
