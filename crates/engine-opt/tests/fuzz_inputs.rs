@@ -77,8 +77,11 @@ impl Fuzz {
     fn new(target: &'static str, weight: f64) -> Fuzz {
         let seed = seed();
         eprintln!("fuzz {target}: seed {seed} (TIERLM_FUZZ_SEED={seed} replays it)");
-        let dir = repo_root().join("target/fuzz-crashers").join(target);
-        std::fs::create_dir_all(&dir).expect("the crashers directory");
+        let mut dir = repo_root().join("target/fuzz-crashers").join(target);
+        if std::fs::create_dir_all(&dir).is_err() {
+            dir = std::env::temp_dir().join("tierlm-fuzz-crashers").join(target);
+            std::fs::create_dir_all(&dir).expect("a crashers directory");
+        }
         let started = Instant::now();
         let case_began = Arc::new(AtomicU64::new(0));
         // The watchdog: abort on a case running past HANG (the input is in `current`).
@@ -127,7 +130,7 @@ impl Fuzz {
 
     /// The corpus of crashers found before: `tests/corpus/<target>/*`.
     fn corpus(&self) -> Vec<Vec<u8>> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(self.target);
+        let dir = repo_root().join("crates/engine-opt/tests/corpus").join(self.target);
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(dir).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
         files.sort();
@@ -825,7 +828,14 @@ fn fuzz_command_lines_binary() {
     let mut f = Fuzz::new("binary", 0.15);
     let tmp = scratch();
     let bases = base_command_lines(tmp.path());
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_tierlm"));
+    let exe = {
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_tierlm"));
+        if built.is_file() {
+            built
+        } else {
+            repo_root().join(".gpu/tierlm")
+        }
+    };
     let mut slow = 0;
     let mut bad = Vec::new();
     let mut run = |args: &[String]| -> Option<String> {
