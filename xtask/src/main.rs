@@ -1,7 +1,9 @@
 //! # xtask: the project's own automation
 //!
 //! `cargo xtask ci` runs what CI runs: the formatting check, clippy with
-//! warnings denied, and every test of the workspace. `cargo xtask gpu-bundle`
+//! warnings denied, and every test of the workspace (the input fuzzer for
+//! its default minute among them). `cargo xtask fuzz [SECONDS]` runs the
+//! fuzzer longer. `cargo xtask gpu-bundle`
 //! builds the release binaries and the test executables into `.gpu/` with a
 //! script that runs them all on the GPU machine (which has no Rust toolchain).
 //!
@@ -15,10 +17,12 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("gpu-bundle") => gpu_bundle(),
+        Some("fuzz") => fuzz(args.get(1).map(String::as_str)),
         _ => {
-            eprintln!("usage: cargo xtask <ci | gpu-bundle>");
+            eprintln!("usage: cargo xtask <ci | gpu-bundle | fuzz [SECONDS]>");
             eprintln!("  ci          formatting check, clippy -D warnings, all tests");
             eprintln!("  gpu-bundle  release binaries and test executables into .gpu/ for the GPU machine");
+            eprintln!("  fuzz        the input fuzzer for SECONDS in all (default 600; CI runs 60)");
             return ExitCode::from(2);
         }
     };
@@ -57,6 +61,26 @@ fn ci() -> Result<(), String> {
     run("clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
     run("tests", cargo().args(["test", "--workspace", "--locked"]))?;
     Ok(())
+}
+
+/// The fuzz targets of `crates/engine-opt/tests/fuzz_inputs.rs` for longer
+/// than CI's minute: `TIERLM_FUZZ_SECS` seconds shared among them.
+fn fuzz(secs: Option<&str>) -> Result<(), String> {
+    let secs = secs.unwrap_or("600");
+    secs.parse::<f64>().map_err(|_| format!("fuzz: {secs:?} is not a number of seconds"))?;
+    run(
+        "fuzz",
+        cargo().env("TIERLM_FUZZ_SECS", secs).args([
+            "test",
+            "-p",
+            "engine-opt",
+            "--test",
+            "fuzz_inputs",
+            "--locked",
+            "--",
+            "--nocapture",
+        ]),
+    )
 }
 
 fn gpu_bundle() -> Result<(), String> {
@@ -124,6 +148,8 @@ set -u
 logdir="${{1:-${{OUT:-/tmp}}}}"
 mkdir -p "$logdir"
 export TIERLM_REPO_ROOT="$(pwd)"
+# The input fuzzer's minute runs in CI; a few seconds of it here suffice.
+export TIERLM_FUZZ_SECS="${{TIERLM_FUZZ_SECS:-10}}"
 [ -d .gpu/tests ] || tar -C .gpu -xzf .gpu/tests.tar.gz || {{ echo "cannot unpack .gpu/tests.tar.gz"; exit 1; }}
 pass=0; fail=0; failed=""
 for t in {tests}; do

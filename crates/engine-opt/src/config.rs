@@ -15,6 +15,17 @@ pub const F16_BYTES: u64 = 2;
 /// `embed_positions` (a leftover of fairseq's padding handling).
 pub const POSITION_OFFSET: usize = 2;
 
+/// Largest `vocab_size` accepted (2^24; published models have under 2^18).
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Largest `hidden_size` and `word_embed_proj_dim` accepted (2^17).
+pub const MAX_WIDTH: usize = 1 << 17;
+/// Largest `ffn_dim` accepted (2^20).
+pub const MAX_FFN: usize = 1 << 20;
+/// Largest `num_hidden_layers` accepted (2^12).
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Largest `max_position_embeddings` accepted (2^24).
+pub const MAX_POSITIONS: usize = 1 << 24;
+
 /// An OPT configuration as Hugging Face's `config.json` spells it.
 ///
 /// The four size fields (`hidden_size`, `num_attention_heads`,
@@ -175,6 +186,23 @@ impl OptConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
+        // Bounds far above any published model, low enough that every byte
+        // count derived from the configuration (weights, a sequence's cache)
+        // fits in u64 and in usize on 64-bit hosts.
+        for (name, value, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("word_embed_proj_dim", self.word_embed_proj_dim(), MAX_WIDTH),
+            ("ffn_dim", self.ffn_dim, MAX_FFN),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS),
+        ] {
+            if value > max {
+                return bad(format!(
+                    "{name} {value} is larger than tierlm supports ({max}); is this config.json corrupt?"
+                ));
+            }
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -264,14 +292,21 @@ impl OptConfig {
 
     /// Bytes of the key and value cache of every layer for `batch` sequences
     /// of `seq_len` tokens, f16 (FlexGen's `cache_bytes`).
+    ///
+    /// Saturates at `u64::MAX` (which no memory holds, so a fit check
+    /// refuses it) where `batch` and `seq_len` from the command line would
+    /// overflow.
     pub fn kv_cache_bytes(&self, batch: usize, seq_len: usize) -> u64 {
-        2 * self.num_hidden_layers as u64 * batch as u64 * seq_len as u64 * self.hidden_size as u64 * F16_BYTES
+        [self.num_hidden_layers as u64, batch as u64, seq_len as u64, self.hidden_size as u64, F16_BYTES]
+            .into_iter()
+            .fold(2u64, u64::saturating_mul)
     }
 
     /// Bytes of the hidden states passed between layers for `batch`
     /// sequences of `seq_len` tokens, f16 (FlexGen's `hidden_bytes`).
+    /// Saturates at `u64::MAX` as [`OptConfig::kv_cache_bytes`].
     pub fn activation_bytes(&self, batch: usize, seq_len: usize) -> u64 {
-        batch as u64 * seq_len as u64 * self.hidden_size as u64 * F16_BYTES
+        [seq_len as u64, self.hidden_size as u64, F16_BYTES].into_iter().fold(batch as u64, u64::saturating_mul)
     }
 }
 
@@ -349,5 +384,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("num_hidden_layers must be positive"), "{err}");
+    }
+
+    #[test]
+    fn sizes_are_bounded_so_byte_counts_fit() {
+        for field in ["ffn_dim", "max_position_embeddings", "vocab_size", "hidden_size", "num_hidden_layers"] {
+            let mut v: serde_json::Value = serde_json::from_str(
+                r#"{"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "ffn_dim": 256}"#,
+            )
+            .unwrap();
+            v[field] = serde_json::json!(1u64 << 62);
+            let err = OptConfig::from_json_str(&v.to_string()).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("larger than tierlm supports"), "{field}: {err}");
+        }
+        // The largest configuration accepted: its byte counts, computed in
+        // u128, fit in u64.
+        let mut c = OptConfig::preset("opt-125m").unwrap();
+        (c.vocab_size, c.hidden_size, c.ffn_dim, c.num_attention_heads) = (MAX_VOCAB, MAX_WIDTH, MAX_FFN, 16);
+        (c.num_hidden_layers, c.max_position_embeddings, c.word_embed_proj_dim) =
+            (MAX_LAYERS, MAX_POSITIONS, Some(MAX_WIDTH / 2));
+        c.validate().unwrap();
+        let (h, e, f) = (MAX_WIDTH as u128, (MAX_WIDTH / 2) as u128, MAX_FFN as u128);
+        let layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h;
+        let params =
+            MAX_VOCAB as u128 * e + (MAX_POSITIONS as u128 + 2) * h + 2 * h * e + 2 * h + MAX_LAYERS as u128 * layer;
+        assert_eq!(u128::from(c.weight_bytes()), params * 2);
+        let seq_cache = 2 * MAX_LAYERS as u128 * MAX_POSITIONS as u128 * h * 2;
+        assert_eq!(u128::from(c.kv_cache_bytes(1, MAX_POSITIONS)), seq_cache);
+        // Batch sizes from the command line saturate instead of wrapping.
+        assert_eq!(c.kv_cache_bytes(usize::MAX, MAX_POSITIONS), u64::MAX);
+        assert_eq!(c.activation_bytes(usize::MAX, 2), u64::MAX);
     }
 }

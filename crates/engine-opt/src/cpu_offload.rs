@@ -77,6 +77,62 @@ pub fn cache_disk_for_policy(
     Ok(Some((tiers.disk(&dir)?, policy.cache_cpu_percent)))
 }
 
+/// Refuses an `--offload-dir` that names something other than a directory,
+/// before any engine starts (it is made later, where a run puts bytes on disk).
+pub fn check_offload_dir_arg(offload_dir: Option<&std::path::Path>) -> Result<()> {
+    Ok(offload_dir.map_or(Ok(()), tier_disk::check_offload_dir)?)
+}
+
+/// Slack per tensor on disk: the arena aligns each extent (4 KiB at least).
+const EXTENT_SLACK: u64 = 1 << 16;
+
+/// Bytes of weights the CPU engine puts on disk under `policy`: the
+/// streamed layers (f16), with room for the arena's alignment.
+pub fn weights_disk_bytes(config: &OptConfig, policy: &crate::policy::Policy) -> u64 {
+    let streamed = (config.num_hidden_layers - resident_layers(config.num_hidden_layers, policy.w_cpu_percent)) as u64;
+    // 16 tensors a layer at most (4 projections and 2 MLP matrices with
+    // their biases, 2 layer norms).
+    streamed
+        .saturating_mul(config.layer_param_count().saturating_mul(2))
+        .saturating_add(streamed.saturating_mul(16 * EXTENT_SLACK))
+}
+
+/// Bytes of KV cache the CPU engine puts on disk under `policy` for
+/// `batches` batches of `batch` sequences of up to `capacity` positions:
+/// each batch's disk share (f32), keys and values of every layer, with room
+/// for the arena's alignment. Saturates rather than wraps.
+pub fn cache_disk_bytes(
+    config: &OptConfig,
+    policy: &crate::policy::Policy,
+    batches: usize,
+    batch: usize,
+    capacity: usize,
+) -> u64 {
+    if policy.cache_cpu_percent >= 100.0 {
+        return 0;
+    }
+    let in_memory = ((batch as f64) * policy.cache_cpu_percent.clamp(0.0, 100.0) / 100.0).round() as usize;
+    let on_disk = batch.saturating_sub(in_memory.min(batch)) as u64;
+    if on_disk == 0 {
+        return 0;
+    }
+    let tensor = [on_disk, capacity as u64, config.hidden_size as u64, 4].into_iter().fold(1, u64::saturating_mul);
+    tensor
+        .saturating_add(EXTENT_SLACK)
+        .saturating_mul(2 * config.num_hidden_layers as u64)
+        .saturating_mul(batches as u64)
+}
+
+/// Refuses a run whose bytes on disk ([`disk_bytes_needed`]) do not fit
+/// the free space of the offload directory's file system.
+pub fn check_disk_space(offload_dir: Option<&std::path::Path>, need: u64, what: &str) -> Result<()> {
+    if need == 0 {
+        return Ok(());
+    }
+    let dir = offload_dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
+    Ok(tier_disk::check_free(&dir, need, what)?)
+}
+
 impl DiskLayers {
     /// Empty: layers `first..` will be [`DiskLayers::put`] in order.
     pub fn new(disk: Arc<DiskDevice>, config: OptConfig, first: usize) -> Self {

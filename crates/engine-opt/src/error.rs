@@ -86,6 +86,9 @@ pub enum Error {
     /// the file and what was expected).
     #[error("{0}")]
     CheckpointMismatch(String),
+    /// A weight or a logit is infinite or NaN (see `finite`).
+    #[error("{0}")]
+    NonFinite(String),
 
     /// A command-line or API argument is out of range.
     #[error("invalid argument: {0}")]

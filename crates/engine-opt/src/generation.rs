@@ -38,12 +38,22 @@ pub struct CpuDevice<'a> {
     current: Option<(usize, DecoderLayer)>,
     /// The streamed layer being read.
     next: Option<(usize, std::thread::JoinHandle<Result<DecoderLayer>>)>,
+    /// Bytes of KV cache allocated on `cache_disk`.
+    disk_cache_bytes: u64,
 }
 
 impl<'a> CpuDevice<'a> {
     /// The device computing `model` (all its layers in host memory).
     pub fn new(model: &'a OptModel) -> Self {
-        CpuDevice { model, disk: None, cache_disk: None, slots: Default::default(), current: None, next: None }
+        CpuDevice {
+            model,
+            disk: None,
+            cache_disk: None,
+            slots: Default::default(),
+            current: None,
+            next: None,
+            disk_cache_bytes: 0,
+        }
     }
 
     /// Puts the last `100 − cpu_percent`% of each batch's sequences' KV
@@ -70,6 +80,7 @@ impl<'a> CpuDevice<'a> {
             slots: Default::default(),
             current: None,
             next: None,
+            disk_cache_bytes: 0,
         })
     }
 
@@ -246,6 +257,8 @@ impl ComputeDevice for CpuDevice<'_> {
                         Ok([t()?, t()?])
                     })
                     .collect::<Result<Vec<_>>>()?;
+                let bytes: u64 = layers.iter().flatten().map(|t| t.byte_len() as u64).sum();
+                self.disk_cache_bytes = self.disk_cache_bytes.saturating_add(bytes);
                 let len = vec![0; c.num_hidden_layers];
                 (first, Some(CpuDiskCache { first, batch, layers, len }))
             }
@@ -285,6 +298,7 @@ impl ComputeDevice for CpuDevice<'_> {
         let c = &self.model.config;
         let last = last_rows(&b.hidden, tokens.batch(), b.new_len, c.hidden_size);
         let logits = self.model.logits(&last, tokens.batch());
+        crate::finite::check_logits(&logits, c.vocab_size)?;
         Ok(match sampler {
             Some(s) => logits.chunks(c.vocab_size).map(|row| s.sample(row)).collect(),
             None => logits.chunks(c.vocab_size).map(runtime::sampling::argmax).collect(),
@@ -342,7 +356,10 @@ pub fn generate_with(
     if let Some((d, cpu_percent)) = cache_disk {
         device = device.with_cache_on_disk(d, cpu_percent);
     }
-    runtime::schedule::generate(&mut device, batches, opts, Some(sampler), progress)
+    let mut out = runtime::schedule::generate(&mut device, batches, opts, Some(sampler), progress)?;
+    out.disk_cache_bytes = device.disk_cache_bytes;
+    out.cache_bytes += device.slots.values().map(LayerCache::bytes).sum::<u64>();
+    Ok(out)
 }
 
 /// Logits at the last position of each prompt after the prompts (left

@@ -39,6 +39,7 @@ pub mod cpu_attention;
 pub mod cpu_offload;
 pub mod dummy;
 mod error;
+pub mod finite;
 pub mod generation;
 pub mod gpu;
 pub mod kv_cache;

@@ -44,12 +44,14 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f16>> {
         let t = self.src.load(name, &[rows, cols])?;
+        crate::finite::check_weights(name, &t)?;
         self.progress.inc(1);
         Ok(t)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let t = self.src.load(name, &[len])?;
+        crate::finite::check_weights(name, &t)?;
         self.progress.inc(1);
         Ok(ops::to_f32(&t))
     }

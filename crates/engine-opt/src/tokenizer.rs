@@ -49,7 +49,12 @@ impl OptTokenizer {
 
     /// A Hugging Face `tokenizer.json`.
     pub fn from_tokenizer_json(path: &Path, bos: u32) -> Result<Self> {
-        let inner = Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
+        // The tokenizers library panics on some malformed files (found by
+        // fuzzing: JSON that does not parse); check the JSON first.
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| tok_err(path, format!("invalid JSON: {e}")))?;
+        let inner = text.parse::<Tokenizer>().map_err(|e| tok_err(path, e))?;
         Ok(OptTokenizer { inner, bos })
     }
 

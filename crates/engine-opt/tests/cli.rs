@@ -584,3 +584,345 @@ fn ctrl_c_with_weights_on_disk_leaves_nothing_in_the_offload_dir() {
     let left: Vec<_> = std::fs::read_dir(&offload).unwrap().collect();
     assert!(left.is_empty(), "left in the offload directory: {left:?}");
 }
+
+#[test]
+fn huge_sizes_from_flags_are_clear_errors() {
+    let tiny = fixture("tiny-opt");
+    let max = u64::MAX.to_string();
+    let err = fails(&["generate", "--model", &tiny, "--prompt", "hi", "--max-new-tokens", &max]);
+    assert!(err.contains(&format!("{max} new tokens exceed the model's 128 positions")), "{err}");
+    let err = fails(&["bench", "--model", &tiny, "--gen-len", &max]);
+    assert!(err.contains(&format!("--gen-len {max} exceed the model's 128 positions")), "{err}");
+    let err = fails(&["bench", "--model", &tiny, "--prompt-len", &max]);
+    assert!(err.contains(&format!("--prompt-len {max} + --gen-len 32 exceed")), "{err}");
+    let err = fails(&["bench", "--model", &tiny, "--prompt-len", "8", "--gen-len", "8", "--gpu-batch-size", &max]);
+    assert!(err.contains("prompts in one block; at most 1048576"), "{err}");
+    let big = (1u64 << 32).to_string();
+    let err = fails(&["bench", "--model", &tiny, "--gpu-batch-size", &big, "--num-gpu-batches", &big]);
+    assert!(err.contains("more than 2^64 prompts in one block"), "{err}");
+    let err = fails(&["generate", "--model", &tiny, "--prompt", "hi", "--temperature", "1e-45"]);
+    assert!(err.contains("too small to sample with"), "{err}");
+    for flags in [["--temperature", "NaN"], ["--temperature", "inf"], ["--top-p", "NaN"]] {
+        let err = fails(&[&["generate", "--model", &tiny, "--prompt", "hi"][..], &flags].concat());
+        assert!(err.contains("must be"), "{flags:?}: {err}");
+    }
+    let err = fails(&["generate", "--model", &tiny, "--prompt", "hi", "--gpu-batch-size", &max]);
+    assert!(err.contains("--gpu-batch-size 18446744073709551615 is above"), "{err}");
+    // A block that fits the count but not the memory: refused before loading.
+    let err =
+        fails(&["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "1024", "--gpu-batch-size", "1048576"]);
+    assert!(err.contains("not enough host memory"), "{err}");
+}
+
+#[test]
+fn huge_sizes_in_config_json_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    for field in ["ffn_dim", "max_position_embeddings", "vocab_size", "hidden_size", "num_hidden_layers"] {
+        let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+        config[field] = serde_json::json!(1u64 << 62);
+        let dir = tmp.path().join(field);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        for cmd in [&["generate", "--prompt", "hi"][..], &["bench"][..]] {
+            let mut args = cmd.to_vec();
+            args.extend(["--model", dir.to_str().unwrap(), "--dummy"]);
+            let err = fails(&args);
+            assert!(err.contains(&format!("{field} 4611686018427387904 is larger than tierlm supports")), "{err}");
+        }
+    }
+    // The largest sizes accepted still overflow no count: too big for
+    // memory, said before anything is allocated.
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    config["ffn_dim"] = serde_json::json!(1 << 20);
+    config["hidden_size"] = serde_json::json!(1 << 17);
+    config["num_hidden_layers"] = serde_json::json!(1 << 12);
+    config["max_position_embeddings"] = serde_json::json!(1 << 24);
+    let dir = tmp.path().join("largest");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let err = fails(&["generate", "--model", dir.to_str().unwrap(), "--dummy", "--prompt", "hi"]);
+    assert!(err.contains("not enough host memory"), "{err}");
+}
+
+/// `tiny_dir`'s checkpoint with value `index` of tensor `name` set to `value`.
+fn tiny_dir_with(tmp: &Path, name: &str, index: usize, value: f32) -> PathBuf {
+    let dir = tmp.join(format!("tiny-{name}-{value}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let tensors = tiny_tensors();
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(n, shape)| {
+            let len: usize = shape.iter().product();
+            (0..len)
+                .flat_map(|i| if n == name && i == index { value } else { (i % 7) as f32 * 0.01 }.to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((n, shape), bytes)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn weights_that_are_not_finite_in_f16_are_named_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [2, 5]}\n").unwrap();
+    let cases = [
+        ("model.decoder.layers.0.fc1.weight", 1e6, "is inf after conversion to f16"),
+        ("model.decoder.layers.0.fc2.bias", f32::NAN, "is NaN"),
+        ("model.decoder.embed_tokens.weight", -7e4, "is -inf after conversion to f16"),
+    ];
+    for (name, value, what) in cases {
+        let dir = tiny_dir_with(tmp.path(), name, 3, value);
+        let short = name.strip_prefix("model.").unwrap();
+        let expect = format!("tensor {short} has 1 value that is not finite; the first, at index 3, {what}");
+        let model = dir.to_str().unwrap();
+        let err = fails(&["generate", "--model", model, "--input", input.to_str().unwrap()]);
+        assert!(err.contains(&expect), "{name}: {err}");
+        let err = fails(&["bench", "--model", model, "--prompt-len", "2", "--gen-len", "2"]);
+        assert!(err.contains(&expect), "{name}: {err}");
+        // With the layers on disk too, where the CPU engine reads them back.
+        let err = fails(&[
+            "bench",
+            "--model",
+            model,
+            "--prompt-len",
+            "2",
+            "--gen-len",
+            "2",
+            "--percent",
+            "0",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "--offload-dir",
+            tmp.path().to_str().unwrap(),
+        ]);
+        assert!(err.contains(&expect), "{name} on disk: {err}");
+    }
+    // The largest f16 value is fine.
+    let dir = tiny_dir_with(tmp.path(), "model.decoder.layers.0.fc1.weight", 3, 65504.0);
+    let out = succeeds(&["bench", "--model", dir.to_str().unwrap(), "--prompt-len", "2", "--gen-len", "2", "--json"]);
+    assert!(out.contains("\"engine\":\"cpu\""), "{out}");
+}
+
+#[test]
+fn bench_reports_the_cache_it_puts_on_disk_and_where() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("offload");
+    let d = dir.to_str().unwrap();
+    let args = ["bench", "--model", &fixture("tiny-opt"), "--prompt-len", "8", "--gen-len", "4", "--offload-dir", d];
+    let out = tierlm(&[&args[..], &["--percent", "0", "100", "0", "50", "0", "100", "--json"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("unused"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 4 prompts, half of them on disk: 2 × 2 layers × (k, v) × 12 positions × 64 × f32.
+    let on_disk = 2 * 2 * 2 * 12 * 64 * 4;
+    assert_eq!(report["memory"]["disk_kv_cache_bytes"], on_disk, "{report}");
+    assert_eq!(report["memory"]["disk_weights_bytes"], 0, "{report}");
+    assert_eq!(report["peak_per_tier"]["disk"], on_disk, "{report}");
+    assert_eq!(report["offload_dir"], d, "{report}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the offload directory is left empty");
+
+    let text = succeeds(&[&args[..], &["--percent", "0", "100", "0", "50", "0", "100"]].concat());
+    assert!(text.contains(&format!("on disk: weights 0 B + KV cache 24.0 KiB in {d}")), "{text}");
+    // Everything in memory: no directory, and the note says so.
+    let out = tierlm(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("--offload-dir is unused"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("on disk: weights 0 B + KV cache 0 B\n"));
+}
+
+#[test]
+fn ctrl_c_during_bench_tiers_leaves_no_baseline_file() {
+    let _serial = one_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("offload");
+    std::fs::create_dir(&dir).unwrap();
+    let args = ["bench-tiers", "--bytes", "256M", "--rss-check", "0", "--offload-dir", dir.to_str().unwrap()];
+    let mut named = Vec::new();
+    // Until the baseline file is open: it must never have a name there. A
+    // loaded machine may let a run finish between two looks: try again.
+    let mut attempts = 0;
+    let run = loop {
+        attempts += 1;
+        let mut run = spawn_tierlm(&args);
+        let pid = run.child.id();
+        let start = std::time::Instant::now();
+        let seen = loop {
+            named.extend(
+                std::fs::read_dir(&dir)
+                    .unwrap()
+                    .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().to_string()))
+                    .filter(|n| n.starts_with("tierlm-bench-baseline")),
+            );
+            if unlinked_files_in(pid, &dir).iter().any(|f| f.contains("tierlm-bench-baseline")) {
+                break true;
+            }
+            if let Some(status) = run.child.try_wait().unwrap() {
+                assert!(status.success() && attempts < 3, "bench-tiers ended ({status:?}); stderr: {}", run.stderr());
+                break false;
+            }
+            assert!(start.elapsed() < STOP_LIMIT, "no baseline after {STOP_LIMIT:?}; stderr: {}", run.stderr());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        if seen {
+            break run;
+        }
+    };
+    run.send(libc::SIGINT);
+    let (status, stderr) = run.wait_at_most(STOP_LIMIT, "SIGINT during the baseline");
+    assert!(!status.success() && !stderr.contains("panicked"), "{status:?}: {stderr}");
+    assert!(named.is_empty(), "the baseline file had a name in the offload directory: {named:?}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "left in the offload directory: {left:?}");
+}
+
+#[test]
+fn bench_tiers_json_prints_only_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tierlm(&[
+        "bench-tiers",
+        "--json",
+        "--bytes",
+        "1M",
+        "--rss-check",
+        "0",
+        "--reps",
+        "1",
+        "--offload-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without a GPU, the disk rows are all of stdout; the GPU note is on stderr.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    if !String::from_utf8_lossy(&out.stderr).contains("gpu: no CUDA") {
+        return; // A GPU here: its table follows on stderr, checked the same way below.
+    }
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(rows.as_array().is_some_and(|r| !r.is_empty()), "{stdout}");
+}
+
+#[test]
+fn bench_tiers_refuses_more_bytes_than_memory_or_disk_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(&["bench-tiers", "--bytes", "1048576G", "--offload-dir", tmp.path().to_str().unwrap()]);
+    assert!(err.contains("--bytes 1125899906842624 needs 1125899906842624") && err.contains("host memory"), "{err}");
+    // On tmpfs the disk copy is in memory too: half of what is available is too much.
+    let shm = Path::new("/dev/shm");
+    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix(" kB")?.parse::<u64>().ok())
+    });
+    if let (true, Some(kib)) = (shm.is_dir(), avail) {
+        let bytes = format!("{}K", kib * 3 / 4);
+        let err = fails(&["bench-tiers", "--bytes", &bytes, "--offload-dir", "/dev/shm"]);
+        assert!(err.contains("on tmpfs") || err.contains("free; free space"), "{err}");
+    }
+}
+
+#[test]
+fn a_host_memory_kind_that_is_missing_is_not_claimed() {
+    let out = Command::new(tierlm_exe())
+        .args(["copy-matrix", "--json"])
+        .env("TIERLM_HOST_MEMORY", "pinned")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let missing = doc["unavailable"].as_array().unwrap().iter().any(|t| t["name"] == "host:pinned");
+    let listed = doc["tiers"].as_array().unwrap().iter().any(|t| t["name"] == "host:pinned");
+    assert_ne!(missing, listed, "{doc}");
+    if missing {
+        assert_eq!(doc["host_memory"]["kind"], "pageable", "{doc}");
+        let reason = doc["host_memory"]["reason"].as_str().unwrap();
+        assert!(reason.starts_with("fell back from pinned, chosen with TIERLM_HOST_MEMORY"), "{reason}");
+    } else {
+        assert_eq!(doc["host_memory"]["kind"], "pinned", "{doc}");
+    }
+}
+
+#[test]
+fn an_offload_dir_that_is_a_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let f = file.to_str().unwrap();
+    let tiny = fixture("tiny-opt");
+    let disk = ["--percent", "0", "50", "0", "100", "0", "100"];
+    for args in [
+        vec!["generate", "--model", &tiny, "--prompt", "hi", "--offload-dir", f],
+        [&["generate", "--model", &tiny, "--prompt", "hi", "--offload-dir", f][..], &disk].concat(),
+        vec!["bench", "--model", &tiny, "--prompt-len", "4", "--gen-len", "2", "--offload-dir", f],
+        [&["bench", "--model", &tiny, "--prompt-len", "4", "--gen-len", "2", "--offload-dir", f][..], &disk].concat(),
+        vec!["bench-tiers", "--bytes", "1M", "--offload-dir", f],
+        vec!["copy-matrix", "--offload-dir", f],
+    ] {
+        let err = fails(&args);
+        assert!(err.contains(&format!("{f}: is a file, not a directory")), "{args:?}: {err}");
+    }
+    let under = format!("{f}/sub");
+    let err = fails(&[&["generate", "--model", &tiny, "--prompt", "hi", "--offload-dir", &under][..], &disk].concat());
+    assert!(err.contains(&format!("{under}: cannot be made: {f} is a file, not a directory")), "{err}");
+}
+
+#[test]
+fn a_disk_too_small_is_found_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 4096 layers of 12 × 131072² parameters: 1.7 PB, more than any disk.
+    let dir = tmp.path().join("big");
+    std::fs::create_dir(&dir).unwrap();
+    let config = r#"{"model_type": "opt", "hidden_size": 131072, "num_attention_heads": 64, "num_hidden_layers": 4096,
+        "ffn_dim": 32768, "vocab_size": 16, "max_position_embeddings": 64}"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let offload = tmp.path().join("offload");
+    let (m, o) = (dir.to_str().unwrap(), offload.to_str().unwrap());
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [2, 5]}\n").unwrap();
+    let disk = ["--percent", "0", "0", "0", "100", "0", "100", "--offload-dir", o, "--dummy", "--model", m];
+    for args in [
+        [&["bench", "--prompt-len", "8", "--gen-len", "8"][..], &disk].concat(),
+        [&["generate", "--input", input.to_str().unwrap()][..], &disk].concat(),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains("placed on disk need "), "{args:?}: {err}");
+        assert!(
+            err.contains("GiB) on disk, and its file system has ") && err.contains("GiB) free;"),
+            "{args:?}: {err}"
+        );
+        assert!(!offload.exists(), "nothing made before the check");
+    }
+    // The KV cache's disk share counts too: 2^20 sequences of 64 positions
+    // of opt-125m, 4.9 TB.
+    let err = fails(&[
+        "bench",
+        "--model",
+        "opt-125m",
+        "--dummy",
+        "--prompt-len",
+        "60",
+        "--gen-len",
+        "4",
+        "--gpu-batch-size",
+        "1048576",
+        "--percent",
+        "0",
+        "100",
+        "0",
+        "0",
+        "0",
+        "100",
+        "--offload-dir",
+        o,
+    ]);
+    assert!(err.contains("the weights and KV cache placed on disk need 4"), "{err}");
+    assert!(!offload.exists(), "nothing made before the check");
+}

@@ -119,7 +119,7 @@ fn tierlm_streams_weights_from_disk_on_the_cpu() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("weights on disk") && !stdout.contains("weights on disk 0.0"), "{stdout}");
+    assert!(stdout.contains("on disk: weights ") && !stdout.contains("on disk: weights 0 B"), "{stdout}");
     assert!(stdout.contains("peak per tier: GPU 0.00 GB, pinned host 0.00 GB"), "{stdout}");
     assert_nothing_left(offload.path());
 }

@@ -63,8 +63,11 @@ pub struct GenerationOutput {
     pub prefill_time: Duration,
     /// Time of every later step.
     pub decode_time: Duration,
-    /// Bytes held by the KV caches of the block.
+    /// Host (or GPU) bytes held by the KV caches of the block, with a share
+    /// on disk also the buffer each layer's cache is gathered into.
     pub cache_bytes: u64,
+    /// Bytes of the KV caches of the block on disk (a cache disk share).
+    pub disk_cache_bytes: u64,
     /// Most bytes of hidden states held between layers at once.
     pub activation_bytes: u64,
 }

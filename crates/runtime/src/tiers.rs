@@ -80,16 +80,7 @@ impl Tiers {
     /// The disk device whose arena lives in `dir` (made, with `dir`, the
     /// first time). A path that exists and is not a directory is refused.
     pub fn disk(&self, dir: &Path) -> Result<Arc<DiskDevice>> {
-        if dir.exists() && !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "the offload directory names a file, not a directory: give a directory (--offload-dir DIR)",
-                ),
-            ));
-        }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        tier_disk::prepare_offload_dir(dir)?;
         let key = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         let mut disks = self.disks.lock();
         if let Some((_, d)) = disks.iter().find(|(p, _)| *p == key) {
@@ -197,7 +188,7 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
         let err = Tiers::default().disk(&file).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("names a file, not a directory"), "{err}");
+        assert!(err.contains("is a file, not a directory"), "{err}");
     }
 
     #[test]

@@ -65,7 +65,7 @@ fn dir_error(dir: &Path, reason: impl Into<String>) -> Error {
 fn check_dir(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(dir_error(dir, "is not a directory; pass a directory with --offload-dir")),
+        Ok(m) => Err(crate::dir::not_a_directory(dir, &m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(dir_error(
             dir,
             format!(

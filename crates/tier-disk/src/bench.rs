@@ -214,15 +214,6 @@ fn verify(buf: &[u8], tier: &str) -> Result<()> {
     }
 }
 
-/// Removes the baseline file however the measurement ends.
-struct Remove(PathBuf);
-
-impl Drop for Remove {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// A read-only shared mapping of a whole file.
 struct Map {
     ptr: NonNull<u8>,
@@ -267,7 +258,8 @@ impl Drop for Map {
     }
 }
 
-/// The memory-mapped, buffered, single-threaded read of a named file.
+/// The memory-mapped, buffered, single-threaded read of a file (unlinked
+/// at once, so it is never left behind).
 fn baseline(dir: &Path, host: &mut AlignedBuf) -> Result<BenchRow> {
     let len = host.len();
     let path = dir.join(format!("tierlm-bench-baseline-{}.bin", std::process::id()));
@@ -278,14 +270,17 @@ fn baseline(dir: &Path, host: &mut AlignedBuf) -> Result<BenchRow> {
         len: len as u64,
         source: e,
     };
-    let _remove = Remove(path.clone());
-    {
-        let mut f = File::create(&path).map_err(|e| io_err(IoOp::Write, e))?;
-        f.write_all(host.as_slice()).map_err(|e| io_err(IoOp::Write, e))?;
-        sys::evict_page_cache(f.as_raw_fd()).map_err(|e| io_err(IoOp::Write, e))?;
-    }
-    let f = File::open(&path).map_err(|e| io_err(IoOp::Read, e))?;
-    sys::evict_page_cache(f.as_raw_fd()).map_err(|e| io_err(IoOp::Read, e))?;
+    // Unlinked as soon as it exists, as the disk tier's arena is: however
+    // the process ends (Ctrl-C, a kill), nothing is left in the directory.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| io_err(IoOp::Write, e))?;
+    std::fs::remove_file(&path).map_err(|e| io_err(IoOp::Write, e))?;
+    (&f).write_all(host.as_slice()).map_err(|e| io_err(IoOp::Write, e))?;
+    sys::evict_page_cache(f.as_raw_fd()).map_err(|e| io_err(IoOp::Write, e))?;
     let map = Map::new(&f, len).map_err(|e| io_err(IoOp::Read, e))?;
     let cached = map.resident_fraction();
     host.as_mut_slice().fill(0);

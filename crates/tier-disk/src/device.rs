@@ -18,9 +18,11 @@ pub struct DiskDevice {
 }
 
 impl DiskDevice {
-    /// Creates the arena in `config.dir` and sets up the backend.
+    /// Creates the arena in `config.dir` and sets up the backend. In a
+    /// debug build, the faults `TIERLM_DISK_FAULTS` names are injected
+    /// ([`crate::fault::FAULTS_ENV`]: end-to-end fault tests of the binary).
     pub fn new(config: DiskConfig) -> Result<Arc<Self>> {
-        Self::build(config, None)
+        Self::build(config, crate::fault::plan_from_env()?)
     }
 
     /// Like [`new`](Self::new), with the chosen backend wrapped in a fault
@@ -446,7 +448,7 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();
         let err = DiskDevice::new(DiskConfig::new(&file)).err().expect("a file");
-        assert!(err.to_string().contains("is not a directory"), "{err}");
+        assert!(err.to_string().contains("is a file, not a directory"), "{err}");
         // Root may write anywhere, so a read-only directory only tells as a user.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {

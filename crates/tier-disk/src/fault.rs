@@ -30,6 +30,77 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tier_api::{FixedBuffers, HostSpan, IoOp};
 
+/// The environment variable that injects faults into every disk device a
+/// debug build of tierlm makes (release builds ignore it): comma-separated
+/// `OP:INDEX:KIND[:TIMES]`, OP `read` or `write`, INDEX the operation's
+/// index in its direction (from 0, per device; resubmissions count) or a
+/// range `FIRST-LAST` of them, KIND `eio`, `enospc` or
+/// `short=BYTES`, TIMES a count or `always` (default 1). Example:
+/// `TIERLM_DISK_FAULTS=write:3:enospc,read:10:short=512:always`.
+pub const FAULTS_ENV: &str = "TIERLM_DISK_FAULTS";
+
+/// Parses a [`FAULTS_ENV`] value.
+pub fn parse_plan(spec: &str) -> tier_api::Result<FaultPlan> {
+    let bad = |part: &str, why: &str| {
+        tier_api::Error::Config(format!(
+            "{FAULTS_ENV}: {part:?}: {why} (expected OP:INDEX:KIND[:TIMES], e.g. read:3:eio, write:0:enospc, \
+             read:5:short=512:always)"
+        ))
+    };
+    let plan = FaultPlan::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let fields: Vec<&str> = part.split(':').collect();
+        if !(3..=4).contains(&fields.len()) {
+            return Err(bad(part, "wrong number of fields"));
+        }
+        let op = match fields[0] {
+            "read" => IoOp::Read,
+            "write" => IoOp::Write,
+            _ => return Err(bad(part, "OP is read or write")),
+        };
+        // INDEX or FIRST-LAST (every operation of the range, at most 4096).
+        let (first, last) = match fields[1].split_once('-') {
+            Some((a, b)) => (a.parse::<u64>(), b.parse::<u64>()),
+            None => (fields[1].parse(), fields[1].parse()),
+        };
+        let (Ok(first), Ok(last)) = (first, last) else {
+            return Err(bad(part, "INDEX is a number or a range FIRST-LAST"));
+        };
+        if last < first || last - first >= 4096 {
+            return Err(bad(part, "a range runs from FIRST to LAST, at most 4096 operations"));
+        }
+        let kind = match fields[2] {
+            "eio" => FaultKind::Eio,
+            "enospc" => FaultKind::NoSpace,
+            k => match k.strip_prefix("short=").map(str::parse::<u32>) {
+                Some(Ok(n)) => FaultKind::Short(n),
+                _ => return Err(bad(part, "KIND is eio, enospc or short=BYTES")),
+            },
+        };
+        let times = match fields.get(3) {
+            None => 1,
+            Some(&"always") => u32::MAX,
+            Some(t) => t.parse().map_err(|_| bad(part, "TIMES is a number or always"))?,
+        };
+        for index in first..=last {
+            plan.add(Fault::nth(op, index, kind).times(times));
+        }
+    }
+    Ok(plan)
+}
+
+/// The faults [`FAULTS_ENV`] asks for, in a debug build; `None` in a
+/// release build or without the variable.
+pub fn plan_from_env() -> tier_api::Result<Option<std::sync::Arc<FaultPlan>>> {
+    if !cfg!(debug_assertions) {
+        return Ok(None);
+    }
+    match std::env::var(FAULTS_ENV) {
+        Ok(spec) if !spec.trim().is_empty() => Ok(Some(std::sync::Arc::new(parse_plan(&spec)?))),
+        _ => Ok(None),
+    }
+}
+
 /// The byte written past the reported count of a short read.
 pub const GARBAGE: u8 = 0xEE;
 
@@ -287,5 +358,33 @@ impl Session for FaultSession<'_> {
             c.res = short.n as i32;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_parse_from_the_environment_syntax() {
+        let plan = parse_plan("write:3:enospc, read:10:short=512:always,read:0:eio:2,write:7-8:eio").unwrap();
+        let faults = plan.faults.lock().clone();
+        assert_eq!(
+            faults,
+            vec![
+                Fault::nth(IoOp::Write, 3, FaultKind::NoSpace),
+                Fault::nth(IoOp::Read, 10, FaultKind::Short(512)).always(),
+                Fault::nth(IoOp::Read, 0, FaultKind::Eio).times(2),
+                Fault::nth(IoOp::Write, 7, FaultKind::Eio),
+                Fault::nth(IoOp::Write, 8, FaultKind::Eio),
+            ]
+        );
+        for bad in
+            ["read:1", "seek:1:eio", "read:x:eio", "read:1:boom", "read:1:short=x", "read:1:eio:never", "read:5-2:eio"]
+        {
+            let err = parse_plan(bad).unwrap_err().to_string();
+            assert!(err.contains("TIERLM_DISK_FAULTS") && err.contains(bad), "{bad}: {err}");
+        }
+        assert!(parse_plan("").unwrap().faults.lock().is_empty());
     }
 }

@@ -28,6 +28,9 @@
 //!   io_uring cannot be set up. Short transfers and EINTR/EAGAIN are retried
 //!   a bounded number of times; errors are typed and name the operation,
 //!   tier, offset and length.
+//! - [`prepare_offload_dir`], [`free_bytes`], [`check_free`]: the offload
+//!   directory made or refused clearly, and its free space (statvfs) checked
+//!   before a placement puts bytes on disk.
 //! - [`fault`]: a backend wrapper that injects short transfers, EIO and
 //!   ENOSPC, for tests.
 //! - [`bench`]: host↔disk bandwidth of each backend against a buffered,
@@ -42,6 +45,7 @@ mod backend;
 pub mod bench;
 mod config;
 mod device;
+mod dir;
 pub mod fault;
 mod io;
 mod sys;
@@ -52,6 +56,7 @@ pub use config::{
     MAX_SESSIONS, MAX_STAGING_BUFFERS, MAX_THREADS, MIN_CHUNK_SIZE,
 };
 pub use device::{DiskDevice, DiskStorage};
+pub use dir::{check_free, check_offload_dir, free_bytes, in_memory_fs, prepare_offload_dir};
 pub use io::{IoFailure, MAX_AGAIN_RETRIES, MAX_SHORT_RETRIES};
 pub use sys::{page_size, AlignedBuf};
 

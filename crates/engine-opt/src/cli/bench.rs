@@ -47,7 +47,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub num_gpu_batches: usize,
     /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU% (the rest
-    /// on disk); the CPU engine takes only 0 100 0 100 0 100
+    /// on disk); the CPU engine takes 0 W_CPU 0 C_CPU 0 100 (weights and
+    /// cache partly on disk)
     #[arg(
         long,
         num_args = 6,
@@ -79,7 +80,8 @@ pub struct BenchArgs {
     /// default true, as FlexGen)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub sep_layer: Option<bool>,
-    /// Directory for tensors placed on disk (GPU engine)
+    /// Directory for tensors placed on disk (default: the system's
+    /// temporary directory); nothing is left in it afterwards
     #[arg(long)]
     pub offload_dir: Option<PathBuf>,
     /// GPU memory the engine may use, e.g. 16G to act as a 16 GB card
@@ -97,6 +99,7 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// The policy these flags ask for.
     pub fn policy(&self) -> Result<Policy> {
+        check_block(self.gpu_batch_size, self.num_gpu_batches)?;
         let policy = Policy {
             gpu_batch_size: self.gpu_batch_size,
             num_gpu_batches: self.num_gpu_batches,
@@ -116,6 +119,23 @@ impl BenchArgs {
     }
 }
 
+/// The most prompts one block may hold (`--gpu-batch-size` ×
+/// `--num-gpu-batches`): far above what any machine runs at once, low enough
+/// that every count derived from it fits.
+pub const MAX_BLOCK: usize = 1 << 20;
+
+/// Refuses a block of prompts whose size overflows or passes [`MAX_BLOCK`].
+pub fn check_block(batch_size: usize, batches: usize) -> Result<()> {
+    match batch_size.checked_mul(batches) {
+        Some(n) if n <= MAX_BLOCK => Ok(()),
+        n => Err(Error::InvalidArgument(format!(
+            "--gpu-batch-size {batch_size} × --num-gpu-batches {batches} = {} prompts in one block; at most \
+             {MAX_BLOCK} are supported (lower either)",
+            n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+        ))),
+    }
+}
+
 /// Byte counts of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryReport {
@@ -125,6 +145,8 @@ pub struct MemoryReport {
     pub disk_weights_bytes: u64,
     /// Host bytes of the KV caches (f32).
     pub kv_cache_bytes: u64,
+    /// Bytes of the KV caches on disk (f32), with a cache disk share.
+    pub disk_kv_cache_bytes: u64,
     /// Host bytes of the hidden states held between layers (f32).
     pub activation_bytes: u64,
     /// Their sum.
@@ -159,6 +181,8 @@ pub struct BenchReport {
     /// prompts × gen_len / (prefill_s + decode_s).
     pub total_tokens_per_s: f64,
     pub memory: MemoryReport,
+    /// The directory that held what this run put on disk (none if nothing).
+    pub offload_dir: Option<PathBuf>,
     /// The most each memory tier held (GPU, page-locked host, pageable host, disk).
     pub peak_per_tier: memory::TierPeaks,
 }
@@ -203,8 +227,19 @@ pub fn throughput(
     (prefill_tput, decode_tput, total_tput)
 }
 
+/// Whether the CPU engine puts anything of this policy on disk (weights or
+/// KV cache; it refuses activations on disk).
+fn cpu_uses_disk(policy: &Policy) -> bool {
+    policy.w_cpu_percent < 100.0 || policy.cache_cpu_percent < 100.0
+}
+
+/// The directory the CPU engine's disk tiers use.
+fn offload_dir_of(args: &BenchArgs) -> PathBuf {
+    args.offload_dir.clone().unwrap_or_else(std::env::temp_dir)
+}
+
 fn notes(args: &BenchArgs, policy: &Policy) {
-    if args.offload_dir.is_some() && policy.w_cpu_percent >= 100.0 {
+    if args.offload_dir.is_some() && !cpu_uses_disk(policy) {
         eprintln!("note: --offload-dir is unused: this placement puts nothing on disk");
     }
     if args.gpu_mem.is_some() {
@@ -217,6 +252,7 @@ fn notes(args: &BenchArgs, policy: &Policy) {
 
 /// Runs `tierlm bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     let policy = args.policy()?;
     // Everything on the GPU, and a GPU here: the GPU engine runs it.
     if let Some(result) = crate::gpu::bench::try_bench(&args, &policy) {
@@ -234,7 +270,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ModelSpec::Preset(_, config) => config,
     };
     let prompts_n = policy.block_size();
-    let seq = args.prompt_len + args.gen_len;
+    let seq = args.prompt_len.saturating_add(args.gen_len);
     if seq > config.max_sequence_len() {
         return Err(Error::InvalidArgument(format!(
             "--prompt-len {} + --gen-len {} exceed the model's {} positions",
@@ -243,13 +279,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
             config.max_sequence_len()
         )));
     }
-    let f32_cache = 2 * config.kv_cache_bytes(prompts_n, seq);
+    let f32_cache = config.kv_cache_bytes(prompts_n, seq).saturating_mul(2);
+    let on_disk_bytes = crate::cpu_offload::weights_disk_bytes(&config, &policy).saturating_add(
+        crate::cpu_offload::cache_disk_bytes(&config, &policy, policy.num_gpu_batches, policy.gpu_batch_size, seq),
+    );
+    crate::cpu_offload::check_disk_space(
+        args.offload_dir.as_deref(),
+        on_disk_bytes,
+        "the weights and KV cache placed on disk",
+    )?;
     // One disk arena for the weights and the cache (the run's tiers).
     let run_tiers = runtime::Tiers::default();
     let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &config, &policy, args.offload_dir.as_deref())?;
     let streamed = (config.num_hidden_layers - on_disk.as_ref().map_or(config.num_hidden_layers, |d| d.first())) as u64;
     let in_memory = config.weight_bytes() - streamed * config.layer_param_count() * 2;
-    check_fits("the weights in memory and the f32 KV cache", in_memory + f32_cache)?;
+    check_fits("the weights in memory and the f32 KV cache", in_memory.saturating_add(f32_cache))?;
 
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);
@@ -276,10 +320,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut report = make_report(&args, &policy, &loaded.description, model, &out);
     report.memory.disk_weights_bytes = disk_bytes;
+    report.offload_dir = cpu_uses_disk(&policy).then(|| offload_dir_of(&args));
     // The CPU engine's memory is pageable (plain allocations); disk holds
-    // the streamed layers.
-    report.peak_per_tier =
-        memory::TierPeaks { pageable: report.memory.total_held_bytes, disk: disk_bytes, ..Default::default() };
+    // the streamed layers and the cache's disk share.
+    report.peak_per_tier = memory::TierPeaks {
+        pageable: report.memory.total_held_bytes,
+        disk: disk_bytes + report.memory.disk_kv_cache_bytes,
+        ..Default::default()
+    };
     print_report(&report, args.json)
 }
 
@@ -311,10 +359,12 @@ fn make_report(
         decode_tokens_per_s: decode_tput,
         total_tokens_per_s: total_tput,
         peak_per_tier: memory::TierPeaks::default(),
+        offload_dir: None,
         memory: MemoryReport {
             weights_bytes: weights,
             disk_weights_bytes: 0,
             kv_cache_bytes: out.cache_bytes,
+            disk_kv_cache_bytes: out.disk_cache_bytes,
             activation_bytes: out.activation_bytes,
             total_held_bytes: weights + out.cache_bytes + out.activation_bytes,
             flexgen_weight_bytes: c.weight_bytes(),
@@ -325,8 +375,13 @@ fn make_report(
     }
 }
 
+/// Bytes in MiB, or in KiB or bytes where MiB would read 0.0.
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..0x1_9999 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64),
+    }
 }
 
 fn print_report(r: &BenchReport, json: bool) -> Result<()> {
@@ -347,7 +402,8 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
          prefill: {:.3} s, {:.2} token/s\n\
          decode:  {:.3} s, {}\n\
          total:   {:.3} s, {:.2} token/s\n\
-         host memory held: weights {} + KV cache {} + activations {} = {}; weights on disk {}\n\
+         host memory held: weights {} + KV cache {} + activations {} = {}\n\
+         on disk: weights {} + KV cache {}{}\n\
          FlexGen accounting (f16): weights {}, KV cache {}, hidden {}\n\
          peak RSS (VmHWM): {}\n\
          peak per tier: {}\n",
@@ -375,6 +431,8 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
         mib(m.activation_bytes),
         mib(m.total_held_bytes),
         mib(m.disk_weights_bytes),
+        mib(m.disk_kv_cache_bytes),
+        r.offload_dir.as_ref().map_or(String::new(), |d| format!(" in {}", d.display())),
         mib(m.flexgen_weight_bytes),
         mib(m.flexgen_cache_bytes),
         mib(m.flexgen_hidden_bytes),

@@ -49,6 +49,24 @@ fn to_usize(v: u64, what: &str) -> tier_api::Result<usize> {
 
 pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
     let dir = args.tiers.offload_dir();
+    // The run holds --bytes in host memory and on disk at once: refuse up
+    // front what the machine cannot hold, rather than fail (or swap) midway.
+    tier_disk::check_offload_dir(&dir)?;
+    if let Some(avail) = crate::memory::available_bytes() {
+        // On tmpfs the "disk" copy lives in host memory too.
+        let tmpfs = tier_disk::in_memory_fs(&dir);
+        let need = if tmpfs { args.bytes.saturating_mul(2) } else { args.bytes };
+        if need > avail {
+            return Err(Error::Config(format!(
+                "--bytes {} needs {need} bytes of host memory{}, and {avail} bytes are available; give a smaller \
+                 --bytes{}",
+                args.bytes,
+                if tmpfs { " (the offload directory is on tmpfs, in memory too)" } else { "" },
+                if tmpfs { " or an --offload-dir on a disk" } else { "" },
+            )));
+        }
+    }
+    tier_disk::check_free(&dir, args.bytes, "bench-tiers' test data (--bytes)")?;
     let config = tier_disk::bench::BenchConfig {
         bytes: args.bytes,
         block: to_usize(args.block, "block size")?,
@@ -73,14 +91,26 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
         print!("{}", tier_disk::bench::table(&rows));
     }
 
-    println!("\ngpu: {}", tier_cuda::probe_message());
+    // With --json, stdout holds the JSON alone: everything else goes to stderr.
+    let json = args.json;
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if json { eprintln!($($t)*) } else { println!($($t)*) }
+        };
+    }
+    macro_rules! say_part {
+        ($($t:tt)*) => {
+            if json { eprint!($($t)*) } else { print!($($t)*) }
+        };
+    }
+    say!("\ngpu: {}", tier_cuda::probe_message());
     if tier_cuda::probe()?.is_none() {
         return Ok(());
     }
     if args.rss_check > 0 {
         for kind in [HostMemKind::Pinned, HostMemKind::Registered] {
             let check = gpu_bench::pinned_rss_check(kind, to_usize(args.rss_check, "residency check size")?)?;
-            println!("residency {check} => {}", if check.passes() { "ok" } else { "MISS" });
+            say!("residency {check} => {}", if check.passes() { "ok" } else { "MISS" });
         }
     }
     let disk = tier_disk::DiskDevice::new(args.tiers.disk_config(0, args.tiers.disk_backend))?;
@@ -91,12 +121,12 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
         ..gpu_bench::BenchConfig::default()
     };
     let report = gpu_bench::run(&gpu_config)?;
-    print!("{report}");
+    say_part!("{report}");
     let misses = report.misses();
     if misses.is_empty() {
-        println!("all GPU path targets met");
+        say!("all GPU path targets met");
     } else {
-        println!("targets missed: {}", misses.join("; "));
+        say!("targets missed: {}", misses.join("; "));
     }
     if args.sweep {
         let rows = gpu_bench::disk_read_sweep(&gpu_config, disk.as_ref(), &[1, 2, 4, 8])?;
@@ -113,7 +143,7 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
                 .collect();
         let rows = rows.into_iter().chain(gpu_bench::relay_sweep(&gpu_config, &shapes)?);
         for r in rows {
-            println!("{:<60} {:>8.2} GB/s (best {:.2}, worst {:.2})", r.name, r.gbps(), r.best_gbps(), r.worst_gbps());
+            say!("{:<60} {:>8.2} GB/s (best {:.2}, worst {:.2})", r.name, r.gbps(), r.best_gbps(), r.worst_gbps());
         }
     }
     Ok(())

@@ -34,6 +34,15 @@ pub struct GenerateArgs {
     /// Print JSONL (implied by --input): one line per input, in input order
     #[arg(long)]
     pub json: bool,
+    /// Append each result to this JSONL file instead of printing it, written
+    /// and synced a batch at a time, each line with its input's line number;
+    /// an existing non-empty file is refused unless --resume is given
+    #[arg(long, value_name = "FILE.jsonl", requires = "input")]
+    pub output: Option<PathBuf>,
+    /// Continue an interrupted --output run: skip the inputs already in the
+    /// file (after checking it holds this input's results) and append the rest
+    #[arg(long, requires = "output")]
+    pub resume: bool,
     /// New tokens per sequence at most (fewer if it ends with </s>)
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
@@ -131,6 +140,13 @@ pub fn read_inputs(path: &Path) -> Result<Vec<Input>> {
 /// One output line of `--json` / `--input`.
 #[derive(Serialize)]
 struct OutputLine<'a> {
+    /// The input's line number in `--input` (1-based), with `--output`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+    /// A hash of that input line's text, with `--output`: `--resume`
+    /// checks it to refuse a file written for another input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_hash: Option<String>,
     index: usize,
     output_ids: &'a [u32],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,8 +168,30 @@ fn tokenize(loaded: &LoadedModel, inputs: &[Input]) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
+/// The smallest sampling temperature above 0: logits up to about 1e32
+/// stay finite once divided by it.
+pub const MIN_TEMPERATURE: f32 = 1e-6;
+
 /// Runs `tierlm generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.gpu_batch_size > crate::cli::bench::MAX_BLOCK {
+        return Err(Error::InvalidArgument(format!(
+            "--gpu-batch-size {} is above the {} sequences a batch may hold",
+            args.gpu_batch_size,
+            crate::cli::bench::MAX_BLOCK
+        )));
+    }
+    // Logits divided by a temperature this small overflow f32 to infinity
+    // and sampling would pick tokens at random.
+    if args.temperature > 0.0 && args.temperature < MIN_TEMPERATURE {
+        return Err(Error::InvalidArgument(format!(
+            "--temperature {} is too small to sample with (at least {MIN_TEMPERATURE}); give 0 to decode greedily",
+            args.temperature
+        )));
+    }
+    crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
+    // Refuse an --output that would be overwritten, or does not match, before loading.
+    output_file(&args)?;
     if let Some(result) = crate::gpu::bench::try_generate(&args) {
         return result;
     }
@@ -176,9 +214,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         crate::loading::ModelSpec::Dir(dir) => crate::OptConfig::from_dir(&dir)?,
         crate::loading::ModelSpec::Preset(_, config) => config,
     };
+    let offload_dir = args.offload_dir.as_deref();
+    let weights_on_disk = crate::cpu_offload::weights_disk_bytes(&model_config, &policy);
+    crate::cpu_offload::check_disk_space(offload_dir, weights_on_disk, "the weights placed on disk")?;
     // One disk arena for the weights and the cache (the run's tiers).
     let run_tiers = runtime::Tiers::default();
-    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &model_config, &policy, args.offload_dir.as_deref())?;
+    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &model_config, &policy, offload_dir)?;
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let on_disk = on_disk.map(std::sync::Arc::new);
     let cache_disk = crate::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
@@ -194,21 +235,35 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let mut sampler = Sampler::new(sampling);
     let tokenizer = loaded.tokenizer.as_ref();
-    let out = Outputs { prompts: &prompts, inputs: &inputs, tokenizer, batch_size: args.gpu_batch_size, json };
+    let out = Outputs {
+        prompts: &prompts,
+        inputs: &inputs,
+        tokenizer,
+        batch_size: args.gpu_batch_size,
+        json,
+        file: output_file(&args)?,
+    };
     // The CPU engine's memory is pageable: weights, the cache of the batch
     // in flight (f32, the largest batch's), and the layers on disk.
     let c = &loaded.model.config;
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + args.max_new_tokens;
-    let cache = 2 * c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest);
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens);
+    let cache = c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest).saturating_mul(2);
+    crate::loading::check_fits("the f32 KV cache of a batch", cache)?;
+    // The weights are on disk by now: the cache's disk share must fit what is left.
+    let batch = args.gpu_batch_size.min(prompts.len());
+    let cache_on_disk = crate::cpu_offload::cache_disk_bytes(c, &policy, 1, batch, longest);
+    crate::cpu_offload::check_disk_space(offload_dir, cache_on_disk, "the KV cache placed on disk")?;
+    // The most KV cache a batch put on disk.
+    let disk_cache = std::cell::Cell::new(0u64);
     let peaks = || crate::memory::TierPeaks {
         pageable: loaded.model.held_bytes() + cache,
-        disk: on_disk.as_ref().map_or(0, |d| d.bytes()),
+        disk: on_disk.as_ref().map_or(0, |d| d.bytes()) + disk_cache.get(),
         ..Default::default()
     };
     out.write(
         args.max_new_tokens,
         &mut |batch, pb| {
-            Ok(generate_with(
+            let out = generate_with(
                 &loaded.model,
                 on_disk.clone(),
                 cache_disk.clone(),
@@ -216,11 +271,193 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 &opts,
                 &mut sampler,
                 pb,
-            )?
-            .tokens)
+            )?;
+            disk_cache.set(disk_cache.get().max(out.disk_cache_bytes));
+            Ok(out.tokens)
         },
         &peaks,
     )
+}
+
+/// The `--output` file of a run: where results go, whether to resume, and
+/// for each input (in order) its line number and text hash.
+#[derive(Debug)]
+pub struct OutputFile {
+    path: PathBuf,
+    resume: bool,
+    sources: Vec<(usize, String)>,
+}
+
+/// FNV-1a of a line's text, as 16 hex digits: stable across runs and builds.
+fn line_hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.trim().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The `--output` file `args` ask for (`None` without `--output`), checked:
+/// without `--resume` it must be missing or empty.
+pub fn output_file(args: &GenerateArgs) -> Result<Option<OutputFile>> {
+    let (Some(path), Some(input)) = (&args.output, &args.input) else {
+        return Ok(None);
+    };
+    if !args.resume {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => {
+                return Err(Error::InvalidArgument(format!("--output {}: is a directory", path.display())))
+            }
+            Ok(m) if m.len() > 0 => {
+                return Err(Error::InvalidArgument(format!(
+                    "--output {} already holds results; pass --resume to continue that run, or choose another \
+                     file (tierlm never overwrites results)",
+                    path.display()
+                )))
+            }
+            _ => {}
+        }
+    }
+    let text = std::fs::read_to_string(input).map_err(|e| Error::io(input, e))?;
+    let sources =
+        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, line_hash(l))).collect();
+    let file = OutputFile { path: path.clone(), resume: args.resume, sources };
+    if args.resume {
+        file.done()?;
+    }
+    Ok(Some(file))
+}
+
+impl OutputFile {
+    /// The inputs (indices) the file already holds, after cutting off a
+    /// last line left partial by a crash. Refuses a file whose lines do not
+    /// belong to this input.
+    fn done(&self) -> Result<std::collections::BTreeSet<usize>> {
+        let path = &self.path;
+        let mut bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        // A crash mid-write leaves a last line without its newline: drop it.
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < bytes.len() {
+            let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+            f.set_len(whole as u64).map_err(|e| Error::io(path, e))?;
+            f.sync_all().map_err(|e| Error::io(path, e))?;
+            eprintln!("note: {}: dropped a partly written last line ({} bytes)", path.display(), bytes.len() - whole);
+            bytes.truncate(whole);
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::InvalidArgument(format!("--output {}: not UTF-8 text", path.display())))?;
+        let mut done = std::collections::BTreeSet::new();
+        #[derive(Deserialize)]
+        struct Written {
+            line: usize,
+            index: usize,
+            input_hash: String,
+        }
+        for (i, l) in text.lines().enumerate() {
+            let bad = |reason: String| Error::InputLine { path: path.clone(), line: i + 1, reason };
+            let w: Written = serde_json::from_str(l)
+                .map_err(|e| bad(format!("not a result line of tierlm generate --output ({e}); refusing to resume")))?;
+            match self.sources.get(w.index) {
+                Some((line, hash)) if *line == w.line && *hash == w.input_hash => {}
+                _ => {
+                    return Err(bad(format!(
+                        "written for another input (input {} at line {} does not match this --input); refusing to \
+                         resume: choose another --output",
+                        w.index, w.line
+                    )))
+                }
+            }
+            if !done.insert(w.index) {
+                return Err(bad(format!("input {} is in the file twice; refusing to resume", w.index)));
+            }
+        }
+        Ok(done)
+    }
+}
+
+impl Outputs<'_> {
+    /// [`Outputs::write`] to an `--output` file: skips the batches whose
+    /// inputs are all there already (`--resume`), runs the others whole (so
+    /// that a batch holds the same prompts as in an uninterrupted run), and
+    /// appends the missing lines of each, synced before the next batch.
+    fn write_file(
+        &self,
+        file: &OutputFile,
+        max_new_tokens: usize,
+        generate: &mut BatchGenerator<'_>,
+        peaks: &dyn Fn() -> crate::memory::TierPeaks,
+    ) -> Result<()> {
+        let path = &file.path;
+        if file.sources.len() != self.prompts.len() {
+            return Err(Error::InvalidArgument(format!(
+                "--output: the input has {} lines but {} prompts were read",
+                file.sources.len(),
+                self.prompts.len()
+            )));
+        }
+        let done = if file.resume { file.done()? } else { Default::default() };
+        let size = self.batch_size.max(1);
+        let todo: Vec<usize> = (0..self.prompts.len().div_ceil(size))
+            .filter(|&b| (b * size..((b + 1) * size).min(self.prompts.len())).any(|i| !done.contains(&i)))
+            .collect();
+        if file.resume {
+            eprintln!(
+                "resuming {}: {} of {} inputs done, {} batches to run",
+                path.display(),
+                done.len(),
+                self.prompts.len(),
+                todo.len()
+            );
+        }
+        let mut out =
+            std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        let start = std::time::Instant::now();
+        let mut new_tokens = 0usize;
+        let pb = progress::bar((todo.len() as u64).saturating_mul(max_new_tokens as u64), "generating");
+        for b in todo {
+            let first = b * size;
+            let batch = &self.prompts[first..(first + size).min(self.prompts.len())];
+            let generated = generate(batch, &pb)?;
+            new_tokens += generated.iter().map(Vec::len).sum::<usize>();
+            let mut lines = String::new();
+            for (k, new_ids) in generated.iter().enumerate() {
+                let index = first + k;
+                if done.contains(&index) {
+                    continue;
+                }
+                let text = match self.tokenizer {
+                    Some(tok) => Some(tok.decode(new_ids)?),
+                    None => None,
+                };
+                let (line, hash) = &file.sources[index];
+                let line =
+                    OutputLine { line: Some(*line), input_hash: Some(hash.clone()), index, output_ids: new_ids, text };
+                let line = serde_json::to_string(&line).map_err(|source| Error::Json { path: path.clone(), source })?;
+                lines.push_str(&line);
+                lines.push('\n');
+            }
+            // One write and a sync per batch: a crash loses at most the
+            // batch in flight (a partial last line is cut off on resume).
+            out.write_all(lines.as_bytes()).map_err(|e| Error::io(path, e))?;
+            out.sync_data().map_err(|e| Error::io(path, e))?;
+        }
+        pb.finish_and_clear();
+        let s = start.elapsed().as_secs_f64();
+        eprintln!(
+            "generated {new_tokens} new tokens for {} prompts in {s:.2} s ({:.1} token/s), results in {}; peak per \
+             tier: {}",
+            self.prompts.len() - done.len(),
+            new_tokens as f64 / s.max(1e-9),
+            path.display(),
+            peaks()
+        );
+        Ok(())
+    }
 }
 
 /// Generates one batch's new tokens, ticking the progress bar.
@@ -239,6 +476,8 @@ pub struct Outputs<'a> {
     pub batch_size: usize,
     /// JSON lines (`--json`, `--input`), else each prompt and its continuation.
     pub json: bool,
+    /// `--output`: results appended to a file, durably, a batch at a time.
+    pub file: Option<OutputFile>,
 }
 
 impl Outputs<'_> {
@@ -253,10 +492,13 @@ impl Outputs<'_> {
         generate: &mut BatchGenerator<'_>,
         peaks: &dyn Fn() -> crate::memory::TierPeaks,
     ) -> Result<()> {
+        if let Some(file) = &self.file {
+            return self.write_file(file, max_new_tokens, generate, peaks);
+        }
         let start = std::time::Instant::now();
         let mut new_tokens = 0usize;
         let batches: Vec<&[Vec<u32>]> = self.prompts.chunks(self.batch_size.max(1)).collect();
-        let pb = progress::bar((batches.len() * max_new_tokens) as u64, "generating");
+        let pb = progress::bar((batches.len() as u64).saturating_mul(max_new_tokens as u64), "generating");
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let mut index = 0;
@@ -269,7 +511,7 @@ impl Outputs<'_> {
                     None => None,
                 };
                 if self.json {
-                    let line = OutputLine { index, output_ids: new_ids, text };
+                    let line = OutputLine { line: None, input_hash: None, index, output_ids: new_ids, text };
                     let line = serde_json::to_string(&line)
                         .map_err(|source| Error::Json { path: PathBuf::from("<stdout>"), source })?;
                     pb.suspend(|| writeln!(out, "{line}")).map_err(stdout_err)?;

@@ -135,6 +135,23 @@ pub fn present_tiers(args: &TierArgs) -> tier_api::Result<Tiers> {
     for gpu in tier_cuda::open_all(&args.gpu_config())? {
         tiers.push(Tier::Present(gpu as Arc<dyn Device>));
     }
+    // A kind asked for (--host-memory, TIERLM_HOST_MEMORY) that this machine
+    // lacks: say that the engine falls back to pageable memory, rather than
+    // claim the kind listed as unavailable.
+    let wanted = format!("host:{}", host_choice.kind);
+    let host_choice = match tiers.iter().find_map(|t| match t {
+        Tier::Missing { name, why } if *name == wanted => Some(why.clone()),
+        _ => None,
+    }) {
+        Some(why) => HostMemChoice {
+            kind: HostMemKind::Pageable,
+            reason: format!(
+                "fell back from {}, {}, which is unavailable here: {why}",
+                host_choice.kind, host_choice.reason
+            ),
+        },
+        None => host_choice,
+    };
     Ok(Tiers { host_choice, gpu_message, tiers })
 }
 

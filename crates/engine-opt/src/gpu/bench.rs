@@ -881,6 +881,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         tokenizer: tokenizer.as_ref(),
         batch_size: args.gpu_batch_size,
         json,
+        file: crate::cli::generate::output_file(args)?,
     };
     out.write(
         args.max_new_tokens,
