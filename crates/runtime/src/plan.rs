@@ -345,26 +345,11 @@ pub fn memlock_limit() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Free bytes (for an unprivileged user) of the file system holding `dir`,
-/// by statvfs; `None` where it cannot be asked.
+/// Free bytes (for an unprivileged user) of the file system holding `dir`
+/// (or of its nearest existing ancestor, for a directory the run will make);
+/// `None` where it cannot be asked.
 pub fn disk_free(dir: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    // A directory the run will create: ask the file system of its nearest
-    // existing ancestor (`offload` in the current directory: `.`).
-    let existing = dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.exists());
-    let dir = existing.unwrap_or(std::path::Path::new("."));
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a NUL-terminated string that outlives the call and
-    // `st` has room for one `statvfs`, which the call fills on success.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it initialised `st`.
-    let st = unsafe { st.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // c_ulong is not u64 on every target
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    tier_disk::free_bytes(dir).ok()
 }
 
 impl Capacity {

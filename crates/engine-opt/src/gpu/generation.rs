@@ -259,11 +259,20 @@ impl ComputeDevice for GpuCompute<'_> {
         }
         let ws = self.ws()?;
         b.logits(model, tokens, ws)?;
+        let vocab = model.config.vocab_size;
         match sampler {
-            None => model.argmax(ws, tokens.batch()),
+            None => {
+                // The first step's logits are looked at once on the host:
+                // weights or activations out of f16's range show up there.
+                if tokens.generated.iter().all(Vec::is_empty) {
+                    crate::finite::check_logits(&model.logits_to_host(ws, tokens.batch())?, vocab)?;
+                }
+                model.argmax(ws, tokens.batch())
+            }
             Some(sampler) => {
                 let logits = model.logits_to_host(ws, tokens.batch())?;
-                Ok(logits.chunks(model.config.vocab_size).map(|row| sampler.sample(row)).collect())
+                crate::finite::check_logits(&logits, vocab)?;
+                Ok(logits.chunks(vocab).map(|row| sampler.sample(row)).collect())
             }
         }
     }

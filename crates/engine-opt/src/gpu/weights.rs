@@ -95,6 +95,7 @@ impl Fill<'_> {
         match self {
             Fill::Source(src, pb) => {
                 let t = src.load(name, &[rows, cols])?;
+                crate::finite::check_weights(name, &t)?;
                 pb.inc(1);
                 Ok(DevBuf::from_host(gpu, &t)?)
             }
@@ -113,6 +114,8 @@ impl Fill<'_> {
             Fill::Source(src, pb) => {
                 for (i, name) in names.iter().enumerate() {
                     let t = src.load(name, &[rows, cols])?;
+                    crate::finite::check_weights(name, &t)?;
+                    crate::finite::check_weights(name, &t)?;
                     pb.inc(1);
                     buf.upload(gpu.stream(), i * rows * cols, &t)?;
                 }
@@ -133,6 +136,7 @@ impl Fill<'_> {
             Fill::Source(src, pb) => {
                 for (i, name) in names.iter().enumerate() {
                     let t = src.load(name, &[len])?;
+                    crate::finite::check_weights(name, &t)?;
                     pb.inc(1);
                     let v: Vec<T> = t.iter().map(|&x| T::from_f16(x)).collect();
                     buf.upload(gpu.stream(), i * len, &v)?;
@@ -154,7 +158,9 @@ impl Fill<'_> {
         match self {
             Fill::Source(src, pb) => {
                 let w = src.load(&wn, &[dim])?;
+                crate::finite::check_weights(&wn, &w)?;
                 let b = src.load(&bn, &[dim])?;
+                crate::finite::check_weights(&bn, &b)?;
                 pb.inc(2);
                 Ok(Some(GpuLayerNorm { weight: DevBuf::from_host(gpu, &w)?, bias: DevBuf::from_host(gpu, &b)? }))
             }
