@@ -792,7 +792,7 @@ fn fuzz_command_lines_in_process() {
         let Ok(cli) = Cli::try_parse_from(args) else { return };
         match cli.command {
             Sub::Generate(a) => {
-                let _ = engine_opt::gpu::bench::generate_policy(&a).map(|p| (p.block_size(), p.disk_percents()));
+                let _ = engine_opt::cli::gpu::generate_policy(&a).map(|p| (p.block_size(), p.disk_percents()));
                 let _ = engine_opt::cli::generate::output_file(&a);
             }
             Sub::Bench(a) => {

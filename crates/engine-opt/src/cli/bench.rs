@@ -255,7 +255,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     let policy = args.policy()?;
     // Everything on the GPU, and a GPU here: the GPU engine runs it.
-    if let Some(result) = crate::gpu::bench::try_bench(&args, &policy) {
+    if let Some(result) = super::gpu::try_bench(&args, &policy) {
         return result;
     }
     policy.check_cpu_engine()?;

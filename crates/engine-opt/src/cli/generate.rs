@@ -192,7 +192,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     // Refuse an --output that would be overwritten, or does not match, before loading.
     output_file(&args)?;
-    if let Some(result) = crate::gpu::bench::try_generate(&args) {
+    if let Some(result) = super::gpu::try_generate(&args) {
         return result;
     }
     let sampling =
@@ -209,7 +209,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     // Weights with a disk share stream back a layer at a time (the CPU
     // engine's only tier beside host memory).
-    let policy = crate::gpu::bench::generate_policy(&args)?;
+    let policy = super::gpu::generate_policy(&args)?;
     let model_config = match crate::loading::ModelSpec::parse(&args.model)? {
         crate::loading::ModelSpec::Dir(dir) => crate::OptConfig::from_dir(&dir)?,
         crate::loading::ModelSpec::Preset(_, config) => config,

@@ -1,8 +1,11 @@
 //! Subcommands of the `tierlm` binary. Each submodule owns one subcommand's
-//! arguments and its `run` function; `main.rs` only dispatches.
+//! arguments and its `run` function; `main.rs` only dispatches. `gpu` is
+//! the GPU half of `bench` and `generate` (the command's, not the engine's:
+//! the GPU engine in `crate::gpu` imports nothing from here).
 
 pub mod bench;
 pub mod bench_tiers;
 pub mod copy_matrix;
 pub mod generate;
+pub mod gpu;
 pub mod tiers;

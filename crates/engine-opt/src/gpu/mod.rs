@@ -35,7 +35,6 @@
 //!   _ _`): each batch's cache split in whole sequences over GPU, host and
 //!   disk, loaded into two GPU slots a layer at a time; with
 //!   `--cpu-cache-compute`, decode attention on the CPU over the host cache.
-//! - [`bench`]: `tierlm bench` and `tierlm generate` on this engine.
 //!
 //! Numerics: f16 storage, f32 accumulation everywhere. Matrix products go
 //! through cuBLASLt (bias, ReLU and the residual add fused into the product's
@@ -47,7 +46,6 @@
 //! the engine cannot run ("no CUDA driver: ..."), and [`Gpu::new`] returns
 //! that as an [`Error::Gpu`].
 
-pub mod bench;
 pub mod cache;
 pub mod generation;
 pub mod model;

@@ -1,5 +1,6 @@
-//! `tierlm bench` and `tierlm generate` on the GPU engine, when `--percent`
-//! puts everything on the GPU (`100 0 100 0 100 0`) and a GPU is there.
+//! `tierlm bench` and `tierlm generate` on the GPU engine, when a GPU is
+//! there and `--percent` puts any share on it (or asks for what only the
+//! GPU engine runs).
 //!
 //! The benchmark reports FlexLLMGen's three figures, defined as the CPU
 //! engine's bench does, beside the GPU memory held, and sets them against
@@ -16,12 +17,6 @@ use std::time::Instant;
 use half::f16;
 use serde::Serialize;
 
-use super::blas::LinearOut;
-use super::buffer::DevBuf;
-use super::generation::generate;
-use super::offload::{split_layers, LayerSplit, OffloadTiers};
-use super::tiered_cache::{CachePlan, CacheTiers};
-use super::{driver_err, Gpu, GpuModel};
 use crate::cli::bench::{bench_prompts, throughput, BenchArgs};
 use crate::cli::generate::{read_inputs, GenerateArgs, Input, Outputs};
 use crate::config::OptConfig;
@@ -29,6 +24,12 @@ use crate::dummy::DummyWeights;
 use crate::error::{Error, Result};
 use crate::generation::validate_prompts;
 use crate::generation::GenerateOptions;
+use crate::gpu::blas::LinearOut;
+use crate::gpu::buffer::DevBuf;
+use crate::gpu::generation::generate;
+use crate::gpu::offload::{split_layers, LayerSplit, OffloadTiers};
+use crate::gpu::tiered_cache::{CachePlan, CacheTiers};
+use crate::gpu::{driver_err, Gpu, GpuModel};
 use crate::loading::ModelSpec;
 use crate::placement::{Capacity, Machine, Workload};
 use crate::policy::Policy;
@@ -89,7 +90,7 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
     if policy.validate().is_err() || !takes(policy) {
         return None;
     }
-    if let Some(reason) = super::unavailable_reason() {
+    if let Some(reason) = crate::gpu::unavailable_reason() {
         eprintln!("note: the GPU engine cannot run here ({reason})");
         return None;
     }
@@ -208,7 +209,7 @@ pub struct TierReport {
     /// The KV cache off the GPU, if it is.
     pub cache: Option<CacheReport>,
     /// Where the streamed weights' start-up went.
-    pub weights_startup: Option<super::offload::StartupTimes>,
+    pub weights_startup: Option<crate::gpu::offload::StartupTimes>,
     /// Peak bytes held per tier (the tiers' `MemAccount`s): GPU (the
     /// engine's buffers), pinned host (weights if pinned, plus the GPU
     /// tier's staging ring), pageable host, disk.
@@ -257,7 +258,7 @@ pub struct GpuBenchReport {
 /// Copy bandwidth and product rate of `gpu`, measured with events: the
 /// median of several timed repetitions after a warm-up.
 pub fn measure_roofline(gpu: &Gpu) -> Result<Roofline> {
-    let ev = |timing| gpu.device().new_event(timing).map_err(super::tier_err);
+    let ev = |timing| gpu.device().new_event(timing).map_err(crate::gpu::tier_err);
     let time_ms = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
         f()?;
         let mut times = Vec::new();
@@ -417,7 +418,7 @@ fn check_placement(
     offload_dir: &std::path::Path,
 ) -> Result<()> {
     let can_pin = policy.pin_weight
-        && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(super::tier_err)?.kind
+        && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(crate::gpu::tier_err)?.kind
             != tier_api::HostMemKind::Pageable;
     let cap = Capacity::of_machine(gpu_capacity(free, gpu_mem), offload_dir);
     let spec = crate::spec::model_spec(config, true)?;
@@ -499,7 +500,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         // Hidden states between layers in host memory or on disk (FlexGen's
         // activation placement: on one tier).
         let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
-        model.activations = Some(super::model::ActivationTier::new(&run_tiers, on_disk)?);
+        model.activations = Some(crate::gpu::model::ActivationTier::new(&run_tiers, on_disk)?);
     }
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
@@ -628,7 +629,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
 
     // TIERLM_GPU_PROFILE=1: one more run with every part timed by events.
     if std::env::var_os("TIERLM_GPU_PROFILE").is_some_and(|v| v != "0") {
-        model.profiler = Some(super::profile::Profiler::default());
+        model.profiler = Some(crate::gpu::profile::Profiler::default());
         generate(&model, &prompts, &opts, None, &hidden)?;
         if let Some(p) = &model.profiler {
             let parts = p.take(&model.gpu)?;
@@ -862,7 +863,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         // Hidden states between layers in host memory or on disk (FlexGen's
         // activation placement: on one tier).
         let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
-        model.activations = Some(super::model::ActivationTier::new(&run_tiers, on_disk)?);
+        model.activations = Some(crate::gpu::model::ActivationTier::new(&run_tiers, on_disk)?);
     }
     pb.finish_and_clear();
     validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;
@@ -924,7 +925,7 @@ pub fn try_generate(args: &GenerateArgs) -> Option<Result<()>> {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
     };
-    if takes(&policy) && super::available() {
+    if takes(&policy) && crate::gpu::available() {
         return Some(run_generate(args));
     }
     match policy.check_cpu_engine() {
