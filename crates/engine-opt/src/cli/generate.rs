@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::generation::{generate_with, validate_prompts, GenerateOptions};
+use crate::generation::{generate_with, validate_prompts, CpuPlacement, GenerateOptions};
 use crate::loading::{load_model_with, LoadedModel};
 use crate::progress;
 use crate::sampling::{Sampler, SamplingConfig};
@@ -265,8 +265,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &mut |batch, pb| {
             let out = generate_with(
                 &loaded.model,
-                on_disk.clone(),
-                cache_disk.clone(),
+                CpuPlacement { disk: on_disk.clone(), cache_disk: cache_disk.clone(), host: None },
                 &[batch.to_vec()],
                 &opts,
                 &mut sampler,
