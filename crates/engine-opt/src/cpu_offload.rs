@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use half::f16;
-use tier_api::{DType, Device, Shape, Tensor};
+use tier_api::{DType, Device, MemAccount, Reservation, Shape, Tensor};
 use tier_disk::DiskDevice;
 
 use crate::config::OptConfig;
@@ -36,6 +36,9 @@ pub struct DiskLayers {
     /// The first streamed layer; `layers[i]` is layer `first + i`.
     first: usize,
     layers: Vec<HashMap<String, Tensor>>,
+    /// Host memory the layers read back (and the one being written) are
+    /// reserved against, where the caller accounts host memory.
+    host: Option<Arc<MemAccount>>,
 }
 
 impl std::fmt::Debug for DiskLayers {
@@ -136,7 +139,18 @@ pub fn check_disk_space(offload_dir: Option<&std::path::Path>, need: u64, what: 
 impl DiskLayers {
     /// Empty: layers `first..` will be [`DiskLayers::put`] in order.
     pub fn new(disk: Arc<DiskDevice>, config: OptConfig, first: usize) -> Self {
-        DiskLayers { disk, config, first, layers: Vec::new() }
+        DiskLayers { disk, config, first, layers: Vec::new(), host: None }
+    }
+
+    /// Reserves the host memory of every layer read back
+    /// ([`DiskLayers::load_held`]) or being written against `host`.
+    pub fn with_host_account(mut self, host: Arc<MemAccount>) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    fn reserve(&self, bytes: u64) -> Result<Option<Reservation>> {
+        self.host.as_ref().map(|h| h.reserve(bytes, bytes)).transpose().map_err(Into::into)
     }
 
     /// The first streamed layer.
@@ -163,13 +177,26 @@ impl DiskLayers {
             )));
         }
         let mut map = HashMap::new();
-        for (name, p) in layer.parameters(i) {
-            let bytes: Vec<u8> = match p {
-                ParamRef::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ParamRef::F32(v) => v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        let params = layer.parameters(i);
+        // The layer in memory while it is written.
+        let _held = self.reserve(params.iter().map(|(_, p)| p.bytes()).sum())?;
+        for (name, p) in params {
+            let t = match p {
+                // Written from the weights' own memory (f16 is its bytes on
+                // a little-endian machine), no copy.
+                ParamRef::F16(v) => {
+                    let t = self.disk.allocate(&Shape::new([v.len()]), DType::F16)?;
+                    t.write_bytes(0, f16_bytes(v))?;
+                    t
+                }
+                // Vectors (biases, layer norms): small, converted.
+                ParamRef::F32(v) => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect();
+                    let t = self.disk.allocate(&Shape::new([v.len()]), DType::F16)?;
+                    t.write_bytes(0, &bytes)?;
+                    t
+                }
             };
-            let t = self.disk.allocate(&Shape::new([bytes.len() / 2]), DType::F16)?;
-            t.write_bytes(0, &bytes)?;
             map.insert(name, t);
         }
         self.layers.push(map);
@@ -178,17 +205,60 @@ impl DiskLayers {
 
     /// Layer `j`, read back from disk.
     pub fn load(&self, j: usize) -> Result<DecoderLayer> {
+        Ok(self.load_held(j)?.0)
+    }
+
+    /// Layer `j`, read back from disk, with its host memory reserved
+    /// against the host account (for as long as the reservation lives).
+    ///
+    /// Each weight is reserved as it is read (the memory fills while the
+    /// read runs, on the read-ahead thread beside the layer in use).
+    pub fn load_held(&self, j: usize) -> Result<(DecoderLayer, Vec<Reservation>)> {
         let map = self
             .layers
             .get(j.wrapping_sub(self.first))
             .ok_or_else(|| Error::InvalidArgument(format!("layer {j} is not on disk")))?;
-        DecoderLayer::load_from(&LayerOnDisk { map }, &self.config, j)
+        let src = LayerOnDisk { map, host: self.host.as_ref(), held: Default::default() };
+        let layer = DecoderLayer::load_from(&src, &self.config, j)?;
+        let held = src.held.into_inner();
+        debug_assert!(
+            self.host.is_none()
+                || held.iter().map(Reservation::asked).sum::<u64>()
+                    == layer.parameters(j).iter().map(|(_, p)| p.bytes()).sum::<u64>()
+        );
+        Ok((layer, held))
     }
 }
 
-/// One layer's tensors on disk as a weight source.
+// The disk format is little-endian, as f16's memory is on such a target.
+const _: () = assert!(cfg!(target_endian = "little"), "the CPU engine's disk layers assume a little-endian target");
+
+/// `values` as bytes (f16 is stored little-endian on every target tierlm
+/// builds for; the disk format is little-endian).
+fn f16_bytes(values: &[f16]) -> &[u8] {
+    // SAFETY: f16 is 2 plain bytes with no padding; u8 has alignment 1; the
+    // byte slice covers exactly the f16 slice's memory, borrowed for its
+    // lifetime.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
+fn f16_bytes_mut(values: &mut [f16]) -> &mut [u8] {
+    // SAFETY: as in `f16_bytes`, and any 2 bytes are a valid f16.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
+/// Whether the layer keeps weight `name` as f32 in memory (biases and
+/// layer norms; [`crate::model::ParamRef::F32`]) rather than f16.
+fn is_f32_in_memory(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("layer_norm")
+}
+
+/// One layer's tensors on disk as a weight source, reserving what it reads
+/// against `host`.
 struct LayerOnDisk<'a> {
     map: &'a HashMap<String, Tensor>,
+    host: Option<&'a Arc<MemAccount>>,
+    held: std::cell::RefCell<Vec<Reservation>>,
 }
 
 impl WeightSource for LayerOnDisk<'_> {
@@ -202,9 +272,15 @@ impl WeightSource for LayerOnDisk<'_> {
                 found: t.shape().dims().to_vec(),
             });
         }
-        let mut bytes = vec![0u8; 2 * len];
-        t.read_bytes(0, &mut bytes)?;
-        Ok(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect())
+        if let Some(h) = self.host {
+            // What the layer keeps of it: f16, or f32 for a vector.
+            let bytes = (len * if is_f32_in_memory(name) { 4 } else { 2 }) as u64;
+            self.held.borrow_mut().push(h.reserve(bytes, bytes)?);
+        }
+        // Read straight into the weights' memory: no bounce copy.
+        let mut values = vec![f16::ZERO; len];
+        t.read_bytes(0, f16_bytes_mut(&mut values))?;
+        Ok(values)
     }
 
     fn contains(&self, name: &str) -> bool {

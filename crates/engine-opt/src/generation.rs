@@ -13,6 +13,7 @@ use crate::kv_cache::{KvCache, LayerCache};
 use crate::model::{DecoderLayer, OptModel, StepContext};
 use runtime::sampling::Sampler;
 use runtime::schedule::{BatchTokens, ComputeDevice};
+use tier_api::{MemAccount, Reservation};
 
 pub use runtime::schedule::{GenerateOptions, GenerationOutput};
 
@@ -33,14 +34,24 @@ pub struct CpuDevice<'a> {
     cache_disk: Option<(Arc<tier_disk::DiskDevice>, f64)>,
     /// One layer's cache of a whole batch, per batch shape, that the
     /// memory and disk sequences are gathered into around a layer.
-    slots: std::collections::HashMap<(usize, usize), LayerCache>,
+    slots: std::collections::HashMap<(usize, usize), (LayerCache, Held)>,
     /// The streamed layer in use.
-    current: Option<(usize, DecoderLayer)>,
+    current: Option<(usize, DecoderLayer, Vec<Reservation>)>,
     /// The streamed layer being read.
-    next: Option<(usize, std::thread::JoinHandle<Result<DecoderLayer>>)>,
+    next: Option<(usize, std::thread::JoinHandle<Result<StreamedLayer>>)>,
     /// Bytes of KV cache allocated on `cache_disk`.
     disk_cache_bytes: u64,
+    /// Where the host memory this device allocates is accounted (caches,
+    /// gather slots, hidden states, the scratch of a layer and of the
+    /// logits; streamed layers through [`DiskLayers`]), if anywhere.
+    host: Option<Arc<MemAccount>>,
 }
+
+/// A layer read back from disk, with its host memory's reservations.
+type StreamedLayer = (DecoderLayer, Vec<Reservation>);
+
+/// Host bytes reserved against the device's account, while they live.
+type Held = Option<Reservation>;
 
 impl<'a> CpuDevice<'a> {
     /// The device computing `model` (all its layers in host memory).
@@ -53,7 +64,18 @@ impl<'a> CpuDevice<'a> {
             current: None,
             next: None,
             disk_cache_bytes: 0,
+            host: None,
         }
+    }
+
+    /// Reserves the host memory this device allocates against `host`.
+    pub fn with_host_account(mut self, host: Arc<MemAccount>) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    fn reserve(&self, bytes: u64) -> Result<Held> {
+        self.host.as_ref().map(|h| h.reserve(bytes, bytes)).transpose().map_err(Into::into)
     }
 
     /// Puts the last `100 − cpu_percent`% of each batch's sequences' KV
@@ -81,6 +103,7 @@ impl<'a> CpuDevice<'a> {
             current: None,
             next: None,
             disk_cache_bytes: 0,
+            host: None,
         })
     }
 
@@ -88,7 +111,7 @@ impl<'a> CpuDevice<'a> {
     fn read_ahead(&mut self, j: usize) {
         if let Some(disk) = &self.disk {
             let disk = Arc::clone(disk);
-            self.next = Some((j, std::thread::spawn(move || disk.load(j))));
+            self.next = Some((j, std::thread::spawn(move || disk.load_held(j))));
         }
     }
 
@@ -97,7 +120,7 @@ impl<'a> CpuDevice<'a> {
             return Ok(l);
         }
         match &self.current {
-            Some((i, l)) if *i == j => Ok(l),
+            Some((i, l, _)) if *i == j => Ok(l),
             _ => Err(Error::InvalidArgument(format!("layer {j} was not brought in (begin_layer)"))),
         }
     }
@@ -114,6 +137,10 @@ pub struct CpuBatch {
     key_mask: Vec<Vec<bool>>,
     hidden: Vec<f32>,
     new_len: usize,
+    /// The cache's and the masks' host memory, reserved.
+    _cache_held: Held,
+    /// The hidden states', reserved.
+    hidden_held: Held,
 }
 
 /// The KV cache of a batch's last sequences on disk: per layer, keys and
@@ -145,7 +172,13 @@ impl CpuDevice<'_> {
         let per_seq = heads * cap * hd;
         let split = dc.first * per_seq;
         let past = dc.len[j];
-        let mut slot = self.slots.remove(&(dc.batch, cap)).unwrap_or_else(|| LayerCache::new(dc.batch, heads, hd, cap));
+        let (mut slot, slot_held) = match self.slots.remove(&(dc.batch, cap)) {
+            Some(s) => s,
+            None => {
+                let held = self.reserve((dc.batch * heads * hd * cap * 2 * std::mem::size_of::<f32>()) as u64)?;
+                (LayerCache::new(dc.batch, heads, hd, cap), held)
+            }
+        };
         {
             let (sk, sv) = slot.data_mut();
             let (hk, hv) = host.data();
@@ -156,6 +189,7 @@ impl CpuDevice<'_> {
             dv.read_bytes(0, f32_bytes_mut(&mut sv[split..]))?;
         }
         slot.set_len(past);
+        let _scratch = self.reserve(self.layer_scratch_bytes(b.key_mask.len(), b.new_len, past + b.new_len))?;
         let layer = self.decoder_layer(j)?;
         let ctx = StepContext { batch: b.key_mask.len(), new_len: b.new_len, key_mask: &b.key_mask };
         layer.forward(&mut b.hidden, &ctx, &mut slot);
@@ -170,8 +204,33 @@ impl CpuDevice<'_> {
         }
         host.set_len(past + b.new_len);
         dc.len[j] = past + b.new_len;
-        self.slots.insert((dc.batch, cap), slot);
+        self.slots.insert((dc.batch, cap), (slot, slot_held));
         Ok(())
+    }
+
+    /// Host bytes of a batch of `batch` sequences of up to `capacity`
+    /// positions, `in_memory` of whose caches are in memory: those caches
+    /// (keys and values of every layer, f32) and the key masks.
+    fn batch_host_bytes(&self, in_memory: usize, batch: usize, capacity: usize) -> u64 {
+        let c = &self.model.config;
+        let cache =
+            (c.num_hidden_layers * in_memory * c.hidden_size * capacity * 2 * std::mem::size_of::<f32>()) as u64;
+        cache + (batch * capacity) as u64
+    }
+
+    /// Bytes a layer's forward pass allocates at most besides the hidden
+    /// states and the cache, for `batch` sequences of `new_len` new
+    /// positions attending to `keys` positions: the layer-normed input,
+    /// queries, keys, values, the attention output and its projection
+    /// (each `rows × hidden`), the attention scores (`batch × heads ×
+    /// new_len × keys`) and the MLP's wide activation (`rows × ffn`), f32.
+    fn layer_scratch_bytes(&self, batch: usize, new_len: usize, keys: usize) -> u64 {
+        let c = &self.model.config;
+        let rows = (batch * new_len) as u64;
+        let f32s = rows * c.hidden_size as u64 * 6
+            + (batch * c.num_attention_heads * new_len) as u64 * keys as u64
+            + rows * c.ffn_dim as u64;
+        f32s * std::mem::size_of::<f32>() as u64
     }
 }
 
@@ -203,7 +262,7 @@ impl ComputeDevice for CpuDevice<'_> {
 
     fn begin_layer(&mut self, j: usize) -> Result<()> {
         let Some(disk) = self.disk.clone() else { return Ok(()) };
-        if !disk.holds(j) || self.current.as_ref().is_some_and(|(i, _)| *i == j) {
+        if !disk.holds(j) || self.current.as_ref().is_some_and(|(i, _, _)| *i == j) {
             return Ok(());
         }
         self.current = None;
@@ -216,10 +275,10 @@ impl ComputeDevice for CpuDevice<'_> {
                     // Read ahead for another order: let it finish, unused.
                     let _ = handle.join();
                 }
-                disk.load(j)?
+                disk.load_held(j)?
             }
         };
-        self.current = Some((j, layer));
+        self.current = Some((j, layer.0, layer.1));
         // The next streamed layer (the first again after the last).
         let next = if disk.holds(j + 1) { j + 1 } else { disk.first() };
         if next != j {
@@ -241,6 +300,8 @@ impl ComputeDevice for CpuDevice<'_> {
                         key_mask: vec![Vec::with_capacity(capacity); batch],
                         hidden: Vec::new(),
                         new_len: 0,
+                        _cache_held: self.reserve(self.batch_host_bytes(batch, batch, capacity))?,
+                        hidden_held: None,
                     });
                 }
                 let c = &self.model.config;
@@ -270,6 +331,8 @@ impl ComputeDevice for CpuDevice<'_> {
             key_mask: vec![Vec::with_capacity(capacity); tokens.batch()],
             hidden: Vec::new(),
             new_len: 0,
+            _cache_held: self.reserve(self.batch_host_bytes(in_memory, batch, capacity))?,
+            hidden_held: None,
         })
     }
 
@@ -278,7 +341,9 @@ impl ComputeDevice for CpuDevice<'_> {
         for (seq, mask) in b.key_mask.iter_mut().enumerate() {
             mask.extend(tokens.mask()[seq * n..(seq + 1) * n].iter().map(|&m| m != 0));
         }
+        b.hidden_held = None;
         b.hidden = self.model.embed(tokens.tokens(), &tokens.positions());
+        b.hidden_held = self.reserve(std::mem::size_of_val(b.hidden.as_slice()) as u64)?;
         b.new_len = n;
         Ok(())
     }
@@ -287,6 +352,8 @@ impl ComputeDevice for CpuDevice<'_> {
         if b.on_disk.is_some() {
             return self.layer_with_disk_cache(j, b);
         }
+        let keys = b.key_mask.first().map_or(0, Vec::len);
+        let _scratch = self.reserve(self.layer_scratch_bytes(b.key_mask.len(), b.new_len, keys))?;
         let layer = self.decoder_layer(j)?;
         let cache = b.cache.layers.get_mut(j).ok_or_else(|| Error::InvalidArgument(format!("no cache for {j}")))?;
         let ctx = StepContext { batch: b.key_mask.len(), new_len: b.new_len, key_mask: &b.key_mask };
@@ -296,6 +363,8 @@ impl ComputeDevice for CpuDevice<'_> {
 
     fn pick(&mut self, tokens: &BatchTokens, b: &mut CpuBatch, sampler: Option<&mut Sampler>) -> Result<Vec<u32>> {
         let c = &self.model.config;
+        // The last rows and the logits (f32).
+        let _scratch = self.reserve((tokens.batch() * (c.hidden_size + c.vocab_size) * 4) as u64)?;
         let last = last_rows(&b.hidden, tokens.batch(), b.new_len, c.hidden_size);
         let logits = self.model.logits(&last, tokens.batch());
         crate::finite::check_logits(&logits, c.vocab_size)?;
@@ -336,29 +405,45 @@ pub fn generate(
     runtime::schedule::generate(&mut CpuDevice::new(model), batches, opts, Some(sampler), progress)
 }
 
-/// [`generate`] with the layers from `disk.first()` on read back from disk
-/// a layer ahead ([`CpuDevice::with_disk`]), and with `cache_disk` (a disk
-/// and the share of sequences kept in memory) the others' KV cache on disk
-/// ([`CpuDevice::with_cache_on_disk`]); `None`: all in memory.
+/// Where the CPU engine keeps what it does not hold in host memory, and
+/// where it accounts what it does.
+#[derive(Clone, Default)]
+pub struct CpuPlacement {
+    /// The layers from `disk.first()` on, read back from disk a layer
+    /// ahead ([`CpuDevice::with_disk`]).
+    pub disk: Option<Arc<DiskLayers>>,
+    /// A disk and the share of each batch's sequences kept in memory: the
+    /// others' KV cache on disk ([`CpuDevice::with_cache_on_disk`]).
+    pub cache_disk: Option<(Arc<tier_disk::DiskDevice>, f64)>,
+    /// The account the host memory the device allocates is reserved
+    /// against ([`CpuDevice::with_host_account`]).
+    pub host: Option<Arc<MemAccount>>,
+}
+
+/// [`generate`] with weights and KV cache placed as `placement` says
+/// (`Default`: all in memory, unaccounted).
 pub fn generate_with(
     model: &OptModel,
-    disk: Option<Arc<DiskLayers>>,
-    cache_disk: Option<(Arc<tier_disk::DiskDevice>, f64)>,
+    placement: CpuPlacement,
     batches: &[Vec<Vec<u32>>],
     opts: &GenerateOptions,
     sampler: &mut Sampler,
     progress: &ProgressBar,
 ) -> Result<GenerationOutput> {
+    let CpuPlacement { disk, cache_disk, host } = placement;
     let mut device = match disk {
         Some(d) => CpuDevice::with_disk(model, d)?,
         None => CpuDevice::new(model),
     };
+    if let Some(h) = host {
+        device = device.with_host_account(h);
+    }
     if let Some((d, cpu_percent)) = cache_disk {
         device = device.with_cache_on_disk(d, cpu_percent);
     }
     let mut out = runtime::schedule::generate(&mut device, batches, opts, Some(sampler), progress)?;
     out.disk_cache_bytes = device.disk_cache_bytes;
-    out.cache_bytes += device.slots.values().map(LayerCache::bytes).sum::<u64>();
+    out.cache_bytes += device.slots.values().map(|(s, _)| s.bytes()).sum::<u64>();
     Ok(out)
 }
 

@@ -52,6 +52,9 @@ fn report_run(result: engine_opt::Result<()>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Large blocks go back to the kernel when freed: the resident set then
+    // follows what the tiers account (docs/reliability.md, "Memory").
+    engine_opt::memory::fix_allocator_mmap_threshold();
     engine_opt::progress::mark_process_start();
     let cli = Cli::parse();
     // Ctrl-C and SIGTERM set a flag that the generation loops turn into

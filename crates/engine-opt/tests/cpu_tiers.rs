@@ -12,7 +12,7 @@ use common::*;
 use std::process::Command;
 
 use engine_opt::cpu_offload::{for_policy, DiskLayers};
-use engine_opt::generation::{generate, generate_with, GenerateOptions};
+use engine_opt::generation::{generate, generate_with, CpuPlacement, GenerateOptions};
 use engine_opt::loading::{load_model, load_model_with};
 use engine_opt::policy::Policy;
 use engine_opt::sampling::{Sampler, SamplingConfig};
@@ -48,8 +48,11 @@ fn greedy_tokens_with_cache(
     let batches = vec![a.to_vec(), b.to_vec()];
     let mut sampler = Sampler::new(SamplingConfig::default());
     let opts = GenerateOptions { stop_on_eos: false, ..engine_opt::generation::options(MIN_EQUAL_TOKENS) };
-    let out =
-        generate_with(&loaded.model, on_disk, None, &batches, &opts, &mut sampler, &ProgressBar::hidden()).unwrap();
+    // Accounted, so that debug builds check each streamed layer's
+    // reservations against its bytes.
+    let host = tier_api::MemAccount::new("host:pageable", None);
+    let placement = CpuPlacement { disk: on_disk, host: Some(host), ..Default::default() };
+    let out = generate_with(&loaded.model, placement, &batches, &opts, &mut sampler, &ProgressBar::hidden()).unwrap();
     (out.tokens, bytes)
 }
 

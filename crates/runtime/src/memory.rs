@@ -20,6 +20,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     proc_field_bytes("/proc/self/status", "VmHWM")
 }
 
+/// The process's resident set size now (`VmRSS`).
+pub fn rss_bytes() -> Option<u64> {
+    proc_field_bytes("/proc/self/status", "VmRSS")
+}
+
 /// Memory the kernel says is available to new allocations (`MemAvailable`).
 pub fn available_bytes() -> Option<u64> {
     proc_field_bytes("/proc/meminfo", "MemAvailable")

@@ -55,6 +55,8 @@ pub(crate) struct Arena {
     stripes: Stripes,
     /// Bytes kept out of the free list because punching them out failed.
     leaked: AtomicU64,
+    /// Host memory of the backend's staging buffers.
+    host: Arc<tier_api::MemAccount>,
 }
 
 fn dir_error(dir: &Path, reason: impl Into<String>) -> Error {
@@ -195,6 +197,7 @@ impl Arena {
             chunk: config.chunk_size,
             sessions: config.max_sessions,
             direct,
+            host: tier_api::MemAccount::new(format!("{tier} staging (host memory)"), None),
         };
         let stripes = Stripes::new();
         let check = |b: &dyn Backend| self_test(b, &tier, geo, extent, &stripes);
@@ -229,7 +232,9 @@ impl Arena {
             Some(plan) => Box::new(FaultBackend::new(backend, plan, offset)),
             None => backend,
         };
+        let host = Arc::clone(&params.host);
         Ok(Arena {
+            host,
             id: config.id,
             tier,
             dir,
@@ -281,6 +286,11 @@ impl Arena {
     /// Bytes of disk the file really occupies.
     pub(crate) fn disk_usage(&self) -> Result<u64> {
         sys::allocated_bytes(self.fd()).map_err(|e| io_error(&self.tier, IoOp::Read, 0, 0, e))
+    }
+
+    /// The host memory the backend's staging buffers hold.
+    pub(crate) fn host_account(&self) -> &Arc<tier_api::MemAccount> {
+        &self.host
     }
 
     pub(crate) fn leaked(&self) -> u64 {

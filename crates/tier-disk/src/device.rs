@@ -82,6 +82,15 @@ impl DiskDevice {
         self.arena.free_extents()
     }
 
+    /// The host memory this tier holds for its I/O: the staging (bounce)
+    /// buffers of each session made so far, `staging_buffers ×
+    /// chunk_size` a session (rounded to pages), reserved whole (pinned
+    /// where io_uring registers them). Not part of [`Device::account`],
+    /// which counts bytes on disk.
+    pub fn host_account(&self) -> &Arc<MemAccount> {
+        self.arena.host_account()
+    }
+
     /// Bytes kept out of reuse because punching them out failed.
     pub fn leaked_bytes(&self) -> u64 {
         self.arena.leaked()

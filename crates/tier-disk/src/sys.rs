@@ -247,6 +247,11 @@ impl AlignedBuf {
         self.len
     }
 
+    /// Bytes mapped (`len` rounded up to whole pages).
+    pub fn map_len(&self) -> usize {
+        self.map_len
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

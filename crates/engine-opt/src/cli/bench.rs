@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::generation::{generate_with, GenerateOptions, GenerationOutput};
+use crate::generation::{generate_with, CpuPlacement, GenerateOptions, GenerationOutput};
 use crate::loading::{check_fits, load_model_with, ModelSpec};
 use crate::memory;
 use crate::model::OptModel;
@@ -157,6 +157,20 @@ pub struct MemoryReport {
     pub flexgen_hidden_bytes: u64,
     /// The process's peak resident set (VmHWM), where known.
     pub peak_rss_bytes: Option<u64>,
+    /// The process's resident set before the model is loaded (VmRSS): the
+    /// binary, its libraries, the runtime; outside the tiers' accounts.
+    pub baseline_rss_bytes: Option<u64>,
+    /// The most host memory the CPU engine held at once, from its pageable
+    /// host account: the model's resident weights, the layers read back
+    /// from disk (in use and read ahead, and the one being written while
+    /// loading), the KV caches in memory and their gather slots, the hidden
+    /// states, a layer's and the logits' scratch.
+    pub host_peak_bytes: u64,
+    /// Host memory of the disk tier's staging (bounce) buffers, at most.
+    pub disk_staging_bytes: u64,
+    /// `baseline_rss_bytes + host_peak_bytes + disk_staging_bytes`: what
+    /// the process should have held at its peak; compare `peak_rss_bytes`.
+    pub accounted_peak_bytes: u64,
 }
 
 /// The result of a benchmark, as `--json` prints it.
@@ -288,20 +302,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         on_disk_bytes,
         "the weights and KV cache placed on disk",
     )?;
-    // One disk arena for the weights and the cache (the run's tiers).
+    // One disk arena for the weights and the cache (the run's tiers); the
+    // engine's host memory is reserved against the pageable host tier's
+    // account.
+    let baseline_rss = memory::rss_bytes();
     let run_tiers = runtime::Tiers::default();
-    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &config, &policy, args.offload_dir.as_deref())?;
+    let host = std::sync::Arc::clone(tier_api::Device::account(&*run_tiers.host(tier_api::HostMemKind::Pageable)?));
+    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &config, &policy, args.offload_dir.as_deref())?
+        .map(|d| d.with_host_account(std::sync::Arc::clone(&host)));
     let streamed = (config.num_hidden_layers - on_disk.as_ref().map_or(config.num_hidden_layers, |d| d.first())) as u64;
     let in_memory = config.weight_bytes() - streamed * config.layer_param_count() * 2;
     check_fits("the weights in memory and the f32 KV cache", in_memory.saturating_add(f32_cache))?;
 
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
+    let _weights_held = host.reserve(loaded.model.held_bytes(), loaded.model.held_bytes())?;
     let on_disk = on_disk.map(std::sync::Arc::new);
     let cache_disk = crate::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
     let disk_bytes = on_disk.as_ref().map_or(0, |d| d.bytes());
     let model = &loaded.model;
     let generate = |prompts: &[Vec<Vec<u32>>], opts: &GenerateOptions, sampler: &mut Sampler, pb: &ProgressBar| {
-        generate_with(model, on_disk.clone(), cache_disk.clone(), prompts, opts, sampler, pb)
+        let placement =
+            CpuPlacement { disk: on_disk.clone(), cache_disk: cache_disk.clone(), host: Some(host.clone()) };
+        generate_with(model, placement, prompts, opts, sampler, pb)
     };
     let opts = GenerateOptions { stop_on_eos: false, ..crate::generation::options(args.gen_len) };
     let mut sampler = Sampler::new(SamplingConfig::default());
@@ -321,11 +343,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut report = make_report(&args, &policy, &loaded.description, model, &out);
     report.memory.disk_weights_bytes = disk_bytes;
     report.offload_dir = cpu_uses_disk(&policy).then(|| offload_dir_of(&args));
-    // The CPU engine's memory is pageable (plain allocations); disk holds
-    // the streamed layers and the cache's disk share.
+    // The CPU engine's memory is pageable (plain allocations, the disk
+    // tier's staging buffers); disk holds the streamed layers and the
+    // cache's disk share.
+    let m = &mut report.memory;
+    m.host_peak_bytes = host.stats().peak_resident;
+    m.disk_staging_bytes = run_tiers.disks().iter().map(|d| d.host_account().stats().peak_resident).sum();
+    m.baseline_rss_bytes = baseline_rss;
+    m.accounted_peak_bytes = baseline_rss.unwrap_or(0) + m.host_peak_bytes + m.disk_staging_bytes;
     report.peak_per_tier = memory::TierPeaks {
-        pageable: report.memory.total_held_bytes,
-        disk: disk_bytes + report.memory.disk_kv_cache_bytes,
+        pageable: m.host_peak_bytes + m.disk_staging_bytes,
+        disk: disk_bytes + m.disk_kv_cache_bytes,
         ..Default::default()
     };
     print_report(&report, args.json)
@@ -371,6 +399,10 @@ fn make_report(
             flexgen_cache_bytes: c.kv_cache_bytes(prompts, args.prompt_len + args.gen_len),
             flexgen_hidden_bytes: c.activation_bytes(prompts, args.prompt_len),
             peak_rss_bytes: memory::peak_rss_bytes(),
+            baseline_rss_bytes: None,
+            host_peak_bytes: 0,
+            disk_staging_bytes: 0,
+            accounted_peak_bytes: 0,
         },
     }
 }
@@ -405,6 +437,7 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
          host memory held: weights {} + KV cache {} + activations {} = {}\n\
          on disk: weights {} + KV cache {}{}\n\
          FlexGen accounting (f16): weights {}, KV cache {}, hidden {}\n\
+         peak host memory accounted: {} (engine {} + disk staging {} + before loading {})\n\
          peak RSS (VmHWM): {}\n\
          peak per tier: {}\n",
         r.model,
@@ -436,6 +469,10 @@ fn print_report(r: &BenchReport, json: bool) -> Result<()> {
         mib(m.flexgen_weight_bytes),
         mib(m.flexgen_cache_bytes),
         mib(m.flexgen_hidden_bytes),
+        mib(m.accounted_peak_bytes),
+        mib(m.host_peak_bytes),
+        mib(m.disk_staging_bytes),
+        m.baseline_rss_bytes.map_or("unknown".to_string(), mib),
         m.peak_rss_bytes.map_or("unknown".to_string(), mib),
         r.peak_per_tier,
     );

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::generation::{generate_with, validate_prompts, GenerateOptions};
+use crate::generation::{generate_with, validate_prompts, CpuPlacement, GenerateOptions};
 use crate::loading::{load_model_with, LoadedModel};
 use crate::progress;
 use crate::sampling::{Sampler, SamplingConfig};
@@ -217,10 +217,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let offload_dir = args.offload_dir.as_deref();
     let weights_on_disk = crate::cpu_offload::weights_disk_bytes(&model_config, &policy);
     crate::cpu_offload::check_disk_space(offload_dir, weights_on_disk, "the weights placed on disk")?;
-    // One disk arena for the weights and the cache (the run's tiers).
+    // One disk arena for the weights and the cache (the run's tiers); the
+    // engine's host memory is reserved against the pageable host tier's
+    // account, as in `bench`.
     let run_tiers = runtime::Tiers::default();
-    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &model_config, &policy, offload_dir)?;
+    let host = std::sync::Arc::clone(tier_api::Device::account(&*run_tiers.host(tier_api::HostMemKind::Pageable)?));
+    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &model_config, &policy, offload_dir)?
+        .map(|d| d.with_host_account(std::sync::Arc::clone(&host)));
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
+    let _weights_held = host.reserve(loaded.model.held_bytes(), loaded.model.held_bytes())?;
     let on_disk = on_disk.map(std::sync::Arc::new);
     let cache_disk = crate::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
     let prompts = tokenize(&loaded, &inputs)?;
@@ -243,8 +248,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         json,
         file: output_file(&args)?,
     };
-    // The CPU engine's memory is pageable: weights, the cache of the batch
-    // in flight (f32, the largest batch's), and the layers on disk.
+    // Refuse a batch's f32 KV cache that cannot fit.
     let c = &loaded.model.config;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens);
     let cache = c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest).saturating_mul(2);
@@ -255,8 +259,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     crate::cpu_offload::check_disk_space(offload_dir, cache_on_disk, "the KV cache placed on disk")?;
     // The most KV cache a batch put on disk.
     let disk_cache = std::cell::Cell::new(0u64);
+    // The CPU engine's memory is pageable: the host account's peak and the
+    // disk tier's staging buffers.
     let peaks = || crate::memory::TierPeaks {
-        pageable: loaded.model.held_bytes() + cache,
+        pageable: host.stats().peak_resident
+            + run_tiers.disks().iter().map(|d| d.host_account().stats().peak_resident).sum::<u64>(),
         disk: on_disk.as_ref().map_or(0, |d| d.bytes()) + disk_cache.get(),
         ..Default::default()
     };
@@ -265,8 +272,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &mut |batch, pb| {
             let out = generate_with(
                 &loaded.model,
-                on_disk.clone(),
-                cache_disk.clone(),
+                CpuPlacement { disk: on_disk.clone(), cache_disk: cache_disk.clone(), host: Some(host.clone()) },
                 &[batch.to_vec()],
                 &opts,
                 &mut sampler,

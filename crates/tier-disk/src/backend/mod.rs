@@ -58,6 +58,9 @@ pub(crate) struct Params {
     pub sessions: usize,
     /// Whether the file is open with O_DIRECT (for `describe`).
     pub direct: bool,
+    /// Host memory the sessions' staging buffers hold (their pages are
+    /// touched, and pinned where registered with io_uring).
+    pub host: std::sync::Arc<tier_api::MemAccount>,
 }
 
 /// A backend: where sessions come from.
@@ -115,9 +118,22 @@ pub(crate) trait Session {
 /// Allocates `count` staging buffers of `len` bytes, as pieces of one
 /// mapping backed by huge pages where the kernel allows (fewer segments per
 /// request, and fewer pages to pin when registered).
-pub(crate) fn staging_buffers(count: usize, len: usize) -> io::Result<Vec<BufPiece>> {
+/// They are touched, and reserved whole against `host` for as long as the returned
+/// reservation lives (the session's).
+pub(crate) fn staging_buffers(
+    count: usize,
+    len: usize,
+    host: &std::sync::Arc<tier_api::MemAccount>,
+) -> io::Result<(Vec<BufPiece>, tier_api::Reservation)> {
     let total = count.checked_mul(len).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-    Ok(AlignedBuf::new_huge(total)?.split(len))
+    let mut buf = AlignedBuf::new_huge(total)?;
+    // Made resident now, as registering them with io_uring does anyway:
+    // the reservation below is then what the process holds, whichever
+    // backend and however much of them later transfers use.
+    buf.as_mut_slice().fill(0);
+    let held =
+        host.reserve(total as u64, buf.map_len() as u64).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    Ok((buf.split(len), held))
 }
 
 /// A bounded pool of session resources (rings, thread-pool slots), created

@@ -20,6 +20,7 @@ struct Job {
 
 struct Slot {
     staging: Vec<BufPiece>,
+    _staging_held: tier_api::Reservation,
     tx: Sender<Completion>,
     rx: Receiver<Completion>,
 }
@@ -32,6 +33,7 @@ pub(crate) struct ThreadBackend {
     staging_count: usize,
     chunk: usize,
     direct: bool,
+    host: Arc<tier_api::MemAccount>,
     why: String,
 }
 
@@ -39,7 +41,7 @@ impl ThreadBackend {
     /// Starts `threads` workers on `file`. `why` says why this backend was
     /// chosen ("io_uring unavailable: ...").
     pub(crate) fn new(p: &Params, threads: usize, why: String) -> io::Result<Self> {
-        let Params { file, depth, staging: staging_count, chunk, sessions, direct } = p.clone();
+        let Params { file, depth, staging: staging_count, chunk, sessions, direct, host } = p.clone();
         assert!(threads >= 1 && depth >= 1 && staging_count >= 1 && sessions >= 1);
         // Every session keeps at most `depth` jobs outstanding, so this
         // queue never holds more than its capacity and `send` never blocks
@@ -76,6 +78,7 @@ impl ThreadBackend {
             staging_count,
             chunk,
             direct,
+            host,
             why,
         })
     }
@@ -120,7 +123,8 @@ impl Backend for ThreadBackend {
         let jobs = self.jobs.as_ref().ok_or_else(|| io::Error::other("the disk I/O threads are shut down"))?;
         let slot = self.pool.get(|| {
             let (tx, rx) = bounded(self.depth);
-            Ok(Slot { staging: staging_buffers(self.staging_count, self.chunk)?, tx, rx })
+            let (staging, _staging_held) = staging_buffers(self.staging_count, self.chunk, &self.host)?;
+            Ok(Slot { staging, _staging_held, tx, rx })
         })?;
         Ok(Box::new(ThreadSession { slot, jobs, depth: self.depth }))
     }

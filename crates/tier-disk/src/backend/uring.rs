@@ -25,6 +25,7 @@ struct Ring {
     // it off the registry's list before either.
     ring: IoUring,
     staging: Vec<BufPiece>,
+    _staging_held: tier_api::Reservation,
     fixed_buffers: bool,
     fixed_file: bool,
     /// The registry listing this ring for caller buffers, and its id there;
@@ -36,7 +37,7 @@ impl Ring {
     fn new(p: &Params, registry: &Arc<Registry>) -> io::Result<Ring> {
         let entries = u32::try_from(p.depth).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let ring = IoUring::builder().build(entries)?;
-        let staging = staging_buffers(p.staging, p.chunk)?;
+        let (staging, _staging_held) = staging_buffers(p.staging, p.chunk, &p.host)?;
         let iovecs: Vec<libc::iovec> =
             staging.iter().map(|b| libc::iovec { iov_base: b.raw().cast(), iov_len: b.len() }).collect();
         let fd = ring.as_raw_fd();
@@ -59,7 +60,7 @@ impl Ring {
         // SAFETY: the table has TABLE_LEN entries (registered above), and
         // the ring leaves the list in `Drop`, before it closes.
         let listed = sparse.then(|| (Arc::clone(registry), unsafe { registry.attach(fd) }));
-        Ok(Ring { ring, staging, fixed_buffers, fixed_file, listed })
+        Ok(Ring { ring, staging, _staging_held, fixed_buffers, fixed_file, listed })
     }
 }
 
@@ -277,7 +278,8 @@ mod tests {
         let dir = crate::test_dir();
         let file = tempfile::tempfile_in(dir.path()).unwrap();
         let chunk = 16 << 10;
-        let p = Params { file: Arc::new(file), depth: 4, staging: 2, chunk, sessions: 3, direct: false };
+        let host = tier_api::MemAccount::new("host", None);
+        let p = Params { file: Arc::new(file), depth: 4, staging: 2, chunk, sessions: 3, direct: false, host };
         let b = UringBackend::new(&p).unwrap();
         let mut mem = AlignedBuf::new(256 << 10).unwrap();
         // SAFETY: `mem` is valid for its length while it lives, and outlives `reg`.
