@@ -20,6 +20,7 @@ in its own dtype, for the GPU engine. expected.json in each directory holds
 them; transformers' and torch's versions are recorded beside.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -178,7 +179,9 @@ def main():
         d = os.path.join(root, name)
         shutil.rmtree(d, ignore_errors=True)
         torch.manual_seed(k)
-        config = AutoConfig.for_model(**cfg)
+        # transformers may rewrite the dicts it is given (rope parameters):
+        # it gets a copy, and config.json keeps the published form.
+        config = AutoConfig.for_model(**copy.deepcopy(cfg))
         model = load(AutoModelForCausalLM.from_config, config, dtype=torch.float32)
         randomize(model, 1000 + k)
         model = model.to(dtype)
