@@ -193,6 +193,15 @@ impl Tensor {
         self.data.is_empty()
     }
 
+    /// The values as little-endian bytes (a safetensors payload).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match &self.data {
+            Storage::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Storage::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
     /// Every value as f32.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len()];
@@ -231,11 +240,8 @@ mod tests {
         let vals = [1.0f32, -2.5, 0.15625, 65504.0];
         for dtype in [DType::F16, DType::BF16, DType::F32] {
             let t = Tensor::from_f32(dtype, vec![2, 2], &vals).unwrap();
-            let bytes: Vec<u8> = match t.storage() {
-                Storage::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                Storage::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            };
+            let bytes = t.to_le_bytes();
+            assert_eq!(bytes.len(), 4 * dtype.size());
             let back = Tensor::from_le_bytes(dtype, vec![2, 2], &bytes).unwrap();
             assert_eq!(back, t);
             // These values are exact in every type but bf16's 65504 (→ 65536).
