@@ -58,8 +58,8 @@ impl KvCache {
             head_dim,
             capacity,
             len: 0,
-            k: Storage::zeros(dtype, n),
-            v: Storage::zeros(dtype, n),
+            k: Storage::try_zeros(dtype, n, "the keys of a KV cache")?,
+            v: Storage::try_zeros(dtype, n, "the values of a KV cache")?,
         })
     }
 
@@ -352,6 +352,9 @@ mod tests {
         let kv: Vec<f32> = (0..2 * 3 * 4).map(pseudo).collect();
         cache.append(&kv, &kv, 3).unwrap();
         assert!(cache.append(&kv[..8], &kv[..8], 1).unwrap_err().to_string().contains("capacity"));
+        // A cache too large to allocate is an error, not an abort.
+        let e = KvCache::new(DType::F32, 1 << 20, 1 << 20, 1 << 10, 1 << 8).unwrap_err();
+        assert!(e.to_string().contains("KV cache"), "{e}");
         let q: Vec<f32> = (0..2 * 4).map(|i| pseudo(i + 1)).collect();
         // Sequence 0 sees everything, sequence 1 one pad.
         let mask = [true, true, true, false, true, true];

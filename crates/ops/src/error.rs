@@ -7,8 +7,9 @@ pub enum Error {
     /// Slice lengths or tensor shapes that do not agree.
     #[error("{op}: {what}")]
     Shape { op: &'static str, what: String },
-    /// A size whose element or byte count overflows.
-    #[error("{what}: the size overflows usize")]
+    /// A size whose element or byte count overflows, or that cannot be
+    /// allocated.
+    #[error("{what}: the size overflows usize or cannot be allocated")]
     Overflow { what: String },
     /// A token id outside the embedding table.
     #[error("embedding: token id {id} is outside the vocabulary of {vocab} rows")]

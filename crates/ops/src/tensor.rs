@@ -75,6 +75,22 @@ impl Storage {
         }
     }
 
+    /// `len` zeros of `dtype`, or an error naming `what` if the memory
+    /// cannot be had (rather than aborting the process).
+    pub fn try_zeros(dtype: DType, len: usize, what: &str) -> Result<Storage> {
+        fn alloc<T: Clone>(len: usize, zero: T, what: &str) -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(len).map_err(|e| Error::Overflow { what: format!("{what} ({len} values: {e})") })?;
+            v.resize(len, zero);
+            Ok(v)
+        }
+        Ok(match dtype {
+            DType::F16 => Storage::F16(alloc(len, f16::ZERO, what)?),
+            DType::BF16 => Storage::BF16(alloc(len, bf16::ZERO, what)?),
+            DType::F32 => Storage::F32(alloc(len, 0.0, what)?),
+        })
+    }
+
     /// Values `start..start + dst.len()` converted to f32 into `dst`.
     ///
     /// # Panics
