@@ -637,4 +637,19 @@ mod tests {
             LlamaConfig::preset(name).unwrap();
         }
     }
+
+    #[test]
+    fn generation_config_eos_may_be_a_list_and_overrides_the_config() {
+        let c = LlamaConfig::from_json(LLAMA31).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(generation_eos(dir.path(), &c).unwrap(), vec![128001], "no file: the config's");
+        let file = dir.path().join("generation_config.json");
+        std::fs::write(&file, r#"{"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}"#).unwrap();
+        assert_eq!(generation_eos(dir.path(), &c).unwrap(), vec![128001, 128008, 128009]);
+        std::fs::write(&file, r#"{"eos_token_id": 7}"#).unwrap();
+        assert_eq!(generation_eos(dir.path(), &c).unwrap(), vec![7]);
+        std::fs::write(&file, r#"{"eos_token_id": "x"}"#).unwrap();
+        let e = generation_eos(dir.path(), &c).unwrap_err().to_string();
+        assert!(e.contains("generation_config.json eos_token_id"), "{e}");
+    }
 }
