@@ -439,6 +439,34 @@ mod tests {
     }
 
     #[test]
+    fn the_model_holds_exactly_the_spec_tensors() {
+        for (model_type, extra) in [
+            ("llama", r#", "attention_bias": true, "mlp_bias": true"#),
+            ("qwen2", r#", "tie_word_embeddings": true"#),
+            ("qwen3", r#", "head_dim": 16"#),
+            ("mistral", ""),
+        ] {
+            let config = tiny(model_type, extra);
+            let spec = crate::spec::model_spec(&config).unwrap();
+            let model = LlamaModel::dummy(config, 5).unwrap();
+            let held: Vec<(String, Vec<usize>)> =
+                model.named_tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec())).collect();
+            let mut want: Vec<(String, Vec<usize>)> = Vec::new();
+            for i in 0..spec.layers {
+                want.extend(spec.layer.iter().map(|t| (format!("model.layers.{i}.{}", t.name), t.shape.clone())));
+            }
+            want.extend(spec.outside.iter().map(|t| (t.name.clone(), t.shape.clone())));
+            let (mut a, mut b) = (held.clone(), want);
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{model_type}");
+            let bytes: u64 = model.named_tensors().iter().map(|(_, t)| (t.len() * 2) as u64).sum();
+            assert_eq!(bytes, spec.weight_bytes(false).unwrap(), "{model_type}");
+            prefill_logits(&model, PROMPTS[0]).unwrap();
+        }
+    }
+
+    #[test]
     fn grouped_heads_equal_repeated_heads() {
         // The same model written with 2 kv heads and with 4 (each kv head
         // repeated for its 2 query heads) gives the same logits.
