@@ -145,6 +145,7 @@ impl From<ops::Error> for Error {
     fn from(e: ops::Error) -> Self {
         match e {
             ops::Error::Gpu(m) => Error::Gpu(m),
+            other => Error::InvalidArgument(other.to_string()),
         }
     }
 }
