@@ -4,7 +4,9 @@
 //! within 1e-2 of transformers' float32 logits, and 16 greedy tokens equal
 //! to its float32 run's, for each prompt alone and for all of them in one
 //! left-padded batch. Like that run, the model computes in f32 over the
-//! stored (bf16/f16) weights and keeps its KV cache in f32.
+//! stored (bf16/f16) weights and keeps its KV cache in f32. (With the cache
+//! in the checkpoint's dtype, the first step's logits move by up to 1.5e-2
+//! on the bf16 fixtures: that run is what `greedy_native` records.)
 
 use std::path::{Path, PathBuf};
 
@@ -97,7 +99,6 @@ fn check_tokens(what: &str, model: &LlamaModel, prompt: &[u32], got: &[u32], wan
 }
 
 #[test]
-#[ignore = "fixtures/llama not yet generated"]
 fn the_cpu_reference_matches_hugging_face() {
     for dir in fixtures() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
