@@ -118,6 +118,23 @@ mod tests {
     }
 
     #[test]
+    fn the_plan_splits_streamed_layers_as_the_gpu_engine_allocated_them() {
+        // tiny-opt-sharded, --percent 30 30: one layer resident, two
+        // streamed, 45% of each streamed buffer's elements in host memory.
+        // The GPU engine's homes held 134,948 bytes in host memory on an
+        // H100 (2026-12-07, gpu_tiered's 30/30/40 test); a split by rows of
+        // the logical shapes would say 134,720.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/opt/tiny-opt-sharded");
+        let spec = model_spec(&OptConfig::from_dir(&dir).unwrap(), true).unwrap();
+        let policy = runtime::policy::Policy::default().with_percent(&[30.0, 30.0, 100.0, 0.0, 100.0, 0.0]).unwrap();
+        let work = runtime::plan::Workload { prompt_len: 8, gen_len: 8 };
+        let machine = runtime::plan::Machine { gpu_compute: true, can_pin: true };
+        let fp = runtime::plan::footprint(&spec, &policy, work, machine).unwrap();
+        assert_eq!(fp.weights.host(), 134_948);
+        assert_eq!(fp.weights.host() + fp.weights.disk, 2 * spec.layer_bytes(false).unwrap());
+    }
+
+    #[test]
     fn the_gpu_spec_holds_fused_biases_in_f32() {
         let c = OptConfig::preset("opt-125m").unwrap();
         let (cpu, gpu) = (model_spec(&c, false).unwrap(), model_spec(&c, true).unwrap());

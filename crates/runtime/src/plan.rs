@@ -108,9 +108,10 @@ pub fn resident_layers(layers: usize, w_cpu_percent: f64) -> usize {
 }
 
 /// The shape and type of every tensor one streamed layer holds, as the GPU
-/// engine holds it: the spec's tensors, and under `compress` each
-/// compressible one as the packed bytes of each of its parts (one `u8`
-/// tensor a part).
+/// engine holds it: each of the spec's tensors as one flat buffer of its
+/// elements (so a home's host and disk parts split it by elements, not by
+/// rows of its logical shape), and under `compress` each compressible one
+/// as the packed bytes of each of its parts (one `u8` buffer a part).
 pub fn held_layer_tensors(spec: &ModelSpec, compress: bool) -> Result<Vec<(Vec<usize>, tier_api::DType)>> {
     let mut out = Vec::with_capacity(spec.layer.len());
     for t in &spec.layer {
@@ -119,7 +120,10 @@ pub fn held_layer_tensors(spec: &ModelSpec, compress: bool) -> Result<Vec<(Vec<u
                 out.push((vec![packed_bytes(&part)? as usize], tier_api::DType::U8));
             }
         } else {
-            out.push((t.shape.clone(), t.dtype));
+            let elements = t.elements().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                crate::Error::Spec(format!("{}: {:?} has more elements than this machine addresses", t.name, t.shape))
+            })?;
+            out.push((vec![elements], t.dtype));
         }
     }
     Ok(out)
