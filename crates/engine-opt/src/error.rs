@@ -94,25 +94,12 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// The request needs the GPU engine, and this run is on the CPU engine.
-    #[error("{0} needs the GPU engine; the CPU engine holds everything in host memory")]
-    NeedsGpuEngine(String),
-
-    /// The request needs parts of the tiered engine not built yet:
-    /// activations on disk under the CPU's compute, a 4-bit cache split over
-    /// tiers or read by the CPU.
-    #[error(
-        "{0} needs the tiered engine, which does not do this yet; today tierlm runs on the CPU with the weights \
-         and KV cache in host memory or partly on disk (--percent 0 W_CPU 0 C_CPU 0 100), or on a GPU with \
-         weights, KV cache and activations on any tiers, --cpu-cache-compute, --attn-sparsity, --sep-layer, \
-         --compress-weight and --compress-cache (a cache on one tier off the GPU)"
-    )]
-    NeedsTieredEngine(String),
-
-    /// A placement policy that the machine cannot hold, with the bytes each
-    /// tier would need and what would help (see `placement`).
-    #[error("{0}")]
-    PolicyDoesNotFit(String),
+    /// What the runtime refuses: a policy that does not fit the machine
+    /// (with the bytes each tier would need and what would help), or a
+    /// request that needs the GPU engine or parts of the tiered engine not
+    /// built yet (see `runtime::Error`).
+    #[error(transparent)]
+    Runtime(runtime::Error),
 
     /// The GPU engine cannot run or failed: no usable driver or library
     /// ("no CUDA driver: ..."), GPU memory exhausted, or a CUDA call that
@@ -161,9 +148,9 @@ impl From<runtime::Error> for Error {
             runtime::Error::Prompt { index, reason } => Error::Prompt { index, reason },
             runtime::Error::TokenOutOfRange { index, id, vocab } => Error::TokenOutOfRange { index, id, vocab },
             runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),
-            runtime::Error::NeedsGpuEngine(m) => Error::NeedsGpuEngine(m),
-            runtime::Error::NeedsTieredEngine(m) => Error::NeedsTieredEngine(m),
-            runtime::Error::PolicyDoesNotFit(m) => Error::PolicyDoesNotFit(m),
+            other @ (runtime::Error::NeedsGpuEngine(_)
+            | runtime::Error::NeedsTieredEngine(_)
+            | runtime::Error::PolicyDoesNotFit(_)) => Error::Runtime(other),
         }
     }
 }

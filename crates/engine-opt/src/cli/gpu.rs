@@ -100,11 +100,11 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
 /// Refuses the flags this engine does not implement yet.
 fn check_flags(policy: &Policy) -> Result<()> {
     if policy.compress_cache && policy.cache_gpu_percent >= 100.0 {
-        return Err(Error::NeedsTieredEngine(
+        return Err(Error::Runtime(runtime::Error::NeedsTieredEngine(
             "--compress-cache with the cache all on the GPU (the GPU engine packs a cache it keeps off the GPU: \
              give the cache a host or disk share, e.g. --percent W W 0 100 100 0)"
                 .into(),
-        ));
+        )));
     }
     cache_plan(policy).validate()?;
     if policy.overlap && all_on_gpu(policy) {

@@ -92,11 +92,11 @@ impl CachePlan {
         }
         let tiers = [self.gpu_percent, self.cpu_percent, self.disk_percent()].iter().filter(|&&p| p > 0.0).count();
         if self.compress && (self.cpu_compute || tiers > 1) {
-            return Err(Error::NeedsTieredEngine(
+            return Err(Error::Runtime(runtime::Error::NeedsTieredEngine(
                 "--compress-cache with --cpu-cache-compute or with the cache split over tiers (the GPU engine \
                  keeps a 4-bit cache whole on one tier, unpacked on the GPU)"
                     .into(),
-            ));
+            )));
         }
         if self.attn_sparsity < 1.0 && !self.cpu_compute {
             return Err(Error::InvalidArgument(
