@@ -63,7 +63,7 @@ fn ci() -> Result<(), String> {
     Ok(())
 }
 
-/// The fuzz targets of `crates/engine-opt/tests/fuzz_inputs.rs` for longer
+/// The fuzz targets of `crates/tierlm/tests/fuzz_inputs.rs` for longer
 /// than CI's minute: `TIERLM_FUZZ_SECS` seconds shared among them.
 fn fuzz(secs: Option<&str>) -> Result<(), String> {
     let secs = secs.unwrap_or("600");
@@ -73,7 +73,7 @@ fn fuzz(secs: Option<&str>) -> Result<(), String> {
         cargo().env("TIERLM_FUZZ_SECS", secs).args([
             "test",
             "-p",
-            "engine-opt",
+            "tierlm",
             "--test",
             "fuzz_inputs",
             "--locked",

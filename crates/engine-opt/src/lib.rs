@@ -33,7 +33,6 @@
 //! Every failure input can cause is an [`Error`].
 
 pub mod checkpoint;
-pub mod cli;
 pub mod config;
 pub mod cpu_attention;
 pub mod cpu_offload;

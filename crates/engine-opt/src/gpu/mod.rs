@@ -60,11 +60,11 @@ pub use model::GpuModel;
 pub use ops::gpu::{available, blas, buffer, kernels, profile, unavailable_reason, Gpu};
 
 /// A `tier-api` error (allocation, driver call) as the engine's.
-pub(crate) fn tier_err(e: tier_api::Error) -> Error {
+pub fn tier_err(e: tier_api::Error) -> Error {
     Error::Gpu(format!("GPU: {e}"))
 }
 
 /// A driver call's failure as the engine's error, naming the call.
-pub(crate) fn driver_err(call: &str, e: tier_cuda::kernels::DriverError) -> Error {
+pub fn driver_err(call: &str, e: tier_cuda::kernels::DriverError) -> Error {
     tier_err(tier_cuda::kernels::driver_error("gpu", call, e))
 }

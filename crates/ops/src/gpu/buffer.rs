@@ -129,6 +129,26 @@ impl<T: DevElem> DevBuf<T> {
         Ok(out)
     }
 
+    /// `src`'s elements copied into this buffer's first ones, device to
+    /// device, enqueued on `stream`. Both buffers must stay alive until the
+    /// stream has run the copy (they drop only after the stream's work).
+    pub fn copy_from(&self, stream: &CudaStream, src: &DevBuf<T>) -> Result<()> {
+        self.check(0, src.len)?;
+        if src.len == 0 {
+            return Ok(());
+        }
+        let bytes =
+            src.len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| Error::Gpu("copy size overflows".into()))?;
+        stream.context().bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+        // SAFETY: `bytes` bytes lie inside `src` and, checked above, inside
+        // this buffer; they are distinct allocations (two `DevBuf`s never
+        // share storage unless `share`d, and a shared handle has the same
+        // pointer, which the driver copies in place), and both outlive the
+        // stream's work as documented.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(self.ptr(), src.ptr(), bytes, stream.cu_stream()) }
+            .map_err(|e| driver_err("cuMemcpyDtoDAsync", e))
+    }
+
     /// The whole buffer copied to the host.
     pub fn download(&self, stream: &CudaStream) -> Result<Vec<T>> {
         self.download_range(stream, 0, self.len)

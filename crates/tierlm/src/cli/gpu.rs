@@ -19,23 +19,23 @@ use serde::Serialize;
 
 use crate::cli::bench::{bench_prompts, throughput, BenchArgs};
 use crate::cli::generate::{read_inputs, GenerateArgs, Input, Outputs};
-use crate::config::OptConfig;
-use crate::dummy::DummyWeights;
-use crate::error::{Error, Result};
-use crate::generation::validate_prompts;
-use crate::generation::GenerateOptions;
-use crate::gpu::blas::LinearOut;
-use crate::gpu::buffer::DevBuf;
-use crate::gpu::generation::generate;
-use crate::gpu::offload::{split_layers, LayerSplit, OffloadTiers};
-use crate::gpu::tiered_cache::{CachePlan, CacheTiers};
-use crate::gpu::{driver_err, Gpu, GpuModel};
-use crate::loading::ModelSpec;
-use crate::placement::{Capacity, Machine, Workload};
-use crate::policy::Policy;
-use crate::progress;
-use crate::sampling::{Sampler, SamplingConfig};
-use crate::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
+use engine_opt::config::OptConfig;
+use engine_opt::dummy::DummyWeights;
+use engine_opt::generation::validate_prompts;
+use engine_opt::generation::GenerateOptions;
+use engine_opt::gpu::blas::LinearOut;
+use engine_opt::gpu::buffer::DevBuf;
+use engine_opt::gpu::generation::generate;
+use engine_opt::gpu::offload::{split_layers, LayerSplit, OffloadTiers};
+use engine_opt::gpu::tiered_cache::{CachePlan, CacheTiers};
+use engine_opt::gpu::{driver_err, Gpu, GpuModel};
+use engine_opt::loading::ModelSpec;
+use engine_opt::placement::{Capacity, Machine, Workload};
+use engine_opt::policy::Policy;
+use engine_opt::progress;
+use engine_opt::sampling::{Sampler, SamplingConfig};
+use engine_opt::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
+use engine_opt::{Error, Result};
 use tier_api::Device as _;
 
 /// Whether `policy` puts weights, cache and activations all on the GPU.
@@ -90,7 +90,7 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
     if policy.validate().is_err() || !takes(policy) {
         return None;
     }
-    if let Some(reason) = crate::gpu::unavailable_reason() {
+    if let Some(reason) = engine_opt::gpu::unavailable_reason() {
         eprintln!("note: the GPU engine cannot run here ({reason})");
         return None;
     }
@@ -209,7 +209,7 @@ pub struct TierReport {
     /// The KV cache off the GPU, if it is.
     pub cache: Option<CacheReport>,
     /// Where the streamed weights' start-up went.
-    pub weights_startup: Option<crate::gpu::offload::StartupTimes>,
+    pub weights_startup: Option<engine_opt::gpu::offload::StartupTimes>,
     /// Peak bytes held per tier (the tiers' `MemAccount`s): GPU (the
     /// engine's buffers), pinned host (weights if pinned, plus the GPU
     /// tier's staging ring), pageable host, disk.
@@ -252,13 +252,13 @@ pub struct GpuBenchReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tiers: Option<TierReport>,
     /// The most each tier held (GPU, page-locked host, pageable host, disk).
-    pub peak_per_tier: crate::memory::TierPeaks,
+    pub peak_per_tier: engine_opt::memory::TierPeaks,
 }
 
 /// Copy bandwidth and product rate of `gpu`, measured with events: the
 /// median of several timed repetitions after a warm-up.
 pub fn measure_roofline(gpu: &Gpu) -> Result<Roofline> {
-    let ev = |timing| gpu.device().new_event(timing).map_err(crate::gpu::tier_err);
+    let ev = |timing| gpu.device().new_event(timing).map_err(engine_opt::gpu::tier_err);
     let time_ms = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
         f()?;
         let mut times = Vec::new();
@@ -278,14 +278,8 @@ pub fn measure_roofline(gpu: &Gpu) -> Result<Roofline> {
     const COPY: usize = 1 << 29;
     let (src, dst) = (DevBuf::<f16>::alloc(gpu, COPY)?, DevBuf::<f16>::alloc(gpu, COPY)?);
     gpu.kernels.fill_uniform_f16(gpu, &src, 1, 1.0)?;
-    let copy = || -> Result<()> {
-        gpu.stream().context().bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))?;
-        // SAFETY: both buffers hold COPY f16 values (2·COPY bytes), are
-        // distinct allocations, and live until the stream is synchronized
-        // (by the timing above) before they drop.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr(), src.ptr(), 2 * COPY, gpu.stream().cu_stream()) }
-            .map_err(|e| driver_err("cuMemcpyDtoDAsync", e))
-    };
+    // Both buffers live until the timing has synchronized the stream.
+    let copy = || -> Result<()> { Ok(dst.copy_from(gpu.stream(), &src)?) };
     let copy_ms = time_ms(&copy)?;
     drop((src, dst));
 
@@ -363,8 +357,8 @@ fn load_for_bench(args: &BenchArgs, gpu: Gpu) -> Result<(GpuModel, String)> {
                 let desc = format!("{name} (dummy weights made on the GPU, seed {})", args.seed);
                 return Ok((GpuModel::dummy(gpu, config, args.seed)?, desc));
             }
-            let src = crate::loading::open_checked(&dir, &config)?;
-            let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
+            let src = engine_opt::loading::open_checked(&dir, &config)?;
+            let pb = progress::bar(engine_opt::model::OptModel::tensor_count(&config), "loading");
             let model = GpuModel::load(gpu, config, &src, &pb)?;
             pb.finish_and_clear();
             Ok((model, name))
@@ -388,8 +382,8 @@ fn load_tiered(
             "{name} is a preset: give a checkpoint directory, or --dummy for random weights"
         ))),
         ModelSpec::Dir(dir) if !args.dummy => {
-            let src = crate::loading::open_checked(&dir, &config)?;
-            let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
+            let src = engine_opt::loading::open_checked(&dir, &config)?;
+            let pb = progress::bar(engine_opt::model::OptModel::tensor_count(&config), "loading");
             let model = GpuModel::tiered_with(gpu, config, split, tiers, Some(&src), args.seed, &pb, compress)?;
             pb.finish_and_clear();
             Ok((model, dir.display().to_string()))
@@ -418,11 +412,11 @@ fn check_placement(
     offload_dir: &std::path::Path,
 ) -> Result<()> {
     let can_pin = policy.pin_weight
-        && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(crate::gpu::tier_err)?.kind
+        && <tier_api::HostMemKind as tier_host::HostMemKindExt>::choose(None).map_err(engine_opt::gpu::tier_err)?.kind
             != tier_api::HostMemKind::Pageable;
     let cap = Capacity::of_machine(gpu_capacity(free, gpu_mem), offload_dir);
-    let spec = crate::spec::model_spec(config, true)?;
-    crate::placement::check(&spec, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
+    let spec = engine_opt::spec::model_spec(config, true)?;
+    engine_opt::placement::check(&spec, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
     Ok(())
 }
 
@@ -469,8 +463,8 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
             "out of GPU memory: weights and KV cache need {:.1} GiB, the GPU has {:.1} GiB; \
              move weights off the GPU (--percent 0 100 100 0 100 0, or a share of them), compress them \
              (--compress-weight), or use fewer prompts",
-            crate::memory::gib(need),
-            crate::memory::gib(total_mem)
+            engine_opt::memory::gib(need),
+            engine_opt::memory::gib(total_mem)
         )));
     }
     let measuring = Instant::now();
@@ -500,14 +494,14 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         // Hidden states between layers in host memory or on disk (FlexGen's
         // activation placement: on one tier).
         let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
-        model.activations = Some(crate::gpu::model::ActivationTier::new(&run_tiers, on_disk)?);
+        model.activations = Some(engine_opt::gpu::model::ActivationTier::new(&run_tiers, on_disk)?);
     }
     let load_s = t.elapsed().as_secs_f64();
     // The copy rates of the engine's routes, measured once loaded.
     let measuring = Instant::now();
     let rates = model.offload.as_ref().map(|s| s.copy_rates()).transpose()?.unwrap_or_default();
     measure_s += measuring.elapsed().as_secs_f64();
-    let opts = GenerateOptions { stop_on_eos: false, ..crate::generation::options(args.gen_len) };
+    let opts = GenerateOptions { stop_on_eos: false, ..engine_opt::generation::options(args.gen_len) };
     let hidden = indicatif::ProgressBar::hidden();
 
     // Warm-up, untimed: the timed run's shapes (so that cuBLAS's kernels
@@ -516,7 +510,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed ^ 1);
     // Start-up: process start to the first prefill, less the benchmark's
     // own measurements (roofline, copy rates), which a run does not need.
-    let startup_s = crate::progress::process_start().elapsed().as_secs_f64() - measure_s;
+    let startup_s = engine_opt::progress::process_start().elapsed().as_secs_f64() - measure_s;
     generate(&model, &warm, &GenerateOptions { max_new_tokens: args.gen_len.min(2), ..opts.clone() }, None, &hidden)?;
 
     let prompts =
@@ -569,7 +563,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
             peak_pageable_host_bytes: peaks.pageable,
             peak_disk_bytes: peaks.disk,
             slot_bytes: model.slot_bytes(),
-            peak_rss_bytes: crate::memory::peak_rss_bytes(),
+            peak_rss_bytes: engine_opt::memory::peak_rss_bytes(),
         }
     });
     let (held_now, peak_held) = model.gpu.held_bytes();
@@ -629,7 +623,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
 
     // TIERLM_GPU_PROFILE=1: one more run with every part timed by events.
     if std::env::var_os("TIERLM_GPU_PROFILE").is_some_and(|v| v != "0") {
-        model.profiler = Some(crate::gpu::profile::Profiler::default());
+        model.profiler = Some(engine_opt::gpu::profile::Profiler::default());
         generate(&model, &prompts, &opts, None, &hidden)?;
         if let Some(p) = &model.profiler {
             let parts = p.take(&model.gpu)?;
@@ -824,13 +818,13 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
 
     let policy = generate_policy(args)?;
     let gpu = Gpu::new(0)?;
-    let pb = progress::bar(crate::model::OptModel::tensor_count(&config), "loading");
+    let pb = progress::bar(engine_opt::model::OptModel::tensor_count(&config), "loading");
     let checkpoint = match (&dir, args.dummy) {
-        (Some(d), false) => Some(crate::loading::open_checked(d, &config)?),
+        (Some(d), false) => Some(engine_opt::loading::open_checked(d, &config)?),
         _ => None,
     };
     let dummy = DummyWeights::new(args.seed);
-    let src: &dyn crate::weights::WeightSource = match &checkpoint {
+    let src: &dyn engine_opt::weights::WeightSource = match &checkpoint {
         Some(c) => c,
         None => &dummy,
     };
@@ -863,7 +857,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         // Hidden states between layers in host memory or on disk (FlexGen's
         // activation placement: on one tier).
         let on_disk = (policy.act_cpu_percent < 100.0).then_some(offload_dir.as_path());
-        model.activations = Some(crate::gpu::model::ActivationTier::new(&run_tiers, on_disk)?);
+        model.activations = Some(engine_opt::gpu::model::ActivationTier::new(&run_tiers, on_disk)?);
     }
     pb.finish_and_clear();
     validate_prompts(&model.config, &prompts, args.max_new_tokens, 0)?;
@@ -871,8 +865,8 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         stop_on_eos: true,
-        eos_token_ids: vec![c.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID)],
-        pad_token_id: c.pad_token_id.unwrap_or(crate::tokenizer::PAD_TOKEN_ID),
+        eos_token_ids: vec![c.eos_token_id.unwrap_or(engine_opt::tokenizer::EOS_TOKEN_ID)],
+        pad_token_id: c.pad_token_id.unwrap_or(engine_opt::tokenizer::PAD_TOKEN_ID),
     };
     let mut sampler = Sampler::new(sampling);
     let greedy = sampling.is_greedy();
@@ -925,7 +919,7 @@ pub fn try_generate(args: &GenerateArgs) -> Option<Result<()>> {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
     };
-    if takes(&policy) && crate::gpu::available() {
+    if takes(&policy) && engine_opt::gpu::available() {
         return Some(run_generate(args));
     }
     match policy.check_cpu_engine() {
@@ -945,16 +939,17 @@ mod tests {
         assert_eq!(gpu_capacity(78 * GIB, Some(16 * GIB)), 16 * GIB);
         assert_eq!(gpu_capacity(10 * GIB, Some(16 * GIB)), 10 * GIB, "never more than is free");
         // A policy that fits 78 GiB but not 16 is refused with placement's message.
-        let config = crate::spec::model_spec(&OptConfig::preset("opt-30b").unwrap(), true).unwrap();
+        let config = engine_opt::spec::model_spec(&OptConfig::preset("opt-30b").unwrap(), true).unwrap();
         let policy = Policy::default().with_percent(&[100.0, 0.0, 100.0, 0.0, 100.0, 0.0]).unwrap();
         let work = Workload { prompt_len: 512, gen_len: 32 };
         let machine = Machine { gpu_compute: true, can_pin: true };
         let cap = |gpu| Capacity { gpu, host: 200 * GIB, pinnable: u64::MAX, disk: 1000 * GIB };
-        let small = crate::placement::check(&config, &policy, work, machine, &cap(gpu_capacity(78 * GIB, Some(GIB))));
+        let small =
+            engine_opt::placement::check(&config, &policy, work, machine, &cap(gpu_capacity(78 * GIB, Some(GIB))));
         let err = small.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("the policy does not fit this machine"), "{err}");
         let policy = Policy::default().with_percent(&[0.0, 100.0, 100.0, 0.0, 100.0, 0.0]).unwrap();
-        let big = crate::placement::check(&config, &policy, work, machine, &cap(gpu_capacity(78 * GIB, None)));
+        let big = engine_opt::placement::check(&config, &policy, work, machine, &cap(gpu_capacity(78 * GIB, None)));
         assert!(big.is_ok(), "{big:?}");
     }
 }

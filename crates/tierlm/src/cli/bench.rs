@@ -12,16 +12,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::generation::{generate_with, CpuPlacement, GenerateOptions, GenerationOutput};
-use crate::loading::{check_fits, load_model_with, ModelSpec};
-use crate::memory;
-use crate::model::OptModel;
-use crate::policy::Policy;
-use crate::progress;
-use crate::sampling::{Sampler, SamplingConfig};
-use crate::tokenizer::BOS_TOKEN_ID;
-use crate::OptConfig;
+use engine_opt::generation::{generate_with, CpuPlacement, GenerateOptions, GenerationOutput};
+use engine_opt::loading::{check_fits, load_model_with, ModelSpec};
+use engine_opt::memory;
+use engine_opt::model::OptModel;
+use engine_opt::policy::Policy;
+use engine_opt::progress;
+use engine_opt::sampling::{Sampler, SamplingConfig};
+use engine_opt::tokenizer::BOS_TOKEN_ID;
+use engine_opt::OptConfig;
+use engine_opt::{Error, Result};
 
 /// Arguments of `tierlm bench` (FlexGen's names and defaults where they
 /// apply; `--percent` defaults to everything on the CPU).
@@ -266,7 +266,7 @@ fn notes(args: &BenchArgs, policy: &Policy) {
 
 /// Runs `tierlm bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
+    engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     let policy = args.policy()?;
     // Everything on the GPU, and a GPU here: the GPU engine runs it.
     if let Some(result) = super::gpu::try_bench(&args, &policy) {
@@ -294,10 +294,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )));
     }
     let f32_cache = config.kv_cache_bytes(prompts_n, seq).saturating_mul(2);
-    let on_disk_bytes = crate::cpu_offload::weights_disk_bytes(&config, &policy).saturating_add(
-        crate::cpu_offload::cache_disk_bytes(&config, &policy, policy.num_gpu_batches, policy.gpu_batch_size, seq),
+    let on_disk_bytes = engine_opt::cpu_offload::weights_disk_bytes(&config, &policy).saturating_add(
+        engine_opt::cpu_offload::cache_disk_bytes(&config, &policy, policy.num_gpu_batches, policy.gpu_batch_size, seq),
     );
-    crate::cpu_offload::check_disk_space(
+    engine_opt::cpu_offload::check_disk_space(
         args.offload_dir.as_deref(),
         on_disk_bytes,
         "the weights and KV cache placed on disk",
@@ -308,7 +308,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let baseline_rss = memory::rss_bytes();
     let run_tiers = runtime::Tiers::default();
     let host = std::sync::Arc::clone(tier_api::Device::account(&*run_tiers.host(tier_api::HostMemKind::Pageable)?));
-    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &config, &policy, args.offload_dir.as_deref())?
+    let mut on_disk = engine_opt::cpu_offload::for_policy(&run_tiers, &config, &policy, args.offload_dir.as_deref())?
         .map(|d| d.with_host_account(std::sync::Arc::clone(&host)));
     let streamed = (config.num_hidden_layers - on_disk.as_ref().map_or(config.num_hidden_layers, |d| d.first())) as u64;
     let in_memory = config.weight_bytes() - streamed * config.layer_param_count() * 2;
@@ -317,7 +317,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let _weights_held = host.reserve(loaded.model.held_bytes(), loaded.model.held_bytes())?;
     let on_disk = on_disk.map(std::sync::Arc::new);
-    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
+    let cache_disk = engine_opt::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
     let disk_bytes = on_disk.as_ref().map_or(0, |d| d.bytes());
     let model = &loaded.model;
     let generate = |prompts: &[Vec<Vec<u32>>], opts: &GenerateOptions, sampler: &mut Sampler, pb: &ProgressBar| {
@@ -325,7 +325,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             CpuPlacement { disk: on_disk.clone(), cache_disk: cache_disk.clone(), host: Some(host.clone()) };
         generate_with(model, placement, prompts, opts, sampler, pb)
     };
-    let opts = GenerateOptions { stop_on_eos: false, ..crate::generation::options(args.gen_len) };
+    let opts = GenerateOptions { stop_on_eos: false, ..engine_opt::generation::options(args.gen_len) };
     let mut sampler = Sampler::new(SamplingConfig::default());
 
     // Warm-up as FlexLLMGen: the same prompts count, 32-token prompts, one

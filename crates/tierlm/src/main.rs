@@ -14,13 +14,13 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Continue prompts (text or token ids) with a model, on the CPU engine
-    Generate(engine_opt::cli::generate::GenerateArgs),
+    Generate(tierlm::cli::generate::GenerateArgs),
     /// FlexGen's throughput benchmark: prefill, decode and total token/s
-    Bench(engine_opt::cli::bench::BenchArgs),
+    Bench(tierlm::cli::bench::BenchArgs),
     /// Show the copy path planned between every pair of memory tiers present here
-    CopyMatrix(engine_opt::cli::copy_matrix::CopyMatrixArgs),
+    CopyMatrix(tierlm::cli::copy_matrix::CopyMatrixArgs),
     /// Measure the bandwidth of every copy path between the tiers present here
-    BenchTiers(engine_opt::cli::bench_tiers::BenchTiersArgs),
+    BenchTiers(tierlm::cli::bench_tiers::BenchTiersArgs),
 }
 
 /// Exit status and message for a subcommand's result: errors go to stderr.
@@ -64,9 +64,9 @@ fn main() -> ExitCode {
         engine_opt::interrupt::install();
     }
     match cli.command {
-        Command::Generate(args) => report_run(engine_opt::cli::generate::run(args)),
-        Command::Bench(args) => report_run(engine_opt::cli::bench::run(args)),
-        Command::CopyMatrix(args) => report(engine_opt::cli::copy_matrix::run(args)),
-        Command::BenchTiers(args) => report(engine_opt::cli::bench_tiers::run(args)),
+        Command::Generate(args) => report_run(tierlm::cli::generate::run(args)),
+        Command::Bench(args) => report_run(tierlm::cli::bench::run(args)),
+        Command::CopyMatrix(args) => report(tierlm::cli::copy_matrix::run(args)),
+        Command::BenchTiers(args) => report(tierlm::cli::bench_tiers::run(args)),
     }
 }

@@ -1,7 +1,7 @@
 //! Subcommands of the `tierlm` binary. Each submodule owns one subcommand's
 //! arguments and its `run` function; `main.rs` only dispatches. `gpu` is
 //! the GPU half of `bench` and `generate` (the command's, not the engine's:
-//! the GPU engine in `crate::gpu` imports nothing from here).
+//! the GPU engine in `engine_opt::gpu` imports nothing from here).
 
 pub mod bench;
 pub mod bench_tiers;

@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use engine_opt::cli::bench::BenchArgs;
-use engine_opt::cli::generate::GenerateArgs;
 use engine_opt::sampling::{Sampler, SamplingConfig};
 use engine_opt::OptConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
+use tierlm::cli::bench::BenchArgs;
+use tierlm::cli::generate::GenerateArgs;
 
 /// A case running longer than this is a hang.
 const HANG: Duration = Duration::from_secs(60);
@@ -129,7 +129,7 @@ impl Fuzz {
 
     /// The corpus of crashers found before: `tests/corpus/<target>/*`.
     fn corpus(&self) -> Vec<Vec<u8>> {
-        let dir = repo_root().join("crates/engine-opt/tests/corpus").join(self.target);
+        let dir = repo_root().join("crates/tierlm/tests/corpus").join(self.target);
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(dir).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
         files.sort();
@@ -582,12 +582,12 @@ fn fuzz_jsonl_inputs() {
     let tok = loaded.tokenizer.as_ref().unwrap();
     let run = |input: &[u8]| {
         std::fs::write(&path, input).unwrap();
-        let Ok(inputs) = engine_opt::cli::generate::read_inputs(&path) else { return };
+        let Ok(inputs) = tierlm::cli::generate::read_inputs(&path) else { return };
         let prompts: Vec<Vec<u32>> = inputs
             .iter()
             .filter_map(|i| match i {
-                engine_opt::cli::generate::Input::Text(t) => tok.encode(t).ok(),
-                engine_opt::cli::generate::Input::Ids(ids) => Some(ids.clone()),
+                tierlm::cli::generate::Input::Text(t) => tok.encode(t).ok(),
+                tierlm::cli::generate::Input::Ids(ids) => Some(ids.clone()),
             })
             .collect();
         for max_new in [0, 4, usize::MAX] {
@@ -792,8 +792,8 @@ fn fuzz_command_lines_in_process() {
         let Ok(cli) = Cli::try_parse_from(args) else { return };
         match cli.command {
             Sub::Generate(a) => {
-                let _ = engine_opt::cli::gpu::generate_policy(&a).map(|p| (p.block_size(), p.disk_percents()));
-                let _ = engine_opt::cli::generate::output_file(&a);
+                let _ = tierlm::cli::gpu::generate_policy(&a).map(|p| (p.block_size(), p.disk_percents()));
+                let _ = tierlm::cli::generate::output_file(&a);
             }
             Sub::Bench(a) => {
                 if let Ok(p) = a.policy() {

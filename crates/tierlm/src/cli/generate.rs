@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::generation::{generate_with, validate_prompts, CpuPlacement, GenerateOptions};
-use crate::loading::{load_model_with, LoadedModel};
-use crate::progress;
-use crate::sampling::{Sampler, SamplingConfig};
-use crate::tokenizer::OptTokenizer;
+use engine_opt::generation::{generate_with, validate_prompts, CpuPlacement, GenerateOptions};
+use engine_opt::loading::{load_model_with, LoadedModel};
+use engine_opt::progress;
+use engine_opt::sampling::{Sampler, SamplingConfig};
+use engine_opt::tokenizer::OptTokenizer;
+use engine_opt::{Error, Result};
 use indicatif::ProgressBar;
 
 /// Arguments of `tierlm generate`.
@@ -189,7 +189,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.temperature
         )));
     }
-    crate::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
+    engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     // Refuse an --output that would be overwritten, or does not match, before loading.
     output_file(&args)?;
     if let Some(result) = super::gpu::try_generate(&args) {
@@ -210,32 +210,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // Weights with a disk share stream back a layer at a time (the CPU
     // engine's only tier beside host memory).
     let policy = super::gpu::generate_policy(&args)?;
-    let model_config = match crate::loading::ModelSpec::parse(&args.model)? {
-        crate::loading::ModelSpec::Dir(dir) => crate::OptConfig::from_dir(&dir)?,
-        crate::loading::ModelSpec::Preset(_, config) => config,
+    let model_config = match engine_opt::loading::ModelSpec::parse(&args.model)? {
+        engine_opt::loading::ModelSpec::Dir(dir) => engine_opt::OptConfig::from_dir(&dir)?,
+        engine_opt::loading::ModelSpec::Preset(_, config) => config,
     };
     let offload_dir = args.offload_dir.as_deref();
-    let weights_on_disk = crate::cpu_offload::weights_disk_bytes(&model_config, &policy);
-    crate::cpu_offload::check_disk_space(offload_dir, weights_on_disk, "the weights placed on disk")?;
+    let weights_on_disk = engine_opt::cpu_offload::weights_disk_bytes(&model_config, &policy);
+    engine_opt::cpu_offload::check_disk_space(offload_dir, weights_on_disk, "the weights placed on disk")?;
     // One disk arena for the weights and the cache (the run's tiers); the
     // engine's host memory is reserved against the pageable host tier's
     // account, as in `bench`.
     let run_tiers = runtime::Tiers::default();
     let host = std::sync::Arc::clone(tier_api::Device::account(&*run_tiers.host(tier_api::HostMemKind::Pageable)?));
-    let mut on_disk = crate::cpu_offload::for_policy(&run_tiers, &model_config, &policy, offload_dir)?
+    let mut on_disk = engine_opt::cpu_offload::for_policy(&run_tiers, &model_config, &policy, offload_dir)?
         .map(|d| d.with_host_account(std::sync::Arc::clone(&host)));
     let loaded = load_model_with(&args.model, args.dummy, args.seed, on_disk.as_mut().map(|d| (d.first(), d)))?;
     let _weights_held = host.reserve(loaded.model.held_bytes(), loaded.model.held_bytes())?;
     let on_disk = on_disk.map(std::sync::Arc::new);
-    let cache_disk = crate::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
+    let cache_disk = engine_opt::cpu_offload::cache_disk_for_policy(&run_tiers, &policy, args.offload_dir.as_deref())?;
     let prompts = tokenize(&loaded, &inputs)?;
     validate_prompts(&loaded.model.config, &prompts, args.max_new_tokens, 0)?;
     let config = &loaded.model.config;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         stop_on_eos: true,
-        eos_token_ids: vec![config.eos_token_id.unwrap_or(crate::tokenizer::EOS_TOKEN_ID)],
-        pad_token_id: config.pad_token_id.unwrap_or(crate::tokenizer::PAD_TOKEN_ID),
+        eos_token_ids: vec![config.eos_token_id.unwrap_or(engine_opt::tokenizer::EOS_TOKEN_ID)],
+        pad_token_id: config.pad_token_id.unwrap_or(engine_opt::tokenizer::PAD_TOKEN_ID),
     };
 
     let mut sampler = Sampler::new(sampling);
@@ -252,16 +252,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let c = &loaded.model.config;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens);
     let cache = c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest).saturating_mul(2);
-    crate::loading::check_fits("the f32 KV cache of a batch", cache)?;
+    engine_opt::loading::check_fits("the f32 KV cache of a batch", cache)?;
     // The weights are on disk by now: the cache's disk share must fit what is left.
     let batch = args.gpu_batch_size.min(prompts.len());
-    let cache_on_disk = crate::cpu_offload::cache_disk_bytes(c, &policy, 1, batch, longest);
-    crate::cpu_offload::check_disk_space(offload_dir, cache_on_disk, "the KV cache placed on disk")?;
+    let cache_on_disk = engine_opt::cpu_offload::cache_disk_bytes(c, &policy, 1, batch, longest);
+    engine_opt::cpu_offload::check_disk_space(offload_dir, cache_on_disk, "the KV cache placed on disk")?;
     // The most KV cache a batch put on disk.
     let disk_cache = std::cell::Cell::new(0u64);
     // The CPU engine's memory is pageable: the host account's peak and the
     // disk tier's staging buffers.
-    let peaks = || crate::memory::TierPeaks {
+    let peaks = || engine_opt::memory::TierPeaks {
         pageable: host.stats().peak_resident
             + run_tiers.disks().iter().map(|d| d.host_account().stats().peak_resident).sum::<u64>(),
         disk: on_disk.as_ref().map_or(0, |d| d.bytes()) + disk_cache.get(),
@@ -396,7 +396,7 @@ impl Outputs<'_> {
         file: &OutputFile,
         max_new_tokens: usize,
         generate: &mut BatchGenerator<'_>,
-        peaks: &dyn Fn() -> crate::memory::TierPeaks,
+        peaks: &dyn Fn() -> engine_opt::memory::TierPeaks,
     ) -> Result<()> {
         let path = &file.path;
         if file.sources.len() != self.prompts.len() {
@@ -496,7 +496,7 @@ impl Outputs<'_> {
         &self,
         max_new_tokens: usize,
         generate: &mut BatchGenerator<'_>,
-        peaks: &dyn Fn() -> crate::memory::TierPeaks,
+        peaks: &dyn Fn() -> engine_opt::memory::TierPeaks,
     ) -> Result<()> {
         if let Some(file) = &self.file {
             return self.write_file(file, max_new_tokens, generate, peaks);

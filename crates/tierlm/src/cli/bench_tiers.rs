@@ -52,7 +52,7 @@ pub fn run(args: BenchTiersArgs) -> tier_api::Result<()> {
     // The run holds --bytes in host memory and on disk at once: refuse up
     // front what the machine cannot hold, rather than fail (or swap) midway.
     tier_disk::check_offload_dir(&dir)?;
-    if let Some(avail) = crate::memory::available_bytes() {
+    if let Some(avail) = engine_opt::memory::available_bytes() {
         // On tmpfs the "disk" copy lives in host memory too.
         let tmpfs = tier_disk::in_memory_fs(&dir);
         let need = if tmpfs { args.bytes.saturating_mul(2) } else { args.bytes };
