@@ -258,8 +258,24 @@ impl Drop for Map {
     }
 }
 
-/// The memory-mapped, buffered, single-threaded read of a file (unlinked
-/// at once, so it is never left behind).
+/// A read-write file in `dir` with no name (O_TMPFILE); where the file
+/// system does not offer that, `fallback` made and unlinked at once.
+fn unnamed_file(dir: &Path, fallback: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir);
+    match tmp {
+        Ok(f) => Ok(f),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
+            let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(fallback)?;
+            std::fs::remove_file(fallback)?;
+            Ok(f)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The memory-mapped, buffered, single-threaded read of a file (with no
+/// name in the directory, so it is never left behind).
 fn baseline(dir: &Path, host: &mut AlignedBuf) -> Result<BenchRow> {
     let len = host.len();
     let path = dir.join(format!("tierlm-bench-baseline-{}.bin", std::process::id()));
@@ -270,15 +286,10 @@ fn baseline(dir: &Path, host: &mut AlignedBuf) -> Result<BenchRow> {
         len: len as u64,
         source: e,
     };
-    // Unlinked as soon as it exists, as the disk tier's arena is: however
-    // the process ends (Ctrl-C, a kill), nothing is left in the directory.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| io_err(IoOp::Write, e))?;
-    std::fs::remove_file(&path).map_err(|e| io_err(IoOp::Write, e))?;
+    // A file that never has a name in the directory (O_TMPFILE), or where
+    // the file system cannot make one, unlinked as soon as it exists:
+    // however the process ends (Ctrl-C, a kill), nothing is left there.
+    let f = unnamed_file(dir, &path).map_err(|e| io_err(IoOp::Write, e))?;
     (&f).write_all(host.as_slice()).map_err(|e| io_err(IoOp::Write, e))?;
     sys::evict_page_cache(f.as_raw_fd()).map_err(|e| io_err(IoOp::Write, e))?;
     let map = Map::new(&f, len).map_err(|e| io_err(IoOp::Read, e))?;
