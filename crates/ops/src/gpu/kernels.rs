@@ -38,7 +38,8 @@ pub const ENTRIES: &[&str] = &[
 
 /// A learned position embedding's lookup: a real token at position `p`
 /// (counted from its sequence's first real token) reads row `p + offset`,
-/// padding reads row `pad_row` (OPT: offset 2, padding row 1).
+/// padding reads row `pad_row` (a table that keeps its first rows for
+/// padding and other uses sets `offset` past them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LearnedPositions {
     pub offset: usize,
