@@ -4,8 +4,8 @@
 //! batch's memory and disk sequences around each layer).
 //!
 //! The first `round(n · W_CPU / 100)` decoder layers stay in host memory
-//! (the [`OptModel`]'s own); every later one is written to a [`DiskDevice`]
-//! in `--offload-dir` as it is loaded ([`OptModel::load_streaming`]: host
+//! (the [`crate::model::OptModel`]'s own); every later one is written to a [`DiskDevice`]
+//! in `--offload-dir` as it is loaded ([`crate::model::OptModel::load_streaming`]: host
 //! memory never holds the whole model) and read back when the schedule
 //! reaches it: [`crate::generation::CpuDevice::with_disk`] brings layer `j`
 //! in at `begin_layer(j)` and starts reading the next streamed layer on a
@@ -126,7 +126,7 @@ pub fn cache_disk_bytes(
         .saturating_mul(batches as u64)
 }
 
-/// Refuses a run whose bytes on disk ([`disk_bytes_needed`]) do not fit
+/// Refuses a run whose bytes on disk (`need`: [`weights_disk_bytes`] plus [`cache_disk_bytes`]) do not fit
 /// the free space of the offload directory's file system.
 pub fn check_disk_space(offload_dir: Option<&std::path::Path>, need: u64, what: &str) -> Result<()> {
     if need == 0 {

@@ -1,34 +1,32 @@
-//! # engine-opt: the OPT model, the block schedule, the policy, the `tierlm` command
+//! # engine-opt: the OPT family
 //!
-//! This room holds everything that knows what a language model is: OPT
-//! configurations and checkpoints, the tokenizer, the forward pass, sampling,
-//! the placement policy and the block schedule, and the `tierlm` command line.
-//! It may depend on every tier crate (`tier-api`, `tier-host`, `tier-disk`,
-//! `tier-cuda`) and on `compression`; no tier crate depends on it.
+//! This room holds what knows OPT: its configuration and presets, its spec
+//! for the runtime, its weight sources, its tokenizer, its CPU reference and
+//! its GPU engine. It is written over the model-neutral crates (`runtime`:
+//! spec, plan, policy, schedule, sampling, the tiers of a run; `ops`: the
+//! GPU op layer; `checkpoint`) and the tier crates; the `tierlm` command
+//! depends on it, nothing below does.
 //!
-//! ## What is here now: OPT end to end on the CPU
-//!
-//! The CPU engine is the reference the GPU engine will be checked against.
-//! It holds weights as f16 and computes in f32, and matches Hugging Face
-//! transformers on the fixtures in `fixtures/opt/`.
-//!
-//! - [`config`]: `config.json`, the published sizes as presets, and the byte
-//!   counts of weights, KV cache and activations (FlexGen's accounting).
-//! - [`checkpoint`]: memory-mapped safetensors checkpoints, single-file or
-//!   sharded; [`dummy`]: seeded random weights of any size. Both implement
-//!   [`weights::WeightSource`].
-//! - [`tokenizer`]: byte-level BPE with OPT's `</s>` prefix, left padding.
-//! - [`model`]: the decoder, callable a layer (or a block: attention, MLP)
-//!   at a time with that layer's [`kv_cache::LayerCache`]; [`ops`] holds the
-//!   numerics (matrix products through the `gemm` crate, rayon threads).
-//! - [`sampling`]: greedy, temperature, top-k, top-p, seeded.
-//! - [`generation`]: prefill and decode over a block of batches, layer by
-//!   layer, with per-sequence stopping and FlexGen's timing split.
-//! - [`policy`]: FlexGen's `--percent` and flags, and which of them the CPU
-//!   engine can honour.
-//! - [`gpu`]: the same model all on one GPU (cuBLAS/cuBLASLt products,
-//!   NVRTC kernels), layer by layer, for `--percent 100 0 100 0 100 0`.
-//! - [`cli`]: the `tierlm` subcommands.
+//! - [`config`]: `config.json`, the published sizes as presets, FlexGen's
+//!   byte counts; [`spec`]: OPT's `ModelSpec` (the tensors of a layer as
+//!   each engine holds them).
+//! - [`checkpoint`]: the `checkpoint` crate's files (safetensors or PyTorch)
+//!   as a [`weights::WeightSource`]; [`loading`] opens and checks them
+//!   against the spec; [`dummy`]: seeded random weights of any size;
+//!   [`finite`]: weights and logits that f16 cannot hold are refused.
+//! - [`tokenizer`]: byte-level BPE with OPT's `</s>` prefix.
+//! - [`model`]: the CPU reference decoder, a layer (or block) at a time with
+//!   that layer's [`kv_cache::LayerCache`]; [`ops`] holds its numerics (f16
+//!   weights, f32 arithmetic, the `gemm` crate).
+//! - [`generation`]: the CPU as a `runtime::schedule::ComputeDevice`, with
+//!   [`cpu_offload`] for layers and cache partly on disk.
+//! - [`gpu`]: OPT's GPU engine over `ops::gpu`: weights resident or streamed
+//!   ([`gpu::offload`], packed with [`gpu::packed`]), the cache resident or
+//!   tiered ([`gpu::tiered_cache`], [`cpu_attention`]), activations off the
+//!   GPU, and the GPU as a `ComputeDevice` ([`gpu::generation`]).
+//! - `interrupt`, `policy`, `placement` (the runtime's plan), `progress`,
+//!   `sampling`, `schedule`: the runtime's, re-exported under the names the
+//!   engine has used.
 //!
 //! Every failure input can cause is an [`Error`].
 

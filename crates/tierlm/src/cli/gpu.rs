@@ -44,7 +44,7 @@ pub fn all_on_gpu(policy: &Policy) -> bool {
 }
 
 /// Whether `policy` puts weights partly or wholly off the GPU: the GPU
-/// engine streams those weights ([`super::offload`]).
+/// engine streams those weights ([`engine_opt::gpu::offload`]).
 pub fn streams_weights(policy: &Policy) -> bool {
     policy.w_gpu_percent < 100.0
 }
