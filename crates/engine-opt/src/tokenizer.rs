@@ -54,7 +54,11 @@ impl OptTokenizer {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         serde_json::from_str::<serde::de::IgnoredAny>(&text)
             .map_err(|e| tok_err(path, format!("invalid JSON: {e}")))?;
-        let inner = text.parse::<Tokenizer>().map_err(|e| tok_err(path, e))?;
+        // It also panics on some well-formed JSON (a BPE model whose
+        // subword prefix is longer than a token, found by fuzzing).
+        let inner = runtime::guard::contain(|| text.parse::<Tokenizer>())
+            .map_err(|e| tok_err(path, format!("malformed tokenizer ({e})")))?
+            .map_err(|e| tok_err(path, e))?;
         Ok(OptTokenizer { inner, bos })
     }
 
@@ -63,7 +67,10 @@ impl OptTokenizer {
         let to_str = |p: &Path| -> Result<String> {
             p.to_str().map(str::to_string).ok_or_else(|| tok_err(p, "path is not valid UTF-8"))
         };
-        let bpe = BPE::from_file(&to_str(vocab)?, &to_str(merges)?).build().map_err(|e| tok_err(vocab, e))?;
+        let (v, m) = (to_str(vocab)?, to_str(merges)?);
+        let bpe = runtime::guard::contain(|| BPE::from_file(&v, &m).build())
+            .map_err(|e| tok_err(vocab, format!("malformed vocabulary or merges ({e})")))?
+            .map_err(|e| tok_err(vocab, e))?;
         let mut inner = Tokenizer::new(bpe);
         inner
             .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
@@ -79,8 +86,9 @@ impl OptTokenizer {
 
     /// Token ids of `text`, with OPT's `</s>` in front.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc =
-            self.inner.encode(text, false).map_err(|e| Error::Tokenizer(format!("cannot encode {text:?}: {e}")))?;
+        let enc = runtime::guard::contain(|| self.inner.encode(text, false))
+            .map_err(|e| Error::Tokenizer(format!("the tokenizer failed on {text:?}: {e}")))?
+            .map_err(|e| Error::Tokenizer(format!("cannot encode {text:?}: {e}")))?;
         let mut ids = Vec::with_capacity(enc.get_ids().len() + 1);
         ids.push(self.bos);
         ids.extend_from_slice(enc.get_ids());
@@ -89,7 +97,9 @@ impl OptTokenizer {
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(format!("cannot decode {ids:?}: {e}")))
+        runtime::guard::contain(|| self.inner.decode(ids, true))
+            .map_err(|e| Error::Tokenizer(format!("the tokenizer failed on ids {ids:?}: {e}")))?
+            .map_err(|e| Error::Tokenizer(format!("cannot decode {ids:?}: {e}")))
     }
 
     /// Entries of the vocabulary, added tokens included.

@@ -17,7 +17,8 @@
 //!   generation ([`schedule::BatchTokens`]); [`sampling`]: greedy,
 //!   temperature, top-k, top-p;
 //! - [`memory`]: the host's memory figures from `/proc`;
-//! - [`interrupt`] (Ctrl-C stops a run cleanly) and [`progress`] bars.
+//! - [`interrupt`] (Ctrl-C stops a run cleanly) and [`progress`] bars;
+//! - [`guard`]: panics of third-party libraries on malformed files, contained.
 //!
 //! It may use the tier crates (`tier-api`, `tier-host`, `tier-disk`,
 //! `tier-cuda`) through their public types; it names no model, no tensor of
@@ -28,6 +29,7 @@
 //! Every failure here is a [`Error`].
 
 mod error;
+pub mod guard;
 pub mod interrupt;
 pub mod memory;
 pub mod plan;

@@ -56,6 +56,9 @@ fn main() -> ExitCode {
     // follows what the tiers account (docs/reliability.md, "Memory").
     engine_opt::memory::fix_allocator_mmap_threshold();
     engine_opt::progress::mark_process_start();
+    // A library that panics on a malformed file prints nothing; the error
+    // that names the file is what the user sees.
+    runtime::guard::install_quiet_hook();
     let cli = Cli::parse();
     // Ctrl-C and SIGTERM set a flag that the generation loops turn into
     // `Error::Interrupted`, so that everything is dropped on the way out.

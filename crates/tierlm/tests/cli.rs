@@ -216,6 +216,20 @@ fn bad_model_directories() {
     let err = fails(&["generate", "--model", missing_field.to_str().unwrap(), "--prompt", "x"]);
     assert!(err.contains("missing field `ffn_dim`"), "{err}");
 
+    // A tokenizer.json on which the tokenizers library panics (a fuzzing
+    // find): one line naming the file, no panic message or backtrace.
+    let bad_tokenizer = tmp.path().join("bad-tokenizer");
+    std::fs::create_dir(&bad_tokenizer).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(&fixture("tiny-opt")).join(f), bad_tokenizer.join(f)).unwrap();
+    }
+    let crasher =
+        std::fs::read(repo_root().join("crates/tierlm/tests/corpus/tokenizer/bpe-prefix-longer-than-token")).unwrap();
+    std::fs::write(bad_tokenizer.join("tokenizer.json"), &crasher[1..]).unwrap();
+    let err = fails(&["generate", "--model", bad_tokenizer.to_str().unwrap(), "--prompt", "x"]);
+    assert!(err.contains("tokenizer.json: malformed tokenizer"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
     let err = fails(&["bench", "--model", "opt-7b", "--dummy"]);
     assert!(err.contains("unknown model") && err.contains("opt-125m"), "{err}");
 }
