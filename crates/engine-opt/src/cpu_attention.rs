@@ -41,7 +41,35 @@
 use half::f16;
 use rayon::prelude::*;
 
-use crate::ops::{convert_f16, masked_softmax_inplace};
+use ops::cpu::f16_to_f32 as convert_f16;
+
+/// Softmax over the entries of `row` where `keep` holds; the others become
+/// 0, and a row with none kept becomes all zeros.
+fn masked_softmax_inplace(row: &mut [f32], keep: impl Fn(usize) -> bool) {
+    let mut max = f32::NEG_INFINITY;
+    for (j, v) in row.iter().enumerate() {
+        if keep(j) && *v > max {
+            max = *v;
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0.0f32;
+    for (j, v) in row.iter_mut().enumerate() {
+        if keep(j) {
+            *v = (*v - max).exp();
+            sum += *v;
+        } else {
+            *v = 0.0;
+        }
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
 use crate::{Error, Result};
 
 /// f32 values converted per chunk of key or value rows (16 KiB, well inside

@@ -148,6 +148,8 @@ impl From<runtime::Error> for Error {
             runtime::Error::Prompt { index, reason } => Error::Prompt { index, reason },
             runtime::Error::TokenOutOfRange { index, id, vocab } => Error::TokenOutOfRange { index, id, vocab },
             runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),
+            runtime::Error::Op(e) => Error::from(e),
+            runtime::Error::NonFinite(m) => Error::NonFinite(m),
             other @ (runtime::Error::NeedsGpuEngine(_)
             | runtime::Error::NeedsTieredEngine(_)
             | runtime::Error::PolicyDoesNotFit(_)) => Error::Runtime(other),

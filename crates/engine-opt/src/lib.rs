@@ -15,11 +15,11 @@
 //!   against the spec; [`dummy`]: seeded random weights of any size;
 //!   [`finite`]: weights and logits that f16 cannot hold are refused.
 //! - [`tokenizer`]: byte-level BPE with OPT's `</s>` prefix.
-//! - [`model`]: the CPU reference decoder, a layer (or block) at a time with
-//!   that layer's [`kv_cache::LayerCache`]; [`ops`] holds its numerics (f16
-//!   weights, f32 arithmetic, the `gemm` crate).
-//! - [`generation`]: the CPU as a `runtime::schedule::ComputeDevice`, with
-//!   [`cpu_offload`] for layers and cache partly on disk.
+//! - [`model`]: the CPU reference decoder over `ops::cpu`, a
+//!   `runtime::cpu::CpuModel`: embed, one layer over its
+//!   `runtime::cpu::HostLayer`, logits.
+//! - [`generation`]: OPT on the runtime's CPU engine, with [`cpu_offload`]
+//!   for OPT's policy of layers and cache partly on disk.
 //! - [`gpu`]: OPT's GPU engine over `ops::gpu`: weights resident or streamed
 //!   ([`gpu::offload`], packed with [`gpu::packed`]), the cache resident or
 //!   tiered ([`gpu::tiered_cache`], [`cpu_attention`]), activations off the
@@ -39,11 +39,9 @@ mod error;
 pub mod finite;
 pub mod generation;
 pub mod gpu;
-pub mod kv_cache;
 pub mod loading;
 pub mod memory;
 pub mod model;
-pub mod ops;
 pub mod spec;
 pub mod tokenizer;
 pub mod weights;

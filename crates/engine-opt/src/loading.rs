@@ -8,9 +8,10 @@ use crate::config::OptConfig;
 use crate::dummy::DummyWeights;
 use crate::error::{Error, Result};
 use crate::memory;
-use crate::model::{DecoderLayer, OptModel};
+use crate::model::OptModel;
 use crate::progress;
 use crate::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
+use runtime::cpu::HostLayer;
 
 /// A model ready to run.
 #[derive(Debug)]
@@ -110,8 +111,8 @@ pub fn load_model_with(
         Some((resident, disk)) => (resident, Some(disk)),
         None => (layers, None),
     };
-    let mut away = |i: usize, layer: DecoderLayer| match disk.as_mut() {
-        Some(d) => d.put(i, layer),
+    let mut away = |i: usize, layer: HostLayer| match disk.as_mut() {
+        Some(d) => Ok(d.put(i, &layer)?),
         None => Ok(()),
     };
     let in_memory = config.weight_bytes() - (layers - resident.min(layers)) as u64 * config.layer_param_count() * 2;

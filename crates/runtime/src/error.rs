@@ -17,6 +17,15 @@ pub enum Error {
     #[error("memory tier: {0}")]
     Tier(#[from] tier_api::Error),
 
+    /// An operation of the op layer failed (shapes that disagree, memory
+    /// that cannot be had).
+    #[error("{0}")]
+    Op(#[from] ops::Error),
+
+    /// Values that are not finite where the output depends on them.
+    #[error("{0}")]
+    NonFinite(String),
+
     /// A model's spec is inconsistent or its sizes overflow.
     #[error("model spec: {0}")]
     Spec(String),

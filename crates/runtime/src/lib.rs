@@ -16,18 +16,22 @@
 //!   [`schedule::ComputeDevice`] trait, with a batch's tokens through a
 //!   generation ([`schedule::BatchTokens`]); [`sampling`]: greedy,
 //!   temperature, top-k, top-p;
+//! - [`cpu`]: the CPU engine, for any family that implements
+//!   [`cpu::CpuModel`] (layers resident or streamed from disk, the KV cache in
+//!   memory or partly on disk);
 //! - [`memory`]: the host's memory figures from `/proc`;
 //! - [`interrupt`] (Ctrl-C stops a run cleanly) and [`progress`] bars;
 //! - [`guard`]: panics of third-party libraries on malformed files, contained.
 //!
 //! It may use the tier crates (`tier-api`, `tier-host`, `tier-disk`,
-//! `tier-cuda`) through their public types; it names no model, no tensor of
+//! `tier-cuda`) and the op layer (`ops`) through their public types; it names no model, no tensor of
 //! a model and no model configuration, and nothing here calls `cudarc`. A
 //! model family's crate and the `tierlm` command depend on
 //! it; it depends on neither.
 //!
 //! Every failure here is a [`Error`].
 
+pub mod cpu;
 mod error;
 pub mod guard;
 pub mod interrupt;

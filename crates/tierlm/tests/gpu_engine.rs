@@ -20,10 +20,10 @@ use engine_opt::generation::{prefill_logits as cpu_prefill_logits, GenerateOptio
 use engine_opt::gpu::generation::{prefill_logits, GpuBatch};
 use engine_opt::gpu::model::Workspace;
 use engine_opt::gpu::{self, Gpu, GpuModel};
-use engine_opt::kv_cache::KvCache;
-use engine_opt::model::{OptModel, StepContext};
+use engine_opt::model::OptModel;
 use engine_opt::tokenizer::left_pad;
 use engine_opt::OptConfig;
+use runtime::cpu::{CpuModel, Step};
 
 fn gpu_model(name: &str) -> GpuModel {
     let dir = fixture(name);
@@ -117,8 +117,9 @@ fn part_by_part(name: &str) {
         }
     }
     let tokens = ids.concat();
-    let mut want = cpu.model.embed(&tokens, &positions);
-    let mut cache: KvCache = cpu.model.new_cache(batch, len);
+    let mut want = cpu.model.embed(&tokens, &positions).unwrap();
+    let mut caches: Vec<_> = cpu.model.layers.iter().map(|_| cpu.model.new_cache(batch, len).unwrap()).collect();
+    let flat_mask: Vec<bool> = mask.concat();
 
     let mut st = GpuBatch::new(&gpu, prompts, 0, 1).unwrap();
     let mut ws = Workspace::new(&gpu.gpu, &gpu.config, batch * len, batch).unwrap();
@@ -129,8 +130,8 @@ fn part_by_part(name: &str) {
     assert!(d <= 1e-3 * max_abs(&want).max(1.0), "{name}: embeddings differ by {d}");
 
     for (j, layer) in cpu.model.layers.iter().enumerate() {
-        let ctx = StepContext { batch, new_len: len, key_mask: &mask };
-        layer.forward(&mut want, &ctx, &mut cache.layers[j]);
+        let step = Step { batch, new_len: len, key_mask: &flat_mask, positions: &positions };
+        cpu.model.layer_forward(layer, &mut want, &step, &mut caches[j]).unwrap();
         st.layer(&gpu, j, &mut ws).unwrap();
         let got = st.act().hidden.download(gpu.gpu.stream()).unwrap();
         // Real positions only: padding rows see no key at all.
@@ -146,7 +147,7 @@ fn part_by_part(name: &str) {
     st.logits(&gpu, &mut ws).unwrap();
     let got = gpu.logits_to_host(&ws, batch).unwrap();
     let last: Vec<f32> = (0..batch).flat_map(|b| want[(b * len + len - 1) * h..(b * len + len) * h].to_vec()).collect();
-    let want_logits = cpu.model.logits(&last, batch);
+    let want_logits = cpu.model.logits(&last, batch).unwrap();
     let d = max_abs_diff(&got, &want_logits);
     eprintln!("{name}: logits differ by {d:.2e}");
     assert!(d <= LOGIT_TOLERANCE, "{name}: logits differ by {d}");

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 
 /// OPT's layer norms' epsilon (PyTorch's `LayerNorm` default, as the CPU
 /// reference uses).
-const LN_EPS: f32 = crate::ops::LAYER_NORM_EPS;
+const LN_EPS: f32 = crate::model::LAYER_NORM_EPS;
 
 /// OPT's learned positions: row `p + 2` for position `p`, padding row 1.
 const OPT_POSITIONS: ops::gpu::kernels::LearnedPositions =

@@ -80,6 +80,49 @@ impl KvCache {
         self.k.dtype()
     }
 
+    /// Positions each sequence has room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Key/value heads and their width.
+    pub fn heads(&self) -> (usize, usize) {
+        (self.kv_heads, self.head_dim)
+    }
+
+    /// Bytes of keys and values held (the whole capacity).
+    pub fn bytes(&self) -> u64 {
+        (self.k.as_bytes().len() as u64).saturating_add(self.v.as_bytes().len() as u64)
+    }
+
+    /// Bytes one sequence's keys (or values) take: sequences are contiguous,
+    /// so sequences `a..b` are bytes `a · seq_bytes .. b · seq_bytes` of
+    /// [`KvCache::bytes_mut`]'s halves.
+    pub fn seq_bytes(&self) -> usize {
+        self.kv_heads * self.capacity * self.head_dim * self.dtype().size()
+    }
+
+    /// The keys' and the values' memory, to gather a batch's sequences from
+    /// several tiers into one cache and back.
+    pub fn bytes_mut(&mut self) -> (&mut [u8], &mut [u8]) {
+        (self.k.as_bytes_mut(), self.v.as_bytes_mut())
+    }
+
+    /// The keys' and the values' memory.
+    pub fn as_bytes(&self) -> (&[u8], &[u8]) {
+        (self.k.as_bytes(), self.v.as_bytes())
+    }
+
+    /// Declares that `len` positions are held (after filling the memory
+    /// through [`KvCache::bytes_mut`]).
+    pub fn set_len(&mut self, len: usize) -> Result<()> {
+        if len > self.capacity {
+            return Err(shape("kv_cache", format!("{len} positions exceed the capacity of {}", self.capacity)));
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Appends `rows` positions for every sequence: `k` and `v` are
     /// `[batch][rows][kv_heads · head_dim]` f32.
     pub fn append(&mut self, k: &[f32], v: &[f32], rows: usize) -> Result<()> {

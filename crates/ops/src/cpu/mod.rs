@@ -27,4 +27,4 @@ pub use attention::{attention, AttentionShape, KvCache};
 pub use linear::{add_inplace, embedding, linear, relu_inplace, silu_mul_inplace, Activation};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{Rope, RopeScaling};
-pub use tensor::{DType, Storage, Tensor};
+pub use tensor::{f16_to_f32, DType, Storage, Tensor};
