@@ -9,87 +9,73 @@
 //! KV cache is kept in the checkpoint's dtype unless
 //! [`LlamaModel::with_cache_dtype`] says otherwise.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use ops::{AttentionShape, DType, KvCache, Rope, Tensor};
-use runtime::spec::TensorSpec;
+use runtime::cpu::{CpuModel, HostLayer, Step};
+use runtime::spec::{ModelSpec, TensorSpec};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::spec::{layer_prefix, layer_tensors, outside_tensors};
 use crate::weights::Checkpoint;
 
-/// One decoder layer's weights.
-#[derive(Debug, Clone)]
-pub struct LayerWeights {
-    input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_bias: Option<Tensor>,
-    k_bias: Option<Tensor>,
-    v_bias: Option<Tensor>,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    o: Tensor,
-    o_bias: Option<Tensor>,
-    post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-    gate_bias: Option<Tensor>,
-    up_bias: Option<Tensor>,
-    down_bias: Option<Tensor>,
+/// One decoder layer's weights, borrowed by name from its [`HostLayer`]
+/// (the runtime holds the layers: in memory, or read back from disk).
+struct Layer<'a> {
+    input_norm: &'a Tensor,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    q_bias: Option<&'a Tensor>,
+    k_bias: Option<&'a Tensor>,
+    v_bias: Option<&'a Tensor>,
+    q_norm: Option<&'a Tensor>,
+    k_norm: Option<&'a Tensor>,
+    o: &'a Tensor,
+    o_bias: Option<&'a Tensor>,
+    post_norm: &'a Tensor,
+    gate: &'a Tensor,
+    up: &'a Tensor,
+    down: &'a Tensor,
+    gate_bias: Option<&'a Tensor>,
+    up_bias: Option<&'a Tensor>,
+    down_bias: Option<&'a Tensor>,
 }
 
-/// Tensors by name, taken out as the layer is assembled.
-struct Named(HashMap<String, Tensor>);
-
-impl Named {
-    fn take(&mut self, name: &str) -> Result<Tensor> {
-        self.0.remove(name).ok_or_else(|| Error::Tensor {
-            file: "(the layer spec)".into(),
-            tensor: name.into(),
-            message: "was not provided".into(),
-        })
-    }
-
-    fn maybe(&mut self, name: &str) -> Option<Tensor> {
-        self.0.remove(name)
-    }
-}
-
-impl LayerWeights {
-    fn from_named(mut t: Named) -> Result<LayerWeights> {
-        Ok(LayerWeights {
-            input_norm: t.take("input_layernorm.weight")?,
-            q: t.take("self_attn.q_proj.weight")?,
-            k: t.take("self_attn.k_proj.weight")?,
-            v: t.take("self_attn.v_proj.weight")?,
-            q_bias: t.maybe("self_attn.q_proj.bias"),
-            k_bias: t.maybe("self_attn.k_proj.bias"),
-            v_bias: t.maybe("self_attn.v_proj.bias"),
-            q_norm: t.maybe("self_attn.q_norm.weight"),
-            k_norm: t.maybe("self_attn.k_norm.weight"),
-            o: t.take("self_attn.o_proj.weight")?,
-            o_bias: t.maybe("self_attn.o_proj.bias"),
-            post_norm: t.take("post_attention_layernorm.weight")?,
-            gate: t.take("mlp.gate_proj.weight")?,
-            up: t.take("mlp.up_proj.weight")?,
-            down: t.take("mlp.down_proj.weight")?,
-            gate_bias: t.maybe("mlp.gate_proj.bias"),
-            up_bias: t.maybe("mlp.up_proj.bias"),
-            down_bias: t.maybe("mlp.down_proj.bias"),
+impl<'a> Layer<'a> {
+    fn of(t: &'a HostLayer) -> runtime::Result<Layer<'a>> {
+        Ok(Layer {
+            input_norm: t.get("input_layernorm.weight")?,
+            q: t.get("self_attn.q_proj.weight")?,
+            k: t.get("self_attn.k_proj.weight")?,
+            v: t.get("self_attn.v_proj.weight")?,
+            q_bias: t.find("self_attn.q_proj.bias"),
+            k_bias: t.find("self_attn.k_proj.bias"),
+            v_bias: t.find("self_attn.v_proj.bias"),
+            q_norm: t.find("self_attn.q_norm.weight"),
+            k_norm: t.find("self_attn.k_norm.weight"),
+            o: t.get("self_attn.o_proj.weight")?,
+            o_bias: t.find("self_attn.o_proj.bias"),
+            post_norm: t.get("post_attention_layernorm.weight")?,
+            gate: t.get("mlp.gate_proj.weight")?,
+            up: t.get("mlp.up_proj.weight")?,
+            down: t.get("mlp.down_proj.weight")?,
+            gate_bias: t.find("mlp.gate_proj.bias"),
+            up_bias: t.find("mlp.up_proj.bias"),
+            down_bias: t.find("mlp.down_proj.bias"),
         })
     }
 }
 
-/// A Llama-family model on the CPU.
+/// A Llama-family model on the CPU: the weights outside the layers, the
+/// layers kept in host memory (all of them, unless loaded for an engine
+/// that streams the rest), and the rotary embedding.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     config: LlamaConfig,
-    layers: Vec<LayerWeights>,
+    spec: ModelSpec,
+    layers: Vec<HostLayer>,
     embed: Tensor,
     norm: Tensor,
     lm_head: Option<Tensor>,
@@ -116,31 +102,60 @@ impl SplitMix {
 }
 
 impl LlamaModel {
-    fn assemble(config: LlamaConfig, mut get: impl FnMut(&str, &TensorSpec) -> Result<Tensor>) -> Result<LlamaModel> {
+    #[cfg(test)]
+    fn assemble(config: LlamaConfig, get: impl FnMut(&str, &TensorSpec) -> Result<Tensor>) -> Result<LlamaModel> {
+        let layers = config.num_hidden_layers;
+        LlamaModel::assemble_streaming(config, get, layers, &mut |_, _| Ok(()))
+    }
+
+    /// [`LlamaModel::assemble`] keeping the first `resident` layers: each
+    /// later one goes to `away` as soon as it is made (to be written to
+    /// disk) and is dropped, so memory never holds more than the resident
+    /// layers and one more.
+    fn assemble_streaming(
+        config: LlamaConfig,
+        mut get: impl FnMut(&str, &TensorSpec) -> Result<Tensor>,
+        resident: usize,
+        away: &mut dyn FnMut(usize, HostLayer) -> Result<()>,
+    ) -> Result<LlamaModel> {
         let dtype = config.weight_dtype();
         let rope = Rope::new(config.rope_theta, config.head_dim, config.rope_scaling)?;
-        let specs = layer_tensors(&config);
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let spec = crate::spec::model_spec(&config)?;
+        let mut layers = Vec::with_capacity(resident.min(config.num_hidden_layers));
         for i in 0..config.num_hidden_layers {
             let prefix = layer_prefix(i);
-            let mut named = HashMap::new();
-            for spec in &specs {
-                named.insert(spec.name.clone(), get(&format!("{prefix}{}", spec.name), spec)?);
+            let tensors = spec
+                .layer
+                .iter()
+                .map(|t| Ok((t.name.clone(), get(&format!("{prefix}{}", t.name), t)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let layer = HostLayer::new(&spec, tensors)?;
+            if i < resident {
+                layers.push(layer);
+            } else {
+                away(i, layer)?;
             }
-            layers.push(LayerWeights::from_named(Named(named))?);
         }
-        let mut outside = HashMap::new();
-        for spec in outside_tensors(&config) {
-            outside.insert(spec.name.clone(), get(&spec.name, &spec)?);
+        let mut outside = Vec::new();
+        for t in outside_tensors(&config) {
+            outside.push((t.name.clone(), get(&t.name, &t)?));
         }
-        let mut outside = Named(outside);
+        let mut take = |name: &str| -> Result<Option<Tensor>> {
+            Ok(outside.iter().position(|(n, _)| n == name).map(|i| outside.swap_remove(i).1))
+        };
+        let missing = |name: &str| Error::Tensor {
+            file: "(the layer spec)".into(),
+            tensor: name.into(),
+            message: "was not provided".into(),
+        };
         Ok(LlamaModel {
-            embed: outside.take("model.embed_tokens.weight")?,
-            norm: outside.take("model.norm.weight")?,
-            lm_head: outside.maybe("lm_head.weight"),
+            embed: take("model.embed_tokens.weight")?.ok_or_else(|| missing("model.embed_tokens.weight"))?,
+            norm: take("model.norm.weight")?.ok_or_else(|| missing("model.norm.weight"))?,
+            lm_head: take("lm_head.weight")?,
             layers,
             rope,
             cache_dtype: dtype,
+            spec,
             config,
         })
     }
@@ -155,7 +170,21 @@ impl LlamaModel {
     }
 
     /// The model of `config` with the weights of `checkpoint`.
-    pub fn from_checkpoint(mut config: LlamaConfig, checkpoint: &Checkpoint) -> Result<LlamaModel> {
+    pub fn from_checkpoint(config: LlamaConfig, checkpoint: &Checkpoint) -> Result<LlamaModel> {
+        let layers = config.num_hidden_layers;
+        LlamaModel::from_checkpoint_streaming(config, checkpoint, layers, &mut |_, _| Ok(()))
+    }
+
+    /// [`LlamaModel::from_checkpoint`] keeping only the first `resident`
+    /// layers in memory; the others are handed to `away` as they are read
+    /// (for the runtime's `DiskLayers`), so a model larger than host memory
+    /// loads.
+    pub fn from_checkpoint_streaming(
+        mut config: LlamaConfig,
+        checkpoint: &Checkpoint,
+        resident: usize,
+        away: &mut dyn FnMut(usize, HostLayer) -> Result<()>,
+    ) -> Result<LlamaModel> {
         if config.dtype.is_none() {
             // No dtype in config.json: the embedding's is the checkpoint's.
             config.dtype = Some(checkpoint.tensor("model.embed_tokens.weight")?.0);
@@ -197,32 +226,54 @@ impl LlamaModel {
                 });
             }
         }
-        LlamaModel::assemble(config, |name, _| {
-            let (_, shape, bytes) = checkpoint.tensor(name)?;
-            Ok(Tensor::from_le_bytes(dtype, shape, bytes)?)
-        })
+        LlamaModel::assemble_streaming(
+            config,
+            |name, _| {
+                let (_, shape, bytes) = checkpoint.tensor(name)?;
+                Ok(Tensor::from_le_bytes(dtype, shape, bytes)?)
+            },
+            resident,
+            away,
+        )
     }
 
     /// The model of `config` with deterministic small uniform weights from
     /// `seed` (for benchmarks and tests): matrices uniform in ±1/√(input
     /// width), biases in ±0.02, norm weights in 1 ± 0.1.
     pub fn dummy(config: LlamaConfig, seed: u64) -> Result<LlamaModel> {
+        let layers = config.num_hidden_layers;
+        LlamaModel::dummy_streaming(config, seed, layers, &mut |_, _| Ok(()))
+    }
+
+    /// [`LlamaModel::dummy`] keeping only the first `resident` layers (see
+    /// [`LlamaModel::from_checkpoint_streaming`]).
+    pub fn dummy_streaming(
+        config: LlamaConfig,
+        seed: u64,
+        resident: usize,
+        away: &mut dyn FnMut(usize, HostLayer) -> Result<()>,
+    ) -> Result<LlamaModel> {
         let dtype = config.weight_dtype();
         let mut rng = SplitMix(seed);
-        LlamaModel::assemble(config, |name, spec| {
-            let n = spec.elements().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| Error::Tensor {
-                file: "(dummy)".into(),
-                tensor: name.into(),
-                message: format!("shape {:?} is too large", spec.shape),
-            })?;
-            let (scale, offset) = match spec.shape[..] {
-                [_, k] => (1.0 / (k as f32).sqrt(), 0.0),
-                _ if name.contains("norm") => (0.1, 1.0),
-                _ => (0.02, 0.0),
-            };
-            let values: Vec<f32> = (0..n).map(|_| offset + scale * rng.uniform()).collect();
-            Ok(Tensor::from_f32(dtype, spec.shape.clone(), &values)?)
-        })
+        LlamaModel::assemble_streaming(
+            config,
+            |name, spec| {
+                let n = spec.elements().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| Error::Tensor {
+                    file: "(dummy)".into(),
+                    tensor: name.into(),
+                    message: format!("shape {:?} is too large", spec.shape),
+                })?;
+                let (scale, offset) = match spec.shape[..] {
+                    [_, k] => (1.0 / (k as f32).sqrt(), 0.0),
+                    _ if name.contains("norm") => (0.1, 1.0),
+                    _ => (0.02, 0.0),
+                };
+                let values: Vec<f32> = (0..n).map(|_| offset + scale * rng.uniform()).collect();
+                Ok(Tensor::from_f32(dtype, spec.shape.clone(), &values)?)
+            },
+            resident,
+            away,
+        )
     }
 
     /// The same model keeping its KV cache in `dtype` (the checkpoint's by
@@ -245,27 +296,7 @@ impl LlamaModel {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             let p = layer_prefix(i);
-            let all: [(&str, Option<&Tensor>); 18] = [
-                ("input_layernorm.weight", Some(&l.input_norm)),
-                ("self_attn.q_proj.weight", Some(&l.q)),
-                ("self_attn.k_proj.weight", Some(&l.k)),
-                ("self_attn.v_proj.weight", Some(&l.v)),
-                ("self_attn.q_proj.bias", l.q_bias.as_ref()),
-                ("self_attn.k_proj.bias", l.k_bias.as_ref()),
-                ("self_attn.v_proj.bias", l.v_bias.as_ref()),
-                ("self_attn.q_norm.weight", l.q_norm.as_ref()),
-                ("self_attn.k_norm.weight", l.k_norm.as_ref()),
-                ("self_attn.o_proj.weight", Some(&l.o)),
-                ("self_attn.o_proj.bias", l.o_bias.as_ref()),
-                ("post_attention_layernorm.weight", Some(&l.post_norm)),
-                ("mlp.gate_proj.weight", Some(&l.gate)),
-                ("mlp.up_proj.weight", Some(&l.up)),
-                ("mlp.down_proj.weight", Some(&l.down)),
-                ("mlp.gate_proj.bias", l.gate_bias.as_ref()),
-                ("mlp.up_proj.bias", l.up_bias.as_ref()),
-                ("mlp.down_proj.bias", l.down_bias.as_ref()),
-            ];
-            out.extend(all.into_iter().filter_map(|(n, t)| t.map(|t| (format!("{p}{n}"), t))));
+            out.extend(l.tensors().iter().map(|(n, t)| (format!("{p}{n}"), t)));
         }
         out.push(("model.embed_tokens.weight".into(), &self.embed));
         out.push(("model.norm.weight".into(), &self.norm));
@@ -273,6 +304,11 @@ impl LlamaModel {
             out.push(("lm_head.weight".into(), head));
         }
         out
+    }
+
+    /// The layers held in memory.
+    pub fn layers(&self) -> &[HostLayer] {
+        &self.layers
     }
 
     fn attention_shape(&self) -> AttentionShape {
@@ -309,45 +345,104 @@ impl LlamaModel {
         let positions: Vec<usize> = (0..n).map(|i| (start + i % rows).saturating_sub(state.pads[i / rows])).collect();
         let mask: Vec<bool> = (0..batch * len).map(|i| i % len >= state.pads[i / len]).collect();
         let h = c.hidden_size;
-        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
-        let eps = c.rms_norm_eps;
-        let none = ops::Activation::None;
-
+        let step = Step { batch, new_len: rows, key_mask: &mask, positions: &[] };
         let mut x = ops::embedding(&self.embed, ids)?;
         for (layer, cache) in self.layers.iter().zip(&mut state.caches) {
-            let mut y = x.clone();
-            ops::rms_norm(&mut y, &layer.input_norm, eps)?;
-            let mut q = ops::linear(&y, n, &layer.q, layer.q_bias.as_ref(), none)?;
-            let mut k = ops::linear(&y, n, &layer.k, layer.k_bias.as_ref(), none)?;
-            let v = ops::linear(&y, n, &layer.v, layer.v_bias.as_ref(), none)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                // Rows of head_dim: one shared weight for every head.
-                ops::rms_norm(&mut q, qn, eps)?;
-                ops::rms_norm(&mut k, kn, eps)?;
-            }
-            self.rope.apply(&mut q, heads, &positions)?;
-            self.rope.apply(&mut k, kv_heads, &positions)?;
-            cache.append(&k, &v, rows)?;
-            let a = ops::attention(&q, rows, cache, &mask, self.attention_shape())?;
-            let o = ops::linear(&a, n, &layer.o, layer.o_bias.as_ref(), none)?;
-            ops::add_inplace(&mut x, &o)?;
-
-            let mut y = x.clone();
-            ops::rms_norm(&mut y, &layer.post_norm, eps)?;
-            let mut gate = ops::linear(&y, n, &layer.gate, layer.gate_bias.as_ref(), none)?;
-            let up = ops::linear(&y, n, &layer.up, layer.up_bias.as_ref(), none)?;
-            ops::silu_mul_inplace(&mut gate, &up)?;
-            let down = ops::linear(&gate, n, &layer.down, layer.down_bias.as_ref(), none)?;
-            ops::add_inplace(&mut x, &down)?;
+            self.layer(&Layer::of(layer)?, &mut x, &step, &positions, cache)?;
         }
         let mut last: Vec<f32> = Vec::with_capacity(batch * h);
         for b in 0..batch {
             let row = (b * rows + rows - 1) * h;
             last.extend_from_slice(&x[row..row + h]);
         }
-        ops::rms_norm(&mut last, &self.norm, eps)?;
+        Ok(self.logits(&last, batch)?)
+    }
+
+    /// One decoder layer in place on `x`: RMSNorm, q/k/v (Qwen3's per-head
+    /// norms), the rotary embedding at `positions`, grouped-query attention
+    /// over `cache`, o_proj and the residual; RMSNorm, SwiGLU and the
+    /// residual.
+    fn layer(
+        &self,
+        layer: &Layer<'_>,
+        x: &mut [f32],
+        step: &Step<'_>,
+        positions: &[usize],
+        cache: &mut KvCache,
+    ) -> runtime::Result<()> {
+        let c = &self.config;
+        let (n, rows) = (step.rows(), step.new_len);
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+        let eps = c.rms_norm_eps;
+        let none = ops::Activation::None;
+        let mut y = x.to_vec();
+        ops::rms_norm(&mut y, layer.input_norm, eps)?;
+        let mut q = ops::linear(&y, n, layer.q, layer.q_bias, none)?;
+        let mut k = ops::linear(&y, n, layer.k, layer.k_bias, none)?;
+        let v = ops::linear(&y, n, layer.v, layer.v_bias, none)?;
+        if let (Some(qn), Some(kn)) = (layer.q_norm, layer.k_norm) {
+            // Rows of head_dim: one shared weight for every head.
+            ops::rms_norm(&mut q, qn, eps)?;
+            ops::rms_norm(&mut k, kn, eps)?;
+        }
+        self.rope.apply(&mut q, heads, positions)?;
+        self.rope.apply(&mut k, kv_heads, positions)?;
+        cache.append(&k, &v, rows)?;
+        let a = ops::attention(&q, rows, cache, step.key_mask, self.attention_shape())?;
+        let o = ops::linear(&a, n, layer.o, layer.o_bias, none)?;
+        ops::add_inplace(x, &o)?;
+
+        y.copy_from_slice(x);
+        ops::rms_norm(&mut y, layer.post_norm, eps)?;
+        let mut gate = ops::linear(&y, n, layer.gate, layer.gate_bias, none)?;
+        let up = ops::linear(&y, n, layer.up, layer.up_bias, none)?;
+        ops::silu_mul_inplace(&mut gate, &up)?;
+        let down = ops::linear(&gate, n, layer.down, layer.down_bias, none)?;
+        ops::add_inplace(x, &down)?;
+        Ok(())
+    }
+}
+
+impl CpuModel for LlamaModel {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn cache_dtype(&self) -> DType {
+        self.cache_dtype
+    }
+
+    fn embed(&self, tokens: &[u32], _positions: &[Option<usize>]) -> runtime::Result<Vec<f32>> {
+        Ok(ops::embedding(&self.embed, tokens)?)
+    }
+
+    /// Padding rows (no position) are rotated as position 0: no real token
+    /// attends to them.
+    fn layer_forward(
+        &self,
+        layer: &HostLayer,
+        hidden: &mut [f32],
+        step: &Step<'_>,
+        cache: &mut KvCache,
+    ) -> runtime::Result<()> {
+        let positions: Vec<usize> = step.positions.iter().map(|p| p.unwrap_or(0)).collect();
+        self.layer(&Layer::of(layer)?, hidden, step, &positions, cache)
+    }
+
+    /// The final RMSNorm, then lm_head (or the tied embedding).
+    fn logits(&self, hidden: &[f32], rows: usize) -> runtime::Result<Vec<f32>> {
+        let mut x = hidden.to_vec();
+        ops::rms_norm(&mut x, &self.norm, self.config.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(ops::linear(&last, batch, head, None, none)?)
+        Ok(ops::linear(&x, rows, head, None, ops::Activation::None)?)
     }
 }
 
