@@ -41,36 +41,8 @@
 use half::f16;
 use rayon::prelude::*;
 
-use ops::cpu::f16_to_f32 as convert_f16;
-
-/// Softmax over the entries of `row` where `keep` holds; the others become
-/// 0, and a row with none kept becomes all zeros.
-fn masked_softmax_inplace(row: &mut [f32], keep: impl Fn(usize) -> bool) {
-    let mut max = f32::NEG_INFINITY;
-    for (j, v) in row.iter().enumerate() {
-        if keep(j) && *v > max {
-            max = *v;
-        }
-    }
-    if max == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return;
-    }
-    let mut sum = 0.0f32;
-    for (j, v) in row.iter_mut().enumerate() {
-        if keep(j) {
-            *v = (*v - max).exp();
-            sum += *v;
-        } else {
-            *v = 0.0;
-        }
-    }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
 use crate::{Error, Result};
+use ops::cpu::f16_to_f32 as convert_f16;
 
 /// f32 values converted per chunk of key or value rows (16 KiB, well inside
 /// the L1 cache next to the query and the accumulator).
@@ -325,7 +297,7 @@ impl Head<'_> {
         let scores = &mut s.scores[..total];
         self.scores(scale, chunk_rows, simd, &s.q, &mut s.rows, scores);
         let mask = self.mask;
-        masked_softmax_inplace(scores, |p| mask[p] != 0);
+        ops::cpu::softmax_masked(scores, 1.0, |p| mask[p] != 0);
 
         s.acc.fill(0.0);
         match top_k {

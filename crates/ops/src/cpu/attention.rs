@@ -233,7 +233,7 @@ pub fn attention(
 
 /// Softmax of `row · scale` over the entries where `keep` holds; the others
 /// become 0, and a row with none kept becomes all zeros.
-fn softmax_masked(row: &mut [f32], scale: f32, keep: impl Fn(usize) -> bool) {
+pub fn softmax_masked(row: &mut [f32], scale: f32, keep: impl Fn(usize) -> bool) {
     let mut max = f32::NEG_INFINITY;
     for (p, v) in row.iter_mut().enumerate() {
         *v *= scale;
