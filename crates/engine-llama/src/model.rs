@@ -280,6 +280,8 @@ impl LlamaModel {
     /// default; f32 to match a float32 reference exactly).
     pub fn with_cache_dtype(mut self, dtype: DType) -> LlamaModel {
         self.cache_dtype = dtype;
+        // The spec says how the engine holds the cache (and the plan counts it).
+        self.spec.kv.dtype = crate::spec::runtime_dtype(dtype);
         self
     }
 
@@ -414,10 +416,6 @@ impl CpuModel for LlamaModel {
 
     fn max_positions(&self) -> usize {
         self.config.max_position_embeddings
-    }
-
-    fn cache_dtype(&self) -> DType {
-        self.cache_dtype
     }
 
     fn embed(&self, tokens: &[u32], _positions: &[Option<usize>]) -> runtime::Result<Vec<f32>> {

@@ -201,8 +201,8 @@ impl OptModel {
     /// `capacity` positions.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = &self.config;
-        Ok(KvCache::new(self.cache_dtype(), batch, c.num_attention_heads, c.head_dim(), capacity)
-            .map_err(runtime::Error::from)?)
+        let dtype = runtime::cpu::cpu_dtype(self.spec.kv.dtype)?;
+        Ok(KvCache::new(dtype, batch, c.num_attention_heads, c.head_dim(), capacity).map_err(runtime::Error::from)?)
     }
 
     /// Applies the norm `name` of `layer` to `x`, in place.
@@ -269,11 +269,6 @@ impl CpuModel for OptModel {
 
     fn max_positions(&self) -> usize {
         self.config.max_sequence_len()
-    }
-
-    /// f32: OPT's CPU engine keeps its cache unrounded.
-    fn cache_dtype(&self) -> DType {
-        DType::F32
     }
 
     /// Token embedding (through `project_in`) plus the learned position

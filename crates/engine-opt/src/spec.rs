@@ -5,7 +5,7 @@
 //! projections stacked into one `[3·hidden, hidden]` matrix (packed as its
 //! three parts under `--compress-weight`) and the biases fused into an f32
 //! output (`out_proj`, `fc2`) held in f32; on the CPU every tensor f16 as
-//! loaded. The names are the checkpoint's, relative to
+//! loaded, and the KV cache f32. The names are the checkpoint's, relative to
 //! `decoder.layers.{i}.` (the stacked matrix is named after its first part's
 //! module, `self_attn.qkv_proj`).
 
@@ -87,7 +87,9 @@ pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
         outside.push(outside_tensor("decoder.final_layer_norm.weight", &[h]));
         outside.push(outside_tensor("decoder.final_layer_norm.bias", &[h]));
     }
-    let kv = KvLayout { kv_heads: config.num_attention_heads, head_dim: config.head_dim(), dtype: f16 };
+    // The CPU engine keeps its cache in f32 (unrounded, the reference's).
+    let kv_dtype = if gpu { f16 } else { DType::F32 };
+    let kv = KvLayout { kv_heads: config.num_attention_heads, head_dim: config.head_dim(), dtype: kv_dtype };
     let widths = Widths { hidden: h, heads: config.num_attention_heads, intermediate: f, dtype: f16 };
     Ok(ModelSpec::new((config.num_hidden_layers, "decoder.layers.{}."), layer, outside, kv, widths)?)
 }
@@ -102,7 +104,9 @@ mod tests {
             let c = OptConfig::preset(name).unwrap();
             let s = model_spec(&c, false).unwrap();
             assert_eq!(s.weight_bytes(false).unwrap(), c.weight_bytes(), "{name}");
-            assert_eq!(s.kv_cache_bytes(3, 7), c.kv_cache_bytes(3, 7), "{name}");
+            // FlexGen counts an f16 cache; the CPU engine keeps it in f32.
+            assert_eq!(s.kv_cache_bytes(3, 7), 2 * c.kv_cache_bytes(3, 7), "{name}");
+            assert_eq!(model_spec(&c, true).unwrap().kv_cache_bytes(3, 7), c.kv_cache_bytes(3, 7), "{name}");
         }
     }
 

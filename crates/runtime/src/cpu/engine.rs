@@ -124,7 +124,7 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
     /// A cache of `batch` sequences of up to `capacity` positions.
     fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let kv = &self.model.spec().kv;
-        Ok(KvCache::new(self.model.cache_dtype(), batch, kv.kv_heads, kv.head_dim, capacity)?)
+        Ok(KvCache::new(super::cpu_dtype(kv.dtype)?, batch, kv.kv_heads, kv.head_dim, capacity)?)
     }
 
     /// Host bytes of a batch whose `in_memory` sequences' caches (every
@@ -134,7 +134,7 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
         let per_seq = (kv.kv_heads as u64)
             .saturating_mul(kv.head_dim as u64)
             .saturating_mul(capacity as u64)
-            .saturating_mul(2 * self.model.cache_dtype().size() as u64);
+            .saturating_mul(2 * kv.dtype.size() as u64);
         (self.model.spec().layers as u64)
             .saturating_mul(in_memory as u64)
             .saturating_mul(per_seq)

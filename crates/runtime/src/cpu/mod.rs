@@ -25,7 +25,7 @@ pub use disk::DiskLayers;
 pub use engine::{prefill_logits, CpuEngine, CpuPlacement};
 pub use layer::{cpu_dtype, HostLayer};
 
-use ops::cpu::{DType, KvCache};
+use ops::cpu::KvCache;
 
 use crate::error::Result;
 use crate::spec::ModelSpec;
@@ -60,7 +60,7 @@ impl Step<'_> {
 /// (sequence `b`'s new position `s` is row `b · new_len + s`).
 pub trait CpuModel: Sync {
     /// The layer spec: the tensors of every [`HostLayer`], by name, shape
-    /// and held type, and the KV layout.
+    /// and held type, and the KV layout (the cache is kept in its type).
     fn spec(&self) -> &ModelSpec;
 
     /// Entries of the output vocabulary.
@@ -68,9 +68,6 @@ pub trait CpuModel: Sync {
 
     /// Positions a sequence may hold (prompt plus generated).
     fn max_positions(&self) -> usize;
-
-    /// The type the KV cache is stored in.
-    fn cache_dtype(&self) -> DType;
 
     /// Hidden states for `tokens` at `positions` (`None`: padding).
     fn embed(&self, tokens: &[u32], positions: &[Option<usize>]) -> Result<Vec<f32>>;
