@@ -301,9 +301,13 @@ impl<M: CpuModel> ComputeDevice for CpuEngine<'_, M> {
         if let Some((disk, cpu_percent)) = self.cache_disk.clone() {
             let first = (((batch as f64) * cpu_percent / 100.0).round() as usize).min(batch);
             if first < batch {
-                let per_seq = self.new_cache(1, capacity)?.bytes() / 2;
-                let len = usize::try_from(per_seq.saturating_mul((batch - first) as u64))
-                    .map_err(|_| Error::InvalidArgument("a KV cache too large for this machine".into()))?;
+                // One sequence's keys (or values) of one layer, as the
+                // cache lays them out.
+                let kv = &self.model.spec().kv;
+                let len = [kv.kv_heads, kv.head_dim, capacity, kv.dtype.size(), batch - first]
+                    .into_iter()
+                    .try_fold(1usize, usize::checked_mul)
+                    .ok_or_else(|| Error::InvalidArgument("a KV cache too large for this machine".into()))?;
                 let mut tensors = Vec::with_capacity(layers);
                 for _ in 0..layers {
                     let t =
