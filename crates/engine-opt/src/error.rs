@@ -148,9 +148,11 @@ impl From<runtime::Error> for Error {
             runtime::Error::Prompt { index, reason } => Error::Prompt { index, reason },
             runtime::Error::TokenOutOfRange { index, id, vocab } => Error::TokenOutOfRange { index, id, vocab },
             runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),
+            runtime::Error::Tokenizer(m) => Error::Tokenizer(m),
             other @ (runtime::Error::NeedsGpuEngine(_)
             | runtime::Error::NeedsTieredEngine(_)
-            | runtime::Error::PolicyDoesNotFit(_)) => Error::Runtime(other),
+            | runtime::Error::PolicyDoesNotFit(_)
+            | runtime::Error::ChatTemplate(_)) => Error::Runtime(other),
         }
     }
 }
