@@ -18,7 +18,7 @@ use runtime::spec::TensorSpec;
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::spec::{layer_prefix, layer_tensors, outside_tensors};
-use crate::weights::Checkpoint;
+use checkpoint::Checkpoint;
 
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]
@@ -146,60 +146,20 @@ impl LlamaModel {
     }
 
     /// The model of a Hugging Face checkpoint directory (config.json and
-    /// safetensors). Every tensor's presence, shape and dtype is checked
-    /// before any is read.
+    /// safetensors, one file or shards with their index). Every tensor's
+    /// presence, shape and dtype is checked before any is read.
     pub fn load(dir: &Path) -> Result<LlamaModel> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let checkpoint = Checkpoint::open(dir)?;
+        let (config, checkpoint) = open_checked(dir, config)?;
         LlamaModel::from_checkpoint(config, &checkpoint)
     }
 
-    /// The model of `config` with the weights of `checkpoint`.
-    pub fn from_checkpoint(mut config: LlamaConfig, checkpoint: &Checkpoint) -> Result<LlamaModel> {
-        if config.dtype.is_none() {
-            // No dtype in config.json: the embedding's is the checkpoint's.
-            config.dtype = Some(checkpoint.tensor("model.embed_tokens.weight")?.0);
-        }
+    /// The model of `config` with the weights of `checkpoint`, which
+    /// [`open_checked`] has checked against it.
+    pub fn from_checkpoint(config: LlamaConfig, checkpoint: &Checkpoint) -> Result<LlamaModel> {
         let dtype = config.weight_dtype();
-        let mut names: Vec<(String, TensorSpec)> = Vec::new();
-        for i in 0..config.num_hidden_layers {
-            for spec in layer_tensors(&config) {
-                names.push((format!("{}{}", layer_prefix(i), spec.name), spec));
-            }
-        }
-        names.extend(outside_tensors(&config).into_iter().map(|s| (s.name.clone(), s)));
-        // Check everything first: nothing is converted for a checkpoint
-        // that does not match.
-        for (name, spec) in &names {
-            let file = || checkpoint.file_of(name).unwrap_or_else(|| checkpoint.dir().display().to_string());
-            let (got_dtype, shape, _) = checkpoint.tensor(name).map_err(|e| match e {
-                Error::Tensor { file, tensor, message } if tensor == "lm_head.weight" => Error::Tensor {
-                    file,
-                    tensor,
-                    message: format!(
-                        "{message}, and config.json's tie_word_embeddings is false (untied embeddings need it)"
-                    ),
-                },
-                e => e,
-            })?;
-            if shape != spec.shape {
-                return Err(Error::Tensor {
-                    file: file(),
-                    tensor: name.clone(),
-                    message: format!("has shape {shape:?}; the config says {:?}", spec.shape),
-                });
-            }
-            if got_dtype != dtype {
-                return Err(Error::Tensor {
-                    file: file(),
-                    tensor: name.clone(),
-                    message: format!("is {got_dtype}; the checkpoint's dtype (config.json torch_dtype) is {dtype}"),
-                });
-            }
-        }
-        LlamaModel::assemble(config, |name, _| {
-            let (_, shape, bytes) = checkpoint.tensor(name)?;
-            Ok(Tensor::from_le_bytes(dtype, shape, bytes)?)
+        LlamaModel::assemble(config, |name, spec| {
+            Ok(Tensor::from_le_bytes(dtype, spec.shape.clone(), checkpoint.bytes(name)?)?)
         })
     }
 
@@ -286,10 +246,8 @@ impl LlamaModel {
     /// Empty caches for `batch` sequences of up to `capacity` positions,
     /// `pads[b]` of them left padding in sequence `b`.
     pub fn start(&self, pads: Vec<usize>, capacity: usize) -> Result<State> {
-        let c = &self.config;
-        let caches = (0..c.num_hidden_layers)
-            .map(|_| KvCache::new(self.cache_dtype, pads.len(), c.num_key_value_heads, c.head_dim, capacity))
-            .collect::<ops::Result<Vec<_>>>()?;
+        let caches =
+            (0..self.config.num_hidden_layers).map(|_| self.new_cache(pads.len(), capacity)).collect::<Result<_>>()?;
         Ok(State { caches, pads })
     }
 
@@ -297,58 +255,163 @@ impl LlamaModel {
     /// through the model, appending to `state`'s caches; returns the logits
     /// of each sequence's last new position (`[batch][vocab]`).
     pub fn forward(&self, state: &mut State, ids: &[u32], rows: usize) -> Result<Vec<f32>> {
-        let c = &self.config;
         let batch = state.pads.len();
-        let n = batch
+        batch
             .checked_mul(rows)
             .filter(|&n| n == ids.len() && rows > 0)
             .ok_or_else(|| Error::Generate(format!("{} token ids are not {batch} sequences of {rows}", ids.len())))?;
-        let start = state.caches.first().map_or(0, |k| k.len());
+        let mut x = self.embed(ids)?;
+        for (j, cache) in state.caches.iter_mut().enumerate() {
+            self.layer_forward(j, &mut x, cache, &state.pads, rows)?;
+        }
+        self.logits(&x, batch, rows)
+    }
+
+    /// The embeddings of `ids`, `[ids][hidden]` in f32.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(ops::embedding(&self.embed, ids)?)
+    }
+
+    /// Decoder layer `j` in place on the hidden states `x` of `rows` new
+    /// positions of each sequence, appending them to the layer's `cache`;
+    /// `pads[b]` leading positions of sequence `b` are padding (masked, and
+    /// positions count from its first real token).
+    pub fn layer_forward(
+        &self,
+        j: usize,
+        x: &mut [f32],
+        cache: &mut KvCache,
+        pads: &[usize],
+        rows: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        let layer = self.layers.get(j).ok_or_else(|| Error::Generate(format!("no layer {j}")))?;
+        let batch = pads.len();
+        let n = batch
+            .checked_mul(rows)
+            .filter(|&n| rows > 0 && Some(x.len()) == n.checked_mul(c.hidden_size))
+            .ok_or_else(|| Error::Generate(format!("hidden states are not {batch} sequences of {rows}")))?;
+        let start = cache.len();
         let len = start + rows;
         // Positions count from each sequence's first real token.
-        let positions: Vec<usize> = (0..n).map(|i| (start + i % rows).saturating_sub(state.pads[i / rows])).collect();
-        let mask: Vec<bool> = (0..batch * len).map(|i| i % len >= state.pads[i / len]).collect();
-        let h = c.hidden_size;
+        let positions: Vec<usize> = (0..n).map(|i| (start + i % rows).saturating_sub(pads[i / rows])).collect();
+        let mask: Vec<bool> = (0..batch * len).map(|i| i % len >= pads[i / len]).collect();
         let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps;
         let none = ops::Activation::None;
 
-        let mut x = ops::embedding(&self.embed, ids)?;
-        for (layer, cache) in self.layers.iter().zip(&mut state.caches) {
-            let mut y = x.clone();
-            ops::rms_norm(&mut y, &layer.input_norm, eps)?;
-            let mut q = ops::linear(&y, n, &layer.q, layer.q_bias.as_ref(), none)?;
-            let mut k = ops::linear(&y, n, &layer.k, layer.k_bias.as_ref(), none)?;
-            let v = ops::linear(&y, n, &layer.v, layer.v_bias.as_ref(), none)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                // Rows of head_dim: one shared weight for every head.
-                ops::rms_norm(&mut q, qn, eps)?;
-                ops::rms_norm(&mut k, kn, eps)?;
-            }
-            self.rope.apply(&mut q, heads, &positions)?;
-            self.rope.apply(&mut k, kv_heads, &positions)?;
-            cache.append(&k, &v, rows)?;
-            let a = ops::attention(&q, rows, cache, &mask, self.attention_shape())?;
-            let o = ops::linear(&a, n, &layer.o, layer.o_bias.as_ref(), none)?;
-            ops::add_inplace(&mut x, &o)?;
+        let mut y = x.to_vec();
+        ops::rms_norm(&mut y, &layer.input_norm, eps)?;
+        let mut q = ops::linear(&y, n, &layer.q, layer.q_bias.as_ref(), none)?;
+        let mut k = ops::linear(&y, n, &layer.k, layer.k_bias.as_ref(), none)?;
+        let v = ops::linear(&y, n, &layer.v, layer.v_bias.as_ref(), none)?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            // Rows of head_dim: one shared weight for every head.
+            ops::rms_norm(&mut q, qn, eps)?;
+            ops::rms_norm(&mut k, kn, eps)?;
+        }
+        self.rope.apply(&mut q, heads, &positions)?;
+        self.rope.apply(&mut k, kv_heads, &positions)?;
+        cache.append(&k, &v, rows)?;
+        let a = ops::attention(&q, rows, cache, &mask, self.attention_shape())?;
+        let o = ops::linear(&a, n, &layer.o, layer.o_bias.as_ref(), none)?;
+        ops::add_inplace(x, &o)?;
 
-            let mut y = x.clone();
-            ops::rms_norm(&mut y, &layer.post_norm, eps)?;
-            let mut gate = ops::linear(&y, n, &layer.gate, layer.gate_bias.as_ref(), none)?;
-            let up = ops::linear(&y, n, &layer.up, layer.up_bias.as_ref(), none)?;
-            ops::silu_mul_inplace(&mut gate, &up)?;
-            let down = ops::linear(&gate, n, &layer.down, layer.down_bias.as_ref(), none)?;
-            ops::add_inplace(&mut x, &down)?;
+        let mut y = x.to_vec();
+        ops::rms_norm(&mut y, &layer.post_norm, eps)?;
+        let mut gate = ops::linear(&y, n, &layer.gate, layer.gate_bias.as_ref(), none)?;
+        let up = ops::linear(&y, n, &layer.up, layer.up_bias.as_ref(), none)?;
+        ops::silu_mul_inplace(&mut gate, &up)?;
+        let down = ops::linear(&gate, n, &layer.down, layer.down_bias.as_ref(), none)?;
+        ops::add_inplace(x, &down)?;
+        Ok(())
+    }
+
+    /// The logits of each sequence's last position (`[batch][vocab]`) from
+    /// the hidden states `x` of `rows` positions a sequence: the final norm,
+    /// then `lm_head` (or the embeddings, when tied).
+    pub fn logits(&self, x: &[f32], batch: usize, rows: usize) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        if rows == 0 || batch.checked_mul(rows).and_then(|n| n.checked_mul(h)) != Some(x.len()) {
+            return Err(Error::Generate(format!("hidden states are not {batch} sequences of {rows}")));
         }
         let mut last: Vec<f32> = Vec::with_capacity(batch * h);
         for b in 0..batch {
             let row = (b * rows + rows - 1) * h;
             last.extend_from_slice(&x[row..row + h]);
         }
-        ops::rms_norm(&mut last, &self.norm, eps)?;
+        ops::rms_norm(&mut last, &self.norm, self.config.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(ops::linear(&last, batch, head, None, none)?)
+        Ok(ops::linear(&last, batch, head, None, ops::Activation::None)?)
     }
+
+    /// An empty KV cache of one layer for `batch` sequences of up to
+    /// `capacity` positions, in the model's cache dtype.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &self.config;
+        Ok(KvCache::new(self.cache_dtype, batch, c.num_key_value_heads, c.head_dim, capacity)?)
+    }
+}
+
+/// The checkpoint in `dir`, opened with the `checkpoint` crate
+/// (safetensors, one file or shards with their index) and checked against
+/// `config`'s layer spec before anything is read: every tensor present, of
+/// its shape and of the checkpoint's one dtype (config.json's
+/// `torch_dtype`, or the embedding's where the config names none, which
+/// `config` then takes). An untied head needs `lm_head.weight`.
+pub fn open_checked(dir: &Path, mut config: LlamaConfig) -> Result<(LlamaConfig, Checkpoint)> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let stored = |name: &str| -> Result<Option<DType>> {
+        Ok(match checkpoint.dtype(name) {
+            None => None,
+            Some(checkpoint::Dtype::F16) => Some(DType::F16),
+            Some(checkpoint::Dtype::BF16) => Some(DType::BF16),
+            Some(checkpoint::Dtype::F32) => Some(DType::F32),
+            Some(other) => {
+                return Err(Error::Tensor {
+                    file: checkpoint
+                        .info(name)
+                        .map_or_else(|| dir.display().to_string(), |i| i.file.display().to_string()),
+                    tensor: name.into(),
+                    message: format!("is stored as {other}; supported: F16, BF16, F32"),
+                })
+            }
+        })
+    };
+    if config.dtype.is_none() {
+        // No dtype in config.json: the embedding's is the checkpoint's.
+        config.dtype = stored("model.embed_tokens.weight")?;
+    }
+    if !config.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
+        return Err(Error::Tensor {
+            file: dir.display().to_string(),
+            tensor: "lm_head.weight".into(),
+            message: "is missing from the checkpoint, and config.json's tie_word_embeddings is false (untied \
+                      embeddings need it; supported: an lm_head.weight tensor, or tie_word_embeddings true)"
+                .into(),
+        });
+    }
+    let spec = crate::spec::model_spec(&config)?;
+    spec.check_checkpoint(&checkpoint)?;
+    let dtype = config.weight_dtype();
+    let mut names: Vec<String> = spec.outside.iter().map(|t| t.name.clone()).collect();
+    for i in 0..spec.layers {
+        names.extend(spec.layer.iter().map(|t| spec.layer_name(i, &t.name)));
+    }
+    for name in &names {
+        if let Some(got) = stored(name)? {
+            if got != dtype {
+                let file =
+                    checkpoint.info(name).map_or_else(|| dir.display().to_string(), |i| i.file.display().to_string());
+                return Err(Error::Tensor {
+                    file,
+                    tensor: name.clone(),
+                    message: format!("is {got}; the checkpoint's dtype (config.json torch_dtype) is {dtype}"),
+                });
+            }
+        }
+    }
+    Ok((config, checkpoint))
 }
 
 /// The caches of a batch being generated, and its left padding.
@@ -586,7 +649,7 @@ mod tests {
         };
         let without = |name: &str| owned(&model).into_iter().filter(|(n, _)| n != name).collect::<Vec<_>>();
         let e = load_err(without("model.layers.1.mlp.up_proj.weight"), CONFIG);
-        assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("not in the checkpoint"), "{e}");
+        assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing from the checkpoint"), "{e}");
         let e = load_err(without("lm_head.weight"), CONFIG);
         assert!(e.contains("lm_head.weight") && e.contains("tie_word_embeddings is false"), "{e}");
         // Tied: lm_head is not needed.
