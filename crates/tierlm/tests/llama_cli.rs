@@ -461,4 +461,6 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
     assert!(e.contains("qwen3-8b is a preset") && e.contains("--dummy"), "{e}");
     let e = fails(&["generate", "--model", "llama-9", "--prompt", "Hi"]);
     assert!(e.contains("llama-3.1-8b") && e.contains("opt-125m"), "{e}");
+    let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy"]);
+    assert!(e.contains("bench does not run the Llama family yet") && e.contains("generate"), "{e}");
 }

@@ -72,6 +72,12 @@ pub fn family_of(model: &str) -> Result<Family> {
     Ok(Family::Opt)
 }
 
+/// Whether `model` names a Llama-family directory or preset (commands
+/// that do not run the family yet refuse it by name).
+pub fn names_llama_family(model: &str) -> bool {
+    matches!(family_of(model), Ok(Family::Llama))
+}
+
 /// Refuses the flags the Llama family's CPU engine cannot honour yet,
 /// naming them: it holds everything in host memory and computes on the CPU.
 fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
@@ -274,5 +280,6 @@ mod tests {
         assert_eq!(family_of("opt-125m").unwrap(), Family::Opt);
         let e = family_of("no-such-model").unwrap_err().to_string();
         assert!(e.contains("opt-125m") && e.contains("qwen3-8b"), "{e}");
+        assert!(names_llama_family("mistral-7b") && !names_llama_family("opt-1.3b"));
     }
 }
