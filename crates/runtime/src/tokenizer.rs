@@ -235,26 +235,29 @@ impl Tokenizer {
             p.to_str().map(str::to_string).ok_or_else(|| tok_err(p, "path is not valid UTF-8"))
         };
         let (v, m) = (to_str(vocab)?, to_str(merges)?);
-        let bpe = crate::guard::contain(|| BPE::from_file(&v, &m).build())
-            .map_err(|e| tok_err(vocab, format!("malformed vocabulary or merges ({e})")))?
-            .map_err(|e| tok_err(vocab, e))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-            .with_decoder(Some(ByteLevelDecoder::default()));
         let mut names: Vec<&str> = specials.to_vec();
         for t in [&config.bos_token, &config.eos_token, &config.pad_token, &config.unk_token].into_iter().flatten() {
             if !names.contains(&t.as_str()) {
                 names.push(t);
             }
         }
-        let added: Vec<AddedToken> = names
-            .iter()
-            .filter(|t| inner.token_to_id(t).is_some())
-            .map(|t| AddedToken::from((*t).to_string(), true))
-            .collect();
-        crate::guard::contain(|| inner.add_special_tokens(&added))
-            .map_err(|e| tok_err(vocab, format!("malformed vocabulary ({e})")))?;
+        let build = || -> std::result::Result<tokenizers::Tokenizer, String> {
+            let bpe = BPE::from_file(&v, &m).build().map_err(|e| e.to_string())?;
+            let mut inner = tokenizers::Tokenizer::new(bpe);
+            inner
+                .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+                .with_decoder(Some(ByteLevelDecoder::default()));
+            let added: Vec<AddedToken> = names
+                .iter()
+                .filter(|t| inner.token_to_id(t).is_some())
+                .map(|t| AddedToken::from((*t).to_string(), true))
+                .collect();
+            inner.add_special_tokens(&added);
+            Ok(inner)
+        };
+        let inner = crate::guard::contain(build)
+            .map_err(|e| tok_err(vocab, format!("malformed vocabulary or merges ({e})")))?
+            .map_err(|e| tok_err(vocab, e))?;
         Ok(Tokenizer { inner, config, source: vocab.to_path_buf(), from_json: false })
     }
 
@@ -333,7 +336,7 @@ impl Tokenizer {
 
     /// Entries of the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        crate::guard::contain(|| self.inner.get_vocab_size(true)).unwrap_or(0)
     }
 
     /// `messages` rendered in the checkpoint's chat template, with the
