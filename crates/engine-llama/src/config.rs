@@ -442,22 +442,59 @@ fn preset_json(name: &str) -> Option<Value> {
     })
 }
 
+/// The token ids a generation uses: `generation_config.json`'s where that
+/// file gives them, else config.json's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GenerationIds {
+    /// Stop on any of these (an id or a list in either file).
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+}
+
+impl GenerationIds {
+    /// config.json's ids alone.
+    pub fn of_config(config: &LlamaConfig) -> GenerationIds {
+        GenerationIds {
+            eos_token_ids: config.eos_token_id.clone(),
+            pad_token_id: config.pad_token_id,
+            bos_token_id: config.bos_token_id,
+        }
+    }
+
+    /// The ids of checkpoint directory `dir` whose config.json is `config`.
+    pub fn from_dir(dir: &Path, config: &LlamaConfig) -> Result<GenerationIds> {
+        let mut ids = GenerationIds::of_config(config);
+        let path = dir.join("generation_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        let v: Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { what: path.display().to_string(), source })?;
+        if !v.is_object() {
+            return Err(Error::Checkpoint { path, message: "is not a JSON object".into() });
+        }
+        let given = |key: &str| v.get(key).filter(|x| !x.is_null());
+        if let Some(eos) = given("eos_token_id") {
+            ids.eos_token_ids = token_ids("generation_config.json eos_token_id", Some(eos))?;
+        }
+        if let Some(pad) = given("pad_token_id") {
+            ids.pad_token_id = single_id("generation_config.json pad_token_id", Some(pad))?;
+        }
+        if let Some(bos) = given("bos_token_id") {
+            ids.bos_token_id = single_id("generation_config.json bos_token_id", Some(bos))?;
+        }
+        Ok(ids)
+    }
+}
+
 /// The stop tokens of a checkpoint directory: generation_config.json's
 /// `eos_token_id` (an id or a list) where that file gives one, else the
 /// config's.
 pub fn generation_eos(dir: &Path, config: &LlamaConfig) -> Result<Vec<u32>> {
-    let path = dir.join("generation_config.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(config.eos_token_id.clone()),
-        Err(source) => return Err(Error::Io { path, source }),
-    };
-    let v: Value =
-        serde_json::from_str(&text).map_err(|source| Error::Json { what: path.display().to_string(), source })?;
-    match v.get("eos_token_id") {
-        None | Some(Value::Null) => Ok(config.eos_token_id.clone()),
-        ids => token_ids("generation_config.json eos_token_id", ids),
-    }
+    Ok(GenerationIds::from_dir(dir, config)?.eos_token_ids)
 }
 
 #[cfg(test)]
@@ -651,5 +688,17 @@ mod tests {
         std::fs::write(&file, r#"{"eos_token_id": "x"}"#).unwrap();
         let e = generation_eos(dir.path(), &c).unwrap_err().to_string();
         assert!(e.contains("generation_config.json eos_token_id"), "{e}");
+        // pad and bos: the file's, else the config's.
+        std::fs::write(&file, r#"{"pad_token_id": 128004, "eos_token_id": null}"#).unwrap();
+        let ids = GenerationIds::from_dir(dir.path(), &c).unwrap();
+        assert_eq!(
+            ids,
+            GenerationIds { eos_token_ids: vec![128001], pad_token_id: Some(128004), bos_token_id: Some(128000) }
+        );
+        std::fs::write(&file, r#"{"bos_token_id": [1, 2]}"#).unwrap();
+        let e = GenerationIds::from_dir(dir.path(), &c).unwrap_err().to_string();
+        assert!(e.contains("generation_config.json bos_token_id") && e.contains("list"), "{e}");
+        std::fs::write(&file, "[]").unwrap();
+        assert!(GenerationIds::from_dir(dir.path(), &c).is_err());
     }
 }

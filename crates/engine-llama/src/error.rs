@@ -33,8 +33,14 @@ pub enum Error {
     Generate(String),
     #[error(transparent)]
     Op(#[from] ops::Error),
-    #[error("layer spec: {0}")]
-    Spec(#[from] runtime::Error),
+    /// The runtime's refusals: a checkpoint that does not match the layer
+    /// spec, a prompt it refuses, a tokenizer or chat template that fails,
+    /// an interrupt.
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
+    /// A checkpoint's files cannot be opened or read.
+    #[error(transparent)]
+    Read(#[from] checkpoint::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

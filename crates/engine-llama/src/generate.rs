@@ -1,5 +1,7 @@
-//! Greedy generation over a left-padded batch, and first-step logits.
+//! Greedy generation over a left-padded batch, and first-step logits, on
+//! the runtime's schedule ([`crate::device`]).
 
+use crate::device::generate_on_cpu;
 use crate::error::{Error, Result};
 use crate::model::LlamaModel;
 
@@ -20,13 +22,7 @@ impl GenerateOptions {
 
 /// The index of the largest value (the first of equals).
 pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best
+    runtime::sampling::argmax(row) as usize
 }
 
 fn check_prompts(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize) -> Result<usize> {
@@ -42,60 +38,24 @@ fn check_prompts(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize) ->
             return Err(Error::Generate(format!("prompt {i} holds token {id}, outside the vocabulary of {vocab}")));
         }
     }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let total = longest
-        .checked_add(new_tokens)
-        .ok_or_else(|| Error::Generate(format!("{longest} + {new_tokens} positions overflow")))?;
-    if let Some(window) = model.config().sliding_window {
-        if total > window {
-            return Err(Error::Generate(format!(
-                "the longest prompt ({longest} tokens) plus {new_tokens} new tokens is {total} positions, beyond the \
-                 model's sliding_window of {window}; sliding-window attention is not supported, so at most {window} \
-                 positions can be run"
-            )));
-        }
-    }
-    Ok(longest)
+    crate::device::check_window(model, prompts, new_tokens)?;
+    Ok(prompts.iter().map(Vec::len).max().unwrap_or(0))
 }
 
 /// Greedy tokens for `prompts` run as one left-padded batch: each sequence's
 /// new tokens (its stop token included, if it emitted one), at most
 /// `max_new_tokens` each.
 pub fn generate(model: &LlamaModel, prompts: &[Vec<u32>], options: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
-    let longest = check_prompts(model, prompts, options.max_new_tokens)?;
-    let batch = prompts.len();
-    let mut out = vec![Vec::new(); batch];
-    if options.max_new_tokens == 0 {
-        return Ok(out);
-    }
-    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    check_prompts(model, prompts, options.max_new_tokens)?;
     // The pad id is never seen (masked): any valid id will do.
-    let mut ids = Vec::with_capacity(batch * longest);
-    for (p, &pad) in prompts.iter().zip(&pads) {
-        ids.extend(std::iter::repeat_n(p[0], pad));
-        ids.extend_from_slice(p);
-    }
-    let mut state = model.start(pads, longest + options.max_new_tokens)?;
-    let vocab = model.config().vocab_size;
-    let mut logits = model.forward(&mut state, &ids, longest)?;
-    let mut done = vec![false; batch];
-    for step in 0..options.max_new_tokens {
-        let mut next = Vec::with_capacity(batch);
-        for b in 0..batch {
-            let token = argmax(&logits[b * vocab..(b + 1) * vocab]) as u32;
-            if !done[b] {
-                out[b].push(token);
-                done[b] = options.eos_token_ids.contains(&token);
-            }
-            // A finished sequence is fed its last token; its results are unused.
-            next.push(out[b].last().copied().unwrap_or(token));
-        }
-        if done.iter().all(|&d| d) || step + 1 == options.max_new_tokens {
-            break;
-        }
-        logits = model.forward(&mut state, &next, 1)?;
-    }
-    Ok(out)
+    let opts = runtime::schedule::GenerateOptions {
+        max_new_tokens: options.max_new_tokens,
+        stop_on_eos: true,
+        eos_token_ids: options.eos_token_ids.clone(),
+        pad_token_id: 0,
+    };
+    let out = generate_on_cpu(model, &[prompts.to_vec()], &opts, None, &indicatif::ProgressBar::hidden())?;
+    Ok(out.tokens)
 }
 
 /// The logits of the last position of `prompt` run alone (the first

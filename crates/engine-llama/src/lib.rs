@@ -4,18 +4,21 @@
 //! - [`config`]: the config.json of these models, validated, and presets
 //!   with the published shapes;
 //! - [`spec`]: the layer spec the runtime places and streams;
-//! - [`weights`]: tensors of a safetensors checkpoint directory;
-//! - [`model`]: the CPU forward pass over f16/bf16 weights in f32;
+//! - [`model`]: the CPU forward pass over f16/bf16 weights in f32, its
+//!   weights read with the `checkpoint` crate ([`model::open_checked`]
+//!   checks a checkpoint against the spec before anything is read);
+//! - [`device`]: the CPU model as the runtime's `ComputeDevice`, driven by
+//!   the runtime's block schedule, sampling and progress;
 //! - [`generate`]: greedy generation over a left-padded batch.
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod spec;
-pub mod weights;
 
-pub use config::{Family, LlamaConfig};
+pub use config::{Family, GenerationIds, LlamaConfig};
 pub use error::{Error, Result};
 pub use generate::{generate, prefill_logits, GenerateOptions};
 pub use model::LlamaModel;

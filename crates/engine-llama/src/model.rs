@@ -17,8 +17,8 @@ use runtime::spec::{ModelSpec, TensorSpec};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::spec::{layer_prefix, layer_tensors, outside_tensors};
-use crate::weights::Checkpoint;
+use crate::spec::{layer_prefix, outside_tensors};
+use checkpoint::Checkpoint;
 
 /// One decoder layer's weights, borrowed by name from its [`HostLayer`]
 /// (the runtime holds the layers: in memory, or read back from disk).
@@ -161,15 +161,16 @@ impl LlamaModel {
     }
 
     /// The model of a Hugging Face checkpoint directory (config.json and
-    /// safetensors). Every tensor's presence, shape and dtype is checked
-    /// before any is read.
+    /// safetensors, one file or shards with their index). Every tensor's
+    /// presence, shape and dtype is checked before any is read.
     pub fn load(dir: &Path) -> Result<LlamaModel> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let checkpoint = Checkpoint::open(dir)?;
+        let (config, checkpoint) = open_checked(dir, config)?;
         LlamaModel::from_checkpoint(config, &checkpoint)
     }
 
-    /// The model of `config` with the weights of `checkpoint`.
+    /// The model of `config` with the weights of `checkpoint`, which
+    /// [`open_checked`] has checked against it.
     pub fn from_checkpoint(config: LlamaConfig, checkpoint: &Checkpoint) -> Result<LlamaModel> {
         let layers = config.num_hidden_layers;
         LlamaModel::from_checkpoint_streaming(config, checkpoint, layers, &mut |_, _| Ok(()))
@@ -180,58 +181,15 @@ impl LlamaModel {
     /// (for the runtime's `DiskLayers`), so a model larger than host memory
     /// loads.
     pub fn from_checkpoint_streaming(
-        mut config: LlamaConfig,
+        config: LlamaConfig,
         checkpoint: &Checkpoint,
         resident: usize,
         away: &mut dyn FnMut(usize, HostLayer) -> Result<()>,
     ) -> Result<LlamaModel> {
-        if config.dtype.is_none() {
-            // No dtype in config.json: the embedding's is the checkpoint's.
-            config.dtype = Some(checkpoint.tensor("model.embed_tokens.weight")?.0);
-        }
         let dtype = config.weight_dtype();
-        let mut names: Vec<(String, TensorSpec)> = Vec::new();
-        for i in 0..config.num_hidden_layers {
-            for spec in layer_tensors(&config) {
-                names.push((format!("{}{}", layer_prefix(i), spec.name), spec));
-            }
-        }
-        names.extend(outside_tensors(&config).into_iter().map(|s| (s.name.clone(), s)));
-        // Check everything first: nothing is converted for a checkpoint
-        // that does not match.
-        for (name, spec) in &names {
-            let file = || checkpoint.file_of(name).unwrap_or_else(|| checkpoint.dir().display().to_string());
-            let (got_dtype, shape, _) = checkpoint.tensor(name).map_err(|e| match e {
-                Error::Tensor { file, tensor, message } if tensor == "lm_head.weight" => Error::Tensor {
-                    file,
-                    tensor,
-                    message: format!(
-                        "{message}, and config.json's tie_word_embeddings is false (untied embeddings need it)"
-                    ),
-                },
-                e => e,
-            })?;
-            if shape != spec.shape {
-                return Err(Error::Tensor {
-                    file: file(),
-                    tensor: name.clone(),
-                    message: format!("has shape {shape:?}; the config says {:?}", spec.shape),
-                });
-            }
-            if got_dtype != dtype {
-                return Err(Error::Tensor {
-                    file: file(),
-                    tensor: name.clone(),
-                    message: format!("is {got_dtype}; the checkpoint's dtype (config.json torch_dtype) is {dtype}"),
-                });
-            }
-        }
         LlamaModel::assemble_streaming(
             config,
-            |name, _| {
-                let (_, shape, bytes) = checkpoint.tensor(name)?;
-                Ok(Tensor::from_le_bytes(dtype, shape, bytes)?)
-            },
+            |name, spec| Ok(Tensor::from_le_bytes(dtype, spec.shape.clone(), checkpoint.bytes(name)?)?),
             resident,
             away,
         )
@@ -306,6 +264,13 @@ impl LlamaModel {
             out.push(("lm_head.weight".into(), head));
         }
         out
+    }
+
+    /// An empty KV cache of one layer for `batch` sequences of up to
+    /// `capacity` positions, in the model's cache dtype.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &self.config;
+        Ok(KvCache::new(self.cache_dtype, batch, c.num_key_value_heads, c.head_dim, capacity)?)
     }
 
     /// The layers held in memory.
@@ -442,6 +407,67 @@ impl CpuModel for LlamaModel {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(ops::linear(&x, rows, head, None, ops::Activation::None)?)
     }
+}
+
+/// The checkpoint in `dir`, opened with the `checkpoint` crate
+/// (safetensors, one file or shards with their index) and checked against
+/// `config`'s layer spec before anything is read: every tensor present, of
+/// its shape and of the checkpoint's one dtype (config.json's
+/// `torch_dtype`, or the embedding's where the config names none, which
+/// `config` then takes). An untied head needs `lm_head.weight`.
+pub fn open_checked(dir: &Path, mut config: LlamaConfig) -> Result<(LlamaConfig, Checkpoint)> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let stored = |name: &str| -> Result<Option<DType>> {
+        Ok(match checkpoint.dtype(name) {
+            None => None,
+            Some(checkpoint::Dtype::F16) => Some(DType::F16),
+            Some(checkpoint::Dtype::BF16) => Some(DType::BF16),
+            Some(checkpoint::Dtype::F32) => Some(DType::F32),
+            Some(other) => {
+                return Err(Error::Tensor {
+                    file: checkpoint
+                        .info(name)
+                        .map_or_else(|| dir.display().to_string(), |i| i.file.display().to_string()),
+                    tensor: name.into(),
+                    message: format!("is stored as {other}; supported: F16, BF16, F32"),
+                })
+            }
+        })
+    };
+    if config.dtype.is_none() {
+        // No dtype in config.json: the embedding's is the checkpoint's.
+        config.dtype = stored("model.embed_tokens.weight")?;
+    }
+    if !config.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
+        return Err(Error::Tensor {
+            file: dir.display().to_string(),
+            tensor: "lm_head.weight".into(),
+            message: "is missing from the checkpoint, and config.json's tie_word_embeddings is false (untied \
+                      embeddings need it; supported: an lm_head.weight tensor, or tie_word_embeddings true)"
+                .into(),
+        });
+    }
+    let spec = crate::spec::model_spec(&config)?;
+    spec.check_checkpoint(&checkpoint)?;
+    let dtype = config.weight_dtype();
+    let mut names: Vec<String> = spec.outside.iter().map(|t| t.name.clone()).collect();
+    for i in 0..spec.layers {
+        names.extend(spec.layer.iter().map(|t| spec.layer_name(i, &t.name)));
+    }
+    for name in &names {
+        if let Some(got) = stored(name)? {
+            if got != dtype {
+                let file =
+                    checkpoint.info(name).map_or_else(|| dir.display().to_string(), |i| i.file.display().to_string());
+                return Err(Error::Tensor {
+                    file,
+                    tensor: name.clone(),
+                    message: format!("is {got}; the checkpoint's dtype (config.json torch_dtype) is {dtype}"),
+                });
+            }
+        }
+    }
+    Ok((config, checkpoint))
 }
 
 /// The caches of a batch being generated, and its left padding.
@@ -679,7 +705,7 @@ mod tests {
         };
         let without = |name: &str| owned(&model).into_iter().filter(|(n, _)| n != name).collect::<Vec<_>>();
         let e = load_err(without("model.layers.1.mlp.up_proj.weight"), CONFIG);
-        assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("not in the checkpoint"), "{e}");
+        assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing from the checkpoint"), "{e}");
         let e = load_err(without("lm_head.weight"), CONFIG);
         assert!(e.contains("lm_head.weight") && e.contains("tie_word_embeddings is false"), "{e}");
         // Tied: lm_head is not needed.

@@ -81,7 +81,7 @@ fn every_placement_gives_the_family_loops_tokens() {
 fn a_model_loads_with_its_later_layers_streamed_away() {
     let dir = &fixtures()[0];
     let config = engine_llama::LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    let checkpoint = engine_llama::weights::Checkpoint::open(dir).unwrap();
+    let (config, checkpoint) = engine_llama::model::open_checked(dir, config).unwrap();
     let full = LlamaModel::from_checkpoint(config.clone(), &checkpoint).unwrap();
     let mut away = Vec::new();
     let partial = LlamaModel::from_checkpoint_streaming(config, &checkpoint, 1, &mut |j, l| {

@@ -150,9 +150,11 @@ impl From<runtime::Error> for Error {
             runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),
             runtime::Error::Op(e) => Error::from(e),
             runtime::Error::NonFinite(m) => Error::NonFinite(m),
+            runtime::Error::Tokenizer(m) => Error::Tokenizer(m),
             other @ (runtime::Error::NeedsGpuEngine(_)
             | runtime::Error::NeedsTieredEngine(_)
-            | runtime::Error::PolicyDoesNotFit(_)) => Error::Runtime(other),
+            | runtime::Error::PolicyDoesNotFit(_)
+            | runtime::Error::ChatTemplate(_)) => Error::Runtime(other),
         }
     }
 }

@@ -64,6 +64,15 @@ pub enum Error {
     #[error("prompt {index}: token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { index: usize, id: u32, vocab: usize },
 
+    /// The tokenizer files could not be loaded or used (the message names
+    /// the file).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A chat template is missing, ambiguous or failed to render.
+    #[error("{0}")]
+    ChatTemplate(String),
+
     /// SIGINT (Ctrl-C) or SIGTERM arrived (see [`crate::interrupt`]); by the
     /// time `tierlm` prints this, the unwind has dropped every tier's memory.
     #[error("interrupted (Ctrl-C or SIGTERM): generation stopped; pinned memory freed and offload files removed")]

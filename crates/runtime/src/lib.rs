@@ -21,7 +21,10 @@
 //!   memory or partly on disk);
 //! - [`memory`]: the host's memory figures from `/proc`;
 //! - [`interrupt`] (Ctrl-C stops a run cleanly) and [`progress`] bars;
-//! - [`guard`]: panics of third-party libraries on malformed files, contained.
+//! - [`guard`]: panics of third-party libraries on malformed files, contained;
+//! - [`tokenizer`]: a checkpoint's tokenizer (`tokenizer.json` or
+//!   `vocab.json` + `merges.txt`) with `tokenizer_config.json`'s settings,
+//!   and its chat template rendered with `minijinja`.
 //!
 //! It may use the tier crates (`tier-api`, `tier-host`, `tier-disk`,
 //! `tier-cuda`) and the op layer (`ops`) through their public types; it names no model, no tensor of
@@ -43,6 +46,7 @@ pub mod sampling;
 pub mod schedule;
 pub mod spec;
 pub mod tiers;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use memory::available_bytes;

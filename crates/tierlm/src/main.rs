@@ -13,7 +13,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Continue prompts (text or token ids) with a model, on the CPU engine
+    /// Continue prompts (text or token ids) with an OPT or Llama-family model
     Generate(tierlm::cli::generate::GenerateArgs),
     /// FlexGen's throughput benchmark: prefill, decode and total token/s
     Bench(tierlm::cli::bench::BenchArgs),
@@ -37,9 +37,9 @@ fn report<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
 /// [`report`] for the commands that generate: a run stopped by Ctrl-C
 /// (SIGINT) exits with 130, the shell's convention (143 for SIGTERM). The
 /// subcommand has returned by then, so every tier's memory was dropped.
-fn report_run(result: engine_opt::Result<()>) -> ExitCode {
+fn report_run(result: tierlm::Result<()>) -> ExitCode {
     match result {
-        Err(e @ engine_opt::Error::Interrupted) => {
+        Err(e) if e.is_interrupted() => {
             if std::io::stderr().is_terminal() {
                 // Off the line of the progress bar and the terminal's "^C".
                 eprintln!();
@@ -68,7 +68,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Generate(args) => report_run(tierlm::cli::generate::run(args)),
-        Command::Bench(args) => report_run(tierlm::cli::bench::run(args)),
+        Command::Bench(args) => report_run(tierlm::cli::bench::run(args).map_err(tierlm::Error::from)),
         Command::CopyMatrix(args) => report(tierlm::cli::copy_matrix::run(args)),
         Command::BenchTiers(args) => report(tierlm::cli::bench_tiers::run(args)),
     }

@@ -266,6 +266,13 @@ fn notes(args: &BenchArgs, policy: &Policy) {
 
 /// Runs `tierlm bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    if super::llama::names_llama_family(&args.model) {
+        return Err(Error::InvalidArgument(format!(
+            "{}: bench does not run the Llama family yet; `tierlm generate --model {} --dummy --input FILE` runs \
+             it on the CPU engine",
+            args.model, args.model
+        )));
+    }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     let policy = args.policy()?;
     // Everything on the GPU, and a GPU here: the GPU engine runs it.

@@ -1,5 +1,8 @@
 //! `tierlm generate`: text or token continuations from a checkpoint, on the
-//! CPU engine.
+//! CPU engine (or OPT's GPU engine). The checkpoint's config.json picks the
+//! family: `model_type` `opt` runs here, the Llama family in
+//! [`super::llama`]; what both share (inputs, `--output` and `--resume`,
+//! what is printed) is here.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -13,12 +16,15 @@ use engine_opt::sampling::{Sampler, SamplingConfig};
 use engine_opt::tokenizer::OptTokenizer;
 use engine_opt::{Error, Result};
 use indicatif::ProgressBar;
+use runtime::tokenizer::Tokenizer;
 
 /// Arguments of `tierlm generate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (config.json, safetensors, tokenizer); with
-    /// --dummy also a preset name such as opt-125m
+    /// Checkpoint directory (config.json, safetensors, tokenizer) of an OPT
+    /// or Llama-family model (model_type opt, llama, mistral, qwen2,
+    /// qwen3); with --dummy also a preset name such as opt-125m or
+    /// llama-3.1-8b
     #[arg(long)]
     pub model: String,
     /// Use seeded random weights instead of the checkpoint's
@@ -34,6 +40,11 @@ pub struct GenerateArgs {
     /// Print JSONL (implied by --input): one line per input, in input order
     #[arg(long)]
     pub json: bool,
+    /// Wrap each text prompt as one user message in the checkpoint's chat
+    /// template (tokenizer_config.json's chat_template or
+    /// chat_template.jinja), for instruct models; input_ids are used as given
+    #[arg(long)]
+    pub chat: bool,
     /// Append each result to this JSONL file instead of printing it, written
     /// and synced a batch at a time, each line with its input's line number;
     /// an existing non-empty file is refused unless --resume is given
@@ -43,7 +54,8 @@ pub struct GenerateArgs {
     /// file (after checking it holds this input's results) and append the rest
     #[arg(long, requires = "output")]
     pub resume: bool,
-    /// New tokens per sequence at most (fewer if it ends with </s>)
+    /// New tokens per sequence at most (fewer if it ends with an
+    /// end-of-sequence token: OPT's </s>, generation_config.json's eos ids)
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
     /// 0 decodes greedily; above 0, samples at this temperature
@@ -172,8 +184,18 @@ fn tokenize(loaded: &LoadedModel, inputs: &[Input]) -> Result<Vec<Vec<u32>>> {
 /// stay finite once divided by it.
 pub const MIN_TEMPERATURE: f32 = 1e-6;
 
-/// Runs `tierlm generate`.
-pub fn run(args: GenerateArgs) -> Result<()> {
+/// Runs `tierlm generate`: the flags every family shares are checked, then
+/// config.json's `model_type` (or the preset's family) picks the engine.
+pub fn run(args: GenerateArgs) -> crate::Result<()> {
+    check_common(&args)?;
+    match super::llama::family_of(&args.model)? {
+        super::llama::Family::Opt => Ok(run_opt(args)?),
+        super::llama::Family::Llama => super::llama::generate(&args),
+    }
+}
+
+/// The checks of `args` that do not depend on the family.
+fn check_common(args: &GenerateArgs) -> Result<()> {
     if args.gpu_batch_size > crate::cli::bench::MAX_BLOCK {
         return Err(Error::InvalidArgument(format!(
             "--gpu-batch-size {} is above the {} sequences a batch may hold",
@@ -191,7 +213,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     // Refuse an --output that would be overwritten, or does not match, before loading.
-    output_file(&args)?;
+    output_file(args)?;
+    Ok(())
+}
+
+/// `tierlm generate` for an OPT model.
+fn run_opt(args: GenerateArgs) -> Result<()> {
+    if args.chat {
+        return Err(Error::InvalidArgument(
+            "--chat needs a chat template, and OPT checkpoints have none; give the prompt without --chat".into(),
+        ));
+    }
     if let Some(result) = super::gpu::try_generate(&args) {
         return result;
     }
@@ -239,7 +271,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
 
     let mut sampler = Sampler::new(sampling);
-    let tokenizer = loaded.tokenizer.as_ref();
+    let tokenizer = loaded.tokenizer.as_ref().map(OptTokenizer::tokenizer);
     let out = Outputs {
         prompts: &prompts,
         inputs: &inputs,
@@ -391,20 +423,21 @@ impl Outputs<'_> {
     /// inputs are all there already (`--resume`), runs the others whole (so
     /// that a batch holds the same prompts as in an uninterrupted run), and
     /// appends the missing lines of each, synced before the next batch.
-    fn write_file(
+    fn write_file<E: From<Error>>(
         &self,
         file: &OutputFile,
         max_new_tokens: usize,
-        generate: &mut BatchGenerator<'_>,
+        generate: &mut BatchGenerator<'_, E>,
         peaks: &dyn Fn() -> engine_opt::memory::TierPeaks,
-    ) -> Result<()> {
+    ) -> Result<(), E> {
         let path = &file.path;
         if file.sources.len() != self.prompts.len() {
             return Err(Error::InvalidArgument(format!(
                 "--output: the input has {} lines but {} prompts were read",
                 file.sources.len(),
                 self.prompts.len()
-            )));
+            ))
+            .into());
         }
         let done = if file.resume { file.done()? } else { Default::default() };
         let size = self.batch_size.max(1);
@@ -437,7 +470,7 @@ impl Outputs<'_> {
                     continue;
                 }
                 let text = match self.tokenizer {
-                    Some(tok) => Some(tok.decode(new_ids)?),
+                    Some(tok) => Some(tok.decode(new_ids).map_err(Error::from)?),
                     None => None,
                 };
                 let (line, hash) = &file.sources[index];
@@ -467,7 +500,7 @@ impl Outputs<'_> {
 }
 
 /// Generates one batch's new tokens, ticking the progress bar.
-pub type BatchGenerator<'a> = dyn FnMut(&[Vec<u32>], &ProgressBar) -> Result<Vec<Vec<u32>>> + 'a;
+pub type BatchGenerator<'a, E = Error> = dyn FnMut(&[Vec<u32>], &ProgressBar) -> Result<Vec<Vec<u32>>, E> + 'a;
 
 /// Errors writing to standard output.
 fn stdout_err(e: std::io::Error) -> Error {
@@ -478,7 +511,7 @@ fn stdout_err(e: std::io::Error) -> Error {
 pub struct Outputs<'a> {
     pub prompts: &'a [Vec<u32>],
     pub inputs: &'a [Input],
-    pub tokenizer: Option<&'a OptTokenizer>,
+    pub tokenizer: Option<&'a Tokenizer>,
     pub batch_size: usize,
     /// JSON lines (`--json`, `--input`), else each prompt and its continuation.
     pub json: bool,
@@ -492,12 +525,12 @@ impl Outputs<'_> {
     /// soon as the batch is done.
     /// At the end, a summary on stderr: new tokens, time, throughput and
     /// `peaks()`, the most each memory tier held.
-    pub fn write(
+    pub fn write<E: From<Error>>(
         &self,
         max_new_tokens: usize,
-        generate: &mut BatchGenerator<'_>,
+        generate: &mut BatchGenerator<'_, E>,
         peaks: &dyn Fn() -> engine_opt::memory::TierPeaks,
-    ) -> Result<()> {
+    ) -> Result<(), E> {
         if let Some(file) = &self.file {
             return self.write_file(file, max_new_tokens, generate, peaks);
         }
@@ -513,7 +546,7 @@ impl Outputs<'_> {
             new_tokens += generated.iter().map(Vec::len).sum::<usize>();
             for new_ids in &generated {
                 let text = match self.tokenizer {
-                    Some(tok) => Some(tok.decode(new_ids)?),
+                    Some(tok) => Some(tok.decode(new_ids).map_err(Error::from)?),
                     None => None,
                 };
                 if self.json {

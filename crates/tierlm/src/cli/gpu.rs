@@ -873,7 +873,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let out = Outputs {
         prompts: &prompts,
         inputs: &inputs,
-        tokenizer: tokenizer.as_ref(),
+        tokenizer: tokenizer.as_ref().map(OptTokenizer::tokenizer),
         batch_size: args.gpu_batch_size,
         json,
         file: crate::cli::generate::output_file(args)?,

@@ -1,0 +1,285 @@
+//! `tierlm generate` and `tierlm bench` for the Llama family (`model_type`
+//! `llama`, `mistral`, `qwen2`, `qwen3`), on its CPU engine: the weights and
+//! an f32 KV cache in host memory (as OPT's CPU engine), driven by the
+//! runtime's block schedule.
+//!
+//! [`family_of`] decides which family a `--model` argument names: a
+//! directory by its config.json's `model_type`, a preset by its name.
+//! What the family cannot do yet (its GPU engine, offloaded placements,
+//! compression) is refused by name rather than ignored.
+
+use std::path::{Path, PathBuf};
+
+use engine_llama::device::generate_on_cpu;
+use engine_llama::{GenerationIds, LlamaConfig, LlamaModel};
+use engine_opt::loading::check_fits;
+use engine_opt::sampling::{Sampler, SamplingConfig};
+use runtime::schedule::GenerateOptions;
+use runtime::tokenizer::Tokenizer;
+
+use super::generate::{output_file, read_inputs, GenerateArgs, Input, Outputs};
+use crate::{Error, Result};
+
+/// The families `tierlm` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Opt,
+    /// Llama, Mistral, Qwen2, Qwen3.
+    Llama,
+}
+
+/// Every `model_type` `tierlm` runs.
+pub fn supported_model_types() -> Vec<&'static str> {
+    let mut all = vec!["opt"];
+    all.extend(engine_llama::error::SUPPORTED_MODEL_TYPES);
+    all
+}
+
+fn unsupported(message: String) -> Error {
+    Error::Opt(engine_opt::Error::InvalidArgument(message))
+}
+
+/// The family `--model` names: a directory's config.json `model_type`
+/// (none, or one that does not parse: OPT's loader reports it), or a preset
+/// of either family. Any other `model_type` is refused with the list.
+pub fn family_of(model: &str) -> Result<Family> {
+    let dir = Path::new(model);
+    if dir.is_dir() {
+        let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+            return Ok(Family::Opt);
+        };
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return Ok(Family::Opt);
+        };
+        return match value.get("model_type").and_then(serde_json::Value::as_str) {
+            None | Some("opt") => Ok(Family::Opt),
+            Some(t) if engine_llama::error::SUPPORTED_MODEL_TYPES.contains(&t) => Ok(Family::Llama),
+            Some(t) => Err(unsupported(format!(
+                "{}: config.json's model_type \"{t}\" is not supported; supported: {}",
+                dir.display(),
+                supported_model_types().join(", ")
+            ))),
+        };
+    }
+    if LlamaConfig::preset_names().contains(&model) {
+        return Ok(Family::Llama);
+    }
+    if engine_opt::OptConfig::preset(model).is_none() {
+        let mut known: Vec<&str> = engine_opt::OptConfig::preset_names().to_vec();
+        known.extend(LlamaConfig::preset_names());
+        return Err(Error::Opt(engine_opt::Error::UnknownModel { name: model.to_string(), known: known.join(", ") }));
+    }
+    Ok(Family::Opt)
+}
+
+/// Whether `model` names a Llama-family directory or preset (commands
+/// that do not run the family yet refuse it by name).
+pub fn names_llama_family(model: &str) -> bool {
+    matches!(family_of(model), Ok(Family::Llama))
+}
+
+/// Refuses the flags the Llama family's CPU engine cannot honour yet,
+/// naming them: it holds everything in host memory and computes on the CPU.
+fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
+    let all_on_host = |p: &[f64]| p == [0.0, 100.0, 0.0, 100.0, 0.0, 100.0];
+    let mut refused: Vec<String> = Vec::new();
+    if let Some(p) = args.percent.as_deref().filter(|p| !all_on_host(p)) {
+        let p: Vec<String> = p.iter().map(f64::to_string).collect();
+        refused.push(format!("--percent {} (placements off host memory: the GPU, disk)", p.join(" ")));
+    }
+    for (given, flag) in [
+        (args.offload_dir.is_some(), "--offload-dir"),
+        (args.compress_weight, "--compress-weight"),
+        (args.compress_cache, "--compress-cache"),
+        (args.cpu_cache_compute, "--cpu-cache-compute"),
+        (args.attn_sparsity != 1.0, "--attn-sparsity"),
+        (args.gpu_mem.is_some(), "--gpu-mem"),
+        (args.pin_weight.is_some(), "--pin-weight"),
+    ] {
+        if given {
+            refused.push(flag.to_string());
+        }
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(unsupported(format!(
+        "{} not supported for the Llama family yet: it runs on the CPU engine with the weights and the KV cache \
+         in host memory (its GPU engine, offloaded placements and compression are not built yet)",
+        refused.join(", ") + if refused.len() == 1 { " is" } else { " are" }
+    )))
+}
+
+/// A Llama-family model ready to run, with what its directory holds.
+struct Loaded {
+    model: LlamaModel,
+    ids: GenerationIds,
+    tokenizer: Option<Tokenizer>,
+    /// Where it came from, for messages.
+    source: PathBuf,
+}
+
+/// Loads `model` (a directory, or a preset with `dummy`): config.json
+/// validated, the checkpoint checked against the spec and the memory it
+/// needs before anything is allocated.
+fn load(model: &str, dummy: bool, seed: u64) -> Result<Loaded> {
+    let dir = Path::new(model);
+    let (config, dir) = if dir.is_dir() {
+        (LlamaConfig::from_file(&dir.join("config.json"))?, Some(dir))
+    } else {
+        if !dummy {
+            return Err(unsupported(format!(
+                "{model} is a preset: give a checkpoint directory, or --dummy for random weights"
+            )));
+        }
+        (LlamaConfig::preset(model)?, None)
+    };
+    let checkpoint = match (dir, dummy) {
+        (Some(d), false) => Some(engine_llama::model::open_checked(d, config)?),
+        _ => None,
+    };
+    let config = match &checkpoint {
+        Some((c, _)) => c.clone(),
+        None => match dir {
+            Some(d) => LlamaConfig::from_file(&d.join("config.json"))?,
+            None => LlamaConfig::preset(model)?,
+        },
+    };
+    let bytes = config.weight_bytes()?;
+    check_fits(&format!("{model}'s weights"), bytes)?;
+    let ids = match dir {
+        Some(d) => GenerationIds::from_dir(d, &config)?,
+        None => GenerationIds::of_config(&config),
+    };
+    let tokenizer = match dir {
+        Some(d) => Tokenizer::from_dir(d)?,
+        None => None,
+    };
+    let model_weights = match checkpoint {
+        Some((c, ckpt)) => LlamaModel::from_checkpoint(c, &ckpt)?,
+        None => LlamaModel::dummy(config, seed)?,
+    };
+    // The cache in f32, as OPT's CPU engine keeps it: the reference's
+    // numbers (Hugging Face computing in float32 over the stored weights).
+    let source = dir.map_or_else(|| PathBuf::from(model), Path::to_path_buf);
+    Ok(Loaded { model: model_weights.with_cache_dtype(ops::DType::F32), ids, tokenizer, source })
+}
+
+/// Token ids of each input: ids as given; text through the tokenizer, or
+/// with `chat` in the chat template as one user message.
+fn tokenize(loaded: &Loaded, inputs: &[Input], chat: bool) -> Result<Vec<Vec<u32>>> {
+    inputs
+        .iter()
+        .map(|input| match input {
+            Input::Ids(ids) => Ok(ids.clone()),
+            Input::Text(text) => {
+                let tok = loaded
+                    .tokenizer
+                    .as_ref()
+                    .ok_or_else(|| engine_opt::Error::NoTokenizer { dir: loaded.source.clone() })?;
+                let ids = if chat { tok.encode_chat(text) } else { tok.encode(text) };
+                Ok(ids.map_err(engine_llama::Error::from)?)
+            }
+        })
+        .collect()
+}
+
+/// The stop and padding ids: generation_config.json's (else config.json's,
+/// else the tokenizer's). Padding is masked, so any id of the vocabulary
+/// serves where the checkpoint names none.
+fn options(loaded: &Loaded, max_new_tokens: usize) -> GenerateOptions {
+    let tok = loaded.tokenizer.as_ref();
+    let mut eos = loaded.ids.eos_token_ids.clone();
+    if eos.is_empty() {
+        eos.extend(tok.and_then(Tokenizer::eos_id));
+    }
+    let vocab = loaded.model.config().vocab_size;
+    let pad = loaded
+        .ids
+        .pad_token_id
+        .or_else(|| tok.and_then(Tokenizer::pad_id))
+        .or_else(|| eos.first().copied())
+        .filter(|&id| (id as usize) < vocab)
+        .unwrap_or(0);
+    GenerateOptions { max_new_tokens, stop_on_eos: true, eos_token_ids: eos, pad_token_id: pad }
+}
+
+/// `tierlm generate` for a Llama-family model.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    refuse_unsupported(args)?;
+    let sampling =
+        SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    sampling.validate()?;
+    if args.gpu_batch_size == 0 {
+        return Err(unsupported("--gpu-batch-size must be at least 1".to_string()));
+    }
+    let inputs = match &args.input {
+        Some(path) => read_inputs(path)?,
+        None => args.prompts.iter().cloned().map(Input::Text).collect(),
+    };
+    let json = args.json || args.input.is_some();
+    let loaded = load(&args.model, args.dummy, args.seed)?;
+    let prompts = tokenize(&loaded, &inputs, args.chat)?;
+    let config = loaded.model.config();
+    runtime::schedule::validate_prompts(
+        config.vocab_size,
+        config.max_position_embeddings,
+        &prompts,
+        args.max_new_tokens,
+        0,
+    )?;
+    engine_llama::device::check_window(&loaded.model, &prompts, args.max_new_tokens)?;
+    // Refuse a batch's f32 KV cache that cannot fit.
+    let batch = args.gpu_batch_size.min(prompts.len()) as u64;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens) as u64;
+    let per_position = (config.num_hidden_layers as u64)
+        .saturating_mul(config.num_key_value_heads as u64)
+        .saturating_mul(config.head_dim as u64)
+        .saturating_mul(2 * 4);
+    check_fits("the f32 KV cache of a batch", per_position.saturating_mul(batch).saturating_mul(longest))?;
+    let opts = options(&loaded, args.max_new_tokens);
+    let mut sampler = Sampler::new(sampling);
+    let out = Outputs {
+        prompts: &prompts,
+        inputs: &inputs,
+        tokenizer: loaded.tokenizer.as_ref(),
+        batch_size: args.gpu_batch_size,
+        json,
+        file: output_file(args)?,
+    };
+    let weights = config.weight_bytes()?;
+    let held = std::cell::Cell::new(0u64);
+    out.write::<Error>(
+        args.max_new_tokens,
+        &mut |batch, pb| {
+            let out = generate_on_cpu(&loaded.model, &[batch.to_vec()], &opts, Some(&mut sampler), pb)?;
+            held.set(held.get().max(out.cache_bytes.saturating_add(out.activation_bytes)));
+            Ok(out.tokens)
+        },
+        &|| runtime::TierPeaks { pageable: weights.saturating_add(held.get()), ..Default::default() },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_dispatched_by_its_model_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        assert_eq!(family_of(d).unwrap(), Family::Opt, "no config.json: OPT's loader reports it");
+        for (model_type, family) in [("opt", Family::Opt), ("llama", Family::Llama), ("qwen3", Family::Llama)] {
+            std::fs::write(dir.path().join("config.json"), format!(r#"{{"model_type": "{model_type}"}}"#)).unwrap();
+            assert_eq!(family_of(d).unwrap(), family, "{model_type}");
+        }
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gemma3"}"#).unwrap();
+        let e = family_of(d).unwrap_err().to_string();
+        assert!(e.contains("gemma3") && e.contains("opt, llama, mistral, qwen2, qwen3"), "{e}");
+        assert_eq!(family_of("llama-3.1-8b").unwrap(), Family::Llama);
+        assert_eq!(family_of("opt-125m").unwrap(), Family::Opt);
+        let e = family_of("no-such-model").unwrap_err().to_string();
+        assert!(e.contains("opt-125m") && e.contains("qwen3-8b"), "{e}");
+        assert!(names_llama_family("mistral-7b") && !names_llama_family("opt-1.3b"));
+    }
+}
