@@ -150,7 +150,8 @@ impl From<runtime::Error> for Error {
             runtime::Error::InvalidArgument(m) => Error::InvalidArgument(m),
             other @ (runtime::Error::NeedsGpuEngine(_)
             | runtime::Error::NeedsTieredEngine(_)
-            | runtime::Error::PolicyDoesNotFit(_)) => Error::Runtime(other),
+            | runtime::Error::PolicyDoesNotFit(_)
+            | runtime::Error::NoPolicyFits(_)) => Error::Runtime(other),
         }
     }
 }

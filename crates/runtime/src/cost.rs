@@ -443,6 +443,12 @@ fn stage_times(b: &LinkBytes, rates: &Rates, run: &Run<'_>, policy: &Policy) -> 
     }
 }
 
+/// The GPU's fixed cost of one batch's layer beyond its bytes and FLOP:
+/// about twenty kernel launches and the cache slot's events. It keeps the
+/// search from splitting a block into many tiny batches that the bytes
+/// alone would call free.
+pub const BATCH_LAYER_OVERHEAD_S: f64 = 100e-6;
+
 /// One step of one block.
 fn step(run: &Run<'_>, policy: &Policy, rates: &Rates, phase: Phase) -> Result<StepCost> {
     let split = split_layers(run.spec.layers, policy.w_gpu_percent, policy.w_cpu_percent);
@@ -453,7 +459,8 @@ fn step(run: &Run<'_>, policy: &Policy, rates: &Rates, phase: Phase) -> Result<S
             continue;
         }
         let b = layer_bytes(run, policy, phase, streamed)?;
-        let t = stage_times(&b, rates, run, policy);
+        let mut t = stage_times(&b, rates, run, policy);
+        t.gpu += policy.num_gpu_batches as f64 * BATCH_LAYER_OVERHEAD_S;
         let (name, layer_s) = t.bound();
         let n = count as f64;
         cost.bytes.add(&b.scaled(n));

@@ -105,6 +105,11 @@ impl CompressMode {
         }
     }
 
+    /// The mode that asks for exactly the compression `policy` uses.
+    pub fn of_policy(policy: &Policy) -> CompressMode {
+        CompressMode::of(policy.compress_weight, policy.compress_cache)
+    }
+
     /// The mode that asks for exactly this compression.
     fn of(weight: bool, cache: bool) -> CompressMode {
         match (weight, cache) {
@@ -242,43 +247,55 @@ pub struct Outcome {
     pub note: Option<String>,
 }
 
-/// Block sizes tried per dimension: powers of two and their halfway points.
-const BATCH_GRID: &[usize] = &[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024];
-
-/// The (gpu batch size, GPU batches) pairs tried.
-fn batch_shapes(prompts: usize, pins: &Pins) -> Vec<(usize, usize)> {
-    let max = prompts.clamp(1, crate::search::MAX_BLOCK);
-    let mut sizes: Vec<usize> = BATCH_GRID.iter().copied().filter(|&g| g <= max).collect();
-    if max <= 1024 && !sizes.contains(&max) {
-        sizes.push(max);
+/// Divisors of `n` up to `max`, thinned to a geometric grid (each at
+/// least 1.4 times the one before; `n` itself kept).
+fn divisors(n: usize, max: usize) -> Vec<usize> {
+    let mut all = Vec::new();
+    let mut d = 1usize;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
+            all.push(d);
+            all.push(n / d);
+        }
+        d += 1;
     }
-    let gbs: Vec<usize> = match pins.gpu_batch_size {
-        Some(g) => vec![g],
-        None => sizes.clone(),
-    };
+    all.sort_unstable();
+    all.dedup();
+    let mut out: Vec<usize> = Vec::new();
+    for d in all.into_iter().filter(|&d| d <= max) {
+        match out.last() {
+            Some(&last) if (d as f64) < last as f64 * 1.4 && d != n.min(max) => {}
+            _ => out.push(d),
+        }
+    }
+    out
+}
+
+/// The (gpu batch size, GPU batches) pairs tried: blocks that divide the
+/// prompts into whole blocks (so that `bench` with the printed flags runs
+/// one of them), unless the user pinned either.
+fn batch_shapes(prompts: usize, pins: &Pins) -> Vec<(usize, usize)> {
+    let n = prompts.clamp(1, MAX_BLOCK);
     let mut out = Vec::new();
-    for &g in &gbs {
-        let nbs: Vec<usize> = match pins.num_gpu_batches {
-            Some(n) => vec![n],
-            None => {
-                let fits: Vec<usize> = sizes.iter().copied().filter(|&n| g.saturating_mul(n) <= max).collect();
-                let mut v: Vec<usize> = fits.into_iter().filter(|&n| n <= 32).collect();
-                // The block that holds every prompt, where it is a whole number of batches.
-                if max.is_multiple_of(g) && max / g <= 1024 && !v.contains(&(max / g)) {
-                    v.push(max / g);
+    match (pins.gpu_batch_size, pins.num_gpu_batches) {
+        (Some(g), Some(k)) => out.push((g, k)),
+        (Some(g), None) => {
+            let ks: Vec<usize> = if n.is_multiple_of(g) { divisors(n / g, 1024) } else { vec![1] };
+            out.extend(ks.into_iter().map(|k| (g, k)));
+        }
+        (None, Some(k)) => {
+            let gs: Vec<usize> = if n.is_multiple_of(k) { divisors(n / k, MAX_BLOCK) } else { vec![1] };
+            out.extend(gs.into_iter().map(|g| (g, k)));
+        }
+        (None, None) => {
+            for block in divisors(n, MAX_BLOCK) {
+                for k in divisors(block, 64) {
+                    out.push((block / k, k));
                 }
-                if v.is_empty() {
-                    v.push(1);
-                }
-                v
-            }
-        };
-        for n in nbs {
-            if g.checked_mul(n).is_some_and(|b| b <= MAX_BLOCK) {
-                out.push((g, n));
             }
         }
     }
+    out.retain(|&(g, k)| g.checked_mul(k).is_some_and(|b| b <= MAX_BLOCK));
     out
 }
 
@@ -419,6 +436,12 @@ impl<'a> Searcher<'a> {
                 None => return Ok(()),
             },
         };
+        // Unpinned weights differ from pinned ones only where the host
+        // holds streamed rows: elsewhere the candidate is the pinned one.
+        let host_rows = split_layers(self.req.spec.layers, policy.w_gpu_percent, policy.w_cpu_percent).uses_host();
+        if !policy.pin_weight && self.req.pins.pin_weight.is_none() && !host_rows {
+            return Ok(());
+        }
         self.evaluated += 1;
         let run = self.run(&policy);
         let prediction = predict(&run, &policy, &self.req.rates)?;
@@ -800,6 +823,18 @@ mod tests {
     }
 
     #[test]
+    fn blocks_divide_the_prompts() {
+        assert_eq!(divisors(64, 1024), vec![1, 2, 4, 8, 16, 32, 64]);
+        assert_eq!(divisors(12, 1024), vec![1, 2, 3, 6, 12]);
+        assert_eq!(divisors(7, 4), vec![1]);
+        let shapes = batch_shapes(24, &Pins::default());
+        assert!(shapes.iter().all(|&(g, k)| 24 % (g * k) == 0), "{shapes:?}");
+        assert!(shapes.contains(&(24, 1)) && shapes.contains(&(12, 2)));
+        let pinned = Pins { gpu_batch_size: Some(5), ..Pins::default() };
+        assert_eq!(batch_shapes(24, &pinned), vec![(5, 1)]);
+    }
+
+    #[test]
     fn objective_and_mode_parse() {
         assert_eq!("decode".parse::<Objective>().unwrap(), Objective::Decode);
         assert!("fast".parse::<Objective>().is_err());
@@ -862,7 +897,9 @@ mod tests {
                     if let Some(pin) = pins.pin_weight { prop_assert_eq!(p.pin_weight, pin); }
                     if let Some(sep) = pins.sep_layer { prop_assert_eq!(p.sep_layer, sep); }
                     prop_assert!(!p.compress_weight && !p.compress_cache);
-                    prop_assert!(p.block_size() <= prompts || pins.gpu_batch_size.is_some() || pins.num_gpu_batches.is_some());
+                    if pins.gpu_batch_size.is_none() && pins.num_gpu_batches.is_none() {
+                        prop_assert!(prompts % p.block_size() == 0, "{} prompts in blocks of {}", prompts, p.block_size());
+                    }
                 }
                 Err(e) => {
                     let msg = e.to_string();

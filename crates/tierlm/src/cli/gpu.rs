@@ -416,8 +416,19 @@ fn check_placement(
             != tier_api::HostMemKind::Pageable;
     let cap = Capacity::of_machine(gpu_capacity(free, gpu_mem), offload_dir);
     let spec = engine_opt::spec::model_spec(config, true)?;
-    engine_opt::placement::check(&spec, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
-    Ok(())
+    match engine_opt::placement::check(&spec, policy, work, Machine { gpu_compute: true, can_pin }, &cap) {
+        Ok(_) => Ok(()),
+        Err(runtime::Error::PolicyDoesNotFit(msg)) => {
+            // FlexGen's advice, and the search's: the nearest policy that fits.
+            let nearest = crate::cli::plan::nearest_fit(&spec, policy, work, cap, offload_dir);
+            let msg = match nearest {
+                Some(n) => format!("{msg}\n{n}"),
+                None => msg,
+            };
+            Err(runtime::Error::PolicyDoesNotFit(msg).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The GPU memory the engine may plan for: what the driver reports free,

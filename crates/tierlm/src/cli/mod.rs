@@ -5,7 +5,9 @@
 
 pub mod bench;
 pub mod bench_tiers;
+pub mod calibrate;
 pub mod copy_matrix;
 pub mod generate;
 pub mod gpu;
+pub mod plan;
 pub mod tiers;
