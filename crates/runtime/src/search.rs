@@ -198,8 +198,6 @@ impl Choice {
             format!("--percent {pct} --gpu-batch-size {} --num-gpu-batches {}", p.gpu_batch_size, p.num_gpu_batches);
         if !p.pin_weight {
             s += " --pin-weight false";
-        } else if self.host == HostMemKind::Pinned {
-            s += " --host-memory pinned";
         }
         if p.cpu_cache_compute {
             s += " --cpu-cache-compute";

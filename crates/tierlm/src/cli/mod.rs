@@ -3,6 +3,7 @@
 //! the GPU half of `bench` and `generate` (the command's, not the engine's:
 //! the GPU engine in `engine_opt::gpu` imports nothing from here).
 
+pub mod auto;
 pub mod bench;
 pub mod bench_tiers;
 pub mod calibrate;

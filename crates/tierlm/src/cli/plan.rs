@@ -85,11 +85,11 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
-fn parse_objective(s: &str) -> std::result::Result<Objective, String> {
+pub fn parse_objective(s: &str) -> std::result::Result<Objective, String> {
     s.parse().map_err(|e: runtime::Error| e.to_string())
 }
 
-fn parse_compress(s: &str) -> std::result::Result<CompressMode, String> {
+pub fn parse_compress(s: &str) -> std::result::Result<CompressMode, String> {
     s.parse().map_err(|e: runtime::Error| e.to_string())
 }
 
@@ -266,7 +266,7 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
         return Err(Error::InvalidArgument("--num-prompts, --prompt-len and --gen-len must be at least 1".into()));
     }
     let config = model_config(&args.model)?;
-    let seq = args.prompt_len.checked_add(args.gen_len).unwrap_or(usize::MAX);
+    let seq = args.prompt_len.saturating_add(args.gen_len);
     if seq > config.max_sequence_len() {
         return Err(Error::InvalidArgument(format!(
             "--prompt-len {} + --gen-len {} exceed the model's {} positions",
