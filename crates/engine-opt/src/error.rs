@@ -154,7 +154,8 @@ impl From<runtime::Error> for Error {
             other @ (runtime::Error::NeedsGpuEngine(_)
             | runtime::Error::NeedsTieredEngine(_)
             | runtime::Error::PolicyDoesNotFit(_)
-            | runtime::Error::ChatTemplate(_)) => Error::Runtime(other),
+            | runtime::Error::ChatTemplate(_)
+            | runtime::Error::NoPolicyFits(_)) => Error::Runtime(other),
         }
     }
 }

@@ -56,6 +56,11 @@ pub enum Error {
     #[error("{0}")]
     PolicyDoesNotFit(String),
 
+    /// No policy the search may choose fits the machine's budgets, with the
+    /// bytes needed and available per tier (see [`crate::search`]).
+    #[error("{0}")]
+    NoPolicyFits(String),
+
     /// A prompt is empty, or does not fit in the model's positions.
     #[error("prompt {index}: {reason}")]
     Prompt { index: usize, reason: String },

@@ -9,6 +9,11 @@
 //! - [`plan`]: where a policy puts every byte of a spec (weights split as
 //!   the engine places them, cache, activations, buffers), refused before
 //!   allocation with FlexGen's advice when it does not fit;
+//! - [`cost`]: the cost model — bytes per link, work, and from measured
+//!   [`cost::Rates`] the time of each overlapped stage and the predicted
+//!   throughput of a policy;
+//! - [`search`]: `--policy auto`, the search over policies that maximises
+//!   the predicted throughput within the machine's budgets;
 //! - [`tiers`]: the tiers of a run ([`tiers::Tiers`], built once per process
 //!   and shared by the weights, the KV cache and the activations), and what
 //!   each tier held at its peak ([`TierPeaks`]);
@@ -34,6 +39,7 @@
 //!
 //! Every failure here is a [`Error`].
 
+pub mod cost;
 pub mod cpu;
 mod error;
 pub mod guard;
@@ -44,6 +50,7 @@ pub mod policy;
 pub mod progress;
 pub mod sampling;
 pub mod schedule;
+pub mod search;
 pub mod spec;
 pub mod tiers;
 pub mod tokenizer;

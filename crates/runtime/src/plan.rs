@@ -22,7 +22,7 @@ use crate::spec::{packed_bytes, ModelSpec};
 
 /// Bytes a 4-bit value of the KV cache takes with group size 64 and an f16
 /// (min, scale) pair per group, over f16's two bytes.
-const COMPRESSED_PER_F16_BYTE: f64 = 0.5625 / 2.0;
+pub const COMPRESSED_PER_F16_BYTE: f64 = 0.5625 / 2.0;
 
 /// Pinned staging the GPU tier keeps for pageable and disk paths (its
 /// default ring: 16 slots of 8 MiB).
@@ -144,7 +144,7 @@ pub fn streamed_layer_bytes(spec: &ModelSpec, split: &LayerSplit, compress: bool
 }
 
 /// Bytes on each tier.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TierBytes {
     pub gpu: u64,
     pub pinned: u64,
@@ -173,7 +173,7 @@ impl std::ops::Add for TierBytes {
 }
 
 /// What a generation needs, by kind of tensor and tier.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Footprint {
     pub weights: TierBytes,
     pub cache: TierBytes,

@@ -21,6 +21,10 @@ enum Command {
     CopyMatrix(tierlm::cli::copy_matrix::CopyMatrixArgs),
     /// Measure the bandwidth of every copy path between the tiers present here
     BenchTiers(tierlm::cli::bench_tiers::BenchTiersArgs),
+    /// Choose a policy with the cost model (--policy auto) and show why, without loading the model
+    Plan(tierlm::cli::plan::PlanArgs),
+    /// Measure the rates the cost model needs on this machine, and cache them
+    Calibrate(tierlm::cli::calibrate::CalibrateArgs),
 }
 
 /// Exit status and message for a subcommand's result: errors go to stderr.
@@ -71,5 +75,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => report_run(tierlm::cli::bench::run(args).map_err(tierlm::Error::from)),
         Command::CopyMatrix(args) => report(tierlm::cli::copy_matrix::run(args)),
         Command::BenchTiers(args) => report(tierlm::cli::bench_tiers::run(args)),
+        Command::Plan(args) => report(tierlm::cli::plan::run(args)),
+        Command::Calibrate(args) => report(tierlm::cli::calibrate::run(args)),
     }
 }

@@ -40,12 +40,35 @@ pub struct BenchArgs {
     /// Tokens generated per prompt
     #[arg(long, default_value_t = 32)]
     pub gen_len: usize,
-    /// Sequences per batch
-    #[arg(long, default_value_t = 4)]
-    pub gpu_batch_size: usize,
-    /// Batches per block (prompts = gpu batch size × this)
-    #[arg(long, default_value_t = 1)]
-    pub num_gpu_batches: usize,
+    /// Sequences per batch [default: 4; with --policy auto, chosen unless given]
+    #[arg(long)]
+    pub gpu_batch_size: Option<usize>,
+    /// Batches per block (prompts = gpu batch size × this) [default: 1;
+    /// with --policy auto, chosen unless given]
+    #[arg(long)]
+    pub num_gpu_batches: Option<usize>,
+    /// How the placement is chosen: manual (the flags as given, everything
+    /// on the CPU without --percent) or auto (the cost model's search; any
+    /// policy flag given pins that choice; see tierlm plan)
+    #[arg(long, default_value = "manual", value_parser = ["manual", "auto"])]
+    pub policy: String,
+    /// With --policy auto: the prompts of the one block benchmarked
+    /// [default: --gpu-batch-size × --num-gpu-batches]
+    #[arg(long)]
+    pub num_prompts: Option<usize>,
+    /// With --policy auto: what to maximise, decode or total throughput
+    #[arg(long, default_value = "total", value_parser = crate::cli::plan::parse_objective)]
+    pub objective: runtime::search::Objective,
+    /// With --policy auto: compression the search may use (none, weight,
+    /// cache, both, auto); it changes the output
+    #[arg(long, default_value = "none", value_parser = crate::cli::plan::parse_compress)]
+    pub compress: runtime::search::CompressMode,
+    /// With --policy auto: host memory to plan for (default: what is available)
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::tiers::parse_size)]
+    pub host_mem: Option<u64>,
+    /// With --policy auto: fixed rates instead of this machine's (also TIERLM_CALIBRATION)
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
     /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU% (the rest
     /// on disk); the CPU engine takes 0 W_CPU 0 C_CPU 0 100 (weights and
     /// cache partly on disk)
@@ -99,10 +122,11 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// The policy these flags ask for.
     pub fn policy(&self) -> Result<Policy> {
-        check_block(self.gpu_batch_size, self.num_gpu_batches)?;
+        let (gbs, nb) = (self.gpu_batch_size.unwrap_or(4), self.num_gpu_batches.unwrap_or(1));
+        check_block(gbs, nb)?;
         let policy = Policy {
-            gpu_batch_size: self.gpu_batch_size,
-            num_gpu_batches: self.num_gpu_batches,
+            gpu_batch_size: gbs,
+            num_gpu_batches: nb,
             overlap: self.overlap.unwrap_or(false),
             sep_layer: self.sep_layer.unwrap_or(true),
             pin_weight: self.pin_weight.unwrap_or(true),
@@ -274,9 +298,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )));
     }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
-    let policy = args.policy()?;
+    let auto = args.policy == "auto";
+    if !auto {
+        for (given, flag) in [
+            (args.num_prompts.is_some(), "--num-prompts"),
+            (args.host_mem.is_some(), "--host-mem"),
+            (args.calibration.is_some(), "--calibration"),
+        ] {
+            if given {
+                return Err(Error::InvalidArgument(format!("{flag} needs --policy auto")));
+            }
+        }
+    }
+    let mut policy = args.policy()?;
+    let mut chosen = None;
+    if auto {
+        match super::auto::for_bench(&args)? {
+            Some(c) => {
+                policy = c.policy.clone();
+                chosen = Some(c);
+            }
+            None => eprintln!(
+                "note: --policy auto: no GPU here ({}); the CPU engine runs with everything in host memory",
+                tier_cuda::probe_message()
+            ),
+        }
+    }
     // Everything on the GPU, and a GPU here: the GPU engine runs it.
-    if let Some(result) = super::gpu::try_bench(&args, &policy) {
+    if let Some(result) = super::gpu::try_bench(&args, &policy, chosen.as_ref()) {
         return result;
     }
     policy.check_cpu_engine()?;

@@ -108,6 +108,56 @@ pub struct GenerateArgs {
     /// GPU memory tierlm may use (e.g. 16G), to act as a smaller card
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::tiers::parse_size)]
     pub gpu_mem: Option<u64>,
+    /// How the placement is chosen: manual (the flags as given, everything
+    /// on the CPU without --percent) or auto (the cost model's search, for
+    /// the GPU engine; the policy flags given pin their choice; see tierlm plan)
+    #[arg(long, default_value = "manual", value_parser = ["manual", "auto"])]
+    pub policy: String,
+    /// With --policy auto: what to maximise, decode or total throughput
+    #[arg(long, default_value = "total", value_parser = crate::cli::plan::parse_objective)]
+    pub objective: runtime::search::Objective,
+    /// With --policy auto: compression the search may use (none, weight,
+    /// cache, both, auto); it changes the output
+    #[arg(long, default_value = "none", value_parser = crate::cli::plan::parse_compress)]
+    pub compress: runtime::search::CompressMode,
+    /// With --policy auto: host memory to plan for (default: what is available)
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::tiers::parse_size)]
+    pub host_mem: Option<u64>,
+    /// With --policy auto: fixed rates instead of this machine's (also TIERLM_CALIBRATION)
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+}
+
+/// `--policy auto`: the flags of the chosen policy written into `args`, so
+/// the run goes on as if the user had given them.
+fn apply_auto(args: &mut GenerateArgs) -> Result<()> {
+    if args.policy != "auto" {
+        for (given, flag) in [(args.host_mem.is_some(), "--host-mem"), (args.calibration.is_some(), "--calibration")] {
+            if given {
+                return Err(Error::InvalidArgument(format!("{flag} needs --policy auto")));
+            }
+        }
+        return Ok(());
+    }
+    let inputs = match &args.input {
+        Some(path) => read_inputs(path)?,
+        None => args.prompts.iter().cloned().map(Input::Text).collect(),
+    };
+    match super::auto::for_generate(args, &inputs)? {
+        Some(c) => {
+            let p = &c.policy;
+            args.percent = Some(p.percent().to_vec());
+            args.pin_weight = Some(p.pin_weight);
+            args.compress_weight = p.compress_weight;
+            args.compress_cache = p.compress_cache;
+            args.cpu_cache_compute = p.cpu_cache_compute;
+        }
+        None => eprintln!(
+            "note: --policy auto: no GPU here ({}); the CPU engine runs with everything in host memory",
+            tier_cuda::probe_message()
+        ),
+    }
+    Ok(())
 }
 
 /// One input: text to tokenize, or token ids.
@@ -218,7 +268,8 @@ fn check_common(args: &GenerateArgs) -> Result<()> {
 }
 
 /// `tierlm generate` for an OPT model.
-fn run_opt(args: GenerateArgs) -> Result<()> {
+fn run_opt(mut args: GenerateArgs) -> Result<()> {
+    apply_auto(&mut args)?;
     if args.chat {
         return Err(Error::InvalidArgument(
             "--chat needs a chat template, and OPT checkpoints have none; give the prompt without --chat".into(),

@@ -36,6 +36,7 @@ use engine_opt::progress;
 use engine_opt::sampling::{Sampler, SamplingConfig};
 use engine_opt::tokenizer::{OptTokenizer, BOS_TOKEN_ID};
 use engine_opt::{Error, Result};
+use runtime::search::Choice;
 use tier_api::Device as _;
 
 /// Whether `policy` puts weights, cache and activations all on the GPU.
@@ -86,7 +87,7 @@ pub fn cache_plan(policy: &Policy) -> CachePlan {
 /// run (the placement is neither all-GPU nor weights-only offloading, or
 /// there is no GPU: the caller keeps its own behaviour), else the run's
 /// result.
-pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
+pub fn try_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> Option<Result<()>> {
     if policy.validate().is_err() || !takes(policy) {
         return None;
     }
@@ -94,7 +95,7 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy) -> Option<Result<()>> {
         eprintln!("note: the GPU engine cannot run here ({reason})");
         return None;
     }
-    Some(run_bench(args, policy))
+    Some(run_bench(args, policy, chosen))
 }
 
 /// Refuses the flags this engine does not implement yet.
@@ -253,6 +254,35 @@ pub struct GpuBenchReport {
     pub tiers: Option<TierReport>,
     /// The most each tier held (GPU, page-locked host, pageable host, disk).
     pub peak_per_tier: engine_opt::memory::TierPeaks,
+    /// With `--policy auto`: the policy chosen and what the cost model
+    /// predicted for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoReport>,
+}
+
+/// The auto policy of a run and its prediction, beside the measured figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoReport {
+    /// The flags that run the policy (`tierlm bench ...`).
+    pub flags: String,
+    pub predicted_prefill_tokens_per_s: f64,
+    pub predicted_decode_tokens_per_s: Option<f64>,
+    pub predicted_total_tokens_per_s: f64,
+    /// The stage the model says bounds a decode step.
+    pub predicted_decode_bound: String,
+}
+
+impl AutoReport {
+    pub fn of(c: &Choice) -> Self {
+        let p = &c.prediction;
+        AutoReport {
+            flags: c.flags(),
+            predicted_prefill_tokens_per_s: p.prefill_tokens_per_s,
+            predicted_decode_tokens_per_s: p.decode_tokens_per_s,
+            predicted_total_tokens_per_s: p.total_tokens_per_s,
+            predicted_decode_bound: p.decode_step.bound.clone(),
+        }
+    }
 }
 
 /// Copy bandwidth and product rate of `gpu`, measured with events: the
@@ -416,8 +446,19 @@ fn check_placement(
             != tier_api::HostMemKind::Pageable;
     let cap = Capacity::of_machine(gpu_capacity(free, gpu_mem), offload_dir);
     let spec = engine_opt::spec::model_spec(config, true)?;
-    engine_opt::placement::check(&spec, policy, work, Machine { gpu_compute: true, can_pin }, &cap)?;
-    Ok(())
+    match engine_opt::placement::check(&spec, policy, work, Machine { gpu_compute: true, can_pin }, &cap) {
+        Ok(_) => Ok(()),
+        Err(runtime::Error::PolicyDoesNotFit(msg)) => {
+            // FlexGen's advice, and the search's: the nearest policy that fits.
+            let nearest = crate::cli::plan::nearest_fit(&spec, policy, work, cap, offload_dir);
+            let msg = match nearest {
+                Some(n) => format!("{msg}\n{n}"),
+                None => msg,
+            };
+            Err(runtime::Error::PolicyDoesNotFit(msg).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The GPU memory the engine may plan for: what the driver reports free,
@@ -428,7 +469,7 @@ pub fn gpu_capacity(free: u64, gpu_mem: Option<u64>) -> u64 {
 }
 
 /// Runs `tierlm bench` on the GPU engine.
-pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
+pub fn run_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> Result<()> {
     check_flags(policy)?;
     if args.prompt_len == 0 || args.gen_len == 0 {
         return Err(Error::InvalidArgument("--prompt-len and --gen-len must be at least 1".to_string()));
@@ -618,6 +659,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy) -> Result<()> {
         roofline: roof,
         tiers: tier_report,
         peak_per_tier: model.tier_peaks(),
+        auto: chosen.map(AutoReport::of),
     };
     print_report(&report, args.json)?;
 
@@ -713,6 +755,26 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
         l.prefill_flop / 1e12,
     );
     out.write_all(text.as_bytes()).map_err(stdout_err)?;
+    if let Some(a) = &r.auto {
+        let vs = |measured: f64, predicted: f64| format!("{:+.0}%", 100.0 * (measured - predicted) / predicted);
+        writeln!(
+            out,
+            "policy (auto): {}
+             predicted by the cost model: prefill {:.1}, decode {}, total {:.1} token/s (decode bound by {});              measured against it: prefill {}, decode {}, total {}",
+            a.flags,
+            a.predicted_prefill_tokens_per_s,
+            a.predicted_decode_tokens_per_s.map_or("n/a".to_string(), |d| format!("{d:.1}")),
+            a.predicted_total_tokens_per_s,
+            a.predicted_decode_bound,
+            vs(r.prefill_tokens_per_s, a.predicted_prefill_tokens_per_s),
+            match (r.decode_tokens_per_s, a.predicted_decode_tokens_per_s) {
+                (Some(m), Some(p)) => vs(m, p),
+                _ => "n/a".to_string(),
+            },
+            vs(r.total_tokens_per_s, a.predicted_total_tokens_per_s),
+        )
+        .map_err(stdout_err)?;
+    }
     if r.tiers.is_none() {
         writeln!(out, "peak per tier: {}", r.peak_per_tier).map_err(stdout_err)?;
     }

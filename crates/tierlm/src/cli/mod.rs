@@ -4,10 +4,13 @@
 //! the GPU engine in `engine_opt::gpu` imports nothing from here); `llama`
 //! is `generate` and `bench` for the Llama family, on its CPU engine.
 
+pub mod auto;
 pub mod bench;
 pub mod bench_tiers;
+pub mod calibrate;
 pub mod copy_matrix;
 pub mod generate;
 pub mod gpu;
 pub mod llama;
+pub mod plan;
 pub mod tiers;

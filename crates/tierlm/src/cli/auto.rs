@@ -1,0 +1,152 @@
+//! `--policy auto` for `bench` and `generate`: the search of
+//! `runtime::search` with the flags the user gave pinned, the budgets of
+//! this machine and its calibrated rates (measured on first use). Where no
+//! GPU engine can run, the CPU engine keeps its default placement.
+
+use engine_opt::{Error, Result};
+use runtime::plan::Workload;
+use runtime::search::{search, Choice, Pins, Request};
+
+use super::bench::BenchArgs;
+use super::generate::GenerateArgs;
+use super::plan::{budgets, host_kind, model_config};
+
+fn percent_pin(p: &Option<Vec<f64>>) -> Result<Option<[f64; 6]>> {
+    match p {
+        None => Ok(None),
+        Some(v) => <[f64; 6]>::try_from(v.as_slice())
+            .map(Some)
+            .map_err(|_| Error::InvalidArgument(format!("--percent takes six numbers, got {}", v.len()))),
+    }
+}
+
+/// What the search needs beside the pins.
+struct Ask<'a> {
+    model: &'a str,
+    work: Workload,
+    prompts: usize,
+    gpu_mem: Option<u64>,
+    host_mem: Option<u64>,
+    offload_dir: Option<&'a std::path::Path>,
+    calibration: Option<&'a std::path::Path>,
+    objective: runtime::search::Objective,
+    compress: runtime::search::CompressMode,
+}
+
+fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
+    if !engine_opt::gpu::available() {
+        return Ok(None);
+    }
+    let config = model_config(ask.model)?;
+    let spec = engine_opt::spec::model_spec(&config, true)?;
+    let dir = ask.offload_dir.map(std::path::Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+    let cap = budgets(ask.gpu_mem, ask.host_mem, &dir)?;
+    let rates = super::calibrate::load(&dir, ask.calibration, false)?.calibration.rates;
+    let req = Request {
+        spec: &spec,
+        work: ask.work,
+        prompts: ask.prompts,
+        cap,
+        rates,
+        objective: ask.objective,
+        compress: ask.compress,
+        host: host_kind(None)?,
+        pins,
+    };
+    let out = search(&req)?;
+    if let Some(n) = &out.note {
+        eprintln!("note: {n}");
+    }
+    eprintln!("policy (auto): {}; predicted {}", out.best.flags(), super::plan::prediction_line(&out.best.prediction));
+    Ok(Some(out.best))
+}
+
+/// The policy `bench --policy auto` runs (`None` where there is no GPU):
+/// the one block of `--num-prompts` prompts (default `--gpu-batch-size` ×
+/// `--num-gpu-batches`), every policy flag given pinned.
+pub fn for_bench(args: &BenchArgs) -> Result<Option<Choice>> {
+    let given_block = args.gpu_batch_size.unwrap_or(4).checked_mul(args.num_gpu_batches.unwrap_or(1));
+    let prompts = match (args.num_prompts, given_block) {
+        (Some(n), _) => n,
+        (None, Some(b)) => b,
+        (None, None) => return Err(Error::InvalidArgument("--gpu-batch-size × --num-gpu-batches overflows".into())),
+    };
+    super::bench::check_block(prompts, 1)?;
+    if prompts == 0 {
+        return Err(Error::InvalidArgument("--num-prompts must be at least 1".into()));
+    }
+    let pins = Pins {
+        gpu_batch_size: args.gpu_batch_size,
+        num_gpu_batches: args.num_gpu_batches,
+        percent: percent_pin(&args.percent)?,
+        pin_weight: args.pin_weight,
+        cpu_cache_compute: args.cpu_cache_compute.then_some(true),
+        sep_layer: args.sep_layer,
+    };
+    let ask = Ask {
+        model: &args.model,
+        work: Workload { prompt_len: args.prompt_len, gen_len: args.gen_len },
+        prompts,
+        gpu_mem: args.gpu_mem,
+        host_mem: args.host_mem,
+        offload_dir: args.offload_dir.as_deref(),
+        calibration: args.calibration.as_deref(),
+        objective: args.objective,
+        compress: args.compress,
+    };
+    let Some(mut choice) = choose(ask, pins)? else {
+        return Ok(None);
+    };
+    if choice.policy.block_size() != prompts {
+        // The search's blocks divide the prompts; each block runs alike, so
+        // bench measures one of them.
+        eprintln!(
+            "note: --policy auto runs {prompts} prompts in blocks of {}; bench measures one block",
+            choice.policy.block_size()
+        );
+    }
+    // Flags the search does not choose come from the command line.
+    choice.policy.attn_sparsity = args.attn_sparsity;
+    choice.policy.overlap = args.overlap.unwrap_or(false);
+    Ok(Some(choice))
+}
+
+/// The policy `generate --policy auto` runs (`None` where there is no GPU):
+/// batches of `--gpu-batch-size` one at a time, so the batch is pinned;
+/// the prompt length planned for is the longest input's bytes (a bound on
+/// its tokens).
+pub fn for_generate(args: &GenerateArgs, inputs: &[super::generate::Input]) -> Result<Option<Choice>> {
+    let longest = inputs
+        .iter()
+        .map(|i| match i {
+            super::generate::Input::Ids(ids) => ids.len(),
+            super::generate::Input::Text(t) => t.len().saturating_add(1),
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let pins = Pins {
+        gpu_batch_size: Some(args.gpu_batch_size),
+        num_gpu_batches: Some(1),
+        percent: percent_pin(&args.percent)?,
+        pin_weight: args.pin_weight,
+        cpu_cache_compute: args.cpu_cache_compute.then_some(true),
+        sep_layer: None,
+    };
+    let ask = Ask {
+        model: &args.model,
+        work: Workload { prompt_len: longest, gen_len: args.max_new_tokens.max(1) },
+        prompts: args.gpu_batch_size.min(inputs.len().max(1)),
+        gpu_mem: args.gpu_mem,
+        host_mem: args.host_mem,
+        offload_dir: args.offload_dir.as_deref(),
+        calibration: args.calibration.as_deref(),
+        objective: args.objective,
+        compress: args.compress,
+    };
+    let Some(mut choice) = choose(ask, pins)? else {
+        return Ok(None);
+    };
+    choice.policy.attn_sparsity = args.attn_sparsity;
+    Ok(Some(choice))
+}
