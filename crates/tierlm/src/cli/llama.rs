@@ -1,19 +1,21 @@
-//! `tierlm generate` and `tierlm bench` for the Llama family (`model_type`
-//! `llama`, `mistral`, `qwen2`, `qwen3`), on its CPU engine: the weights and
-//! an f32 KV cache in host memory (as OPT's CPU engine), driven by the
-//! runtime's block schedule.
+//! `tierlm generate` for the Llama family (`model_type` `llama`, `mistral`,
+//! `qwen2`, `qwen3`) on the runtime's CPU engine: the weights and an f32 KV
+//! cache in host memory (as OPT's CPU engine), or with `--percent 0 W 0 C 0
+//! 100` the later layers and a share of each batch's cache on disk, driven
+//! by the runtime's block schedule.
 //!
 //! [`family_of`] decides which family a `--model` argument names: a
 //! directory by its config.json's `model_type`, a preset by its name.
-//! What the family cannot do yet (its GPU engine, offloaded placements,
-//! compression) is refused by name rather than ignored.
+//! What the family cannot do yet (its GPU engine, compression, `bench`) is
+//! refused by name rather than ignored.
 
 use std::path::{Path, PathBuf};
 
-use engine_llama::device::generate_on_cpu;
+use engine_llama::device::generate_placed;
 use engine_llama::{GenerationIds, LlamaConfig, LlamaModel};
 use engine_opt::loading::check_fits;
 use engine_opt::sampling::{Sampler, SamplingConfig};
+use runtime::cpu::{CpuPlacement, DiskLayers, HostLayer};
 use runtime::schedule::GenerateOptions;
 use runtime::tokenizer::Tokenizer;
 
@@ -79,16 +81,17 @@ pub fn names_llama_family(model: &str) -> bool {
 }
 
 /// Refuses the flags the Llama family's CPU engine cannot honour yet,
-/// naming them: it holds everything in host memory and computes on the CPU.
+/// naming them: it computes on the CPU, with the weights and the KV cache in
+/// host memory or partly on disk (`--percent 0 W 0 C 0 100`).
 fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
-    let all_on_host = |p: &[f64]| p == [0.0, 100.0, 0.0, 100.0, 0.0, 100.0];
+    // Nothing on the GPU, activations in host memory: the CPU engine's.
+    let on_cpu = |p: &[f64]| p.len() == 6 && p[0] == 0.0 && p[2] == 0.0 && p[4] == 0.0 && p[5] == 100.0;
     let mut refused: Vec<String> = Vec::new();
-    if let Some(p) = args.percent.as_deref().filter(|p| !all_on_host(p)) {
+    if let Some(p) = args.percent.as_deref().filter(|p| !on_cpu(p)) {
         let p: Vec<String> = p.iter().map(f64::to_string).collect();
-        refused.push(format!("--percent {} (placements off host memory: the GPU, disk)", p.join(" ")));
+        refused.push(format!("--percent {} (placements on the GPU)", p.join(" ")));
     }
     for (given, flag) in [
-        (args.offload_dir.is_some(), "--offload-dir"),
         (args.compress_weight, "--compress-weight"),
         (args.compress_cache, "--compress-cache"),
         (args.cpu_cache_compute, "--cpu-cache-compute"),
@@ -108,7 +111,8 @@ fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
     }
     Err(unsupported(format!(
         "{} not supported for the Llama family yet: it runs on the CPU engine with the weights and the KV cache \
-         in host memory (its GPU engine, offloaded placements and compression are not built yet)",
+         in host memory or partly on disk (--percent 0 W_CPU 0 C_CPU 0 100 --offload-dir DIR); its GPU engine \
+         and compression are not built yet",
         refused.join(", ") + if refused.len() == 1 { " is" } else { " are" }
     )))
 }
@@ -120,12 +124,14 @@ struct Loaded {
     tokenizer: Option<Tokenizer>,
     /// Where it came from, for messages.
     source: PathBuf,
+    /// The layers `--percent` put on disk.
+    on_disk: Option<std::sync::Arc<DiskLayers>>,
 }
 
 /// Loads `model` (a directory, or a preset with `dummy`): config.json
 /// validated, the checkpoint checked against the spec and the memory it
 /// needs before anything is allocated.
-fn load(model: &str, dummy: bool, seed: u64) -> Result<Loaded> {
+fn load(model: &str, dummy: bool, seed: u64, offload: Option<&Offload>) -> Result<Loaded> {
     let dir = Path::new(model);
     let (config, dir) = if dir.is_dir() {
         (LlamaConfig::from_file(&dir.join("config.json"))?, Some(dir))
@@ -148,8 +154,25 @@ fn load(model: &str, dummy: bool, seed: u64) -> Result<Loaded> {
             None => LlamaConfig::preset(model)?,
         },
     };
-    let bytes = config.weight_bytes()?;
-    check_fits(&format!("{model}'s weights"), bytes)?;
+    let spec = engine_llama::model_spec(&config)?;
+    let resident = offload.map_or(spec.layers, |o| runtime::plan::resident_layers(spec.layers, o.policy.w_cpu_percent));
+    let in_memory = spec.outside_bytes()?.saturating_add((resident as u64).saturating_mul(spec.layer_bytes(false)?));
+    check_fits(&format!("{model}'s weights in memory"), in_memory)?;
+    let mut on_disk = match offload {
+        Some(o) if resident < spec.layers => {
+            let need = (spec.layers - resident) as u64 * spec.layer_bytes(false)?;
+            tier_disk::check_free(&o.dir, need, "the weights placed on disk").map_err(engine_opt::Error::from)?;
+            let disk = o.tiers.disk(&o.dir)?;
+            Some(DiskLayers::new(disk, spec.clone(), resident).with_host_account(std::sync::Arc::clone(&o.host)))
+        }
+        _ => None,
+    };
+    let mut away = |j: usize, layer: HostLayer| -> engine_llama::Result<()> {
+        match on_disk.as_mut() {
+            Some(d) => Ok(d.put(j, &layer)?),
+            None => Ok(()),
+        }
+    };
     let ids = match dir {
         Some(d) => GenerationIds::from_dir(d, &config)?,
         None => GenerationIds::of_config(&config),
@@ -159,13 +182,28 @@ fn load(model: &str, dummy: bool, seed: u64) -> Result<Loaded> {
         None => None,
     };
     let model_weights = match checkpoint {
-        Some((c, ckpt)) => LlamaModel::from_checkpoint(c, &ckpt)?,
-        None => LlamaModel::dummy(config, seed)?,
+        Some((c, ckpt)) => LlamaModel::from_checkpoint_streaming(c, &ckpt, resident, &mut away)?,
+        None => LlamaModel::dummy_streaming(config, seed, resident, &mut away)?,
     };
     // The cache in f32, as OPT's CPU engine keeps it: the reference's
     // numbers (Hugging Face computing in float32 over the stored weights).
     let source = dir.map_or_else(|| PathBuf::from(model), Path::to_path_buf);
-    Ok(Loaded { model: model_weights.with_cache_dtype(ops::DType::F32), ids, tokenizer, source })
+    Ok(Loaded {
+        model: model_weights.with_cache_dtype(ops::DType::F32),
+        ids,
+        tokenizer,
+        source,
+        on_disk: on_disk.map(std::sync::Arc::new),
+    })
+}
+
+/// Where `--percent` puts what is not in host memory: the run's tiers, the
+/// offload directory, the host account the engine reserves against.
+struct Offload {
+    policy: runtime::policy::Policy,
+    tiers: runtime::Tiers,
+    dir: PathBuf,
+    host: std::sync::Arc<tier_api::MemAccount>,
 }
 
 /// Token ids of each input: ids as given; text through the tokenizer, or
@@ -221,7 +259,17 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         None => args.prompts.iter().cloned().map(Input::Text).collect(),
     };
     let json = args.json || args.input.is_some();
-    let loaded = load(&args.model, args.dummy, args.seed)?;
+    let policy = super::gpu::generate_policy(args)?;
+    let dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let tiers = runtime::Tiers::default();
+    let host = std::sync::Arc::clone(tier_api::Device::account(&*tiers.host(tier_api::HostMemKind::Pageable)?));
+    let offload = Offload { policy, tiers, dir, host };
+    let loaded = load(&args.model, args.dummy, args.seed, Some(&offload))?;
+    let cache_disk = if offload.policy.cache_cpu_percent < 100.0 {
+        Some((offload.tiers.disk(&offload.dir)?, offload.policy.cache_cpu_percent))
+    } else {
+        None
+    };
     let prompts = tokenize(&loaded, &inputs, args.chat)?;
     let config = loaded.model.config();
     runtime::schedule::validate_prompts(
@@ -250,16 +298,32 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         json,
         file: output_file(args)?,
     };
-    let weights = config.weight_bytes()?;
-    let held = std::cell::Cell::new(0u64);
+    // The weights in memory, reserved beside what the engine reserves
+    // (caches, hidden states, scratch, the streamed layer): the host
+    // tier's peak is what the run held.
+    let resident: u64 = loaded.model.named_tensors().iter().map(|(_, t)| t.as_bytes().len() as u64).sum();
+    let _weights_held = offload.host.reserve(resident, resident).map_err(engine_opt::Error::from)?;
     out.write::<Error>(
         args.max_new_tokens,
         &mut |batch, pb| {
-            let out = generate_on_cpu(&loaded.model, &[batch.to_vec()], &opts, Some(&mut sampler), pb)?;
-            held.set(held.get().max(out.cache_bytes.saturating_add(out.activation_bytes)));
+            let placement = CpuPlacement {
+                disk: loaded.on_disk.clone(),
+                cache_disk: cache_disk.clone(),
+                host: Some(std::sync::Arc::clone(&offload.host)),
+            };
+            let resident = loaded.model.layers();
+            let out =
+                generate_placed(&loaded.model, resident, placement, &[batch.to_vec()], &opts, Some(&mut sampler), pb)?;
             Ok(out.tokens)
         },
-        &|| runtime::TierPeaks { pageable: weights.saturating_add(held.get()), ..Default::default() },
+        // Pageable: the host account's peak and the disk tier's staging
+        // buffers; disk: the arena's peak (layers and cache).
+        &|| runtime::TierPeaks {
+            pageable: offload.host.stats().peak_resident
+                + offload.tiers.disks().iter().map(|d| d.host_account().stats().peak_resident).sum::<u64>(),
+            disk: offload.tiers.disks().iter().map(|d| tier_api::Device::account(&**d).stats().peak_resident).sum(),
+            ..Default::default()
+        },
     )
 }
 
