@@ -551,33 +551,9 @@ pub fn predict(run: &Run<'_>, policy: &Policy, rates: &Rates) -> Result<Predicti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Block, KvLayout, TensorSpec, Widths};
-    use tier_api::DType;
 
     pub(crate) fn spec(layers: usize, h: usize) -> ModelSpec {
-        let t = |name: &str, shape: &[usize], dtype, block, c| TensorSpec {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype,
-            block,
-            compressible: c,
-            packed_as: Vec::new(),
-            sources: Vec::new(),
-        };
-        ModelSpec::new(
-            (layers, "layers.{}."),
-            vec![
-                t("norm1", &[h], DType::F16, Block::Attention, false),
-                t("qkv", &[3 * h, h], DType::F16, Block::Attention, true),
-                t("out", &[h, h], DType::F16, Block::Attention, true),
-                t("up", &[4 * h, h], DType::F16, Block::Mlp, true),
-                t("down", &[h, 4 * h], DType::F16, Block::Mlp, true),
-            ],
-            vec![t("embed", &[50_000, h], DType::F16, Block::Attention, false)],
-            KvLayout { kv_heads: h / 128, head_dim: 128, dtype: DType::F16 },
-            Widths { hidden: h, heads: h / 128, intermediate: 4 * h, dtype: DType::F16 },
-        )
-        .unwrap()
+        crate::spec::testing::spec(layers, h, 128, false)
     }
 
     fn policy(percent: [f64; 6], gbs: usize, nb: usize) -> Policy {

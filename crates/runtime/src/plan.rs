@@ -494,39 +494,13 @@ pub fn check(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Machine
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Block, KvLayout, TensorSpec, Widths};
-    use tier_api::DType;
 
     const GPU: Machine = Machine { gpu_compute: true, can_pin: true };
     const WORK: Workload = Workload { prompt_len: 512, gen_len: 32 };
     const GIB: u64 = 1 << 30;
 
-    /// A model-shaped spec: `layers` layers of hidden `h`, MLP `4h`.
     fn spec(layers: usize, h: usize) -> ModelSpec {
-        let t = |name: &str, shape: &[usize], dtype, block, c| TensorSpec {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype,
-            block,
-            compressible: c,
-            packed_as: Vec::new(),
-            sources: Vec::new(),
-        };
-        ModelSpec::new(
-            (layers, "layers.{}."),
-            vec![
-                t("norm1", &[h], DType::F16, Block::Attention, false),
-                t("qkv", &[3 * h, h], DType::F16, Block::Attention, true),
-                t("out", &[h, h], DType::F16, Block::Attention, true),
-                t("up", &[4 * h, h], DType::F16, Block::Mlp, true),
-                t("down", &[h, 4 * h], DType::F16, Block::Mlp, true),
-                t("down_bias", &[h], DType::F32, Block::Mlp, false),
-            ],
-            vec![t("embed", &[50_000, h], DType::F16, Block::Attention, false)],
-            KvLayout { kv_heads: h / 128, head_dim: 128, dtype: DType::F16 },
-            Widths { hidden: h, heads: h / 128, intermediate: 4 * h, dtype: DType::F16 },
-        )
-        .unwrap()
+        crate::spec::testing::spec(layers, h, 128, true)
     }
 
     fn policy(percent: [f64; 6], gbs: usize, nb: usize) -> Policy {

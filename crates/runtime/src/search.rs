@@ -703,37 +703,12 @@ pub fn search(req: &Request<'_>) -> Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Block, KvLayout, TensorSpec, Widths};
     use proptest::prelude::*;
-    use tier_api::DType;
 
     const GIB: u64 = 1 << 30;
 
     fn spec(layers: usize, h: usize) -> ModelSpec {
-        let t = |name: &str, shape: &[usize], dtype, block, c| TensorSpec {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype,
-            block,
-            compressible: c,
-            packed_as: Vec::new(),
-            sources: Vec::new(),
-        };
-        ModelSpec::new(
-            (layers, "layers.{}."),
-            vec![
-                t("norm1", &[h], DType::F16, Block::Attention, false),
-                t("qkv", &[3 * h, h], DType::F16, Block::Attention, true),
-                t("out", &[h, h], DType::F16, Block::Attention, true),
-                t("up", &[4 * h, h], DType::F16, Block::Mlp, true),
-                t("down", &[h, 4 * h], DType::F16, Block::Mlp, true),
-                t("down_bias", &[h], DType::F32, Block::Mlp, false),
-            ],
-            vec![t("embed", &[50_000, h], DType::F16, Block::Attention, false)],
-            KvLayout { kv_heads: h / 64, head_dim: 64, dtype: DType::F16 },
-            Widths { hidden: h, heads: h / 64, intermediate: 4 * h, dtype: DType::F16 },
-        )
-        .unwrap()
+        crate::spec::testing::spec(layers, h, 64, true)
     }
 
     fn request(spec: &ModelSpec, prompts: usize, cap: Capacity) -> Request<'_> {

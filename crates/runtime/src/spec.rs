@@ -267,6 +267,46 @@ impl ModelSpec {
     }
 }
 
+/// A model-shaped spec for the runtime's own tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Block, KvLayout, ModelSpec, TensorSpec, Widths};
+    use tier_api::DType;
+
+    /// `layers` layers of hidden `h` (an MLP of `4h`, heads of `head_dim`),
+    /// with an f32 bias after the MLP if `bias`, and a 50,000-row embedding.
+    pub(crate) fn spec(layers: usize, h: usize, head_dim: usize, bias: bool) -> ModelSpec {
+        let t = |name: &str, shape: &[usize], dtype, block, c| TensorSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            block,
+            compressible: c,
+            packed_as: Vec::new(),
+            sources: Vec::new(),
+        };
+        let mut layer = vec![
+            t("norm1", &[h], DType::F16, Block::Attention, false),
+            t("qkv", &[3 * h, h], DType::F16, Block::Attention, true),
+            t("out", &[h, h], DType::F16, Block::Attention, true),
+            t("up", &[4 * h, h], DType::F16, Block::Mlp, true),
+            t("down", &[h, 4 * h], DType::F16, Block::Mlp, true),
+        ];
+        if bias {
+            layer.push(t("down_bias", &[h], DType::F32, Block::Mlp, false));
+        }
+        let heads = h / head_dim;
+        ModelSpec::new(
+            (layers, "layers.{}."),
+            layer,
+            vec![t("embed", &[50_000, h], DType::F16, Block::Attention, false)],
+            KvLayout { kv_heads: heads, head_dim, dtype: DType::F16 },
+            Widths { hidden: h, heads, intermediate: 4 * h, dtype: DType::F16 },
+        )
+        .expect("a valid test spec")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
