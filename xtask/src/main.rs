@@ -40,6 +40,10 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The bundle honours the fault-injection variables (the GPU machine's
+/// fault tests need them; unset, they cost one atomic add per GPU allocation).
+const FAULTS: &str = "tierlm/fault-injection";
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -99,14 +103,26 @@ fn gpu_bundle() -> Result<(), String> {
     let tests_dir = staging.join("tests");
     std::fs::create_dir_all(&tests_dir).map_err(|e| format!("cannot create {}: {e}", tests_dir.display()))?;
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    run("release binaries", cargo().args(["build", "--release", "--workspace", "--bins", "--locked"]))?;
+    run(
+        "release binaries",
+        cargo().args(["build", "--release", "--workspace", "--bins", "--locked", "--features", FAULTS]),
+    )?;
     let bin = root.join("target/release/tierlm");
     copy_stripped(&bin, &out.join("tierlm"))?;
 
     // Test executables: ask cargo where it put them.
     eprintln!("xtask: building release test executables");
     let output = cargo()
-        .args(["test", "--release", "--workspace", "--locked", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--locked",
+            "--no-run",
+            "--message-format=json",
+            "--features",
+            FAULTS,
+        ])
         .output()
         .map_err(|e| format!("cannot run cargo test --no-run: {e}"))?;
     if !output.status.success() {

@@ -23,6 +23,7 @@ mod copy;
 mod device;
 mod dtype;
 mod error;
+pub mod fault;
 mod segment;
 mod storage;
 mod tensor;

@@ -256,6 +256,12 @@ impl GpuStorage {
         let mut ptr = 0;
         if len > 0 {
             shared.bind()?;
+            if tier_api::fault::alloc_fails(tier_api::fault::AllocSite::Gpu)? {
+                // Refused as the driver refuses: the same error a real
+                // out-of-memory gives, so the same paths handle it.
+                let (free, total) = shared.mem_info().unwrap_or((0, 0));
+                return Err(Error::OutOfMemory { tier: shared.tier.clone(), asked: len, free, budget: total });
+            }
             // SAFETY: a context is current; the out-pointer is valid.
             let r = unsafe { sys::cuMemAlloc_v2(&mut ptr, len as usize) }.result();
             if let Err(e) = r {

@@ -19,7 +19,7 @@ pub struct DiskDevice {
 
 impl DiskDevice {
     /// Creates the arena in `config.dir` and sets up the backend. In a
-    /// debug build, the faults `TIERLM_DISK_FAULTS` names are injected
+    /// debug build (or one with `fault-injection`), the faults `TIERLM_DISK_FAULTS` names are injected
     /// ([`crate::fault::FAULTS_ENV`]: end-to-end fault tests of the binary).
     pub fn new(config: DiskConfig) -> Result<Arc<Self>> {
         Self::build(config, crate::fault::plan_from_env()?)

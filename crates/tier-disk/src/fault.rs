@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tier_api::{FixedBuffers, HostSpan, IoOp};
 
 /// The environment variable that injects faults into every disk device a
-/// debug build of tierlm makes (release builds ignore it): comma-separated
+/// debug build of tierlm makes, or a build with tier-api's
+/// `fault-injection` feature (other release builds ignore it): comma-separated
 /// `OP:INDEX:KIND[:TIMES]`, OP `read` or `write`, INDEX the operation's
 /// index in its direction (from 0, per device; resubmissions count) or a
 /// range `FIRST-LAST` of them, KIND `eio`, `enospc` or
@@ -89,10 +90,10 @@ pub fn parse_plan(spec: &str) -> tier_api::Result<FaultPlan> {
     Ok(plan)
 }
 
-/// The faults [`FAULTS_ENV`] asks for, in a debug build; `None` in a
-/// release build or without the variable.
+/// The faults [`FAULTS_ENV`] asks for where faults are honoured
+/// ([`tier_api::fault::ENABLED`]); `None` elsewhere or without the variable.
 pub fn plan_from_env() -> tier_api::Result<Option<std::sync::Arc<FaultPlan>>> {
-    if !cfg!(debug_assertions) {
+    if !tier_api::fault::ENABLED {
         return Ok(None);
     }
     match std::env::var(FAULTS_ENV) {

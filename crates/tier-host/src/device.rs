@@ -209,11 +209,22 @@ const PIN_ADVICE: &str = "the OS refused to lock the pages; free (unpin) other p
 /// be current.
 fn alloc_pinned(len: usize) -> Result<NonNull<u8>> {
     let kind = HostMemKind::Pinned;
+    injected_refusal(kind, len, "cuMemHostAlloc")?;
     // SAFETY: a context is current (caller); the driver returns memory valid
     // for `len` bytes or an error.
     let raw = unsafe { cudarc::driver::result::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
         .map_err(|e| refused(kind, len, format!("cuMemHostAlloc: {}; {PIN_ADVICE}", crate::cuda::driver_reason(e))))?;
     NonNull::new(raw.cast::<u8>()).ok_or_else(|| refused(kind, len, "cuMemHostAlloc returned a null pointer".into()))
+}
+
+/// The refusal `TIERLM_ALLOC_FAULTS` asks for, if it asks for this
+/// page-locked allocation (tests; see `tier_api::fault`).
+fn injected_refusal(kind: HostMemKind, len: usize, call: &str) -> Result<()> {
+    if tier_api::fault::alloc_fails(tier_api::fault::AllocSite::PageLocked)? {
+        let reason = format!("{call}: out of memory ({}); {PIN_ADVICE}", tier_api::fault::INJECTED);
+        return Err(refused(kind, len, reason));
+    }
+    Ok(())
 }
 
 /// Anonymous mappings at least this large are hinted for transparent huge pages.
@@ -323,6 +334,7 @@ impl HostStorage {
             off += page;
         }
         ctx.bind_to_thread().map_err(|e| driver_error("host:registered", "cuCtxSetCurrent", e))?;
+        injected_refusal(kind, len, "cuMemHostRegister")?;
         // SAFETY: the anonymous mapping covers `mapped` bytes (whole pages)
         // and outlives the registration: Drop unregisters before unmapping.
         unsafe { sys::cuMemHostRegister_v2(ptr.as_ptr().cast::<c_void>(), mapped, sys::CU_MEMHOSTREGISTER_PORTABLE) }

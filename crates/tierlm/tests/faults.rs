@@ -1,9 +1,13 @@
-//! Disk faults end to end on the CPU engine: `tierlm generate` and `bench`
-//! with weights and KV cache partly on disk, and EIO, ENOSPC and short
-//! transfers injected into the disk tier (`TIERLM_DISK_FAULTS`, honoured by
-//! debug builds only). Each run either recovers (a short transfer retried)
-//! with the fault-free output, or stops with a clear error and exit status
-//! 1; none panics or hangs, and the offload directory is left empty.
+//! Faults end to end: `tierlm generate` and `bench` with weights and KV
+//! cache partly on disk, and EIO, ENOSPC and short transfers injected into
+//! the disk tier (`TIERLM_DISK_FAULTS`) — on the CPU engine in CI, on the
+//! GPU engine on the GPU machine (the same placement runs there) — and, on
+//! the GPU machine, GPU and page-locked host allocations refused mid-run
+//! (`TIERLM_ALLOC_FAULTS`). Both variables are honoured by debug builds and
+//! by the GPU bundle's `fault-injection` build only. Each run either
+//! recovers (a short transfer retried) with the fault-free output, or stops
+//! with a clear error and exit status 1; none panics or hangs, and the
+//! offload directory is left empty.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -26,11 +30,16 @@ fn tierlm_exe() -> PathBuf {
     }
 }
 
-/// Runs tierlm with `faults`; fails the test past `limit` (a hang).
+/// Runs tierlm with disk `faults`; fails the test past `limit` (a hang).
 fn run(args: &[String], faults: &str) -> Output {
+    run_with(args, "TIERLM_DISK_FAULTS", faults)
+}
+
+/// Runs tierlm with `var` set to `faults`; fails the test past a minute (a hang).
+fn run_with(args: &[String], var: &str, faults: &str) -> Output {
     let mut child = Command::new(tierlm_exe())
         .args(args)
-        .env("TIERLM_DISK_FAULTS", faults)
+        .env(var, faults)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -188,4 +197,58 @@ fn disk_faults_stop_bench_cleanly() {
         assert!(stderr.contains("error: memory tier: ") && !stderr.contains("panicked"), "{faults}: {stderr}");
         assert_eq!(std::fs::read_dir(&offload).unwrap().count(), 0, "{faults}: files left");
     }
+}
+
+/// GPU and page-locked host allocations refused at points through a
+/// `generate` run on the GPU engine (weights and cache on host and disk):
+/// the run stops with the tier's out-of-memory error, or succeeds with the
+/// fault-free output where the index lies past its last allocation.
+#[test]
+fn allocation_faults_stop_the_gpu_engine_cleanly() {
+    if let Some(reason) = engine_opt::gpu::unavailable_reason() {
+        println!("skipped: no CUDA driver ({reason})");
+        return;
+    }
+    const VAR: &str = "TIERLM_ALLOC_FAULTS";
+    let tmp = tempfile::tempdir().unwrap();
+    let offload = tmp.path().join("offload");
+    std::fs::create_dir(&offload).unwrap();
+    let args = generate_args(&offload);
+    let bogus = run_with(&args, VAR, "bogus");
+    if !String::from_utf8_lossy(&bogus.stderr).contains(VAR) {
+        println!("skipped: this tierlm ignores {VAR} (a release build without fault-injection)");
+        return;
+    }
+    assert_eq!(bogus.status.code(), Some(1), "an unreadable {VAR} is an error");
+    let reference = run_with(&args, VAR, "");
+    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+
+    let mut failed = [0usize; 2];
+    for (s, (site, says)) in
+        [("gpu", "out of memory on gpu"), ("pinned", "injected by TIERLM_ALLOC_FAULTS")].into_iter().enumerate()
+    {
+        for index in [0u32, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377] {
+            let faults = format!("{site}:{index}");
+            let start = Instant::now();
+            let out = run_with(&args, VAR, &faults);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!stderr.contains("panicked"), "{faults}: {stderr}");
+            let left: Vec<_> = std::fs::read_dir(&offload).unwrap().collect();
+            assert!(left.is_empty(), "{faults}: left in the offload directory: {left:?}");
+            if out.status.success() {
+                assert_eq!(out.stdout, reference.stdout, "{faults}: a run past the fault gives the same output");
+            } else {
+                assert_eq!(out.status.code(), Some(1), "{faults}: {stderr}");
+                assert!(stderr.contains(says), "{faults}: {stderr}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "{faults}: stopped only after {:?}",
+                    start.elapsed()
+                );
+                failed[s] += 1;
+            }
+            println!("{faults}: {}", if out.status.success() { "ran past it" } else { "stopped" });
+        }
+    }
+    assert!(failed[0] >= 3 && failed[1] >= 1, "too few refusals reached: {failed:?}");
 }
