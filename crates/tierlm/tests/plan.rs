@@ -203,8 +203,8 @@ fn first_use_calibrates_and_caches() {
 }
 
 /// `--policy auto` on a machine without a GPU: the CPU engine runs as
-/// without it (everything in host memory), and says so; the options of
-/// auto alone are refused without it.
+/// without it (everything in host memory), and says so when it was asked
+/// for; the options of the search alone are refused with a hand placement.
 #[test]
 fn policy_auto_without_a_gpu_keeps_the_cpu_default() {
     let Ok(None) = tier_cuda_probe() else {
@@ -227,9 +227,23 @@ fn policy_auto_without_a_gpu_keeps_the_cpu_default() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["engine"], "cpu");
     assert_eq!(r["percent"], serde_json::json!([0.0, 100.0, 0.0, 100.0, 0.0, 100.0]));
+    // The search is the default: without --policy the run is the same,
+    // quietly (nothing was asked that the machine cannot do).
     let out = bench(&["--num-prompts", "8"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--num-prompts needs --policy auto"), "{err}");
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("no GPU here"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["engine"], "cpu");
+    // A hand placement (--percent or --policy manual) refuses the search's options.
+    for extra in [
+        &["--policy", "manual", "--num-prompts", "8"][..],
+        &["--percent", "0", "100", "0", "100", "0", "100", "--host-mem", "1G"],
+    ] {
+        let out = bench(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("is read by the policy search only"), "{extra:?}: {err}");
+    }
 }
 
 fn tier_cuda_probe() -> Result<Option<()>, ()> {

@@ -11,6 +11,49 @@ use super::bench::BenchArgs;
 use super::generate::GenerateArgs;
 use super::plan::{budgets, host_kind, model_config};
 
+/// How a run's placement is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The flags as given (`--policy manual`, or `--percent` given).
+    Manual,
+    /// The search; `asked` when `--policy auto` was given, not merely the
+    /// default (only then does a machine without a GPU say it ignored it).
+    Auto { asked: bool },
+}
+
+/// `--policy` as given (if at all) and whether `--percent` was: the search
+/// is the default unless the user placed the run by hand.
+pub fn mode(policy: Option<&str>, percent_given: bool) -> Mode {
+    match policy {
+        Some("manual") => Mode::Manual,
+        Some(_) => Mode::Auto { asked: true },
+        None if percent_given => Mode::Manual,
+        None => Mode::Auto { asked: false },
+    }
+}
+
+/// Refuses the flags that only the search reads when the run is manual.
+pub fn check_auto_only(mode: Mode, flags: &[(bool, &str)]) -> Result<()> {
+    if mode == Mode::Manual {
+        if let Some((_, flag)) = flags.iter().find(|(given, _)| *given) {
+            return Err(Error::InvalidArgument(format!(
+                "{flag} is read by the policy search only; drop --percent/--policy manual to let it choose, or drop {flag}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a machine without a GPU says about an asked-for `--policy auto`.
+pub fn no_gpu_note(mode: Mode) {
+    if mode == (Mode::Auto { asked: true }) {
+        eprintln!(
+            "note: --policy auto: no GPU here ({}); the CPU engine runs with everything in host memory",
+            tier_cuda::probe_message()
+        );
+    }
+}
+
 fn percent_pin(p: &Option<Vec<f64>>) -> Result<Option<[f64; 6]>> {
     match p {
         None => Ok(None),
@@ -65,6 +108,11 @@ fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
 /// the one block of `--num-prompts` prompts (default `--gpu-batch-size` ×
 /// `--num-gpu-batches`), every policy flag given pinned.
 pub fn for_bench(args: &BenchArgs) -> Result<Option<Choice>> {
+    for (given, flag) in [(args.gpu_batch_size, "--gpu-batch-size"), (args.num_gpu_batches, "--num-gpu-batches")] {
+        if given == Some(0) {
+            return Err(Error::InvalidArgument(format!("{flag} must be at least 1")));
+        }
+    }
     let given_block = args.gpu_batch_size.unwrap_or(4).checked_mul(args.num_gpu_batches.unwrap_or(1));
     let prompts = match (args.num_prompts, given_block) {
         (Some(n), _) => n,

@@ -47,11 +47,12 @@ pub struct BenchArgs {
     /// with --policy auto, chosen unless given]
     #[arg(long)]
     pub num_gpu_batches: Option<usize>,
-    /// How the placement is chosen: manual (the flags as given, everything
-    /// on the CPU without --percent) or auto (the cost model's search; any
-    /// policy flag given pins that choice; see tierlm plan)
-    #[arg(long, default_value = "manual", value_parser = ["manual", "auto"])]
-    pub policy: String,
+    /// How the placement is chosen: auto (the cost model's search on the GPU
+    /// engine; any policy flag given pins that choice; see tierlm plan) or
+    /// manual (the flags as given, everything in host memory on the CPU
+    /// without --percent) [default: manual with --percent, else auto]
+    #[arg(long, value_parser = ["manual", "auto"])]
+    pub policy: Option<String>,
     /// With --policy auto: the prompts of the one block benchmarked
     /// [default: --gpu-batch-size × --num-gpu-batches]
     #[arg(long)]
@@ -298,30 +299,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )));
     }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
-    let auto = args.policy == "auto";
-    if !auto {
-        for (given, flag) in [
+    let mode = super::auto::mode(args.policy.as_deref(), args.percent.is_some());
+    super::auto::check_auto_only(
+        mode,
+        &[
             (args.num_prompts.is_some(), "--num-prompts"),
             (args.host_mem.is_some(), "--host-mem"),
             (args.calibration.is_some(), "--calibration"),
-        ] {
-            if given {
-                return Err(Error::InvalidArgument(format!("{flag} needs --policy auto")));
-            }
-        }
-    }
+        ],
+    )?;
     let mut policy = args.policy()?;
     let mut chosen = None;
-    if auto {
+    if mode != super::auto::Mode::Manual {
         match super::auto::for_bench(&args)? {
             Some(c) => {
                 policy = c.policy.clone();
                 chosen = Some(c);
             }
-            None => eprintln!(
-                "note: --policy auto: no GPU here ({}); the CPU engine runs with everything in host memory",
-                tier_cuda::probe_message()
-            ),
+            None => super::auto::no_gpu_note(mode),
         }
     }
     // Everything on the GPU, and a GPU here: the GPU engine runs it.

@@ -108,11 +108,12 @@ pub struct GenerateArgs {
     /// GPU memory tierlm may use (e.g. 16G), to act as a smaller card
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::tiers::parse_size)]
     pub gpu_mem: Option<u64>,
-    /// How the placement is chosen: manual (the flags as given, everything
-    /// on the CPU without --percent) or auto (the cost model's search, for
-    /// the GPU engine; the policy flags given pin their choice; see tierlm plan)
-    #[arg(long, default_value = "manual", value_parser = ["manual", "auto"])]
-    pub policy: String,
+    /// How the placement is chosen: auto (the cost model's search, for the
+    /// GPU engine; the policy flags given pin their choice; see tierlm plan)
+    /// or manual (the flags as given, everything in host memory on the CPU
+    /// without --percent) [default: manual with --percent, else auto]
+    #[arg(long, value_parser = ["manual", "auto"])]
+    pub policy: Option<String>,
     /// With --policy auto: what to maximise, decode or total throughput
     #[arg(long, default_value = "total", value_parser = crate::cli::plan::parse_objective)]
     pub objective: runtime::search::Objective,
@@ -131,12 +132,12 @@ pub struct GenerateArgs {
 /// `--policy auto`: the flags of the chosen policy written into `args`, so
 /// the run goes on as if the user had given them.
 fn apply_auto(args: &mut GenerateArgs) -> Result<()> {
-    if args.policy != "auto" {
-        for (given, flag) in [(args.host_mem.is_some(), "--host-mem"), (args.calibration.is_some(), "--calibration")] {
-            if given {
-                return Err(Error::InvalidArgument(format!("{flag} needs --policy auto")));
-            }
-        }
+    let mode = super::auto::mode(args.policy.as_deref(), args.percent.is_some());
+    super::auto::check_auto_only(
+        mode,
+        &[(args.host_mem.is_some(), "--host-mem"), (args.calibration.is_some(), "--calibration")],
+    )?;
+    if mode == super::auto::Mode::Manual {
         return Ok(());
     }
     let inputs = match &args.input {
@@ -152,10 +153,7 @@ fn apply_auto(args: &mut GenerateArgs) -> Result<()> {
             args.compress_cache = p.compress_cache;
             args.cpu_cache_compute = p.cpu_cache_compute;
         }
-        None => eprintln!(
-            "note: --policy auto: no GPU here ({}); the CPU engine runs with everything in host memory",
-            tier_cuda::probe_message()
-        ),
+        None => super::auto::no_gpu_note(mode),
     }
     Ok(())
 }

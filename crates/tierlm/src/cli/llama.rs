@@ -98,7 +98,7 @@ fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
         (args.attn_sparsity != 1.0, "--attn-sparsity"),
         (args.gpu_mem.is_some(), "--gpu-mem"),
         (args.pin_weight.is_some(), "--pin-weight"),
-        (args.policy == "auto", "--policy auto"),
+        (args.policy.as_deref() == Some("auto"), "--policy auto"),
         (args.host_mem.is_some(), "--host-mem"),
         (args.calibration.is_some(), "--calibration"),
     ] {
