@@ -53,7 +53,7 @@ fi
 flags() {
   case $1 in
     # A: OPT-6.7B all on the GPU, 32 prompts (FlexLLMGen: 1,512 decode, 977 total tok/s;
-    #    its --overlap False is tierlm's default). Target: decode >= 2x, total >= 1.6x.
+    #    with its --overlap False, its faster setting here; tierlm always overlaps). Target: decode >= 2x, total >= 1.6x.
     A) echo "--model opt-6.7b --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 32 --prompt-len 512 --gen-len 32" ;;
     # B: OPT-30B weights on pinned host memory (--pin-weight defaults to true),
     #    cache and activations on the GPU, 2 x 32 prompts (FlexLLMGen: 54.8 / 51.9).

@@ -19,6 +19,10 @@ pub struct Policy {
     /// Percent of activations on the GPU and on the CPU.
     pub act_gpu_percent: f64,
     pub act_cpu_percent: f64,
+    /// Copies overlap compute. Always true: both engines read ahead (the
+    /// GPU engine streams two layers ahead and moves the next batch's cache
+    /// beside the compute, the CPU engine reads its next disk layer ahead);
+    /// there is no sequential mode, and `--overlap false` is refused.
     pub overlap: bool,
     pub sep_layer: bool,
     pub pin_weight: bool,
@@ -40,7 +44,7 @@ impl Default for Policy {
             cache_cpu_percent: 100.0,
             act_gpu_percent: 0.0,
             act_cpu_percent: 100.0,
-            overlap: false,
+            overlap: true,
             // FlexGen's default.
             sep_layer: true,
             pin_weight: true,
@@ -157,7 +161,6 @@ impl Policy {
         }
         let gpu_flags = [
             (self.compress_weight, "--compress-weight"),
-            (self.overlap, "--overlap true"),
             (self.attn_sparsity < 1.0, "--attn-sparsity below 1"),
             (self.compress_cache, "--compress-cache"),
         ];
@@ -203,8 +206,8 @@ mod tests {
         let disk = with(&[0.0, 100.0, 0.0, 100.0, 0.0, 0.0]).unwrap().check_cpu_engine().unwrap_err();
         assert!(matches!(disk, Error::NeedsTieredEngine(_)), "{disk}");
         assert!(disk.to_string().contains("100% of the activations on disk"), "{disk}");
-        let overlap = Policy { overlap: true, ..Policy::default() };
-        assert!(overlap.check_cpu_engine().unwrap_err().to_string().contains("--overlap"));
+        // Both engines overlap their copies with compute.
+        assert!(Policy { overlap: true, ..Policy::default() }.check_cpu_engine().is_ok());
         let zero = Policy { gpu_batch_size: 0, ..Policy::default() };
         assert!(zero.validate().is_err());
     }

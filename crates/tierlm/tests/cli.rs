@@ -354,7 +354,7 @@ fn bench_policies_the_cpu_engine_cannot_run() {
     // FlexGen's default; the CPU engine reads its layers whole either way.
     succeeds(&[&base[..], &["--sep-layer", "true"]].concat());
     if !engine_opt::gpu::available() {
-        for flag in [&["--overlap"][..], &["--attn-sparsity", "0.5"], &["--compress-cache"]] {
+        for flag in [&["--attn-sparsity", "0.5"][..], &["--compress-cache"]] {
             let err = with(flag);
             assert!(err.contains("needs the GPU engine"), "{flag:?}: {err}");
         }
@@ -365,8 +365,11 @@ fn bench_policies_the_cpu_engine_cannot_run() {
     }
     let err = fails(&["bench", "--model", "opt-125m", "--dummy", "--prompt-len", "2040", "--gen-len", "32"]);
     assert!(err.contains("exceed the model's 2048 positions"), "{err}");
-    // Flags that mean "off" are accepted.
-    succeeds(&[&base[..], &["--overlap", "false", "--sep-layer", "false", "--pin-weight", "true"]].concat());
+    // Flags that say what the engine does are accepted.
+    succeeds(&[&base[..], &["--overlap", "--sep-layer", "false", "--pin-weight", "true"]].concat());
+    // A sequential mode it does not have is refused, not ignored.
+    let err = with(&["--overlap", "false"]);
+    assert!(err.contains("--overlap false") && err.contains("drop the flag"), "{err}");
     // A model too large for this machine's memory: a clear refusal (where
     // it is too large: a machine with 400 GB free would start loading it).
     let need = engine_opt::OptConfig::preset("opt-175b").unwrap().weight_bytes();

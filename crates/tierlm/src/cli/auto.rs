@@ -155,7 +155,7 @@ pub fn for_bench(args: &BenchArgs) -> Result<Option<Choice>> {
     }
     // Flags the search does not choose come from the command line.
     choice.policy.attn_sparsity = args.attn_sparsity;
-    choice.policy.overlap = args.overlap.unwrap_or(false);
+    choice.policy.overlap = true;
     Ok(Some(choice))
 }
 

@@ -96,7 +96,8 @@ pub struct BenchArgs {
     /// 4-bit KV cache (GPU engine)
     #[arg(long)]
     pub compress_cache: bool,
-    /// Overlap copies with compute (GPU engine)
+    /// Overlap copies with compute: what both engines always do (FlexGen's
+    /// flag; `--overlap false`, a sequential mode, is refused)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub overlap: Option<bool>,
     /// Wait for a streamed layer's attention and MLP weights separately, so
@@ -128,7 +129,7 @@ impl BenchArgs {
         let policy = Policy {
             gpu_batch_size: gbs,
             num_gpu_batches: nb,
-            overlap: self.overlap.unwrap_or(false),
+            overlap: true,
             sep_layer: self.sep_layer.unwrap_or(true),
             pin_weight: self.pin_weight.unwrap_or(true),
             cpu_cache_compute: self.cpu_cache_compute,
@@ -299,6 +300,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )));
     }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
+    if args.overlap == Some(false) {
+        return Err(Error::InvalidArgument(
+            "--overlap false: tierlm has no sequential mode to compare against; both engines always overlap their \
+             copies with compute (the GPU engine streams two layers ahead, the CPU engine reads its next disk layer \
+             ahead); drop the flag"
+                .into(),
+        ));
+    }
     let mode = super::auto::mode(args.policy.as_deref(), args.percent.is_some());
     super::auto::check_auto_only(
         mode,

@@ -108,9 +108,6 @@ fn check_flags(policy: &Policy) -> Result<()> {
         )));
     }
     cache_plan(policy).validate()?;
-    if policy.overlap && all_on_gpu(policy) {
-        eprintln!("note: --overlap: everything is on the GPU, there are no copies to overlap");
-    }
     if policy.cpu_cache_compute && policy.cache_cpu_percent < 100.0 {
         eprintln!("note: --cpu-cache-compute: the cache is not all in host memory, attention runs on the GPU");
     }
