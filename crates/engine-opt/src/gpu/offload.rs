@@ -50,10 +50,11 @@ use tier_api::{CopyHandle, CopyMatrix, Device, SegmentedTensor, Tensor};
 use tier_disk::DiskDevice;
 use tier_host::HostDevice;
 
+use runtime::spec::ModelSpec;
+
+use super::layer::{GpuLayer, InitRule};
 use super::packed::LayerWorkspace;
-use super::weights::GpuLayerWeights;
 use super::{driver_err, tier_err, Gpu};
-use crate::config::OptConfig;
 use crate::error::{Error, Result};
 
 pub use runtime::plan::{split_layers, LayerSplit, MAX_WEIGHT_SLOTS as MAX_SLOTS};
@@ -117,7 +118,7 @@ pub struct LinkRates {
 }
 
 /// One off-GPU layer: a tensor per GPU buffer of the layer, in
-/// [`GpuLayerWeights::tensors`]' order, split by rows over host and disk.
+/// [`GpuLayer::tensors`]' order, split by rows over host and disk.
 struct HomeLayer {
     tensors: Vec<SegmentedTensor>,
 }
@@ -177,7 +178,7 @@ pub struct WeightStreamer {
     split: LayerSplit,
     /// `homes[i]` is layer `split.gpu_end + i`.
     homes: Vec<HomeLayer>,
-    slots: Vec<GpuLayerWeights>,
+    slots: Vec<GpuLayer>,
     /// Recorded on the compute stream after the last compute reading each slot.
     done: Vec<CudaEvent>,
     state: Mutex<State>,
@@ -211,14 +212,15 @@ impl Drop for WeightStreamer {
 }
 
 impl WeightStreamer {
-    /// Sets up the slots (two layers' buffers on the GPU) and the copy
-    /// matrix (the GPU routes added) for `split`; the homes are added with
+    /// Sets up the slots (layers of `spec` on the GPU, their buffers
+    /// allocated by seeding them with `rule`) and the copy matrix (the GPU
+    /// routes added) for `split`; the homes are added with
     /// [`WeightStreamer::park`], in layer order. With `compressed` (the
     /// shared f16 workspace of `--compress-weight`) the slots, and so the
     /// homes, hold packed matrices.
     pub fn new(
         gpu: &Gpu,
-        config: &OptConfig,
+        (spec, rule): (&ModelSpec, InitRule),
         split: LayerSplit,
         tiers: OffloadTiers,
         compressed: Option<&LayerWorkspace>,
@@ -231,10 +233,10 @@ impl WeightStreamer {
         }
         // The slots' contents are overwritten before any use; seeded values
         // are only the cheapest way to allocate a layer's buffers.
-        let slot = || -> Result<GpuLayerWeights> {
-            let w = GpuLayerWeights::dummy(gpu, config, 0, 0)?;
+        let slot = || -> Result<GpuLayer> {
+            let w = GpuLayer::dummy(gpu, spec, 0, 0, rule)?;
             match compressed {
-                Some(ws) => w.compress(gpu, config, ws),
+                Some(ws) => w.compress(gpu, ws),
                 None => Ok(w),
             }
         };
@@ -425,7 +427,7 @@ impl WeightStreamer {
     /// Copies layer `index` (off the GPU), made on the GPU in `layer`
     /// (everything enqueued on `gpu`'s stream), into its home tensors
     /// (from [`WeightStreamer::allocate_homes`]); `layer` is freed after.
-    pub fn park(&mut self, gpu: &Gpu, index: usize, layer: GpuLayerWeights) -> Result<()> {
+    pub fn park(&mut self, gpu: &Gpu, index: usize, layer: GpuLayer) -> Result<()> {
         let home = self.home(index)?;
         // The layer's values must be on the GPU before a copy stream reads them.
         gpu.synchronize()?;
@@ -689,7 +691,7 @@ impl WeightStreamer {
 
     /// Layer `j`'s weights in its slot, once [`WeightStreamer::begin_layer`]
     /// has run for it.
-    pub fn weights(&self, j: usize) -> Result<&GpuLayerWeights> {
+    pub fn weights(&self, j: usize) -> Result<&GpuLayer> {
         let st = self.lock()?;
         match st.holds.iter().position(|&h| h == Some(j)) {
             Some(s) => Ok(&self.slots[s]),
