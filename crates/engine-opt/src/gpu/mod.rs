@@ -49,12 +49,12 @@
 
 pub mod cache;
 pub mod generation;
-pub mod layer;
 pub mod model;
-pub mod offload;
-pub mod packed;
 pub mod tiered_cache;
 pub mod weights;
+
+/// The family-neutral weight machinery, the runtime's (see [`runtime::gpu`]).
+pub use runtime::gpu::{layer, packed, stream as offload};
 
 use crate::error::Error;
 

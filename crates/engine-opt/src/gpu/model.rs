@@ -462,7 +462,7 @@ impl GpuModel {
                 None => dummy_layer(gpu, &spec, i, seed),
             }?;
             match ws {
-                Some(ws) => w.compress(gpu, ws),
+                Some(ws) => Ok(w.compress(gpu, ws)?),
                 None => Ok(w),
             }
         };
@@ -531,7 +531,7 @@ impl GpuModel {
     /// streamed layer starts copying.
     pub fn end_layer(&self, j: usize) -> Result<()> {
         match &self.offload {
-            Some(s) => s.end_layer(&self.gpu, j),
+            Some(s) => Ok(s.end_layer(&self.gpu, j)?),
             None => Ok(()),
         }
     }
@@ -916,7 +916,7 @@ impl GpuModel {
             return Ok(w);
         }
         match &self.offload {
-            Some(s) if layer < self.config.num_hidden_layers => s.weights(layer),
+            Some(s) if layer < self.config.num_hidden_layers => Ok(s.weights(layer)?),
             _ => Err(Error::Gpu(format!("layer {layer} does not exist"))),
         }
     }

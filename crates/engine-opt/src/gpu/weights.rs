@@ -119,20 +119,34 @@ pub fn dummy_init(t: &TensorSpec) -> Init {
 }
 
 /// Layer `i` of `spec` from `src` (checked shapes and finite values, as the
-/// CPU loader; the progress bar counts each checkpoint tensor).
+/// CPU loader; the progress bar counts each checkpoint tensor). A failure
+/// of `src` is returned as it was.
 pub fn load_layer(gpu: &Gpu, spec: &ModelSpec, i: usize, src: &dyn WeightSource, pb: &ProgressBar) -> Result<GpuLayer> {
-    GpuLayer::load(gpu, spec, i, &mut |name, shape| {
-        let t = src.load(name, shape)?;
-        crate::finite::check_weights(name, &t)?;
-        pb.inc(1);
-        Ok(t)
-    })
+    let mut failure = None;
+    let layer = GpuLayer::load(gpu, spec, i, &mut |name, shape| {
+        let tensor = || -> Result<Vec<f16>> {
+            let t = src.load(name, shape)?;
+            crate::finite::check_weights(name, &t)?;
+            pb.inc(1);
+            Ok(t)
+        };
+        tensor().map_err(|e| {
+            let message = e.to_string();
+            failure = Some(e);
+            runtime::Error::Checkpoint(message)
+        })
+    });
+    match (layer, failure) {
+        (Ok(layer), _) => Ok(layer),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e.into()),
+    }
 }
 
 /// Layer `i`'s seeded random weights, made on the GPU by [`dummy_init`]
 /// (the CPU generator's distribution; not its values).
 pub fn dummy_layer(gpu: &Gpu, spec: &ModelSpec, i: usize, seed: u64) -> Result<GpuLayer> {
-    GpuLayer::dummy(gpu, spec, i, seed, dummy_init)
+    Ok(GpuLayer::dummy(gpu, spec, i, seed, dummy_init)?)
 }
 
 /// A layer norm's weight and bias as the layer norm kernel takes them.

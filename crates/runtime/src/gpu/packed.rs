@@ -25,17 +25,14 @@
 use compression::gpu::{GpuDequantizer, Pending};
 use compression::{quantize_into, CompressedLayout, CompressionConfig, SourceDtype};
 use half::f16;
-use runtime::spec::{ModelSpec, TensorSpec};
+use ops::gpu::buffer::DevBuf;
+use ops::gpu::Gpu;
 use tier_api::DType;
 
-use super::buffer::DevBuf;
+use super::gpu_err;
 use super::layer::{GpuLayer, HeldBuf};
-use super::Gpu;
 use crate::error::{Error, Result};
-
-fn gpu_err(message: String) -> Error {
-    Error::Gpu(message)
-}
+use crate::spec::{ModelSpec, TensorSpec};
 
 /// One quantized matrix (or one part of a tensor packed as several).
 #[derive(Debug)]
@@ -98,7 +95,7 @@ fn elements(t: &TensorSpec) -> Result<usize> {
 
 /// The weight format: FlexGen's 4-bit groups of 64 along the output dim.
 pub fn weight_config() -> CompressionConfig {
-    runtime::spec::weight_format()
+    crate::spec::weight_format()
 }
 
 fn comp_err(what: &str, e: compression::Error) -> Error {

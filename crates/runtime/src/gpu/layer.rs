@@ -20,17 +20,14 @@
 use std::sync::Arc;
 
 use half::f16;
-use runtime::spec::{Block, ModelSpec, TensorSpec};
+use ops::gpu::buffer::DevBuf;
+use ops::gpu::Gpu;
 use tier_api::DType;
 
-use super::buffer::DevBuf;
+use super::gpu_err;
 use super::packed::PackedMatrix;
-use super::Gpu;
-use crate::error::{Error, Result};
-
-fn gpu_err(message: String) -> Error {
-    Error::Gpu(message)
-}
+use crate::error::Result;
+use crate::spec::{Block, ModelSpec, TensorSpec};
 
 /// A tensor's buffer, in the type the spec holds it in.
 #[derive(Debug)]
