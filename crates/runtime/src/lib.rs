@@ -21,6 +21,10 @@
 //!   [`schedule::ComputeDevice`] trait, with a batch's tokens through a
 //!   generation ([`schedule::BatchTokens`]); [`sampling`]: greedy,
 //!   temperature, top-k, top-p;
+//! - [`gpu`]: a decoder layer's weights on the GPU for any family
+//!   ([`gpu::layer::GpuLayer`], one buffer per spec tensor), their 4-bit
+//!   packing and their streaming from host and disk through GPU slots
+//!   ([`gpu::stream::WeightStreamer`]);
 //! - [`cpu`]: the CPU engine, for any family that implements
 //!   [`cpu::CpuModel`] (layers resident or streamed from disk, the KV cache in
 //!   memory or partly on disk);
@@ -42,6 +46,7 @@
 pub mod cost;
 pub mod cpu;
 mod error;
+pub mod gpu;
 pub mod guard;
 pub mod interrupt;
 pub mod memory;

@@ -10,10 +10,11 @@
 //!   against the GPU tier's account), one compute stream, the cuBLAS and
 //!   cuBLASLt handles ([`blas`]) and the NVRTC kernels ([`kernels`]).
 //! - [`buffer::DevBuf`]: a typed GPU buffer.
-//! - [`weights`]: per-layer weights as GPU buffers (matrices f16; q, k and v
-//!   stacked into one `[3·hidden, hidden]` matrix), loaded from any
-//!   [`crate::weights::WeightSource`] or made on the GPU by a seeded kernel
-//!   (`--dummy`).
+//! - [`layer`]: a decoder layer as GPU buffers, one per tensor of the layer
+//!   spec ([`crate::spec::model_spec`]), loaded from a checkpoint or made on
+//!   the GPU by seeded kernels (`--dummy`); [`weights`]: OPT's tensors
+//!   looked up in it by name (matrices f16; q, k and v stacked into one
+//!   `[3·hidden, hidden]` matrix), and the embeddings.
 //! - [`cache`]: the KV cache of one layer, `[batch][head][position][head_dim]`
 //!   f16, so that one head of one sequence is contiguous for decoding.
 //! - [`model`]: [`model::GpuModel::embed`], [`model::GpuModel::layer_forward`]
@@ -27,10 +28,10 @@
 //!   (page-locked or pageable) and disk in `--offload-dir`, streamed through
 //!   GPU slots with the copy matrix, the next layer copying while the
 //!   current one computes; embeddings and logits weights stay on the GPU.
-//! - [`packed`]: `--compress-weight`: decoder matrices quantized to 4 bits
-//!   at load and held packed on their tier (GPU, host, disk, slots);
-//!   dequantized on the GPU into one shared f16 layer workspace just before
-//!   each layer computes.
+//! - [`packed`]: `--compress-weight`: the spec's compressible tensors
+//!   quantized to 4 bits at load and held packed on their tier (GPU, host,
+//!   disk, slots); dequantized on the GPU into one shared f16 layer
+//!   workspace just before each layer computes.
 //! - [`tiered_cache`]: the KV cache off the GPU (`--percent _ _ C_GPU C_CPU
 //!   _ _`): each batch's cache split in whole sequences over GPU, host and
 //!   disk, loaded into two GPU slots a layer at a time; with
@@ -49,10 +50,11 @@
 pub mod cache;
 pub mod generation;
 pub mod model;
-pub mod offload;
-pub mod packed;
 pub mod tiered_cache;
 pub mod weights;
+
+/// The family-neutral weight machinery, the runtime's (see [`runtime::gpu`]).
+pub use runtime::gpu::{layer, packed, stream as offload};
 
 use crate::error::Error;
 

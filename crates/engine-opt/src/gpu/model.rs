@@ -13,11 +13,12 @@ use super::blas::{BatchedOut, LinearOut, Operand};
 use super::buffer::DevBuf;
 use super::cache::{GpuKvCache, GpuLayerCache, KeyMask};
 use super::kernels::decode_kernel_fits;
+use super::layer::GpuLayer;
 use super::offload::{LayerSplit, OffloadTiers, WeightStreamer};
 use super::packed::{unpack, LayerWorkspace};
 use super::profile::Profiler;
 use super::tiered_cache::{CachePlan, CacheStreamer, CacheTiers, TieredCache};
-use super::weights::{GpuEmbeddings, GpuLayerNorm, GpuLayerWeights};
+use super::weights::{dummy_init, dummy_layer, load_layer, GpuEmbeddings, NormParams, OptLayer};
 use super::Gpu;
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
@@ -342,7 +343,7 @@ pub struct GpuModel {
     pub config: OptConfig,
     pub embeddings: GpuEmbeddings,
     /// The resident layers, `0..layers.len()` (all of them unless tiered).
-    pub layers: Vec<GpuLayerWeights>,
+    pub layers: Vec<GpuLayer>,
     /// Where parts of steps are timed, when profiling is on.
     pub profiler: Option<Profiler>,
     /// The layers past `layers.len()`, off the GPU.
@@ -365,10 +366,10 @@ impl GpuModel {
     /// checked, as the CPU loader does).
     pub fn load(gpu: Gpu, config: OptConfig, src: &dyn WeightSource, pb: &ProgressBar) -> Result<Self> {
         config.validate()?;
+        let spec = crate::spec::model_spec(&config, true)?;
         let embeddings = GpuEmbeddings::load(&gpu, &config, src, pb)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| GpuLayerWeights::load(&gpu, &config, i, src, pb))
-            .collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..config.num_hidden_layers).map(|i| load_layer(&gpu, &spec, i, src, pb)).collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
         Ok(GpuModel {
             gpu,
@@ -387,10 +388,10 @@ impl GpuModel {
     /// billions of parameters, nothing through host memory.
     pub fn dummy(gpu: Gpu, config: OptConfig, seed: u64) -> Result<Self> {
         config.validate()?;
+        let spec = crate::spec::model_spec(&config, true)?;
         let embeddings = GpuEmbeddings::dummy(&gpu, &config, seed)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| GpuLayerWeights::dummy(&gpu, &config, i, seed))
-            .collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..config.num_hidden_layers).map(|i| dummy_layer(&gpu, &spec, i, seed)).collect::<Result<Vec<_>>>()?;
         gpu.synchronize()?;
         Ok(GpuModel {
             gpu,
@@ -444,10 +445,11 @@ impl GpuModel {
         {
             return Err(Error::Gpu(format!("a layer split {split:?} for {} layers", config.num_hidden_layers)));
         }
+        let spec = crate::spec::model_spec(&config, true)?;
         let compressed = if compress_weight {
             let dequant = GpuDequantizer::new(gpu.device().clone())
                 .map_err(|e| Error::Gpu(format!("the GPU dequantizer: {e}")))?;
-            let workspace = LayerWorkspace::new(&gpu, &config)?;
+            let workspace = LayerWorkspace::new(&gpu, &spec)?;
             Some(Compressed { dequant, workspace, in_flight: Mutex::new(Vec::new()) })
         } else {
             None
@@ -456,11 +458,11 @@ impl GpuModel {
         let make = |gpu: &Gpu, i: usize| {
             crate::interrupt::check()?;
             let w = match src {
-                Some(src) => GpuLayerWeights::load(gpu, &config, i, src, pb),
-                None => GpuLayerWeights::dummy(gpu, &config, i, seed),
+                Some(src) => load_layer(gpu, &spec, i, src, pb),
+                None => dummy_layer(gpu, &spec, i, seed),
             }?;
             match ws {
-                Some(ws) => w.compress(gpu, &config, ws),
+                Some(ws) => Ok(w.compress(gpu, ws)?),
                 None => Ok(w),
             }
         };
@@ -470,7 +472,7 @@ impl GpuModel {
         };
         let layers = (0..split.gpu_end).map(|i| make(&gpu, i)).collect::<Result<Vec<_>>>()?;
         let offload = if split.streams() {
-            let mut streamer = WeightStreamer::new(&gpu, &config, split, tiers, ws)?;
+            let mut streamer = WeightStreamer::new(&gpu, (&spec, dummy_init), split, tiers, ws)?;
             let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
             let t = std::time::Instant::now();
             streamer.allocate_homes(threads)?;
@@ -529,7 +531,7 @@ impl GpuModel {
     /// streamed layer starts copying.
     pub fn end_layer(&self, j: usize) -> Result<()> {
         match &self.offload {
-            Some(s) => s.end_layer(&self.gpu, j),
+            Some(s) => Ok(s.end_layer(&self.gpu, j)?),
             None => Ok(()),
         }
     }
@@ -587,7 +589,7 @@ impl GpuModel {
     /// Bytes of weights on the GPU (resident ones; the streaming slots are
     /// counted by [`GpuModel::slot_bytes`]).
     pub fn weight_bytes(&self) -> u64 {
-        self.embeddings.bytes() + self.layers.iter().map(GpuLayerWeights::bytes).sum::<u64>()
+        self.embeddings.bytes() + self.layers.iter().map(GpuLayer::bytes).sum::<u64>()
     }
 
     /// Bytes of the streaming slots on the GPU (0 when nothing streams).
@@ -646,19 +648,11 @@ impl GpuModel {
         act: &'a GpuHidden,
         ws: &'a Workspace,
         rows: usize,
-        norm: &Option<GpuLayerNorm>,
+        norm: NormParams<'_>,
     ) -> Result<&'a DevBuf<f16>> {
         let h = self.config.hidden_size;
         if self.config.do_layer_norm_before {
-            self.gpu.kernels.layer_norm(
-                &self.gpu,
-                &act.hidden,
-                rows,
-                (h, LN_EPS),
-                GpuLayerNorm::params(norm),
-                false,
-                &ws.x16,
-            )?;
+            self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, (h, LN_EPS), norm, false, &ws.x16)?;
             Ok(&ws.x16)
         } else {
             act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without their f16 copy".into()))
@@ -667,21 +661,13 @@ impl GpuModel {
 
     /// After a post-LN block: the norm in place on the f32 states, and
     /// their f16 copy for the next block.
-    fn post_norm(&self, act: &GpuHidden, rows: usize, norm: &Option<GpuLayerNorm>) -> Result<()> {
+    fn post_norm(&self, act: &GpuHidden, rows: usize, norm: NormParams<'_>) -> Result<()> {
         if self.config.do_layer_norm_before {
             return Ok(());
         }
         let out = act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without f16 copy".into()))?;
         let h = self.config.hidden_size;
-        Ok(self.gpu.kernels.layer_norm(
-            &self.gpu,
-            &act.hidden,
-            rows,
-            (h, LN_EPS),
-            GpuLayerNorm::params(norm),
-            true,
-            out,
-        )?)
+        Ok(self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, (h, LN_EPS), norm, true, out)?)
     }
 
     /// Hidden states of this step's tokens (`[batch × new_len]`, left
@@ -754,7 +740,7 @@ impl GpuModel {
         step: &GpuStep<'_>,
     ) -> Result<()> {
         ws.check(step)?;
-        let w = self.weights(layer)?;
+        let w = self.opt_layer(layer)?;
         let c = &self.config;
         let (rows, heads, hd) = (step.rows(), c.num_attention_heads, c.head_dim());
         if cache.len() != step.past || cache.batch != step.batch {
@@ -766,7 +752,7 @@ impl GpuModel {
                 step.batch
             )));
         }
-        self.qkv_product(w, act, ws, rows)?;
+        self.qkv_product(&w, act, ws, rows)?;
         let gpu = &self.gpu;
         gpu.kernels.store_kv(
             gpu,
@@ -784,28 +770,28 @@ impl GpuModel {
         self.mark("store kv")?;
         self.attention(cache, ws, step)?;
         self.mark("attention")?;
-        self.attention_output(w, act, ws, rows)
+        self.attention_output(&w, act, ws, rows)
     }
 
     /// The block's input (layer-normed for pre-LN models) through the
     /// stacked q, k, v product into `ws.qkv`.
-    fn qkv_product(&self, w: &GpuLayerWeights, act: &GpuHidden, ws: &Workspace, rows: usize) -> Result<()> {
+    fn qkv_product(&self, w: &OptLayer<'_>, act: &GpuHidden, ws: &Workspace, rows: usize) -> Result<()> {
         let h = self.config.hidden_size;
-        let input = self.block_input(act, ws, rows, &w.self_attn_layer_norm)?;
+        let input = self.block_input(act, ws, rows, w.self_attn_layer_norm)?;
         self.mark("layer norm")?;
-        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias.as_ref() };
-        self.gpu.blas.linear(&self.gpu, input, rows, &w.qkv, (3 * h, h), qkv, false, false)?;
+        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias };
+        self.gpu.blas.linear(&self.gpu, input, rows, w.qkv, (3 * h, h), qkv, false, false)?;
         self.mark("qkv product")
     }
 
     /// The attention's output (`ws.attn`) through the output product, added
     /// to the residual stream, then the norm of post-LN models.
-    fn attention_output(&self, w: &GpuLayerWeights, act: &GpuHidden, ws: &Workspace, rows: usize) -> Result<()> {
+    fn attention_output(&self, w: &OptLayer<'_>, act: &GpuHidden, ws: &Workspace, rows: usize) -> Result<()> {
         let h = self.config.hidden_size;
-        let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias.as_ref() };
-        self.gpu.blas.linear(&self.gpu, &ws.attn, rows, &w.out_proj, (h, h), out, false, true)?;
+        let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias };
+        self.gpu.blas.linear(&self.gpu, &ws.attn, rows, w.out_proj, (h, h), out, false, true)?;
         self.mark("out product")?;
-        self.post_norm(act, rows, &w.self_attn_layer_norm)?;
+        self.post_norm(act, rows, w.self_attn_layer_norm)?;
         self.mark("layer norm")
     }
 
@@ -823,15 +809,15 @@ impl GpuModel {
         attend: &mut HostAttention<'_>,
     ) -> Result<()> {
         ws.check(step)?;
-        let w = self.weights(layer)?;
+        let w = self.opt_layer(layer)?;
         let (rows, h) = (step.rows(), self.config.hidden_size);
-        self.qkv_product(w, act, ws, rows)?;
+        self.qkv_product(&w, act, ws, rows)?;
         let host_qkv = ws.qkv.download_range(self.gpu.stream(), 0, rows * 3 * h)?;
         let mut out = vec![f16::ZERO; rows * h];
         attend(&host_qkv, &mut out)?;
         ws.attn.upload(self.gpu.stream(), 0, &out)?;
         self.mark("attention (host)")?;
-        self.attention_output(w, act, ws, rows)
+        self.attention_output(&w, act, ws, rows)
     }
 
     /// Attention of this step's queries (in `ws.qkv`) over the cache
@@ -892,18 +878,18 @@ impl GpuModel {
         if let Some(s) = &self.offload {
             s.begin_mlp(layer)?;
         }
-        let w = self.weights(layer)?;
+        let w = self.opt_layer(layer)?;
         let (rows, h, f) = (step.rows(), self.config.hidden_size, self.config.ffn_dim);
-        let input = self.block_input(act, ws, rows, &w.final_layer_norm)?;
+        let input = self.block_input(act, ws, rows, w.final_layer_norm)?;
         self.mark("layer norm")?;
         let gpu = &self.gpu;
-        let fc1 = LinearOut::F16 { out: &ws.ffn, bias: w.fc1_bias.as_ref() };
-        gpu.blas.linear(gpu, input, rows, &w.fc1, (f, h), fc1, true, false)?;
+        let fc1 = LinearOut::F16 { out: &ws.ffn, bias: w.fc1_bias };
+        gpu.blas.linear(gpu, input, rows, w.fc1, (f, h), fc1, true, false)?;
         self.mark("fc1 product")?;
-        let fc2 = LinearOut::F32 { out: &act.hidden, bias: w.fc2_bias.as_ref() };
-        gpu.blas.linear(gpu, &ws.ffn, rows, &w.fc2, (h, f), fc2, false, true)?;
+        let fc2 = LinearOut::F32 { out: &act.hidden, bias: w.fc2_bias };
+        gpu.blas.linear(gpu, &ws.ffn, rows, w.fc2, (h, f), fc2, false, true)?;
         self.mark("fc2 product")?;
-        self.post_norm(act, rows, &w.final_layer_norm)?;
+        self.post_norm(act, rows, w.final_layer_norm)?;
         self.mark("layer norm")
     }
 
@@ -920,12 +906,17 @@ impl GpuModel {
         self.mlp_block(layer, act, ws, step)
     }
 
-    fn weights(&self, layer: usize) -> Result<&GpuLayerWeights> {
+    /// Layer `layer`'s OPT tensors, looked up in its [`GpuLayer`].
+    fn opt_layer(&self, layer: usize) -> Result<OptLayer<'_>> {
+        OptLayer::of(self.weights(layer)?, &self.config)
+    }
+
+    fn weights(&self, layer: usize) -> Result<&GpuLayer> {
         if let Some(w) = self.layers.get(layer) {
             return Ok(w);
         }
         match &self.offload {
-            Some(s) if layer < self.config.num_hidden_layers => s.weights(layer),
+            Some(s) if layer < self.config.num_hidden_layers => Ok(s.weights(layer)?),
             _ => Err(Error::Gpu(format!("layer {layer} does not exist"))),
         }
     }

@@ -1,23 +1,29 @@
-//! The model's weights as GPU buffers, a layer at a time.
+//! OPT's weights on the GPU.
 //!
-//! Matrices are f16 as stored. The q, k and v projections are stacked into
-//! one `[3·hidden, hidden]` matrix (and their biases into one vector), so
-//! that one product makes all three. Biases are held in the type of the
-//! product they are fused into: f16 for q/k/v and fc1 (f16 outputs), f32 for
-//! out_proj and fc2 (which add into the f32 residual stream); both are exact
-//! copies of the f16 values a checkpoint holds. Layer norms are f16.
+//! A decoder layer is a [`GpuLayer`] made from OPT's spec
+//! ([`crate::spec::model_spec`] with `gpu`): matrices f16 as stored, the
+//! q, k and v projections stacked into one `[3·hidden, hidden]` matrix (and
+//! their biases into one vector), so that one product makes all three.
+//! Biases are held in the type of the product they are fused into: f16 for
+//! q/k/v and fc1 (f16 outputs), f32 for out_proj and fc2 (which add into the
+//! f32 residual stream); both are exact copies of the f16 values a
+//! checkpoint holds. Layer norms are f16. [`OptLayer`] finds OPT's tensors
+//! in a [`GpuLayer`] by name; [`load_layer`] and [`dummy_layer`] make one.
 //!
-//! [`GpuLayerWeights`] is the unit a later block schedule moves between
-//! tiers: it owns nothing but its buffers.
+//! The embeddings, the final norm and the projections ([`GpuEmbeddings`])
+//! stay on the GPU.
 
 use half::f16;
 use indicatif::ProgressBar;
 
-use super::buffer::{DevBuf, DevElem};
+use runtime::spec::{ModelSpec, TensorSpec};
+
+use super::buffer::DevBuf;
+use super::layer::{name_seed, GpuLayer, Init};
 use super::Gpu;
 use crate::config::OptConfig;
 use crate::dummy::DummyWeights;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::WeightSource;
 
 /// A layer norm's affine parameters (absent for a norm without them).
@@ -32,30 +38,6 @@ impl GpuLayerNorm {
     pub fn params(norm: &Option<GpuLayerNorm>) -> Option<(&DevBuf<f16>, &DevBuf<f16>)> {
         norm.as_ref().map(|n| (&n.weight, &n.bias))
     }
-}
-
-/// One decoder layer's weights on the GPU.
-#[derive(Debug)]
-pub struct GpuLayerWeights {
-    pub self_attn_layer_norm: Option<GpuLayerNorm>,
-    /// q, k, v projections stacked: `[3·hidden, hidden]`.
-    pub qkv: DevBuf<f16>,
-    /// `[3·hidden]`.
-    pub qkv_bias: Option<DevBuf<f16>>,
-    /// `[hidden, hidden]`.
-    pub out_proj: DevBuf<f16>,
-    pub out_proj_bias: Option<DevBuf<f32>>,
-    pub final_layer_norm: Option<GpuLayerNorm>,
-    /// `[ffn, hidden]`.
-    pub fc1: DevBuf<f16>,
-    pub fc1_bias: Option<DevBuf<f16>>,
-    /// `[hidden, ffn]`.
-    pub fc2: DevBuf<f16>,
-    pub fc2_bias: Option<DevBuf<f32>>,
-    /// With `--compress-weight`: the matrices quantized and packed (see
-    /// [`super::packed`]); `qkv`, `out_proj`, `fc1` and `fc2` are then
-    /// handles on the shared f16 workspace they are dequantized into.
-    pub packed: Option<Vec<super::packed::PackedMatrix>>,
 }
 
 /// The weights outside the layers.
@@ -79,17 +61,6 @@ enum Fill<'a> {
     Dummy(u64),
 }
 
-/// A tensor's seed: FNV-1a over its name mixed with the run's seed (the CPU
-/// generator's rule, so names map to seeds the same way).
-fn name_seed(seed: u64, name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
 impl Fill<'_> {
     fn matrix(&self, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<DevBuf<f16>> {
         match self {
@@ -105,49 +76,6 @@ impl Fill<'_> {
                 Ok(buf)
             }
         }
-    }
-
-    /// Several matrices of the same width stacked by rows into one buffer.
-    fn stacked(&self, gpu: &Gpu, names: &[String], rows: usize, cols: usize) -> Result<DevBuf<f16>> {
-        let buf = DevBuf::alloc(gpu, names.len() * rows * cols)?;
-        match self {
-            Fill::Source(src, pb) => {
-                for (i, name) in names.iter().enumerate() {
-                    let t = src.load(name, &[rows, cols])?;
-                    crate::finite::check_weights(name, &t)?;
-                    crate::finite::check_weights(name, &t)?;
-                    pb.inc(1);
-                    buf.upload(gpu.stream(), i * rows * cols, &t)?;
-                }
-                // The host vectors are gone: the driver staged them.
-            }
-            Fill::Dummy(seed) => {
-                let seed_n = names.first().map_or(0, |n| name_seed(*seed, n));
-                gpu.kernels.fill_uniform_f16(gpu, &buf, seed_n, DummyWeights::SCALE)?;
-            }
-        }
-        Ok(buf)
-    }
-
-    /// A bias vector (f16 or f32 on the GPU, f16 values either way).
-    fn bias<T: BiasElem>(&self, gpu: &Gpu, names: &[String], len: usize) -> Result<DevBuf<T>> {
-        let buf = DevBuf::alloc(gpu, names.len() * len)?;
-        match self {
-            Fill::Source(src, pb) => {
-                for (i, name) in names.iter().enumerate() {
-                    let t = src.load(name, &[len])?;
-                    crate::finite::check_weights(name, &t)?;
-                    pb.inc(1);
-                    let v: Vec<T> = t.iter().map(|&x| T::from_f16(x)).collect();
-                    buf.upload(gpu.stream(), i * len, &v)?;
-                }
-            }
-            Fill::Dummy(seed) => {
-                let seed_n = names.first().map_or(0, |n| name_seed(*seed, n));
-                T::fill_uniform(gpu, &buf, seed_n, DummyWeights::SCALE / 2.0)?;
-            }
-        }
-        Ok(buf)
     }
 
     fn layer_norm(&self, gpu: &Gpu, prefix: &str, dim: usize, affine: bool) -> Result<Option<GpuLayerNorm>> {
@@ -174,137 +102,139 @@ impl Fill<'_> {
     }
 }
 
-/// A bias element type: f16 values held as themselves or as f32.
-trait BiasElem: DevElem {
-    fn from_f16(v: f16) -> Self;
-    fn fill_uniform(gpu: &Gpu, buf: &DevBuf<Self>, seed: u64, scale: f32) -> Result<()>;
-}
-
-impl BiasElem for f16 {
-    fn from_f16(v: f16) -> Self {
-        v
-    }
-    fn fill_uniform(gpu: &Gpu, buf: &DevBuf<Self>, seed: u64, scale: f32) -> Result<()> {
-        Ok(gpu.kernels.fill_uniform_f16(gpu, buf, seed, scale)?)
-    }
-}
-
-impl BiasElem for f32 {
-    fn from_f16(v: f16) -> Self {
-        v.to_f32()
-    }
-    fn fill_uniform(gpu: &Gpu, buf: &DevBuf<Self>, seed: u64, scale: f32) -> Result<()> {
-        Ok(gpu.kernels.fill_uniform_f32(gpu, buf, seed, scale)?)
+/// OPT's rule for seeded tensors (the CPU generator's, [`DummyWeights`]):
+/// matrices uniform in ±[`DummyWeights::SCALE`], biases in ±half that,
+/// layer norms 1 and 0.
+pub fn dummy_init(t: &TensorSpec) -> Init {
+    let is_norm = t.name.contains("layer_norm");
+    if is_norm && t.name.ends_with(".weight") {
+        Init::Constant(1.0)
+    } else if is_norm && t.name.ends_with(".bias") {
+        Init::Constant(0.0)
+    } else if t.shape.len() == 1 {
+        Init::Uniform(DummyWeights::SCALE / 2.0)
+    } else {
+        Init::Uniform(DummyWeights::SCALE)
     }
 }
 
-impl GpuLayerWeights {
-    fn make(gpu: &Gpu, c: &OptConfig, i: usize, fill: &Fill<'_>) -> Result<Self> {
-        let p = format!("decoder.layers.{i}");
-        let (h, f, bias, affine) = (c.hidden_size, c.ffn_dim, c.enable_bias, c.layer_norm_elementwise_affine);
-        let qkv_names: Vec<String> =
-            ["q_proj", "k_proj", "v_proj"].iter().map(|n| format!("{p}.self_attn.{n}")).collect();
-        let weight_names: Vec<String> = qkv_names.iter().map(|n| format!("{n}.weight")).collect();
-        let bias_names: Vec<String> = qkv_names.iter().map(|n| format!("{n}.bias")).collect();
-        let one = |n: String| vec![n];
-        Ok(GpuLayerWeights {
-            self_attn_layer_norm: fill.layer_norm(gpu, &format!("{p}.self_attn_layer_norm"), h, affine)?,
-            qkv: fill.stacked(gpu, &weight_names, h, h)?,
-            qkv_bias: if bias { Some(fill.bias(gpu, &bias_names, h)?) } else { None },
-            out_proj: fill.matrix(gpu, &format!("{p}.self_attn.out_proj.weight"), h, h)?,
-            out_proj_bias: if bias {
-                Some(fill.bias(gpu, &one(format!("{p}.self_attn.out_proj.bias")), h)?)
-            } else {
-                None
-            },
-            final_layer_norm: fill.layer_norm(gpu, &format!("{p}.final_layer_norm"), h, affine)?,
-            fc1: fill.matrix(gpu, &format!("{p}.fc1.weight"), f, h)?,
-            fc1_bias: if bias { Some(fill.bias(gpu, &one(format!("{p}.fc1.bias")), f)?) } else { None },
-            fc2: fill.matrix(gpu, &format!("{p}.fc2.weight"), h, f)?,
-            fc2_bias: if bias { Some(fill.bias(gpu, &one(format!("{p}.fc2.bias")), h)?) } else { None },
-            packed: None,
+/// Layer `i` of `spec` from `src` (checked shapes and finite values, as the
+/// CPU loader; the progress bar counts each checkpoint tensor). A failure
+/// of `src` is returned as it was.
+pub fn load_layer(gpu: &Gpu, spec: &ModelSpec, i: usize, src: &dyn WeightSource, pb: &ProgressBar) -> Result<GpuLayer> {
+    let mut failure = None;
+    let layer = GpuLayer::load(gpu, spec, i, &mut |name, shape| {
+        let tensor = || -> Result<Vec<f16>> {
+            let t = src.load(name, shape)?;
+            crate::finite::check_weights(name, &t)?;
+            pb.inc(1);
+            Ok(t)
+        };
+        tensor().map_err(|e| {
+            let message = e.to_string();
+            failure = Some(e);
+            runtime::Error::Checkpoint(message)
         })
+    });
+    match (layer, failure) {
+        (Ok(layer), _) => Ok(layer),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e.into()),
     }
+}
 
-    /// Layer `i`'s weights from `src` (checked shapes, as the CPU loader).
-    pub fn load(gpu: &Gpu, config: &OptConfig, i: usize, src: &dyn WeightSource, pb: &ProgressBar) -> Result<Self> {
-        Self::make(gpu, config, i, &Fill::Source(src, pb))
+/// Layer `i`'s seeded random weights, made on the GPU by [`dummy_init`]
+/// (the CPU generator's distribution; not its values).
+pub fn dummy_layer(gpu: &Gpu, spec: &ModelSpec, i: usize, seed: u64) -> Result<GpuLayer> {
+    Ok(GpuLayer::dummy(gpu, spec, i, seed, dummy_init)?)
+}
+
+/// A layer norm's weight and bias as the layer norm kernel takes them.
+pub type NormParams<'a> = Option<(&'a DevBuf<f16>, &'a DevBuf<f16>)>;
+
+/// OPT's tensors of one [`GpuLayer`], found by their spec names.
+#[derive(Debug, Clone, Copy)]
+pub struct OptLayer<'a> {
+    pub self_attn_layer_norm: NormParams<'a>,
+    /// q, k, v projections stacked: `[3·hidden, hidden]`.
+    pub qkv: &'a DevBuf<f16>,
+    /// `[3·hidden]`.
+    pub qkv_bias: Option<&'a DevBuf<f16>>,
+    /// `[hidden, hidden]`.
+    pub out_proj: &'a DevBuf<f16>,
+    pub out_proj_bias: Option<&'a DevBuf<f32>>,
+    pub final_layer_norm: NormParams<'a>,
+    /// `[ffn, hidden]`.
+    pub fc1: &'a DevBuf<f16>,
+    pub fc1_bias: Option<&'a DevBuf<f16>>,
+    /// `[hidden, ffn]`.
+    pub fc2: &'a DevBuf<f16>,
+    pub fc2_bias: Option<&'a DevBuf<f32>>,
+}
+
+/// `found`, checked to be there exactly when `want`.
+fn present<T>(found: Option<T>, want: bool, name: &str) -> Result<Option<T>> {
+    match (found, want) {
+        (Some(t), true) => Ok(Some(t)),
+        (None, false) => Ok(None),
+        (Some(_), false) => Err(Error::Gpu(format!("layer tensor {name} is held, but the configuration has none"))),
+        (None, true) => Err(Error::Gpu(format!("layer tensor {name} is missing from the GPU layer"))),
     }
+}
 
-    /// Layer `i`'s seeded random weights, made on the GPU: matrices uniform
-    /// in ±[`DummyWeights::SCALE`], biases in ±half that, layer norms 1 and
-    /// 0 (the CPU generator's distribution; not its values).
-    pub fn dummy(gpu: &Gpu, config: &OptConfig, i: usize, seed: u64) -> Result<Self> {
-        Self::make(gpu, config, i, &Fill::Dummy(seed))
-    }
+fn required<T>(found: Option<T>, name: &str) -> Result<T> {
+    found.ok_or_else(|| Error::Gpu(format!("layer tensor {name} is missing from the GPU layer")))
+}
 
-    /// The GPU tier's tensors behind every buffer, in a fixed order (the
-    /// same for every layer of a model): what moves between tiers.
-    pub fn tensors(&self) -> Vec<&tier_api::Tensor> {
-        let mut out = Vec::with_capacity(14);
-        for n in [&self.self_attn_layer_norm, &self.final_layer_norm].into_iter().flatten() {
-            out.push(n.weight.tensor());
-            out.push(n.bias.tensor());
-        }
-        if let Some(parts) = &self.packed {
-            // Compressed: the vectors, then the packed matrices (the f16
-            // matrices are the shared workspace, not this layer's).
-            out.extend(self.qkv_bias.as_ref().map(DevBuf::tensor));
-            out.extend(self.out_proj_bias.as_ref().map(DevBuf::tensor));
-            out.extend(self.fc1_bias.as_ref().map(DevBuf::tensor));
-            out.extend(self.fc2_bias.as_ref().map(DevBuf::tensor));
-            out.extend(parts.iter().map(|p| p.buf.tensor()));
-            return out;
-        }
-        out.push(self.qkv.tensor());
-        out.extend(self.qkv_bias.as_ref().map(DevBuf::tensor));
-        out.push(self.out_proj.tensor());
-        out.extend(self.out_proj_bias.as_ref().map(DevBuf::tensor));
-        out.push(self.fc1.tensor());
-        out.extend(self.fc1_bias.as_ref().map(DevBuf::tensor));
-        out.push(self.fc2.tensor());
-        out.extend(self.fc2_bias.as_ref().map(DevBuf::tensor));
-        out
-    }
+/// The spec names [`OptLayer`] looks up (see [`crate::spec::model_spec`]),
+/// and whether each is there for a configuration: `(name, needs bias,
+/// needs affine norms)`.
+const NAMES: [(&str, bool, bool); 12] = [
+    ("self_attn_layer_norm.weight", false, true),
+    ("self_attn_layer_norm.bias", false, true),
+    ("self_attn.qkv_proj.weight", false, false),
+    ("self_attn.qkv_proj.bias", true, false),
+    ("self_attn.out_proj.weight", false, false),
+    ("self_attn.out_proj.bias", true, false),
+    ("final_layer_norm.weight", false, true),
+    ("final_layer_norm.bias", false, true),
+    ("fc1.weight", false, false),
+    ("fc1.bias", true, false),
+    ("fc2.weight", false, false),
+    ("fc2.bias", true, false),
+];
 
-    /// For each of [`GpuLayerWeights::tensors`], whether the MLP block alone
-    /// reads it (its norm, `fc1`, `fc2`): with `--sep-layer` those copy
-    /// after the attention block's and are waited for only before the MLP.
-    /// Compressed layers are unpacked whole, so none is set apart.
-    pub fn mlp_tensors(&self) -> Vec<bool> {
-        let tensors = self.tensors();
-        if self.packed.is_some() {
-            return vec![false; tensors.len()];
-        }
-        let mut mlp: Vec<&tier_api::Tensor> = vec![self.fc1.tensor(), self.fc2.tensor()];
-        mlp.extend(self.fc1_bias.as_ref().map(DevBuf::tensor));
-        mlp.extend(self.fc2_bias.as_ref().map(DevBuf::tensor));
-        if let Some(n) = &self.final_layer_norm {
-            mlp.extend([n.weight.tensor(), n.bias.tensor()]);
-        }
-        tensors.iter().map(|t| mlp.iter().any(|m| m.same_storage(t))).collect()
-    }
-
-    /// Bytes held on the GPU (packed matrices when compressed; the shared
-    /// workspace is not this layer's).
-    pub fn bytes(&self) -> u64 {
-        self.tensors().iter().map(|t| t.byte_len() as u64).sum()
-    }
-
-    /// Bytes of the f16 form (what [`GpuLayerWeights::bytes`] is when not
-    /// compressed).
-    pub fn f16_bytes(&self) -> u64 {
-        let norm = |n: &Option<GpuLayerNorm>| n.as_ref().map_or(0, |n| n.weight.bytes() + n.bias.bytes());
-        norm(&self.self_attn_layer_norm)
-            + norm(&self.final_layer_norm)
-            + self.qkv.bytes()
-            + self.qkv_bias.as_ref().map_or(0, DevBuf::bytes)
-            + self.out_proj.bytes()
-            + self.out_proj_bias.as_ref().map_or(0, DevBuf::bytes)
-            + self.fc1.bytes()
-            + self.fc1_bias.as_ref().map_or(0, DevBuf::bytes)
-            + self.fc2.bytes()
-            + self.fc2_bias.as_ref().map_or(0, DevBuf::bytes)
+impl<'a> OptLayer<'a> {
+    /// `layer`'s tensors by their names in [`crate::spec::model_spec`],
+    /// the optional ones (biases, affine norms) there exactly when `config`
+    /// has them.
+    pub fn of(layer: &'a GpuLayer, config: &OptConfig) -> Result<Self> {
+        let (bias, affine) = (config.enable_bias, config.layer_norm_elementwise_affine);
+        let wanted = |k: usize| -> (&'static str, bool) {
+            let (name, needs_bias, needs_affine) = NAMES[k];
+            (name, (!needs_bias || bias) && (!needs_affine || affine))
+        };
+        let f16 = |k: usize| -> Result<Option<&'a DevBuf<f16>>> {
+            let (name, want) = wanted(k);
+            present(layer.f16(name)?, want, name)
+        };
+        let f32 = |k: usize| -> Result<Option<&'a DevBuf<f32>>> {
+            let (name, want) = wanted(k);
+            present(layer.f32(name)?, want, name)
+        };
+        let matrix = |k: usize| -> Result<&'a DevBuf<f16>> { required(f16(k)?, NAMES[k].0) };
+        Ok(OptLayer {
+            self_attn_layer_norm: f16(0)?.zip(f16(1)?),
+            qkv: matrix(2)?,
+            qkv_bias: f16(3)?,
+            out_proj: matrix(4)?,
+            out_proj_bias: f32(5)?,
+            final_layer_norm: f16(6)?.zip(f16(7)?),
+            fc1: matrix(8)?,
+            fc1_bias: f16(9)?,
+            fc2: matrix(10)?,
+            fc2_bias: f32(11)?,
+        })
     }
 }
 
@@ -335,7 +265,7 @@ impl GpuEmbeddings {
     }
 
     /// Seeded random embeddings made on the GPU (see
-    /// [`GpuLayerWeights::dummy`]).
+    /// [`dummy_layer`]).
     pub fn dummy(gpu: &Gpu, config: &OptConfig, seed: u64) -> Result<Self> {
         Self::make(gpu, config, &Fill::Dummy(seed))
     }
@@ -347,5 +277,88 @@ impl GpuEmbeddings {
             + self.project_in.as_ref().map_or(0, DevBuf::bytes)
             + self.project_out.as_ref().map_or(0, DevBuf::bytes)
             + self.final_layer_norm.as_ref().map_or(0, |n| n.weight.bytes() + n.bias.bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs() -> Vec<OptConfig> {
+        let mut out = Vec::new();
+        for (bias, affine) in [(true, true), (false, true), (true, false), (false, false)] {
+            let mut c = OptConfig::preset("opt-125m").unwrap();
+            c.enable_bias = bias;
+            c.layer_norm_elementwise_affine = affine;
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn the_names_looked_up_are_the_gpu_spec_s_layer() {
+        for c in configs() {
+            let spec = crate::spec::model_spec(&c, true).unwrap();
+            let mut wanted: Vec<&str> = NAMES
+                .iter()
+                .filter(|(_, b, a)| (!b || c.enable_bias) && (!a || c.layer_norm_elementwise_affine))
+                .map(|(n, _, _)| *n)
+                .collect();
+            let mut held: Vec<&str> = spec.layer.iter().map(|t| t.name.as_str()).collect();
+            wanted.sort_unstable();
+            held.sort_unstable();
+            assert_eq!(wanted, held, "bias {} affine {}", c.enable_bias, c.layer_norm_elementwise_affine);
+            // The types OptLayer asks for: f32 for the biases fused into an f32 output.
+            for t in &spec.layer {
+                let f32 = t.name == "self_attn.out_proj.bias" || t.name == "fc2.bias";
+                assert_eq!(t.dtype == tier_api::DType::F32, f32, "{}", t.name);
+            }
+        }
+    }
+
+    #[test]
+    fn the_gpu_spec_is_in_the_order_the_engine_moved_its_tensors() {
+        // The order GpuLayerWeights::tensors gave before the layer was the
+        // spec's: norms, then each matrix followed by its bias.
+        let c = OptConfig::preset("opt-125m").unwrap();
+        let names: Vec<String> = crate::spec::model_spec(&c, true).unwrap().layer.into_iter().map(|t| t.name).collect();
+        assert_eq!(
+            names,
+            [
+                "self_attn_layer_norm.weight",
+                "self_attn_layer_norm.bias",
+                "final_layer_norm.weight",
+                "final_layer_norm.bias",
+                "self_attn.qkv_proj.weight",
+                "self_attn.qkv_proj.bias",
+                "self_attn.out_proj.weight",
+                "self_attn.out_proj.bias",
+                "fc1.weight",
+                "fc1.bias",
+                "fc2.weight",
+                "fc2.bias",
+            ]
+        );
+    }
+
+    #[test]
+    fn seeded_tensors_follow_the_cpu_generator_s_rule() {
+        let c =
+            OptConfig::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/opt/tiny-opt"))
+                .unwrap();
+        let spec = crate::spec::model_spec(&c, true).unwrap();
+        let cpu = DummyWeights::new(3);
+        for t in &spec.layer {
+            let s = t.sources().remove(0);
+            let values = cpu.load(&spec.layer_name(0, &s.name), &s.shape).unwrap();
+            match dummy_init(t) {
+                Init::Constant(v) => assert!(values.iter().all(|x| x.to_f32() == v), "{}", t.name),
+                Init::Uniform(scale) => {
+                    // f16 rounding may pass the bound by a rounding step.
+                    assert!(values.iter().all(|x| x.to_f32().abs() <= scale * 1.001), "{}", t.name);
+                    assert!(values.iter().any(|x| x.to_f32().abs() > scale / 4.0), "{}: scale {scale}", t.name);
+                }
+            }
+        }
     }
 }

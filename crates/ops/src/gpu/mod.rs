@@ -132,3 +132,32 @@ impl Gpu {
         self.device.mem_info().map_err(tier_err)
     }
 }
+
+/// A CUDA event of the GPU: recorded on the compute stream after work
+/// enqueued there, waited on by the host (what a weight slot's last reader
+/// leaves behind).
+pub struct Event(tier_cuda::kernels::CudaEvent);
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Event").finish_non_exhaustive()
+    }
+}
+
+impl Event {
+    /// A new event (without timing) on `gpu`'s device.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        Ok(Event(gpu.device().new_event(false).map_err(tier_err)?))
+    }
+
+    /// Records the event on `gpu`'s compute stream, after everything
+    /// enqueued there so far.
+    pub fn record(&self, gpu: &Gpu) -> Result<()> {
+        self.0.record(gpu.stream()).map_err(|e| driver_err("cuEventRecord", e))
+    }
+
+    /// Waits until the work before the last record has run.
+    pub fn synchronize(&self) -> Result<()> {
+        self.0.synchronize().map_err(|e| driver_err("cuEventSynchronize", e))
+    }
+}

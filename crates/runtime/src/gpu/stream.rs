@@ -45,21 +45,22 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::CudaEvent;
 use tier_api::{CopyHandle, CopyMatrix, Device, SegmentedTensor, Tensor};
 use tier_disk::DiskDevice;
 use tier_host::HostDevice;
 
-use super::packed::LayerWorkspace;
-use super::weights::GpuLayerWeights;
-use super::{driver_err, tier_err, Gpu};
-use crate::config::OptConfig;
-use crate::error::{Error, Result};
+use ops::gpu::{Event, Gpu};
 
-pub use runtime::plan::{split_layers, LayerSplit, MAX_WEIGHT_SLOTS as MAX_SLOTS};
+use super::layer::{GpuLayer, InitRule};
+use super::packed::LayerWorkspace;
+use super::{gpu_err, tier_err};
+use crate::error::{Error, Result};
+use crate::spec::ModelSpec;
+
+pub use crate::plan::{split_layers, LayerSplit, MAX_WEIGHT_SLOTS as MAX_SLOTS};
 
 /// The tiers the off-GPU layers live on, taken from the run's
-/// [`runtime::Tiers`].
+/// [`crate::Tiers`].
 #[derive(Clone)]
 pub struct OffloadTiers {
     /// Host memory for the streamed layers' first rows (page-locked or pageable).
@@ -76,7 +77,7 @@ impl OffloadTiers {
     /// `TIERLM_HOST_MEMORY` names a kind; else pageable), a disk in
     /// `offload_dir` if rows live on disk.
     pub fn for_split(
-        tiers: &runtime::Tiers,
+        tiers: &crate::Tiers,
         split: &LayerSplit,
         pin: bool,
         offload_dir: &std::path::Path,
@@ -117,7 +118,7 @@ pub struct LinkRates {
 }
 
 /// One off-GPU layer: a tensor per GPU buffer of the layer, in
-/// [`GpuLayerWeights::tensors`]' order, split by rows over host and disk.
+/// [`GpuLayer::tensors`]' order, split by rows over host and disk.
 struct HomeLayer {
     tensors: Vec<SegmentedTensor>,
 }
@@ -177,9 +178,9 @@ pub struct WeightStreamer {
     split: LayerSplit,
     /// `homes[i]` is layer `split.gpu_end + i`.
     homes: Vec<HomeLayer>,
-    slots: Vec<GpuLayerWeights>,
+    slots: Vec<GpuLayer>,
     /// Recorded on the compute stream after the last compute reading each slot.
-    done: Vec<CudaEvent>,
+    done: Vec<Event>,
     state: Mutex<State>,
     tiers: OffloadTiers,
     /// `--sep-layer`: see [`WeightStreamer::set_sep_layer`].
@@ -211,30 +212,31 @@ impl Drop for WeightStreamer {
 }
 
 impl WeightStreamer {
-    /// Sets up the slots (two layers' buffers on the GPU) and the copy
-    /// matrix (the GPU routes added) for `split`; the homes are added with
+    /// Sets up the slots (layers of `spec` on the GPU, their buffers
+    /// allocated by seeding them with `rule`) and the copy matrix (the GPU
+    /// routes added) for `split`; the homes are added with
     /// [`WeightStreamer::park`], in layer order. With `compressed` (the
     /// shared f16 workspace of `--compress-weight`) the slots, and so the
     /// homes, hold packed matrices.
     pub fn new(
         gpu: &Gpu,
-        config: &OptConfig,
+        (spec, rule): (&ModelSpec, InitRule),
         split: LayerSplit,
         tiers: OffloadTiers,
         compressed: Option<&LayerWorkspace>,
     ) -> Result<Self> {
         if split.uses_host() && tiers.host.is_none() {
-            return Err(Error::Gpu("layers on the host, but no host tier".into()));
+            return Err(gpu_err("layers on the host, but no host tier".into()));
         }
         if split.uses_disk() && tiers.disk.is_none() {
-            return Err(Error::Gpu("layers on disk, but no disk tier".into()));
+            return Err(gpu_err("layers on disk, but no disk tier".into()));
         }
         // The slots' contents are overwritten before any use; seeded values
         // are only the cheapest way to allocate a layer's buffers.
-        let slot = || -> Result<GpuLayerWeights> {
-            let w = GpuLayerWeights::dummy(gpu, config, 0, 0)?;
+        let slot = || -> Result<GpuLayer> {
+            let w = GpuLayer::dummy(gpu, spec, 0, 0, rule)?;
             match compressed {
-                Some(ws) => w.compress(gpu, config, ws),
+                Some(ws) => w.compress(gpu, ws),
                 None => Ok(w),
             }
         };
@@ -242,12 +244,12 @@ impl WeightStreamer {
         // four layers or fewer streaming, two, so that every step still
         // streams them (and nothing stays on the GPU that a larger model's
         // run would not keep).
-        let n = runtime::plan::weight_slots(split.offloaded());
+        let n = crate::plan::weight_slots(split.offloaded());
         let slots = (0..n).map(|_| slot()).collect::<Result<Vec<_>>>()?;
         // The fills run on the compute stream; copies into the slots run on
         // copy streams.
         gpu.synchronize()?;
-        let done = (0..n).map(|_| gpu.device().new_event(false).map_err(tier_err)).collect::<Result<Vec<_>>>()?;
+        let done = (0..n).map(|_| Ok(Event::new(gpu)?)).collect::<Result<Vec<_>>>()?;
         let state = State {
             holds: vec![None; n],
             recorded: vec![false; n],
@@ -298,7 +300,7 @@ impl WeightStreamer {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
-        self.state.lock().map_err(|_| Error::Gpu("the weight streamer's state was poisoned by a panic".into()))
+        self.state.lock().map_err(|_| gpu_err("the weight streamer's state was poisoned by a panic".into()))
     }
 
     /// Bytes of the streamed layers in host memory and on disk.
@@ -346,7 +348,7 @@ impl WeightStreamer {
         items.sort_by_key(|it| std::cmp::Reverse(it.4));
         let (host, disk) = (self.tiers.host.clone(), self.tiers.disk.clone());
         if items.iter().any(|it| it.2 == 0) && host.is_none() || items.iter().any(|it| it.2 == 1) && disk.is_none() {
-            return Err(Error::Gpu(format!("the split {:?} needs a tier that was not opened", self.split)));
+            return Err(gpu_err(format!("the split {:?} needs a tier that was not opened", self.split)));
         }
         type Made = Vec<Vec<[Option<Tensor>; 2]>>;
         let made: Mutex<Made> = Mutex::new(vec![vec![[None, None]; specs.len()]; off]);
@@ -391,7 +393,7 @@ impl WeightStreamer {
         if let Some(e) = first_error.into_inner().ok().flatten() {
             return Err(e);
         }
-        let made = made.into_inner().map_err(|_| Error::Gpu("home allocation panicked".into()))?;
+        let made = made.into_inner().map_err(|_| gpu_err("home allocation panicked".into()))?;
         let split = self.split;
         self.homes = made
             .into_iter()
@@ -419,19 +421,19 @@ impl WeightStreamer {
     fn home(&self, layer: usize) -> Result<&HomeLayer> {
         self.homes
             .get(layer.wrapping_sub(self.split.gpu_end))
-            .ok_or_else(|| Error::Gpu(format!("layer {layer} has no off-GPU home")))
+            .ok_or_else(|| gpu_err(format!("layer {layer} has no off-GPU home")))
     }
 
     /// Copies layer `index` (off the GPU), made on the GPU in `layer`
     /// (everything enqueued on `gpu`'s stream), into its home tensors
     /// (from [`WeightStreamer::allocate_homes`]); `layer` is freed after.
-    pub fn park(&mut self, gpu: &Gpu, index: usize, layer: GpuLayerWeights) -> Result<()> {
+    pub fn park(&mut self, gpu: &Gpu, index: usize, layer: GpuLayer) -> Result<()> {
         let home = self.home(index)?;
         // The layer's values must be on the GPU before a copy stream reads them.
         gpu.synchronize()?;
         let src = layer.tensors();
         if src.len() != home.tensors.len() {
-            return Err(Error::Gpu(format!(
+            return Err(gpu_err(format!(
                 "layer {index}: {} buffers for {} home tensors",
                 src.len(),
                 home.tensors.len()
@@ -460,13 +462,13 @@ impl WeightStreamer {
     fn submit(&self, st: &mut State, slot: usize, layer: usize) -> Result<()> {
         let home = self.home(layer)?;
         if st.recorded[slot] {
-            self.done[slot].synchronize().map_err(|e| driver_err("cuEventSynchronize", e))?;
+            self.done[slot].synchronize()?;
             st.recorded[slot] = false;
         }
         st.holds[slot] = None;
         let dst = self.slots[slot].tensors();
         if dst.len() != home.tensors.len() {
-            return Err(Error::Gpu(format!(
+            return Err(gpu_err(format!(
                 "layer {layer}: {} home tensors for {} slot buffers",
                 home.tensors.len(),
                 dst.len()
@@ -625,7 +627,7 @@ impl WeightStreamer {
     pub fn end_layer(&self, gpu: &Gpu, j: usize) -> Result<()> {
         let mut st = self.lock()?;
         if let Some(s) = st.holds.iter().position(|&h| h == Some(j)) {
-            self.done[s].record(gpu.stream()).map_err(|e| driver_err("cuEventRecord", e))?;
+            self.done[s].record(gpu)?;
             st.recorded[s] = true;
             st.tick += 1;
             st.used_at[s] = st.tick;
@@ -689,11 +691,11 @@ impl WeightStreamer {
 
     /// Layer `j`'s weights in its slot, once [`WeightStreamer::begin_layer`]
     /// has run for it.
-    pub fn weights(&self, j: usize) -> Result<&GpuLayerWeights> {
+    pub fn weights(&self, j: usize) -> Result<&GpuLayer> {
         let st = self.lock()?;
         match st.holds.iter().position(|&h| h == Some(j)) {
             Some(s) => Ok(&self.slots[s]),
-            None => Err(Error::Gpu(format!("layer {j}'s weights are not in a GPU slot (begin_layer was not called)"))),
+            None => Err(gpu_err(format!("layer {j}'s weights are not in a GPU slot (begin_layer was not called)"))),
         }
     }
 }
