@@ -132,6 +132,7 @@ impl From<ops::Error> for Error {
     fn from(e: ops::Error) -> Self {
         match e {
             ops::Error::Gpu(m) => Error::Gpu(m),
+            ops::Error::Tier(e) => Error::Tier(e),
             other => Error::InvalidArgument(other.to_string()),
         }
     }

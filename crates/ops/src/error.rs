@@ -22,6 +22,10 @@ pub enum Error {
     /// not fit what it would touch.
     #[error("{0}")]
     Gpu(String),
+    /// A memory tier failed under a GPU op: out of memory, a refused
+    /// allocation, or the I/O of a host or disk tier the op's data crossed.
+    #[error("memory tier: {0}")]
+    Tier(#[from] tier_api::Error),
 }
 
 /// The op layer's result type.

@@ -63,10 +63,11 @@ pub use ops::gpu::{available, blas, buffer, kernels, profile, unavailable_reason
 
 /// A `tier-api` error (allocation, driver call) as the engine's.
 pub fn tier_err(e: tier_api::Error) -> Error {
-    Error::Gpu(format!("GPU: {e}"))
+    Error::Tier(e)
 }
 
 /// A driver call's failure as the engine's error, naming the call.
 pub fn driver_err(call: &str, e: tier_cuda::kernels::DriverError) -> Error {
-    tier_err(tier_cuda::kernels::driver_error("gpu", call, e))
+    // A kernel or stream call, not a tier's memory: said as the GPU's.
+    Error::Gpu(format!("GPU: {}", tier_cuda::kernels::driver_error("gpu", call, e)))
 }

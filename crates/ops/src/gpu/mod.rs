@@ -57,12 +57,13 @@ pub fn available() -> bool {
 
 /// A `tier-api` error (allocation, driver call) as the op layer's.
 pub fn tier_err(e: tier_api::Error) -> Error {
-    Error::Gpu(format!("GPU: {e}"))
+    Error::Tier(e)
 }
 
 /// A driver call's failure as the op layer's error, naming the call.
 pub fn driver_err(call: &str, e: tier_cuda::kernels::DriverError) -> Error {
-    tier_err(tier_cuda::kernels::driver_error("gpu", call, e))
+    // A kernel or stream call, not a tier's memory: said as the GPU's.
+    Error::Gpu(format!("GPU: {}", tier_cuda::kernels::driver_error("gpu", call, e)))
 }
 
 /// One GPU as a family uses it: the device, a compute stream, the BLAS
