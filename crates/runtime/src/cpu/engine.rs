@@ -276,6 +276,17 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
     }
 }
 
+impl<M: CpuModel> Drop for CpuEngine<'_, M> {
+    /// A layer still being read ahead is waited for: no thread of the
+    /// engine outlives it (a pipeline stage that stops joins everything it
+    /// started).
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.next.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
 fn no_cache(j: usize) -> Error {
     Error::InvalidArgument(format!("no cache for layer {j}"))
 }

@@ -121,7 +121,10 @@ impl std::fmt::Debug for InProcess {
 
 impl InProcess {
     /// The endpoints of `stages` stages (endpoint `s` for stage `s`), every
-    /// pair linked by a channel of `capacity` messages each way.
+    /// pair linked by a channel of `capacity` messages each way. The
+    /// schedule needs a capacity of at least the block's micro-batches (as
+    /// many may be in flight on one link; fewer could leave two stages each
+    /// waiting for the other to take a message).
     pub fn mesh(stages: usize, capacity: usize) -> Vec<InProcess> {
         let (alarm_tx, alarm_rx) = bounded::<()>(0);
         let shared = Arc::new(Shared { failure: Mutex::new(None), alarm: Mutex::new(Some(alarm_tx)) });
