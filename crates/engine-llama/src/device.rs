@@ -34,6 +34,22 @@ pub fn check_window(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize)
     Ok(())
 }
 
+/// The family's own checks of a block: the attention window, the padding
+/// token.
+fn check_block(model: &LlamaModel, batches: &[Vec<Vec<u32>>], options: &GenerateOptions) -> Result<()> {
+    for prompts in batches {
+        check_window(model, prompts, options.max_new_tokens)?;
+    }
+    if options.pad_token_id as usize >= model.config().vocab_size {
+        return Err(Error::Generate(format!(
+            "the padding token {} is outside the vocabulary of {}",
+            options.pad_token_id,
+            model.config().vocab_size
+        )));
+    }
+    Ok(())
+}
+
 /// Generates for `batches` (each a batch of prompts, unpadded) on the CPU
 /// with the runtime's schedule, every layer and the cache in memory: greedy
 /// without a sampler.
@@ -58,19 +74,25 @@ pub fn generate_placed(
     sampler: Option<&mut Sampler>,
     progress: &ProgressBar,
 ) -> Result<GenerationOutput> {
-    for prompts in batches {
-        check_window(model, prompts, options.max_new_tokens)?;
-    }
-    if options.pad_token_id as usize >= model.config().vocab_size {
-        return Err(Error::Generate(format!(
-            "the padding token {} is outside the vocabulary of {}",
-            options.pad_token_id,
-            model.config().vocab_size
-        )));
-    }
+    check_block(model, batches, options)?;
     let mut engine = CpuEngine::new(model, resident, placement)?;
     let mut out = runtime::schedule::generate(&mut engine, batches, options, sampler, progress)?;
     out.disk_cache_bytes = engine.disk_cache_bytes();
     out.cache_bytes = out.cache_bytes.saturating_add(engine.slot_bytes());
     Ok(out)
+}
+
+/// [`generate_placed`] with the layers split into pipeline stages
+/// (`runtime::pipeline`, e.g. [`runtime::pipeline::resident_stages`]): one
+/// CPU engine per stage on a thread of its own; the same tokens.
+pub fn generate_pipelined(
+    model: &LlamaModel,
+    stages: &[runtime::pipeline::CpuStage<'_>],
+    batches: &[Vec<Vec<u32>>],
+    options: &GenerateOptions,
+    sampler: Option<&mut Sampler>,
+    progress: &ProgressBar,
+) -> Result<GenerationOutput> {
+    check_block(model, batches, options)?;
+    Ok(runtime::pipeline::generate_staged(model, stages, batches, options, sampler, progress)?)
 }

@@ -156,7 +156,10 @@ impl From<runtime::Error> for Error {
             | runtime::Error::NeedsTieredEngine(_)
             | runtime::Error::PolicyDoesNotFit(_)
             | runtime::Error::ChatTemplate(_)
-            | runtime::Error::NoPolicyFits(_)) => Error::Runtime(other),
+            | runtime::Error::NoPolicyFits(_)
+            | runtime::Error::Pipeline(_)
+            | runtime::Error::StageStopped { .. }
+            | runtime::Error::Stage { .. }) => Error::Runtime(other),
         }
     }
 }

@@ -78,6 +78,27 @@ pub enum Error {
     #[error("{0}")]
     ChatTemplate(String),
 
+    /// The stages of a pipeline could not talk, or one sent what the
+    /// schedule did not expect (see [`crate::pipeline`]).
+    #[error("pipeline: {0}")]
+    Pipeline(String),
+
+    /// A peer stage of a pipeline failed or went away, so this one stopped
+    /// rather than wait for it.
+    #[error("pipeline stage {stage} stopped: {reason}")]
+    StageStopped { stage: usize, reason: String },
+
+    /// A stage of a pipeline failed: which one, its layers, and why.
+    #[error("pipeline stage {stage} of {stages} (layers {first}..{last}) failed: {source}")]
+    Stage {
+        stage: usize,
+        stages: usize,
+        first: usize,
+        last: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// SIGINT (Ctrl-C) or SIGTERM arrived (see [`crate::interrupt`]); by the
     /// time `tierlm` prints this, the unwind has dropped every tier's memory.
     #[error("interrupted (Ctrl-C or SIGTERM): generation stopped; pinned memory freed and offload files removed")]

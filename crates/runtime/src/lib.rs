@@ -28,6 +28,9 @@
 //! - [`cpu`]: the CPU engine, for any family that implements
 //!   [`cpu::CpuModel`] (layers resident or streamed from disk, the KV cache in
 //!   memory or partly on disk);
+//! - [`pipeline`]: pipeline parallelism, the layers split into stages (a
+//!   compute device each) that a block's micro-batches flow through, over a
+//!   [`pipeline::Transport`] (in-process today);
 //! - [`memory`]: the host's memory figures from `/proc`;
 //! - [`interrupt`] (Ctrl-C stops a run cleanly) and [`progress`] bars;
 //! - [`guard`]: panics of third-party libraries on malformed files, contained;
@@ -50,6 +53,7 @@ pub mod gpu;
 pub mod guard;
 pub mod interrupt;
 pub mod memory;
+pub mod pipeline;
 pub mod plan;
 pub mod policy;
 pub mod progress;

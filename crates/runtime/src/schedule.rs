@@ -236,6 +236,22 @@ impl BatchTokens {
     }
 }
 
+/// The tokens of every non-empty batch of a block (`batches[k]` holds the
+/// prompts of batch `k`, unpadded), before the first step.
+pub fn block_tokens(batches: &[Vec<Vec<u32>>], opts: &GenerateOptions) -> Vec<BatchTokens> {
+    batches
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|prompts| {
+            let mut tokens = BatchTokens::new(prompts, opts.pad_token_id);
+            if opts.max_new_tokens == 0 {
+                tokens.finished.fill(true);
+            }
+            tokens
+        })
+        .collect()
+}
+
 /// A device that computes a model a layer at a time over a block of
 /// batches.
 pub trait ComputeDevice {
@@ -331,17 +347,7 @@ pub fn generate<D: ComputeDevice>(
         validate_prompts(device.vocab_size(), device.max_positions(), prompts, opts.max_new_tokens, first)?;
         first += prompts.len();
     }
-    let all: Vec<BatchTokens> = batches
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|prompts| {
-            let mut tokens = BatchTokens::new(prompts, opts.pad_token_id);
-            if opts.max_new_tokens == 0 {
-                tokens.finished.fill(true);
-            }
-            tokens
-        })
-        .collect();
+    let all = block_tokens(batches, opts);
     device.begin_block(&all)?;
     let mut states = Vec::with_capacity(all.len());
     for tokens in all {

@@ -1,6 +1,7 @@
 //! [`CpuEngine`]: the CPU as the block schedule's compute device.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -38,9 +39,15 @@ type Held = Option<Reservation>;
 
 /// The CPU computing a [`CpuModel`]: its first layers resident (the
 /// caller's), the others streamed from disk, the KV cache in host memory
-/// or partly on disk.
+/// or partly on disk. An engine computes every layer of the model
+/// ([`CpuEngine::new`]) or a contiguous range of them
+/// ([`CpuEngine::for_layers`]: a pipeline stage, holding the weights and
+/// the cache of its layers only).
 pub struct CpuEngine<'a, M: CpuModel> {
     model: &'a M,
+    /// The model's layers this engine computes.
+    layers: Range<usize>,
+    /// Layers `layers.start..layers.start + resident.len()`.
     resident: &'a [HostLayer],
     disk: Option<Arc<DiskLayers>>,
     cache_disk: Option<(Arc<DiskDevice>, f64)>,
@@ -63,21 +70,48 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
     /// The engine computing `model` with layers `0..resident.len()` in
     /// `resident` and the rest where `placement` says.
     pub fn new(model: &'a M, resident: &'a [HostLayer], placement: CpuPlacement) -> Result<Self> {
-        let layers = model.spec().layers;
+        Self::for_layers(model, 0..model.spec().layers, resident, placement)
+    }
+
+    /// The engine computing layers `layers` of `model` (a pipeline stage):
+    /// layers `layers.start..layers.start + resident.len()` in `resident`,
+    /// the rest of the range where `placement` says (its disk layers from
+    /// the first after the resident ones to the range's end at least). Its
+    /// batches hold the cache of these layers only.
+    pub fn for_layers(
+        model: &'a M,
+        layers: Range<usize>,
+        resident: &'a [HostLayer],
+        placement: CpuPlacement,
+    ) -> Result<Self> {
+        let total = model.spec().layers;
+        if layers.start >= layers.end || layers.end > total {
+            return Err(Error::InvalidArgument(format!(
+                "layers {}..{} are not a non-empty range of the model's {total}",
+                layers.start, layers.end
+            )));
+        }
         let CpuPlacement { disk, cache_disk, host } = placement;
+        let after_resident = layers.start.checked_add(resident.len());
         let complete = match &disk {
-            Some(d) => resident.len() == d.first() && (d.first()..layers).all(|j| d.holds(j)),
-            None => resident.len() == layers,
+            Some(d) => after_resident == Some(d.first()) && (d.first()..layers.end).all(|j| d.holds(j)),
+            None => after_resident == Some(layers.end),
         };
         if !complete {
+            let of = if layers == (0..total) {
+                format!("the model's {total}")
+            } else {
+                format!("layers {}..{} of the model's {total}", layers.start, layers.end)
+            };
             return Err(Error::InvalidArgument(format!(
-                "{} resident layers{} do not make the model's {layers}",
+                "{} resident layers{} do not make {of}",
                 resident.len(),
                 disk.as_ref().map_or(String::new(), |d| format!(" and layers from {} on disk", d.first()))
             )));
         }
         Ok(CpuEngine {
             model,
+            layers,
             resident,
             disk,
             cache_disk: cache_disk.map(|(d, pct)| (d, pct.clamp(0.0, 100.0))),
@@ -89,6 +123,23 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
         })
     }
 
+    /// The model's layers this engine computes.
+    pub fn layer_range(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// Layer `j`'s index among this engine's layers (its batches' caches).
+    fn local(&self, j: usize) -> Result<usize> {
+        if self.layers.contains(&j) {
+            Ok(j - self.layers.start)
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "layer {j} is not one of this engine's layers {}..{}",
+                self.layers.start, self.layers.end
+            )))
+        }
+    }
+
     /// Bytes of KV cache the engine put on disk so far.
     pub fn disk_cache_bytes(&self) -> u64 {
         self.disk_cache_bytes
@@ -97,6 +148,32 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
     /// Bytes of the gather slots (host memory, beside the batches' caches).
     pub fn slot_bytes(&self) -> u64 {
         self.slots.values().map(|(s, _)| s.bytes()).sum()
+    }
+
+    /// The step's hidden states of a batch from the stage before (in place
+    /// of [`ComputeDevice::embed`], on every stage but the first):
+    /// `tokens.rows() × hidden` f32.
+    pub fn receive_hidden(&mut self, tokens: &BatchTokens, b: &mut CpuBatch, hidden: Vec<f32>) -> Result<()> {
+        let want = tokens.rows().checked_mul(self.model.spec().widths.hidden);
+        if want != Some(hidden.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} hidden values received for {} rows of {}",
+                hidden.len(),
+                tokens.rows(),
+                self.model.spec().widths.hidden
+            )));
+        }
+        open_step(tokens, b);
+        b.hidden = hidden;
+        b.hidden_held = self.reserve(std::mem::size_of_val(b.hidden.as_slice()) as u64)?;
+        Ok(())
+    }
+
+    /// A batch's hidden states after this engine's last layer, handed over
+    /// to the next stage (the batch holds none until its next step).
+    pub fn take_hidden(&mut self, b: &mut CpuBatch) -> Vec<f32> {
+        b.hidden_held = None;
+        std::mem::take(&mut b.hidden)
     }
 
     fn reserve(&self, bytes: u64) -> Result<Held> {
@@ -112,7 +189,7 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
     }
 
     fn layer_weights(&self, j: usize) -> Result<&HostLayer> {
-        if let Some(l) = self.resident.get(j) {
+        if let Some(l) = self.resident.get(self.local(j)?) {
             return Ok(l);
         }
         match &self.current {
@@ -135,7 +212,7 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
             .saturating_mul(kv.head_dim as u64)
             .saturating_mul(capacity as u64)
             .saturating_mul(2 * kv.dtype.size() as u64);
-        (self.model.spec().layers as u64)
+        (self.layers.len() as u64)
             .saturating_mul(in_memory as u64)
             .saturating_mul(per_seq)
             .saturating_add((batch as u64).saturating_mul(capacity as u64))
@@ -149,7 +226,7 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
             Some(dc) => (dc.first, dc.batch),
             None => return Err(Error::InvalidArgument("no disk cache".into())),
         };
-        let capacity = b.caches.get(j).map(KvCache::capacity).ok_or_else(|| no_cache(j))?;
+        let capacity = b.caches.get(self.local(j)?).map(KvCache::capacity).ok_or_else(|| no_cache(j))?;
         let (mut slot, slot_held) = match self.slots.remove(&(batch, capacity)) {
             Some(s) => s,
             None => {
@@ -166,11 +243,12 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
     }
 
     fn gather_run_scatter(&self, j: usize, b: &mut CpuBatch, slot: &mut KvCache, first: usize) -> Result<()> {
-        let host = b.caches.get_mut(j).ok_or_else(|| no_cache(j))?;
+        let i = self.local(j)?;
+        let host = b.caches.get_mut(i).ok_or_else(|| no_cache(j))?;
         let dc = b.on_disk.as_mut().ok_or_else(|| Error::InvalidArgument("no disk cache".into()))?;
         let split = first * slot.seq_bytes();
-        let past = dc.len[j];
-        let [dk, dv] = &dc.layers[j];
+        let past = *dc.len.get(i).ok_or_else(|| no_cache(j))?;
+        let [dk, dv] = dc.layers.get(i).ok_or_else(|| no_cache(j))?;
         {
             let (sk, sv) = slot.bytes_mut();
             let (hk, hv) = host.as_bytes();
@@ -193,8 +271,19 @@ impl<'a, M: CpuModel> CpuEngine<'a, M> {
             dv.write_bytes(0, &sv[split..])?;
         }
         host.set_len(past + b.new_len)?;
-        dc.len[j] = past + b.new_len;
+        dc.len[i] = past + b.new_len;
         Ok(())
+    }
+}
+
+impl<M: CpuModel> Drop for CpuEngine<'_, M> {
+    /// A layer still being read ahead is waited for: no thread of the
+    /// engine outlives it (a pipeline stage that stops joins everything it
+    /// started).
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.next.take() {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -238,6 +327,20 @@ struct DiskCache {
     batch: usize,
     layers: Vec<[tier_api::Tensor; 2]>,
     len: Vec<usize>,
+}
+
+/// A step begins for a batch: its tokens' mask appended to the keys', their
+/// positions, the hidden states of the step before let go.
+fn open_step(tokens: &BatchTokens, b: &mut CpuBatch) {
+    let n = tokens.new_len();
+    for (seq, mask) in b.key_mask.iter_mut().enumerate() {
+        mask.extend(tokens.mask()[seq * n..(seq + 1) * n].iter().map(|&m| m != 0));
+    }
+    b.flat_mask = b.key_mask.iter().flatten().copied().collect();
+    b.positions = tokens.positions();
+    b.hidden_held = None;
+    b.hidden = Vec::new();
+    b.new_len = n;
 }
 
 /// Hidden states of the last position of each of `batch` sequences.
@@ -285,8 +388,9 @@ impl<M: CpuModel> ComputeDevice for CpuEngine<'_, M> {
             }
         };
         self.current = Some((j, layer));
-        // The next streamed layer (the first again after the last).
-        let next = if disk.holds(j + 1) { j + 1 } else { disk.first() };
+        // The next streamed layer of this engine (its first again after
+        // its last).
+        let next = if j + 1 < self.layers.end && disk.holds(j + 1) { j + 1 } else { disk.first() };
         if next != j {
             self.read_ahead(next);
         }
@@ -295,7 +399,7 @@ impl<M: CpuModel> ComputeDevice for CpuEngine<'_, M> {
 
     fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<CpuBatch> {
         let batch = tokens.batch();
-        let layers = self.model.spec().layers;
+        let layers = self.layers.len();
         let mut on_disk = None;
         let mut in_memory = batch;
         if let Some((disk, cpu_percent)) = self.cache_disk.clone() {
@@ -336,16 +440,9 @@ impl<M: CpuModel> ComputeDevice for CpuEngine<'_, M> {
     }
 
     fn embed(&mut self, tokens: &BatchTokens, b: &mut CpuBatch) -> Result<()> {
-        let n = tokens.new_len();
-        for (seq, mask) in b.key_mask.iter_mut().enumerate() {
-            mask.extend(tokens.mask()[seq * n..(seq + 1) * n].iter().map(|&m| m != 0));
-        }
-        b.flat_mask = b.key_mask.iter().flatten().copied().collect();
-        b.positions = tokens.positions();
-        b.hidden_held = None;
+        open_step(tokens, b);
         b.hidden = self.model.embed(tokens.tokens(), &b.positions)?;
         b.hidden_held = self.reserve(std::mem::size_of_val(b.hidden.as_slice()) as u64)?;
-        b.new_len = n;
         Ok(())
     }
 
@@ -357,7 +454,7 @@ impl<M: CpuModel> ComputeDevice for CpuEngine<'_, M> {
         let layer = self.layer_weights(j)?;
         let step =
             Step { batch: b.key_mask.len(), new_len: b.new_len, key_mask: &b.flat_mask, positions: &b.positions };
-        let cache = b.caches.get_mut(j).ok_or_else(|| no_cache(j))?;
+        let cache = b.caches.get_mut(self.local(j)?).ok_or_else(|| no_cache(j))?;
         self.model.layer_forward(layer, &mut b.hidden, &step, cache)
     }
 

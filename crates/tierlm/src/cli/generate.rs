@@ -73,6 +73,14 @@ pub struct GenerateArgs {
     /// Sequences run together in one batch
     #[arg(long, default_value_t = 8)]
     pub gpu_batch_size: usize,
+    /// Split the model's layers into this many pipeline stages, each a CPU
+    /// engine on a thread of its own holding its layers and their cache,
+    /// STAGES batches of --gpu-batch-size flowing through them at once: a
+    /// preview of the multi-GPU pipeline, with the tokens of one engine
+    /// (every layer and the cache in host memory; a sampler draws for a
+    /// block's batches step by step)
+    #[arg(long, default_value_t = 1, value_name = "STAGES")]
+    pub stages: usize,
     /// Weights GPU% CPU%, cache GPU% CPU%, activations GPU% CPU% (disk gets
     /// the rest of each pair); the default, everything in host memory on the
     /// CPU. Anything on the GPU or on disk runs on the GPU engine where
@@ -260,21 +268,81 @@ fn check_common(args: &GenerateArgs) -> Result<()> {
         )));
     }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
+    check_stages(args)?;
     // Refuse an --output that would be overwritten, or does not match, before loading.
     output_file(args)?;
     Ok(())
 }
 
+/// `--stages`: at least one; above one, the pipeline's preview runs on the
+/// CPU engine with everything in host memory, so the flags that place
+/// anything elsewhere are refused by name.
+fn check_stages(args: &GenerateArgs) -> Result<()> {
+    if args.stages == 0 {
+        return Err(Error::InvalidArgument("--stages must be at least 1".into()));
+    }
+    if args.stages == 1 {
+        return Ok(());
+    }
+    let in_memory = |p: &[f64]| p == [0.0, 100.0, 0.0, 100.0, 0.0, 100.0];
+    let mut refused: Vec<String> = Vec::new();
+    if let Some(p) = args.percent.as_deref().filter(|p| !in_memory(p)) {
+        let p: Vec<String> = p.iter().map(f64::to_string).collect();
+        refused.push(format!("--percent {}", p.join(" ")));
+    }
+    for (given, flag) in [
+        (args.offload_dir.is_some(), "--offload-dir"),
+        (args.compress_weight, "--compress-weight"),
+        (args.compress_cache, "--compress-cache"),
+        (args.cpu_cache_compute, "--cpu-cache-compute"),
+        (args.attn_sparsity != 1.0, "--attn-sparsity"),
+        (args.gpu_mem.is_some(), "--gpu-mem"),
+        (args.pin_weight.is_some(), "--pin-weight"),
+        (args.policy.as_deref() == Some("auto"), "--policy auto"),
+        (args.host_mem.is_some(), "--host-mem"),
+        (args.calibration.is_some(), "--calibration"),
+    ] {
+        if given {
+            refused.push(flag.to_string());
+        }
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "--stages {} runs the pipeline on the CPU engine, every stage's layers and cache in host memory; it takes \
+         no {}",
+        args.stages,
+        refused.join(", ")
+    )))
+}
+
+/// The prompts a call of an [`Outputs`] generator gets: one batch, or with
+/// `--stages` one batch per stage (the block that fills the pipeline).
+pub fn block_size(args: &GenerateArgs) -> usize {
+    args.gpu_batch_size.saturating_mul(args.stages.max(1))
+}
+
+/// `prompts` as the block's batches of `--gpu-batch-size`.
+pub fn micro_batches(prompts: &[Vec<u32>], gpu_batch_size: usize) -> Vec<Vec<Vec<u32>>> {
+    prompts.chunks(gpu_batch_size.max(1)).map(<[Vec<u32>]>::to_vec).collect()
+}
+
 /// `tierlm generate` for an OPT model.
 fn run_opt(mut args: GenerateArgs) -> Result<()> {
-    apply_auto(&mut args)?;
+    let pipelined = args.stages > 1;
+    if !pipelined {
+        apply_auto(&mut args)?;
+    }
     if args.chat {
         return Err(Error::InvalidArgument(
             "--chat needs a chat template, and OPT checkpoints have none; give the prompt without --chat".into(),
         ));
     }
-    if let Some(result) = super::gpu::try_generate(&args) {
-        return result;
+    if !pipelined {
+        if let Some(result) = super::gpu::try_generate(&args) {
+            return result;
+        }
     }
     let sampling =
         SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
@@ -325,14 +393,14 @@ fn run_opt(mut args: GenerateArgs) -> Result<()> {
         prompts: &prompts,
         inputs: &inputs,
         tokenizer,
-        batch_size: args.gpu_batch_size,
+        batch_size: block_size(&args),
         json,
         file: output_file(&args)?,
     };
-    // Refuse a batch's f32 KV cache that cannot fit.
+    // Refuse a batch's (a block's, pipelined) f32 KV cache that cannot fit.
     let c = &loaded.model.config;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens);
-    let cache = c.kv_cache_bytes(args.gpu_batch_size.min(prompts.len()), longest).saturating_mul(2);
+    let cache = c.kv_cache_bytes(block_size(&args).min(prompts.len()), longest).saturating_mul(2);
     engine_opt::loading::check_fits("the f32 KV cache of a batch", cache)?;
     // The weights are on disk by now: the cache's disk share must fit what is left.
     let batch = args.gpu_batch_size.min(prompts.len());
@@ -351,6 +419,16 @@ fn run_opt(mut args: GenerateArgs) -> Result<()> {
     out.write(
         args.max_new_tokens,
         &mut |batch, pb| {
+            if pipelined {
+                let block = micro_batches(batch, args.gpu_batch_size);
+                let mut stages = runtime::pipeline::resident_stages(&loaded.model.layers, args.stages)?;
+                for stage in &mut stages {
+                    stage.placement.host = Some(host.clone());
+                }
+                let out =
+                    runtime::pipeline::generate_staged(&loaded.model, &stages, &block, &opts, Some(&mut sampler), pb)?;
+                return Ok(out.tokens);
+            }
             let out = generate_with(
                 &loaded.model,
                 CpuPlacement { disk: on_disk.clone(), cache_disk: cache_disk.clone(), host: Some(host.clone()) },

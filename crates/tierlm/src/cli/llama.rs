@@ -281,7 +281,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     )?;
     engine_llama::device::check_window(&loaded.model, &prompts, args.max_new_tokens)?;
     // Refuse a batch's f32 KV cache that cannot fit.
-    let batch = args.gpu_batch_size.min(prompts.len()) as u64;
+    let batch = super::generate::block_size(args).min(prompts.len()) as u64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens) as u64;
     let per_position = (config.num_hidden_layers as u64)
         .saturating_mul(config.num_key_value_heads as u64)
@@ -294,7 +294,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         prompts: &prompts,
         inputs: &inputs,
         tokenizer: loaded.tokenizer.as_ref(),
-        batch_size: args.gpu_batch_size,
+        batch_size: super::generate::block_size(args),
         json,
         file: output_file(args)?,
     };
@@ -312,6 +312,22 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 host: Some(std::sync::Arc::clone(&offload.host)),
             };
             let resident = loaded.model.layers();
+            if args.stages > 1 {
+                let block = super::generate::micro_batches(batch, args.gpu_batch_size);
+                let mut stages = runtime::pipeline::resident_stages(resident, args.stages)?;
+                for stage in &mut stages {
+                    stage.placement.host = Some(std::sync::Arc::clone(&offload.host));
+                }
+                let out = engine_llama::device::generate_pipelined(
+                    &loaded.model,
+                    &stages,
+                    &block,
+                    &opts,
+                    Some(&mut sampler),
+                    pb,
+                )?;
+                return Ok(out.tokens);
+            }
             let out =
                 generate_placed(&loaded.model, resident, placement, &[batch.to_vec()], &opts, Some(&mut sampler), pb)?;
             Ok(out.tokens)
