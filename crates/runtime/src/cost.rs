@@ -130,10 +130,18 @@ pub struct LinkBytes {
     pub disk_write: f64,
     /// GPU memory read and written by the compute and device copies.
     pub gpu_mem: f64,
+    /// The part of `gpu_mem` moved by the kernels between the layer's
+    /// weight products (norms, residuals, attention, the cache's copies,
+    /// unpacking): they run one after another with the products, so their
+    /// time adds to the products' rather than hiding under it.
+    pub gpu_mem_serial: f64,
     /// Host memory the CPU's attention reads.
     pub host_mem: f64,
     /// Work on the GPU and the CPU, FLOP.
     pub gpu_flop: f64,
+    /// The part of `gpu_flop` in the attention's batched products (serial
+    /// with the weight products, like `gpu_mem_serial`).
+    pub gpu_flop_serial: f64,
     pub cpu_flop: f64,
 }
 
@@ -144,6 +152,18 @@ impl LinkBytes {
 
     pub fn d2h(&self) -> f64 {
         self.d2h_dma + self.d2h_relay + self.d2h_staged
+    }
+
+    /// GPU memory traffic of a kernel between the weight products.
+    fn serial_mem(&mut self, bytes: f64) {
+        self.gpu_mem += bytes;
+        self.gpu_mem_serial += bytes;
+    }
+
+    /// Attention FLOP (batched products beside the weight products).
+    fn serial_flop(&mut self, flop: f64) {
+        self.gpu_flop += flop;
+        self.gpu_flop_serial += flop;
     }
 
     fn scaled(&self, k: f64) -> LinkBytes {
@@ -157,8 +177,10 @@ impl LinkBytes {
             disk_read: self.disk_read * k,
             disk_write: self.disk_write * k,
             gpu_mem: self.gpu_mem * k,
+            gpu_mem_serial: self.gpu_mem_serial * k,
             host_mem: self.host_mem * k,
             gpu_flop: self.gpu_flop * k,
+            gpu_flop_serial: self.gpu_flop_serial * k,
             cpu_flop: self.cpu_flop * k,
         }
     }
@@ -173,8 +195,10 @@ impl LinkBytes {
         self.disk_read += o.disk_read;
         self.disk_write += o.disk_write;
         self.gpu_mem += o.gpu_mem;
+        self.gpu_mem_serial += o.gpu_mem_serial;
         self.host_mem += o.host_mem;
         self.gpu_flop += o.gpu_flop;
+        self.gpu_flop_serial += o.gpu_flop_serial;
         self.cpu_flop += o.cpu_flop;
     }
 }
@@ -348,26 +372,32 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
     if compress {
         // Unpacked on the GPU once a step: the packed bytes read, the plain
         // layer written.
-        b.gpu_mem += spec.layer_bytes(true)? as f64 + plain;
+        b.serial_mem(spec.layer_bytes(true)? as f64 + plain);
     }
     // Every batch's products read the layer's weights from GPU memory.
     b.gpu_mem += nb * plain;
     b.gpu_flop += nb * 2.0 * rows * layer_matrix_elements(spec);
     // Hidden states, q/k/v and the MLP's inner rows written and read.
-    b.gpu_mem += nb * rows * act * (4.0 * hidden + 2.0 * w.intermediate as f64);
+    b.serial_mem(nb * rows * act * (4.0 * hidden + 2.0 * w.intermediate as f64));
 
     // The KV cache.
     let tb = spec.kv.token_bytes() as f64;
     let stored_tb = if policy.compress_cache { tb * plan::COMPRESSED_PER_F16_BYTE } else { tb };
     let q_width = (w.heads * spec.kv.head_dim) as f64;
     let [g, c, d] = sequence_shares(gbs, policy.cache_gpu_percent, policy.cache_cpu_percent);
+    // q, k and v rearranged into heads for the attention and its output
+    // back (each read and written).
+    b.serial_mem(nb * rows * 2.0 * (2.0 * q_width * act + tb));
     let off_gpu = c + d > 0.0;
     let cpu_compute = policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0;
     match phase {
         Phase::Prefill => {
-            // Attention over every key, as computed: QKᵀ and PV.
-            b.gpu_flop += nb * 4.0 * gbs as f64 * p * p * q_width;
-            b.gpu_mem += nb * gbs as f64 * p * tb;
+            // Attention over every key, as computed: QKᵀ and PV, and the
+            // scores between them (f16: written, read and written by the
+            // softmax, read).
+            b.serial_flop(nb * 4.0 * gbs as f64 * p * p * q_width);
+            b.serial_mem(nb * gbs as f64 * w.heads as f64 * p * p * 4.0 * act);
+            b.serial_mem(nb * gbs as f64 * p * tb);
             // The prompt's keys and values go to their homes.
             let new = p;
             b.d2h_relay += nb * c * new * stored_tb;
@@ -375,7 +405,7 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
             b.disk_write += nb * d * new * stored_tb;
             if off_gpu {
                 // Through a slot: the GPU's sequences copied device to device.
-                b.gpu_mem += nb * 2.0 * g * new * tb;
+                b.serial_mem(nb * 2.0 * g * new * tb);
             }
         }
         Phase::Decode { past } => {
@@ -390,12 +420,12 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
                 b.host_mem += nb * gbs as f64 * past * tb * kept;
                 b.cpu_flop += nb * 4.0 * gbs as f64 * past * q_width * kept;
             } else {
-                b.gpu_flop += nb * 4.0 * gbs as f64 * past * q_width;
-                b.gpu_mem += nb * gbs as f64 * past * tb;
+                b.serial_flop(nb * 4.0 * gbs as f64 * past * q_width);
+                b.serial_mem(nb * gbs as f64 * past * tb);
                 if off_gpu {
                     // Loaded into a slot: positions 0..past of every sequence,
                     // the GPU's own by a device copy.
-                    b.gpu_mem += nb * 2.0 * g * past * tb;
+                    b.serial_mem(nb * 2.0 * g * past * tb);
                     b.h2d_relay += nb * c * past * stored_tb;
                     b.h2d_staged += nb * d * past * stored_tb;
                     b.disk_read += nb * d * past * stored_tb;
@@ -405,7 +435,7 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
                     b.disk_write += nb * d * stored_tb;
                     if policy.compress_cache {
                         // Unpacked into the slot and the new position packed.
-                        b.gpu_mem += nb * (c + d) * past * (tb + stored_tb);
+                        b.serial_mem(nb * (c + d) * past * (tb + stored_tb));
                     }
                 }
             }
@@ -429,8 +459,9 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
     Ok(b)
 }
 
-/// Seconds of each stage of a layer carrying `b`, one batch's GPU work
-/// bounded by the larger of its products and its memory traffic.
+/// Seconds of each stage of a layer carrying `b`: one batch's GPU work is
+/// its weight products (bound by their FLOP or their weight reads) plus
+/// the kernels between them.
 fn stage_times(b: &LinkBytes, rates: &Rates, run: &Run<'_>, policy: &Policy) -> StageTimes {
     let relay_h2d = rates.h2d_pageable;
     let dma_h2d = rates.h2d(run.weight_host(policy)).max(rates.h2d_pageable);
@@ -438,7 +469,11 @@ fn stage_times(b: &LinkBytes, rates: &Rates, run: &Run<'_>, policy: &Policy) -> 
         h2d: b.h2d_dma / dma_h2d + b.h2d_relay / relay_h2d + b.h2d_staged / rates.h2d_pinned,
         d2h: b.d2h_dma / rates.d2h_pinned + b.d2h_relay / rates.d2h_pageable + b.d2h_staged / rates.d2h_pinned,
         disk: b.disk_read / rates.disk_read + b.disk_write / rates.disk_write,
-        gpu: (b.gpu_flop / rates.gpu_flops).max(b.gpu_mem / rates.gpu_mem),
+        // The weight products are bound by their FLOP or their weight
+        // reads; the kernels between them add their own time.
+        gpu: ((b.gpu_flop - b.gpu_flop_serial) / rates.gpu_flops).max((b.gpu_mem - b.gpu_mem_serial) / rates.gpu_mem)
+            + b.gpu_flop_serial / rates.gpu_flops
+            + b.gpu_mem_serial / rates.gpu_mem,
         cpu: b.host_mem / rates.cpu_attention,
     }
 }
