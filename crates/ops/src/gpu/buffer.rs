@@ -4,7 +4,7 @@
 
 use std::marker::PhantomData;
 
-use half::f16;
+use half::{bf16, f16};
 use tier_api::{DType, Device, Shape, Tensor};
 use tier_cuda::kernels::CudaStream;
 
@@ -20,6 +20,9 @@ pub trait DevElem: Copy + Default + 'static {
 impl DevElem for f16 {
     const DTYPE: DType = DType::F16;
 }
+impl DevElem for bf16 {
+    const DTYPE: DType = DType::BF16;
+}
 impl DevElem for f32 {
     const DTYPE: DType = DType::F32;
 }
@@ -31,6 +34,36 @@ impl DevElem for i32 {
 }
 impl DevElem for u32 {
     const DTYPE: DType = DType::I32;
+}
+
+/// A 16-bit float type the GPU computes in (f16 or bf16): products take
+/// it with f32 accumulation, kernels have an entry point for each (named
+/// with its [`Half::SUFFIX`]).
+pub trait Half: DevElem + Send + Sync {
+    /// The suffix of the kernels' entry points for this type.
+    const SUFFIX: &'static str;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Half for f16 {
+    const SUFFIX: &'static str = "f16";
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Half for bf16 {
+    const SUFFIX: &'static str = "bf16";
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
 }
 
 /// `len` elements of `T` in GPU memory, freed on drop.
