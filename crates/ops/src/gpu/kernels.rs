@@ -82,7 +82,7 @@ pub struct Kernels {
 }
 
 /// A kernel argument as the launch wants it: a pointer to the value.
-fn arg<T>(v: &mut T) -> *mut c_void {
+pub(super) fn arg<T>(v: &mut T) -> *mut c_void {
     (v as *mut T).cast()
 }
 
@@ -90,7 +90,7 @@ fn too_small(what: &str, need: usize, have: usize) -> Error {
     Error::Gpu(format!("GPU kernel {what}: needs {need} elements, the buffer has {have}"))
 }
 
-fn need<T: DevElem>(what: &str, buf: &DevBuf<T>, n: usize) -> Result<()> {
+pub(super) fn need<T: DevElem>(what: &str, buf: &DevBuf<T>, n: usize) -> Result<()> {
     if buf.len() < n {
         Err(too_small(what, n, buf.len()))
     } else {
@@ -98,16 +98,16 @@ fn need<T: DevElem>(what: &str, buf: &DevBuf<T>, n: usize) -> Result<()> {
     }
 }
 
-fn int(what: &str, v: usize) -> Result<i32> {
+pub(super) fn int(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Gpu(format!("GPU kernel {what}: {v} does not fit a 32-bit index")))
 }
 
-fn blocks(what: &str, v: usize) -> Result<u32> {
+pub(super) fn blocks(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Gpu(format!("GPU kernel {what}: {v} blocks are too many")))
 }
 
 /// Rows (or any count) of at least one block.
-fn grid_for(n: u64, threads: u32, cap: u32) -> u32 {
+pub(super) fn grid_for(n: u64, threads: u32, cap: u32) -> u32 {
     n.div_ceil(u64::from(threads)).clamp(1, u64::from(cap)) as u32
 }
 

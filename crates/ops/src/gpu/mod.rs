@@ -2,7 +2,8 @@
 //!
 //! - [`Gpu`]: the device (through `tier-cuda`, so every buffer is counted
 //!   against the GPU tier's account), one compute stream, the cuBLAS and
-//!   cuBLASLt handles ([`blas`]) and the NVRTC kernels ([`kernels`]).
+//!   cuBLASLt handles ([`blas`]) and the NVRTC kernels ([`kernels`]; the
+//!   Llama family's f16/bf16 ones, [`llm`], compiled on first use).
 //! - [`buffer::DevBuf`]: a typed GPU buffer.
 //! - [`profile`]: where the parts of a step spend their time.
 //!
@@ -13,9 +14,10 @@
 pub mod blas;
 pub mod buffer;
 pub mod kernels;
+pub mod llm;
 pub mod profile;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tier_api::Device;
 use tier_cuda::kernels::CudaStream;
@@ -74,6 +76,9 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     pub blas: blas::Blas,
     pub kernels: kernels::Kernels,
+    /// The Llama family's kernels, compiled and loaded by the first
+    /// [`Gpu::llm`].
+    llm: OnceLock<llm::LlmKernels>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -94,7 +99,21 @@ impl Gpu {
         let stream = device.new_stream().map_err(tier_err)?;
         let kernels = kernels::Kernels::load(&device)?;
         let blas = blas::Blas::new(&device, &stream)?;
-        Ok(Gpu { device, stream, blas, kernels })
+        Ok(Gpu { device, stream, blas, kernels, llm: OnceLock::new() })
+    }
+
+    /// The Llama family's f16/bf16 kernels ([`llm`]): compiled and loaded
+    /// on the first call (a run that never asks, OPT's, pays nothing); a
+    /// failure to compile or load is returned, and the next call tries
+    /// again.
+    pub fn llm(&self) -> Result<&llm::LlmKernels> {
+        if let Some(k) = self.llm.get() {
+            return Ok(k);
+        }
+        let loaded = llm::LlmKernels::load(&self.device)?;
+        // Two threads racing here both load (the module is compiled once,
+        // under tier-cuda's cache lock); the first to set wins.
+        Ok(self.llm.get_or_init(|| loaded))
     }
 
     /// Limits the GPU tier to `budget` bytes held by the engine's buffers

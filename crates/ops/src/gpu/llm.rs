@@ -1,0 +1,759 @@
+//! The kernels of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) in
+//! f16 and bf16 (`llm.cu`), and their launchers.
+//!
+//! The source is compiled and loaded on first use ([`Gpu::llm`]), so a run
+//! that never asks for them (OPT) pays nothing. Each kernel has an entry
+//! point per 16-bit type, `<name>_f16` and `<name>_bf16` (the type's
+//! [`Half::SUFFIX`]); the launchers are generic over [`Half`] and pick it.
+//! Arithmetic is f32 with each result rounded once to the storage type, as
+//! the CPU reference ([`crate::cpu`]) computes. Every launcher checks the
+//! buffers it is given against what the kernel touches, so the one `unsafe`
+//! launch is sound whenever its arguments are live [`DevBuf`]s.
+
+use std::ffi::c_void;
+
+use tier_api::DType;
+use tier_cuda::kernels::{self as tk, Kernel, LaunchDims};
+use tier_cuda::GpuDevice;
+
+use super::buffer::{DevBuf, DevElem, Half};
+use super::kernels::{arg, blocks, compile_options, grid_for, int, need};
+use super::{tier_err, Gpu};
+use crate::error::{Error, Result};
+
+/// The CUDA C++ source of the kernels here.
+pub const LLM_SOURCE: &str = include_str!("llm.cu");
+
+/// The kernels with an entry point per 16-bit type (`<name>_f16`,
+/// `<name>_bf16`).
+pub const LLM_TYPED: &[&str] = &[
+    "embed_rows",
+    "rms_norm_f32",
+    "rms_norm_inplace",
+    "rope",
+    "silu_mul",
+    "add_bias",
+    "store_kv",
+    "transpose_heads",
+    "softmax_causal",
+    "attn_decode",
+    "fill_uniform",
+    "fill",
+];
+
+/// Every entry point of `llm.cu`, in the order [`LlmKernels`] loads them.
+pub const LLM_ENTRIES: &[&str] = &[
+    "write_mask",
+    "embed_rows_f16",
+    "rms_norm_f32_f16",
+    "rms_norm_inplace_f16",
+    "rope_f16",
+    "silu_mul_f16",
+    "add_bias_f16",
+    "store_kv_f16",
+    "transpose_heads_f16",
+    "softmax_causal_f16",
+    "attn_decode_f16",
+    "fill_uniform_f16",
+    "fill_f16",
+    "embed_rows_bf16",
+    "rms_norm_f32_bf16",
+    "rms_norm_inplace_bf16",
+    "rope_bf16",
+    "silu_mul_bf16",
+    "add_bias_bf16",
+    "store_kv_bf16",
+    "transpose_heads_bf16",
+    "softmax_causal_bf16",
+    "attn_decode_bf16",
+    "fill_uniform_bf16",
+    "fill_bf16",
+];
+
+/// Threads per block of the decode attention kernel (8 warps).
+const ATTN_THREADS: usize = 256;
+
+/// Dynamic shared memory the decode attention kernel may use: 48 KiB (what
+/// a launch gets without opting in to more) less room for its static
+/// reduction buffer.
+const ATTN_SHARED_MAX: usize = 48 * 1024 - 512;
+
+/// Widest row (in values) the RMSNorm kernels give a warp rather than a
+/// block.
+const RMS_WARP_MAX: usize = 256;
+
+/// Keys per row up to which the softmax kernel keeps a row in registers
+/// (8 per thread of 1024); longer rows take three passes over memory.
+const SOFTMAX_REGISTER_KEYS: usize = 8 * 1024;
+
+/// Lanes sharing one key row in the decode attention kernel: `head_dim / 8`
+/// rounded up to a power of two.
+fn attn_group(head_dim: usize) -> usize {
+    (head_dim / 8).max(1).next_power_of_two()
+}
+
+/// Bytes of dynamic shared memory the decode attention kernel takes: the
+/// f32 scores of `total` positions, whose room is then reused for the
+/// warps' partial sums.
+fn attn_shared_bytes(head_dim: usize, total: usize) -> usize {
+    let partials = (ATTN_THREADS / 32) * attn_group(head_dim) * 8;
+    total.max(partials).saturating_mul(4)
+}
+
+/// Whether [`LlmKernels::attn_decode`] handles heads of `head_dim` over
+/// `total` positions: `head_dim` a multiple of 8 from 8 to 256, and the
+/// f32 scores of `total` positions within 48 KiB of shared memory (about
+/// 12,000 positions). Otherwise the caller takes the batched-product path
+/// ([`super::blas::Blas::gemm_batched_half`] and
+/// [`LlmKernels::softmax_causal`]).
+pub fn attn_decode_fits(head_dim: usize, total: usize) -> bool {
+    head_dim.is_multiple_of(8) && (8..=256).contains(&head_dim) && attn_shared_bytes(head_dim, total) <= ATTN_SHARED_MAX
+}
+
+/// The entry points of one 16-bit type.
+#[derive(Debug)]
+struct Typed {
+    embed_rows: Kernel,
+    rms_norm_f32: Kernel,
+    rms_norm_inplace: Kernel,
+    rope: Kernel,
+    silu_mul: Kernel,
+    add_bias: Kernel,
+    store_kv: Kernel,
+    transpose_heads: Kernel,
+    softmax_causal: Kernel,
+    attn_decode: Kernel,
+    fill_uniform: Kernel,
+    fill: Kernel,
+}
+
+impl Typed {
+    fn load(device: &GpuDevice, suffix: &str) -> Result<Self> {
+        let opts = compile_options();
+        let k = |name: &str| tk::load(device, LLM_SOURCE, &format!("{name}_{suffix}"), &opts).map_err(tier_err);
+        Ok(Typed {
+            embed_rows: k("embed_rows")?,
+            rms_norm_f32: k("rms_norm_f32")?,
+            rms_norm_inplace: k("rms_norm_inplace")?,
+            rope: k("rope")?,
+            silu_mul: k("silu_mul")?,
+            add_bias: k("add_bias")?,
+            store_kv: k("store_kv")?,
+            transpose_heads: k("transpose_heads")?,
+            softmax_causal: k("softmax_causal")?,
+            attn_decode: k("attn_decode")?,
+            fill_uniform: k("fill_uniform")?,
+            fill: k("fill")?,
+        })
+    }
+}
+
+/// The loaded Llama-family kernels of one GPU (both 16-bit types).
+#[derive(Debug)]
+pub struct LlmKernels {
+    write_mask: Kernel,
+    f16: Typed,
+    bf16: Typed,
+    multiprocessors: u32,
+}
+
+/// `a * b * ...`, or an error naming `what` where it overflows.
+fn count(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Gpu(format!("GPU kernel {what}: the element count of {dims:?} overflows")))
+}
+
+/// `a + b`, or an error naming `what`.
+fn add(what: &str, a: usize, b: usize) -> Result<usize> {
+    a.checked_add(b).ok_or_else(|| Error::Gpu(format!("GPU kernel {what}: {a} + {b} overflows")))
+}
+
+fn u64_of(v: usize) -> u64 {
+    // usize is at most 64 bits on every target CUDA runs on.
+    v as u64
+}
+
+fn aligned16<T: DevElem>(bufs: &[&DevBuf<T>]) -> bool {
+    bufs.iter().all(|b| b.ptr().is_multiple_of(16))
+}
+
+impl LlmKernels {
+    /// Compiles `llm.cu` (once per process) and loads every entry point.
+    pub fn load(device: &GpuDevice) -> Result<Self> {
+        let opts = compile_options();
+        Ok(LlmKernels {
+            write_mask: tk::load(device, LLM_SOURCE, "write_mask", &opts).map_err(tier_err)?,
+            f16: Typed::load(device, "f16")?,
+            bf16: Typed::load(device, "bf16")?,
+            multiprocessors: tk::multiprocessors(device).map_err(tier_err)?,
+        })
+    }
+
+    /// The entry points of `T`.
+    fn typed<T: Half>(&self) -> Result<&Typed> {
+        match T::DTYPE {
+            DType::F16 => Ok(&self.f16),
+            DType::BF16 => Ok(&self.bf16),
+            other => Err(Error::Gpu(format!("GPU kernels: no entry points for {other:?} values"))),
+        }
+    }
+
+    fn launch(gpu: &Gpu, k: &Kernel, dims: LaunchDims, args: &mut [*mut c_void]) -> Result<()> {
+        // SAFETY: every caller passes one pointer per kernel parameter, in
+        // order, to a local of the parameter's C type (u64 for pointers and
+        // u64, i32 for int, f32 for float), built from buffers whose sizes
+        // (and, where the kernel loads 16 bytes at a time, alignment) it
+        // has checked against what the kernel touches with those arguments;
+        // the buffers belong to the caller, who keeps them alive until the
+        // stream's work is done (the engine drops buffers only after
+        // synchronizing); the stream is this GPU's compute stream, on whose
+        // device the kernel was loaded.
+        unsafe { k.launch(gpu.stream(), dims, args) }.map_err(tier_err)
+    }
+
+    /// Blocks for a grid-stride loop over `n` elements.
+    fn grid_stride(&self, n: usize) -> u32 {
+        grid_for(u64_of(n), 256, self.multiprocessors.saturating_mul(16).max(1))
+    }
+
+    /// `out[r, :] = f32(table[tokens[r], :])` for `rows` tokens of a
+    /// `vocab × h` table; a token outside the table writes zeros (the host
+    /// checks ids first).
+    pub fn embed_rows<T: Half>(
+        &self,
+        gpu: &Gpu,
+        tokens: &DevBuf<u32>,
+        rows: usize,
+        table: &DevBuf<T>,
+        (vocab, h): (usize, usize),
+        out: &DevBuf<f32>,
+    ) -> Result<()> {
+        need("embed_rows tokens", tokens, rows)?;
+        need("embed_rows table", table, count("embed_rows", &[vocab, h])?)?;
+        need("embed_rows out", out, count("embed_rows", &[rows, h])?)?;
+        if rows == 0 || h == 0 {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.embed_rows;
+        let (mut t, mut tab, mut v, mut h_i, mut o) =
+            (tokens.ptr(), table.ptr(), int("embed_rows", vocab)?, int("embed_rows", h)?, out.ptr());
+        let threads = h.next_multiple_of(32).clamp(32, 256) as u32;
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(blocks("embed_rows", rows)?, threads),
+            &mut [arg(&mut t), arg(&mut tab), arg(&mut v), arg(&mut h_i), arg(&mut o)],
+        )
+    }
+
+    /// This step's mask (`batch × new_len`) into the key mask:
+    /// `key_mask[b·stride + past + i] = step_mask[b·new_len + i]`.
+    pub fn write_mask(
+        &self,
+        gpu: &Gpu,
+        step_mask: &DevBuf<u8>,
+        (batch, new_len): (usize, usize),
+        key_mask: &DevBuf<u8>,
+        stride: usize,
+        past: usize,
+    ) -> Result<()> {
+        if add("write_mask", past, new_len)? > stride {
+            return Err(Error::Gpu(format!("write_mask: {past} + {new_len} positions overflow the mask's {stride}")));
+        }
+        let n = count("write_mask", &[batch, new_len])?;
+        need("write_mask step mask", step_mask, n)?;
+        need("write_mask key mask", key_mask, count("write_mask", &[batch, stride])?)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (mut s, mut b, mut nl) = (step_mask.ptr(), int("write_mask", batch)?, int("write_mask", new_len)?);
+        let (mut km, mut st, mut p) = (key_mask.ptr(), int("write_mask", stride)?, int("write_mask", past)?);
+        Self::launch(
+            gpu,
+            &self.write_mask,
+            LaunchDims::linear(self.grid_stride(n), 256),
+            &mut [arg(&mut s), arg(&mut b), arg(&mut nl), arg(&mut km), arg(&mut st), arg(&mut p)],
+        )
+    }
+
+    /// Launch shape of the RMSNorm kernels: a warp per row for narrow rows
+    /// (8 rows a block), else a block per row.
+    fn rms_dims(rows: usize, dim: usize) -> Result<(LaunchDims, i32)> {
+        if dim <= RMS_WARP_MAX {
+            Ok((LaunchDims::linear(blocks("rms_norm", rows.div_ceil(8))?, 256), 1))
+        } else {
+            let threads = dim.div_ceil(8).next_multiple_of(32).clamp(64, 1024) as u32;
+            Ok((LaunchDims::linear(blocks("rms_norm", rows)?, threads), 0))
+        }
+    }
+
+    fn check_eps(eps: f32) -> Result<()> {
+        if eps.is_finite() && eps >= 0.0 {
+            Ok(())
+        } else {
+            Err(Error::Gpu(format!("rms_norm: epsilon {eps} is not a finite non-negative number")))
+        }
+    }
+
+    /// RMSNorm of `rows` f32 rows of `dim` (row `r` from element
+    /// `offset + r·ld` of `x`) into `out` (`rows × dim` of T): `out =
+    /// T(w · (x · inv))`, `inv = 1 / sqrt(mean(x²) + eps)`, in f32 as
+    /// [`crate::cpu::rms_norm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_f32<T: Half>(
+        &self,
+        gpu: &Gpu,
+        x: &DevBuf<f32>,
+        (offset, ld): (usize, usize),
+        rows: usize,
+        dim: usize,
+        weight: &DevBuf<T>,
+        eps: f32,
+        out: &DevBuf<T>,
+    ) -> Result<()> {
+        Self::check_eps(eps)?;
+        if rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        let last = add("rms_norm_f32", offset, count("rms_norm_f32", &[rows - 1, ld])?)?;
+        need("rms_norm_f32 x", x, add("rms_norm_f32", last, dim)?)?;
+        need("rms_norm_f32 weight", weight, dim)?;
+        need("rms_norm_f32 out", out, count("rms_norm_f32", &[rows, dim])?)?;
+        let k = &self.typed::<T>()?.rms_norm_f32;
+        let (dims, warp_rows) = Self::rms_dims(rows, dim)?;
+        let (mut xp, mut off, mut ld_u, mut r, mut d) =
+            (x.ptr(), u64_of(offset), u64_of(ld), int("rms_norm_f32", rows)?, int("rms_norm_f32", dim)?);
+        let (mut w, mut e, mut o, mut wr) = (weight.ptr(), eps, out.ptr(), warp_rows);
+        Self::launch(
+            gpu,
+            k,
+            dims,
+            &mut [
+                arg(&mut xp),
+                arg(&mut off),
+                arg(&mut ld_u),
+                arg(&mut r),
+                arg(&mut d),
+                arg(&mut w),
+                arg(&mut e),
+                arg(&mut o),
+                arg(&mut wr),
+            ],
+        )
+    }
+
+    /// RMSNorm of `rows` T rows of `dim` of `x`, in place (Qwen3's
+    /// per-head q/k norm: rows = tokens · heads, dim = head_dim).
+    pub fn rms_norm_inplace<T: Half>(
+        &self,
+        gpu: &Gpu,
+        x: &DevBuf<T>,
+        rows: usize,
+        dim: usize,
+        weight: &DevBuf<T>,
+        eps: f32,
+    ) -> Result<()> {
+        Self::check_eps(eps)?;
+        need("rms_norm_inplace x", x, count("rms_norm_inplace", &[rows, dim])?)?;
+        need("rms_norm_inplace weight", weight, dim)?;
+        if rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.rms_norm_inplace;
+        let (dims, warp_rows) = Self::rms_dims(rows, dim)?;
+        let (mut xp, mut r, mut d) = (x.ptr(), int("rms_norm_inplace", rows)?, int("rms_norm_inplace", dim)?);
+        let (mut w, mut e, mut wr) = (weight.ptr(), eps, warp_rows);
+        Self::launch(
+            gpu,
+            k,
+            dims,
+            &mut [arg(&mut xp), arg(&mut r), arg(&mut d), arg(&mut w), arg(&mut e), arg(&mut wr)],
+        )
+    }
+
+    /// Rotary embeddings in place (Hugging Face's rotate-half, as
+    /// [`crate::cpu::Rope::apply`]): `rows` rows of `heads × head_dim`, row
+    /// `r` at `positions[r]`, with `head_dim / 2` frequencies.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope<T: Half>(
+        &self,
+        gpu: &Gpu,
+        x: &DevBuf<T>,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        positions: &DevBuf<i32>,
+        inv_freq: &DevBuf<f32>,
+    ) -> Result<()> {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Error::Gpu(format!("rope: head_dim {head_dim} must be even and positive")));
+        }
+        need("rope x", x, count("rope", &[rows, heads, head_dim])?)?;
+        need("rope positions", positions, rows)?;
+        need("rope frequencies", inv_freq, head_dim / 2)?;
+        let n = count("rope", &[rows, heads, head_dim / 2])?;
+        if n == 0 {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.rope;
+        let (mut xp, mut r, mut he, mut hd) =
+            (x.ptr(), int("rope", rows)?, int("rope", heads)?, int("rope", head_dim)?);
+        let (mut p, mut f) = (positions.ptr(), inv_freq.ptr());
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(self.grid_stride(n), 256),
+            &mut [arg(&mut xp), arg(&mut r), arg(&mut he), arg(&mut hd), arg(&mut p), arg(&mut f)],
+        )
+    }
+
+    /// `gate[i] = T(silu(gate[i]) · up[i])` for `i < n`, in f32.
+    pub fn silu_mul<T: Half>(&self, gpu: &Gpu, gate: &DevBuf<T>, up: &DevBuf<T>, n: usize) -> Result<()> {
+        need("silu_mul gate", gate, n)?;
+        need("silu_mul up", up, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.silu_mul;
+        let (mut g, mut u, mut n_u) = (gate.ptr(), up.ptr(), u64_of(n));
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(self.grid_stride(n), 256),
+            &mut [arg(&mut g), arg(&mut u), arg(&mut n_u)],
+        )
+    }
+
+    /// `out[r·n + c] += bias[c]` over `rows × n`, in f32, rounded once.
+    pub fn add_bias<T: Half>(&self, gpu: &Gpu, out: &DevBuf<T>, rows: usize, n: usize, bias: &DevBuf<T>) -> Result<()> {
+        let total = count("add_bias", &[rows, n])?;
+        need("add_bias out", out, total)?;
+        need("add_bias bias", bias, n)?;
+        if total == 0 {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.add_bias;
+        let (mut o, mut r, mut n_i, mut b) = (out.ptr(), u64_of(rows), int("add_bias", n)?, bias.ptr());
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(self.grid_stride(total), 256),
+            &mut [arg(&mut o), arg(&mut r), arg(&mut n_i), arg(&mut b)],
+        )
+    }
+
+    /// This step's keys and values (rows `b·new_len + i` of `kv_heads ×
+    /// head_dim`) into the cache, `[batch][kv_head][cap][head_dim]`, at
+    /// positions `past + i`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn store_kv<T: Half>(
+        &self,
+        gpu: &Gpu,
+        k: &DevBuf<T>,
+        v: &DevBuf<T>,
+        (batch, new_len, kv_heads, head_dim): (usize, usize, usize, usize),
+        past: usize,
+        cap: usize,
+        keys: &DevBuf<T>,
+        values: &DevBuf<T>,
+    ) -> Result<()> {
+        if add("store_kv", past, new_len)? > cap {
+            return Err(Error::Gpu(format!("store_kv: {past} + {new_len} positions overflow the cache's {cap}")));
+        }
+        let rows = count("store_kv", &[batch, new_len])?;
+        let width = count("store_kv", &[kv_heads, head_dim])?;
+        need("store_kv k", k, count("store_kv", &[rows, width])?)?;
+        need("store_kv v", v, count("store_kv", &[rows, width])?)?;
+        let cache = count("store_kv", &[batch, kv_heads, cap, head_dim])?;
+        need("store_kv keys", keys, cache)?;
+        need("store_kv values", values, cache)?;
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let kern = &self.typed::<T>()?.store_kv;
+        let vec8 = head_dim.is_multiple_of(8) && aligned16(&[k, v, keys, values]);
+        let (mut kp, mut vp, mut nl, mut kh) =
+            (k.ptr(), v.ptr(), int("store_kv", new_len)?, int("store_kv", kv_heads)?);
+        let (mut hd, mut p, mut c) = (int("store_kv", head_dim)?, int("store_kv", past)?, int("store_kv", cap)?);
+        let (mut kc, mut vc, mut v8) = (keys.ptr(), values.ptr(), i32::from(vec8));
+        let per_thread = if vec8 { 8 } else { 1 };
+        let threads = (width / per_thread).next_multiple_of(32).clamp(32, 256) as u32;
+        Self::launch(
+            gpu,
+            kern,
+            LaunchDims::linear(blocks("store_kv", rows)?, threads),
+            &mut [
+                arg(&mut kp),
+                arg(&mut vp),
+                arg(&mut nl),
+                arg(&mut kh),
+                arg(&mut hd),
+                arg(&mut p),
+                arg(&mut c),
+                arg(&mut kc),
+                arg(&mut vc),
+                arg(&mut v8),
+            ],
+        )
+    }
+
+    /// Rows `[batch·s][heads·d]` of `src` to `[batch][heads][s][d]` in `dst`
+    /// (`to_heads`), or the inverse.
+    pub fn transpose_heads<T: Half>(
+        &self,
+        gpu: &Gpu,
+        src: &DevBuf<T>,
+        dst: &DevBuf<T>,
+        (batch, s, heads, d): (usize, usize, usize, usize),
+        to_heads: bool,
+    ) -> Result<()> {
+        let rows = count("transpose_heads", &[batch, s])?;
+        let width = count("transpose_heads", &[heads, d])?;
+        let n = count("transpose_heads", &[rows, width])?;
+        need("transpose_heads src", src, n)?;
+        need("transpose_heads dst", dst, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.transpose_heads;
+        let vec8 = d.is_multiple_of(8) && aligned16(&[src, dst]);
+        let (mut sp, mut dp, mut s_i) = (src.ptr(), dst.ptr(), int("transpose_heads", s)?);
+        let (mut he, mut d_i) = (int("transpose_heads", heads)?, int("transpose_heads", d)?);
+        let (mut th, mut v8) = (i32::from(to_heads), i32::from(vec8));
+        let per_thread = if vec8 { 8 } else { 1 };
+        let threads = (width / per_thread).next_multiple_of(32).clamp(32, 256) as u32;
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(blocks("transpose_heads", rows)?, threads),
+            &mut [arg(&mut sp), arg(&mut dp), arg(&mut s_i), arg(&mut he), arg(&mut d_i), arg(&mut th), arg(&mut v8)],
+        )
+    }
+
+    /// Causal masked softmax in place over score rows `[nb][heads][s]` of
+    /// `total` keys: row `R` (local sequence `R / (heads·s)`, query
+    /// `i = R % s`) sees key `j` iff `j <= past + i` and
+    /// `mask[(b0 + R / (heads·s))·stride + j] != 0`; f32 softmax over the
+    /// visible keys, the others 0, a row with none visible all zeros.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_causal<T: Half>(
+        &self,
+        gpu: &Gpu,
+        scores: &DevBuf<T>,
+        (nb, heads, s, total): (usize, usize, usize, usize),
+        past: usize,
+        (mask, stride): (&DevBuf<u8>, usize),
+        b0: usize,
+    ) -> Result<()> {
+        let rows = count("softmax_causal", &[nb, heads, s])?;
+        need("softmax_causal scores", scores, count("softmax_causal", &[rows, total])?)?;
+        if total > stride {
+            return Err(Error::Gpu(format!("softmax_causal: {total} keys but mask rows of {stride}")));
+        }
+        need("softmax_causal mask", mask, count("softmax_causal", &[add("softmax_causal", b0, nb)?, stride])?)?;
+        if rows == 0 || total == 0 {
+            return Ok(());
+        }
+        int("softmax_causal", add("softmax_causal", past, s)?)?;
+        let k = &self.typed::<T>()?.softmax_causal;
+        let threads = if total <= SOFTMAX_REGISTER_KEYS {
+            total.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32
+        } else {
+            1024
+        };
+        let (mut sp, mut t, mut s_i, mut he) =
+            (scores.ptr(), int("softmax_causal", total)?, int("softmax_causal", s)?, int("softmax_causal", heads)?);
+        let (mut p, mut m, mut st, mut b) =
+            (int("softmax_causal", past)?, mask.ptr(), int("softmax_causal", stride)?, int("softmax_causal", b0)?);
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(blocks("softmax_causal", rows)?, threads),
+            &mut [
+                arg(&mut sp),
+                arg(&mut t),
+                arg(&mut s_i),
+                arg(&mut he),
+                arg(&mut p),
+                arg(&mut m),
+                arg(&mut st),
+                arg(&mut b),
+            ],
+        )
+    }
+
+    /// Attention of one new query per sequence over the cache: `q` rows
+    /// `[batch][heads·head_dim]`, query head `h` reads kv head
+    /// `h / (heads / kv_heads)` of `keys`/`values`
+    /// (`[batch][kv_heads][cap][head_dim]`), positions `0..total` visible
+    /// where `mask[b·stride + j] != 0`; `out[b, h·d..]` = softmax(scale ·
+    /// q·k_j) · v_j in f32, rounded to T (fully masked: zeros). Shapes that
+    /// [`attn_decode_fits`] refuses are an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn_decode<T: Half>(
+        &self,
+        gpu: &Gpu,
+        q: &DevBuf<T>,
+        (keys, values): (&DevBuf<T>, &DevBuf<T>),
+        (mask, stride): (&DevBuf<u8>, usize),
+        (batch, heads, kv_heads, head_dim, cap, total): (usize, usize, usize, usize, usize, usize),
+        scale: f32,
+        out: &DevBuf<T>,
+    ) -> Result<()> {
+        if !attn_decode_fits(head_dim, total) {
+            return Err(Error::Gpu(format!(
+                "attn_decode: heads of {head_dim} over {total} positions do not fit the kernel (see attn_decode_fits)"
+            )));
+        }
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(Error::Gpu(format!(
+                "attn_decode: {heads} query heads are not a multiple of {kv_heads} key/value heads"
+            )));
+        }
+        if total > cap || total > stride {
+            return Err(Error::Gpu(format!(
+                "attn_decode: {total} positions overflow the cache's {cap} or the mask's {stride}"
+            )));
+        }
+        let q_len = count("attn_decode", &[batch, heads, head_dim])?;
+        need("attn_decode q", q, q_len)?;
+        let cache = count("attn_decode", &[batch, kv_heads, cap, head_dim])?;
+        need("attn_decode keys", keys, cache)?;
+        need("attn_decode values", values, cache)?;
+        need("attn_decode mask", mask, count("attn_decode", &[batch, stride])?)?;
+        need("attn_decode out", out, q_len)?;
+        if batch == 0 || heads == 0 {
+            return Ok(());
+        }
+        if !aligned16(&[q, keys, values]) {
+            return Err(Error::Gpu("attn_decode: q, keys and values must be 16-byte aligned".into()));
+        }
+        let k = &self.typed::<T>()?.attn_decode;
+        let shared = attn_shared_bytes(head_dim, total) as u32;
+        let (mut qp, mut kp, mut vp, mut m) = (q.ptr(), keys.ptr(), values.ptr(), mask.ptr());
+        let (mut st, mut he, mut kh) =
+            (int("attn_decode", stride)?, int("attn_decode", heads)?, int("attn_decode", kv_heads)?);
+        let (mut hd, mut c, mut t) =
+            (int("attn_decode", head_dim)?, int("attn_decode", cap)?, int("attn_decode", total)?);
+        let (mut sc, mut o) = (scale, out.ptr());
+        let dims = LaunchDims {
+            grid: (blocks("attn_decode", count("attn_decode", &[batch, heads])?)?, 1, 1),
+            block: (ATTN_THREADS as u32, 1, 1),
+            shared_bytes: shared,
+        };
+        Self::launch(
+            gpu,
+            k,
+            dims,
+            &mut [
+                arg(&mut qp),
+                arg(&mut kp),
+                arg(&mut vp),
+                arg(&mut m),
+                arg(&mut st),
+                arg(&mut he),
+                arg(&mut kh),
+                arg(&mut hd),
+                arg(&mut c),
+                arg(&mut t),
+                arg(&mut sc),
+                arg(&mut o),
+            ],
+        )
+    }
+
+    /// Seeded uniform values in ±`scale` over all of `out`: the generator
+    /// of [`super::kernels::Kernels::fill_uniform_f16`], rounded to T.
+    pub fn fill_uniform<T: Half>(&self, gpu: &Gpu, out: &DevBuf<T>, seed: u64, scale: f32) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.fill_uniform;
+        let (mut o, mut n, mut s, mut sc) = (out.ptr(), u64_of(out.len()), seed, scale);
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(self.grid_stride(out.len()), 256),
+            &mut [arg(&mut o), arg(&mut n), arg(&mut s), arg(&mut sc)],
+        )
+    }
+
+    /// Every element of `out` set to `value` (rounded to T).
+    pub fn fill<T: Half>(&self, gpu: &Gpu, out: &DevBuf<T>, value: f32) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let k = &self.typed::<T>()?.fill;
+        let (mut o, mut n, mut v) = (out.ptr(), u64_of(out.len()), value);
+        Self::launch(
+            gpu,
+            k,
+            LaunchDims::linear(self.grid_stride(out.len()), 256),
+            &mut [arg(&mut o), arg(&mut n), arg(&mut v)],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    #[test]
+    fn llm_source_compiles_or_nvrtc_is_missing() {
+        if !tk::nvrtc_available() {
+            println!("skipped: no NVRTC");
+            return;
+        }
+        if tk::cuda_include_dir().is_none() {
+            println!("skipped: no CUDA headers");
+            return;
+        }
+        for arch in ["compute_80", "compute_90"] {
+            let ptx = tk::compile_ptx(LLM_SOURCE, &compile_options(), arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            for entry in LLM_ENTRIES {
+                assert!(ptx.contains(&format!(".entry {entry}(")), "{entry} missing from the {arch} PTX");
+            }
+            // No kernel keeps an array in local memory, but rope's precise
+            // sinf/cosf (their reduction of large angles).
+            for part in ptx.split(".entry ").skip(1) {
+                let name = part.split('(').next().unwrap_or_default();
+                assert!(name.starts_with("rope_") || !part.contains(".local"), "{arch}: {name} uses local memory");
+            }
+        }
+        println!("compiled llm.cu for compute_80 and compute_90: {} entry points", LLM_ENTRIES.len());
+    }
+
+    #[test]
+    fn every_typed_kernel_has_both_entry_points() {
+        let mut want = vec!["write_mask".to_string()];
+        for sfx in [<f16 as Half>::SUFFIX, <bf16 as Half>::SUFFIX] {
+            want.extend(LLM_TYPED.iter().map(|n| format!("{n}_{sfx}")));
+        }
+        let mut have: Vec<String> = LLM_ENTRIES.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        have.sort();
+        assert_eq!(want, have);
+    }
+
+    #[test]
+    fn decode_attention_shapes() {
+        for hd in [8, 64, 80, 96, 128, 256] {
+            assert!(attn_decode_fits(hd, 1), "{hd}");
+            assert!(attn_decode_fits(hd, 8192), "{hd}");
+            assert!(attn_decode_fits(hd, 12_000), "{hd}");
+            assert!(!attn_decode_fits(hd, 12_400), "{hd}");
+        }
+        for hd in [0, 4, 12, 260, 264, 512] {
+            assert!(!attn_decode_fits(hd, 16), "{hd}");
+        }
+        assert_eq!(attn_group(64), 8);
+        assert_eq!(attn_group(80), 16);
+        assert_eq!(attn_group(128), 16);
+        assert_eq!(attn_group(256), 32);
+        // The partial sums' room: 8 warps × 256 values.
+        assert_eq!(attn_shared_bytes(256, 10), 8 * 256 * 4);
+        assert_eq!(attn_shared_bytes(128, 5000), 5000 * 4);
+    }
+}
