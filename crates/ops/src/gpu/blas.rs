@@ -1,5 +1,6 @@
-//! Matrix products through cuBLAS and cuBLASLt: f16 operands, f32
-//! accumulation, output f16 or f32.
+//! Matrix products through cuBLAS and cuBLASLt: f16 (or, through the
+//! `_half` products, bf16) operands, f32 accumulation, output in the
+//! operands' type or f32.
 //!
 //! [`Blas::linear`] is a PyTorch `Linear` on row-major activations,
 //! `out = act(x · Wᵀ + bias) (+ out)`, with the bias, the ReLU and the
@@ -12,11 +13,16 @@
 //! [`Blas::gemm_batched`] is cuBLAS's strided batched product, for the
 //! attention of prefill; every operand's extent is checked against its
 //! buffer first.
+//!
+//! [`Blas::linear_half`] and [`Blas::gemm_batched_half`] are the same
+//! products over either 16-bit type ([`Half`]: f16 or bf16), for the
+//! Llama family; plans are kept apart by input type.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::mem::size_of;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{self, CudaBlas};
@@ -26,7 +32,7 @@ use tier_api::{DType, Device, Shape, Tensor};
 use tier_cuda::kernels::CudaStream;
 use tier_cuda::GpuDevice;
 
-use super::buffer::{DevBuf, DevElem};
+use super::buffer::{DevBuf, DevElem, Half};
 use super::{tier_err, Gpu};
 use crate::error::{Error, Result};
 
@@ -64,9 +70,86 @@ impl LinearOut<'_> {
     }
 }
 
+/// The output of [`Blas::linear_half`]: the operands' type with an
+/// optional bias of that type, or f32 (no bias).
+#[derive(Debug, Clone, Copy)]
+pub enum HalfOut<'a, T: Half> {
+    Half { out: &'a DevBuf<T>, bias: Option<&'a DevBuf<T>> },
+    F32 { out: &'a DevBuf<f32> },
+}
+
+impl<T: Half> HalfOut<'_, T> {
+    fn ptr(&self) -> u64 {
+        match self {
+            HalfOut::Half { out, .. } => out.ptr(),
+            HalfOut::F32 { out } => out.ptr(),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            HalfOut::Half { out, .. } => out.len(),
+            HalfOut::F32 { out } => out.len(),
+        }
+    }
+    fn bias(&self) -> Option<&DevBuf<T>> {
+        match self {
+            HalfOut::Half { bias, .. } => *bias,
+            HalfOut::F32 { .. } => None,
+        }
+    }
+    fn is_f32(&self) -> bool {
+        matches!(self, HalfOut::F32 { .. })
+    }
+}
+
+/// The 16-bit input types of the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum InType {
+    F16,
+    Bf16,
+}
+
+impl InType {
+    fn of<T: Half>() -> Result<Self> {
+        match T::DTYPE {
+            DType::F16 => Ok(InType::F16),
+            DType::BF16 => Ok(InType::Bf16),
+            other => Err(Error::Gpu(format!("GPU matrix product: {other:?} is not a 16-bit float type"))),
+        }
+    }
+    fn lt(self) -> lts::cudaDataType {
+        match self {
+            InType::F16 => lts::cudaDataType::CUDA_R_16F,
+            InType::Bf16 => lts::cudaDataType::CUDA_R_16BF,
+        }
+    }
+    fn blas(self) -> cublas::sys::cudaDataType {
+        match self {
+            InType::F16 => cublas::sys::cudaDataType::CUDA_R_16F,
+            InType::Bf16 => cublas::sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+    /// cuBLASLt's type of an output (and its bias): f32, or the inputs'.
+    fn lt_out(self, f32_out: bool) -> lts::cudaDataType {
+        if f32_out {
+            lts::cudaDataType::CUDA_R_32F
+        } else {
+            self.lt()
+        }
+    }
+    fn blas_out(self, f32_out: bool) -> cublas::sys::cudaDataType {
+        if f32_out {
+            cublas::sys::cudaDataType::CUDA_R_32F
+        } else {
+            self.blas()
+        }
+    }
+}
+
 /// What a plan is made for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
+    input: InType,
     rows: usize,
     n: usize,
     k: usize,
@@ -127,6 +210,9 @@ pub struct Blas {
     workspace_ptr: u64,
     stream: Arc<CudaStream>,
     plans: Mutex<HashMap<PlanKey, Option<LtPlan>>>,
+    /// Whether the linear products may use cuBLASLt (tests turn it off to
+    /// check the cublasGemmEx fallback).
+    lt_enabled: AtomicBool,
 }
 
 impl std::fmt::Debug for Blas {
@@ -143,20 +229,8 @@ fn c_int(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Gpu(format!("GPU matrix product: {what} {v} does not fit cuBLAS's int")))
 }
 
-fn lt_type(f32_out: bool) -> lts::cudaDataType {
-    if f32_out {
-        lts::cudaDataType::CUDA_R_32F
-    } else {
-        lts::cudaDataType::CUDA_R_16F
-    }
-}
-
 fn blas_type(f32_out: bool) -> cublas::sys::cudaDataType {
-    if f32_out {
-        cublas::sys::cudaDataType::CUDA_R_32F
-    } else {
-        cublas::sys::cudaDataType::CUDA_R_16F
-    }
+    InType::F16.blas_out(f32_out)
 }
 
 /// One operand of a batched product: where its elements are (a device
@@ -221,6 +295,7 @@ impl Blas {
             workspace_ptr,
             stream: Arc::clone(stream),
             plans: Mutex::new(HashMap::new()),
+            lt_enabled: AtomicBool::new(true),
         })
     }
 
@@ -255,9 +330,18 @@ impl Blas {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let key = PlanKey { rows, n, k, out_f32: out.is_f32(), bias: out.bias().is_some(), relu, accumulate };
+        let key = PlanKey {
+            input: InType::F16,
+            rows,
+            n,
+            k,
+            out_f32: out.is_f32(),
+            bias: out.bias().is_some(),
+            relu,
+            accumulate,
+        };
         let aligned = [x.ptr(), w.ptr(), out.ptr(), out.bias().map_or(0, |b| b.0)].iter().all(|p| p % 256 == 0);
-        if aligned && k > 0 {
+        if aligned && k > 0 && self.lt_enabled.load(Ordering::Relaxed) {
             let mut plans = self.plans();
             let plan = plans.entry(key).or_insert_with(|| match self.make_plan(&key) {
                 Ok(p) => Some(p),
@@ -267,11 +351,12 @@ impl Blas {
                 }
             });
             if let Some(plan) = plan {
-                return self.run_plan(plan, x.ptr(), w.ptr(), &out, accumulate);
+                return self.run_plan(plan, (x.ptr(), w.ptr()), out.ptr(), out.bias().map(|b| b.0), accumulate);
             }
         }
         // Fallback: the product through cublasGemmEx, then bias and ReLU.
-        self.gemm_ex(x.ptr(), w.ptr(), &out, rows, n, k, accumulate)?;
+        let c_type = blas_type(out.is_f32());
+        self.gemm_ex(InType::F16, x.ptr(), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
         if out.bias().is_some() || relu {
             match out {
                 LinearOut::F16 { out, bias } => gpu.kernels.bias_act_f16(gpu, out, bias, rows, n, relu)?,
@@ -311,19 +396,19 @@ impl Blas {
         };
         set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as i32))?;
         if key.bias {
-            // The bias is held in the output's type (f16 or f32).
+            // The bias is held in the output's type (f16, bf16 or f32).
             set(
                 lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                &(lt_type(key.out_f32) as i32),
+                &(key.input.lt_out(key.out_f32) as i32),
             )?;
         }
         let layout =
             |t, r, c, l| lt::create_matrix_layout(t, r, c, l).map_err(|e| blas_err("cublasLtMatrixLayoutCreate", e));
         // Column-major: A = W (k × n, ld k, transposed), B = x (k × rows,
         // ld k), C = D = out (n × rows, ld n).
-        plan.a = layout(lts::cudaDataType::CUDA_R_16F, to_u64(key.k), to_u64(key.n), ld(key.k))?;
-        plan.b = layout(lts::cudaDataType::CUDA_R_16F, to_u64(key.k), to_u64(key.rows), ld(key.k))?;
-        plan.c = layout(lt_type(key.out_f32), to_u64(key.n), to_u64(key.rows), ld(key.n))?;
+        plan.a = layout(key.input.lt(), to_u64(key.k), to_u64(key.n), ld(key.k))?;
+        plan.b = layout(key.input.lt(), to_u64(key.k), to_u64(key.rows), ld(key.k))?;
+        plan.c = layout(key.input.lt_out(key.out_f32), to_u64(key.n), to_u64(key.rows), ld(key.n))?;
         let pref = lt::create_matmul_pref().map_err(|e| blas_err("cublasLtMatmulPreferenceCreate", e))?;
         let ws = LT_WORKSPACE;
         // SAFETY: `pref` is live; the attribute takes a u64 (size_t) and
@@ -350,8 +435,8 @@ impl Blas {
         Ok(plan)
     }
 
-    fn run_plan(&self, plan: &LtPlan, x: u64, w: u64, out: &LinearOut<'_>, accumulate: bool) -> Result<()> {
-        if let Some((bias, _)) = out.bias() {
+    fn run_plan(&self, plan: &LtPlan, (x, w): (u64, u64), d: u64, bias: Option<u64>, accumulate: bool) -> Result<()> {
+        if let Some(bias) = bias {
             // SAFETY: `plan.desc` is live; the attribute takes a device
             // pointer and `bias` is one (checked to hold n elements).
             unsafe {
@@ -366,11 +451,10 @@ impl Blas {
         }
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
-        let d = out.ptr();
-        // SAFETY: the plan's layouts describe the shapes the caller checked
-        // against the buffers (`linear`); C and D are the same buffer with
-        // the same layout, which cuBLASLt allows; alpha and beta are f32 as
-        // the scale type says; the workspace holds LT_WORKSPACE bytes and
+        // SAFETY: the plan's layouts describe the shapes and types the
+        // caller checked against the buffers (`linear`, `linear_half`); C
+        // and D are the same buffer with the same layout, which cuBLASLt
+        // allows; alpha and beta are f32 as the scale type says; the workspace holds LT_WORKSPACE bytes and
         // lives as long as `self`; all on the engine's stream.
         unsafe {
             lt::matmul(
@@ -395,23 +479,24 @@ impl Blas {
         .map_err(|e| blas_err("cublasLtMatmul", e))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `out = x · wᵀ (+ out)` through cublasGemmEx: inputs of `input`'s
+    /// type, the output of `c_type`.
     fn gemm_ex(
         &self,
+        input: InType,
         x: u64,
         w: u64,
-        out: &LinearOut<'_>,
-        rows: usize,
-        n: usize,
-        k: usize,
+        (out, c_type): (u64, cublas::sys::cudaDataType),
+        (rows, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
-        use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         let (m_i, n_i, k_i) = (c_int("n", n)?, c_int("rows", rows)?, c_int("k", k)?);
-        // SAFETY: shapes checked against the buffers by `linear`; alpha and
-        // beta are f32 for the f32 compute type; on the handle's stream.
+        // SAFETY: shapes checked against the buffers by `linear` or
+        // `linear_half`; alpha and beta are f32 for the f32 compute type; on
+        // the handle's stream.
         unsafe {
             cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -422,14 +507,14 @@ impl Blas {
                 k_i,
                 (&alpha as *const f32).cast(),
                 w as *const c_void,
-                cudaDataType::CUDA_R_16F,
+                input.blas(),
                 k_i.max(1),
                 x as *const c_void,
-                cudaDataType::CUDA_R_16F,
+                input.blas(),
                 k_i.max(1),
                 (&beta as *const f32).cast(),
-                out.ptr() as *mut c_void,
-                blas_type(out.is_f32()),
+                out as *mut c_void,
+                c_type,
                 m_i,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -500,10 +585,148 @@ impl Blas {
         .map_err(|e| blas_err("cublasGemmStridedBatchedEx", e))
     }
 
+    /// `out = x · wᵀ (+ bias) (+ out when accumulate)` over either 16-bit
+    /// type: `x` is `rows × k` row-major T, `w` is `n × k` (a PyTorch
+    /// `Linear` weight), `out` `rows × n` of T (with an optional bias of
+    /// T, fused into cuBLASLt's epilogue) or f32; f32 accumulation. Where
+    /// cuBLASLt has no plan for the shape, or a pointer is not 256-byte
+    /// aligned, the product runs through `cublasGemmEx` and the bias is
+    /// added after it ([`super::llm::LlmKernels::add_bias`]: the
+    /// product is then rounded to T before the bias is added).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_half<T: Half>(
+        &self,
+        gpu: &Gpu,
+        x: &DevBuf<T>,
+        rows: usize,
+        w: &DevBuf<T>,
+        (n, k): (usize, usize),
+        out: HalfOut<'_, T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let input = InType::of::<T>()?;
+        let size = usize::saturating_mul;
+        if x.len() < size(rows, k) || w.len() < size(n, k) || out.len() < size(rows, n) {
+            return Err(Error::Gpu(format!(
+                "GPU linear {rows}x{k} · ({n}x{k})ᵀ: buffers of {}, {} and {} elements are too small",
+                x.len(),
+                w.len(),
+                out.len()
+            )));
+        }
+        if let Some(b) = out.bias() {
+            if b.len() < n {
+                return Err(Error::Gpu(format!("GPU linear: bias of {} elements for {n} outputs", b.len())));
+            }
+        }
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let bias = out.bias().map(DevBuf::ptr);
+        let key = PlanKey { input, rows, n, k, out_f32: out.is_f32(), bias: bias.is_some(), relu: false, accumulate };
+        let aligned = [x.ptr(), w.ptr(), out.ptr(), bias.unwrap_or(0)].iter().all(|p| p % 256 == 0);
+        if aligned && k > 0 && self.lt_enabled.load(Ordering::Relaxed) {
+            let mut plans = self.plans();
+            let plan = plans.entry(key).or_insert_with(|| match self.make_plan(&key) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::debug!("cuBLASLt has no plan for {key:?} ({e}); using cublasGemmEx");
+                    None
+                }
+            });
+            if let Some(plan) = plan {
+                return self.run_plan(plan, (x.ptr(), w.ptr()), out.ptr(), bias, accumulate);
+            }
+        }
+        // Fallback: the product through cublasGemmEx, then the bias.
+        let c_type = input.blas_out(out.is_f32());
+        self.gemm_ex(input, x.ptr(), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
+        if let HalfOut::Half { out, bias: Some(bias) } = out {
+            gpu.llm()?.add_bias(gpu, out, rows, n, bias)?;
+        }
+        Ok(())
+    }
+
+    /// [`Blas::gemm_batched`] over either 16-bit type:
+    /// `C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]` for `batch`
+    /// column-major matrices (op(A) `m × k`, op(B) `k × n`, C `m × n`), T
+    /// operands and output, f32 compute.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched_half<T: Half>(
+        &self,
+        (trans_a, trans_b): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: Operand<'_, T>,
+        b: Operand<'_, T>,
+        beta: f32,
+        c: Operand<'_, T>,
+        batch: usize,
+    ) -> Result<()> {
+        use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
+        let input = InType::of::<T>()?;
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+        let (br, bc) = if trans_b { (n, k) } else { (k, n) };
+        let a_ptr = a.checked("A", ar, ac, batch)?;
+        let b_ptr = b.checked("B", br, bc, batch)?;
+        let c_ptr = c.checked("C", m, n, batch)?;
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let stride = |what: &str, s: usize| {
+            i64::try_from(s).map_err(|_| Error::Gpu(format!("GPU batched product: {what} stride {s} is too large")))
+        };
+        let (sa, sb, sc) = (stride("A", a.stride)?, stride("B", b.stride)?, stride("C", c.stride)?);
+        // cuBLAS reads leading dimensions of at least 1 even where k is 0.
+        let ld = |what: &str, v: usize| c_int(what, v.max(1));
+        // SAFETY: every operand's extent was checked against its buffer just
+        // above; alpha and beta are f32 for the f32 compute type; A, B and C
+        // are all of `input`'s type as the buffers' element type says; on the
+        // handle's stream.
+        unsafe {
+            cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(trans_a),
+                op(trans_b),
+                c_int("m", m)?,
+                c_int("n", n)?,
+                c_int("k", k)?,
+                (&alpha as *const f32).cast(),
+                a_ptr as *const c_void,
+                input.blas(),
+                ld("lda", a.ld)?,
+                sa,
+                b_ptr as *const c_void,
+                input.blas(),
+                ld("ldb", b.ld)?,
+                sb,
+                (&beta as *const f32).cast(),
+                c_ptr as *mut c_void,
+                input.blas(),
+                ld("ldc", c.ld)?,
+                sc,
+                c_int("batch", batch)?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas_err("cublasGemmStridedBatchedEx", e))
+    }
+
     /// The plan cache (a panic elsewhere while it was held leaves nothing
     /// half-made in it: plans are inserted whole).
     fn plans(&self) -> MutexGuard<'_, HashMap<PlanKey, Option<LtPlan>>> {
         self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lets the linear products use cuBLASLt (the default), or sends them
+    /// all through the cublasGemmEx fallback (and the bias kernels after
+    /// it): for tests of the fallback, which otherwise runs only for shapes
+    /// cuBLASLt refuses or unaligned buffers.
+    #[doc(hidden)]
+    pub fn set_lt_enabled(&self, on: bool) {
+        self.lt_enabled.store(on, Ordering::Relaxed);
     }
 
     /// Bytes of cuBLASLt's workspace (held on the GPU tier's account).
