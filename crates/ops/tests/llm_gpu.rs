@@ -1,0 +1,688 @@
+//! The Llama family's GPU ops (`ops::gpu::llm`, `Blas::linear_half`,
+//! `Blas::gemm_batched_half`) in f16 and bf16 against the CPU reference
+//! (`ops::cpu`). Every test passes, saying "skipped: no GPU", where the GPU
+//! cannot run.
+//!
+//! Inputs are rounded to the 16-bit type first and the CPU computes in f32
+//! on the rounded values, so the GPU's outputs differ from the reference by
+//! their own rounding (and f32 summation order): tolerances are relative
+//! (2e-3 for f16, 1e-2 for bf16) plus a small absolute part proportional to
+//! the largest expected value. Copies and fills are compared bit for bit.
+
+use half::{bf16, f16};
+use ops::gpu::blas::{HalfOut, Operand};
+use ops::gpu::buffer::{DevBuf, DevElem, Half};
+use ops::gpu::llm::{attn_decode_fits, LlmKernels};
+use ops::gpu::Gpu;
+use ops::{attention, softmax_masked, Activation, AttentionShape, DType, KvCache, Rope, RopeScaling, Tensor};
+
+fn gpu() -> Option<Gpu> {
+    if let Some(reason) = ops::gpu::unavailable_reason() {
+        println!("skipped: no GPU ({reason})");
+        return None;
+    }
+    Some(Gpu::new(0).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// A 16-bit type under test, with its CPU storage type and tolerance.
+trait Ty: Half + std::fmt::Debug + PartialEq {
+    const CPU: DType;
+    const RTOL: f32;
+}
+
+impl Ty for f16 {
+    const CPU: DType = DType::F16;
+    const RTOL: f32 = 2e-3;
+}
+
+impl Ty for bf16 {
+    const CPU: DType = DType::BF16;
+    const RTOL: f32 = 1e-2;
+}
+
+/// Uniform in [-0.5, 0.5), from a hash of (seed, i).
+fn rnd(seed: u64, i: usize) -> f32 {
+    let mut z = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64).wrapping_add(0x632b_e59b_d9b4_e019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 40) as f32 / 16_777_216.0 - 0.5
+}
+
+/// `n` values `offset + scale · rnd`, rounded to T, and the same as f32.
+fn vals<T: Half>(n: usize, seed: u64, scale: f32, offset: f32) -> (Vec<T>, Vec<f32>) {
+    let t: Vec<T> = (0..n).map(|i| T::from_f32(offset + scale * rnd(seed, i))).collect();
+    let f = t.iter().map(|v| v.to_f32()).collect();
+    (t, f)
+}
+
+fn up<E: DevElem>(gpu: &Gpu, host: &[E]) -> DevBuf<E> {
+    DevBuf::from_host(gpu, host).unwrap_or_else(|e| panic!("upload: {e}"))
+}
+
+fn raw<E: DevElem>(gpu: &Gpu, buf: &DevBuf<E>) -> Vec<E> {
+    buf.download(gpu.stream()).unwrap_or_else(|e| panic!("download: {e}"))
+}
+
+fn down<T: Half>(gpu: &Gpu, buf: &DevBuf<T>) -> Vec<f32> {
+    raw(gpu, buf).into_iter().map(Half::to_f32).collect()
+}
+
+fn tensor(shape: Vec<usize>, v: &[f32]) -> Tensor {
+    Tensor::from_f32(DType::F32, shape, v).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every `got[i]` within `rtol · (|want[i]| + frac · max|want|)`.
+fn check_with(what: &str, got: &[f32], want: &[f32], rtol: f32, frac: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let max = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut worst = (0.0f32, 0usize);
+    for (i, (g, e)) in got.iter().zip(want).enumerate() {
+        let tol = rtol * (e.abs() + frac * max) + 1e-30;
+        let r = (g - e).abs() / tol;
+        assert!(r.is_finite() && r <= 1.0, "{what}: element {i} is {g}, expected {e} (tolerance {tol}, max {max})");
+        if r > worst.0 {
+            worst = (r, i);
+        }
+    }
+    println!("{what}: {} values, worst error {:.3} of the tolerance (element {})", got.len(), worst.0, worst.1);
+}
+
+/// T's tolerance, with an absolute part of a tenth of the largest value's.
+fn check<T: Ty>(what: &str, got: &[f32], want: &[f32]) {
+    check_frac::<T>(what, got, want, 0.1);
+}
+
+/// T's tolerance with an absolute part of `frac` of the largest value's:
+/// larger where a result is rounded to T twice (a product's partial sums,
+/// attention's scores and probabilities) and may cancel to near zero.
+fn check_frac<T: Ty>(what: &str, got: &[f32], want: &[f32], frac: f32) {
+    check_with(&format!("{what} ({})", T::SUFFIX), got, want, T::RTOL, frac);
+}
+
+fn llm(gpu: &Gpu) -> &LlmKernels {
+    gpu.llm().unwrap_or_else(|e| panic!("loading the Llama kernels: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_kernels_load_once() {
+    let Some(gpu) = gpu() else { return };
+    let a: *const LlmKernels = llm(&gpu);
+    let b: *const LlmKernels = llm(&gpu);
+    assert_eq!(a, b);
+}
+
+fn embed_and_mask<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    let (vocab, h) = (50, 72);
+    let (table, table_f) = vals::<T>(vocab * h, 1, 2.0, 0.0);
+    let ids: Vec<u32> = vec![3, 0, 49, 50, 17, 3];
+    let rows = ids.len();
+    let (tok, tab, out) = (up(gpu, &ids), up(gpu, &table), up(gpu, &vec![7.0f32; rows * h]));
+    k.embed_rows(gpu, &tok, rows, &tab, (vocab, h), &out).unwrap();
+    let got = raw(gpu, &out);
+    for (r, &id) in ids.iter().enumerate() {
+        let want: Vec<f32> =
+            if (id as usize) < vocab { table_f[id as usize * h..(id as usize + 1) * h].to_vec() } else { vec![0.0; h] };
+        assert_eq!(&got[r * h..(r + 1) * h], &want[..], "embed row {r} ({})", T::SUFFIX);
+    }
+    // Too small an output is refused.
+    let small = up(gpu, &vec![0.0f32; rows * h - 1]);
+    assert!(k.embed_rows(gpu, &tok, rows, &tab, (vocab, h), &small).is_err());
+
+    let (batch, new_len, stride, past) = (3, 4, 10, 5);
+    let step: Vec<u8> = (0..batch * new_len).map(|i| u8::from(i % 3 != 0)).collect();
+    let key_mask = up(gpu, &vec![7u8; batch * stride]);
+    k.write_mask(gpu, &up(gpu, &step), (batch, new_len), &key_mask, stride, past).unwrap();
+    let got = raw(gpu, &key_mask);
+    for b in 0..batch {
+        for j in 0..stride {
+            let want = if (past..past + new_len).contains(&j) { step[b * new_len + j - past] } else { 7 };
+            assert_eq!(got[b * stride + j], want, "mask of sequence {b} at {j}");
+        }
+    }
+    assert!(k.write_mask(gpu, &up(gpu, &step), (batch, new_len), &key_mask, stride, 7).is_err());
+}
+
+#[test]
+fn embeddings_and_masks() {
+    let Some(gpu) = gpu() else { return };
+    embed_and_mask::<f16>(&gpu);
+    embed_and_mask::<bf16>(&gpu);
+}
+
+fn rms_norms<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    let eps = 1e-6;
+    // Warp-per-row (200) and block-per-row widths.
+    for h in [200, 896, 5120] {
+        let (batch, s) = (3, 5);
+        let rows = batch * s;
+        let hidden: Vec<f32> = (0..rows * h).map(|i| 3.0 * rnd(10 + h as u64, i) + 0.2).collect();
+        let (w, w_f) = vals::<T>(h, 11, 1.0, 1.0);
+        let (x, wb) = (up(gpu, &hidden), up(gpu, &w));
+        let out = up(gpu, &vec![T::from_f32(0.0); rows * h]);
+        // Every row.
+        k.rms_norm_f32(gpu, &x, (0, h), rows, h, &wb, eps, &out).unwrap();
+        let mut want = hidden.clone();
+        ops::rms_norm(&mut want, &tensor(vec![h], &w_f), eps).unwrap();
+        check::<T>(&format!("rms_norm_f32 h {h}"), &down(gpu, &out), &want);
+        // Each sequence's last row.
+        let last = up(gpu, &vec![T::from_f32(0.0); batch * h]);
+        k.rms_norm_f32(gpu, &x, ((s - 1) * h, s * h), batch, h, &wb, eps, &last).unwrap();
+        let mut want: Vec<f32> =
+            (0..batch).flat_map(|b| hidden[(b * s + s - 1) * h..(b * s + s) * h].to_vec()).collect();
+        ops::rms_norm(&mut want, &tensor(vec![h], &w_f), eps).unwrap();
+        check::<T>(&format!("rms_norm_f32 last rows h {h}"), &down(gpu, &last), &want);
+        // Reading past the input is refused.
+        assert!(k.rms_norm_f32(gpu, &x, (s * h, s * h), batch, h, &wb, eps, &last).is_err());
+    }
+    // Per-head norms of T rows.
+    for dim in [64, 128, 512] {
+        let rows = 7 * 4;
+        let (x, x_f) = vals::<T>(rows * dim, 12 + dim as u64, 4.0, 0.0);
+        let (w, w_f) = vals::<T>(dim, 13, 0.5, 1.0);
+        let xb = up(gpu, &x);
+        k.rms_norm_inplace(gpu, &xb, rows, dim, &up(gpu, &w), 1e-6).unwrap();
+        let mut want = x_f;
+        ops::rms_norm(&mut want, &tensor(vec![dim], &w_f), 1e-6).unwrap();
+        check::<T>(&format!("rms_norm_inplace dim {dim}"), &down(gpu, &xb), &want);
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    rms_norms::<f16>(&gpu);
+    rms_norms::<bf16>(&gpu);
+}
+
+fn ropes<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    let positions: Vec<usize> = vec![0, 1, 7, 100, 4095, 70_000, 131_071];
+    let rows = positions.len();
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    for (head_dim, heads, theta, scaling) in
+        [(64, 4, 10_000.0, RopeScaling::None), (128, 3, 500_000.0, llama3), (128, 2, 1_000_000.0, RopeScaling::None)]
+    {
+        let rope = Rope::new(theta, head_dim, scaling).unwrap();
+        let (x, x_f) = vals::<T>(rows * heads * head_dim, 20 + head_dim as u64, 2.0, 0.0);
+        let xb = up(gpu, &x);
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        k.rope(gpu, &xb, rows, heads, head_dim, &up(gpu, &pos), &up(gpu, rope.inv_freq())).unwrap();
+        let mut want = x_f;
+        rope.apply(&mut want, heads, &positions).unwrap();
+        check::<T>(&format!("rope head_dim {head_dim} theta {theta}"), &down(gpu, &xb), &want);
+    }
+}
+
+#[test]
+fn rope_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    ropes::<f16>(&gpu);
+    ropes::<bf16>(&gpu);
+}
+
+fn elementwise<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    let n = 5000;
+    let (g, g_f) = vals::<T>(n, 30, 16.0, 0.0);
+    let (u, u_f) = vals::<T>(n, 31, 4.0, 0.0);
+    let gb = up(gpu, &g);
+    k.silu_mul(gpu, &gb, &up(gpu, &u), n).unwrap();
+    let mut want = g_f;
+    ops::silu_mul_inplace(&mut want, &u_f).unwrap();
+    check::<T>("silu_mul", &down(gpu, &gb), &want);
+
+    let (rows, cols) = (5, 37);
+    let (o, o_f) = vals::<T>(rows * cols, 32, 2.0, 0.0);
+    let (b, b_f) = vals::<T>(cols, 33, 2.0, 0.0);
+    let ob = up(gpu, &o);
+    k.add_bias(gpu, &ob, rows, cols, &up(gpu, &b)).unwrap();
+    let want: Vec<f32> = o_f.iter().enumerate().map(|(i, v)| v + b_f[i % cols]).collect();
+    check::<T>("add_bias", &down(gpu, &ob), &want);
+    // Rounded once from the f32 sum: exactly what the host rounds.
+    let exact: Vec<T> = want.iter().map(|&v| T::from_f32(v)).collect();
+    assert_eq!(raw(gpu, &ob), exact, "add_bias rounding ({})", T::SUFFIX);
+}
+
+#[test]
+fn silu_mul_and_bias_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    elementwise::<f16>(&gpu);
+    elementwise::<bf16>(&gpu);
+}
+
+fn copies<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    let sentinel = T::from_f32(-7.0);
+    // head_dim 64: 16-byte copies; 6: one value at a time.
+    for hd in [64, 6] {
+        let (batch, new_len, kv_heads, past, cap) = (2, 3, 2, 4, 9);
+        let width = kv_heads * hd;
+        let (kx, _) = vals::<T>(batch * new_len * width, 40, 1.0, 0.0);
+        let (vx, _) = vals::<T>(batch * new_len * width, 41, 1.0, 0.0);
+        let n = batch * kv_heads * cap * hd;
+        let (keys, values) = (DevBuf::<T>::alloc(gpu, n).unwrap(), DevBuf::<T>::alloc(gpu, n).unwrap());
+        k.fill(gpu, &keys, -7.0).unwrap();
+        k.fill(gpu, &values, -7.0).unwrap();
+        k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, new_len, kv_heads, hd), past, cap, &keys, &values)
+            .unwrap();
+        let mut want_k = vec![sentinel; n];
+        let mut want_v = vec![sentinel; n];
+        for b in 0..batch {
+            for i in 0..new_len {
+                for g in 0..kv_heads {
+                    for d in 0..hd {
+                        let src = (b * new_len + i) * width + g * hd + d;
+                        let dst = ((b * kv_heads + g) * cap + past + i) * hd + d;
+                        want_k[dst] = kx[src];
+                        want_v[dst] = vx[src];
+                    }
+                }
+            }
+        }
+        assert_eq!(raw(gpu, &keys), want_k, "store_kv keys, head_dim {hd} ({})", T::SUFFIX);
+        assert_eq!(raw(gpu, &values), want_v, "store_kv values, head_dim {hd} ({})", T::SUFFIX);
+        let (kb, vb) = (up(gpu, &kx), up(gpu, &vx));
+        let shape = (batch, new_len, kv_heads, hd);
+        assert!(k.store_kv(gpu, &kb, &vb, shape, cap - 2, cap, &keys, &values).is_err(), "past the capacity");
+
+        // Rows to heads and back.
+        let (batch, s, heads) = (2, 3, 4);
+        let (rows, _) = vals::<T>(batch * s * heads * hd, 42, 1.0, 0.0);
+        let src = up(gpu, &rows);
+        let mid = DevBuf::<T>::alloc(gpu, rows.len()).unwrap();
+        let back = DevBuf::<T>::alloc(gpu, rows.len()).unwrap();
+        k.transpose_heads(gpu, &src, &mid, (batch, s, heads, hd), true).unwrap();
+        k.transpose_heads(gpu, &mid, &back, (batch, s, heads, hd), false).unwrap();
+        let mut want = vec![sentinel; rows.len()];
+        for b in 0..batch {
+            for i in 0..s {
+                for h in 0..heads {
+                    for d in 0..hd {
+                        want[((b * heads + h) * s + i) * hd + d] = rows[(b * s + i) * heads * hd + h * hd + d];
+                    }
+                }
+            }
+        }
+        assert_eq!(raw(gpu, &mid), want, "transpose to heads, head_dim {hd} ({})", T::SUFFIX);
+        assert_eq!(raw(gpu, &back), rows, "transpose back, head_dim {hd} ({})", T::SUFFIX);
+    }
+}
+
+#[test]
+fn kv_store_and_transposes_copy_exactly() {
+    let Some(gpu) = gpu() else { return };
+    copies::<f16>(&gpu);
+    copies::<bf16>(&gpu);
+}
+
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The fills' generator on the host (kernels.cu's `uniform_half` before
+/// rounding).
+fn uniform(seed: u64, i: u64, scale: f32) -> f32 {
+    let z = mix64(seed ^ mix64(i));
+    let x = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+    (2.0 * x - 1.0) * scale
+}
+
+fn fills<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    let n = 10_007;
+    let (seed, scale) = (0x1234_5678_9abc, 0.02);
+    let buf = DevBuf::<T>::alloc(gpu, n).unwrap();
+    k.fill_uniform(gpu, &buf, seed, scale).unwrap();
+    let want: Vec<T> = (0..n as u64).map(|i| T::from_f32(uniform(seed, i, scale))).collect();
+    assert_eq!(raw(gpu, &buf), want, "fill_uniform ({})", T::SUFFIX);
+    k.fill(gpu, &buf, 0.3).unwrap();
+    assert!(raw(gpu, &buf).iter().all(|&v| v == T::from_f32(0.3)), "fill ({})", T::SUFFIX);
+}
+
+#[test]
+fn fills_follow_the_f16_generator() {
+    let Some(gpu) = gpu() else { return };
+    fills::<f16>(&gpu);
+    fills::<bf16>(&gpu);
+    // The f16 entry point gives exactly the OPT kernels' values.
+    let n = 4099;
+    let (a, b) = (DevBuf::<f16>::alloc(&gpu, n).unwrap(), DevBuf::<f16>::alloc(&gpu, n).unwrap());
+    llm(&gpu).fill_uniform(&gpu, &a, 99, 0.5).unwrap();
+    gpu.kernels.fill_uniform_f16(&gpu, &b, 99, 0.5).unwrap();
+    assert_eq!(raw(&gpu, &a), raw(&gpu, &b));
+}
+
+fn softmaxes<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    // Sequences 1 and 2 of a mask of 3 (b0 = 1): two pads, then seven.
+    let (nb, heads, s, past, stride, b0) = (2, 3, 4, 5, 12, 1);
+    let total = past + s;
+    let mut mask = vec![0u8; 3 * stride];
+    for (b, pads) in [(0, 0), (1, 2), (2, 7)] {
+        for j in pads..total {
+            mask[b * stride + j] = 1;
+        }
+    }
+    let rows = nb * heads * s;
+    let (sc, sc_f) = vals::<T>(rows * total, 50, 6.0, 0.0);
+    let sb = up(gpu, &sc);
+    k.softmax_causal(gpu, &sb, (nb, heads, s, total), past, (&up(gpu, &mask), stride), b0).unwrap();
+    let mut want = sc_f;
+    for (r, row) in want.chunks_mut(total).enumerate() {
+        let (b, i) = (b0 + r / (heads * s), r % s);
+        softmax_masked(row, 1.0, |j| j <= past + i && mask[b * stride + j] != 0);
+    }
+    // Rows of sequence 2 whose queries see only padding are zeros.
+    assert!(want[(heads * s) * total..(heads * s + 1) * total].iter().all(|&v| v == 0.0));
+    check::<T>("softmax_causal", &down(gpu, &sb), &want);
+
+    // A row too long for registers: three passes.
+    let (total, past, s) = (9000, 8998, 2);
+    let mask: Vec<u8> = (0..total).map(|j| u8::from(j >= 3000)).collect();
+    let (sc, sc_f) = vals::<T>(2 * s * total, 51, 8.0, 0.0);
+    let sb = up(gpu, &sc);
+    k.softmax_causal(gpu, &sb, (1, 2, s, total), past, (&up(gpu, &mask), total), 0).unwrap();
+    let mut want = sc_f;
+    for (r, row) in want.chunks_mut(total).enumerate() {
+        let i = r % s;
+        softmax_masked(row, 1.0, |j| j <= past + i && mask[j] != 0);
+    }
+    check::<T>("softmax_causal long rows", &down(gpu, &sb), &want);
+}
+
+#[test]
+fn softmax_causal_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    softmaxes::<f16>(&gpu);
+    softmaxes::<bf16>(&gpu);
+}
+
+fn linears<T: Ty>(gpu: &Gpu) {
+    for lt in [true, false] {
+        gpu.blas.set_lt_enabled(lt);
+        for (case, &(rows, n, kk)) in [(1, 96, 128), (7, 200, 64), (33, 256, 320), (5, 130, 72)].iter().enumerate() {
+            let seed = 60 + 10 * case as u64;
+            let (x, x_f) = vals::<T>(rows * kk, seed, 1.0, 0.0);
+            let (w, w_f) = vals::<T>(n * kk, seed + 1, 1.0, 0.0);
+            let (bias, bias_f) = vals::<T>(n, seed + 2, 2.0, 0.0);
+            let (old, old_f) = vals::<T>(rows * n, seed + 3, 2.0, 0.0);
+            let (xb, wb, bb) = (up(gpu, &x), up(gpu, &w), up(gpu, &bias));
+            let wt = tensor(vec![n, kk], &w_f);
+            let plain = ops::linear(&x_f, rows, &wt, None, Activation::None).unwrap();
+            let biased = ops::linear(&x_f, rows, &wt, Some(&tensor(vec![n], &bias_f)), Activation::None).unwrap();
+            let what = |s: &str| format!("linear_half {rows}x{kk}·({n}x{kk})ᵀ {s}, cuBLASLt {lt}");
+
+            let out = up(gpu, &vec![T::from_f32(9.0); rows * n]);
+            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), HalfOut::Half { out: &out, bias: None }, false).unwrap();
+            check::<T>(&what("to T"), &down(gpu, &out), &plain);
+
+            let out = up(gpu, &old);
+            let o = HalfOut::Half { out: &out, bias: Some(&bb) };
+            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), o, true).unwrap();
+            let want: Vec<f32> = biased.iter().zip(&old_f).map(|(a, b)| a + b).collect();
+            // Without cuBLASLt the product is rounded to T before the bias.
+            check_frac::<T>(&what("to T with bias, accumulated"), &down(gpu, &out), &want, 0.25);
+
+            let out = up(gpu, &vec![9.0f32; rows * n]);
+            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), HalfOut::F32 { out: &out }, false).unwrap();
+            check_with(&format!("{} ({})", what("to f32"), T::SUFFIX), &raw(gpu, &out), &plain, 1e-4, 1.0);
+
+            let residual: Vec<f32> = old_f.iter().map(|v| 3.0 * v).collect();
+            let out = up(gpu, &residual);
+            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), HalfOut::F32 { out: &out }, true).unwrap();
+            let want: Vec<f32> = plain.iter().zip(&residual).map(|(a, b)| a + b).collect();
+            check_with(&format!("{} ({})", what("to f32, accumulated"), T::SUFFIX), &raw(gpu, &out), &want, 1e-4, 1.0);
+
+            // Too small a weight is refused.
+            let o = HalfOut::F32 { out: &out };
+            assert!(gpu.blas.linear_half(gpu, &xb, rows, &wb, (n + 1, kk), o, false).is_err());
+        }
+    }
+    gpu.blas.set_lt_enabled(true);
+}
+
+#[test]
+fn linear_half_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    linears::<f16>(&gpu);
+    linears::<bf16>(&gpu);
+}
+
+fn batched<T: Ty>(gpu: &Gpu) {
+    // Scores = alpha · Q·Kᵀ per batch: keys [batch][cap][d] (cap > total),
+    // queries [batch][m][d], scores [batch][m][total].
+    let (batch, cap, total, m, d, alpha) = (3, 13, 11, 6, 64, 0.125f32);
+    let (kx, k_f) = vals::<T>(batch * cap * d, 70, 1.0, 0.0);
+    let (qx, q_f) = vals::<T>(batch * m * d, 71, 1.0, 0.0);
+    let (kb, qb) = (up(gpu, &kx), up(gpu, &qx));
+    let sb = up(gpu, &vec![T::from_f32(5.0); batch * m * total]);
+    let a = Operand::new(&kb, 0, d, cap * d);
+    let b = Operand::new(&qb, 0, d, m * d);
+    let c = Operand::new(&sb, 0, total, m * total);
+    gpu.blas.gemm_batched_half((true, false), (total, m, d), alpha, a, b, 0.0, c, batch).unwrap();
+    let mut want = vec![0.0f32; batch * m * total];
+    for bi in 0..batch {
+        for r in 0..m {
+            for j in 0..total {
+                let dot: f32 = (0..d).map(|e| q_f[(bi * m + r) * d + e] * k_f[(bi * cap + j) * d + e]).sum();
+                want[(bi * m + r) * total + j] = alpha * dot;
+            }
+        }
+    }
+    check::<T>("gemm_batched_half Q·Kᵀ", &down(gpu, &sb), &want);
+
+    // out = P·V + out: values [batch][cap][d], probabilities [batch][m][total].
+    let (vx, v_f) = vals::<T>(batch * cap * d, 72, 1.0, 0.0);
+    let (px, p_f) = vals::<T>(batch * m * total, 73, 0.2, 0.1);
+    let (ox, o_f) = vals::<T>(batch * m * d, 74, 1.0, 0.0);
+    let (vb, pb, ob) = (up(gpu, &vx), up(gpu, &px), up(gpu, &ox));
+    let a = Operand::new(&vb, 0, d, cap * d);
+    let b = Operand::new(&pb, 0, total, m * total);
+    let c = Operand::new(&ob, 0, d, m * d);
+    gpu.blas.gemm_batched_half((false, false), (d, m, total), 1.0, a, b, 1.0, c, batch).unwrap();
+    let mut want = o_f;
+    for bi in 0..batch {
+        for r in 0..m {
+            for e in 0..d {
+                let s: f32 = (0..total).map(|j| p_f[(bi * m + r) * total + j] * v_f[(bi * cap + j) * d + e]).sum();
+                want[(bi * m + r) * d + e] += s;
+            }
+        }
+    }
+    check::<T>("gemm_batched_half P·V + C", &down(gpu, &ob), &want);
+
+    // An operand reaching past its buffer is refused.
+    let a = Operand::new(&vb, d, d, cap * d);
+    let b = Operand::new(&pb, 0, total, m * total);
+    let c = Operand::new(&ob, 0, d, m * d);
+    assert!(gpu.blas.gemm_batched_half((false, false), (d, m, cap), 1.0, a, b, 0.0, c, batch).is_err());
+}
+
+#[test]
+fn gemm_batched_half_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    batched::<f16>(&gpu);
+    batched::<bf16>(&gpu);
+}
+
+/// The GPU attention of a step through the batched products (the path a
+/// prompt takes): queries `q` rows `[batch·s][heads·d]`, the cache already
+/// holding this step's keys; in chunks of `chunk` sequences.
+#[allow(clippy::too_many_arguments)]
+fn attention_batched<T: Ty>(
+    gpu: &Gpu,
+    q: &DevBuf<T>,
+    (keys, values, mask): (&DevBuf<T>, &DevBuf<T>, &DevBuf<u8>),
+    (batch, s, heads, kv_heads, d, past, cap): (usize, usize, usize, usize, usize, usize, usize),
+    chunk: usize,
+) -> DevBuf<T> {
+    let k = llm(gpu);
+    let total = past + s;
+    let scale = 1.0 / (d as f32).sqrt();
+    let group = heads / kv_heads;
+    let rows_g = group * s;
+    let head_block = cap * d;
+    let qh = DevBuf::<T>::alloc(gpu, batch * s * heads * d).unwrap();
+    let attn = DevBuf::<T>::alloc(gpu, batch * s * heads * d).unwrap();
+    let scores = DevBuf::<T>::alloc(gpu, chunk * heads * s * total).unwrap();
+    k.transpose_heads(gpu, q, &qh, (batch, s, heads, d), true).unwrap();
+    for b0 in (0..batch).step_by(chunk) {
+        let nb = chunk.min(batch - b0);
+        let n = nb * kv_heads;
+        let kk = Operand::new(keys, b0 * kv_heads * head_block, d, head_block);
+        let qq = Operand::new(&qh, b0 * heads * s * d, d, rows_g * d);
+        let out = Operand::new(&scores, 0, total, rows_g * total);
+        gpu.blas.gemm_batched_half((true, false), (total, rows_g, d), scale, kk, qq, 0.0, out, n).unwrap();
+        k.softmax_causal(gpu, &scores, (nb, heads, s, total), past, (mask, cap), b0).unwrap();
+        let vv = Operand::new(values, b0 * kv_heads * head_block, d, head_block);
+        let probs = Operand::new(&scores, 0, total, rows_g * total);
+        let out = Operand::new(&qh, b0 * heads * s * d, d, rows_g * d);
+        gpu.blas.gemm_batched_half((false, false), (d, rows_g, total), 1.0, vv, probs, 0.0, out, n).unwrap();
+    }
+    k.transpose_heads(gpu, &qh, &attn, (batch, s, heads, d), false).unwrap();
+    attn
+}
+
+fn attention_steps<T: Ty>(gpu: &Gpu, d: usize) {
+    let k = llm(gpu);
+    let (batch, heads, kv_heads, s, cap) = (3, 8, 2, 9, 16);
+    let shape = AttentionShape { heads, kv_heads, head_dim: d };
+    let scale = 1.0 / (d as f32).sqrt();
+    let pads = [0usize, 3, 6];
+    let (qw, kvw) = (heads * d, kv_heads * d);
+    let seed = 100 * d as u64;
+    let n_cache = batch * kv_heads * cap * d;
+    let keys = up(gpu, &vec![T::from_f32(0.0); n_cache]);
+    let values = up(gpu, &vec![T::from_f32(0.0); n_cache]);
+    let mask = up(gpu, &vec![0u8; batch * cap]);
+    let mut cpu_cache = KvCache::new(T::CPU, batch, kv_heads, d, cap).unwrap();
+    let mut cpu_mask: Vec<Vec<bool>> = vec![Vec::new(); batch];
+
+    // The prompt: left-padded, past 0.
+    let step: Vec<u8> = (0..batch * s).map(|r| u8::from(r % s >= pads[r / s])).collect();
+    let (q, q_f) = vals::<T>(batch * s * qw, seed, 4.0, 0.0);
+    let (kx, k_f) = vals::<T>(batch * s * kvw, seed + 1, 1.0, 0.0);
+    let (vx, v_f) = vals::<T>(batch * s * kvw, seed + 2, 1.0, 0.0);
+    k.write_mask(gpu, &up(gpu, &step), (batch, s), &mask, cap, 0).unwrap();
+    k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, s, kv_heads, d), 0, cap, &keys, &values).unwrap();
+    let got = attention_batched(gpu, &up(gpu, &q), (&keys, &values, &mask), (batch, s, heads, kv_heads, d, 0, cap), 2);
+    cpu_cache.append(&k_f, &v_f, s).unwrap();
+    for (b, m) in cpu_mask.iter_mut().enumerate() {
+        m.extend((0..s).map(|i| step[b * s + i] != 0));
+    }
+    let flat: Vec<bool> = cpu_mask.concat();
+    let want = attention(&q_f, s, &cpu_cache, &flat, shape).unwrap();
+    // The padding queries that see no key are zeros on both sides.
+    assert!(want[..qw].iter().any(|&v| v != 0.0) && want[s * qw..(s + 1) * qw].iter().all(|&v| v == 0.0));
+    // Scores and probabilities are held in T between the products.
+    check_frac::<T>(&format!("prefill attention head_dim {d}"), &down(gpu, &got), &want, 0.5);
+
+    // Decoding steps: one token per sequence.
+    for t in 0..3 {
+        let past = s + t;
+        let total = past + 1;
+        let (q, q_f) = vals::<T>(batch * qw, seed + 10 + t as u64, 4.0, 0.0);
+        let (kx, k_f) = vals::<T>(batch * kvw, seed + 20 + t as u64, 1.0, 0.0);
+        let (vx, v_f) = vals::<T>(batch * kvw, seed + 30 + t as u64, 1.0, 0.0);
+        k.write_mask(gpu, &up(gpu, &vec![1u8; batch]), (batch, 1), &mask, cap, past).unwrap();
+        k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, 1, kv_heads, d), past, cap, &keys, &values).unwrap();
+        cpu_cache.append(&k_f, &v_f, 1).unwrap();
+        for m in cpu_mask.iter_mut() {
+            m.push(true);
+        }
+        let flat: Vec<bool> = cpu_mask.concat();
+        let want = attention(&q_f, 1, &cpu_cache, &flat, shape).unwrap();
+
+        assert!(attn_decode_fits(d, total));
+        let qb = up(gpu, &q);
+        let out = up(gpu, &vec![T::from_f32(9.0); batch * qw]);
+        k.attn_decode(gpu, &qb, (&keys, &values), (&mask, cap), (batch, heads, kv_heads, d, cap, total), scale, &out)
+            .unwrap();
+        check::<T>(&format!("decode attention kernel head_dim {d} step {t}"), &down(gpu, &out), &want);
+
+        let got = attention_batched(gpu, &qb, (&keys, &values, &mask), (batch, 1, heads, kv_heads, d, past, cap), 3);
+        let what = format!("decode attention by products head_dim {d} step {t}");
+        check_frac::<T>(&what, &down(gpu, &got), &want, 0.5);
+    }
+
+    // A sequence that sees nothing gets zeros.
+    let total = s + 3;
+    let (q, _) = vals::<T>(batch * qw, seed + 40, 4.0, 0.0);
+    let none = up(gpu, &vec![0u8; batch * cap]);
+    let out = up(gpu, &vec![T::from_f32(9.0); batch * qw]);
+    let dims = (batch, heads, kv_heads, d, cap, total);
+    k.attn_decode(gpu, &up(gpu, &q), (&keys, &values), (&none, cap), dims, scale, &out).unwrap();
+    assert!(down(gpu, &out).iter().all(|&v| v == 0.0), "fully masked decode ({})", T::SUFFIX);
+    // More positions than the cache holds are refused.
+    let dims = (batch, heads, kv_heads, d, cap, cap + 1);
+    assert!(k.attn_decode(gpu, &up(gpu, &q), (&keys, &values), (&none, cap), dims, scale, &out).is_err());
+}
+
+#[test]
+fn grouped_attention_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for d in [64, 128, 80] {
+        attention_steps::<f16>(&gpu, d);
+        attention_steps::<bf16>(&gpu, d);
+    }
+}
+
+fn long_decode<T: Ty>(gpu: &Gpu, (heads, kv_heads, d): (usize, usize, usize)) {
+    let k = llm(gpu);
+    // Long caches: multi-query, 3000 positions, the second sequence with
+    // 100 pads; the cache holds more than it uses.
+    let (batch, len, cap) = (2, 3000, 3010);
+    let shape = AttentionShape { heads, kv_heads, head_dim: d };
+    let scale = 1.0 / (d as f32).sqrt();
+    let kvw = kv_heads * d;
+    let seed = 7 * d as u64 + heads as u64;
+    let (kx, k_f) = vals::<T>(batch * len * kvw, seed, 1.0, 0.0);
+    let (vx, v_f) = vals::<T>(batch * len * kvw, seed + 1, 1.0, 0.0);
+    let (q, q_f) = vals::<T>(batch * heads * d, seed + 2, 8.0, 0.0);
+    let n_cache = batch * kv_heads * cap * d;
+    let (keys, values) = (DevBuf::<T>::alloc(gpu, n_cache).unwrap(), DevBuf::<T>::alloc(gpu, n_cache).unwrap());
+    k.fill(gpu, &keys, 0.0).unwrap();
+    k.fill(gpu, &values, 0.0).unwrap();
+    k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, len, kv_heads, d), 0, cap, &keys, &values).unwrap();
+    let flat: Vec<bool> = (0..batch * len).map(|r| r / len == 0 || r % len >= 100).collect();
+    let mut mask = vec![0u8; batch * cap];
+    for b in 0..batch {
+        for j in 0..len {
+            mask[b * cap + j] = u8::from(flat[b * len + j]);
+        }
+    }
+    let mut cache = KvCache::new(T::CPU, batch, kv_heads, d, len).unwrap();
+    cache.append(&k_f, &v_f, len).unwrap();
+    let want = attention(&q_f, 1, &cache, &flat, shape).unwrap();
+    assert!(attn_decode_fits(d, len));
+    let out = DevBuf::<T>::alloc(gpu, batch * heads * d).unwrap();
+    let dims = (batch, heads, kv_heads, d, cap, len);
+    k.attn_decode(gpu, &up(gpu, &q), (&keys, &values), (&up(gpu, &mask), cap), dims, scale, &out).unwrap();
+    check::<T>(
+        &format!("decode attention over {len} positions, {heads}/{kv_heads} heads of {d}"),
+        &down(gpu, &out),
+        &want,
+    );
+}
+
+#[test]
+fn long_decode_attention_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for shape in [(4, 1, 128), (8, 2, 64), (2, 2, 256), (4, 2, 96)] {
+        long_decode::<f16>(&gpu, shape);
+        long_decode::<bf16>(&gpu, shape);
+    }
+}
