@@ -2,14 +2,15 @@
 //!
 //! A [`GpuLayer`] holds one GPU buffer per tensor of the spec's layer
 //! ([`ModelSpec::layer`]), in the spec's order, each in the type the spec
-//! holds it in (f16 or f32): a tensor made of several checkpoint tensors (a
-//! stacked q/k/v matrix) is their rows one after the other. A family finds
-//! its tensors by name ([`GpuLayer::f16`], [`GpuLayer::f32`]); nothing here
-//! knows what they are for.
+//! holds it in (f16, bf16 or f32): a tensor made of several checkpoint
+//! tensors (a stacked q/k/v matrix) is their rows one after the other. A
+//! family finds its tensors by name ([`GpuLayer::f16`], [`GpuLayer::f32`],
+//! [`GpuLayer::half`]); nothing here knows what they are for.
 //!
 //! The buffers are filled from a checkpoint, a source tensor at a time
-//! ([`GpuLayer::load`]; f16 values, converted to f32 for a tensor held in
-//! f32), or by seeded kernels on the GPU ([`GpuLayer::dummy`]: each tensor
+//! ([`GpuLayer::load`]: f16 values, converted to f32 for a tensor held in
+//! f32; [`GpuLayer::load_bf16`]: bf16 values for bf16 tensors), or by
+//! seeded kernels on the GPU ([`GpuLayer::dummy`]: each tensor
 //! seeded by [`name_seed`] over the full name of its first source tensor,
 //! with the value rule the family gives as an [`Init`]).
 //!
@@ -19,8 +20,8 @@
 
 use std::sync::Arc;
 
-use half::f16;
-use ops::gpu::buffer::DevBuf;
+use half::{bf16, f16};
+use ops::gpu::buffer::{DevBuf, Half};
 use ops::gpu::Gpu;
 use tier_api::DType;
 
@@ -33,6 +34,7 @@ use crate::spec::{Block, ModelSpec, TensorSpec};
 #[derive(Debug)]
 pub enum HeldBuf {
     F16(DevBuf<f16>),
+    BF16(DevBuf<bf16>),
     F32(DevBuf<f32>),
 }
 
@@ -41,8 +43,11 @@ impl HeldBuf {
     fn alloc(gpu: &Gpu, dtype: DType, len: usize, name: &str) -> Result<Self> {
         match dtype {
             DType::F16 => Ok(HeldBuf::F16(DevBuf::alloc(gpu, len)?)),
+            DType::BF16 => Ok(HeldBuf::BF16(DevBuf::alloc(gpu, len)?)),
             DType::F32 => Ok(HeldBuf::F32(DevBuf::alloc(gpu, len)?)),
-            other => Err(gpu_err(format!("layer tensor {name}: the GPU holds weights as f16 or f32, not {other:?}"))),
+            other => {
+                Err(gpu_err(format!("layer tensor {name}: the GPU holds weights as f16, bf16 or f32, not {other:?}")))
+            }
         }
     }
 
@@ -50,6 +55,7 @@ impl HeldBuf {
     pub fn tensor(&self) -> &tier_api::Tensor {
         match self {
             HeldBuf::F16(b) => b.tensor(),
+            HeldBuf::BF16(b) => b.tensor(),
             HeldBuf::F32(b) => b.tensor(),
         }
     }
@@ -58,6 +64,7 @@ impl HeldBuf {
     pub fn bytes(&self) -> u64 {
         match self {
             HeldBuf::F16(b) => b.bytes(),
+            HeldBuf::BF16(b) => b.bytes(),
             HeldBuf::F32(b) => b.bytes(),
         }
     }
@@ -66,6 +73,7 @@ impl HeldBuf {
     pub fn len(&self) -> usize {
         match self {
             HeldBuf::F16(b) => b.len(),
+            HeldBuf::BF16(b) => b.len(),
             HeldBuf::F32(b) => b.len(),
         }
     }
@@ -75,11 +83,21 @@ impl HeldBuf {
         self.len() == 0
     }
 
+    /// The buffer as one of 16-bit type `T`, if it is one.
+    pub fn as_half<T: Half>(&self) -> Option<&DevBuf<T>> {
+        let any: &dyn std::any::Any = match self {
+            HeldBuf::F16(b) => b,
+            HeldBuf::BF16(b) => b,
+            HeldBuf::F32(b) => b,
+        };
+        any.downcast_ref::<DevBuf<T>>()
+    }
+
     /// The f16 buffer, if it is one.
     pub fn as_f16(&self) -> Option<&DevBuf<f16>> {
         match self {
             HeldBuf::F16(b) => Some(b),
-            HeldBuf::F32(_) => None,
+            HeldBuf::BF16(_) | HeldBuf::F32(_) => None,
         }
     }
 
@@ -87,7 +105,7 @@ impl HeldBuf {
     pub fn as_f32(&self) -> Option<&DevBuf<f32>> {
         match self {
             HeldBuf::F32(b) => Some(b),
-            HeldBuf::F16(_) => None,
+            HeldBuf::F16(_) | HeldBuf::BF16(_) => None,
         }
     }
 }
@@ -119,10 +137,15 @@ pub fn name_seed(seed: u64, name: &str) -> u64 {
 /// A checkpoint's tensor by full name and shape, as f16.
 pub type GetTensor<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f16>> + 'a;
 
+/// A checkpoint's tensor by full name and shape, as bf16.
+pub type GetBf16<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<bf16>> + 'a;
+
 /// Where a layer's values come from.
 enum Fill<'a, 'b> {
     /// A checkpoint's tensors.
     Source(&'a mut GetTensor<'b>),
+    /// A checkpoint's tensors, for a layer held in bf16.
+    SourceBf16(&'a mut GetBf16<'b>),
     /// Seeded kernels: the run's seed and the family's rule.
     Dummy(u64, InitRule),
 }
@@ -154,20 +177,41 @@ impl GpuLayer {
             let buf = HeldBuf::alloc(gpu, t.dtype, len, &t.name)?;
             let sources = t.sources();
             match fill {
-                Fill::Source(get) => {
+                Fill::Source(_) | Fill::SourceBf16(_) => {
                     let mut at = 0usize;
                     for s in &sources {
-                        let values = get(&spec.layer_name(i, &s.name), &s.shape)?;
-                        match &buf {
-                            HeldBuf::F16(b) => b.upload(gpu.stream(), at, &values)?,
-                            HeldBuf::F32(b) => {
-                                let wide: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
-                                b.upload(gpu.stream(), at, &wide)?;
+                        let name = spec.layer_name(i, &s.name);
+                        let n = match (&mut *fill, &buf) {
+                            (Fill::Source(get), HeldBuf::F16(b)) => {
+                                let values = get(&name, &s.shape)?;
+                                b.upload(gpu.stream(), at, &values)?;
+                                values.len()
                             }
-                        }
+                            (Fill::Source(get), HeldBuf::F32(b)) => {
+                                let wide: Vec<f32> = get(&name, &s.shape)?.iter().map(|v| v.to_f32()).collect();
+                                b.upload(gpu.stream(), at, &wide)?;
+                                wide.len()
+                            }
+                            (Fill::SourceBf16(get), HeldBuf::BF16(b)) => {
+                                let values = get(&name, &s.shape)?;
+                                b.upload(gpu.stream(), at, &values)?;
+                                values.len()
+                            }
+                            (Fill::SourceBf16(get), HeldBuf::F32(b)) => {
+                                let wide: Vec<f32> = get(&name, &s.shape)?.iter().map(|v| v.to_f32()).collect();
+                                b.upload(gpu.stream(), at, &wide)?;
+                                wide.len()
+                            }
+                            _ => {
+                                return Err(gpu_err(format!(
+                                    "layer tensor {}: held as {:?}, loaded from values of another 16-bit type",
+                                    t.name, t.dtype
+                                )))
+                            }
+                        };
                         // The host vectors are gone: the driver staged them.
                         at = at
-                            .checked_add(values.len())
+                            .checked_add(n)
                             .ok_or_else(|| gpu_err(format!("layer tensor {}: size overflows", t.name)))?;
                     }
                     if at != len {
@@ -186,6 +230,8 @@ impl GpuLayer {
                         (Init::Constant(v), HeldBuf::F32(b)) => k.fill_f32(gpu, b, v)?,
                         (Init::Uniform(s), HeldBuf::F16(b)) => k.fill_uniform_f16(gpu, b, seed_n, s)?,
                         (Init::Uniform(s), HeldBuf::F32(b)) => k.fill_uniform_f32(gpu, b, seed_n, s)?,
+                        (Init::Constant(v), HeldBuf::BF16(b)) => gpu.llm()?.fill(gpu, b, v)?,
+                        (Init::Uniform(s), HeldBuf::BF16(b)) => gpu.llm()?.fill_uniform(gpu, b, seed_n, s)?,
                     }
                 }
             }
@@ -199,6 +245,12 @@ impl GpuLayer {
     /// the order the spec lists its tensors and their sources.
     pub fn load(gpu: &Gpu, spec: &ModelSpec, i: usize, get: &mut GetTensor<'_>) -> Result<Self> {
         Self::make(gpu, spec, i, &mut Fill::Source(get))
+    }
+
+    /// Layer `i` of `spec` (held in bf16) from a checkpoint: as
+    /// [`GpuLayer::load`], the values as bf16.
+    pub fn load_bf16(gpu: &Gpu, spec: &ModelSpec, i: usize, get: &mut GetBf16<'_>) -> Result<Self> {
+        Self::make(gpu, spec, i, &mut Fill::SourceBf16(get))
     }
 
     /// Layer `i`'s seeded values, made on the GPU by `rule` (each tensor's
@@ -231,7 +283,18 @@ impl GpuLayer {
             Some(k) => self.bufs[k]
                 .as_f16()
                 .map(Some)
-                .ok_or_else(|| gpu_err(format!("layer tensor {name} is held as f32, not f16"))),
+                .ok_or_else(|| gpu_err(format!("layer tensor {name} is held as {:?}, not f16", self.specs[k].dtype))),
+        }
+    }
+
+    /// The tensor `name` as 16-bit type `T`; `None` if the spec has no such
+    /// tensor, an error if it holds it in another type.
+    pub fn half<T: Half>(&self, name: &str) -> Result<Option<&DevBuf<T>>> {
+        match self.index(name) {
+            None => Ok(None),
+            Some(k) => self.bufs[k].as_half::<T>().map(Some).ok_or_else(|| {
+                gpu_err(format!("layer tensor {name} is held as {:?}, not {}", self.specs[k].dtype, T::SUFFIX))
+            }),
         }
     }
 
@@ -243,7 +306,7 @@ impl GpuLayer {
             Some(k) => self.bufs[k]
                 .as_f32()
                 .map(Some)
-                .ok_or_else(|| gpu_err(format!("layer tensor {name} is held as f16, not f32"))),
+                .ok_or_else(|| gpu_err(format!("layer tensor {name} is held as {:?}, not f32", self.specs[k].dtype))),
         }
     }
 
