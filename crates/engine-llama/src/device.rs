@@ -10,6 +10,7 @@ use runtime::cpu::{CpuEngine, CpuPlacement};
 use runtime::sampling::Sampler;
 use runtime::schedule::{GenerateOptions, GenerationOutput};
 
+use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::model::LlamaModel;
 
@@ -17,7 +18,12 @@ use crate::model::LlamaModel;
 /// (Mistral's `sliding_window`, which is not implemented: longer runs are
 /// refused rather than computed wrongly).
 pub fn check_window(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
-    let Some(window) = model.config().sliding_window else {
+    check_window_config(model.config(), prompts, new_tokens)
+}
+
+/// [`check_window`] for a configuration.
+pub fn check_window_config(config: &LlamaConfig, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+    let Some(window) = config.sliding_window else {
         return Ok(());
     };
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -37,14 +43,18 @@ pub fn check_window(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize)
 /// The family's own checks of a block: the attention window, the padding
 /// token.
 fn check_block(model: &LlamaModel, batches: &[Vec<Vec<u32>>], options: &GenerateOptions) -> Result<()> {
+    check_block_config(model.config(), batches, options)
+}
+
+/// [`check_block`] for a configuration (the GPU engine's too).
+pub fn check_block_config(config: &LlamaConfig, batches: &[Vec<Vec<u32>>], options: &GenerateOptions) -> Result<()> {
     for prompts in batches {
-        check_window(model, prompts, options.max_new_tokens)?;
+        check_window_config(config, prompts, options.max_new_tokens)?;
     }
-    if options.pad_token_id as usize >= model.config().vocab_size {
+    if options.pad_token_id as usize >= config.vocab_size {
         return Err(Error::Generate(format!(
             "the padding token {} is outside the vocabulary of {}",
-            options.pad_token_id,
-            model.config().vocab_size
+            options.pad_token_id, config.vocab_size
         )));
     }
     Ok(())

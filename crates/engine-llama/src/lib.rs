@@ -9,12 +9,15 @@
 //!   checks a checkpoint against the spec before anything is read);
 //! - [`device`]: the CPU model as the runtime's `ComputeDevice`, driven by
 //!   the runtime's block schedule, sampling and progress;
-//! - [`generate`]: greedy generation over a left-padded batch.
+//! - [`generate`]: greedy generation over a left-padded batch;
+//! - [`gpu`]: the GPU engine (weights resident or streamed by the
+//!   runtime, the cache on the GPU) in the checkpoint's bf16 or f16.
 
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod gpu;
 pub mod model;
 pub mod spec;
 

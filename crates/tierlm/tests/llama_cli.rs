@@ -400,9 +400,7 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
     let d = fixture("tiny-qwen2-bias-bf16");
     let d = d.to_str().unwrap();
     for (flags, name) in [
-        (&["--percent", "100", "0", "100", "0", "100", "0"][..], "--percent 100 0 100 0 100 0"),
-        (&["--percent", "0", "50", "0", "100", "50", "50"][..], "--percent 0 50 0 100 50 50"),
-        (&["--compress-weight"][..], "--compress-weight"),
+        (&["--percent", "0", "50", "0", "100", "0", "100", "--compress-weight"][..], "--compress-weight"),
         (&["--compress-cache"][..], "--compress-cache"),
         (&["--cpu-cache-compute"][..], "--cpu-cache-compute"),
         (&["--gpu-mem", "1G"][..], "--gpu-mem"),
@@ -413,11 +411,71 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
         let e = fails(&args);
         assert!(e.contains(name) && e.contains("not supported for the Llama family yet"), "{flags:?}: {e}");
     }
+    // On the GPU engine: the cache and the activations stay on the GPU;
+    // anything else is refused by name, GPU or not.
+    for (flags, name) in [
+        (&["--percent", "0", "50", "0", "100", "100", "0"][..], "the KV cache off the GPU"),
+        (&["--percent", "100", "0", "100", "0", "0", "100"][..], "activations off the GPU"),
+        (&["--percent", "100", "0", "100", "0", "100", "0", "--compress-weight"][..], "--compress-weight"),
+        (&["--percent", "100", "0", "100", "0", "100", "0", "--cpu-cache-compute"][..], "--cpu-cache-compute"),
+    ] {
+        let mut args = vec!["generate", "--model", d, "--prompt", "Hi"];
+        args.extend_from_slice(flags);
+        let e = fails(&args);
+        assert!(e.contains(name) && e.contains("not supported for the Llama family on the GPU yet"), "{flags:?}: {e}");
+    }
     // Everything in host memory is what the CPU engine does.
     let all_host = ["--percent", "0", "100", "0", "100", "0", "100"];
     let mut args = vec!["generate", "--model", d, "--prompt", "Hi", "--max-new-tokens", "2"];
     args.extend_from_slice(&all_host);
     succeeds(&args);
+}
+
+/// `--percent` with the model on the GPU runs the GPU engine: the weights
+/// resident, or streamed from pinned host memory and from disk, give the
+/// same tokens. Without a GPU, a clear error that says how to run on the
+/// CPU instead.
+#[test]
+fn the_gpu_engine_runs_each_fixture_or_says_there_is_no_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let offload = tempfile::tempdir().unwrap();
+    let off = offload.path().to_str().unwrap();
+    let gpu = ops::gpu::unavailable_reason().is_none();
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let e = expected(&dir);
+        let input = ids_file(tmp.path(), "batch.jsonl", &e.batch.input_ids);
+        let mut runs = Vec::new();
+        for percent in [
+            ["100", "0", "100", "0", "100", "0"],
+            ["0", "100", "100", "0", "100", "0"],
+            ["50", "0", "100", "0", "100", "0"],
+        ] {
+            let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap()];
+            args.extend(["--max-new-tokens", "16", "--gpu-batch-size", "8", "--offload-dir", off, "--percent"]);
+            args.extend(percent);
+            if !gpu {
+                let e = fails(&args);
+                assert!(e.contains("there is none") && e.contains("--percent 0 100 0 100 0 100"), "{name}: {e}");
+                continue;
+            }
+            let out = tierlm(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{name} {percent:?}: {stderr}");
+            assert!(stderr.contains("peak per tier:"), "{stderr}");
+            runs.push(output_ids(&String::from_utf8(out.stdout).unwrap()));
+            let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+            assert!(left.is_empty(), "{name}: the offload directory holds {left:?}");
+        }
+        if gpu {
+            assert_eq!(runs[1], runs[0], "{name}: weights streamed from host memory");
+            assert_eq!(runs[2], runs[0], "{name}: half the layers from disk");
+            let agree = runs[0].iter().zip(&e.batch.greedy_f32).filter(|(a, b)| a == b).count();
+            println!("{name}: GPU tokens equal transformers' float32 run for {agree} of {} prompts", runs[0].len());
+        } else {
+            println!("skipped the GPU runs of {name}: no GPU");
+        }
+    }
 }
 
 #[test]
@@ -500,5 +558,12 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
     let e = fails(&["generate", "--model", "llama-9", "--prompt", "Hi"]);
     assert!(e.contains("llama-3.1-8b") && e.contains("opt-125m"), "{e}");
     let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy"]);
-    assert!(e.contains("bench does not run the Llama family yet") && e.contains("generate"), "{e}");
+    assert!(e.contains("bench runs the Llama family on its GPU engine") && e.contains("generate"), "{e}");
+    let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "0", "100", "100", "0"]);
+    assert!(e.contains("the KV cache or activations off the GPU"), "{e}");
+    if ops::gpu::unavailable_reason().is_some() {
+        let e =
+            fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "100", "0", "100", "0"]);
+        assert!(e.contains("there is none"), "{e}");
+    }
 }

@@ -293,11 +293,10 @@ fn notes(args: &BenchArgs, policy: &Policy) {
 /// Runs `tierlm bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     if super::llama::names_llama_family(&args.model) {
-        return Err(Error::InvalidArgument(format!(
-            "{}: bench does not run the Llama family yet; `tierlm generate --model {} --dummy --input FILE` runs \
-             it on the CPU engine",
-            args.model, args.model
-        )));
+        return super::llama::bench(&args).map_err(|e| match e {
+            crate::Error::Opt(e) => e,
+            other => Error::InvalidArgument(other.to_string()),
+        });
     }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     if args.overlap == Some(false) {

@@ -1,8 +1,10 @@
 //! `tierlm generate` for the Llama family (`model_type` `llama`, `mistral`,
-//! `qwen2`, `qwen3`) on the runtime's CPU engine: the weights and an f32 KV
-//! cache in host memory (as OPT's CPU engine), or with `--percent 0 W 0 C 0
-//! 100` the later layers and a share of each batch's cache on disk, driven
-//! by the runtime's block schedule.
+//! `qwen2`, `qwen3`): on the runtime's CPU engine, the weights and an f32
+//! KV cache in host memory (as OPT's CPU engine), or with `--percent 0 W 0
+//! C 0 100` the later layers and a share of each batch's cache on disk; on
+//! the GPU engine (`engine_llama::gpu`) when `--percent` places anything on
+//! the GPU: the cache and activations there, the weights resident or
+//! streamed from host memory or disk (`--percent W_GPU W_CPU 100 0 100 0`).
 //!
 //! [`family_of`] decides which family a `--model` argument names: a
 //! directory by its config.json's `model_type`, a preset by its name.
@@ -209,15 +211,17 @@ struct Offload {
 /// Token ids of each input: ids as given; text through the tokenizer, or
 /// with `chat` in the chat template as one user message.
 fn tokenize(loaded: &Loaded, inputs: &[Input], chat: bool) -> Result<Vec<Vec<u32>>> {
+    tokenize_with(loaded.tokenizer.as_ref(), &loaded.source, inputs, chat)
+}
+
+/// [`tokenize`] with a tokenizer (if the source has one).
+fn tokenize_with(tokenizer: Option<&Tokenizer>, source: &Path, inputs: &[Input], chat: bool) -> Result<Vec<Vec<u32>>> {
     inputs
         .iter()
         .map(|input| match input {
             Input::Ids(ids) => Ok(ids.clone()),
             Input::Text(text) => {
-                let tok = loaded
-                    .tokenizer
-                    .as_ref()
-                    .ok_or_else(|| engine_opt::Error::NoTokenizer { dir: loaded.source.clone() })?;
+                let tok = tokenizer.ok_or_else(|| engine_opt::Error::NoTokenizer { dir: source.to_path_buf() })?;
                 let ids = if chat { tok.encode_chat(text) } else { tok.encode(text) };
                 Ok(ids.map_err(engine_llama::Error::from)?)
             }
@@ -229,14 +233,16 @@ fn tokenize(loaded: &Loaded, inputs: &[Input], chat: bool) -> Result<Vec<Vec<u32
 /// else the tokenizer's). Padding is masked, so any id of the vocabulary
 /// serves where the checkpoint names none.
 fn options(loaded: &Loaded, max_new_tokens: usize) -> GenerateOptions {
-    let tok = loaded.tokenizer.as_ref();
-    let mut eos = loaded.ids.eos_token_ids.clone();
+    options_for(&loaded.ids, loaded.tokenizer.as_ref(), loaded.model.config().vocab_size, max_new_tokens)
+}
+
+/// [`options`] from the ids, the tokenizer and the vocabulary's size.
+fn options_for(ids: &GenerationIds, tok: Option<&Tokenizer>, vocab: usize, max_new_tokens: usize) -> GenerateOptions {
+    let mut eos = ids.eos_token_ids.clone();
     if eos.is_empty() {
         eos.extend(tok.and_then(Tokenizer::eos_id));
     }
-    let vocab = loaded.model.config().vocab_size;
-    let pad = loaded
-        .ids
+    let pad = ids
         .pad_token_id
         .or_else(|| tok.and_then(Tokenizer::pad_id))
         .or_else(|| eos.first().copied())
@@ -245,8 +251,188 @@ fn options(loaded: &Loaded, max_new_tokens: usize) -> GenerateOptions {
     GenerateOptions { max_new_tokens, stop_on_eos: true, eos_token_ids: eos, pad_token_id: pad }
 }
 
+/// Whether `policy` puts anything on the GPU (the GPU engine's run).
+fn places_on_gpu(policy: &runtime::policy::Policy) -> bool {
+    policy.w_gpu_percent > 0.0 || policy.cache_gpu_percent > 0.0 || policy.act_gpu_percent > 0.0
+}
+
+/// Refuses what the family's GPU engine does not do yet, naming it: it
+/// keeps the KV cache and the hidden states on the GPU, and places the
+/// weights anywhere (resident, streamed from host memory or disk).
+fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result<()> {
+    let mut refused: Vec<String> = Vec::new();
+    if policy.cache_gpu_percent < 100.0 {
+        refused.push(format!(
+            "the KV cache off the GPU (--percent's cache shares {} {})",
+            policy.cache_gpu_percent, policy.cache_cpu_percent
+        ));
+    }
+    if policy.act_gpu_percent < 100.0 {
+        refused.push(format!(
+            "activations off the GPU (--percent's activation shares {} {})",
+            policy.act_gpu_percent, policy.act_cpu_percent
+        ));
+    }
+    for (given, flag) in [
+        (args.compress_weight, "--compress-weight"),
+        (args.compress_cache, "--compress-cache"),
+        (args.cpu_cache_compute, "--cpu-cache-compute"),
+        (args.attn_sparsity != 1.0, "--attn-sparsity"),
+        (args.policy.as_deref() == Some("auto"), "--policy auto"),
+        (args.host_mem.is_some(), "--host-mem"),
+        (args.calibration.is_some(), "--calibration"),
+        (args.stages > 1, "--stages above 1"),
+    ] {
+        if given {
+            refused.push(flag.to_string());
+        }
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(unsupported(format!(
+        "{} not supported for the Llama family on the GPU yet: its GPU engine keeps the KV cache and the \
+         activations on the GPU and places the weights anywhere (--percent W_GPU W_CPU 100 0 100 0, the rest of \
+         the weights on disk in --offload-dir); the CPU engine takes the cache in host memory or on disk \
+         (--percent 0 W_CPU 0 C_CPU 0 100)",
+        refused.join(", ") + if refused.len() == 1 { " is" } else { " are" }
+    )))
+}
+
+/// `tierlm generate` for a Llama-family model on the GPU engine.
+fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result<()> {
+    use engine_llama::gpu::AnyLlamaGpu;
+    use runtime::gpu::stream::{split_layers, OffloadTiers};
+    refuse_unsupported_on_gpu(args, policy)?;
+    if let Some(reason) = ops::gpu::unavailable_reason() {
+        return Err(unsupported(format!(
+            "--percent {} places the model on the GPU, and there is none ({reason}); without a GPU, run on the CPU \
+             engine: --percent 0 100 0 100 0 100",
+            args.percent.as_deref().unwrap_or(&[]).iter().map(f64::to_string).collect::<Vec<_>>().join(" ")
+        )));
+    }
+    let sampling =
+        SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    sampling.validate()?;
+    if args.gpu_batch_size == 0 {
+        return Err(unsupported("--gpu-batch-size must be at least 1".to_string()));
+    }
+    let inputs = match &args.input {
+        Some(path) => read_inputs(path)?,
+        None => args.prompts.iter().cloned().map(Input::Text).collect(),
+    };
+    let json = args.json || args.input.is_some();
+    let opened = open(&args.model, args.dummy)?;
+    engine_llama::gpu::check_supported(&opened.config)?;
+    let gpu = ops::gpu::Gpu::new(0).map_err(engine_llama::Error::from)?;
+    gpu.set_budget(args.gpu_mem);
+    let layers = opened.config.num_hidden_layers;
+    let split = split_layers(layers, policy.w_gpu_percent, policy.w_cpu_percent);
+    let run_tiers = runtime::Tiers::default();
+    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let tiers = if split.streams() {
+        Some(OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?)
+    } else {
+        None
+    };
+    let model = AnyLlamaGpu::new(gpu, opened.config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    let prompts = tokenize_with(opened.tokenizer.as_ref(), &opened.source, &inputs, args.chat)?;
+    let config = model.config();
+    runtime::schedule::validate_prompts(
+        config.vocab_size,
+        config.max_position_embeddings,
+        &prompts,
+        args.max_new_tokens,
+        0,
+    )?;
+    engine_llama::device::check_window_config(config, &prompts, args.max_new_tokens)?;
+    let opts = options_for(&opened.ids, opened.tokenizer.as_ref(), config.vocab_size, args.max_new_tokens);
+    let greedy = sampling.is_greedy();
+    let mut sampler = Sampler::new(sampling);
+    let out = Outputs {
+        prompts: &prompts,
+        inputs: &inputs,
+        tokenizer: opened.tokenizer.as_ref(),
+        batch_size: super::generate::block_size(args),
+        json,
+        file: output_file(args)?,
+    };
+    out.write::<Error>(
+        args.max_new_tokens,
+        &mut |batch, pb| {
+            let s = if greedy { None } else { Some(&mut sampler) };
+            Ok(model.generate(&[batch.to_vec()], &opts, s, pb)?.tokens)
+        },
+        &|| {
+            let mut peaks = runtime::TierPeaks { gpu: model.gpu().held_bytes().1, ..Default::default() };
+            if let Some(s) = model.offload() {
+                let t = s.tiers();
+                if let Some(h) = &t.host {
+                    let bytes = tier_api::Device::account(&**h).stats().peak_resident;
+                    if h.mem_kind().is_page_locked() {
+                        peaks.pinned += bytes;
+                    } else {
+                        peaks.pageable += bytes;
+                    }
+                }
+                if let Some(d) = &t.disk {
+                    peaks.disk += tier_api::Device::account(&**d).stats().peak_resident;
+                }
+            }
+            peaks.pinned += model.gpu().device().staging_stats().map_or(0, |s| s.peak_resident);
+            peaks
+        },
+    )
+}
+
+/// A Llama-family directory or preset opened for the GPU engine: its
+/// configuration, its checkpoint checked against the spec, its ids and
+/// tokenizer; nothing read into memory yet.
+struct Opened {
+    config: LlamaConfig,
+    checkpoint: Option<checkpoint::Checkpoint>,
+    ids: GenerationIds,
+    tokenizer: Option<Tokenizer>,
+    source: PathBuf,
+}
+
+fn open(model: &str, dummy: bool) -> Result<Opened> {
+    let dir = Path::new(model);
+    if !dir.is_dir() && !dummy {
+        return Err(unsupported(format!(
+            "{model} is a preset: give a checkpoint directory, or --dummy for random weights"
+        )));
+    }
+    let (config, dir) = if dir.is_dir() {
+        (LlamaConfig::from_file(&dir.join("config.json"))?, Some(dir))
+    } else {
+        (LlamaConfig::preset(model)?, None)
+    };
+    let (config, checkpoint) = match (dir, dummy) {
+        (Some(d), false) => {
+            let (c, ck) = engine_llama::model::open_checked(d, config)?;
+            (c, Some(ck))
+        }
+        _ => (config, None),
+    };
+    let ids = match dir {
+        Some(d) => GenerationIds::from_dir(d, &config)?,
+        None => GenerationIds::of_config(&config),
+    };
+    let tokenizer = match dir {
+        Some(d) => Tokenizer::from_dir(d)?,
+        None => None,
+    };
+    let source = dir.map_or_else(|| PathBuf::from(model), Path::to_path_buf);
+    Ok(Opened { config, checkpoint, ids, tokenizer, source })
+}
+
 /// `tierlm generate` for a Llama-family model.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
+    let policy = super::gpu::generate_policy(args)?;
+    if places_on_gpu(&policy) {
+        return generate_gpu(args, &policy);
+    }
     refuse_unsupported(args)?;
     let sampling =
         SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
@@ -341,6 +527,195 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             ..Default::default()
         },
     )
+}
+
+/// What `tierlm bench` prints for the Llama family (`--json`: one object).
+#[derive(Debug, serde::Serialize)]
+pub struct LlamaBenchReport {
+    pub model: String,
+    pub engine: &'static str,
+    pub dtype: &'static str,
+    pub device: String,
+    pub prompts: usize,
+    pub gpu_batch_size: usize,
+    pub num_gpu_batches: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub percent: [f64; 6],
+    pub load_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub total_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: Option<f64>,
+    pub total_tokens_per_s: f64,
+    /// Bytes of weights resident on the GPU and streamed per step.
+    pub gpu_weight_bytes: u64,
+    pub streamed_weight_bytes: u64,
+    /// The KV caches of the block on the GPU.
+    pub kv_cache_bytes: u64,
+    pub peak_per_tier: runtime::TierPeaks,
+}
+
+/// `tierlm bench` for a Llama-family model: its GPU engine (the cache and
+/// activations on the GPU, the weights where `--percent` says), FlexGen's
+/// throughput definitions, one untimed warm-up generation first.
+pub fn bench(args: &super::bench::BenchArgs) -> Result<()> {
+    use engine_llama::gpu::{compute_dtype, AnyLlamaGpu};
+    use rand::{Rng, SeedableRng};
+    use runtime::gpu::stream::{split_layers, OffloadTiers};
+    let policy = args.policy()?;
+    if !places_on_gpu(&policy) {
+        return Err(unsupported(format!(
+            "{}: bench runs the Llama family on its GPU engine: give --percent W_GPU W_CPU 100 0 100 0 (e.g. 100 0 \
+             100 0 100 0 for everything on the GPU); `tierlm generate --model {} --dummy --input FILE` runs it on \
+             the CPU engine",
+            args.model, args.model
+        )));
+    }
+    let mut refused: Vec<String> = Vec::new();
+    if policy.cache_gpu_percent < 100.0 || policy.act_gpu_percent < 100.0 {
+        refused.push("the KV cache or activations off the GPU".into());
+    }
+    for (given, flag) in [
+        (policy.compress_weight, "--compress-weight"),
+        (policy.compress_cache, "--compress-cache"),
+        (policy.cpu_cache_compute, "--cpu-cache-compute"),
+        (policy.attn_sparsity != 1.0, "--attn-sparsity"),
+    ] {
+        if given {
+            refused.push(flag.into());
+        }
+    }
+    if !refused.is_empty() {
+        return Err(unsupported(format!(
+            "{} not supported for the Llama family on the GPU yet (its GPU engine keeps the cache and the \
+             activations on the GPU: --percent W_GPU W_CPU 100 0 100 0)",
+            refused.join(", ")
+        )));
+    }
+    if args.prompt_len == 0 || args.gen_len == 0 {
+        return Err(unsupported("--prompt-len and --gen-len must be at least 1".into()));
+    }
+    if let Some(reason) = ops::gpu::unavailable_reason() {
+        return Err(unsupported(format!("bench runs the Llama family on the GPU, and there is none ({reason})")));
+    }
+    let opened = open(&args.model, args.dummy)?;
+    engine_llama::gpu::check_supported(&opened.config)?;
+    let config = opened.config.clone();
+    let positions =
+        args.prompt_len.checked_add(args.gen_len).filter(|&n| n <= config.max_position_embeddings).ok_or_else(
+            || {
+                unsupported(format!(
+                    "--prompt-len {} + --gen-len {} exceed the model's {} positions",
+                    args.prompt_len, args.gen_len, config.max_position_embeddings
+                ))
+            },
+        )?;
+    let batches = policy.num_gpu_batches;
+    let batch = policy.gpu_batch_size;
+    super::bench::check_block(batch, batches).map_err(Error::Opt)?;
+    engine_llama::device::check_window_config(&config, &[vec![0; args.prompt_len]], args.gen_len)?;
+    let _ = positions;
+    let gpu = ops::gpu::Gpu::new(0).map_err(engine_llama::Error::from)?;
+    let device = gpu.device().info().to_string();
+    gpu.set_budget(args.gpu_mem);
+    let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
+    let run_tiers = runtime::Tiers::default();
+    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let tiers = if split.streams() {
+        Some(OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?)
+    } else {
+        None
+    };
+    let t = std::time::Instant::now();
+    let model = AnyLlamaGpu::new(gpu, config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
+    let vocab = config.vocab_size as u32;
+    let block: Vec<Vec<Vec<u32>>> = (0..batches)
+        .map(|_| (0..batch).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect()).collect())
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: args.gen_len,
+        stop_on_eos: false,
+        eos_token_ids: Vec::new(),
+        pad_token_id: 0,
+    };
+    let hidden = indicatif::ProgressBar::hidden();
+    // Warm-up: kernels compiled, products planned, the streamer's slots
+    // touched; two tokens are enough.
+    let warm = GenerateOptions { max_new_tokens: args.gen_len.min(2), ..opts.clone() };
+    model.generate(&block, &warm, None, &hidden)?;
+    let out = model.generate(&block, &opts, None, &hidden)?;
+    let prompts = batch * batches;
+    let (prefill, decode) = (out.prefill_time.as_secs_f64(), out.decode_time.as_secs_f64());
+    let n = prompts as f64;
+    let streamed = model.offload().map_or(0, |s| s.bytes_streamed());
+    let mut peaks = runtime::TierPeaks { gpu: model.gpu().held_bytes().1, ..Default::default() };
+    if let Some(s) = model.offload() {
+        if let Some(h) = &s.tiers().host {
+            let bytes = tier_api::Device::account(&**h).stats().peak_resident;
+            if h.mem_kind().is_page_locked() {
+                peaks.pinned += bytes;
+            } else {
+                peaks.pageable += bytes;
+            }
+        }
+        if let Some(d) = &s.tiers().disk {
+            peaks.disk += tier_api::Device::account(&**d).stats().peak_resident;
+        }
+    }
+    let report = LlamaBenchReport {
+        model: args.model.clone(),
+        engine: "gpu",
+        dtype: if compute_dtype(&config) == tier_api::DType::F16 { "f16" } else { "bf16" },
+        device,
+        prompts,
+        gpu_batch_size: batch,
+        num_gpu_batches: batches,
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+        percent: [
+            policy.w_gpu_percent,
+            policy.w_cpu_percent,
+            policy.cache_gpu_percent,
+            policy.cache_cpu_percent,
+            policy.act_gpu_percent,
+            policy.act_cpu_percent,
+        ],
+        load_s,
+        prefill_s: prefill,
+        decode_s: decode,
+        total_s: prefill + decode,
+        prefill_tokens_per_s: n * args.prompt_len as f64 / prefill,
+        decode_tokens_per_s: (args.gen_len > 1).then(|| n * (args.gen_len - 1) as f64 / decode),
+        total_tokens_per_s: n * args.gen_len as f64 / (prefill + decode),
+        gpu_weight_bytes: model.weight_bytes(),
+        streamed_weight_bytes: streamed,
+        kv_cache_bytes: out.cache_bytes,
+        peak_per_tier: peaks,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| unsupported(format!("the report as JSON: {e}")))?);
+    } else {
+        println!(
+            "{} ({}, {}) on {}: {} prompts of {} tokens, {} new; load {:.1} s\n  prefill {:.1} tok/s, decode {}, \
+             total {:.1} tok/s",
+            report.model,
+            report.dtype,
+            report.engine,
+            report.device,
+            report.prompts,
+            report.prompt_len,
+            report.gen_len,
+            report.load_s,
+            report.prefill_tokens_per_s,
+            report.decode_tokens_per_s.map_or("-".into(), |d| format!("{d:.1} tok/s")),
+            report.total_tokens_per_s
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,804 @@
+//! The family on one GPU, computing in the checkpoint's 16-bit type (`T`:
+//! bf16 or f16) with f32 accumulation and an f32 residual stream, over the
+//! op layer's GPU products and kernels (`ops::gpu`).
+//!
+//! The decoder layers' weights are the runtime's [`GpuLayer`]s, read from
+//! the layer spec: the first `split.gpu_end` resident, the others streamed
+//! from host memory or disk through GPU slots by the runtime's
+//! [`WeightStreamer`]. Each batch's KV cache is on the GPU in `T`,
+//! `[batch][kv_head][position][head_dim]` per layer; the hidden states stay
+//! on the GPU. [`LlamaGpuCompute`] is the GPU as the runtime's
+//! [`ComputeDevice`], driven by its block schedule.
+//!
+//! A layer, as Hugging Face computes it: RMSNorm, the q/k/v products (Qwen2:
+//! with biases), Qwen3's per-head q/k RMSNorm, the rotary embedding of q and
+//! k at each row's position (counted from the sequence's first real token),
+//! the keys and values into the cache, grouped-query attention over the
+//! cache (a kernel for one new token; batched products and a causal masked
+//! softmax for a prompt), the output product added to the residual; then
+//! RMSNorm, SiLU(gate)·up and the down product added to the residual.
+
+use std::any::Any;
+
+use half::{bf16, f16};
+use indicatif::ProgressBar;
+use ops::gpu::blas::{HalfOut, Operand};
+use ops::gpu::buffer::{DevBuf, Half};
+use ops::gpu::llm::attn_decode_fits;
+use ops::gpu::Gpu;
+use runtime::gpu::layer::{GpuLayer, Init};
+use runtime::gpu::stream::{LayerSplit, OffloadTiers, WeightStreamer};
+use runtime::sampling::Sampler;
+use runtime::schedule::{BatchTokens, ComputeDevice, GenerateOptions, GenerationOutput};
+use runtime::spec::{ModelSpec, TensorSpec};
+use tier_api::DType;
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use checkpoint::Checkpoint;
+
+/// Bytes the prefill's attention scores may take at once (batches are
+/// chunked to stay under it).
+const SCORE_BUDGET: usize = 1 << 30;
+
+fn gpu_err(message: String) -> Error {
+    Error::Op(ops::Error::Gpu(message))
+}
+
+/// The value rule of seeded (`--dummy`) tensors: matrices uniform in
+/// ±1/√(columns) (as the CPU's dummy model), norm weights 1, biases small.
+pub fn dummy_init(t: &TensorSpec) -> Init {
+    match t.shape[..] {
+        [_, k] => Init::Uniform(1.0 / (k.max(1) as f32).sqrt()),
+        _ if t.name.contains("norm") => Init::Constant(1.0),
+        _ => Init::Uniform(0.02),
+    }
+}
+
+/// A checkpoint tensor's values as `T`.
+fn values<T: Half>(ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<Vec<T>> {
+    let any: Box<dyn Any> = match T::DTYPE {
+        DType::BF16 => Box::new(ck.to_bf16(name, shape)?),
+        _ => Box::new(ck.to_f16(name, shape)?),
+    };
+    any.downcast::<Vec<T>>().map(|b| *b).map_err(|_| gpu_err(format!("{name}: no conversion to {}", T::SUFFIX)))
+}
+
+/// Layer `i` on the GPU: from the checkpoint, or seeded.
+fn make_layer<T: Half>(gpu: &Gpu, spec: &ModelSpec, i: usize, ck: Option<&Checkpoint>, seed: u64) -> Result<GpuLayer> {
+    runtime::interrupt::check()?;
+    let Some(ck) = ck else {
+        return Ok(GpuLayer::dummy(gpu, spec, i, seed, dummy_init)?);
+    };
+    let layer = match T::DTYPE {
+        DType::BF16 => GpuLayer::load_bf16(gpu, spec, i, &mut |name, shape| {
+            ck.to_bf16(name, shape).map_err(|e| runtime::Error::Op(ops::Error::Gpu(format!("loading {name}: {e}"))))
+        })?,
+        _ => GpuLayer::load(gpu, spec, i, &mut |name, shape| {
+            ck.to_f16(name, shape).map_err(|e| runtime::Error::Op(ops::Error::Gpu(format!("loading {name}: {e}"))))
+        })?,
+    };
+    Ok(layer)
+}
+
+/// A whole tensor outside the layers, on the GPU.
+fn outside<T: Half>(gpu: &Gpu, t: &TensorSpec, ck: Option<&Checkpoint>, seed: u64) -> Result<DevBuf<T>> {
+    let n = t
+        .elements()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| gpu_err(format!("{}: shape {:?} overflows", t.name, t.shape)))?;
+    match ck {
+        Some(ck) => Ok(DevBuf::from_host(gpu, &values::<T>(ck, &t.name, &t.shape)?)?),
+        None => {
+            let buf = DevBuf::alloc(gpu, n)?;
+            let llm = gpu.llm()?;
+            match dummy_init(t) {
+                Init::Constant(v) => llm.fill(gpu, &buf, v)?,
+                Init::Uniform(s) => llm.fill_uniform(gpu, &buf, runtime::gpu::layer::name_seed(seed, &t.name), s)?,
+            }
+            Ok(buf)
+        }
+    }
+}
+
+/// A Llama-family model on one GPU (see the module's documentation).
+pub struct LlamaGpu<T: Half> {
+    config: LlamaConfig,
+    spec: ModelSpec,
+    embed: DevBuf<T>,
+    norm: DevBuf<T>,
+    /// `None`: tied to the embeddings.
+    lm_head: Option<DevBuf<T>>,
+    /// The rotary embedding's frequencies, `head_dim / 2` of them.
+    inv_freq: DevBuf<f32>,
+    /// Layers `0..layers.len()`, resident.
+    layers: Vec<GpuLayer>,
+    /// The other layers, off the GPU.
+    offload: Option<WeightStreamer>,
+    /// Last, so that the buffers above go before its stream and handles.
+    gpu: Gpu,
+}
+
+impl<T: Half> std::fmt::Debug for LlamaGpu<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaGpu")
+            .field("dtype", &T::SUFFIX)
+            .field("resident", &self.layers.len())
+            .field("layers", &self.config.num_hidden_layers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the GPU engine does not do yet, said before anything is allocated.
+pub fn check_supported(config: &LlamaConfig) -> Result<()> {
+    let mut missing = Vec::new();
+    if config.o_bias {
+        missing.push("an o_proj bias (attention_bias on the output projection)");
+    }
+    if config.mlp_bias {
+        missing.push("MLP biases (mlp_bias)");
+    }
+    if !missing.is_empty() {
+        return Err(gpu_err(format!(
+            "the GPU engine does not compute {} yet; run this model on the CPU engine (--percent 0 100 0 100 0 100)",
+            missing.join(" or ")
+        )));
+    }
+    Ok(())
+}
+
+impl<T: Half> LlamaGpu<T> {
+    /// The model on `gpu`: weights from `ck` (checked against the spec
+    /// beforehand) or seeded (`ck` `None`); layers `split.gpu_end..` made on
+    /// the GPU one at a time and parked on `tiers`.
+    pub fn new(
+        gpu: Gpu,
+        mut config: LlamaConfig,
+        split: LayerSplit,
+        tiers: Option<OffloadTiers>,
+        ck: Option<&Checkpoint>,
+        seed: u64,
+    ) -> Result<Self> {
+        check_supported(&config)?;
+        config.dtype = Some(match T::DTYPE {
+            DType::BF16 => ops::DType::BF16,
+            _ => ops::DType::F16,
+        });
+        if split.layers != config.num_hidden_layers || split.gpu_end > split.layers {
+            return Err(gpu_err(format!("a layer split {split:?} for {} layers", config.num_hidden_layers)));
+        }
+        let spec = crate::spec::model_spec(&config)?;
+        let rope = ops::Rope::new(config.rope_theta, config.head_dim, config.rope_scaling)?;
+        let inv_freq = DevBuf::from_host(&gpu, rope.inv_freq())?;
+        let find = |name: &str| spec.outside.iter().find(|t| t.name == name);
+        let need = |name: &str| find(name).ok_or_else(|| gpu_err(format!("the spec has no {name}")));
+        let embed = outside::<T>(&gpu, need("model.embed_tokens.weight")?, ck, seed)?;
+        let norm = outside::<T>(&gpu, need("model.norm.weight")?, ck, seed)?;
+        let lm_head = find("lm_head.weight").map(|t| outside::<T>(&gpu, t, ck, seed)).transpose()?;
+        let layers =
+            (0..split.gpu_end).map(|i| make_layer::<T>(&gpu, &spec, i, ck, seed)).collect::<Result<Vec<_>>>()?;
+        let offload = if split.streams() {
+            let tiers = tiers.ok_or_else(|| gpu_err("layers off the GPU, but no tiers for them".into()))?;
+            let mut streamer = WeightStreamer::new(&gpu, (&spec, dummy_init), split, tiers, None)?;
+            let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
+            streamer.allocate_homes(threads)?;
+            for i in split.gpu_end..split.layers {
+                let layer = make_layer::<T>(&gpu, &spec, i, ck, seed)?;
+                streamer.park(&gpu, i, layer)?;
+            }
+            Some(streamer)
+        } else {
+            None
+        };
+        gpu.synchronize()?;
+        Ok(LlamaGpu { config, spec, embed, norm, lm_head, inv_freq, layers, offload, gpu })
+    }
+
+    /// The configuration (its dtype the one computed in).
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The layer spec the weights were placed by.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The weight streamer, when layers live off the GPU.
+    pub fn offload(&self) -> Option<&WeightStreamer> {
+        self.offload.as_ref()
+    }
+
+    /// Bytes of weights resident on the GPU (the streaming slots apart).
+    pub fn weight_bytes(&self) -> u64 {
+        let outside = self.embed.bytes() + self.norm.bytes() + self.lm_head.as_ref().map_or(0, DevBuf::bytes);
+        outside + self.layers.iter().map(GpuLayer::bytes).sum::<u64>()
+    }
+
+    fn weights(&self, j: usize) -> Result<&GpuLayer> {
+        if let Some(w) = self.layers.get(j) {
+            return Ok(w);
+        }
+        match &self.offload {
+            Some(s) if j < self.config.num_hidden_layers => Ok(s.weights(j)?),
+            _ => Err(gpu_err(format!("layer {j} does not exist"))),
+        }
+    }
+
+    fn tensor<'a>(&self, w: &'a GpuLayer, name: &str) -> Result<&'a DevBuf<T>> {
+        w.half::<T>(name)?.ok_or_else(|| gpu_err(format!("layer tensor {name} is missing")))
+    }
+
+    fn optional<'a>(&self, w: &'a GpuLayer, name: &str) -> Result<Option<&'a DevBuf<T>>> {
+        Ok(w.half::<T>(name)?)
+    }
+
+    /// The step's token embeddings into `b.hidden`, its positions and mask
+    /// into the workspace and the batch's key mask.
+    fn embed(&self, tokens: &BatchTokens, b: &mut GpuBatch<T>, ws: &Workspace<T>) -> Result<()> {
+        let (rows, h, vocab) = (tokens.rows(), self.config.hidden_size, self.config.vocab_size);
+        ws.fits(rows, tokens.batch())?;
+        if let Some(&bad) = tokens.tokens().iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Generate(format!("token {bad} is outside the vocabulary of {vocab}")));
+        }
+        let past = b.len;
+        let end = past.checked_add(tokens.new_len()).filter(|&e| e <= b.capacity).ok_or_else(|| {
+            gpu_err(format!("{past} + {} positions exceed the cache's {}", tokens.new_len(), b.capacity))
+        })?;
+        let positions: Vec<i32> = tokens
+            .positions()
+            .iter()
+            .map(|p| i32::try_from(p.unwrap_or(0)).map_err(|_| gpu_err("a position past 2^31".into())))
+            .collect::<Result<_>>()?;
+        let stream = self.gpu.stream();
+        ws.tokens.upload(stream, 0, tokens.tokens())?;
+        ws.step_mask.upload(stream, 0, tokens.mask())?;
+        ws.positions.upload(stream, 0, &positions)?;
+        let llm = self.gpu.llm()?;
+        llm.embed_rows(&self.gpu, &ws.tokens, rows, &self.embed, (vocab, h), &b.hidden)?;
+        llm.write_mask(&self.gpu, &ws.step_mask, (tokens.batch(), tokens.new_len()), &b.mask, b.capacity, past)?;
+        b.len = end;
+        Ok(())
+    }
+
+    /// Layer `j` of one batch's step, in place on its hidden states and
+    /// cache.
+    fn layer(&self, j: usize, tokens: &BatchTokens, b: &mut GpuBatch<T>, ws: &mut Workspace<T>) -> Result<()> {
+        let c = &self.config;
+        let (batch, s) = (tokens.batch(), tokens.new_len());
+        let rows = tokens.rows();
+        ws.fits(rows, batch)?;
+        let (h, heads, kv_heads, d, inter) =
+            (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+        let (q_w, kv_w) = (heads * d, kv_heads * d);
+        let eps = c.rms_norm_eps;
+        let gpu = &self.gpu;
+        let llm = gpu.llm()?;
+        let w = self.weights(j)?;
+        let cache = b.caches.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
+        let past = cache.len;
+        if past + s != b.len {
+            return Err(gpu_err(format!(
+                "layer {j}: the cache holds {past} positions, the step adds {s}, the batch is at {}",
+                b.len
+            )));
+        }
+
+        // Attention block.
+        llm.rms_norm_f32(gpu, &b.hidden, (0, h), rows, h, self.tensor(w, "input_layernorm.weight")?, eps, &ws.x)?;
+        for (name, out, n) in
+            [("self_attn.q_proj", &ws.q, q_w), ("self_attn.k_proj", &ws.k, kv_w), ("self_attn.v_proj", &ws.v, kv_w)]
+        {
+            let weight = self.tensor(w, &format!("{name}.weight"))?;
+            let bias = self.optional(w, &format!("{name}.bias"))?;
+            gpu.blas.linear_half(gpu, &ws.x, rows, weight, (n, h), HalfOut::Half { out, bias }, false)?;
+        }
+        if let (Some(qn), Some(kn)) =
+            (self.optional(w, "self_attn.q_norm.weight")?, self.optional(w, "self_attn.k_norm.weight")?)
+        {
+            llm.rms_norm_inplace(gpu, &ws.q, rows * heads, d, qn, eps)?;
+            llm.rms_norm_inplace(gpu, &ws.k, rows * kv_heads, d, kn, eps)?;
+        }
+        llm.rope(gpu, &ws.q, rows, heads, d, &ws.positions, &self.inv_freq)?;
+        llm.rope(gpu, &ws.k, rows, kv_heads, d, &ws.positions, &self.inv_freq)?;
+        llm.store_kv(gpu, &ws.k, &ws.v, (batch, s, kv_heads, d), past, b.capacity, &cache.keys, &cache.values)?;
+        cache.len = past + s;
+        let total = cache.len;
+        self.attention(cache, &b.mask, (batch, s, past, total, b.capacity), ws)?;
+        let o = self.tensor(w, "self_attn.o_proj.weight")?;
+        gpu.blas.linear_half(gpu, &ws.attn, rows, o, (h, q_w), HalfOut::F32 { out: &b.hidden }, true)?;
+
+        // MLP block.
+        if let Some(st) = &self.offload {
+            st.begin_mlp(j)?;
+        }
+        let w = self.weights(j)?;
+        let post = self.tensor(w, "post_attention_layernorm.weight")?;
+        llm.rms_norm_f32(gpu, &b.hidden, (0, h), rows, h, post, eps, &ws.x)?;
+        let gate = self.tensor(w, "mlp.gate_proj.weight")?;
+        let up = self.tensor(w, "mlp.up_proj.weight")?;
+        let down = self.tensor(w, "mlp.down_proj.weight")?;
+        gpu.blas.linear_half(gpu, &ws.x, rows, gate, (inter, h), HalfOut::Half { out: &ws.gate, bias: None }, false)?;
+        gpu.blas.linear_half(gpu, &ws.x, rows, up, (inter, h), HalfOut::Half { out: &ws.up, bias: None }, false)?;
+        llm.silu_mul(gpu, &ws.gate, &ws.up, rows * inter)?;
+        gpu.blas.linear_half(gpu, &ws.gate, rows, down, (h, inter), HalfOut::F32 { out: &b.hidden }, true)?;
+        Ok(())
+    }
+
+    /// Attention of the step's queries (`ws.q`, rotated) over the layer's
+    /// cache (this step's keys included) into `ws.attn`.
+    fn attention(
+        &self,
+        cache: &LayerCache<T>,
+        mask: &DevBuf<u8>,
+        (batch, s, past, total, cap): (usize, usize, usize, usize, usize),
+        ws: &mut Workspace<T>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let scale = (d as f32).powf(-0.5);
+        let gpu = &self.gpu;
+        let llm = gpu.llm()?;
+        if s == 1 && attn_decode_fits(d, total) {
+            return Ok(llm.attn_decode(
+                gpu,
+                &ws.q,
+                (&cache.keys, &cache.values),
+                (mask, cap),
+                (batch, heads, kv_heads, d, cap, total),
+                scale,
+                &ws.attn,
+            )?);
+        }
+        // A prompt (or a long decode): the queries by head, `[b][kv_head]
+        // [group · s][d]` (a group's query heads are consecutive), so that
+        // one batched product per (sequence, kv head) takes its whole
+        // group: scores = Q·Kᵀ (f32 accumulation, stored in T as
+        // transformers does), the causal masked softmax in f32, P·V.
+        let group = heads / kv_heads;
+        let per_seq = heads * s * total;
+        let chunk = (SCORE_BUDGET / (2 * per_seq.max(1))).clamp(1, batch.max(1));
+        ws.ensure_scores(gpu, chunk * per_seq)?;
+        let ws = &*ws;
+        let scores = ws.scores.as_ref().ok_or_else(|| gpu_err("the GPU score buffer is missing".into()))?;
+        llm.transpose_heads(gpu, &ws.q, &ws.qh, (batch, s, heads, d), true)?;
+        let head_block = cap * d;
+        let rows_g = group * s;
+        for b0 in (0..batch).step_by(chunk) {
+            let nb = chunk.min(batch - b0);
+            let n = nb * kv_heads;
+            let keys = Operand::new(&cache.keys, b0 * kv_heads * head_block, d, head_block);
+            let queries = Operand::new(&ws.qh, b0 * heads * s * d, d, rows_g * d);
+            let out = Operand::new(scores, 0, total, rows_g * total);
+            gpu.blas.gemm_batched_half((true, false), (total, rows_g, d), scale, keys, queries, 0.0, out, n)?;
+            llm.softmax_causal(gpu, scores, (nb, heads, s, total), past, (mask, cap), b0)?;
+            let values = Operand::new(&cache.values, b0 * kv_heads * head_block, d, head_block);
+            let probs = Operand::new(scores, 0, total, rows_g * total);
+            let out = Operand::new(&ws.qh, b0 * heads * s * d, d, rows_g * d);
+            gpu.blas.gemm_batched_half((false, false), (d, rows_g, total), 1.0, values, probs, 0.0, out, n)?;
+        }
+        Ok(llm.transpose_heads(gpu, &ws.qh, &ws.attn, (batch, s, heads, d), false)?)
+    }
+
+    /// The logits of each sequence's last position into `ws.logits`.
+    fn logits(&self, tokens: &BatchTokens, b: &GpuBatch<T>, ws: &Workspace<T>) -> Result<()> {
+        let c = &self.config;
+        let (batch, s, h, v) = (tokens.batch(), tokens.new_len(), c.hidden_size, c.vocab_size);
+        ws.fits(tokens.rows(), batch)?;
+        let gpu = &self.gpu;
+        let at = (s.saturating_sub(1) * h, s * h);
+        gpu.llm()?.rms_norm_f32(gpu, &b.hidden, at, batch, h, &self.norm, c.rms_norm_eps, &ws.last)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(gpu.blas.linear_half(gpu, &ws.last, batch, head, (v, h), HalfOut::F32 { out: &ws.logits }, false)?)
+    }
+}
+
+/// One layer's keys and values for a batch, `[batch][kv_head][cap][d]`.
+struct LayerCache<T: Half> {
+    keys: DevBuf<T>,
+    values: DevBuf<T>,
+    len: usize,
+}
+
+/// One batch on the GPU: its hidden states (f32, the residual stream), its
+/// cache per layer and its key mask (`[batch][cap]`, 1 for real tokens).
+pub struct GpuBatch<T: Half> {
+    hidden: DevBuf<f32>,
+    caches: Vec<LayerCache<T>>,
+    mask: DevBuf<u8>,
+    capacity: usize,
+    /// Positions held (every layer's after the step's layers).
+    len: usize,
+}
+
+impl<T: Half> GpuBatch<T> {
+    fn new(model: &LlamaGpu<T>, tokens: &BatchTokens, capacity: usize) -> Result<Self> {
+        let c = &model.config;
+        let gpu = &model.gpu;
+        let size = |what: &str, parts: &[usize]| {
+            parts
+                .iter()
+                .try_fold(1usize, |n, &p| n.checked_mul(p))
+                .ok_or_else(|| gpu_err(format!("{what} of {parts:?} overflows")))
+        };
+        let per_layer = size("a layer's cache", &[tokens.batch(), c.num_key_value_heads, capacity, c.head_dim])?;
+        let caches = (0..c.num_hidden_layers)
+            .map(|_| {
+                Ok(LayerCache { keys: DevBuf::alloc(gpu, per_layer)?, values: DevBuf::alloc(gpu, per_layer)?, len: 0 })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mask = DevBuf::from_host(gpu, &vec![0u8; size("the key mask", &[tokens.batch(), capacity])?])?;
+        Ok(GpuBatch {
+            hidden: DevBuf::alloc(gpu, size("the hidden states", &[tokens.rows().max(1), c.hidden_size])?)?,
+            caches,
+            mask,
+            capacity,
+            len: 0,
+        })
+    }
+
+    fn cache_bytes(&self) -> u64 {
+        self.caches.iter().map(|c| c.keys.bytes() + c.values.bytes()).sum::<u64>() + self.mask.bytes()
+    }
+}
+
+/// Scratch space shared by a block's batches, sized for the largest step.
+struct Workspace<T: Half> {
+    rows: usize,
+    batch: usize,
+    tokens: DevBuf<u32>,
+    step_mask: DevBuf<u8>,
+    positions: DevBuf<i32>,
+    x: DevBuf<T>,
+    q: DevBuf<T>,
+    k: DevBuf<T>,
+    v: DevBuf<T>,
+    qh: DevBuf<T>,
+    attn: DevBuf<T>,
+    gate: DevBuf<T>,
+    up: DevBuf<T>,
+    last: DevBuf<T>,
+    logits: DevBuf<f32>,
+    picked: DevBuf<u32>,
+    scores: Option<DevBuf<T>>,
+}
+
+impl<T: Half> Workspace<T> {
+    fn new(gpu: &Gpu, c: &LlamaConfig, rows: usize, batch: usize) -> Result<Self> {
+        let n = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| gpu_err(format!("a workspace of {a} x {b}")));
+        let (q_w, kv_w) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        Ok(Workspace {
+            rows,
+            batch,
+            tokens: DevBuf::alloc(gpu, rows)?,
+            step_mask: DevBuf::alloc(gpu, rows)?,
+            positions: DevBuf::alloc(gpu, rows)?,
+            x: DevBuf::alloc(gpu, n(rows, c.hidden_size)?)?,
+            q: DevBuf::alloc(gpu, n(rows, q_w)?)?,
+            k: DevBuf::alloc(gpu, n(rows, kv_w)?)?,
+            v: DevBuf::alloc(gpu, n(rows, kv_w)?)?,
+            qh: DevBuf::alloc(gpu, n(rows, q_w)?)?,
+            attn: DevBuf::alloc(gpu, n(rows, q_w)?)?,
+            gate: DevBuf::alloc(gpu, n(rows, c.intermediate_size)?)?,
+            up: DevBuf::alloc(gpu, n(rows, c.intermediate_size)?)?,
+            last: DevBuf::alloc(gpu, n(batch, c.hidden_size)?)?,
+            logits: DevBuf::alloc(gpu, n(batch, c.vocab_size)?)?,
+            picked: DevBuf::alloc(gpu, batch)?,
+            scores: None,
+        })
+    }
+
+    fn fits(&self, rows: usize, batch: usize) -> Result<()> {
+        if rows > self.rows || batch > self.batch {
+            return Err(gpu_err(format!(
+                "a step of {rows} rows of {batch} sequences; the workspace holds {} of {}",
+                self.rows, self.batch
+            )));
+        }
+        Ok(())
+    }
+
+    fn ensure_scores(&mut self, gpu: &Gpu, len: usize) -> Result<()> {
+        if self.scores.as_ref().is_none_or(|s| s.len() < len) {
+            self.scores = None;
+            self.scores = Some(DevBuf::alloc(gpu, len)?);
+        }
+        Ok(())
+    }
+
+    fn bytes(&self) -> u64 {
+        let halves = [&self.x, &self.q, &self.k, &self.v, &self.qh, &self.attn, &self.gate, &self.up, &self.last];
+        halves.iter().map(|b| b.bytes()).sum::<u64>()
+            + self.tokens.bytes()
+            + self.step_mask.bytes()
+            + self.positions.bytes()
+            + self.logits.bytes()
+            + self.picked.bytes()
+            + self.scores.as_ref().map_or(0, DevBuf::bytes)
+    }
+}
+
+/// The GPU as the runtime's [`ComputeDevice`] for `model`.
+pub struct LlamaGpuCompute<'a, T: Half> {
+    model: &'a LlamaGpu<T>,
+    ws: Option<Workspace<T>>,
+}
+
+impl<'a, T: Half> LlamaGpuCompute<'a, T> {
+    pub fn new(model: &'a LlamaGpu<T>) -> Self {
+        LlamaGpuCompute { model, ws: None }
+    }
+
+    fn ws(&mut self) -> Result<&mut Workspace<T>> {
+        self.ws.as_mut().ok_or_else(|| gpu_err("the GPU workspace was not prepared".into()))
+    }
+}
+
+impl<T: Half> Drop for LlamaGpuCompute<'_, T> {
+    fn drop(&mut self) {
+        // Work still on the stream may read the workspace: let it finish.
+        let _ = self.model.gpu.synchronize();
+    }
+}
+
+impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
+    type Batch = GpuBatch<T>;
+    type Error = Error;
+
+    fn num_layers(&self) -> usize {
+        self.model.config.num_hidden_layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<GpuBatch<T>> {
+        GpuBatch::new(self.model, tokens, capacity)
+    }
+
+    fn prepare(&mut self, batches: &[(BatchTokens, GpuBatch<T>)]) -> Result<()> {
+        let rows = batches.iter().map(|(t, _)| t.rows()).max().unwrap_or(0).max(1);
+        let batch = batches.iter().map(|(t, _)| t.batch()).max().unwrap_or(0).max(1);
+        self.ws = None;
+        self.ws = Some(Workspace::new(&self.model.gpu, &self.model.config, rows, batch)?);
+        Ok(self.model.gpu.synchronize()?)
+    }
+
+    fn embed(&mut self, tokens: &BatchTokens, b: &mut GpuBatch<T>) -> Result<()> {
+        let model = self.model;
+        let ws = self.ws()?;
+        model.embed(tokens, b, ws)
+    }
+
+    fn begin_layer(&mut self, j: usize) -> Result<()> {
+        if let Some(s) = &self.model.offload {
+            s.begin_layer(j)?;
+        }
+        Ok(())
+    }
+
+    fn layer(&mut self, j: usize, tokens: &BatchTokens, b: &mut GpuBatch<T>) -> Result<()> {
+        let model = self.model;
+        let ws = self.ws()?;
+        model.layer(j, tokens, b, ws)
+    }
+
+    fn end_layer(&mut self, j: usize) -> Result<()> {
+        match &self.model.offload {
+            Some(s) => Ok(s.end_layer(&self.model.gpu, j)?),
+            None => Ok(()),
+        }
+    }
+
+    fn pick(&mut self, tokens: &BatchTokens, b: &mut GpuBatch<T>, sampler: Option<&mut Sampler>) -> Result<Vec<u32>> {
+        let model = self.model;
+        let (batch, vocab) = (tokens.batch(), model.config.vocab_size);
+        let ws = self.ws()?;
+        model.logits(tokens, b, ws)?;
+        let gpu = &model.gpu;
+        let first = tokens.generated.iter().all(Vec::is_empty);
+        match sampler {
+            None => {
+                if first {
+                    check_logits(&ws.logits.download_range(gpu.stream(), 0, batch * vocab)?)?;
+                }
+                gpu.kernels.argmax_rows(gpu, &ws.logits, batch, vocab, &ws.picked)?;
+                Ok(ws.picked.download_range(gpu.stream(), 0, batch)?)
+            }
+            Some(sampler) => {
+                let logits = ws.logits.download_range(gpu.stream(), 0, batch * vocab)?;
+                check_logits(&logits)?;
+                Ok(logits.chunks(vocab).map(|row| sampler.sample(row)).collect())
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(self.model.gpu.synchronize()?)
+    }
+
+    fn cache_bytes(&self, b: &GpuBatch<T>) -> u64 {
+        b.cache_bytes()
+    }
+
+    fn activation_bytes(&self, batches: &[&GpuBatch<T>]) -> u64 {
+        batches.iter().map(|b| b.hidden.bytes()).sum::<u64>() + self.ws.as_ref().map_or(0, Workspace::bytes)
+    }
+}
+
+/// Non-finite logits mean the weights or the activations left the compute
+/// type's range: said, not turned into tokens.
+fn check_logits(logits: &[f32]) -> Result<()> {
+    match logits.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Generate(format!(
+            "the first step's logits hold {} at index {i}: the weights or the activations are out of the GPU \
+             compute type's range (a checkpoint with NaN or very large values?)",
+            logits[i]
+        ))),
+    }
+}
+
+/// Generates for `batches` (each a batch of prompts, unpadded) on the GPU
+/// with the runtime's schedule: greedy without a sampler.
+pub fn generate<T: Half>(
+    model: &LlamaGpu<T>,
+    batches: &[Vec<Vec<u32>>],
+    options: &GenerateOptions,
+    sampler: Option<&mut Sampler>,
+    progress: &ProgressBar,
+) -> Result<GenerationOutput> {
+    crate::device::check_block_config(&model.config, batches, options)?;
+    let mut device = LlamaGpuCompute::new(model);
+    runtime::schedule::generate(&mut device, batches, options, sampler, progress)
+}
+
+/// The last position's logits of each prompt (left padded into one batch),
+/// `[batch, vocab]`, from one prefill on the GPU.
+pub fn prefill_logits<T: Half>(model: &LlamaGpu<T>, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+    let c = &model.config;
+    runtime::schedule::validate_prompts(c.vocab_size, c.max_position_embeddings, prompts, 0, 0)?;
+    let tokens = BatchTokens::new(prompts, 0);
+    let mut device = LlamaGpuCompute::new(model);
+    let mut b = device.new_batch(&tokens, tokens.new_len())?;
+    device.ws = Some(Workspace::new(&model.gpu, c, tokens.rows().max(1), tokens.batch().max(1))?);
+    device.embed(&tokens, &mut b)?;
+    for j in 0..c.num_hidden_layers {
+        device.begin_layer(j)?;
+        device.layer(j, &tokens, &mut b)?;
+        device.end_layer(j)?;
+    }
+    let ws = device.ws()?;
+    model.logits(&tokens, &b, ws)?;
+    Ok(ws.logits.download_range(model.gpu.stream(), 0, tokens.batch() * c.vocab_size)?)
+}
+
+/// The 16-bit type a checkpoint of `config` computes in on the GPU: its
+/// own (bf16 or f16); f32 checkpoints run in bf16.
+pub fn compute_dtype(config: &LlamaConfig) -> DType {
+    match config.weight_dtype() {
+        ops::DType::F16 => DType::F16,
+        _ => DType::BF16,
+    }
+}
+
+/// A model of either compute type, for callers that pick at run time.
+pub enum AnyLlamaGpu {
+    Bf16(LlamaGpu<bf16>),
+    F16(LlamaGpu<f16>),
+}
+
+impl AnyLlamaGpu {
+    /// [`LlamaGpu::new`] in the config's compute type ([`compute_dtype`]).
+    pub fn new(
+        gpu: Gpu,
+        config: LlamaConfig,
+        split: LayerSplit,
+        tiers: Option<OffloadTiers>,
+        ck: Option<&Checkpoint>,
+        seed: u64,
+    ) -> Result<Self> {
+        Ok(match compute_dtype(&config) {
+            DType::F16 => AnyLlamaGpu::F16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
+            _ => AnyLlamaGpu::Bf16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
+        })
+    }
+
+    /// [`generate`].
+    pub fn generate(
+        &self,
+        batches: &[Vec<Vec<u32>>],
+        options: &GenerateOptions,
+        sampler: Option<&mut Sampler>,
+        progress: &ProgressBar,
+    ) -> Result<GenerationOutput> {
+        match self {
+            AnyLlamaGpu::Bf16(m) => generate(m, batches, options, sampler, progress),
+            AnyLlamaGpu::F16(m) => generate(m, batches, options, sampler, progress),
+        }
+    }
+
+    /// [`prefill_logits`].
+    pub fn prefill_logits(&self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+        match self {
+            AnyLlamaGpu::Bf16(m) => prefill_logits(m, prompts),
+            AnyLlamaGpu::F16(m) => prefill_logits(m, prompts),
+        }
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &Gpu {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.gpu(),
+            AnyLlamaGpu::F16(m) => m.gpu(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.config(),
+            AnyLlamaGpu::F16(m) => m.config(),
+        }
+    }
+
+    /// The weight streamer, when layers live off the GPU.
+    pub fn offload(&self) -> Option<&WeightStreamer> {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.offload(),
+            AnyLlamaGpu::F16(m) => m.offload(),
+        }
+    }
+
+    /// Bytes of weights resident on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.weight_bytes(),
+            AnyLlamaGpu::F16(m) => m.weight_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_values_follow_the_cpu_dummy_s_scales() {
+        let c = LlamaConfig::preset("qwen2.5-7b").unwrap();
+        let spec = crate::spec::model_spec(&c).unwrap();
+        let rule = |name: &str| dummy_init(spec.layer_tensor(name).unwrap());
+        assert_eq!(rule("input_layernorm.weight"), Init::Constant(1.0));
+        assert_eq!(rule("self_attn.q_proj.bias"), Init::Uniform(0.02));
+        assert_eq!(rule("mlp.down_proj.weight"), Init::Uniform(1.0 / (c.intermediate_size as f32).sqrt()));
+    }
+
+    #[test]
+    fn the_compute_type_is_the_checkpoint_s_16_bit_one() {
+        let mut c = LlamaConfig::preset("llama-3.1-8b").unwrap();
+        assert_eq!(compute_dtype(&c), DType::BF16);
+        c.dtype = Some(ops::DType::F16);
+        assert_eq!(compute_dtype(&c), DType::F16);
+        c.dtype = Some(ops::DType::F32);
+        assert_eq!(compute_dtype(&c), DType::BF16);
+    }
+
+    #[test]
+    fn biases_the_gpu_engine_lacks_are_refused_by_name() {
+        let mut c = LlamaConfig::preset("llama-3.1-8b").unwrap();
+        assert!(check_supported(&c).is_ok());
+        c.mlp_bias = true;
+        let e = check_supported(&c).unwrap_err().to_string();
+        assert!(e.contains("mlp_bias") && e.contains("CPU engine"), "{e}");
+    }
+}

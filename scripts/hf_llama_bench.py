@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Hugging Face transformers' `generate` on the GPU machine, for the Llama
+family's benchmark cases (docs/benchmarks.md): a preset's published shapes
+with random weights in bf16, `prompts` prompts of `prompt_len` random ids,
+`gen_len` greedy new tokens, throughput by FlexGen's definitions (prefill =
+prompts x prompt_len / prefill time; decode = prompts x (gen_len - 1) /
+decode time; total = prompts x gen_len / (prefill + decode)).
+
+Prefill time is a `generate` of one new token; decode time is a full run's
+time less it. One untimed warm-up run first. Prints one JSON object.
+
+Usage: python3 scripts/hf_llama_bench.py [--preset llama-3.1-8b]
+           [--prompts 64] [--prompt-len 512] [--gen-len 32]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import transformers
+
+# The published config.json values of the presets tierlm knows
+# (crates/engine-llama/src/config.rs), the fields LlamaConfig reads.
+PRESETS = {
+    "llama-3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, head_dim=128, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=32)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**PRESETS[args.preset])
+    t = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t
+    ids = torch.randint(0, config.vocab_size, (args.prompts, args.prompt_len), device="cuda")
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        assert out.shape[1] == args.prompt_len + n
+        return time.perf_counter() - t
+
+    run(2)
+    prefill = run(1)
+    total = run(args.gen_len)
+    decode = total - prefill
+    n = args.prompts
+    print(json.dumps({
+        "engine": "transformers " + transformers.__version__,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "preset": args.preset, "dtype": "bf16",
+        "prompts": n, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+        "load_s": load_s, "prefill_s": prefill, "decode_s": decode, "total_s": total,
+        "prefill_tokens_per_s": n * args.prompt_len / prefill,
+        "decode_tokens_per_s": n * (args.gen_len - 1) / decode,
+        "total_tokens_per_s": n * args.gen_len / total,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
