@@ -274,6 +274,28 @@ fn check_common(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+impl GenerateArgs {
+    /// The flags given that only the GPU engine or the policy search reads
+    /// (compression, CPU attention, sparsity, GPU memory, pinning, the
+    /// search's own), by name: what an engine without them refuses.
+    pub fn engine_flags_given(&self) -> Vec<&'static str> {
+        [
+            (self.compress_weight, "--compress-weight"),
+            (self.compress_cache, "--compress-cache"),
+            (self.cpu_cache_compute, "--cpu-cache-compute"),
+            (self.attn_sparsity != 1.0, "--attn-sparsity"),
+            (self.gpu_mem.is_some(), "--gpu-mem"),
+            (self.pin_weight.is_some(), "--pin-weight"),
+            (self.policy.as_deref() == Some("auto"), "--policy auto"),
+            (self.host_mem.is_some(), "--host-mem"),
+            (self.calibration.is_some(), "--calibration"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
+    }
+}
+
 /// `--stages`: at least one; above one, the pipeline's preview runs on the
 /// CPU engine with everything in host memory, so the flags that place
 /// anything elsewhere are refused by name.
@@ -290,22 +312,10 @@ fn check_stages(args: &GenerateArgs) -> Result<()> {
         let p: Vec<String> = p.iter().map(f64::to_string).collect();
         refused.push(format!("--percent {}", p.join(" ")));
     }
-    for (given, flag) in [
-        (args.offload_dir.is_some(), "--offload-dir"),
-        (args.compress_weight, "--compress-weight"),
-        (args.compress_cache, "--compress-cache"),
-        (args.cpu_cache_compute, "--cpu-cache-compute"),
-        (args.attn_sparsity != 1.0, "--attn-sparsity"),
-        (args.gpu_mem.is_some(), "--gpu-mem"),
-        (args.pin_weight.is_some(), "--pin-weight"),
-        (args.policy.as_deref() == Some("auto"), "--policy auto"),
-        (args.host_mem.is_some(), "--host-mem"),
-        (args.calibration.is_some(), "--calibration"),
-    ] {
-        if given {
-            refused.push(flag.to_string());
-        }
+    if args.offload_dir.is_some() {
+        refused.push("--offload-dir".into());
     }
+    refused.extend(args.engine_flags_given().iter().map(|f| f.to_string()));
     if refused.is_empty() {
         return Ok(());
     }

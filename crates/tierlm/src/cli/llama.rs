@@ -93,21 +93,7 @@ fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
         let p: Vec<String> = p.iter().map(f64::to_string).collect();
         refused.push(format!("--percent {} (placements on the GPU)", p.join(" ")));
     }
-    for (given, flag) in [
-        (args.compress_weight, "--compress-weight"),
-        (args.compress_cache, "--compress-cache"),
-        (args.cpu_cache_compute, "--cpu-cache-compute"),
-        (args.attn_sparsity != 1.0, "--attn-sparsity"),
-        (args.gpu_mem.is_some(), "--gpu-mem"),
-        (args.pin_weight.is_some(), "--pin-weight"),
-        (args.policy.as_deref() == Some("auto"), "--policy auto"),
-        (args.host_mem.is_some(), "--host-mem"),
-        (args.calibration.is_some(), "--calibration"),
-    ] {
-        if given {
-            refused.push(flag.to_string());
-        }
-    }
+    refused.extend(args.engine_flags_given().iter().map(|f| f.to_string()));
     if refused.is_empty() {
         return Ok(());
     }
@@ -273,19 +259,11 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
             policy.act_gpu_percent, policy.act_cpu_percent
         ));
     }
-    for (given, flag) in [
-        (args.compress_weight, "--compress-weight"),
-        (args.compress_cache, "--compress-cache"),
-        (args.cpu_cache_compute, "--cpu-cache-compute"),
-        (args.attn_sparsity != 1.0, "--attn-sparsity"),
-        (args.policy.as_deref() == Some("auto"), "--policy auto"),
-        (args.host_mem.is_some(), "--host-mem"),
-        (args.calibration.is_some(), "--calibration"),
-        (args.stages > 1, "--stages above 1"),
-    ] {
-        if given {
-            refused.push(flag.to_string());
-        }
+    // The GPU engine honours --gpu-mem and --pin-weight.
+    let honoured = ["--gpu-mem", "--pin-weight"];
+    refused.extend(args.engine_flags_given().into_iter().filter(|f| !honoured.contains(f)).map(String::from));
+    if args.stages > 1 {
+        refused.push("--stages above 1".into());
     }
     if refused.is_empty() {
         return Ok(());
