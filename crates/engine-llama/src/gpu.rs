@@ -194,6 +194,14 @@ impl<T: Half> LlamaGpu<T> {
         Ok(LlamaGpu { config, spec, embed, norm, lm_head, inv_freq, layers, offload, gpu })
     }
 
+    /// With `sep`, a streamed layer's MLP weights are waited for only
+    /// before its MLP block (FlexGen's `--sep-layer`).
+    pub fn set_sep_layer(&mut self, sep: bool) {
+        if let Some(s) = &mut self.offload {
+            s.set_sep_layer(sep);
+        }
+    }
+
     /// The configuration (its dtype the one computed in).
     pub fn config(&self) -> &LlamaConfig {
         &self.config
@@ -712,6 +720,14 @@ impl AnyLlamaGpu {
             DType::F16 => AnyLlamaGpu::F16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
             _ => AnyLlamaGpu::Bf16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
         })
+    }
+
+    /// [`LlamaGpu::set_sep_layer`].
+    pub fn set_sep_layer(&mut self, sep: bool) {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.set_sep_layer(sep),
+            AnyLlamaGpu::F16(m) => m.set_sep_layer(sep),
+        }
     }
 
     /// [`generate`].

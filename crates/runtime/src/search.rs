@@ -141,6 +141,9 @@ pub struct Pins {
     pub pin_weight: Option<bool>,
     pub cpu_cache_compute: Option<bool>,
     pub sep_layer: Option<bool>,
+    /// The KV cache's and the activations' shares (GPU, CPU, GPU, CPU),
+    /// for an engine that places only these (the weights still searched).
+    pub cache_act: Option<[f64; 4]>,
 }
 
 /// What to search for.
@@ -468,10 +471,13 @@ impl<'a> Searcher<'a> {
             };
             let shares: Vec<[f64; 6]> = match pins.percent {
                 Some(p) => vec![p],
-                None => CACHE_GRID
-                    .iter()
-                    .flat_map(|&(cg, ccpu)| ACT_GRID.iter().map(move |&(ag, ac)| [100.0, 0.0, cg, ccpu, ag, ac]))
-                    .collect(),
+                None => match pins.cache_act {
+                    Some([cg, ccpu, ag, ac]) => vec![[100.0, 0.0, cg, ccpu, ag, ac]],
+                    None => CACHE_GRID
+                        .iter()
+                        .flat_map(|&(cg, ccpu)| ACT_GRID.iter().map(move |&(ag, ac)| [100.0, 0.0, cg, ccpu, ag, ac]))
+                        .collect(),
+                },
             };
             let before = out.len();
             for pct in shares {
@@ -769,6 +775,26 @@ mod tests {
     }
 
     #[test]
+    fn pinned_cache_and_activation_shares_hold_in_every_candidate() {
+        let s = spec(24, 2048);
+        let layer = s.layer_bytes(false).unwrap();
+        // A GPU too small for the cache of the whole block and all layers:
+        // the unpinned search would move the cache; pinned, only the
+        // weights move.
+        let gpu = s.outside_bytes().unwrap() + 8 * layer;
+        let mut req = request(&s, 32, cap(gpu, 100 * GIB, 100 * GIB));
+        req.pins.cache_act = Some([100.0, 0.0, 100.0, 0.0]);
+        let out = search(&req).unwrap();
+        let all = std::iter::once(&out.best).chain(out.runners_up.iter().map(|(c, _)| c));
+        for c in all {
+            let p = c.policy.percent();
+            assert_eq!(p[2..], [100.0, 0.0, 100.0, 0.0], "{}", c.flags());
+            assert!(fits(&req, c), "{}", c.flags());
+        }
+        assert!(out.best.resident_layers(24) < 24, "{}", out.best.flags());
+    }
+
+    #[test]
     fn nothing_fits_names_every_tier() {
         let s = spec(8, 1024);
         let req = request(&s, 4, cap(GIB / 1024, GIB / 1024, GIB / 1024));
@@ -837,6 +863,7 @@ mod tests {
                 pin_weight: pin,
                 cpu_cache_compute: None,
                 sep_layer: sep,
+                cache_act: None,
             })
     }
 

@@ -404,7 +404,6 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
         (&["--compress-cache"][..], "--compress-cache"),
         (&["--cpu-cache-compute"][..], "--cpu-cache-compute"),
         (&["--gpu-mem", "1G"][..], "--gpu-mem"),
-        (&["--policy", "auto"][..], "--policy auto"),
     ] {
         let mut args = vec!["generate", "--model", d, "--prompt", "Hi"];
         args.extend_from_slice(flags);
@@ -423,6 +422,13 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
         args.extend_from_slice(flags);
         let e = fails(&args);
         assert!(e.contains(name) && e.contains("not supported for the Llama family on the GPU yet"), "{flags:?}: {e}");
+    }
+    // --policy auto: the search places the weights on the GPU engine; with
+    // no GPU, a note and the CPU engine's default placement.
+    if ops::gpu::unavailable_reason().is_some() {
+        let out = tierlm(&["generate", "--model", d, "--prompt", "Hi", "--max-new-tokens", "2", "--policy", "auto"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.contains("no GPU here"), "{stderr}");
     }
     // Everything in host memory is what the CPU engine does.
     let all_host = ["--percent", "0", "100", "0", "100", "0", "100"];

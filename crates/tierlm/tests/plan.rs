@@ -252,3 +252,43 @@ fn tier_cuda_probe() -> Result<Option<()>, ()> {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok(if text.to_lowercase().contains("no cuda driver") { None } else { Some(()) })
 }
+
+/// The Llama family's presets are planned from their spec (grouped-query
+/// cache counted by its KV heads), within what its GPU engine runs: the
+/// cache and activations on the GPU, the weights searched; compression and
+/// CPU attention refused by name.
+#[test]
+fn llama_presets_are_planned_within_their_gpu_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let common =
+        ["--prompt-len", "512", "--gen-len", "32", "--num-prompts", "64", "--gpu-mem", "78G", "--host-mem", "120G"];
+    let mut args = vec!["--model", "llama-3.1-70b"];
+    args.extend(common);
+    let v = plan_json(d, &args);
+    let flags = v["flags"].as_str().unwrap().to_string();
+    let words: Vec<&str> = flags.split_whitespace().collect();
+    assert_eq!(words[0], "--percent", "{flags}");
+    assert_eq!(words[3..7], ["100", "0", "100", "0"], "{flags}");
+    let w_gpu: f64 = words[1].parse().unwrap();
+    assert!(w_gpu > 0.0 && w_gpu < 100.0, "141 GB of bf16 weights do not fit 78 GB: {flags}");
+    for r in v["runners_up"].as_array().unwrap() {
+        let f = r["flags"].as_str().unwrap();
+        let w: Vec<&str> = f.split_whitespace().collect();
+        assert_eq!(w[3..7], ["100", "0", "100", "0"], "{f}");
+    }
+    // Everything fits an 8B model's GPU.
+    let mut args = vec!["--model", "llama-3.1-8b"];
+    args.extend(common);
+    let v = plan_json(d, &args);
+    assert!(v["flags"].as_str().unwrap().starts_with("--percent 100 0 100 0 100 0"), "{v}");
+    for (extra, name) in
+        [(&["--compress", "weight"][..], "--compress"), (&["--cpu-cache-compute", "true"][..], "--cpu-cache-compute")]
+    {
+        let mut args = vec!["--model", "llama-3.1-70b"];
+        args.extend(common);
+        args.extend_from_slice(extra);
+        let e = fails(d, &args);
+        assert!(e.contains(name) && e.contains("Llama family's GPU engine"), "{e}");
+    }
+}

@@ -9,7 +9,7 @@ use runtime::search::{search, Choice, Pins, Request};
 
 use super::bench::BenchArgs;
 use super::generate::GenerateArgs;
-use super::plan::{budgets, host_kind, model_config};
+use super::plan::{budgets, check_family_pins, host_kind, planned_model};
 
 /// How a run's placement is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +80,13 @@ fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
     if !engine_opt::gpu::available() {
         return Ok(None);
     }
-    let config = model_config(ask.model)?;
-    let spec = engine_opt::spec::model_spec(&config, true)?;
+    let planned = planned_model(ask.model)?;
+    check_family_pins(&planned, ask.compress, pins.cpu_cache_compute, pins.percent)?;
+    let pins = match planned.cache_act {
+        Some(fixed) => Pins { cache_act: Some(fixed), cpu_cache_compute: Some(false), ..pins },
+        None => pins,
+    };
+    let spec = planned.spec;
     let dir = ask.offload_dir.map(std::path::Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
     let cap = budgets(ask.gpu_mem, ask.host_mem, &dir)?;
     let rates = super::calibrate::load(&dir, ask.calibration, false)?.calibration.rates;
@@ -130,6 +135,7 @@ pub fn for_bench(args: &BenchArgs) -> Result<Option<Choice>> {
         pin_weight: args.pin_weight,
         cpu_cache_compute: args.cpu_cache_compute.then_some(true),
         sep_layer: args.sep_layer,
+        cache_act: None,
     };
     let ask = Ask {
         model: &args.model,
@@ -180,6 +186,7 @@ pub fn for_generate(args: &GenerateArgs, inputs: &[super::generate::Input]) -> R
         pin_weight: args.pin_weight,
         cpu_cache_compute: args.cpu_cache_compute.then_some(true),
         sep_layer: None,
+        cache_act: None,
     };
     let ask = Ask {
         model: &args.model,

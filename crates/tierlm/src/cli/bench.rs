@@ -292,12 +292,6 @@ fn notes(args: &BenchArgs, policy: &Policy) {
 
 /// Runs `tierlm bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    if super::llama::names_llama_family(&args.model) {
-        return super::llama::bench(&args).map_err(|e| match e {
-            crate::Error::Opt(e) => e,
-            other => Error::InvalidArgument(other.to_string()),
-        });
-    }
     engine_opt::cpu_offload::check_offload_dir_arg(args.offload_dir.as_deref())?;
     if args.overlap == Some(false) {
         return Err(Error::InvalidArgument(
@@ -326,6 +320,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             None => super::auto::no_gpu_note(mode),
         }
+    }
+    if super::llama::names_llama_family(&args.model) {
+        return super::llama::bench(&args, &policy, chosen.as_ref()).map_err(|e| match e {
+            crate::Error::Opt(e) => e,
+            other => Error::InvalidArgument(other.to_string()),
+        });
     }
     // Everything on the GPU, and a GPU here: the GPU engine runs it.
     if let Some(result) = super::gpu::try_bench(&args, &policy, chosen.as_ref()) {

@@ -93,7 +93,12 @@ fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
         let p: Vec<String> = p.iter().map(f64::to_string).collect();
         refused.push(format!("--percent {} (placements on the GPU)", p.join(" ")));
     }
-    refused.extend(args.engine_flags_given().iter().map(|f| f.to_string()));
+    // Asked for and without a GPU, the search's own flags go unused (said
+    // in a note), as for OPT.
+    let search_only = ["--policy auto", "--host-mem", "--calibration"];
+    let auto = args.policy.as_deref() == Some("auto");
+    refused
+        .extend(args.engine_flags_given().into_iter().filter(|f| !(auto && search_only.contains(f))).map(String::from));
     if refused.is_empty() {
         return Ok(());
     }
@@ -259,8 +264,9 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
             policy.act_gpu_percent, policy.act_cpu_percent
         ));
     }
-    // The GPU engine honours --gpu-mem and --pin-weight.
-    let honoured = ["--gpu-mem", "--pin-weight"];
+    // The GPU engine honours --gpu-mem and --pin-weight, and the search
+    // its own flags.
+    let honoured = ["--gpu-mem", "--pin-weight", "--policy auto", "--host-mem", "--calibration"];
     refused.extend(args.engine_flags_given().into_iter().filter(|f| !honoured.contains(f)).map(String::from));
     if args.stages > 1 {
         refused.push("--stages above 1".into());
@@ -278,7 +284,7 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
 }
 
 /// `tierlm generate` for a Llama-family model on the GPU engine.
-fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result<()> {
+fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: Vec<Input>) -> Result<()> {
     use engine_llama::gpu::AnyLlamaGpu;
     use runtime::gpu::stream::{split_layers, OffloadTiers};
     refuse_unsupported_on_gpu(args, policy)?;
@@ -295,10 +301,6 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result
     if args.gpu_batch_size == 0 {
         return Err(unsupported("--gpu-batch-size must be at least 1".to_string()));
     }
-    let inputs = match &args.input {
-        Some(path) => read_inputs(path)?,
-        None => args.prompts.iter().cloned().map(Input::Text).collect(),
-    };
     let json = args.json || args.input.is_some();
     let opened = open(&args.model, args.dummy)?;
     engine_llama::gpu::check_supported(&opened.config)?;
@@ -313,7 +315,8 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result
     } else {
         None
     };
-    let model = AnyLlamaGpu::new(gpu, opened.config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    let mut model = AnyLlamaGpu::new(gpu, opened.config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    model.set_sep_layer(policy.sep_layer);
     let prompts = tokenize_with(opened.tokenizer.as_ref(), &opened.source, &inputs, args.chat)?;
     let config = model.config();
     runtime::schedule::validate_prompts(
@@ -407,9 +410,26 @@ fn open(model: &str, dummy: bool) -> Result<Opened> {
 
 /// `tierlm generate` for a Llama-family model.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let policy = super::gpu::generate_policy(args)?;
+    let mut policy = super::gpu::generate_policy(args)?;
+    let auto = args.policy.as_deref() == Some("auto");
+    if auto {
+        // The search places the weights; the family's GPU engine keeps the
+        // cache and the activations on the GPU.
+        let inputs = match &args.input {
+            Some(path) => read_inputs(path)?,
+            None => args.prompts.iter().cloned().map(Input::Text).collect(),
+        };
+        match super::auto::for_generate(args, &inputs)? {
+            Some(choice) => policy = choice.policy,
+            None => super::auto::no_gpu_note(super::auto::Mode::Auto { asked: true }),
+        }
+    }
     if places_on_gpu(&policy) {
-        return generate_gpu(args, &policy);
+        let inputs = match &args.input {
+            Some(path) => read_inputs(path)?,
+            None => args.prompts.iter().cloned().map(Input::Text).collect(),
+        };
+        return generate_gpu(args, &policy, inputs);
     }
     refuse_unsupported(args)?;
     let sampling =
@@ -533,21 +553,48 @@ pub struct LlamaBenchReport {
     /// The KV caches of the block on the GPU.
     pub kv_cache_bytes: u64,
     pub peak_per_tier: runtime::TierPeaks,
+    /// The flags of the policy run (as `--policy auto` chose it, or given).
+    pub policy: String,
+    /// With `--policy auto`: the cost model's prediction for this run.
+    pub predicted_decode_tokens_per_s: Option<f64>,
+    pub predicted_total_tokens_per_s: Option<f64>,
+}
+
+/// A policy as the flags that reproduce it.
+fn policy_flags(p: &runtime::policy::Policy) -> String {
+    let pct: Vec<String> = p.percent().iter().map(|v| runtime::search::fmt_percent(*v)).collect();
+    format!(
+        "--percent {} --gpu-batch-size {} --num-gpu-batches {} --pin-weight {} --sep-layer {}",
+        pct.join(" "),
+        p.gpu_batch_size,
+        p.num_gpu_batches,
+        p.pin_weight,
+        p.sep_layer
+    )
 }
 
 /// `tierlm bench` for a Llama-family model: its GPU engine (the cache and
 /// activations on the GPU, the weights where `--percent` says), FlexGen's
 /// throughput definitions, one untimed warm-up generation first.
-pub fn bench(args: &super::bench::BenchArgs) -> Result<()> {
+pub fn bench(
+    args: &super::bench::BenchArgs,
+    policy: &runtime::policy::Policy,
+    chosen: Option<&runtime::search::Choice>,
+) -> Result<()> {
     use engine_llama::gpu::{compute_dtype, AnyLlamaGpu};
     use rand::{Rng, SeedableRng};
     use runtime::gpu::stream::{split_layers, OffloadTiers};
-    let policy = args.policy()?;
+    let policy = policy.clone();
     if !places_on_gpu(&policy) {
+        let why = match ops::gpu::unavailable_reason() {
+            Some(reason) => format!("there is no GPU here ({reason})"),
+            None => "give --percent W_GPU W_CPU 100 0 100 0 (e.g. 100 0 100 0 100 0 for everything on the GPU), or \
+                     no --percent for the policy search"
+                .to_string(),
+        };
         return Err(unsupported(format!(
-            "{}: bench runs the Llama family on its GPU engine: give --percent W_GPU W_CPU 100 0 100 0 (e.g. 100 0 \
-             100 0 100 0 for everything on the GPU); `tierlm generate --model {} --dummy --input FILE` runs it on \
-             the CPU engine",
+            "{}: bench runs the Llama family on its GPU engine: {why}; `tierlm generate --model {} --dummy --input \
+             FILE` runs it on the CPU engine",
             args.model, args.model
         )));
     }
@@ -607,7 +654,8 @@ pub fn bench(args: &super::bench::BenchArgs) -> Result<()> {
         None
     };
     let t = std::time::Instant::now();
-    let model = AnyLlamaGpu::new(gpu, config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    let mut model = AnyLlamaGpu::new(gpu, config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    model.set_sep_layer(policy.sep_layer);
     let load_s = t.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let vocab = config.vocab_size as u32;
@@ -673,6 +721,9 @@ pub fn bench(args: &super::bench::BenchArgs) -> Result<()> {
         streamed_weight_bytes: streamed,
         kv_cache_bytes: out.cache_bytes,
         peak_per_tier: peaks,
+        policy: policy_flags(&policy),
+        predicted_decode_tokens_per_s: chosen.and_then(|c| c.prediction.decode_tokens_per_s),
+        predicted_total_tokens_per_s: chosen.map(|c| c.prediction.total_tokens_per_s),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| unsupported(format!("the report as JSON: {e}")))?);
@@ -692,6 +743,10 @@ pub fn bench(args: &super::bench::BenchArgs) -> Result<()> {
             report.decode_tokens_per_s.map_or("-".into(), |d| format!("{d:.1} tok/s")),
             report.total_tokens_per_s
         );
+        println!("  policy: {}", report.policy);
+        if let Some(c) = chosen {
+            println!("  predicted: {}", super::plan::prediction_line(&c.prediction));
+        }
     }
     Ok(())
 }

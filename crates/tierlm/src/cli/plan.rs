@@ -101,6 +101,94 @@ pub fn model_config(model: &str) -> Result<OptConfig> {
     })
 }
 
+/// A model as the search sees it, of either family: its layer spec (in the
+/// type its GPU engine computes in), the positions it takes, and the
+/// shares its GPU engine fixes.
+pub struct Planned {
+    pub spec: runtime::spec::ModelSpec,
+    pub max_positions: usize,
+    /// The KV cache's and activations' shares the family's GPU engine
+    /// places (the Llama family's keeps both on the GPU); `None`: searched.
+    pub cache_act: Option<[f64; 4]>,
+    /// The family's name in messages, where its engine lacks a flag.
+    pub family: &'static str,
+}
+
+/// The spec and limits of `model` (a preset or a directory of either
+/// family), without loading any weights.
+pub fn planned_model(model: &str) -> Result<Planned> {
+    use super::llama::Family;
+    let family = super::llama::family_of(model).map_err(|e| match e {
+        crate::Error::Opt(e) => e,
+        other => Error::InvalidArgument(other.to_string()),
+    })?;
+    let llama_err = |e: engine_llama::Error| Error::InvalidArgument(e.to_string());
+    match family {
+        Family::Opt => {
+            let config = model_config(model)?;
+            Ok(Planned {
+                spec: engine_opt::spec::model_spec(&config, true)?,
+                max_positions: config.max_sequence_len(),
+                cache_act: None,
+                family: "OPT",
+            })
+        }
+        Family::Llama => {
+            let dir = Path::new(model);
+            let mut config = if dir.is_dir() {
+                engine_llama::LlamaConfig::from_file(&dir.join("config.json")).map_err(llama_err)?
+            } else {
+                engine_llama::LlamaConfig::preset(model).map_err(llama_err)?
+            };
+            config.dtype = Some(match engine_llama::gpu::compute_dtype(&config) {
+                tier_api::DType::F16 => ops::DType::F16,
+                _ => ops::DType::BF16,
+            });
+            Ok(Planned {
+                spec: engine_llama::model_spec(&config).map_err(llama_err)?,
+                max_positions: config.max_position_embeddings,
+                cache_act: Some([100.0, 0.0, 100.0, 0.0]),
+                family: "Llama",
+            })
+        }
+    }
+}
+
+/// Refuses what the search may not choose for `planned`'s family: its GPU
+/// engine without compression or CPU attention, and `--percent` placing
+/// its cache or activations off the GPU.
+pub fn check_family_pins(
+    planned: &Planned,
+    compress: CompressMode,
+    cpu_cache_compute: Option<bool>,
+    percent: Option<[f64; 6]>,
+) -> Result<()> {
+    let Some(fixed) = planned.cache_act else {
+        return Ok(());
+    };
+    let mut refused = Vec::new();
+    if compress != CompressMode::None {
+        refused.push("--compress (its GPU engine has no compression yet)".to_string());
+    }
+    if cpu_cache_compute == Some(true) {
+        refused.push("--cpu-cache-compute".to_string());
+    }
+    if let Some(p) = percent.filter(|p| p[2..] != fixed) {
+        refused
+            .push(format!("--percent with the cache or activations off the GPU ({} {} {} {})", p[2], p[3], p[4], p[5]));
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "{}: not for the {} family's GPU engine yet, which keeps the KV cache and activations on the GPU and \
+         places the weights: {}",
+        refused.join(", "),
+        planned.family,
+        "--percent W_GPU W_CPU 100 0 100 0"
+    )))
+}
+
 /// GPU memory kept for the CUDA context and libraries when planning from
 /// the GPU's size.
 pub const CONTEXT_RESERVE: u64 = 1 << 30;
@@ -265,16 +353,16 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
     if args.num_prompts == 0 || args.prompt_len == 0 || args.gen_len == 0 {
         return Err(Error::InvalidArgument("--num-prompts, --prompt-len and --gen-len must be at least 1".into()));
     }
-    let config = model_config(&args.model)?;
+    let planned = planned_model(&args.model)?;
     let seq = args.prompt_len.saturating_add(args.gen_len);
-    if seq > config.max_sequence_len() {
+    if seq > planned.max_positions {
         return Err(Error::InvalidArgument(format!(
             "--prompt-len {} + --gen-len {} exceed the model's {} positions",
-            args.prompt_len,
-            args.gen_len,
-            config.max_sequence_len()
+            args.prompt_len, args.gen_len, planned.max_positions
         )));
     }
+    let percent = percent_pin(&args.percent)?;
+    check_family_pins(&planned, args.compress, args.cpu_cache_compute, percent)?;
     for (flag, v) in [("--gpu-batch-size", args.gpu_batch_size), ("--num-gpu-batches", args.num_gpu_batches)] {
         if v == Some(0) {
             return Err(Error::InvalidArgument(format!("{flag} must be at least 1")));
@@ -284,7 +372,7 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
     if args.num_prompts > runtime::search::MAX_BLOCK.saturating_mul(1024) {
         return Err(Error::InvalidArgument(format!("--num-prompts {} is too many", args.num_prompts)));
     }
-    let spec = engine_opt::spec::model_spec(&config, true)?;
+    let spec = planned.spec;
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     let cap = budgets(args.gpu_mem, args.host_mem, &offload_dir)?;
     let loaded = calibrate::load(&offload_dir, args.calibration.as_deref(), false)?;
@@ -305,10 +393,11 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
         pins: Pins {
             gpu_batch_size: args.gpu_batch_size,
             num_gpu_batches: args.num_gpu_batches,
-            percent: percent_pin(&args.percent)?,
+            percent,
             pin_weight: args.pin_weight,
-            cpu_cache_compute: args.cpu_cache_compute,
+            cpu_cache_compute: if planned.cache_act.is_some() { Some(false) } else { args.cpu_cache_compute },
             sep_layer: args.sep_layer,
+            cache_act: planned.cache_act,
         },
     };
     let t = Instant::now();
@@ -431,6 +520,7 @@ pub fn nearest_fit(
             cpu_cache_compute: Some(policy.cpu_cache_compute),
             sep_layer: Some(policy.sep_layer),
             percent: None,
+            cache_act: None,
         },
     };
     let found = search(&req).or_else(|_| {
