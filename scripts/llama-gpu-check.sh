@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The first checks of the Llama family's GPU engine on the GPU machine, in
+# one call (after `cargo xtask gpu-bundle`): the op layer's f16/bf16 kernels
+# against the CPU reference, the engine against transformers on the
+# fixtures, the command's GPU path, then case E. Logs and a summary in
+# $OUT/logs (else /tmp/logs).
+#
+# Usage (repository root): bash scripts/llama-gpu-check.sh
+export TIERLM_REPO_ROOT=$PWD RUST_BACKTRACE=1
+L=${OUT:-/tmp}/logs; mkdir -p "$L"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$L/gpu.txt"
+T=.gpu/tests
+[ -d $T ] || { mkdir -p $T && tar -C .gpu -xzf .gpu/tests.tar.gz; }
+step() {  # name limit command...
+  local name=$1 lim=$2; shift 2; local t0=$SECONDS
+  timeout "$lim" "$@" >"$L/$name.log" 2>&1; local rc=$?
+  printf "%-22s rc=%-4s %4d s\n" "$name" "$rc" "$((SECONDS - t0))" | tee -a "$L/summary.txt"
+}
+step ops_llm_gpu 60 $T/ops--test--llm_gpu --test-threads=1 --nocapture
+step llama_gpu_engine 120 $T/engine-llama--test--gpu_engine --test-threads=1 --nocapture
+step llama_cli 120 $T/tierlm--test--llama_cli --test-threads=1 --nocapture the_gpu_engine flags_the
+step bench_E 120 .gpu/tierlm bench --model llama-3.1-8b --dummy --percent 100 0 100 0 100 0 \
+  --gpu-batch-size 64 --prompt-len 512 --gen-len 32 --json
+for f in "$L"/*.log; do
+  echo "--- $f"; grep -E "test result|panicked|FAILED|worst|within|tokens_per_s|error" "$f" | head -12
+done
+cat "$L/summary.txt"
