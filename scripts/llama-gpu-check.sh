@@ -17,7 +17,7 @@ step() {  # name limit command...
   printf "%-22s rc=%-4s %4d s\n" "$name" "$rc" "$((SECONDS - t0))" | tee -a "$L/summary.txt"
 }
 step ops_llm_gpu 60 $T/ops--test--llm_gpu --test-threads=1 --nocapture
-step llama_gpu_engine 120 $T/engine-llama--test--gpu_engine --test-threads=1 --nocapture
+step llama_gpu_engine 150 $T/engine-llama--test--gpu_engine --test-threads=1 --nocapture
 step llama_cli 120 $T/tierlm--test--llama_cli --test-threads=1 --nocapture the_gpu_engine flags_the
 step bench_E 120 .gpu/tierlm bench --model llama-3.1-8b --dummy --percent 100 0 100 0 100 0 \
   --gpu-batch-size 64 --prompt-len 512 --gen-len 32 --json

@@ -6,8 +6,11 @@
 //! the layer spec: the first `split.gpu_end` resident, the others streamed
 //! from host memory or disk through GPU slots by the runtime's
 //! [`WeightStreamer`]. Each batch's KV cache is on the GPU in `T`,
-//! `[batch][kv_head][position][head_dim]` per layer; the hidden states stay
-//! on the GPU. [`LlamaGpuCompute`] is the GPU as the runtime's
+//! `[batch][kv_head][position][head_dim]` per layer, or with
+//! `--cpu-cache-compute` in host memory, where the CPU reference's
+//! grouped-query attention reads it in place (FlexGen's CPU attention: the
+//! step's q, k and v come to the host, the attention's output goes back);
+//! the hidden states stay on the GPU. [`LlamaGpuCompute`] is the GPU as the runtime's
 //! [`ComputeDevice`], driven by its block schedule.
 //!
 //! A layer, as Hugging Face computes it: RMSNorm, the q/k/v products (Qwen2:
@@ -115,6 +118,11 @@ pub struct LlamaGpu<T: Half> {
     layers: Vec<GpuLayer>,
     /// The other layers, off the GPU.
     offload: Option<WeightStreamer>,
+    /// `--cpu-cache-compute`: each batch's KV cache in host memory, the
+    /// attention computed there by the CPU reference's grouped-query
+    /// attention (the step's q, k, v come to the host, the output goes
+    /// back for the output product).
+    cpu_attention: bool,
     /// Last, so that the buffers above go before its stream and handles.
     gpu: Gpu,
 }
@@ -191,7 +199,7 @@ impl<T: Half> LlamaGpu<T> {
             None
         };
         gpu.synchronize()?;
-        Ok(LlamaGpu { config, spec, embed, norm, lm_head, inv_freq, layers, offload, gpu })
+        Ok(LlamaGpu { config, spec, embed, norm, lm_head, inv_freq, layers, offload, cpu_attention: false, gpu })
     }
 
     /// With `sep`, a streamed layer's MLP weights are waited for only
@@ -200,6 +208,12 @@ impl<T: Half> LlamaGpu<T> {
         if let Some(s) = &mut self.offload {
             s.set_sep_layer(sep);
         }
+    }
+
+    /// With `on`, batches made from now on keep their KV cache in host
+    /// memory and attend on the CPU (`--cpu-cache-compute`).
+    pub fn set_cpu_attention(&mut self, on: bool) {
+        self.cpu_attention = on;
     }
 
     /// The configuration (its dtype the one computed in).
@@ -269,7 +283,17 @@ impl<T: Half> LlamaGpu<T> {
         ws.positions.upload(stream, 0, &positions)?;
         let llm = self.gpu.llm()?;
         llm.embed_rows(&self.gpu, &ws.tokens, rows, &self.embed, (vocab, h), &b.hidden)?;
-        llm.write_mask(&self.gpu, &ws.step_mask, (tokens.batch(), tokens.new_len()), &b.mask, b.capacity, past)?;
+        match &mut b.cache {
+            BatchCache::Gpu { mask, .. } => {
+                llm.write_mask(&self.gpu, &ws.step_mask, (tokens.batch(), tokens.new_len()), mask, b.capacity, past)?
+            }
+            BatchCache::Host { mask, .. } => {
+                let s = tokens.new_len();
+                for (k, &m) in tokens.mask().iter().enumerate() {
+                    mask[(k / s) * b.capacity + past + k % s] = m != 0;
+                }
+            }
+        }
         b.len = end;
         Ok(())
     }
@@ -288,8 +312,7 @@ impl<T: Half> LlamaGpu<T> {
         let gpu = &self.gpu;
         let llm = gpu.llm()?;
         let w = self.weights(j)?;
-        let cache = b.caches.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
-        let past = cache.len;
+        let past = b.cache.layer_len(j)?;
         if past + s != b.len {
             return Err(gpu_err(format!(
                 "layer {j}: the cache holds {past} positions, the step adds {s}, the batch is at {}",
@@ -314,10 +337,29 @@ impl<T: Half> LlamaGpu<T> {
         }
         llm.rope(gpu, &ws.q, rows, heads, d, &ws.positions, &self.inv_freq)?;
         llm.rope(gpu, &ws.k, rows, kv_heads, d, &ws.positions, &self.inv_freq)?;
-        llm.store_kv(gpu, &ws.k, &ws.v, (batch, s, kv_heads, d), past, b.capacity, &cache.keys, &cache.values)?;
-        cache.len = past + s;
-        let total = cache.len;
-        self.attention(cache, &b.mask, (batch, s, past, total, b.capacity), ws)?;
+        match &mut b.cache {
+            BatchCache::Gpu { layers, mask } => {
+                let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
+                llm.store_kv(gpu, &ws.k, &ws.v, (batch, s, kv_heads, d), past, b.capacity, &cache.keys, &cache.values)?;
+                cache.len = past + s;
+                self.attention(cache, mask, (batch, s, past, past + s, b.capacity), ws)?;
+            }
+            BatchCache::Host { layers, mask } => {
+                let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
+                let host = |buf: &DevBuf<T>, n: usize| -> Result<Vec<f32>> {
+                    Ok(buf.download_range(gpu.stream(), 0, n)?.into_iter().map(Half::to_f32).collect())
+                };
+                let (q, k, v) = (host(&ws.q, rows * q_w)?, host(&ws.k, rows * kv_w)?, host(&ws.v, rows * kv_w)?);
+                cache.append(&k, &v, s)?;
+                let len = cache.len();
+                let key_mask: Vec<bool> =
+                    (0..batch).flat_map(|i| mask[i * b.capacity..i * b.capacity + len].iter().copied()).collect();
+                let shape = ops::AttentionShape { heads, kv_heads, head_dim: d };
+                let out: Vec<T> =
+                    ops::attention(&q, s, cache, &key_mask, shape)?.into_iter().map(T::from_f32).collect();
+                ws.attn.upload(gpu.stream(), 0, &out)?;
+            }
+        }
         let o = self.tensor(w, "self_attn.o_proj.weight")?;
         gpu.blas.linear_half(gpu, &ws.attn, rows, o, (h, q_w), HalfOut::F32 { out: &b.hidden }, true)?;
 
@@ -413,12 +455,31 @@ struct LayerCache<T: Half> {
     len: usize,
 }
 
-/// One batch on the GPU: its hidden states (f32, the residual stream), its
-/// cache per layer and its key mask (`[batch][cap]`, 1 for real tokens).
+/// A batch's KV cache, every layer's, and its key mask (`[batch][cap]`,
+/// set for real tokens).
+enum BatchCache<T: Half> {
+    /// On the GPU.
+    Gpu { layers: Vec<LayerCache<T>>, mask: DevBuf<u8> },
+    /// In host memory, in T, for the CPU's attention.
+    Host { layers: Vec<ops::KvCache>, mask: Vec<bool> },
+}
+
+impl<T: Half> BatchCache<T> {
+    /// Positions layer `j` holds.
+    fn layer_len(&self, j: usize) -> Result<usize> {
+        let len = match self {
+            BatchCache::Gpu { layers, .. } => layers.get(j).map(|c| c.len),
+            BatchCache::Host { layers, .. } => layers.get(j).map(ops::KvCache::len),
+        };
+        len.ok_or_else(|| gpu_err(format!("no cache for layer {j}")))
+    }
+}
+
+/// One batch on the GPU: its hidden states (f32, the residual stream) and
+/// its KV cache.
 pub struct GpuBatch<T: Half> {
     hidden: DevBuf<f32>,
-    caches: Vec<LayerCache<T>>,
-    mask: DevBuf<u8>,
+    cache: BatchCache<T>,
     capacity: usize,
     /// Positions held (every layer's after the step's layers).
     len: usize,
@@ -435,23 +496,42 @@ impl<T: Half> GpuBatch<T> {
                 .ok_or_else(|| gpu_err(format!("{what} of {parts:?} overflows")))
         };
         let per_layer = size("a layer's cache", &[tokens.batch(), c.num_key_value_heads, capacity, c.head_dim])?;
-        let caches = (0..c.num_hidden_layers)
-            .map(|_| {
-                Ok(LayerCache { keys: DevBuf::alloc(gpu, per_layer)?, values: DevBuf::alloc(gpu, per_layer)?, len: 0 })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mask = DevBuf::from_host(gpu, &vec![0u8; size("the key mask", &[tokens.batch(), capacity])?])?;
+        let mask_len = size("the key mask", &[tokens.batch(), capacity])?;
+        let cache = if model.cpu_attention {
+            let dtype = match T::DTYPE {
+                DType::F16 => ops::DType::F16,
+                _ => ops::DType::BF16,
+            };
+            let layers = (0..c.num_hidden_layers)
+                .map(|_| ops::KvCache::new(dtype, tokens.batch(), c.num_key_value_heads, c.head_dim, capacity))
+                .collect::<ops::Result<Vec<_>>>()?;
+            BatchCache::Host { layers, mask: vec![false; mask_len] }
+        } else {
+            let layers = (0..c.num_hidden_layers)
+                .map(|_| {
+                    let (keys, values) = (DevBuf::alloc(gpu, per_layer)?, DevBuf::alloc(gpu, per_layer)?);
+                    Ok(LayerCache { keys, values, len: 0 })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            BatchCache::Gpu { layers, mask: DevBuf::from_host(gpu, &vec![0u8; mask_len])? }
+        };
         Ok(GpuBatch {
             hidden: DevBuf::alloc(gpu, size("the hidden states", &[tokens.rows().max(1), c.hidden_size])?)?,
-            caches,
-            mask,
+            cache,
             capacity,
             len: 0,
         })
     }
 
     fn cache_bytes(&self) -> u64 {
-        self.caches.iter().map(|c| c.keys.bytes() + c.values.bytes()).sum::<u64>() + self.mask.bytes()
+        match &self.cache {
+            BatchCache::Gpu { layers, mask } => {
+                layers.iter().map(|c| c.keys.bytes() + c.values.bytes()).sum::<u64>() + mask.bytes()
+            }
+            BatchCache::Host { layers, mask } => {
+                layers.iter().map(ops::KvCache::bytes).sum::<u64>() + mask.len() as u64
+            }
+        }
     }
 }
 
@@ -720,6 +800,14 @@ impl AnyLlamaGpu {
             DType::F16 => AnyLlamaGpu::F16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
             _ => AnyLlamaGpu::Bf16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
         })
+    }
+
+    /// [`LlamaGpu::set_cpu_attention`].
+    pub fn set_cpu_attention(&mut self, on: bool) {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.set_cpu_attention(on),
+            AnyLlamaGpu::F16(m) => m.set_cpu_attention(on),
+        }
     }
 
     /// [`LlamaGpu::set_sep_layer`].

@@ -173,3 +173,33 @@ fn streamed_weights_give_the_resident_tokens() {
         println!("{name}: streamed from host memory and disk, the resident tokens");
     }
 }
+
+#[test]
+fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tiers = runtime::Tiers::default();
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let exp = expected(&dir);
+        let near = if exp.dtype == "bfloat16" { 0.05 } else { 1e-2 };
+        let mut model = load(&dir, (50.0, 50.0), tmp.path(), &tiers);
+        model.set_cpu_attention(true);
+        for case in &exp.cases {
+            let got = greedy(&model, std::slice::from_ref(&case.input_ids), exp.new_tokens);
+            check_tokens(
+                &format!("{name}/{} (CPU attention)", case.name),
+                &model,
+                &case.input_ids,
+                &got[0],
+                &case.greedy_native,
+                near,
+            );
+        }
+        let got = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
+        assert_eq!(got.len(), exp.batch.input_ids.len());
+        println!("{name}: the cache in host memory, attention on the CPU: transformers' tokens");
+    }
+}

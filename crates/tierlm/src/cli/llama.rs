@@ -242,6 +242,13 @@ fn options_for(ids: &GenerationIds, tok: Option<&Tokenizer>, vocab: usize, max_n
     GenerateOptions { max_new_tokens, stop_on_eos: true, eos_token_ids: eos, pad_token_id: pad }
 }
 
+/// Whether the family's GPU engine runs `policy`'s cache placement: all on
+/// the GPU, or all in host memory with the attention on the CPU.
+fn cache_placement_runs(policy: &runtime::policy::Policy) -> bool {
+    (policy.cache_gpu_percent >= 100.0 && !policy.cpu_cache_compute)
+        || (policy.cache_cpu_percent >= 100.0 && policy.cpu_cache_compute)
+}
+
 /// Whether `policy` puts anything on the GPU (the GPU engine's run).
 fn places_on_gpu(policy: &runtime::policy::Policy) -> bool {
     policy.w_gpu_percent > 0.0 || policy.cache_gpu_percent > 0.0 || policy.act_gpu_percent > 0.0
@@ -252,10 +259,13 @@ fn places_on_gpu(policy: &runtime::policy::Policy) -> bool {
 /// weights anywhere (resident, streamed from host memory or disk).
 fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result<()> {
     let mut refused: Vec<String> = Vec::new();
-    if policy.cache_gpu_percent < 100.0 {
+    if !cache_placement_runs(policy) {
         refused.push(format!(
-            "the KV cache off the GPU (--percent's cache shares {} {})",
-            policy.cache_gpu_percent, policy.cache_cpu_percent
+            "the KV cache off the GPU (--percent's cache shares {} {}{}) other than all in host memory with \
+             --cpu-cache-compute",
+            policy.cache_gpu_percent,
+            policy.cache_cpu_percent,
+            if policy.cpu_cache_compute { ", --cpu-cache-compute" } else { "" }
         ));
     }
     if policy.act_gpu_percent < 100.0 {
@@ -264,9 +274,14 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
             policy.act_gpu_percent, policy.act_cpu_percent
         ));
     }
-    // The GPU engine honours --gpu-mem and --pin-weight, and the search
+    // The GPU engine honours --gpu-mem and --pin-weight (and
+    // --cpu-cache-compute with the cache in host memory), and the search
     // its own flags.
-    let honoured = ["--gpu-mem", "--pin-weight", "--policy auto", "--host-mem", "--calibration"];
+    let cpu_attention = policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0;
+    let mut honoured = vec!["--gpu-mem", "--pin-weight", "--policy auto", "--host-mem", "--calibration"];
+    if cpu_attention {
+        honoured.push("--cpu-cache-compute");
+    }
     refused.extend(args.engine_flags_given().into_iter().filter(|f| !honoured.contains(f)).map(String::from));
     if args.stages > 1 {
         refused.push("--stages above 1".into());
@@ -275,10 +290,11 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
         return Ok(());
     }
     Err(unsupported(format!(
-        "{} not supported for the Llama family on the GPU yet: its GPU engine keeps the KV cache and the \
-         activations on the GPU and places the weights anywhere (--percent W_GPU W_CPU 100 0 100 0, the rest of \
-         the weights on disk in --offload-dir); the CPU engine takes the cache in host memory or on disk \
-         (--percent 0 W_CPU 0 C_CPU 0 100)",
+        "{} not supported for the Llama family on the GPU yet: its GPU engine keeps the activations on the GPU, the \
+         KV cache there or, with --cpu-cache-compute, in host memory, and places the weights anywhere (--percent \
+         W_GPU W_CPU 100 0 100 0, or W_GPU W_CPU 0 100 100 0 --cpu-cache-compute; the rest of the weights on disk \
+         in --offload-dir); the CPU engine takes the cache in host memory or on disk (--percent 0 W_CPU 0 C_CPU 0 \
+         100)",
         refused.join(", ") + if refused.len() == 1 { " is" } else { " are" }
     )))
 }
@@ -317,6 +333,7 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     };
     let mut model = AnyLlamaGpu::new(gpu, opened.config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
     model.set_sep_layer(policy.sep_layer);
+    model.set_cpu_attention(policy.cpu_cache_compute);
     let prompts = tokenize_with(opened.tokenizer.as_ref(), &opened.source, &inputs, args.chat)?;
     let config = model.config();
     runtime::schedule::validate_prompts(
@@ -599,13 +616,16 @@ pub fn bench(
         )));
     }
     let mut refused: Vec<String> = Vec::new();
-    if policy.cache_gpu_percent < 100.0 || policy.act_gpu_percent < 100.0 {
-        refused.push("the KV cache or activations off the GPU".into());
+    if !cache_placement_runs(&policy) || policy.act_gpu_percent < 100.0 {
+        refused.push(
+            "the KV cache or activations off the GPU (but for the cache all in host memory with \
+             --cpu-cache-compute)"
+                .into(),
+        );
     }
     for (given, flag) in [
         (policy.compress_weight, "--compress-weight"),
         (policy.compress_cache, "--compress-cache"),
-        (policy.cpu_cache_compute, "--cpu-cache-compute"),
         (policy.attn_sparsity != 1.0, "--attn-sparsity"),
     ] {
         if given {
@@ -614,8 +634,9 @@ pub fn bench(
     }
     if !refused.is_empty() {
         return Err(unsupported(format!(
-            "{} not supported for the Llama family on the GPU yet (its GPU engine keeps the cache and the \
-             activations on the GPU: --percent W_GPU W_CPU 100 0 100 0)",
+            "{} not supported for the Llama family on the GPU yet (its GPU engine keeps the activations on the GPU \
+             and the cache there or, with --cpu-cache-compute, in host memory: --percent W_GPU W_CPU 100 0 100 0 or \
+             W_GPU W_CPU 0 100 100 0 --cpu-cache-compute)",
             refused.join(", ")
         )));
     }
@@ -656,6 +677,7 @@ pub fn bench(
     let t = std::time::Instant::now();
     let mut model = AnyLlamaGpu::new(gpu, config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
     model.set_sep_layer(policy.sep_layer);
+    model.set_cpu_attention(policy.cpu_cache_compute);
     let load_s = t.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let vocab = config.vocab_size as u32;
