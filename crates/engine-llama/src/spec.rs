@@ -87,11 +87,18 @@ pub fn layer_prefix(i: usize) -> String {
 pub fn model_spec(config: &LlamaConfig) -> Result<ModelSpec> {
     let dtype = runtime_dtype(config.weight_dtype());
     let kv = KvLayout { kv_heads: config.num_key_value_heads, head_dim: config.head_dim, dtype };
+    let (h, inter) = (config.hidden_size, config.intermediate_size);
+    let (q, kv_w) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
     let widths = Widths {
-        hidden: config.hidden_size,
+        hidden: h,
         heads: config.num_attention_heads,
-        intermediate: config.intermediate_size,
+        intermediate: inter,
         dtype,
+        // The GPU engine's rows (`gpu::Workspace`): the normed input, q, k,
+        // v, q by head, the attention's output, gate and up.
+        scratch_per_row: h + 3 * q + 2 * kv_w + 2 * inter,
+        // Hidden states stay f32 between layers.
+        residual: DType::F32,
     };
     Ok(ModelSpec::new(
         (config.num_hidden_layers, "model.layers.{}."),

@@ -90,7 +90,15 @@ pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
     // The CPU engine keeps its cache in f32 (unrounded, the reference's).
     let kv_dtype = if gpu { f16 } else { DType::F32 };
     let kv = KvLayout { kv_heads: config.num_attention_heads, head_dim: config.head_dim(), dtype: kv_dtype };
-    let widths = Widths { hidden: h, heads: config.num_attention_heads, intermediate: f, dtype: f16 };
+    let hd = config.num_attention_heads * config.head_dim();
+    let widths = Widths {
+        hidden: h,
+        heads: config.num_attention_heads,
+        intermediate: f,
+        dtype: f16,
+        scratch_per_row: Widths::plain_scratch(hd, hd, f),
+        residual: f16,
+    };
     Ok(ModelSpec::new((config.num_hidden_layers, "decoder.layers.{}."), layer, outside, kv, widths)?)
 }
 

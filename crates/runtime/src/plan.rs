@@ -268,7 +268,8 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
     // Hidden states between layers: the largest is the prefill's.
     let w = spec.widths;
     let act = w.dtype.size() as u64;
-    let hidden = (block as u64).saturating_mul(work.prompt_len as u64).saturating_mul(w.hidden as u64 * act);
+    let residual = w.residual.size() as u64;
+    let hidden = (block as u64).saturating_mul(work.prompt_len as u64).saturating_mul(w.hidden as u64 * residual);
     let activations = split(hidden, policy.act_gpu_percent, policy.act_cpu_percent, false);
 
     // The engine's buffers.
@@ -276,15 +277,13 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
     let gbs = policy.gpu_batch_size as u64;
     let p = work.prompt_len as u64;
     let rows = gbs.saturating_mul(p);
-    let kv_width = (spec.kv.kv_heads * spec.kv.head_dim) as u64;
-    let q_width = (w.heads * spec.kv.head_dim) as u64;
-    // Workspace for one GPU batch of one layer at prefill: q, k, v and the
-    // attention's output, the f32 scores of every head, and the MLP's
-    // inner activations.
+    // Workspace for one GPU batch of one layer at prefill: the rows'
+    // scratch as the family's engine holds it (q, k, v, the attention's
+    // output, the MLP's inner activations, ...) and the f32 scores of
+    // every head.
     let workspace = rows
-        .saturating_mul((2 * q_width + 2 * kv_width) * act)
-        .saturating_add(gbs.saturating_mul(w.heads as u64).saturating_mul(p.saturating_mul(p)).saturating_mul(4))
-        .saturating_add(rows.saturating_mul(w.intermediate as u64 * act));
+        .saturating_mul(w.scratch_per_row as u64 * act)
+        .saturating_add(gbs.saturating_mul(w.heads as u64).saturating_mul(p.saturating_mul(p)).saturating_mul(4));
     if machine.gpu_compute {
         buffers.gpu = buffers.gpu.saturating_add(workspace);
         if streamed > 0 {

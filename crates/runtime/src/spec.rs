@@ -142,6 +142,24 @@ pub struct Widths {
     pub intermediate: usize,
     /// Type of the activations the products write.
     pub dtype: DType,
+    /// Elements (of `dtype`) of one prefill row of the GPU engine's scratch:
+    /// the block's input, projections, attention output and the MLP's
+    /// inner activations, as the family's engine holds them
+    /// ([`Widths::plain_scratch`] for an engine with stacked projections and
+    /// one inner activation).
+    pub scratch_per_row: usize,
+    /// Type the hidden states between layers are kept in (the residual
+    /// stream).
+    pub residual: DType,
+}
+
+impl Widths {
+    /// The scratch of a row for q and attention output of `q_width`, keys
+    /// and values of `kv_width` and one inner activation: `2·q + 2·kv +
+    /// intermediate`.
+    pub fn plain_scratch(q_width: usize, kv_width: usize, intermediate: usize) -> usize {
+        2 * q_width + 2 * kv_width + intermediate
+    }
 }
 
 /// A model as the runtime sees it (see the module's documentation).
@@ -301,7 +319,14 @@ pub(crate) mod testing {
             layer,
             vec![t("embed", &[50_000, h], DType::F16, Block::Attention, false)],
             KvLayout { kv_heads: heads, head_dim, dtype: DType::F16 },
-            Widths { hidden: h, heads, intermediate: 4 * h, dtype: DType::F16 },
+            Widths {
+                hidden: h,
+                heads,
+                intermediate: 4 * h,
+                dtype: DType::F16,
+                scratch_per_row: Widths::plain_scratch(h, h, 4 * h),
+                residual: DType::F16,
+            },
         )
         .expect("a valid test spec")
     }
@@ -333,7 +358,14 @@ mod tests {
             ],
             vec![t("embed", &[1000, 64], DType::F16, Block::Attention, false)],
             KvLayout { kv_heads: 2, head_dim: 32, dtype: DType::F16 },
-            Widths { hidden: 64, heads: 4, intermediate: 256, dtype: DType::F16 },
+            Widths {
+                hidden: 64,
+                heads: 4,
+                intermediate: 256,
+                dtype: DType::F16,
+                scratch_per_row: Widths::plain_scratch(64, 64, 256),
+                residual: DType::F16,
+            },
         )
         .unwrap()
     }
@@ -421,7 +453,14 @@ mod tests {
             vec![huge],
             Vec::new(),
             KvLayout { kv_heads: 1, head_dim: 1, dtype: DType::F16 },
-            Widths { hidden: 1, heads: 1, intermediate: 1, dtype: DType::F16 },
+            Widths {
+                hidden: 1,
+                heads: 1,
+                intermediate: 1,
+                dtype: DType::F16,
+                scratch_per_row: 4,
+                residual: DType::F16,
+            },
         )
         .unwrap_err();
         assert!(err.to_string().contains("overflows"), "{err}");

@@ -428,7 +428,7 @@ fn use_config(c: &OptConfig) {
 
 #[test]
 fn fuzz_config_json() {
-    let mut f = Fuzz::new("config_json", 0.12);
+    let mut f = Fuzz::new("config_json", 0.1);
     let base = std::fs::read(fixture("tiny-opt/config.json")).unwrap();
     let tmp = scratch();
     let dir = tmp.path().join("m");
@@ -465,9 +465,74 @@ fn fuzz_config_json() {
     f.finish();
 }
 
+/// A Llama-family checkpoint directory through the family's loader (the
+/// config validated, the checkpoint checked against the spec) and, when it
+/// loads, a short greedy generation on the CPU.
+fn llama_load_and_run(dir: &Path) {
+    let Ok(model) = engine_llama::LlamaModel::load(dir) else { return };
+    let vocab = model.config().vocab_size as u32;
+    let prompt = vec![1u32.min(vocab.saturating_sub(1)), 5u32.min(vocab.saturating_sub(1))];
+    let _ = engine_llama::generate(&model, &[prompt], &engine_llama::GenerateOptions::new(2));
+}
+
+fn llama_fixture(name: &str) -> PathBuf {
+    repo_root().join("fixtures/llama").join(name)
+}
+
+#[test]
+fn fuzz_llama_config_json() {
+    let mut f = Fuzz::new("llama_config_json", 0.08);
+    let base = std::fs::read(llama_fixture("tiny-qwen3-qknorm-bf16/config.json")).unwrap();
+    let run = |text: &[u8]| {
+        let Ok(s) = std::str::from_utf8(text) else { return };
+        let Ok(c) = engine_llama::LlamaConfig::from_json(s) else { return };
+        // What a parsed configuration derives: sizes that must not overflow.
+        let _ = (c.parameters(), c.weight_bytes(), c.group());
+        let Ok(spec) = engine_llama::model_spec(&c) else { return };
+        let _ = (spec.weight_bytes(false), spec.weight_bytes(true), spec.kv.token_bytes());
+        // Small enough to build: seeded weights through the whole model.
+        if c.weight_bytes().is_ok_and(|b| b < 8 << 20) && c.max_position_embeddings >= 4 {
+            if let Ok(model) = engine_llama::LlamaModel::dummy(c, 0) {
+                let vocab = model.config().vocab_size as u32;
+                let prompt = vec![0u32, 1u32.min(vocab.saturating_sub(1))];
+                let _ = engine_llama::generate(&model, &[prompt], &engine_llama::GenerateOptions::new(2));
+            }
+        }
+    };
+    for input in f.corpus() {
+        f.case(&input.clone(), || run(&input));
+    }
+    while f.more() {
+        let input = mutated_json_text(&mut f.rng, &base);
+        f.case(&input.clone(), || run(&input));
+    }
+    f.finish();
+}
+
+#[test]
+fn fuzz_llama_checkpoint() {
+    let mut f = Fuzz::new("llama_checkpoint", 0.1);
+    let tmp = scratch();
+    let dir = tmp.path().join("m");
+    copy_dir(&llama_fixture("tiny-qwen2-bias-bf16"), &dir);
+    let base = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let run = |bytes: &[u8]| {
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        llama_load_and_run(&dir);
+    };
+    for input in f.corpus() {
+        f.case(&input.clone(), || run(&input));
+    }
+    while f.more() {
+        let input = mutated_safetensors(&mut f.rng, &base);
+        f.case(&input.clone(), || run(&input));
+    }
+    f.finish();
+}
+
 #[test]
 fn fuzz_safetensors_checkpoint() {
-    let mut f = Fuzz::new("safetensors", 0.25);
+    let mut f = Fuzz::new("safetensors", 0.15);
     let tmp = scratch();
     let dir = tmp.path().join("m");
     copy_dir(&fixture("tiny-opt"), &dir);
@@ -488,7 +553,7 @@ fn fuzz_safetensors_checkpoint() {
 
 #[test]
 fn fuzz_sharded_index() {
-    let mut f = Fuzz::new("sharded_index", 0.13);
+    let mut f = Fuzz::new("sharded_index", 0.1);
     let tmp = scratch();
     let dir = tmp.path().join("m");
     copy_dir(&fixture("tiny-opt-sharded"), &dir);
@@ -839,7 +904,7 @@ fn fuzz_command_lines_in_process() {
 /// (a large but legitimate workload), not as a failure.
 #[test]
 fn fuzz_command_lines_binary() {
-    let mut f = Fuzz::new("binary", 0.15);
+    let mut f = Fuzz::new("binary", 0.12);
     let tmp = scratch();
     let bases = base_command_lines(tmp.path());
     let exe = {

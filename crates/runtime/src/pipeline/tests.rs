@@ -65,7 +65,14 @@ impl Toy {
             shapes.iter().map(|(n, s)| tensor_spec(n, s)).collect(),
             vec![tensor_spec("embed", &[VOCAB, H]), tensor_spec("head", &[VOCAB, H])],
             KvLayout { kv_heads: KV_HEADS, head_dim: HEAD_DIM, dtype: DType::F32 },
-            Widths { hidden: H, heads: HEADS, intermediate: INTER, dtype: DType::F32 },
+            Widths {
+                hidden: H,
+                heads: HEADS,
+                intermediate: INTER,
+                dtype: DType::F32,
+                scratch_per_row: Widths::plain_scratch(H, H, INTER),
+                residual: DType::F32,
+            },
         )
         .unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
