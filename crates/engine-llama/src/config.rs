@@ -104,10 +104,18 @@ struct Raw {
 /// Rope types accepted in `rope_scaling` / `rope_parameters`.
 pub const SUPPORTED_ROPE_TYPES: [&str; 3] = ["default", "linear", "llama3"];
 
+/// The largest size a config field (or a head-width product) may give:
+/// far beyond any published model, small enough that every width derived
+/// from a few of them is computed without overflow.
+pub const MAX_SIZE: u64 = 1 << 32;
+
 fn size(field: &str, v: Option<u64>) -> Result<usize> {
     let v = v.ok_or_else(|| config(field, "is missing"))?;
     if v == 0 {
         return Err(config(field, "is 0; it must be positive"));
+    }
+    if v > MAX_SIZE {
+        return Err(config(field, format!("{v} is too large (at most 2^32)")));
     }
     usize::try_from(v).map_err(|_| config(field, format!("{v} does not fit this machine's usize")))
 }
@@ -250,6 +258,12 @@ impl LlamaConfig {
                 hidden_size / heads
             }
         };
+        if (heads as u64).saturating_mul(head_dim as u64) > MAX_SIZE {
+            return Err(config(
+                "head_dim",
+                format!("{head_dim} × num_attention_heads {heads} is too large a query width (at most 2^32)"),
+            ));
+        }
         if !head_dim.is_multiple_of(2) {
             return Err(config("head_dim", format!("{head_dim} is odd; the rotary embedding needs an even width")));
         }
@@ -663,7 +677,14 @@ mod tests {
         let e = err(&edit(&edit(&huge, "num_attention_heads", Some("1")), "num_key_value_heads", Some("1")));
         assert!(e.contains("overflows u64"), "{e}");
         let e = err(&edit(LLAMA31, "num_hidden_layers", Some("18446744073709551615")));
-        assert!(e.contains("overflows u64") || e.contains("usize"), "{e}");
+        assert!(e.contains("num_hidden_layers") && e.contains("too large"), "{e}");
+        // Heads × head_dim past 2^32 (a fuzzer's find: the widths derived
+        // from them overflowed).
+        let e = err(&edit(LLAMA31, "head_dim", Some("4611686018427387904")));
+        assert!(e.contains("head_dim") && e.contains("too large"), "{e}");
+        let wide = edit(&edit(LLAMA31, "head_dim", Some("65536")), "num_attention_heads", Some("131072"));
+        let e = err(&edit(&wide, "num_key_value_heads", Some("8")));
+        assert!(e.contains("query width"), "{e}");
     }
 
     #[test]
