@@ -447,7 +447,7 @@ fn check_placement(
         Ok(_) => Ok(()),
         Err(runtime::Error::PolicyDoesNotFit(msg)) => {
             // FlexGen's advice, and the search's: the nearest policy that fits.
-            let nearest = crate::cli::plan::nearest_fit(&spec, policy, work, cap, offload_dir);
+            let nearest = crate::cli::plan::nearest_fit(&spec, policy, work, cap, offload_dir, None);
             let msg = match nearest {
                 Some(n) => format!("{msg}\n{n}"),
                 None => msg,

@@ -304,6 +304,20 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     use engine_llama::gpu::AnyLlamaGpu;
     use runtime::gpu::stream::{split_layers, OffloadTiers};
     refuse_unsupported_on_gpu(args, policy)?;
+    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // The longest input bounds the prompt: its ids, or its text's bytes.
+    let longest = inputs
+        .iter()
+        .map(|i| match i {
+            Input::Ids(ids) => ids.len(),
+            Input::Text(t) => t.len().saturating_add(1),
+        })
+        .max()
+        .unwrap_or(1);
+    let gen_policy =
+        runtime::policy::Policy { gpu_batch_size: args.gpu_batch_size.min(inputs.len().max(1)), ..policy.clone() };
+    let work = runtime::plan::Workload { prompt_len: longest, gen_len: args.max_new_tokens.max(1) };
+    check_gpu_placement(&args.model, &gen_policy, work, args.gpu_mem, &offload_dir)?;
     if let Some(reason) = ops::gpu::unavailable_reason() {
         return Err(unsupported(format!(
             "--percent {} places the model on the GPU, and there is none ({reason}); without a GPU, run on the CPU \
@@ -325,7 +339,6 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     let layers = opened.config.num_hidden_layers;
     let split = split_layers(layers, policy.w_gpu_percent, policy.w_cpu_percent);
     let run_tiers = runtime::Tiers::default();
-    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     let tiers = if split.streams() {
         Some(OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?)
     } else {
@@ -381,6 +394,45 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
             peaks
         },
     )
+}
+
+/// The placement check of the family's GPU engine, before anything is
+/// allocated: `policy`'s bytes per tier (the plan the search uses, from
+/// the family's spec) against this GPU (or `--gpu-mem`, which also plans
+/// for a GPU that is not here), host memory and the offload directory's
+/// free space; a refusal says what each tier lacks, FlexGen's advice, and
+/// the nearest policy that fits.
+fn check_gpu_placement(
+    model: &str,
+    policy: &runtime::policy::Policy,
+    work: runtime::plan::Workload,
+    gpu_mem: Option<u64>,
+    offload_dir: &Path,
+) -> Result<()> {
+    let here = ops::gpu::unavailable_reason().is_none();
+    if !here && gpu_mem.is_none() {
+        // The missing GPU is said next, plainly.
+        return Ok(());
+    }
+    let planned = super::plan::planned_model(model)?;
+    let cap = super::plan::budgets(gpu_mem, None, offload_dir)?;
+    let can_pin =
+        policy.pin_weight && (!here || super::plan::host_kind(None).map(|k| k.is_page_locked()).unwrap_or(false));
+    let machine = runtime::plan::Machine { gpu_compute: true, can_pin };
+    match runtime::plan::check(&planned.spec, policy, work, machine, &cap) {
+        Ok(_) => Ok(()),
+        Err(runtime::Error::PolicyDoesNotFit(msg)) => {
+            let fixed =
+                [policy.cache_gpu_percent, policy.cache_cpu_percent, policy.act_gpu_percent, policy.act_cpu_percent];
+            let nearest = super::plan::nearest_fit(&planned.spec, policy, work, cap, offload_dir, Some(fixed));
+            let msg = match nearest {
+                Some(n) => format!("{msg}\n{n}"),
+                None => msg,
+            };
+            Err(engine_llama::Error::from(runtime::Error::PolicyDoesNotFit(msg)).into())
+        }
+        Err(e) => Err(engine_llama::Error::from(e).into()),
+    }
 }
 
 /// A Llama-family directory or preset opened for the GPU engine: its
@@ -643,6 +695,9 @@ pub fn bench(
     if args.prompt_len == 0 || args.gen_len == 0 {
         return Err(unsupported("--prompt-len and --gen-len must be at least 1".into()));
     }
+    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = runtime::plan::Workload { prompt_len: args.prompt_len, gen_len: args.gen_len };
+    check_gpu_placement(&args.model, &policy, work, args.gpu_mem, &offload_dir)?;
     if let Some(reason) = ops::gpu::unavailable_reason() {
         return Err(unsupported(format!("bench runs the Llama family on the GPU, and there is none ({reason})")));
     }
@@ -668,7 +723,6 @@ pub fn bench(
     gpu.set_budget(args.gpu_mem);
     let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
     let run_tiers = runtime::Tiers::default();
-    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     let tiers = if split.streams() {
         Some(OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?)
     } else {

@@ -501,6 +501,7 @@ pub fn nearest_fit(
     work: Workload,
     cap: Capacity,
     offload_dir: &Path,
+    cache_act: Option<[f64; 4]>,
 ) -> Option<String> {
     let rates = cached_rates(offload_dir);
     let host = host_kind(None).ok()?;
@@ -520,11 +521,12 @@ pub fn nearest_fit(
             cpu_cache_compute: Some(policy.cpu_cache_compute),
             sep_layer: Some(policy.sep_layer),
             percent: None,
-            cache_act: None,
+            cache_act,
         },
     };
     let found = search(&req).or_else(|_| {
-        req.pins = Pins::default();
+        req.pins =
+            Pins { cache_act, cpu_cache_compute: cache_act.map(|_| policy.cpu_cache_compute), ..Pins::default() };
         search(&req)
     });
     let c = found.ok()?.best;
