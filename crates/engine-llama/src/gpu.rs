@@ -22,6 +22,7 @@
 //! RMSNorm, SiLU(gate)·up and the down product added to the residual.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use indicatif::ProgressBar;
@@ -34,7 +35,7 @@ use runtime::gpu::stream::{LayerSplit, OffloadTiers, WeightStreamer};
 use runtime::sampling::Sampler;
 use runtime::schedule::{BatchTokens, ComputeDevice, GenerateOptions, GenerationOutput};
 use runtime::spec::{ModelSpec, TensorSpec};
-use tier_api::DType;
+use tier_api::{DType, MemAccount, Reservation};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -121,8 +122,8 @@ pub struct LlamaGpu<T: Half> {
     /// `--cpu-cache-compute`: each batch's KV cache in host memory, the
     /// attention computed there by the CPU reference's grouped-query
     /// attention (the step's q, k, v come to the host, the output goes
-    /// back for the output product).
-    cpu_attention: bool,
+    /// back for the output product), reserved against this host account.
+    cpu_attention: Option<Arc<MemAccount>>,
     /// Last, so that the buffers above go before its stream and handles.
     gpu: Gpu,
 }
@@ -199,7 +200,7 @@ impl<T: Half> LlamaGpu<T> {
             None
         };
         gpu.synchronize()?;
-        Ok(LlamaGpu { config, spec, embed, norm, lm_head, inv_freq, layers, offload, cpu_attention: false, gpu })
+        Ok(LlamaGpu { config, spec, embed, norm, lm_head, inv_freq, layers, offload, cpu_attention: None, gpu })
     }
 
     /// With `sep`, a streamed layer's MLP weights are waited for only
@@ -210,10 +211,11 @@ impl<T: Half> LlamaGpu<T> {
         }
     }
 
-    /// With `on`, batches made from now on keep their KV cache in host
-    /// memory and attend on the CPU (`--cpu-cache-compute`).
-    pub fn set_cpu_attention(&mut self, on: bool) {
-        self.cpu_attention = on;
+    /// With a host account, batches made from now on keep their KV cache
+    /// in host memory, reserved against it, and attend on the CPU
+    /// (`--cpu-cache-compute`); `None`: on the GPU.
+    pub fn set_cpu_attention(&mut self, host: Option<Arc<MemAccount>>) {
+        self.cpu_attention = host;
     }
 
     /// The configuration (its dtype the one computed in).
@@ -344,7 +346,7 @@ impl<T: Half> LlamaGpu<T> {
                 cache.len = past + s;
                 self.attention(cache, mask, (batch, s, past, past + s, b.capacity), ws)?;
             }
-            BatchCache::Host { layers, mask } => {
+            BatchCache::Host { layers, mask, .. } => {
                 let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
                 let host = |buf: &DevBuf<T>, n: usize| -> Result<Vec<f32>> {
                     Ok(buf.download_range(gpu.stream(), 0, n)?.into_iter().map(Half::to_f32).collect())
@@ -460,8 +462,9 @@ struct LayerCache<T: Half> {
 enum BatchCache<T: Half> {
     /// On the GPU.
     Gpu { layers: Vec<LayerCache<T>>, mask: DevBuf<u8> },
-    /// In host memory, in T, for the CPU's attention.
-    Host { layers: Vec<ops::KvCache>, mask: Vec<bool> },
+    /// In host memory, in T, for the CPU's attention (its bytes reserved
+    /// against the host account while the batch lives).
+    Host { layers: Vec<ops::KvCache>, mask: Vec<bool>, _held: Reservation },
 }
 
 impl<T: Half> BatchCache<T> {
@@ -497,15 +500,22 @@ impl<T: Half> GpuBatch<T> {
         };
         let per_layer = size("a layer's cache", &[tokens.batch(), c.num_key_value_heads, capacity, c.head_dim])?;
         let mask_len = size("the key mask", &[tokens.batch(), capacity])?;
-        let cache = if model.cpu_attention {
+        let cache = if let Some(host) = &model.cpu_attention {
             let dtype = match T::DTYPE {
                 DType::F16 => ops::DType::F16,
                 _ => ops::DType::BF16,
             };
+            // Reserved before it is allocated: a cache the host cannot hold
+            // is refused as the tier's out-of-memory error.
+            let bytes = (per_layer as u64)
+                .checked_mul(2 * T::DTYPE.size() as u64)
+                .and_then(|n| n.checked_mul(c.num_hidden_layers as u64))
+                .ok_or_else(|| gpu_err("the host KV cache's size overflows".into()))?;
+            let held = host.reserve(bytes, bytes).map_err(runtime::Error::from)?;
             let layers = (0..c.num_hidden_layers)
                 .map(|_| ops::KvCache::new(dtype, tokens.batch(), c.num_key_value_heads, c.head_dim, capacity))
                 .collect::<ops::Result<Vec<_>>>()?;
-            BatchCache::Host { layers, mask: vec![false; mask_len] }
+            BatchCache::Host { layers, mask: vec![false; mask_len], _held: held }
         } else {
             let layers = (0..c.num_hidden_layers)
                 .map(|_| {
@@ -528,7 +538,7 @@ impl<T: Half> GpuBatch<T> {
             BatchCache::Gpu { layers, mask } => {
                 layers.iter().map(|c| c.keys.bytes() + c.values.bytes()).sum::<u64>() + mask.bytes()
             }
-            BatchCache::Host { layers, mask } => {
+            BatchCache::Host { layers, mask, .. } => {
                 layers.iter().map(ops::KvCache::bytes).sum::<u64>() + mask.len() as u64
             }
         }
@@ -803,10 +813,10 @@ impl AnyLlamaGpu {
     }
 
     /// [`LlamaGpu::set_cpu_attention`].
-    pub fn set_cpu_attention(&mut self, on: bool) {
+    pub fn set_cpu_attention(&mut self, host: Option<Arc<MemAccount>>) {
         match self {
-            AnyLlamaGpu::Bf16(m) => m.set_cpu_attention(on),
-            AnyLlamaGpu::F16(m) => m.set_cpu_attention(on),
+            AnyLlamaGpu::Bf16(m) => m.set_cpu_attention(host),
+            AnyLlamaGpu::F16(m) => m.set_cpu_attention(host),
         }
     }
 

@@ -186,7 +186,9 @@ fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
         let exp = expected(&dir);
         let near = if exp.dtype == "bfloat16" { 0.05 } else { 1e-2 };
         let mut model = load(&dir, (50.0, 50.0), tmp.path(), &tiers);
-        model.set_cpu_attention(true);
+        let host =
+            std::sync::Arc::clone(tier_api::Device::account(&*tiers.host(tier_api::HostMemKind::Pageable).unwrap()));
+        model.set_cpu_attention(Some(std::sync::Arc::clone(&host)));
         for case in &exp.cases {
             let got = greedy(&model, std::slice::from_ref(&case.input_ids), exp.new_tokens);
             check_tokens(
@@ -200,6 +202,8 @@ fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
         }
         let got = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
         assert_eq!(got.len(), exp.batch.input_ids.len());
+        let stats = host.stats();
+        assert!(stats.peak_resident > 0 && stats.resident == 0, "{name}: the host caches are reserved, then freed");
         println!("{name}: the cache in host memory, attention on the CPU: transformers' tokens");
     }
 }

@@ -346,7 +346,12 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     };
     let mut model = AnyLlamaGpu::new(gpu, opened.config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
     model.set_sep_layer(policy.sep_layer);
-    model.set_cpu_attention(policy.cpu_cache_compute);
+    // With --cpu-cache-compute the caches live in pageable host memory,
+    // reserved against the run's host account.
+    let cache_host = std::sync::Arc::clone(tier_api::Device::account(
+        &*run_tiers.host(tier_api::HostMemKind::Pageable).map_err(engine_llama::Error::from)?,
+    ));
+    model.set_cpu_attention(policy.cpu_cache_compute.then(|| std::sync::Arc::clone(&cache_host)));
     let prompts = tokenize_with(opened.tokenizer.as_ref(), &opened.source, &inputs, args.chat)?;
     let config = model.config();
     runtime::schedule::validate_prompts(
@@ -391,6 +396,7 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
                 }
             }
             peaks.pinned += model.gpu().device().staging_stats().map_or(0, |s| s.peak_resident);
+            peaks.pageable += cache_peak(&model, &cache_host);
             peaks
         },
     )
@@ -596,6 +602,21 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     )
 }
 
+/// The peak of the host account the CPU attention's caches are reserved
+/// against, unless the streamed weights' host device is that same account
+/// (pageable weights), whose peak is counted with theirs.
+fn cache_peak(model: &engine_llama::gpu::AnyLlamaGpu, cache_host: &std::sync::Arc<tier_api::MemAccount>) -> u64 {
+    let shared = model
+        .offload()
+        .and_then(|s| s.tiers().host.clone())
+        .is_some_and(|h| std::sync::Arc::ptr_eq(tier_api::Device::account(&*h), cache_host));
+    if shared {
+        0
+    } else {
+        cache_host.stats().peak_resident
+    }
+}
+
 /// What `tierlm bench` prints for the Llama family (`--json`: one object).
 #[derive(Debug, serde::Serialize)]
 pub struct LlamaBenchReport {
@@ -731,7 +752,12 @@ pub fn bench(
     let t = std::time::Instant::now();
     let mut model = AnyLlamaGpu::new(gpu, config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
     model.set_sep_layer(policy.sep_layer);
-    model.set_cpu_attention(policy.cpu_cache_compute);
+    // With --cpu-cache-compute the caches live in pageable host memory,
+    // reserved against the run's host account.
+    let cache_host = std::sync::Arc::clone(tier_api::Device::account(
+        &*run_tiers.host(tier_api::HostMemKind::Pageable).map_err(engine_llama::Error::from)?,
+    ));
+    model.set_cpu_attention(policy.cpu_cache_compute.then(|| std::sync::Arc::clone(&cache_host)));
     let load_s = t.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let vocab = config.vocab_size as u32;
@@ -768,6 +794,7 @@ pub fn bench(
             peaks.disk += tier_api::Device::account(&**d).stats().peak_resident;
         }
     }
+    peaks.pageable += cache_peak(&model, &cache_host);
     let report = LlamaBenchReport {
         model: args.model.clone(),
         engine: "gpu",
