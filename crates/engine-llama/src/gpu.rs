@@ -59,8 +59,22 @@ pub fn dummy_init(t: &TensorSpec) -> Init {
     }
 }
 
+/// Refuses a checkpoint tensor holding NaN or infinity (see
+/// [`crate::finite`]), from its stored bytes.
+fn check_finite(ck: &Checkpoint, name: &str) -> Result<()> {
+    let dtype = match ck.dtype(name) {
+        Some(checkpoint::Dtype::F16) => ops::DType::F16,
+        Some(checkpoint::Dtype::BF16) => ops::DType::BF16,
+        Some(checkpoint::Dtype::F32) => ops::DType::F32,
+        // Other types were refused when the checkpoint was checked.
+        _ => return Ok(()),
+    };
+    crate::finite::check_weights(&crate::model::file_of(ck, name), name, dtype, ck.bytes(name)?)
+}
+
 /// A checkpoint tensor's values as `T`.
 fn values<T: Half>(ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<Vec<T>> {
+    check_finite(ck, name)?;
     let any: Box<dyn Any> = match T::DTYPE {
         DType::BF16 => Box::new(ck.to_bf16(name, shape)?),
         _ => Box::new(ck.to_f16(name, shape)?),
@@ -74,12 +88,16 @@ fn make_layer<T: Half>(gpu: &Gpu, spec: &ModelSpec, i: usize, ck: Option<&Checkp
     let Some(ck) = ck else {
         return Ok(GpuLayer::dummy(gpu, spec, i, seed, dummy_init)?);
     };
+    let fail =
+        |name: &str, e: &dyn std::fmt::Display| runtime::Error::Op(ops::Error::Gpu(format!("loading {name}: {e}")));
     let layer = match T::DTYPE {
         DType::BF16 => GpuLayer::load_bf16(gpu, spec, i, &mut |name, shape| {
-            ck.to_bf16(name, shape).map_err(|e| runtime::Error::Op(ops::Error::Gpu(format!("loading {name}: {e}"))))
+            check_finite(ck, name).map_err(|e| fail(name, &e))?;
+            ck.to_bf16(name, shape).map_err(|e| fail(name, &e))
         })?,
         _ => GpuLayer::load(gpu, spec, i, &mut |name, shape| {
-            ck.to_f16(name, shape).map_err(|e| runtime::Error::Op(ops::Error::Gpu(format!("loading {name}: {e}"))))
+            check_finite(ck, name).map_err(|e| fail(name, &e))?;
+            ck.to_f16(name, shape).map_err(|e| fail(name, &e))
         })?,
     };
     Ok(layer)

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod finite;
 pub mod generate;
 pub mod gpu;
 pub mod model;

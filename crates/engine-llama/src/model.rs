@@ -189,7 +189,11 @@ impl LlamaModel {
         let dtype = config.weight_dtype();
         LlamaModel::assemble_streaming(
             config,
-            |name, spec| Ok(Tensor::from_le_bytes(dtype, spec.shape.clone(), checkpoint.bytes(name)?)?),
+            |name, spec| {
+                let bytes = checkpoint.bytes(name)?;
+                crate::finite::check_weights(&file_of(checkpoint, name), name, dtype, bytes)?;
+                Ok(Tensor::from_le_bytes(dtype, spec.shape.clone(), bytes)?)
+            },
             resident,
             away,
         )
@@ -415,6 +419,11 @@ impl CpuModel for LlamaModel {
 /// its shape and of the checkpoint's one dtype (config.json's
 /// `torch_dtype`, or the embedding's where the config names none, which
 /// `config` then takes). An untied head needs `lm_head.weight`.
+/// The file of a checkpoint that holds `name`, for messages.
+pub fn file_of(checkpoint: &Checkpoint, name: &str) -> String {
+    checkpoint.info(name).map_or_else(|| checkpoint.dir().display().to_string(), |i| i.file.display().to_string())
+}
+
 pub fn open_checked(dir: &Path, mut config: LlamaConfig) -> Result<(LlamaConfig, Checkpoint)> {
     let checkpoint = Checkpoint::open(dir)?;
     let stored = |name: &str| -> Result<Option<DType>> {

@@ -98,3 +98,33 @@ fn a_model_loads_with_its_later_layers_streamed_away() {
     let err = CpuEngine::new(&partial, partial.layers(), CpuPlacement::default()).err().unwrap().to_string();
     assert!(err.contains("do not make the model's"), "{err}");
 }
+
+/// A checkpoint tensor holding NaN (a corrupt file, a diverged run) is
+/// refused as it is read, naming the tensor and the file, not turned into
+/// garbage tokens.
+#[test]
+fn a_nan_weight_is_refused_naming_the_tensor() {
+    let src = fixtures().into_iter().find(|d| d.ends_with("tiny-qwen2-bias-bf16")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let file = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let name = "model.layers.1.mlp.up_proj.weight";
+    let (start, dtype) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        let offset = t.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        (offset, t.dtype())
+    };
+    assert_eq!(dtype, safetensors::Dtype::BF16);
+    let mut bad = bytes.clone();
+    // The third value: a bf16 NaN.
+    bad[start + 4..start + 6].copy_from_slice(&0x7fc0u16.to_le_bytes());
+    std::fs::write(&file, bad).unwrap();
+    let e = LlamaModel::load(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains(name) && e.contains("1 value that is NaN or infinite (the first at index 2)"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+}
