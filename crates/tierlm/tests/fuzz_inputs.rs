@@ -511,35 +511,25 @@ fn fuzz_llama_config_json() {
 
 #[test]
 fn fuzz_llama_checkpoint() {
-    let mut f = Fuzz::new("llama_checkpoint", 0.1);
-    let tmp = scratch();
-    let dir = tmp.path().join("m");
-    copy_dir(&llama_fixture("tiny-qwen2-bias-bf16"), &dir);
-    let base = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let run = |bytes: &[u8]| {
-        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
-        llama_load_and_run(&dir);
-    };
-    for input in f.corpus() {
-        f.case(&input.clone(), || run(&input));
-    }
-    while f.more() {
-        let input = mutated_safetensors(&mut f.rng, &base);
-        f.case(&input.clone(), || run(&input));
-    }
-    f.finish();
+    fuzz_safetensors_of("llama_checkpoint", 0.1, &llama_fixture("tiny-qwen2-bias-bf16"), llama_load_and_run);
 }
 
 #[test]
 fn fuzz_safetensors_checkpoint() {
-    let mut f = Fuzz::new("safetensors", 0.15);
+    fuzz_safetensors_of("safetensors", 0.15, &fixture("tiny-opt"), load_and_run);
+}
+
+/// Mutations of `fixture`'s model.safetensors (header, length field,
+/// body), each loaded and run by `load` from a copy of the directory.
+fn fuzz_safetensors_of(target: &'static str, weight: f64, fixture: &Path, load: fn(&Path)) {
+    let mut f = Fuzz::new(target, weight);
     let tmp = scratch();
     let dir = tmp.path().join("m");
-    copy_dir(&fixture("tiny-opt"), &dir);
+    copy_dir(fixture, &dir);
     let base = std::fs::read(dir.join("model.safetensors")).unwrap();
     let run = |bytes: &[u8]| {
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
-        load_and_run(&dir);
+        load(&dir);
     };
     for input in f.corpus() {
         f.case(&input.clone(), || run(&input));

@@ -1,53 +1,14 @@
 // The GPU engine's kernels (compiled at run time by NVRTC through
 // tier-cuda's kernel cache). f16 storage, f32 arithmetic. Every kernel
-// checks its own bounds; the Rust launchers check buffer sizes.
+// checks its own bounds; the Rust launchers check buffer sizes. The
+// helpers of common.cuh (reductions, NEG_INF, u8/u32/u64) come before it.
 
 #include <cuda_fp16.h>
-
-typedef unsigned char u8;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 union H8 {
     uint4 u;
     __half2 h[4];
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); every thread gets it.
-// `red` is 32 floats of shared memory.
-__device__ float block_sum(float v, float* red) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = lane < nw ? red[lane] : 0.0f;
-    return warp_sum(t);
-}
-
-__device__ float block_max(float v, float* red) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = lane < nw ? red[lane] : NEG_INF;
-    return warp_max(t);
-}
 
 // Hidden states of the new tokens: token embedding (or what `hidden`
 // already holds, after a projection) plus a learned position embedding. The

@@ -15,7 +15,7 @@ use super::{tier_err, Gpu};
 use crate::error::{Error, Result};
 
 /// The CUDA C++ source of every kernel here.
-pub const SOURCE: &str = include_str!("kernels.cu");
+pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("kernels.cu"));
 
 /// The kernels' entry points, in the order [`Kernels`] loads them.
 pub const ENTRIES: &[&str] = &[

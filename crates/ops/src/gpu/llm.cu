@@ -9,16 +9,11 @@
 // sqrtf and divisions are the precise ones, and products whose rounding the
 // CPU reference fixes are written with __fmul_rn so they cannot be fused.
 // The Rust launchers (llm.rs) check buffer sizes; kernels check their own
-// index bounds.
+// index bounds. The helpers of common.cuh (reductions, NEG_INF, u8/u32/u64)
+// come before it.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-
-typedef unsigned char u8;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 // ---------------------------------------------------------------------------
 // Conversions.
@@ -50,43 +45,6 @@ template <typename T> __device__ __forceinline__ void unpack8(uint4 u, float* f)
     f[5] = bits_to_f<T>(u.z >> 16);
     f[6] = bits_to_f<T>(u.w);
     f[7] = bits_to_f<T>(u.w >> 16);
-}
-
-// ---------------------------------------------------------------------------
-// Reductions.
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); every thread gets it.
-// `red` is 32 floats of shared memory; safe to call again right after.
-__device__ float block_sum(float v, float* red) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = lane < nw ? red[lane] : 0.0f;
-    return warp_sum(t);
-}
-
-__device__ float block_max(float v, float* red) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = lane < nw ? red[lane] : NEG_INF;
-    return warp_max(t);
 }
 
 #define GRID_STRIDE(i, n) \

@@ -22,7 +22,7 @@ use super::{tier_err, Gpu};
 use crate::error::{Error, Result};
 
 /// The CUDA C++ source of the kernels here.
-pub const LLM_SOURCE: &str = include_str!("llm.cu");
+pub const LLM_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("llm.cu"));
 
 /// The kernels with an entry point per 16-bit type (`<name>_f16`,
 /// `<name>_bf16`).
