@@ -407,6 +407,18 @@ pub fn remedies(
     machine: Machine,
     cap: &Capacity,
 ) -> Result<Vec<Remedy>> {
+    remedies_with(spec, policy, work, machine, cap, true)
+}
+
+/// [`remedies`], leaving out compression for an engine without it.
+pub fn remedies_with(
+    spec: &ModelSpec,
+    policy: &Policy,
+    work: Workload,
+    machine: Machine,
+    cap: &Capacity,
+    compression: bool,
+) -> Result<Vec<Remedy>> {
     let mut p = policy.clone();
     let mut out = Vec::new();
     let steps: [(&'static str, Adjust); 3] = [
@@ -418,6 +430,9 @@ pub fn remedies(
         }),
     ];
     for (flag, apply) in steps {
+        if flag == "--compress-weight" && !compression {
+            continue;
+        }
         apply(&mut p);
         let total = footprint(spec, &p, work, machine)?.total();
         out.push(Remedy { flag, fits: overruns(&total, cap).is_empty(), total });
@@ -481,12 +496,26 @@ impl fmt::Display for Refusal {
 
 /// Refuses a policy that does not fit `cap`, before anything is allocated.
 pub fn check(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Machine, cap: &Capacity) -> Result<Footprint> {
+    check_with(spec, policy, work, machine, cap, true)
+}
+
+/// [`check`] for an engine with or without compression (its refusal then
+/// advises only what the engine can do).
+pub fn check_with(
+    spec: &ModelSpec,
+    policy: &Policy,
+    work: Workload,
+    machine: Machine,
+    cap: &Capacity,
+    compression: bool,
+) -> Result<Footprint> {
     let fp = footprint(spec, policy, work, machine)?;
     let over = overruns(&fp.total(), cap);
     if over.is_empty() {
         return Ok(fp);
     }
-    let refusal = Refusal { footprint: fp, overruns: over, remedies: remedies(spec, policy, work, machine, cap)? };
+    let remedies = remedies_with(spec, policy, work, machine, cap, compression)?;
+    let refusal = Refusal { footprint: fp, overruns: over, remedies };
     Err(Error::PolicyDoesNotFit(refusal.to_string()))
 }
 

@@ -591,6 +591,7 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
         "78G",
     ]);
     assert!(e.contains("does not fit") && e.contains("GPU: needs"), "{e}");
+    assert!(!e.contains("--compress-weight"), "no compression to advise for this engine: {e}");
     // (Where this machine's host memory and disk hold the rest: a small
     // test machine may have no policy that fits at all.)
     if e.contains("nearest policy that fits") {

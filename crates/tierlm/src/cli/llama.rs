@@ -425,7 +425,8 @@ fn check_gpu_placement(
     let can_pin =
         policy.pin_weight && (!here || super::plan::host_kind(None).map(|k| k.is_page_locked()).unwrap_or(false));
     let machine = runtime::plan::Machine { gpu_compute: true, can_pin };
-    match runtime::plan::check(&planned.spec, policy, work, machine, &cap) {
+    // The family's GPU engine has no compression yet: not advised.
+    match runtime::plan::check_with(&planned.spec, policy, work, machine, &cap, false) {
         Ok(_) => Ok(()),
         Err(runtime::Error::PolicyDoesNotFit(msg)) => {
             let fixed =
