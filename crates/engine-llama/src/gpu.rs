@@ -431,7 +431,10 @@ impl<T: Half> LlamaGpu<T> {
         // group: scores = Q·Kᵀ (f32 accumulation, stored in T as
         // transformers does), the causal masked softmax in f32, P·V.
         let group = heads / kv_heads;
-        let per_seq = heads * s * total;
+        let per_seq = heads
+            .checked_mul(s)
+            .and_then(|n| n.checked_mul(total))
+            .ok_or_else(|| gpu_err(format!("attention scores of {heads} heads × {s} × {total} overflow")))?;
         let chunk = (SCORE_BUDGET / (2 * per_seq.max(1))).clamp(1, batch.max(1));
         ws.ensure_scores(gpu, chunk * per_seq)?;
         let ws = &*ws;
