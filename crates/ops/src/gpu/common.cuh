@@ -41,3 +41,24 @@ __device__ float block_max(float v, float* red) {
     return warp_max(t);
 }
 
+// Softmax over `total` f32 scores in shared memory, in place: each becomes
+// exp(score - max), a masked one (-inf) 0, every one 0 when all are masked;
+// returns 1 / their sum (0 when all are masked) for the caller to scale by.
+// Every thread of the block calls it; it ends with a barrier, so the
+// scores may be read by any thread after.
+__device__ float shared_softmax(float* sc, int total, float* red) {
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < total; j += blockDim.x) mx = fmaxf(mx, sc[j]);
+    mx = block_max(mx, red);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < total; j += blockDim.x) {
+        float p = (mx == NEG_INF || sc[j] == NEG_INF) ? 0.0f : expf(sc[j] - mx);
+        sc[j] = p;
+        sum += p;
+    }
+    sum = block_sum(sum, red);
+    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    __syncthreads();
+    return inv;
+}
+

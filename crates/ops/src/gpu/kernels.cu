@@ -251,18 +251,7 @@ extern "C" __global__ void attn_decode(const __half* __restrict__ qkv, int hidde
         }
     }
     __syncthreads();
-    float mx = NEG_INF;
-    for (int j = threadIdx.x; j < total; j += blockDim.x) mx = fmaxf(mx, sc[j]);
-    mx = block_max(mx, red);
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j < total; j += blockDim.x) {
-        float p = (mx == NEG_INF || sc[j] == NEG_INF) ? 0.0f : expf(sc[j] - mx);
-        sc[j] = p;
-        sum += p;
-    }
-    sum = block_sum(sum, red);
-    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    __syncthreads();
+    float inv = shared_softmax(sc, total, red);
 
     float acc[8];
 #pragma unroll

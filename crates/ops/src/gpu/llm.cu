@@ -374,18 +374,7 @@ __device__ __forceinline__ void attn_decode_k(const T* __restrict__ q, const T* 
     __syncthreads();
 
     // 2. Softmax.
-    float mx = NEG_INF;
-    for (int j = threadIdx.x; j < total; j += blockDim.x) mx = fmaxf(mx, sc[j]);
-    mx = block_max(mx, red);
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j < total; j += blockDim.x) {
-        float p = (mx == NEG_INF || sc[j] == NEG_INF) ? 0.0f : expf(sc[j] - mx);
-        sc[j] = p;
-        sum += p;
-    }
-    sum = block_sum(sum, red);
-    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    __syncthreads();
+    float inv = shared_softmax(sc, total, red);
 
     // 3. Weighted values.
     float acc[8];
