@@ -512,6 +512,9 @@ impl GpuModel {
     pub fn begin_layer(&self, j: usize) -> Result<()> {
         if let Some(s) = &self.offload {
             s.begin_layer(j)?;
+            // The host waited for the layer's copies; the stream idled
+            // meanwhile: profiled as its own part, not the next kernel's.
+            self.mark("wait for weights")?;
         }
         if let Some(c) = &self.compressed {
             let w = self.weights(j)?;
@@ -877,6 +880,7 @@ impl GpuModel {
         ws.check(step)?;
         if let Some(s) = &self.offload {
             s.begin_mlp(layer)?;
+            self.mark("wait for weights")?;
         }
         let w = self.opt_layer(layer)?;
         let (rows, h, f) = (step.rows(), self.config.hidden_size, self.config.ffn_dim);

@@ -640,6 +640,9 @@ impl CacheStreamer {
             past,
         );
         st.bytes_moved += loaded;
+        // The host waited for the slot's store and load: profiled as its own
+        // part.
+        model.mark("wait for cache")?;
         // The compute is enqueued with the lock held: the slot is this
         // layer's until its event is recorded.
         model.layer_forward(j, &mut cache, act, ws, &step)?;
