@@ -195,27 +195,31 @@ impl Choice {
 
     /// The flags of `tierlm bench` that run this policy.
     pub fn flags(&self) -> String {
-        let p = &self.policy;
-        let pct = p.percent().iter().map(|v| fmt_percent(*v)).collect::<Vec<_>>().join(" ");
-        let mut s =
-            format!("--percent {pct} --gpu-batch-size {} --num-gpu-batches {}", p.gpu_batch_size, p.num_gpu_batches);
-        if !p.pin_weight {
-            s += " --pin-weight false";
-        }
-        if p.cpu_cache_compute {
-            s += " --cpu-cache-compute";
-        }
-        if !p.sep_layer {
-            s += " --sep-layer false";
-        }
-        if p.compress_weight {
-            s += " --compress-weight";
-        }
-        if p.compress_cache {
-            s += " --compress-cache";
-        }
-        s
+        policy_flags(&self.policy)
     }
+}
+
+/// The flags of `tierlm bench` that run `p` (the defaults left out).
+pub fn policy_flags(p: &Policy) -> String {
+    let pct = p.percent().iter().map(|v| fmt_percent(*v)).collect::<Vec<_>>().join(" ");
+    let mut s =
+        format!("--percent {pct} --gpu-batch-size {} --num-gpu-batches {}", p.gpu_batch_size, p.num_gpu_batches);
+    if !p.pin_weight {
+        s += " --pin-weight false";
+    }
+    if p.cpu_cache_compute {
+        s += " --cpu-cache-compute";
+    }
+    if !p.sep_layer {
+        s += " --sep-layer false";
+    }
+    if p.compress_weight {
+        s += " --compress-weight";
+    }
+    if p.compress_cache {
+        s += " --compress-cache";
+    }
+    s
 }
 
 /// A percentage as `--percent` takes it: at most three decimals, no

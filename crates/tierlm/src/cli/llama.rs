@@ -379,26 +379,7 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
             let s = if greedy { None } else { Some(&mut sampler) };
             Ok(model.generate(&[batch.to_vec()], &opts, s, pb)?.tokens)
         },
-        &|| {
-            let mut peaks = runtime::TierPeaks { gpu: model.gpu().held_bytes().1, ..Default::default() };
-            if let Some(s) = model.offload() {
-                let t = s.tiers();
-                if let Some(h) = &t.host {
-                    let bytes = tier_api::Device::account(&**h).stats().peak_resident;
-                    if h.mem_kind().is_page_locked() {
-                        peaks.pinned += bytes;
-                    } else {
-                        peaks.pageable += bytes;
-                    }
-                }
-                if let Some(d) = &t.disk {
-                    peaks.disk += tier_api::Device::account(&**d).stats().peak_resident;
-                }
-            }
-            peaks.pinned += model.gpu().device().staging_stats().map_or(0, |s| s.peak_resident);
-            peaks.pageable += cache_peak(&model, &cache_host);
-            peaks
-        },
+        &|| gpu_peaks(&model, &cache_host),
     )
 }
 
@@ -487,24 +468,19 @@ fn open(model: &str, dummy: bool) -> Result<Opened> {
 /// `tierlm generate` for a Llama-family model.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     let mut policy = super::gpu::generate_policy(args)?;
-    let auto = args.policy.as_deref() == Some("auto");
-    if auto {
+    let inputs = match &args.input {
+        Some(path) => read_inputs(path)?,
+        None => args.prompts.iter().cloned().map(Input::Text).collect(),
+    };
+    if args.policy.as_deref() == Some("auto") {
         // The search places the weights; the family's GPU engine keeps the
         // cache and the activations on the GPU.
-        let inputs = match &args.input {
-            Some(path) => read_inputs(path)?,
-            None => args.prompts.iter().cloned().map(Input::Text).collect(),
-        };
         match super::auto::for_generate(args, &inputs)? {
             Some(choice) => policy = choice.policy,
             None => super::auto::no_gpu_note(super::auto::Mode::Auto { asked: true }),
         }
     }
     if places_on_gpu(&policy) {
-        let inputs = match &args.input {
-            Some(path) => read_inputs(path)?,
-            None => args.prompts.iter().cloned().map(Input::Text).collect(),
-        };
         return generate_gpu(args, &policy, inputs);
     }
     refuse_unsupported(args)?;
@@ -514,12 +490,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     if args.gpu_batch_size == 0 {
         return Err(unsupported("--gpu-batch-size must be at least 1".to_string()));
     }
-    let inputs = match &args.input {
-        Some(path) => read_inputs(path)?,
-        None => args.prompts.iter().cloned().map(Input::Text).collect(),
-    };
     let json = args.json || args.input.is_some();
-    let policy = super::gpu::generate_policy(args)?;
     let dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     let tiers = runtime::Tiers::default();
     let host = std::sync::Arc::clone(tier_api::Device::account(&*tiers.host(tier_api::HostMemKind::Pageable)?));
@@ -603,19 +574,37 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     )
 }
 
-/// The peak of the host account the CPU attention's caches are reserved
-/// against, unless the streamed weights' host device is that same account
-/// (pageable weights), whose peak is counted with theirs.
-fn cache_peak(model: &engine_llama::gpu::AnyLlamaGpu, cache_host: &std::sync::Arc<tier_api::MemAccount>) -> u64 {
-    let shared = model
-        .offload()
-        .and_then(|s| s.tiers().host.clone())
-        .is_some_and(|h| std::sync::Arc::ptr_eq(tier_api::Device::account(&*h), cache_host));
-    if shared {
-        0
-    } else {
-        cache_host.stats().peak_resident
+/// The most each tier held in a GPU run: the GPU (the engine's buffers),
+/// the streamed weights' host memory (page-locked or pageable) and disk,
+/// the GPU tier's staging ring, and the host account the CPU attention's
+/// caches are reserved against (unless it is the pageable weights' own,
+/// counted with them).
+fn gpu_peaks(
+    model: &engine_llama::gpu::AnyLlamaGpu,
+    cache_host: &std::sync::Arc<tier_api::MemAccount>,
+) -> runtime::TierPeaks {
+    let mut peaks = runtime::TierPeaks { gpu: model.gpu().held_bytes().1, ..Default::default() };
+    let mut shared = false;
+    if let Some(t) = model.offload().map(|s| s.tiers()) {
+        if let Some(h) = &t.host {
+            let account = tier_api::Device::account(&**h);
+            shared = std::sync::Arc::ptr_eq(account, cache_host);
+            let bytes = account.stats().peak_resident;
+            if h.mem_kind().is_page_locked() {
+                peaks.pinned += bytes;
+            } else {
+                peaks.pageable += bytes;
+            }
+        }
+        if let Some(d) = &t.disk {
+            peaks.disk += tier_api::Device::account(&**d).stats().peak_resident;
+        }
     }
+    peaks.pinned += model.gpu().device().staging_stats().map_or(0, |s| s.peak_resident);
+    if !shared {
+        peaks.pageable += cache_host.stats().peak_resident;
+    }
+    peaks
 }
 
 /// What `tierlm bench` prints for the Llama family (`--json`: one object).
@@ -649,19 +638,6 @@ pub struct LlamaBenchReport {
     /// With `--policy auto`: the cost model's prediction for this run.
     pub predicted_decode_tokens_per_s: Option<f64>,
     pub predicted_total_tokens_per_s: Option<f64>,
-}
-
-/// A policy as the flags that reproduce it.
-fn policy_flags(p: &runtime::policy::Policy) -> String {
-    let pct: Vec<String> = p.percent().iter().map(|v| runtime::search::fmt_percent(*v)).collect();
-    format!(
-        "--percent {} --gpu-batch-size {} --num-gpu-batches {} --pin-weight {} --sep-layer {}",
-        pct.join(" "),
-        p.gpu_batch_size,
-        p.num_gpu_batches,
-        p.pin_weight,
-        p.sep_layer
-    )
 }
 
 /// `tierlm bench` for a Llama-family model: its GPU engine (the cache and
@@ -726,20 +702,16 @@ pub fn bench(
     let opened = open(&args.model, args.dummy)?;
     engine_llama::gpu::check_supported(&opened.config)?;
     let config = opened.config.clone();
-    let positions =
-        args.prompt_len.checked_add(args.gen_len).filter(|&n| n <= config.max_position_embeddings).ok_or_else(
-            || {
-                unsupported(format!(
-                    "--prompt-len {} + --gen-len {} exceed the model's {} positions",
-                    args.prompt_len, args.gen_len, config.max_position_embeddings
-                ))
-            },
-        )?;
+    if args.prompt_len.checked_add(args.gen_len).is_none_or(|n| n > config.max_position_embeddings) {
+        return Err(unsupported(format!(
+            "--prompt-len {} + --gen-len {} exceed the model's {} positions",
+            args.prompt_len, args.gen_len, config.max_position_embeddings
+        )));
+    }
     let batches = policy.num_gpu_batches;
     let batch = policy.gpu_batch_size;
     super::bench::check_block(batch, batches).map_err(Error::Opt)?;
     engine_llama::device::check_window_config(&config, &[vec![0; args.prompt_len]], args.gen_len)?;
-    let _ = positions;
     let gpu = ops::gpu::Gpu::new(0).map_err(engine_llama::Error::from)?;
     let device = gpu.device().info().to_string();
     gpu.set_budget(args.gpu_mem);
@@ -779,23 +751,10 @@ pub fn bench(
     let out = model.generate(&block, &opts, None, &hidden)?;
     let prompts = batch * batches;
     let (prefill, decode) = (out.prefill_time.as_secs_f64(), out.decode_time.as_secs_f64());
-    let n = prompts as f64;
+    let (prefill_tput, decode_tput, total_tput) =
+        super::bench::throughput(prompts, args.prompt_len, args.gen_len, &out);
     let streamed = model.offload().map_or(0, |s| s.bytes_streamed());
-    let mut peaks = runtime::TierPeaks { gpu: model.gpu().held_bytes().1, ..Default::default() };
-    if let Some(s) = model.offload() {
-        if let Some(h) = &s.tiers().host {
-            let bytes = tier_api::Device::account(&**h).stats().peak_resident;
-            if h.mem_kind().is_page_locked() {
-                peaks.pinned += bytes;
-            } else {
-                peaks.pageable += bytes;
-            }
-        }
-        if let Some(d) = &s.tiers().disk {
-            peaks.disk += tier_api::Device::account(&**d).stats().peak_resident;
-        }
-    }
-    peaks.pageable += cache_peak(&model, &cache_host);
+    let peaks = gpu_peaks(&model, &cache_host);
     let report = LlamaBenchReport {
         model: args.model.clone(),
         engine: "gpu",
@@ -818,14 +777,14 @@ pub fn bench(
         prefill_s: prefill,
         decode_s: decode,
         total_s: prefill + decode,
-        prefill_tokens_per_s: n * args.prompt_len as f64 / prefill,
-        decode_tokens_per_s: (args.gen_len > 1).then(|| n * (args.gen_len - 1) as f64 / decode),
-        total_tokens_per_s: n * args.gen_len as f64 / (prefill + decode),
+        prefill_tokens_per_s: prefill_tput,
+        decode_tokens_per_s: decode_tput,
+        total_tokens_per_s: total_tput,
         gpu_weight_bytes: model.weight_bytes(),
         streamed_weight_bytes: streamed,
         kv_cache_bytes: out.cache_bytes,
         peak_per_tier: peaks,
-        policy: policy_flags(&policy),
+        policy: runtime::search::policy_flags(&policy),
         predicted_decode_tokens_per_s: chosen.and_then(|c| c.prediction.decode_tokens_per_s),
         predicted_total_tokens_per_s: chosen.map(|c| c.prediction.total_tokens_per_s),
     };
