@@ -15,8 +15,8 @@
 //!   activation and residual epilogues ([`gpu::blas`]), the kernels
 //!   ([`gpu::kernels`]: embeddings with a family's position offset, layer
 //!   norm with its epsilon, the KV cache's store, prefill and decode
-//!   attention, sampling), the Llama family's kernels in f16 and bf16
-//!   ([`gpu::llm`], compiled on first use) and a profiler.
+//!   attention, sampling), the f16/bf16 kernels of rotary, grouped-query
+//!   decoders ([`gpu::llm`], compiled on first use) and a profiler.
 //!
 //! It may use `tier-api`, `tier-host` and `tier-cuda`, and it is one of the
 //! two places (with `tier-cuda`) that call `cudarc`. Families and the

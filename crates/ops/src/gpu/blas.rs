@@ -15,8 +15,8 @@
 //! buffer first.
 //!
 //! [`Blas::linear_half`] and [`Blas::gemm_batched_half`] are the same
-//! products over either 16-bit type ([`Half`]: f16 or bf16), for the
-//! Llama family; plans are kept apart by input type.
+//! products over either 16-bit type ([`Half`]: f16 or bf16); plans are
+//! kept apart by input type.
 
 use std::collections::HashMap;
 use std::ffi::c_void;

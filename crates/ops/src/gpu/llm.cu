@@ -1,6 +1,6 @@
-// The kernels of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3),
-// compiled at run time by NVRTC through tier-cuda's kernel cache, on first
-// use only (`Gpu::llm`).
+// The kernels of decoders with RMSNorm, rotary embeddings, grouped-query
+// attention and a gated MLP, compiled at run time by NVRTC through
+// tier-cuda's kernel cache, on first use only (`Gpu::llm`).
 //
 // Device code is templated over the 16-bit storage type T (`__half` or
 // `__nv_bfloat16`); each `extern "C"` entry point is instantiated for both,
@@ -122,7 +122,7 @@ __device__ __forceinline__ void rms_norm_f32_k(const float* __restrict__ x, u64 
     }
 }
 
-// The same on T rows of dim, in place (Qwen3's per-head q/k norm).
+// The same on T rows of dim, in place (a per-head q/k norm).
 template <typename T>
 __device__ __forceinline__ void rms_norm_inplace_k(T* x, int rows, int dim, const T* __restrict__ w, float eps,
                                                    int warp_rows) {

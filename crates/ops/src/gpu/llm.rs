@@ -1,8 +1,9 @@
-//! The kernels of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) in
-//! f16 and bf16 (`llm.cu`), and their launchers.
+//! The kernels of decoders with RMSNorm, rotary embeddings, grouped-query
+//! attention and a gated MLP, in f16 and bf16 (`llm.cu`), and their
+//! launchers.
 //!
 //! The source is compiled and loaded on first use ([`Gpu::llm`]), so a run
-//! that never asks for them (OPT) pays nothing. Each kernel has an entry
+//! that never asks for them pays nothing. Each kernel has an entry
 //! point per 16-bit type, `<name>_f16` and `<name>_bf16` (the type's
 //! [`Half::SUFFIX`]); the launchers are generic over [`Half`] and pick it.
 //! Arithmetic is f32 with each result rounded once to the storage type, as
@@ -148,7 +149,7 @@ impl Typed {
     }
 }
 
-/// The loaded Llama-family kernels of one GPU (both 16-bit types).
+/// The loaded f16/bf16 kernels of one GPU (both 16-bit types).
 #[derive(Debug)]
 pub struct LlmKernels {
     write_mask: Kernel,
@@ -343,8 +344,8 @@ impl LlmKernels {
         )
     }
 
-    /// RMSNorm of `rows` T rows of `dim` of `x`, in place (Qwen3's
-    /// per-head q/k norm: rows = tokens · heads, dim = head_dim).
+    /// RMSNorm of `rows` T rows of `dim` of `x`, in place (a per-head q/k
+    /// norm: rows = tokens · heads, dim = head_dim).
     pub fn rms_norm_inplace<T: Half>(
         &self,
         gpu: &Gpu,

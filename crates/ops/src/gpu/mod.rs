@@ -3,7 +3,8 @@
 //! - [`Gpu`]: the device (through `tier-cuda`, so every buffer is counted
 //!   against the GPU tier's account), one compute stream, the cuBLAS and
 //!   cuBLASLt handles ([`blas`]) and the NVRTC kernels ([`kernels`]; the
-//!   Llama family's f16/bf16 ones, [`llm`], compiled on first use).
+//!   f16/bf16 ones of rotary, grouped-query decoders, [`llm`], compiled on
+//!   first use).
 //! - [`buffer::DevBuf`]: a typed GPU buffer.
 //! - [`profile`]: where the parts of a step spend their time.
 //!
@@ -76,7 +77,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     pub blas: blas::Blas,
     pub kernels: kernels::Kernels,
-    /// The Llama family's kernels, compiled and loaded by the first
+    /// The f16/bf16 kernels ([`llm`]), compiled and loaded by the first
     /// [`Gpu::llm`].
     llm: OnceLock<llm::LlmKernels>,
 }
@@ -102,8 +103,8 @@ impl Gpu {
         Ok(Gpu { device, stream, blas, kernels, llm: OnceLock::new() })
     }
 
-    /// The Llama family's f16/bf16 kernels ([`llm`]): compiled and loaded
-    /// on the first call (a run that never asks, OPT's, pays nothing); a
+    /// The f16/bf16 kernels ([`llm`]): compiled and loaded on the first
+    /// call (a run that never asks pays nothing); a
     /// failure to compile or load is returned, and the next call tries
     /// again.
     pub fn llm(&self) -> Result<&llm::LlmKernels> {
