@@ -23,10 +23,14 @@ pub fn check_window(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize)
 
 /// [`check_window`] for a configuration.
 pub fn check_window_config(config: &LlamaConfig, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+    check_window_len(config, prompts.iter().map(Vec::len).max().unwrap_or(0), new_tokens)
+}
+
+/// [`check_window`] for prompts of at most `longest` tokens.
+pub fn check_window_len(config: &LlamaConfig, longest: usize, new_tokens: usize) -> Result<()> {
     let Some(window) = config.sliding_window else {
         return Ok(());
     };
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let total = longest
         .checked_add(new_tokens)
         .ok_or_else(|| Error::Generate(format!("{longest} + {new_tokens} positions overflow")))?;

@@ -592,6 +592,17 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
     ]);
     assert!(e.contains("does not fit") && e.contains("GPU: needs"), "{e}");
     assert!(!e.contains("--compress-weight"), "no compression to advise for this engine: {e}");
+    // The model's own limits come before the machine's, GPU or not:
+    // Mistral's sliding window, and the positions a preset has.
+    let gpu = ["--percent", "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "1"];
+    let mut args = vec!["bench", "--model", "mistral-7b", "--dummy", "--prompt-len", "4000", "--gen-len", "200"];
+    args.extend(gpu);
+    let e = fails(&args);
+    assert!(e.contains("sliding_window of 4096"), "{e}");
+    let mut args = vec!["bench", "--model", "qwen3-8b", "--dummy", "--prompt-len", "40000", "--gen-len", "1000"];
+    args.extend(gpu);
+    let e = fails(&args);
+    assert!(e.contains("exceed the model's 40960 positions"), "{e}");
     // (Where this machine's host memory and disk hold the rest: a small
     // test machine may have no policy that fits at all.)
     if e.contains("nearest policy that fits") {

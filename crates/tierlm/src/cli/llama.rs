@@ -693,12 +693,7 @@ pub fn bench(
     if args.prompt_len == 0 || args.gen_len == 0 {
         return Err(unsupported("--prompt-len and --gen-len must be at least 1".into()));
     }
-    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let work = runtime::plan::Workload { prompt_len: args.prompt_len, gen_len: args.gen_len };
-    check_gpu_placement(&args.model, &policy, work, args.gpu_mem, &offload_dir)?;
-    if let Some(reason) = ops::gpu::unavailable_reason() {
-        return Err(unsupported(format!("bench runs the Llama family on the GPU, and there is none ({reason})")));
-    }
+    // What the model and the flags say first, then the machine.
     let opened = open(&args.model, args.dummy)?;
     engine_llama::gpu::check_supported(&opened.config)?;
     let config = opened.config.clone();
@@ -711,7 +706,13 @@ pub fn bench(
     let batches = policy.num_gpu_batches;
     let batch = policy.gpu_batch_size;
     super::bench::check_block(batch, batches).map_err(Error::Opt)?;
-    engine_llama::device::check_window_config(&config, &[vec![0; args.prompt_len]], args.gen_len)?;
+    engine_llama::device::check_window_len(&config, args.prompt_len, args.gen_len)?;
+    let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = runtime::plan::Workload { prompt_len: args.prompt_len, gen_len: args.gen_len };
+    check_gpu_placement(&args.model, &policy, work, args.gpu_mem, &offload_dir)?;
+    if let Some(reason) = ops::gpu::unavailable_reason() {
+        return Err(unsupported(format!("bench runs the Llama family on the GPU, and there is none ({reason})")));
+    }
     let gpu = ops::gpu::Gpu::new(0).map_err(engine_llama::Error::from)?;
     let device = gpu.device().info().to_string();
     gpu.set_budget(args.gpu_mem);
