@@ -15,9 +15,18 @@ case's dtype as safetensors, and then reloads the directory with
 record, for a few prompts: the last position's logits of the first step,
 16 greedy tokens for each prompt alone, and 16 greedy tokens for all
 prompts in one left-padded batch (positions counted from each sequence's
-first real token). It also records the greedy tokens of the model computing
-in its own dtype, for the GPU engine. expected.json in each directory holds
-them; transformers' and torch's versions are recorded beside.
+first real token). It also records the greedy tokens and first-step logits
+of the model computing in its own dtype on the GPU where there is one (the
+run the GPU engine is compared with: how far transformers' own 16-bit run
+lies from its float32 one sets the tolerance). expected.json in each
+directory holds them; transformers' and torch's versions are recorded
+beside.
+
+    python3 scripts/make_llama_fixtures.py --add-native fixtures/llama
+
+only adds the native run's logits (`native_last_logits`, `native_device`)
+to existing fixtures, leaving their checkpoints and float32 answers as
+they are.
 """
 
 import copy
@@ -171,9 +180,43 @@ def greedy(model, prompts, device):
     return out[:, longest:].tolist()
 
 
+def native_logits(d, dtype, prompts, device):
+    """Each prompt's first-step last-position logits with the model
+    computing in its stored dtype."""
+    native = load(AutoModelForCausalLM.from_pretrained, d, dtype=dtype).to(device).eval()
+    with torch.no_grad():
+        return [
+            [round(v, 6) for v in native(torch.tensor([p], device=device)).logits[0, -1].float().cpu().tolist()]
+            for p in prompts
+        ]
+
+
+def add_native(root, device):
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "expected.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            expected = json.load(f)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[expected["dtype"]]
+        got = native_logits(os.path.join(root, name), dtype, [c["input_ids"] for c in expected["cases"]], device)
+        worst = 0.0
+        for case, logits in zip(expected["cases"], got):
+            case["native_last_logits"] = logits
+            worst = max(worst, max(abs(a - b) for a, b in zip(logits, case["last_logits"])))
+        expected["native_device"] = device
+        with open(path, "w") as f:
+            json.dump(expected, f, indent=1)
+        print(f"{name}: transformers' {expected['dtype']} logits within {worst:.3e} of its float32 ones ({device})")
+
+
 def main():
-    root = sys.argv[1] if len(sys.argv) > 1 else "fixtures/llama"
+    args = sys.argv[1:]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args[:1] == ["--add-native"]:
+        add_native(args[1] if len(args) > 1 else "fixtures/llama", device)
+        return
+    root = args[0] if args else "fixtures/llama"
     os.makedirs(root, exist_ok=True)
     for k, (name, (cfg, dtype)) in enumerate(CASES.items()):
         d = os.path.join(root, name)
@@ -211,6 +254,7 @@ def main():
                         "last_logits": [round(v, 6) for v in logits.tolist()],
                         "greedy_f32": greedy(ref, [p], device)[0],
                         "greedy_native": greedy(native, [p], device)[0],
+                        "native_last_logits": native_logits(d, dtype, [p], device)[0],
                     }
                 )
             batch = {"input_ids": PROMPTS, "greedy_f32": greedy(ref, PROMPTS, device)}
@@ -220,6 +264,7 @@ def main():
             "new_tokens": NEW_TOKENS,
             "cases": cases,
             "batch": batch,
+            "native_device": device,
             "made_with": {"transformers": transformers.__version__, "torch": torch.__version__, "device": device},
         }
         with open(os.path.join(d, "expected.json"), "w") as f:

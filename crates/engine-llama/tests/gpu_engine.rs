@@ -3,11 +3,17 @@
 //! f16, grouped and multi-query heads, llama3 rope scaling, Qwen2 biases,
 //! Qwen3 q/k norms, tied and untied heads).
 //!
-//! - The first step's logits near transformers' float32 ones (the GPU
+//! - The first step's logits near transformers' float32 ones: the GPU
 //!   computes in the checkpoint's 16-bit type, as transformers' native run
-//!   does), and 16 greedy tokens equal to transformers' native-dtype run
-//!   (`greedy_native`), or differing first at a near tie of the GPU's own
-//!   logits.
+//!   does, so the bound is how far that run lies from float32 on the
+//!   fixture (`native_last_logits`, recorded on the GPU machine), times
+//!   1.5, plus 1e-2. And 16 greedy tokens equal to transformers' native-dtype run
+//!   (`greedy_native`) or its float32 run (`greedy_f32`), or differing
+//!   first from the native run at a near tie of the GPU's own logits. Both
+//!   runs count: the engine keeps its residual stream in float32 where
+//!   transformers' native run rounds it to 16 bits, so where transformers
+//!   disagrees with itself (tiny-llama3-gqa-bf16/prompt1 after 8 tokens)
+//!   the engine may land on either side.
 //! - The same tokens with the weights streamed from host memory and from
 //!   disk as with every layer resident (the arithmetic is the same).
 //!
@@ -35,6 +41,8 @@ struct Case {
     input_ids: Vec<u32>,
     last_logits: Vec<f32>,
     greedy_native: Vec<u32>,
+    greedy_f32: Vec<u32>,
+    native_last_logits: Vec<f32>,
 }
 
 #[derive(Deserialize)]
@@ -128,9 +136,10 @@ fn the_gpu_engine_matches_hugging_face() {
     for dir in fixtures() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let exp = expected(&dir);
-        let bf16 = exp.dtype == "bfloat16";
-        // 16-bit activations against float32: bf16 keeps 8 bits of mantissa.
-        let (tolerance, near) = if bf16 { (0.1, 0.05) } else { (2e-2, 1e-2) };
+        let near = if exp.dtype == "bfloat16" { 0.05 } else { 1e-2 };
+        // transformers' own 16-bit run against its float32 one.
+        let native = exp.cases.iter().map(|c| max_abs_diff(&c.native_last_logits, &c.last_logits)).fold(0.0, f32::max);
+        let tolerance = 1.5 * native + 1e-2;
         let model = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
         let mut worst = 0.0f32;
         for case in &exp.cases {
@@ -138,8 +147,17 @@ fn the_gpu_engine_matches_hugging_face() {
             let logits = model.prefill_logits(std::slice::from_ref(&case.input_ids)).unwrap();
             let diff = max_abs_diff(&logits, &case.last_logits);
             worst = worst.max(diff);
-            assert!(diff <= tolerance, "{what}: first-step logits differ from transformers' by {diff:.2e}");
+            assert!(
+                diff <= tolerance,
+                "{what}: first-step logits differ from transformers' float32 by {diff:.2e}, \
+                 more than {tolerance:.2e} (its own {} run differs by up to {native:.2e})",
+                exp.dtype
+            );
             let got = greedy(&model, std::slice::from_ref(&case.input_ids), exp.new_tokens);
+            if got[0] == case.greedy_f32 && case.greedy_f32 != case.greedy_native {
+                println!("{what}: transformers' float32 tokens (its bf16/f16 run differs from them)");
+                continue;
+            }
             check_tokens(&what, &model, &case.input_ids, &got[0], &case.greedy_native, near);
         }
         // One left-padded batch gives each prompt's own tokens (up to ties).
@@ -148,7 +166,11 @@ fn the_gpu_engine_matches_hugging_face() {
             let alone = greedy(&model, std::slice::from_ref(prompt), exp.new_tokens);
             check_tokens(&format!("{name}/batch[{i}]"), &model, prompt, g, &alone[0], near);
         }
-        println!("{name}: GPU first-step logits within {worst:.2e} of transformers' float32; greedy tokens agree");
+        println!(
+            "{name}: GPU first-step logits within {worst:.2e} of transformers' float32 (its own {} run: {native:.2e}); \
+             greedy tokens agree",
+            exp.dtype
+        );
     }
 }
 
@@ -191,6 +213,10 @@ fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
         model.set_cpu_attention(Some(std::sync::Arc::clone(&host)));
         for case in &exp.cases {
             let got = greedy(&model, std::slice::from_ref(&case.input_ids), exp.new_tokens);
+            if got[0] == case.greedy_f32 && case.greedy_f32 != case.greedy_native {
+                println!("{name}/{} (CPU attention): transformers' float32 tokens", case.name);
+                continue;
+            }
             check_tokens(
                 &format!("{name}/{} (CPU attention)", case.name),
                 &model,
