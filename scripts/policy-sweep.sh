@@ -87,7 +87,7 @@ for f in sorted(x for x in os.listdir(out) if x.endswith(".flags")):
     r = load(name)
     if r is None:
         log = open(os.path.join(out, name + ".log")).read() if os.path.exists(os.path.join(out, name + ".log")) else ""
-        why = "does not fit" if "does not fit" in log else "failed (see log)"
+        why = "does not fit" if any(s in log for s in ("does not fit", "out of GPU memory", "out of host memory")) else "failed (see log)"
         rows.append(f"| {name} | `{flags}` | {why} | | |")
         continue
     t, d = r.get("total_tokens_per_s"), r.get("decode_tokens_per_s")
