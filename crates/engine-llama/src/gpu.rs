@@ -41,10 +41,6 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use checkpoint::Checkpoint;
 
-/// Bytes the prefill's attention scores may take at once (batches are
-/// chunked to stay under it).
-const SCORE_BUDGET: usize = 1 << 30;
-
 fn gpu_err(message: String) -> Error {
     Error::Op(ops::Error::Gpu(message))
 }
@@ -435,7 +431,7 @@ impl<T: Half> LlamaGpu<T> {
             .checked_mul(s)
             .and_then(|n| n.checked_mul(total))
             .ok_or_else(|| gpu_err(format!("attention scores of {heads} heads × {s} × {total} overflow")))?;
-        let chunk = (SCORE_BUDGET / (2 * per_seq.max(1))).clamp(1, batch.max(1));
+        let chunk = crate::spec::scores(std::mem::size_of::<T>()).chunk(per_seq as u64, batch as u64) as usize;
         ws.ensure_scores(gpu, chunk * per_seq)?;
         let ws = &*ws;
         let scores = ws.scores.as_ref().ok_or_else(|| gpu_err("the GPU score buffer is missing".into()))?;

@@ -5,7 +5,7 @@
 //! stored 4-bit. Outside the layers: the embedding, the final norm and,
 //! unless the embeddings are tied, `lm_head.weight`.
 
-use runtime::spec::{Block, KvLayout, ModelSpec, TensorSpec, Widths};
+use runtime::spec::{Block, KvLayout, ModelSpec, Scores, TensorSpec, Widths};
 use tier_api::DType;
 
 use crate::config::{Family, LlamaConfig};
@@ -83,6 +83,18 @@ pub fn layer_prefix(i: usize) -> String {
     format!("model.layers.{i}.")
 }
 
+/// Bytes the GPU engine's prefill attention scores may take at once: a
+/// GPU batch's sequences are taken in chunks under it.
+pub const SCORES_BUDGET: u64 = 1 << 30;
+
+/// How the GPU engine holds the prefill's scores: in the compute type
+/// (`bytes` each, as transformers stores them), chunked under
+/// [`SCORES_BUDGET`]. The plan counts the buffer from this, and the engine
+/// sizes it from it.
+pub fn scores(bytes: usize) -> Scores {
+    Scores { bytes, budget: Some(SCORES_BUDGET) }
+}
+
 /// The family's spec for `config`.
 pub fn model_spec(config: &LlamaConfig) -> Result<ModelSpec> {
     let dtype = runtime_dtype(config.weight_dtype());
@@ -99,6 +111,7 @@ pub fn model_spec(config: &LlamaConfig) -> Result<ModelSpec> {
         scratch_per_row: h + 3 * q + 2 * kv_w + 2 * inter,
         // Hidden states stay f32 between layers.
         residual: DType::F32,
+        scores: scores(dtype.size()),
     };
     Ok(ModelSpec::new(
         (config.num_hidden_layers, "model.layers.{}."),

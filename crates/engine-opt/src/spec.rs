@@ -98,6 +98,8 @@ pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
         dtype: f16,
         scratch_per_row: Widths::plain_scratch(hd, hd, f),
         residual: f16,
+        // The GPU engine's prefill takes every head's f32 scores at once.
+        scores: runtime::spec::Scores::F32_ALL,
     };
     Ok(ModelSpec::new((config.num_hidden_layers, "decoder.layers.{}."), layer, outside, kv, widths)?)
 }

@@ -279,11 +279,14 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
     let rows = gbs.saturating_mul(p);
     // Workspace for one GPU batch of one layer at prefill: the rows'
     // scratch as the family's engine holds it (q, k, v, the attention's
-    // output, the MLP's inner activations, ...) and the f32 scores of
-    // every head.
-    let workspace = rows
-        .saturating_mul(w.scratch_per_row as u64 * act)
-        .saturating_add(gbs.saturating_mul(w.heads as u64).saturating_mul(p.saturating_mul(p)).saturating_mul(4));
+    // output, the MLP's inner activations, ...) and the prefill's attention
+    // scores (every head's, of all the batch's sequences or of a chunk).
+    let workspace = rows.saturating_mul(w.scratch_per_row as u64 * act).saturating_add(w.scores.buffer_bytes(
+        gbs,
+        w.heads as u64,
+        p,
+        p,
+    ));
     if machine.gpu_compute {
         buffers.gpu = buffers.gpu.saturating_add(workspace);
         if streamed > 0 {

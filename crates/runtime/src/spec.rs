@@ -151,6 +151,42 @@ pub struct Widths {
     /// Type the hidden states between layers are kept in (the residual
     /// stream).
     pub residual: DType,
+    /// How the GPU engine holds the prefill's attention scores.
+    pub scores: Scores,
+}
+
+/// The prefill attention scores' buffer, as the family's GPU engine holds
+/// it: `heads · prompt_len²` values of `bytes` each per sequence, for all
+/// of a GPU batch's sequences at once, or, under a `budget`, for as many
+/// as fit it (at least one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scores {
+    /// Bytes of one score.
+    pub bytes: usize,
+    /// Bytes the buffer may take (sequences are taken in chunks under it).
+    pub budget: Option<u64>,
+}
+
+impl Scores {
+    /// Every head's scores in f32 for the whole GPU batch.
+    pub const F32_ALL: Scores = Scores { bytes: 4, budget: None };
+
+    /// Sequences the buffer holds at once for a batch of `batch` sequences
+    /// whose scores take `per_seq` values each.
+    pub fn chunk(&self, per_seq: u64, batch: u64) -> u64 {
+        let per_seq_bytes = per_seq.saturating_mul(self.bytes as u64).max(1);
+        match self.budget {
+            Some(b) => (b / per_seq_bytes).clamp(1, batch.max(1)),
+            None => batch.max(1),
+        }
+    }
+
+    /// Bytes of the buffer for `batch` sequences of `heads · q_len ·
+    /// k_len` scores each.
+    pub fn buffer_bytes(&self, batch: u64, heads: u64, q_len: u64, k_len: u64) -> u64 {
+        let per_seq = heads.saturating_mul(q_len).saturating_mul(k_len);
+        self.chunk(per_seq, batch).saturating_mul(per_seq).saturating_mul(self.bytes as u64)
+    }
 }
 
 impl Widths {
@@ -326,6 +362,7 @@ pub(crate) mod testing {
                 dtype: DType::F16,
                 scratch_per_row: Widths::plain_scratch(h, h, 4 * h),
                 residual: DType::F16,
+                scores: super::Scores::F32_ALL,
             },
         )
         .expect("a valid test spec")
@@ -365,9 +402,25 @@ mod tests {
                 dtype: DType::F16,
                 scratch_per_row: Widths::plain_scratch(64, 64, 256),
                 residual: DType::F16,
+                scores: super::Scores::F32_ALL,
             },
         )
         .unwrap()
+    }
+
+    #[test]
+    fn scores_are_counted_whole_or_in_chunks_under_their_budget() {
+        // 4 sequences of 2 heads x 8 x 8 scores.
+        assert_eq!(Scores::F32_ALL.buffer_bytes(4, 2, 8, 8), 4 * 2 * 64 * 4);
+        let chunked = Scores { bytes: 2, budget: Some(600) };
+        // One sequence's scores take 256 bytes: two fit the budget.
+        assert_eq!(chunked.chunk(128, 4), 2);
+        assert_eq!(chunked.buffer_bytes(4, 2, 8, 8), 512);
+        // Never fewer than one sequence, never more than the batch.
+        assert_eq!(Scores { bytes: 2, budget: Some(10) }.buffer_bytes(4, 2, 8, 8), 256);
+        assert_eq!(Scores { bytes: 2, budget: Some(1 << 40) }.buffer_bytes(4, 2, 8, 8), 1024);
+        // Sizes near 2^64 saturate rather than wrap.
+        assert_eq!(Scores::F32_ALL.buffer_bytes(u64::MAX, 2, 8, 8), u64::MAX);
     }
 
     #[test]
@@ -460,6 +513,7 @@ mod tests {
                 dtype: DType::F16,
                 scratch_per_row: 4,
                 residual: DType::F16,
+                scores: super::Scores::F32_ALL,
             },
         )
         .unwrap_err();
