@@ -638,6 +638,76 @@ pub struct LlamaBenchReport {
     /// With `--policy auto`: the cost model's prediction for this run.
     pub predicted_decode_tokens_per_s: Option<f64>,
     pub predicted_total_tokens_per_s: Option<f64>,
+    /// The GPU's copy and product rates, measured in this run before the
+    /// model was loaded.
+    pub roofline: super::gpu::Roofline,
+    /// What the run must move and compute over those rates.
+    pub limits: super::gpu::Limits,
+    /// With streamed weights: the streamer's copy rates measured in this
+    /// run, and the decode limit they set.
+    pub stream: Option<StreamLimit>,
+}
+
+/// The weight-streaming limit of a run whose layers live off the GPU.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamLimit {
+    /// Bytes of the streamed layers' host and disk rows, crossing PCIe (and
+    /// the disk's) once a step.
+    pub host_bytes_per_step: u64,
+    pub disk_bytes_per_step: u64,
+    /// The streamer's measured rates into a GPU slot.
+    pub host_copy_bytes_per_s: Option<f64>,
+    pub disk_copy_bytes_per_s: Option<f64>,
+    /// "pcie" or "disk": the link that bounds a step.
+    pub bounding_link: String,
+    /// prompts / the bounding link's time per step.
+    pub decode_tokens_per_s_stream_limit: Option<f64>,
+}
+
+/// What a Llama-family run must move and compute (FlexGen's limits, as
+/// [`super::gpu::limits`] gives OPT's), over `roof`: a decode step reads
+/// every weight but the embedding table (a row a sequence; with tied
+/// embeddings the table is the head and is read) and the cache up to its
+/// position; the prefill computes the products, the attention over every
+/// key (as the engine computes it) and the last positions' logits.
+pub fn llama_limits(
+    c: &LlamaConfig,
+    prompts: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    roof: &super::gpu::Roofline,
+) -> Result<super::gpu::Limits> {
+    let spec = engine_llama::spec::model_spec(c)?;
+    let elem = engine_llama::gpu::compute_dtype(c).size() as u64;
+    let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
+    let table = if c.tie_word_embeddings { 0 } else { v.saturating_mul(h).saturating_mul(elem) };
+    // Weights as the GPU holds them (f32 checkpoints run in bf16).
+    let params = spec.weight_bytes(false)? / spec.widths.dtype.size().max(1) as u64;
+    let weight_bytes = params.saturating_mul(elem).saturating_sub(table);
+    let token_bytes = 2 * c.num_key_value_heads as u64 * c.head_dim as u64 * elem * c.num_hidden_layers as u64;
+    let cache_bytes = |pos: usize| (prompts as u64).saturating_mul(pos as u64).saturating_mul(token_bytes);
+    let steps = gen_len.saturating_sub(1);
+    let decode_bytes: f64 = (1..=steps).map(|i| (weight_bytes + cache_bytes(prompt_len + i)) as f64).sum();
+    let decode_min_s = decode_bytes / roof.copy_bytes_per_s;
+    let n = prompts as f64;
+    let s = prompt_len as f64;
+    let (hf, i) = (h as f64, c.intermediate_size as f64);
+    let (q_w, kv_w) = ((c.num_attention_heads * c.head_dim) as f64, (c.num_key_value_heads * c.head_dim) as f64);
+    let layers = c.num_hidden_layers as f64;
+    let mut flop = 2.0 * n * s * layers * (2.0 * hf * q_w + 2.0 * hf * kv_w + 3.0 * hf * i);
+    flop += layers * 4.0 * n * s * s * q_w;
+    flop += 2.0 * n * v as f64 * hf;
+    let prefill_min_s = flop / roof.gemm_flop_per_s;
+    Ok(super::gpu::Limits {
+        decode_weight_bytes: weight_bytes,
+        decode_cache_bytes_first: if steps > 0 { cache_bytes(prompt_len + 1) } else { 0 },
+        decode_cache_bytes_last: if steps > 0 { cache_bytes(prompt_len + steps) } else { 0 },
+        decode_min_s,
+        prefill_flop: flop,
+        prefill_min_s,
+        decode_tokens_per_s_limit: (steps > 0).then(|| n * steps as f64 / decode_min_s),
+        total_tokens_per_s_limit: n * gen_len as f64 / (prefill_min_s + decode_min_s),
+    })
 }
 
 /// `tierlm bench` for a Llama-family model: its GPU engine (the cache and
@@ -715,6 +785,8 @@ pub fn bench(
     }
     let gpu = ops::gpu::Gpu::new(0).map_err(engine_llama::Error::from)?;
     let device = gpu.device().info().to_string();
+    // The GPU's rates, before the model takes its memory.
+    let roofline = super::gpu::measure_roofline(&gpu)?;
     gpu.set_budget(args.gpu_mem);
     let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
     let run_tiers = runtime::Tiers::default();
@@ -756,6 +828,27 @@ pub fn bench(
         super::bench::throughput(prompts, args.prompt_len, args.gen_len, &out);
     let streamed = model.offload().map_or(0, |s| s.bytes_streamed());
     let peaks = gpu_peaks(&model, &cache_host);
+    let limits = llama_limits(&config, prompts, args.prompt_len, args.gen_len, &roofline)?;
+    let stream = match model.offload() {
+        Some(s) => {
+            let rates = s.copy_rates()?;
+            let (host_bytes, disk_bytes) = s.home_bytes();
+            // Every streamed byte crosses PCIe (disk rows through pinned
+            // staging); the disk rows also cross the disk.
+            let pcie_s = rates.host.or(rates.layer).map_or(0.0, |r| (host_bytes + disk_bytes) as f64 / r);
+            let disk_s = rates.disk.map_or(0.0, |r| disk_bytes as f64 / r);
+            let (step_s, link) = if disk_s > pcie_s { (disk_s, "disk") } else { (pcie_s, "pcie") };
+            Some(StreamLimit {
+                host_bytes_per_step: host_bytes,
+                disk_bytes_per_step: disk_bytes,
+                host_copy_bytes_per_s: rates.host,
+                disk_copy_bytes_per_s: rates.disk,
+                bounding_link: link.into(),
+                decode_tokens_per_s_stream_limit: (args.gen_len > 1 && step_s > 0.0).then(|| prompts as f64 / step_s),
+            })
+        }
+        None => None,
+    };
     let report = LlamaBenchReport {
         model: args.model.clone(),
         engine: "gpu",
@@ -788,6 +881,9 @@ pub fn bench(
         policy: runtime::search::policy_flags(&policy),
         predicted_decode_tokens_per_s: chosen.and_then(|c| c.prediction.decode_tokens_per_s),
         predicted_total_tokens_per_s: chosen.map(|c| c.prediction.total_tokens_per_s),
+        roofline,
+        limits,
+        stream,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| unsupported(format!("the report as JSON: {e}")))?);
@@ -807,6 +903,24 @@ pub fn bench(
             report.decode_tokens_per_s.map_or("-".into(), |d| format!("{d:.1} tok/s")),
             report.total_tokens_per_s
         );
+        let pct = |a: f64, b: f64| 100.0 * a / b;
+        match (report.decode_tokens_per_s, &report.stream, report.limits.decode_tokens_per_s_limit) {
+            (Some(d), Some(StreamLimit { decode_tokens_per_s_stream_limit: Some(sl), bounding_link, .. }), _) => {
+                println!(
+                    "  decode at {:.0}% of the weight-streaming limit ({sl:.1} tok/s, bound by {bounding_link})",
+                    pct(d, *sl)
+                )
+            }
+            (Some(d), _, Some(l)) => {
+                println!("  decode at {:.0}% of the GPU memory limit ({l:.1} tok/s)", pct(d, l))
+            }
+            _ => {}
+        }
+        println!(
+            "  prefill at {:.0}% of the product-rate limit ({:.2} s)",
+            pct(report.limits.prefill_min_s, prefill.max(f64::MIN_POSITIVE)),
+            report.limits.prefill_min_s
+        );
         println!("  policy: {}", report.policy);
         if let Some(c) = chosen {
             println!("  predicted: {}", super::plan::prediction_line(&c.prediction));
@@ -818,6 +932,29 @@ pub fn bench(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_limits_count_what_a_step_reads_and_the_prefill_computes() {
+        let c = LlamaConfig::preset("llama-3.1-8b").unwrap();
+        let roof = super::super::gpu::Roofline { copy_bytes_per_s: 3.0e12, gemm_flop_per_s: 7.5e14 };
+        let l = llama_limits(&c, 64, 512, 32, &roof).unwrap();
+        // The weights the H100 held for this preset (bench, 2026-12-07),
+        // less the embedding table (128,256 x 4,096 bf16).
+        assert_eq!(l.decode_weight_bytes, 16_060_522_496 - 128_256 * 4096 * 2);
+        // 32 layers x 8 kv heads x 128 x (k, v) x 2 bytes a position.
+        assert_eq!(l.decode_cache_bytes_first, 64 * 513 * 131_072);
+        assert_eq!(l.decode_cache_bytes_last, 64 * 543 * 131_072);
+        let bytes: f64 = (513..=543).map(|p| (l.decode_weight_bytes + 64 * p * 131_072) as f64).sum();
+        assert!((l.decode_min_s - bytes / 3.0e12).abs() < 1e-12);
+        assert!((l.decode_tokens_per_s_limit.unwrap() - 64.0 * 31.0 / l.decode_min_s).abs() < 1e-6);
+        // 2 x tokens x the layers' 6.98e9 product weights, + attention + logits.
+        let products = 2.0 * 32768.0 * 32.0 * (2.0 * 4096.0 * 4096.0 + 2.0 * 4096.0 * 1024.0 + 3.0 * 4096.0 * 14336.0);
+        let attention = 32.0 * 4.0 * 64.0 * 512.0 * 512.0 * 4096.0;
+        let logits = 2.0 * 64.0 * 128_256.0 * 4096.0;
+        assert!((l.prefill_flop - (products + attention + logits)).abs() < 1.0);
+        // A single new token has no decode step.
+        assert_eq!(llama_limits(&c, 64, 512, 1, &roof).unwrap().decode_tokens_per_s_limit, None);
+    }
 
     #[test]
     fn a_directory_is_dispatched_by_its_model_type() {
