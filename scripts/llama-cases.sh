@@ -8,9 +8,12 @@
 #   F  llama-3.1-70b, bf16 (141 GB), the weights that do not fit the GPU
 #      streamed from pinned host memory, cache on the GPU, 2 GPU batches:
 #      tierlm with the policy search choosing the split (--policy auto),
-#      and with a hand split. (transformers + accelerate would need the
-#      model's 141 GB in host memory or on disk to offload from; neither
-#      the 125 GiB host nor the 64 GiB disk holds it: no baseline here.)
+#      and with a hand split; then transformers with accelerate's
+#      dispatch over the GPU (52 GiB of weights, leaving room for the
+#      cache and the prefill) and host memory (the other ~85 GB), random
+#      weights materialised in place (hf_llama_bench.py --gpu-weights-gib),
+#      4 new tokens (each of its decode steps moves the host layers over
+#      PCIe; its rate per step is what is compared).
 #
 # Usage (repository root): scripts/llama-cases.sh [--tierlm PATH] [CASE...]
 # Results: $OUT/llama-cases/ (else /tmp/llama-cases): one .json and .log a
@@ -51,6 +54,8 @@ for c in "${cases[@]}"; do
       # shellcheck disable=SC2086
       run F-tierlm-hand 540 "$tierlm" bench --model llama-3.1-70b $common --percent 40 60 100 0 100 0 \
         --gpu-batch-size 32 --num-gpu-batches 2
+      run F-transformers 540 python3 "$(dirname "$0")/hf_llama_bench.py" --preset llama-3.1-70b --prompts 64 \
+        --prompt-len 512 --gen-len 4 --gpu-weights-gib 52
       ;;
   esac
 done
