@@ -22,6 +22,7 @@
 //! RMSNorm, SiLU(gate)·up and the down product added to the residual.
 
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -29,6 +30,7 @@ use indicatif::ProgressBar;
 use ops::gpu::blas::{HalfOut, Operand};
 use ops::gpu::buffer::{DevBuf, Half};
 use ops::gpu::llm::attn_decode_fits;
+use ops::gpu::profile::Profiler;
 use ops::gpu::Gpu;
 use runtime::gpu::layer::{GpuLayer, Init};
 use runtime::gpu::stream::{LayerSplit, OffloadTiers, WeightStreamer};
@@ -138,6 +140,8 @@ pub struct LlamaGpu<T: Half> {
     /// attention (the step's q, k, v come to the host, the output goes
     /// back for the output product), reserved against this host account.
     cpu_attention: Option<Arc<MemAccount>>,
+    /// `TIERLM_GPU_PROFILE`: an event after every part of a step.
+    profiler: Option<Profiler>,
     /// Last, so that the buffers above go before its stream and handles.
     gpu: Gpu,
 }
@@ -214,7 +218,19 @@ impl<T: Half> LlamaGpu<T> {
             None
         };
         gpu.synchronize()?;
-        Ok(LlamaGpu { config, spec, embed, norm, lm_head, inv_freq, layers, offload, cpu_attention: None, gpu })
+        Ok(LlamaGpu {
+            config,
+            spec,
+            embed,
+            norm,
+            lm_head,
+            inv_freq,
+            layers,
+            offload,
+            cpu_attention: None,
+            profiler: None,
+            gpu,
+        })
     }
 
     /// With `sep`, a streamed layer's MLP weights are waited for only
@@ -222,6 +238,37 @@ impl<T: Half> LlamaGpu<T> {
     pub fn set_sep_layer(&mut self, sep: bool) {
         if let Some(s) = &mut self.offload {
             s.set_sep_layer(sep);
+        }
+    }
+
+    /// With `on`, every part of a step records an event on the stream (the
+    /// profile [`LlamaGpu::take_profile`] reads); off, none.
+    pub fn set_profile(&mut self, on: bool) {
+        self.profiler = on.then(Profiler::default);
+    }
+
+    /// Milliseconds per (phase, part) since profiling began or the last
+    /// call, after waiting for the stream; empty when not profiling.
+    pub fn take_profile(&self) -> Result<BTreeMap<(&'static str, &'static str), f64>> {
+        match &self.profiler {
+            Some(p) => Ok(p.take(&self.gpu)?),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Marks the end of `part` on the stream when profiling.
+    fn mark(&self, part: &'static str) -> Result<()> {
+        match &self.profiler {
+            Some(p) => Ok(p.mark(&self.gpu, part)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a profile phase when profiling.
+    fn phase(&self, phase: &'static str) -> Result<()> {
+        match &self.profiler {
+            Some(p) => Ok(p.phase(&self.gpu, phase)?),
+            None => Ok(()),
         }
     }
 
@@ -293,6 +340,7 @@ impl<T: Half> LlamaGpu<T> {
             .iter()
             .map(|p| i32::try_from(p.unwrap_or(0)).map_err(|_| gpu_err("a position past 2^31".into())))
             .collect::<Result<_>>()?;
+        self.phase(if tokens.new_len() > 1 { "prefill" } else { "decode" })?;
         let stream = self.gpu.stream();
         ws.tokens.upload(stream, 0, tokens.tokens())?;
         ws.step_mask.upload(stream, 0, tokens.mask())?;
@@ -311,7 +359,7 @@ impl<T: Half> LlamaGpu<T> {
             }
         }
         b.len = end;
-        Ok(())
+        self.mark("embed")
     }
 
     /// Layer `j` of one batch's step, in place on its hidden states and
@@ -338,6 +386,7 @@ impl<T: Half> LlamaGpu<T> {
 
         // Attention block.
         llm.rms_norm_f32(gpu, &b.hidden, (0, h), rows, h, self.tensor(w, "input_layernorm.weight")?, eps, &ws.x)?;
+        self.mark("rms norm")?;
         for (name, out, n) in
             [("self_attn.q_proj", &ws.q, q_w), ("self_attn.k_proj", &ws.k, kv_w), ("self_attn.v_proj", &ws.v, kv_w)]
         {
@@ -345,6 +394,7 @@ impl<T: Half> LlamaGpu<T> {
             let bias = self.optional(w, &format!("{name}.bias"))?;
             gpu.blas.linear_half(gpu, &ws.x, rows, weight, (n, h), HalfOut::Half { out, bias }, false)?;
         }
+        self.mark("q k v products")?;
         if let (Some(qn), Some(kn)) =
             (self.optional(w, "self_attn.q_norm.weight")?, self.optional(w, "self_attn.k_norm.weight")?)
         {
@@ -353,11 +403,13 @@ impl<T: Half> LlamaGpu<T> {
         }
         llm.rope(gpu, &ws.q, rows, heads, d, &ws.positions, &self.inv_freq)?;
         llm.rope(gpu, &ws.k, rows, kv_heads, d, &ws.positions, &self.inv_freq)?;
+        self.mark("q/k norm, rope")?;
         match &mut b.cache {
             BatchCache::Gpu { layers, mask } => {
                 let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
                 llm.store_kv(gpu, &ws.k, &ws.v, (batch, s, kv_heads, d), past, b.capacity, &cache.keys, &cache.values)?;
                 cache.len = past + s;
+                self.mark("store kv")?;
                 self.attention(cache, mask, (batch, s, past, past + s, b.capacity), ws)?;
             }
             BatchCache::Host { layers, mask, .. } => {
@@ -376,24 +428,30 @@ impl<T: Half> LlamaGpu<T> {
                 ws.attn.upload(gpu.stream(), 0, &out)?;
             }
         }
+        self.mark("attention")?;
         let o = self.tensor(w, "self_attn.o_proj.weight")?;
         gpu.blas.linear_half(gpu, &ws.attn, rows, o, (h, q_w), HalfOut::F32 { out: &b.hidden }, true)?;
+        self.mark("o product")?;
 
         // MLP block.
         if let Some(st) = &self.offload {
             st.begin_mlp(j)?;
+            self.mark("wait for weights")?;
         }
         let w = self.weights(j)?;
         let post = self.tensor(w, "post_attention_layernorm.weight")?;
         llm.rms_norm_f32(gpu, &b.hidden, (0, h), rows, h, post, eps, &ws.x)?;
+        self.mark("rms norm")?;
         let gate = self.tensor(w, "mlp.gate_proj.weight")?;
         let up = self.tensor(w, "mlp.up_proj.weight")?;
         let down = self.tensor(w, "mlp.down_proj.weight")?;
         gpu.blas.linear_half(gpu, &ws.x, rows, gate, (inter, h), HalfOut::Half { out: &ws.gate, bias: None }, false)?;
         gpu.blas.linear_half(gpu, &ws.x, rows, up, (inter, h), HalfOut::Half { out: &ws.up, bias: None }, false)?;
+        self.mark("gate up products")?;
         llm.silu_mul(gpu, &ws.gate, &ws.up, rows * inter)?;
+        self.mark("silu mul")?;
         gpu.blas.linear_half(gpu, &ws.gate, rows, down, (h, inter), HalfOut::F32 { out: &b.hidden }, true)?;
-        Ok(())
+        self.mark("down product")
     }
 
     /// Attention of the step's queries (`ws.q`, rotated) over the layer's
@@ -463,7 +521,8 @@ impl<T: Half> LlamaGpu<T> {
         let at = (s.saturating_sub(1) * h, s * h);
         gpu.llm()?.rms_norm_f32(gpu, &b.hidden, at, batch, h, &self.norm, c.rms_norm_eps, &ws.last)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(gpu.blas.linear_half(gpu, &ws.last, batch, head, (v, h), HalfOut::F32 { out: &ws.logits }, false)?)
+        gpu.blas.linear_half(gpu, &ws.last, batch, head, (v, h), HalfOut::F32 { out: &ws.logits }, false)?;
+        self.mark("logits")
     }
 }
 
@@ -698,6 +757,7 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     fn begin_layer(&mut self, j: usize) -> Result<()> {
         if let Some(s) = &self.model.offload {
             s.begin_layer(j)?;
+            self.model.mark("wait for weights")?;
         }
         Ok(())
     }
@@ -728,6 +788,7 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
                     check_logits(&ws.logits.download_range(gpu.stream(), 0, batch * vocab)?)?;
                 }
                 gpu.kernels.argmax_rows(gpu, &ws.logits, batch, vocab, &ws.picked)?;
+                model.mark("pick")?;
                 Ok(ws.picked.download_range(gpu.stream(), 0, batch)?)
             }
             Some(sampler) => {
@@ -842,6 +903,22 @@ impl AnyLlamaGpu {
         match self {
             AnyLlamaGpu::Bf16(m) => m.set_sep_layer(sep),
             AnyLlamaGpu::F16(m) => m.set_sep_layer(sep),
+        }
+    }
+
+    /// [`LlamaGpu::set_profile`].
+    pub fn set_profile(&mut self, on: bool) {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.set_profile(on),
+            AnyLlamaGpu::F16(m) => m.set_profile(on),
+        }
+    }
+
+    /// [`LlamaGpu::take_profile`].
+    pub fn take_profile(&self) -> Result<BTreeMap<(&'static str, &'static str), f64>> {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.take_profile(),
+            AnyLlamaGpu::F16(m) => m.take_profile(),
         }
     }
 

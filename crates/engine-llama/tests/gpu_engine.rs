@@ -233,3 +233,26 @@ fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
         println!("{name}: the cache in host memory, attention on the CPU: transformers' tokens");
     }
 }
+
+#[test]
+fn a_profiled_run_gives_the_same_tokens_and_times_every_part() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tiers = runtime::Tiers::default();
+    let dir = fixtures().into_iter().next().unwrap();
+    let exp = expected(&dir);
+    let mut model = load(&dir, (50.0, 50.0), tmp.path(), &tiers);
+    let plain = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
+    model.set_profile(true);
+    let profiled = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
+    let parts = model.take_profile().unwrap();
+    assert_eq!(profiled, plain, "profiling changed the tokens");
+    for phase in ["prefill", "decode"] {
+        for part in ["embed", "q k v products", "attention", "down product", "logits", "wait for weights"] {
+            assert!(parts.contains_key(&(phase, part)), "no {phase} {part} in {:?}", parts.keys());
+        }
+    }
+    assert!(parts.values().all(|ms| ms.is_finite() && *ms >= 0.0), "{parts:?}");
+}

@@ -926,6 +926,19 @@ pub fn bench(
             println!("  predicted: {}", super::plan::prediction_line(&c.prediction));
         }
     }
+    // TIERLM_GPU_PROFILE=1: one more run with every part timed by events
+    // (on stderr, so that --json's stdout stays one object).
+    if std::env::var_os("TIERLM_GPU_PROFILE").is_some_and(|v| v != "0") {
+        model.set_profile(true);
+        model.generate(&block, &opts, None, &hidden)?;
+        let parts = model.take_profile()?;
+        model.set_profile(false);
+        let mut text = String::from("profile (a separate run, events after every part):\n");
+        for ((phase, part), ms) in &parts {
+            text.push_str(&format!("  {phase:>8} {part:<18} {ms:>10.2} ms\n"));
+        }
+        eprint!("{text}");
+    }
     Ok(())
 }
 
