@@ -2,8 +2,8 @@
 # The first checks of the Llama family's GPU engine on the GPU machine, in
 # one call (after `cargo xtask gpu-bundle`): the op layer's f16/bf16 kernels
 # against the CPU reference, the engine against transformers on the
-# fixtures, the command's GPU path, case E, then the GPU disk-fault rerun
-# and OPT's GPU engine tests. Logs and a summary in $OUT/logs (else
+# fixtures, the command's GPU path, case E with its limits from the same
+# run and its profile, then OPT's GPU engine tests. Logs and a summary in $OUT/logs (else
 # /tmp/logs). The device tool carries at most 64 MiB: keep in .gpu/tests
 # only the executables named here (see the summary).
 #
@@ -21,13 +21,14 @@ step() {  # name limit command...
 step ops_llm_gpu 60 $T/ops--test--llm_gpu --test-threads=1 --nocapture
 step llama_gpu_engine 150 $T/engine-llama--test--gpu_engine --test-threads=1 --nocapture
 step llama_cli 120 $T/tierlm--test--llama_cli --test-threads=1 --nocapture the_gpu_engine flags_the
+# Case E with its limits from the same run, then where a step's time goes.
 step bench_E 120 .gpu/tierlm bench --model llama-3.1-8b --dummy --percent 100 0 100 0 100 0 \
   --gpu-batch-size 64 --prompt-len 512 --gen-len 32 --json
-# Issue 13: the disk faults' message on the GPU engine (fixed, not rerun);
-# then OPT's GPU tests, unchanged by the Llama work but sharing its ops.
-step faults_disk 120 $T/tierlm--test--faults --test-threads=1 --nocapture disk_faults
+step profile_E 120 env TIERLM_GPU_PROFILE=1 .gpu/tierlm bench --model llama-3.1-8b --dummy \
+  --percent 100 0 100 0 100 0 --gpu-batch-size 64 --prompt-len 512 --gen-len 32
+# OPT's GPU tests, unchanged by the Llama work but sharing its ops.
 step opt_gpu_engine 150 $T/tierlm--test--gpu_engine --test-threads=1
 for f in "$L"/*.log; do
-  echo "--- $f"; grep -E "test result|panicked|FAILED|worst|within|tokens_per_s|error" "$f" | head -12
+  echo "--- $f"; grep -E "test result|panicked|FAILED|worst|within|tokens_per_s|error|limit| ms$" "$f" | head -40
 done
 cat "$L/summary.txt"
