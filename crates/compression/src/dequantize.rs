@@ -1,7 +1,8 @@
-//! A compressed buffer back to f16 or f32 values, in parallel over slabs.
+//! A compressed buffer back to f16, bf16 or f32 values, in parallel over
+//! slabs.
 
-use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::config::CompressionConfig;
@@ -11,7 +12,7 @@ use crate::params::{decode, effective_min};
 use crate::quantize::{slabs_per_task, TILE};
 use crate::simd;
 
-/// Output element types of dequantization: `f16` and `f32`.
+/// Output element types of dequantization: `f16`, `bf16` and `f32`.
 pub(crate) trait Output: Copy + Default + Send + Sync {
     /// Narrows `src` into `dst` (same length), rounding to nearest even.
     fn from_f32_slice(src: &[f32], dst: &mut [Self]);
@@ -39,6 +40,12 @@ impl Output for f16 {
     }
 }
 
+impl Output for bf16 {
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
 impl Output for f32 {
     fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
         dst.copy_from_slice(src);
@@ -52,6 +59,12 @@ impl Output for f32 {
 /// then rounded to f16. It lies within `scale / 2` of the original before
 /// that last rounding.
 pub fn dequantize_into(packed: &[u8], layout: &CompressedLayout, out: &mut [f16]) -> Result<()> {
+    dequantize_generic(packed, layout, out)
+}
+
+/// Like [`dequantize_into`], to bf16: `clamp(min + code * scale, -65504,
+/// 65504)` in f32, then rounded to bf16 (to nearest even; NaN stays NaN).
+pub fn dequantize_into_bf16(packed: &[u8], layout: &CompressedLayout, out: &mut [bf16]) -> Result<()> {
     dequantize_generic(packed, layout, out)
 }
 

@@ -43,11 +43,14 @@ pub const HDR_GROUP_SIZE: usize = 12;
 pub const HDR_SHAPE: usize = 16;
 
 /// Element type of the values that were quantized (recorded in the header;
-/// either can be dequantized to f16 or f32).
+/// any can be dequantized to f16, bf16 or f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SourceDtype {
     F16,
     F32,
+    /// bfloat16, as the Llama family's checkpoints store their weights
+    /// (values must lie in f16's range: the scales and mins are f16).
+    BF16,
 }
 
 impl SourceDtype {
@@ -56,6 +59,7 @@ impl SourceDtype {
         match self {
             SourceDtype::F16 => 0,
             SourceDtype::F32 => 1,
+            SourceDtype::BF16 => 2,
         }
     }
 
@@ -64,6 +68,7 @@ impl SourceDtype {
         match b {
             0 => Some(SourceDtype::F16),
             1 => Some(SourceDtype::F32),
+            2 => Some(SourceDtype::BF16),
             _ => None,
         }
     }
@@ -71,7 +76,7 @@ impl SourceDtype {
     /// Bytes per element of the original tensor.
     pub fn size_in_bytes(self) -> usize {
         match self {
-            SourceDtype::F16 => 2,
+            SourceDtype::F16 | SourceDtype::BF16 => 2,
             SourceDtype::F32 => 4,
         }
     }

@@ -1,6 +1,6 @@
 //! Dequantization on the GPU: a compressed tensor that crossed PCIe packed
 //! (a `u8` GPU tensor holding the whole buffer, header included) unpacked
-//! into an f16 GPU tensor just before use.
+//! into an f16 (or bf16) GPU tensor just before use.
 //!
 //! The kernels (`gpu/dequant.cu`) are compiled at run time by NVRTC for the
 //! GPU they run on, through `tier_cuda::kernels` (once per process and GPU),
@@ -106,11 +106,19 @@ pub struct GpuDequantOptions {
     /// How the columns kernel is built for 4-bit and for 8-bit codes (any
     /// choice gives the same output; the defaults are the fastest measured).
     pub cols: [ColsTuning; 2],
+    /// The output's type: `F16` (the default) or `BF16` (the kernels built
+    /// with `TLQ_OUT_BF16`; the values of [`crate::dequantize_into_bf16`]).
+    pub output: DType,
 }
 
 impl Default for GpuDequantOptions {
     fn default() -> Self {
-        GpuDequantOptions { portable_convert: false, force_generic: false, cols: ColsTuning::DEFAULT }
+        GpuDequantOptions {
+            portable_convert: false,
+            force_generic: false,
+            cols: ColsTuning::DEFAULT,
+            output: DType::F16,
+        }
     }
 }
 
@@ -202,6 +210,11 @@ impl GpuDequantizer {
         if options.portable_convert {
             compile.defines.push("TLQ_PORTABLE_CVT".into());
         }
+        match options.output {
+            DType::F16 => {}
+            DType::BF16 => compile.defines.push("TLQ_OUT_BF16".into()),
+            found => return Err(Error::TensorDtype { what: "the dequantizer's output", expected: DType::F16, found }),
+        }
         // Each columns kernel from a module built with its own tuning (the
         // macros touch nothing else): one compilation, or two where the
         // tunings differ.
@@ -265,7 +278,8 @@ impl GpuDequantizer {
 
     /// Enqueues the dequantization of `packed` (a contiguous `u8` view on
     /// this GPU of exactly `layout.total_bytes()`) into `out` (a contiguous
-    /// f16 view on this GPU of `layout.numel()` values, the original shape
+    /// view on this GPU of `layout.numel()` values of the options' output
+    /// type (f16 unless built for bf16), the original shape
     /// in row-major order) on `stream`, which must belong to this GPU.
     ///
     /// Returns at once; the [`Pending`] keeps both tensors alive until the
@@ -330,7 +344,7 @@ impl GpuDequantizer {
     fn check(&self, packed: &TensorView, layout: &CompressedLayout, out: &TensorView) -> Result<Args> {
         let gpu = self.gpu.kind();
         let packed_at = device_range(&self.gpu, packed, gpu, DType::U8, "compressed buffer")?;
-        let out_at = device_range(&self.gpu, out, gpu, DType::F16, "output")?;
+        let out_at = device_range(&self.gpu, out, gpu, self.options.output, "output")?;
         if packed_at.1 != layout.total_bytes() as u64 {
             return Err(Error::BufferSize {
                 what: "compressed buffer",
@@ -563,6 +577,13 @@ mod tests {
             }
             let paired = ptx.contains("min.NaN.f16x2");
             assert_eq!(paired, arch == "compute_90" && !portable, "{arch} portable {portable}");
+            // The bf16 build: same entry points, no f16 conversion of the output.
+            o.defines.push("TLQ_OUT_BF16".into());
+            let ptx = kernels::compile_ptx(KERNEL_SOURCE, &o, arch).unwrap();
+            for entry in ["tlq_dequant_cols4", "tlq_dequant_cols8", "tlq_dequant_rows4", "tlq_dequant_any"] {
+                assert!(ptx.contains(&format!(".entry {entry}")), "bf16 {arch}: {entry}");
+            }
+            assert!(!ptx.contains("cvt.rn.f16.f32") && !ptx.contains("cvt.rn.f16x2.f32"), "bf16 {arch}");
         }
     }
 }

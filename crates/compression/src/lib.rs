@@ -1,12 +1,13 @@
 //! # compression: group-wise quantization of weights and KV cache
 //!
 //! This room holds FlexGen-style group quantization on the CPU: a byte
-//! format for a compressed tensor, [`quantize`] / [`quantize_into`] from f16
-//! or f32, and [`dequantize_into`] / [`dequantize_into_f32`] back, all
+//! format for a compressed tensor, [`quantize`] / [`quantize_into`] from f16,
+//! bf16 or f32, and [`dequantize_into`] / [`dequantize_into_bf16`] /
+//! [`dequantize_into_f32`] back, all
 //! parallel over groups with rayon. A compressed tensor is one contiguous
 //! byte buffer (header, codes, scales, mins), so any memory tier can store
 //! and copy it as plain bytes: a `u8` tensor of `total_bytes()`. On the GPU,
-//! [`gpu::GpuDequantizer`] unpacks such a tensor into an f16 tensor with a
+//! [`gpu::GpuDequantizer`] unpacks such a tensor into an f16 (or bf16) tensor with a
 //! kernel compiled at run time, bit for bit like the CPU, so compressed
 //! weights cross PCIe packed. [`layout_of`] (or [`CompressedLayout::new`])
 //! gives every offset and size for a shape, and
@@ -151,7 +152,7 @@
 //! divided by zero. Subnormal ranges get at least the smallest subnormal
 //! scale; the largest range (`-65504 ..= 65504`) gives a finite scale.
 //!
-//! Inputs must be finite ([`Error::NonFinite`]) and, for f32, within
+//! Inputs must be finite ([`Error::NonFinite`]) and, for f32 and bf16, within
 //! `[-65504, 65504]` ([`Error::OutOfRange`]), since min and scale are f16.
 //! Dequantizing checks the buffer's length and header against the layout;
 //! it does not check the scales themselves, so bytes that did not come from
@@ -194,7 +195,7 @@ mod simd;
 mod tensor;
 
 pub use config::{CompressionConfig, Mode, DEFAULT_GROUP_SIZE};
-pub use dequantize::{dequantize_into, dequantize_into_f32};
+pub use dequantize::{dequantize_into, dequantize_into_bf16, dequantize_into_f32};
 pub use error::{Error, Result, TierError};
 pub use format::{
     layout_of, CompressedLayout, KernelParams, SourceDtype, F16_MAX, FORMAT_VERSION, HDR_BITS, HDR_DTYPE,

@@ -20,10 +20,11 @@ pub(crate) const TILE: usize = 64;
 mod sealed {
     pub trait Sealed {}
     impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
     impl Sealed for f32 {}
 }
 
-/// Element types that can be quantized: `f16` and `f32`.
+/// Element types that can be quantized: `f16`, `bf16` and `f32`.
 pub trait Element: Copy + Send + Sync + sealed::Sealed {
     /// The dtype recorded in the header.
     const DTYPE: SourceDtype;
@@ -40,6 +41,16 @@ impl Element for f16 {
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: SourceDtype = SourceDtype::BF16;
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
     }
 }
 

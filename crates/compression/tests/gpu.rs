@@ -10,9 +10,10 @@ mod common;
 use common::{bits_of, f16_bytes, Rig, Rng};
 use compression::gpu::{ColsTuning, GpuDequantOptions, GpuDequantizer, KernelPath};
 use compression::{
-    dequantize_into, quantize_into, CompressedLayout, CompressionConfig, Error, Mode, SourceDtype, HEADER_BYTES,
+    dequantize_into, dequantize_into_bf16, quantize_into, CompressedLayout, CompressionConfig, Error, Mode,
+    SourceDtype, HEADER_BYTES,
 };
-use half::f16;
+use half::{bf16, f16};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tier_api::{DType, Device, Shape, Storage, Tensor};
@@ -43,7 +44,7 @@ impl Case {
     }
 
     /// Quantizes fresh random values: the compressed bytes and the CPU's
-    /// dequantized bit patterns.
+    /// dequantized f16 bit patterns.
     fn data(&self, rng: &mut Rng) -> (Vec<u8>, Vec<u16>) {
         let layout = self.layout();
         let v = common::values(rng, layout.numel());
@@ -56,6 +57,15 @@ impl Case {
         }
         let mut out = vec![f16::ZERO; layout.numel()];
         dequantize_into(&packed, &layout, &mut out).unwrap();
+        (packed, out.iter().map(|x| x.to_bits()).collect())
+    }
+
+    /// Like [`Case::data`], the CPU's output in bf16.
+    fn data_bf16(&self, rng: &mut Rng) -> (Vec<u8>, Vec<u16>) {
+        let layout = self.layout();
+        let (packed, _) = self.data(rng);
+        let mut out = vec![bf16::ZERO; layout.numel()];
+        dequantize_into_bf16(&packed, &layout, &mut out).unwrap();
         (packed, out.iter().map(|x| x.to_bits()).collect())
     }
 }
@@ -110,9 +120,10 @@ fn run_on(rig: &Rig, deq: &GpuDequantizer, case: &Case, packed: &[u8], want: &[u
     holder[case.packed_at..case.packed_at + packed.len()].copy_from_slice(packed);
     let packed_t = rig.upload(&holder, DType::U8);
     let packed_v = packed_t.narrow(0, case.packed_at, packed.len()).unwrap();
-    // The output inside a larger f16 tensor, all poisoned.
+    // The output inside a larger tensor of the dequantizer's output type
+    // (2 bytes, f16 or bf16), all poisoned.
     let total = case.out_at + layout.numel() + GUARD;
-    let out_t = rig.upload(&f16_bytes(&vec![f16::from_bits(POISON); total]), DType::F16);
+    let out_t = rig.upload(&f16_bytes(&vec![f16::from_bits(POISON); total]), deq.options().output);
     let out_v = out_t.narrow(0, case.out_at, layout.numel()).unwrap();
     let path = deq.dequantize(&packed_v, &layout, &out_v).unwrap_or_else(|e| panic!("{case:?}: {e}"));
     let got = bits_of(&rig.download(&out_t.view()));
@@ -191,6 +202,36 @@ fn designed_cases_cover_every_kernel() {
         seen.insert((path.name(), case.bits, case.mode == Mode::Symmetric));
     }
     assert_eq!(seen.len(), 3 * 2 * 2, "{seen:?}");
+}
+
+/// The bf16 build of every kernel gives the CPU's bf16 output bit for bit
+/// (the Llama family's 4-bit weights unpack into bf16).
+#[test]
+fn the_bf16_output_matches_the_cpu_bit_for_bit() {
+    let rig = rig_or_skip!();
+    let options = GpuDequantOptions { output: DType::BF16, ..Default::default() };
+    let deq = GpuDequantizer::with_options(Arc::clone(&rig.gpu), options).expect("bf16 dequantizer");
+    let generic =
+        GpuDequantizer::with_options(Arc::clone(&rig.gpu), GpuDequantOptions { force_generic: true, ..options })
+            .expect("bf16 generic dequantizer");
+    let mut rng = Rng::seeded("bf16_output");
+    let mut seen = BTreeSet::new();
+    let cases: Vec<Case> = designed_cases().into_iter().chain((0..100).map(|_| random_case(&mut rng))).collect();
+    for case in &cases {
+        for d in [&deq, &generic] {
+            let (packed, want) = case.data_bf16(&mut rng);
+            seen.insert(run_on(rig, d, case, &packed, &want, &mut rng).name());
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // An f16 output tensor is refused by the bf16 build, by name.
+    let case = &designed_cases()[0];
+    let layout = case.layout();
+    let (packed, _) = case.data(&mut rng);
+    let p = rig.upload(&packed, DType::U8);
+    let out = rig.upload(&vec![0u8; 2 * layout.numel()], DType::F16);
+    let e = deq.dequantize(&p.view(), &layout, &out.view()).unwrap_err().to_string();
+    assert!(e.contains("bf16") || e.contains("BF16"), "{e}");
 }
 
 #[test]

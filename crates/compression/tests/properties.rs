@@ -5,10 +5,10 @@
 
 use compression::pack::{pack_codes, packed_len, unpack_codes};
 use compression::{
-    dequantize_into, dequantize_into_f32, quantize, quantize_into, CompressedLayout, CompressedTensor,
-    CompressionConfig, Error, Mode, SourceDtype, HEADER_BYTES,
+    dequantize_into, dequantize_into_bf16, dequantize_into_f32, quantize, quantize_into, CompressedLayout,
+    CompressedTensor, CompressionConfig, Error, Mode, SourceDtype, HEADER_BYTES,
 };
-use half::f16;
+use half::{bf16, f16};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -382,6 +382,40 @@ proptest! {
         match err {
             Error::NonFinite { index, .. } => prop_assert_eq!(Some(index), first16),
             other => prop_assert!(false, "unexpected {:?}", other),
+        }
+    }
+
+    /// bf16 input quantizes exactly as its (exact) f32 values do, the
+    /// header's dtype byte apart, and dequantizes to bf16 as the f32 output
+    /// rounded to bf16; a bf16 value past f16's range is named.
+    #[test]
+    fn bf16_input_quantizes_as_its_f32_values(case in case(), out_at in any::<prop::sample::Index>()) {
+        let x: Vec<bf16> = case.values.iter().map(|&v| bf16::from_f32(v.clamp(-65280.0, 65280.0))).collect();
+        let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let from_bf16 = quantize(&x, &case.shape, case.config()).unwrap();
+        let from_f32 = quantize(&wide, &case.shape, case.config()).unwrap();
+        let (a, b) = (from_bf16.as_bytes(), from_f32.as_bytes());
+        prop_assert_eq!(a.len(), b.len());
+        let dtype_byte = compression::HDR_DTYPE;
+        prop_assert_eq!(a[dtype_byte], SourceDtype::BF16.to_byte());
+        prop_assert_eq!(&a[..dtype_byte], &b[..dtype_byte]);
+        prop_assert_eq!(&a[dtype_byte + 1..], &b[dtype_byte + 1..]);
+        let layout = from_bf16.layout();
+        let mut f = vec![0f32; wide.len()];
+        dequantize_into_f32(a, layout, &mut f).unwrap();
+        let mut h = vec![bf16::ZERO; wide.len()];
+        dequantize_into_bf16(a, layout, &mut h).unwrap();
+        for (k, (&hv, &fv)) in h.iter().zip(&f).enumerate() {
+            prop_assert_eq!(hv.to_bits(), bf16::from_f32(fv).to_bits(), "value {}", k);
+        }
+        if !x.is_empty() {
+            let mut bad = x.clone();
+            let k = out_at.index(bad.len());
+            bad[k] = bf16::from_f32(1.0e5);
+            match quantize(&bad, &case.shape, case.config()) {
+                Err(Error::OutOfRange { index, .. }) => prop_assert!(index <= k),
+                other => prop_assert!(false, "unexpected {:?}", other.map(|_| ())),
+            }
         }
     }
 

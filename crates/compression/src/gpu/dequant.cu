@@ -1,5 +1,6 @@
 // Dequantization of a compressed tensor (format version 1, see the crate
-// documentation of `compression`) into f16, on the GPU. Compiled at run time
+// documentation of `compression`) into f16 (or bf16, built with
+// TLQ_OUT_BF16), on the GPU. Compiled at run time
 // by NVRTC; needs no CUDA header.
 //
 // Every kernel takes the layout by value (`KernelParams`, the mirror of the
@@ -125,6 +126,29 @@ __device__ __forceinline__ u32 to_f16x2(float lo, float hi) {
 #endif
 }
 
+// f32 -> bf16 after the same clamp, rounding to nearest even by the bits
+// (any architecture), NaN kept quiet with its sign: the `half` crate's
+// `bf16::from_f32`, which the CPU's `dequantize_into_bf16` uses.
+__device__ __forceinline__ u16 to_bf16(float x) {
+    const u32 b = __float_as_uint(clamp_f16(x));
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)((b >> 16) | 0x40u);
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ u32 to_bf16x2(float lo, float hi) {
+    return (u32)to_bf16(lo) | ((u32)to_bf16(hi) << 16);
+}
+
+// The output type: f16 (the default) or, built with TLQ_OUT_BF16, bf16.
+// Either is 2 bytes, so every kernel's addressing is the same.
+#ifdef TLQ_OUT_BF16
+#define to_out1 to_bf16
+#define to_out2 to_bf16x2
+#else
+#define to_out1 to_f16
+#define to_out2 to_f16x2
+#endif
+
 // The code's value as a float, exactly, without an integer conversion:
 // 2^23 + c has c in its low mantissa bits.
 __device__ __forceinline__ float code_value(u32 c) {
@@ -190,10 +214,10 @@ __device__ __forceinline__ void cols_chunk(const uint4 (&w)[8], const float (&mn
     for (int q = 0; q < CP; ++q) {
         if (j + q < len) {
             uint4 v;
-            v.x = to_f16x2(decode(code_at<BITS>(w[0], q), mn[0], sc[0]), decode(code_at<BITS>(w[1], q), mn[1], sc[1]));
-            v.y = to_f16x2(decode(code_at<BITS>(w[2], q), mn[2], sc[2]), decode(code_at<BITS>(w[3], q), mn[3], sc[3]));
-            v.z = to_f16x2(decode(code_at<BITS>(w[4], q), mn[4], sc[4]), decode(code_at<BITS>(w[5], q), mn[5], sc[5]));
-            v.w = to_f16x2(decode(code_at<BITS>(w[6], q), mn[6], sc[6]), decode(code_at<BITS>(w[7], q), mn[7], sc[7]));
+            v.x = to_out2(decode(code_at<BITS>(w[0], q), mn[0], sc[0]), decode(code_at<BITS>(w[1], q), mn[1], sc[1]));
+            v.y = to_out2(decode(code_at<BITS>(w[2], q), mn[2], sc[2]), decode(code_at<BITS>(w[3], q), mn[3], sc[3]));
+            v.z = to_out2(decode(code_at<BITS>(w[4], q), mn[4], sc[4]), decode(code_at<BITS>(w[5], q), mn[5], sc[5]));
+            v.w = to_out2(decode(code_at<BITS>(w[6], q), mn[6], sc[6]), decode(code_at<BITS>(w[7], q), mn[7], sc[7]));
             st16(col + (j + q) * inner, v);
         }
     }
@@ -363,16 +387,16 @@ __device__ __forceinline__ void rows(const KernelParams& p, const unsigned char*
                     uint4 o;
                     if (BITS == 4) {
                         const u32 w = reinterpret_cast<const u32*>(&stage[warp][u * 32])[v];
-                        o.x = to_f16x2(decode(w & 15u, m, s), decode((w >> 4) & 15u, m, s));
-                        o.y = to_f16x2(decode((w >> 8) & 15u, m, s), decode((w >> 12) & 15u, m, s));
-                        o.z = to_f16x2(decode((w >> 16) & 15u, m, s), decode((w >> 20) & 15u, m, s));
-                        o.w = to_f16x2(decode((w >> 24) & 15u, m, s), decode(w >> 28, m, s));
+                        o.x = to_out2(decode(w & 15u, m, s), decode((w >> 4) & 15u, m, s));
+                        o.y = to_out2(decode((w >> 8) & 15u, m, s), decode((w >> 12) & 15u, m, s));
+                        o.z = to_out2(decode((w >> 16) & 15u, m, s), decode((w >> 20) & 15u, m, s));
+                        o.w = to_out2(decode((w >> 24) & 15u, m, s), decode(w >> 28, m, s));
                     } else {
                         const uint2 w = reinterpret_cast<const uint2*>(&stage[warp][u * 32])[v];
-                        o.x = to_f16x2(decode(w.x & 255u, m, s), decode((w.x >> 8) & 255u, m, s));
-                        o.y = to_f16x2(decode((w.x >> 16) & 255u, m, s), decode(w.x >> 24, m, s));
-                        o.z = to_f16x2(decode(w.y & 255u, m, s), decode((w.y >> 8) & 255u, m, s));
-                        o.w = to_f16x2(decode((w.y >> 16) & 255u, m, s), decode(w.y >> 24, m, s));
+                        o.x = to_out2(decode(w.x & 255u, m, s), decode((w.x >> 8) & 255u, m, s));
+                        o.y = to_out2(decode((w.x >> 16) & 255u, m, s), decode(w.x >> 24, m, s));
+                        o.z = to_out2(decode(w.y & 255u, m, s), decode((w.y >> 8) & 255u, m, s));
+                        o.w = to_out2(decode((w.y >> 16) & 255u, m, s), decode(w.y >> 24, m, s));
                     }
                     st16(out + (first * VPC + v) * 8, o);
                 }
@@ -443,6 +467,6 @@ extern "C" __global__ void __launch_bounds__(TLQ_THREADS)
         const u32 c = bits == 4 ? (u32)(grp[pos >> 1] >> ((pos & 1u) * 4)) & 15u : (u32)grp[pos];
         const float s = h2f(ld_u16(buf + p.scales_offset + 2 * k));
         const float m = p.symmetric ? -half_code * s : h2f(ld_u16(buf + p.mins_offset + 2 * k));
-        out[e] = to_f16(decode(c, m, s));
+        out[e] = to_out1(decode(c, m, s));
     }
 }

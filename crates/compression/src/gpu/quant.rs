@@ -334,6 +334,8 @@ impl GpuQuantizer {
         let dtype = match layout.dtype() {
             SourceDtype::F16 => DType::F16,
             SourceDtype::F32 => DType::F32,
+            // bf16 tensors are quantized on the CPU (`quantize_into`).
+            found => return Err(Error::DtypeMismatch { expected: SourceDtype::F16, found }),
         };
         let src_at = device_range(&self.gpu, src, gpu, dtype, "input")?;
         let out_at = device_range(&self.gpu, out, gpu, DType::U8, "compressed buffer")?;
@@ -431,6 +433,8 @@ impl QuantPending {
                 self.read(&mut f, self.src + 4 * index)?;
                 f[0]
             }
+            // Refused by `check` before any launch.
+            SourceDtype::BF16 => f32::NAN,
         };
         let index = index as usize;
         if value.is_finite() && value.abs() > F16_MAX {
