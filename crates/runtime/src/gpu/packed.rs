@@ -12,19 +12,23 @@
 //! matrix as its three checkpoint tensors one by one, so their groups never
 //! straddle two of them.
 //!
-//! The f16 buffers of a compressed [`GpuLayer`]'s compressible tensors are
-//! handles on one shared [`LayerWorkspace`] (an f16 buffer per compressible
-//! tensor of the spec, on the GPU once). Before a layer computes, [`unpack`]
-//! enqueues the GPU dequantization of its packed matrices into the
-//! workspace on the compute stream, so the existing kernels and cuBLAS
-//! products read f16 as before; the next layer's dequantization is enqueued
-//! after this layer's compute on the same stream, so it never overwrites
-//! matrices still being read. The other tensors (biases, norms) and the
-//! tensors outside the layers stay as they are.
+//! The 16-bit buffers (f16 or bf16, the checkpoint's type) of a compressed
+//! [`GpuLayer`]'s compressible tensors are handles on one shared
+//! [`LayerWorkspace`] (a buffer per compressible tensor of the spec, on the
+//! GPU once). Before a layer computes, [`unpack`] enqueues the GPU
+//! dequantization of its packed matrices into the workspace on the compute
+//! stream, so the existing kernels and cuBLAS products read 16-bit values
+//! as before; the next layer's dequantization is enqueued after this
+//! layer's compute on the same stream, so it never overwrites matrices
+//! still being read. The other tensors (biases, norms) and the tensors
+//! outside the layers stay as they are. [`Unpacker`] holds the three
+//! pieces a family's engine needs (dequantizer, workspace, the
+//! dequantizations in flight).
 
-use compression::gpu::{GpuDequantizer, Pending};
-use compression::{quantize_into, CompressedLayout, CompressionConfig, SourceDtype};
-use half::f16;
+use std::sync::Mutex;
+
+use compression::gpu::{GpuDequantOptions, GpuDequantizer, Pending};
+use compression::{quantize_into, CompressedLayout, CompressionConfig, Element, SourceDtype};
 use ops::gpu::buffer::DevBuf;
 use ops::gpu::Gpu;
 use tier_api::DType;
@@ -46,18 +50,21 @@ pub struct PackedMatrix {
     pub offset: usize,
 }
 
-/// One layer's f16 matrices, shared by every compressed layer: a buffer
-/// for each compressible tensor of the spec's layer.
+/// One layer's 16-bit matrices, shared by every compressed layer: a buffer
+/// for each compressible tensor of the spec's layer, in its type.
 #[derive(Debug)]
 pub struct LayerWorkspace {
     /// `matrices[k]`: the buffer of the layer's tensor `k`, if compressible.
-    matrices: Vec<Option<DevBuf<f16>>>,
+    matrices: Vec<Option<HeldBuf>>,
+    /// The matrices' type (every compressible tensor has it).
+    dtype: DType,
 }
 
 impl LayerWorkspace {
     /// Room for one layer's compressible tensors, in the spec's order
     /// (contents written by [`unpack`]).
     pub fn new(gpu: &Gpu, spec: &ModelSpec) -> Result<Self> {
+        let mut dtype = None;
         let matrices = spec
             .layer
             .iter()
@@ -65,24 +72,83 @@ impl LayerWorkspace {
                 if !t.compressible {
                     return Ok(None);
                 }
-                if t.dtype != DType::F16 {
-                    return Err(gpu_err(format!("layer tensor {}: only f16 tensors are compressed", t.name)));
+                if !matches!(t.dtype, DType::F16 | DType::BF16) || dtype.is_some_and(|d| d != t.dtype) {
+                    return Err(gpu_err(format!(
+                        "layer tensor {}: compressed tensors are f16 or bf16, all of one type; this one is {:?}",
+                        t.name, t.dtype
+                    )));
                 }
-                Ok(Some(DevBuf::alloc(gpu, elements(t)?)?))
+                dtype = Some(t.dtype);
+                let n = elements(t)?;
+                Ok(Some(match t.dtype {
+                    DType::BF16 => HeldBuf::BF16(DevBuf::alloc(gpu, n)?),
+                    _ => HeldBuf::F16(DevBuf::alloc(gpu, n)?),
+                }))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(LayerWorkspace { matrices })
+        Ok(LayerWorkspace { matrices, dtype: dtype.unwrap_or(DType::F16) })
     }
 
     /// The workspace buffer of the layer's tensor `k` (for tests: what
     /// [`unpack`] wrote), `None` unless that tensor is compressible.
-    pub fn matrix(&self, k: usize) -> Option<&DevBuf<f16>> {
+    pub fn matrix(&self, k: usize) -> Option<&HeldBuf> {
         self.matrices.get(k).and_then(Option::as_ref)
+    }
+
+    /// The matrices' type: what the dequantizer must write.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Bytes held on the GPU.
     pub fn bytes(&self) -> u64 {
-        self.matrices.iter().flatten().map(DevBuf::bytes).sum()
+        self.matrices.iter().flatten().map(HeldBuf::bytes).sum()
+    }
+}
+
+/// What a family's engine holds to run compressed layers: the dequantizer
+/// (built for the workspace's type), the shared workspace, and the
+/// dequantizations enqueued for the layer about to compute.
+pub struct Unpacker {
+    dequant: GpuDequantizer,
+    workspace: LayerWorkspace,
+    in_flight: Mutex<Vec<Pending>>,
+}
+
+impl std::fmt::Debug for Unpacker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unpacker").field("dequant", &self.dequant).field("workspace", &self.workspace).finish()
+    }
+}
+
+impl Unpacker {
+    /// The workspace for `spec`'s layers and a dequantizer writing its type.
+    pub fn new(gpu: &Gpu, spec: &ModelSpec) -> Result<Self> {
+        let workspace = LayerWorkspace::new(gpu, spec)?;
+        let options = GpuDequantOptions { output: workspace.dtype(), ..Default::default() };
+        let dequant = GpuDequantizer::with_options(gpu.device().clone(), options)
+            .map_err(|e| comp_err("the GPU dequantizer", e))?;
+        Ok(Unpacker { dequant, workspace, in_flight: Mutex::new(Vec::new()) })
+    }
+
+    /// The shared workspace (for [`GpuLayer::compress`] and the streamer's
+    /// slots).
+    pub fn workspace(&self) -> &LayerWorkspace {
+        &self.workspace
+    }
+
+    /// Before `layer` computes (all of its packed matrices on the GPU):
+    /// waits for the previous layer's dequantizations, which ran before
+    /// its compute, so that the host stays at most a layer ahead, and
+    /// enqueues this layer's on the compute stream.
+    pub fn before(&self, gpu: &Gpu, layer: &GpuLayer) -> Result<()> {
+        let mut in_flight =
+            self.in_flight.lock().map_err(|_| gpu_err("the dequantizations' list was poisoned".into()))?;
+        for p in in_flight.drain(..) {
+            p.wait().map_err(|e| comp_err("dequantizing weights on the GPU", e))?;
+        }
+        in_flight.extend(unpack(gpu, &self.dequant, layer)?);
+        Ok(())
     }
 }
 
@@ -102,9 +168,14 @@ fn comp_err(what: &str, e: compression::Error) -> Error {
     gpu_err(format!("{what}: {e}"))
 }
 
-/// The layout of an f16 matrix of `shape` compressed for the GPU engine.
+/// The layout of an f16 matrix of `shape` compressed for the GPU engine
+/// (a bf16 one's has the same sizes; only its header's dtype differs).
 pub fn layout(shape: &[usize]) -> Result<CompressedLayout> {
-    CompressedLayout::new(shape, SourceDtype::F16, weight_config()).map_err(|e| comp_err("weight layout", e))
+    layout_of(shape, SourceDtype::F16)
+}
+
+fn layout_of(shape: &[usize], dtype: SourceDtype) -> Result<CompressedLayout> {
+    CompressedLayout::new(shape, dtype, weight_config()).map_err(|e| comp_err("weight layout", e))
 }
 
 /// The layout of a `[rows, cols]` f16 matrix compressed for the GPU engine.
@@ -114,8 +185,8 @@ pub fn matrix_layout(rows: usize, cols: usize) -> Result<CompressedLayout> {
 
 /// Quantizes `values` (of `shape`, row-major) on the CPU into a packed GPU
 /// buffer.
-fn pack(gpu: &Gpu, values: &[f16], shape: &[usize], target: usize, offset: usize) -> Result<PackedMatrix> {
-    let layout = layout(shape)?;
+fn pack<E: Element>(gpu: &Gpu, values: &[E], shape: &[usize], target: usize, offset: usize) -> Result<PackedMatrix> {
+    let layout = layout_of(shape, E::DTYPE)?;
     let mut bytes = vec![0u8; layout.total_bytes()];
     quantize_into(values, &layout, &mut bytes).map_err(|e| comp_err("quantizing a weight matrix", e))?;
     let buf = DevBuf::from_host(gpu, &bytes)?;
@@ -137,39 +208,53 @@ impl GpuLayer {
             if !t.compressible {
                 continue;
             }
-            let buf = self.bufs[k]
-                .as_f16()
-                .ok_or_else(|| gpu_err(format!("layer tensor {}: only f16 tensors are compressed", t.name)))?;
-            let values = buf.download(stream)?;
-            let mut at = 0usize;
-            for shape in t.parts() {
-                let n = shape
-                    .iter()
-                    .try_fold(1usize, |n, &d| n.checked_mul(d))
-                    .ok_or_else(|| gpu_err(format!("layer tensor {}: a part {shape:?} overflows", t.name)))?;
-                let part = at
-                    .checked_add(n)
-                    .and_then(|end| values.get(at..end))
-                    .ok_or_else(|| gpu_err(format!("layer tensor {}: its parts overrun its values", t.name)))?;
-                parts.push(pack(gpu, part, &shape, k, at)?);
-                at += n;
-            }
-            if at != values.len() {
-                return Err(gpu_err(format!(
-                    "layer tensor {}: parts of {at} values for {} values",
-                    t.name,
-                    values.len()
-                )));
+            match &self.bufs[k] {
+                HeldBuf::F16(b) => pack_parts(gpu, t, k, &b.download(stream)?, &mut parts)?,
+                HeldBuf::BF16(b) => pack_parts(gpu, t, k, &b.download(stream)?, &mut parts)?,
+                HeldBuf::F32(_) => {
+                    return Err(gpu_err(format!("layer tensor {}: f32 tensors are not compressed", t.name)));
+                }
             }
         }
         let targets: Vec<usize> = (0..self.bufs.len()).filter(|&k| self.specs()[k].compressible).collect();
         for k in targets {
-            let shared = ws.matrix(k).ok_or_else(|| gpu_err(format!("layer tensor {k}: no workspace matrix")))?.share();
-            self.bufs[k] = HeldBuf::F16(shared);
+            let shared = ws.matrix(k).ok_or_else(|| gpu_err(format!("layer tensor {k}: no workspace matrix")))?;
+            self.bufs[k] = match (shared, &self.bufs[k]) {
+                (HeldBuf::F16(w), HeldBuf::F16(_)) => HeldBuf::F16(w.share()),
+                (HeldBuf::BF16(w), HeldBuf::BF16(_)) => HeldBuf::BF16(w.share()),
+                _ => return Err(gpu_err(format!("layer tensor {k}: the workspace holds another type"))),
+            };
         }
         self.packed = Some(parts);
         Ok(self)
     }
+}
+
+/// Packs tensor `k` (`t`, its `values`) as the parts the spec says, in order.
+fn pack_parts<E: Element>(
+    gpu: &Gpu,
+    t: &TensorSpec,
+    k: usize,
+    values: &[E],
+    parts: &mut Vec<PackedMatrix>,
+) -> Result<()> {
+    let mut at = 0usize;
+    for shape in t.parts() {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| gpu_err(format!("layer tensor {}: a part {shape:?} overflows", t.name)))?;
+        let part = at
+            .checked_add(n)
+            .and_then(|end| values.get(at..end))
+            .ok_or_else(|| gpu_err(format!("layer tensor {}: its parts overrun its values", t.name)))?;
+        parts.push(pack(gpu, part, &shape, k, at)?);
+        at += n;
+    }
+    if at != values.len() {
+        return Err(gpu_err(format!("layer tensor {}: parts of {at} values for {} values", t.name, values.len())));
+    }
+    Ok(())
 }
 
 /// Enqueues on the compute stream the dequantization of `layer`'s packed
