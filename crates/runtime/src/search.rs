@@ -483,7 +483,6 @@ impl<'a> Searcher<'a> {
                         .collect(),
                 },
             };
-            let before = out.len();
             for pct in shares {
                 let Ok(p) = base.clone().with_percent(&pct) else { continue };
                 let ccc: Vec<bool> = match pins.cpu_cache_compute {
@@ -495,14 +494,6 @@ impl<'a> Searcher<'a> {
                     for &pin in &pins_kind {
                         self.consider(Policy { cpu_cache_compute: c, pin_weight: pin, ..p.clone() }, &mut out)?;
                     }
-                }
-                // Everything on the GPU fits this block: nothing else beats
-                // it for the block, so the rest of the grid is skipped.
-                if pins.percent.is_none()
-                    && out.len() > before
-                    && out.last().is_some_and(|c| c.policy.percent() == [100.0, 0.0, 100.0, 0.0, 100.0, 0.0])
-                {
-                    break;
                 }
             }
         }
