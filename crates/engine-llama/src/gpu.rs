@@ -33,6 +33,7 @@ use ops::gpu::llm::attn_decode_fits;
 use ops::gpu::profile::Profiler;
 use ops::gpu::Gpu;
 use runtime::gpu::layer::{GpuLayer, Init};
+use runtime::gpu::packed::Unpacker;
 use runtime::gpu::stream::{LayerSplit, OffloadTiers, WeightStreamer};
 use runtime::sampling::Sampler;
 use runtime::schedule::{BatchTokens, ComputeDevice, GenerateOptions, GenerationOutput};
@@ -140,6 +141,8 @@ pub struct LlamaGpu<T: Half> {
     /// attention (the step's q, k, v come to the host, the output goes
     /// back for the output product), reserved against this host account.
     cpu_attention: Option<Arc<MemAccount>>,
+    /// `--compress-weight`: the workspace the 4-bit layers unpack into.
+    unpacker: Option<Unpacker>,
     /// `TIERLM_GPU_PROFILE`: an event after every part of a step.
     profiler: Option<Profiler>,
     /// Last, so that the buffers above go before its stream and handles.
@@ -183,8 +186,8 @@ impl<T: Half> LlamaGpu<T> {
         mut config: LlamaConfig,
         split: LayerSplit,
         tiers: Option<OffloadTiers>,
-        ck: Option<&Checkpoint>,
-        seed: u64,
+        (ck, seed): (Option<&Checkpoint>, u64),
+        compress_weight: bool,
     ) -> Result<Self> {
         check_supported(&config)?;
         config.dtype = Some(match T::DTYPE {
@@ -202,16 +205,25 @@ impl<T: Half> LlamaGpu<T> {
         let embed = outside::<T>(&gpu, need("model.embed_tokens.weight")?, ck, seed)?;
         let norm = outside::<T>(&gpu, need("model.norm.weight")?, ck, seed)?;
         let lm_head = find("lm_head.weight").map(|t| outside::<T>(&gpu, t, ck, seed)).transpose()?;
-        let layers =
-            (0..split.gpu_end).map(|i| make_layer::<T>(&gpu, &spec, i, ck, seed)).collect::<Result<Vec<_>>>()?;
+        // --compress-weight: every layer's matrices held 4-bit (resident,
+        // parked and in the streaming slots), unpacked before it computes.
+        let unpacker = compress_weight.then(|| Unpacker::new(&gpu, &spec)).transpose()?;
+        let ws = unpacker.as_ref().map(Unpacker::workspace);
+        let make = |i: usize| -> Result<GpuLayer> {
+            let w = make_layer::<T>(&gpu, &spec, i, ck, seed)?;
+            match ws {
+                Some(ws) => Ok(w.compress(&gpu, ws)?),
+                None => Ok(w),
+            }
+        };
+        let layers = (0..split.gpu_end).map(make).collect::<Result<Vec<_>>>()?;
         let offload = if split.streams() {
             let tiers = tiers.ok_or_else(|| gpu_err("layers off the GPU, but no tiers for them".into()))?;
-            let mut streamer = WeightStreamer::new(&gpu, (&spec, dummy_init), split, tiers, None)?;
+            let mut streamer = WeightStreamer::new(&gpu, (&spec, dummy_init), split, tiers, ws)?;
             let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
             streamer.allocate_homes(threads)?;
             for i in split.gpu_end..split.layers {
-                let layer = make_layer::<T>(&gpu, &spec, i, ck, seed)?;
-                streamer.park(&gpu, i, layer)?;
+                streamer.park(&gpu, i, make(i)?)?;
             }
             Some(streamer)
         } else {
@@ -228,6 +240,7 @@ impl<T: Half> LlamaGpu<T> {
             layers,
             offload,
             cpu_attention: None,
+            unpacker,
             profiler: None,
             gpu,
         })
@@ -755,9 +768,18 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     }
 
     fn begin_layer(&mut self, j: usize) -> Result<()> {
-        if let Some(s) = &self.model.offload {
+        let model = self.model;
+        if let Some(s) = &model.offload {
             s.begin_layer(j)?;
-            self.model.mark("wait for weights")?;
+            if model.unpacker.is_some() {
+                // Unpacking reads every matrix: the MLP's too.
+                s.begin_mlp(j)?;
+            }
+            model.mark("wait for weights")?;
+        }
+        if let Some(u) = &model.unpacker {
+            u.before(&model.gpu, model.weights(j)?)?;
+            model.mark("unpack weights")?;
         }
         Ok(())
     }
@@ -883,10 +905,11 @@ impl AnyLlamaGpu {
         tiers: Option<OffloadTiers>,
         ck: Option<&Checkpoint>,
         seed: u64,
+        compress_weight: bool,
     ) -> Result<Self> {
         Ok(match compute_dtype(&config) {
-            DType::F16 => AnyLlamaGpu::F16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
-            _ => AnyLlamaGpu::Bf16(LlamaGpu::new(gpu, config, split, tiers, ck, seed)?),
+            DType::F16 => AnyLlamaGpu::F16(LlamaGpu::new(gpu, config, split, tiers, (ck, seed), compress_weight)?),
+            _ => AnyLlamaGpu::Bf16(LlamaGpu::new(gpu, config, split, tiers, (ck, seed), compress_weight)?),
         })
     }
 

@@ -85,13 +85,24 @@ fn expected(dir: &Path) -> Expected {
 
 /// The fixture on the GPU with `w_gpu`% of its layers resident and the
 /// rest streamed from host memory (`w_cpu`%) and disk (in `offload`).
-fn load(dir: &Path, (w_gpu, w_cpu): (f64, f64), offload: &Path, tiers: &runtime::Tiers) -> AnyLlamaGpu {
+fn load(dir: &Path, placement: (f64, f64), offload: &Path, tiers: &runtime::Tiers) -> AnyLlamaGpu {
+    load_with(dir, placement, offload, tiers, false)
+}
+
+/// [`load`], with the layers' matrices 4-bit (`--compress-weight`) or not.
+fn load_with(
+    dir: &Path,
+    (w_gpu, w_cpu): (f64, f64),
+    offload: &Path,
+    tiers: &runtime::Tiers,
+    compress: bool,
+) -> AnyLlamaGpu {
     let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
     let (config, ck) = engine_llama::model::open_checked(dir, config).unwrap();
     let split = split_layers(config.num_hidden_layers, w_gpu, w_cpu);
     let t = split.streams().then(|| OffloadTiers::for_split(tiers, &split, true, offload).unwrap());
     let gpu = ops::gpu::Gpu::new(0).unwrap();
-    AnyLlamaGpu::new(gpu, config, split, t, Some(&ck), 0).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    AnyLlamaGpu::new(gpu, config, split, t, Some(&ck), 0, compress).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 fn greedy(model: &AnyLlamaGpu, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
@@ -255,4 +266,41 @@ fn a_profiled_run_gives_the_same_tokens_and_times_every_part() {
         }
     }
     assert!(parts.values().all(|ms| ms.is_finite() && *ms >= 0.0), "{parts:?}");
+}
+
+/// 4-bit weights (FlexGen's groups of 64 along the output dimension) from
+/// the checkpoint's bf16 or f16: the first step's logits near the plain
+/// run's (the quantization moves them; a bound from the fixtures' first
+/// run, not a model of the error), and the same tokens whether the packed
+/// layers are resident or streamed from host memory and disk.
+#[test]
+fn four_bit_weights_from_either_16_bit_type() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tiers = runtime::Tiers::default();
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let exp = expected(&dir);
+        let plain = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
+        let packed = load_with(&dir, (100.0, 0.0), tmp.path(), &tiers, true);
+        let mut worst = 0.0f32;
+        for case in &exp.cases {
+            let a = plain.prefill_logits(std::slice::from_ref(&case.input_ids)).unwrap();
+            let b = packed.prefill_logits(std::slice::from_ref(&case.input_ids)).unwrap();
+            worst = worst.max(max_abs_diff(&b, &a));
+        }
+        let scale = exp.cases[0].last_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            worst > 0.0 && worst < 0.5 * scale,
+            "{name}: 4-bit logits {worst:.3e} from the plain ones (max |logit| {scale:.2})"
+        );
+        let resident = greedy(&packed, &exp.batch.input_ids, exp.new_tokens);
+        for placement in [(0.0, 100.0), (0.0, 50.0)] {
+            let streamed = load_with(&dir, placement, tmp.path(), &tiers, true);
+            assert_eq!(greedy(&streamed, &exp.batch.input_ids, exp.new_tokens), resident, "{name} {placement:?}");
+        }
+        println!("{name}: 4-bit weights move the first-step logits by up to {worst:.3e}; streamed = resident tokens");
+    }
 }

@@ -76,6 +76,9 @@ pub enum CompressMode {
     Both,
     /// Whichever predicts the most.
     Auto,
+    /// `Auto` for a family whose engine keeps its cache uncompressed:
+    /// 4-bit weights or none, whichever predicts the most.
+    WeightOrNone,
 }
 
 impl FromStr for CompressMode {
@@ -102,6 +105,7 @@ impl CompressMode {
             CompressMode::Cache => &[(false, true)],
             CompressMode::Both => &[(true, true)],
             CompressMode::Auto => &[(false, false), (true, false), (false, true), (true, true)],
+            CompressMode::WeightOrNone => &[(false, false), (true, false)],
         }
     }
 
@@ -126,7 +130,7 @@ impl CompressMode {
             CompressMode::Weight => "weight",
             CompressMode::Cache => "cache",
             CompressMode::Both => "both",
-            CompressMode::Auto => "auto",
+            CompressMode::Auto | CompressMode::WeightOrNone => "auto",
         }
     }
 }
@@ -658,15 +662,20 @@ pub fn search(req: &Request<'_>) -> Result<Outcome> {
         if req.compress == CompressMode::None {
             // Would compression make it fit? Say so, but never choose it unasked.
             for &choice in &CompressMode::Auto.options()[1..] {
+                // A family whose engine pins its cache and activations
+                // (`cache_act`) holds the cache uncompressed.
+                if choice.1 && req.pins.cache_act.is_some() {
+                    continue;
+                }
                 if !s.candidates(choice)?.is_empty() {
                     let mode = CompressMode::of(choice.0, choice.1);
                     return Err(Error::NoPolicyFits(format!(
-                        "no policy fits this machine's budgets without compression; 4-bit {} fits, but it changes \
+                        "no policy fits this machine's budgets without compression; 4-bit {}, but it changes \
                          the output: pass --compress {} (or --compress auto) to allow it",
                         match mode {
-                            CompressMode::Weight => "weights",
-                            CompressMode::Cache => "KV cache",
-                            _ => "weights and KV cache",
+                            CompressMode::Weight => "weights fit",
+                            CompressMode::Cache => "KV cache fits",
+                            _ => "weights and KV cache fit",
                         },
                         mode.flag()
                     )));
@@ -694,10 +703,10 @@ pub fn search(req: &Request<'_>) -> Result<Outcome> {
     };
     let layers = req.spec.layers;
     let runners_up = it.map(|c| (why_lost(&best, &c, req.objective, layers), c)).map(|(w, c)| (c, w)).collect();
-    let note = (req.compress == CompressMode::Auto && (best.policy.compress_weight || best.policy.compress_cache))
-        .then(|| {
-            "--compress auto chose 4-bit compression: its output differs from the uncompressed model's".to_string()
-        });
+    let auto = matches!(req.compress, CompressMode::Auto | CompressMode::WeightOrNone);
+    let note = (auto && (best.policy.compress_weight || best.policy.compress_cache)).then(|| {
+        "--compress auto chose 4-bit compression: its output differs from the uncompressed model's".to_string()
+    });
     Ok(Outcome { best, runners_up, evaluated: s.evaluated, note })
 }
 

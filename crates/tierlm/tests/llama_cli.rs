@@ -415,7 +415,7 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
     for (flags, name) in [
         (&["--percent", "0", "50", "0", "100", "100", "0"][..], "the KV cache off the GPU"),
         (&["--percent", "100", "0", "100", "0", "0", "100"][..], "activations off the GPU"),
-        (&["--percent", "100", "0", "100", "0", "100", "0", "--compress-weight"][..], "--compress-weight"),
+        (&["--percent", "100", "0", "100", "0", "100", "0", "--compress-cache"][..], "--compress-cache"),
         (&["--percent", "100", "0", "100", "0", "100", "0", "--cpu-cache-compute"][..], "--cpu-cache-compute"),
     ] {
         let mut args = vec!["generate", "--model", d, "--prompt", "Hi"];
@@ -591,7 +591,7 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
         "78G",
     ]);
     assert!(e.contains("does not fit") && e.contains("GPU: needs"), "{e}");
-    assert!(!e.contains("--compress-weight"), "no compression to advise for this engine: {e}");
+    assert!(!e.contains("--compress-weight"), "compression is not advised for this family: {e}");
     // The model's own limits come before the machine's, GPU or not:
     // Mistral's sliding window, and the positions a preset has.
     let gpu = ["--percent", "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "1"];

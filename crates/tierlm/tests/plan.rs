@@ -255,8 +255,8 @@ fn tier_cuda_probe() -> Result<Option<()>, ()> {
 
 /// The Llama family's presets are planned from their spec (grouped-query
 /// cache counted by its KV heads), within what its GPU engine runs: the
-/// cache and activations on the GPU, the weights searched; compression and
-/// CPU attention refused by name.
+/// cache and activations on the GPU, the weights searched, 4-bit or not; a
+/// 4-bit cache and CPU attention refused by name.
 #[test]
 fn llama_presets_are_planned_within_their_gpu_engine() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,9 +282,24 @@ fn llama_presets_are_planned_within_their_gpu_engine() {
     args.extend(common);
     let v = plan_json(d, &args);
     assert!(v["flags"].as_str().unwrap().starts_with("--percent 100 0 100 0 100 0"), "{v}");
-    for (extra, name) in
-        [(&["--compress", "weight"][..], "--compress"), (&["--cpu-cache-compute", "true"][..], "--cpu-cache-compute")]
-    {
+    // 4-bit weights (its engine has them; its cache stays 16-bit): the 70B
+    // model's 40 GB of packed weights all fit, asked for or chosen by auto.
+    for mode in ["weight", "auto"] {
+        let mut args = vec!["--model", "llama-3.1-70b", "--compress", mode];
+        args.extend(common);
+        let v = plan_json(d, &args);
+        let flags = v["flags"].as_str().unwrap();
+        assert!(
+            flags.starts_with("--percent 100 0 100 0 100 0") && flags.ends_with("--compress-weight"),
+            "{mode}: {v}"
+        );
+        assert!(!flags.contains("--compress-cache"), "{mode}: {flags}");
+    }
+    for (extra, name) in [
+        (&["--compress", "cache"][..], "--compress cache"),
+        (&["--compress", "both"][..], "--compress cache"),
+        (&["--cpu-cache-compute", "true"][..], "--cpu-cache-compute"),
+    ] {
         let mut args = vec!["--model", "llama-3.1-70b"];
         args.extend(common);
         args.extend_from_slice(extra);

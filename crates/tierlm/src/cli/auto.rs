@@ -81,7 +81,7 @@ fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
         return Ok(None);
     }
     let planned = planned_model(ask.model)?;
-    check_family_pins(&planned, ask.compress, pins.cpu_cache_compute, pins.percent)?;
+    let compress = check_family_pins(&planned, ask.compress, pins.cpu_cache_compute, pins.percent)?;
     let pins = match planned.cache_act {
         Some(fixed) => Pins { cache_act: Some(fixed), cpu_cache_compute: Some(false), ..pins },
         None => pins,
@@ -97,7 +97,7 @@ fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
         cap,
         rates,
         objective: ask.objective,
-        compress: ask.compress,
+        compress,
         host: host_kind(None)?,
         pins,
     };

@@ -256,7 +256,8 @@ fn places_on_gpu(policy: &runtime::policy::Policy) -> bool {
 
 /// Refuses what the family's GPU engine does not do yet, naming it: it
 /// keeps the KV cache and the hidden states on the GPU, and places the
-/// weights anywhere (resident, streamed from host memory or disk).
+/// weights anywhere (resident, streamed from host memory or disk), 4-bit
+/// or not.
 fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result<()> {
     let mut refused: Vec<String> = Vec::new();
     if !cache_placement_runs(policy) {
@@ -278,7 +279,8 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
     // --cpu-cache-compute with the cache in host memory), and the search
     // its own flags.
     let cpu_attention = policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0;
-    let mut honoured = vec!["--gpu-mem", "--pin-weight", "--policy auto", "--host-mem", "--calibration"];
+    let mut honoured =
+        vec!["--gpu-mem", "--pin-weight", "--policy auto", "--host-mem", "--calibration", "--compress-weight"];
     if cpu_attention {
         honoured.push("--cpu-cache-compute");
     }
@@ -291,7 +293,8 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
     }
     Err(unsupported(format!(
         "{} not supported for the Llama family on the GPU yet: its GPU engine keeps the activations on the GPU, the \
-         KV cache there or, with --cpu-cache-compute, in host memory, and places the weights anywhere (--percent \
+         KV cache there (uncompressed) or, with --cpu-cache-compute, in host memory, and places the weights, 4-bit \
+         with --compress-weight or not, anywhere (--percent \
          W_GPU W_CPU 100 0 100 0, or W_GPU W_CPU 0 100 100 0 --cpu-cache-compute; the rest of the weights on disk \
          in --offload-dir); the CPU engine takes the cache in host memory or on disk (--percent 0 W_CPU 0 C_CPU 0 \
          100)",
@@ -344,7 +347,15 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     } else {
         None
     };
-    let mut model = AnyLlamaGpu::new(gpu, opened.config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    let mut model = AnyLlamaGpu::new(
+        gpu,
+        opened.config.clone(),
+        split,
+        tiers,
+        opened.checkpoint.as_ref(),
+        args.seed,
+        policy.compress_weight,
+    )?;
     model.set_sep_layer(policy.sep_layer);
     // With --cpu-cache-compute the caches live in pageable host memory,
     // reserved against the run's host account.
@@ -743,11 +754,8 @@ pub fn bench(
                 .into(),
         );
     }
-    for (given, flag) in [
-        (policy.compress_weight, "--compress-weight"),
-        (policy.compress_cache, "--compress-cache"),
-        (policy.attn_sparsity != 1.0, "--attn-sparsity"),
-    ] {
+    for (given, flag) in [(policy.compress_cache, "--compress-cache"), (policy.attn_sparsity != 1.0, "--attn-sparsity")]
+    {
         if given {
             refused.push(flag.into());
         }
@@ -796,7 +804,15 @@ pub fn bench(
         None
     };
     let t = std::time::Instant::now();
-    let mut model = AnyLlamaGpu::new(gpu, config.clone(), split, tiers, opened.checkpoint.as_ref(), args.seed)?;
+    let mut model = AnyLlamaGpu::new(
+        gpu,
+        config.clone(),
+        split,
+        tiers,
+        opened.checkpoint.as_ref(),
+        args.seed,
+        policy.compress_weight,
+    )?;
     model.set_sep_layer(policy.sep_layer);
     // With --cpu-cache-compute the caches live in pageable host memory,
     // reserved against the run's host account.

@@ -154,22 +154,29 @@ pub fn planned_model(model: &str) -> Result<Planned> {
     }
 }
 
-/// Refuses what the search may not choose for `planned`'s family: its GPU
-/// engine without compression or CPU attention, and `--percent` placing
-/// its cache or activations off the GPU.
+/// Refuses what the search may not choose for `planned`'s family (its GPU
+/// engine's cache and activations stay on the GPU, uncompressed: no 4-bit
+/// cache, no CPU attention for the search, no `--percent` placing either
+/// off the GPU) and returns the compression the search may use: `auto`
+/// means 4-bit weights or none there.
 pub fn check_family_pins(
     planned: &Planned,
     compress: CompressMode,
     cpu_cache_compute: Option<bool>,
     percent: Option<[f64; 6]>,
-) -> Result<()> {
+) -> Result<CompressMode> {
     let Some(fixed) = planned.cache_act else {
-        return Ok(());
+        return Ok(compress);
     };
     let mut refused = Vec::new();
-    if compress != CompressMode::None {
-        refused.push("--compress (its GPU engine has no compression yet)".to_string());
-    }
+    let allowed = match compress {
+        CompressMode::None | CompressMode::Weight => compress,
+        CompressMode::Auto => CompressMode::WeightOrNone,
+        CompressMode::Cache | CompressMode::Both | CompressMode::WeightOrNone => {
+            refused.push("--compress cache or both (its GPU engine has no 4-bit cache yet)".to_string());
+            compress
+        }
+    };
     if cpu_cache_compute == Some(true) {
         refused.push("--cpu-cache-compute".to_string());
     }
@@ -178,11 +185,11 @@ pub fn check_family_pins(
             .push(format!("--percent with the cache or activations off the GPU ({} {} {} {})", p[2], p[3], p[4], p[5]));
     }
     if refused.is_empty() {
-        return Ok(());
+        return Ok(allowed);
     }
     Err(Error::InvalidArgument(format!(
-        "{}: not for the {} family's GPU engine yet, which keeps the KV cache and activations on the GPU and \
-         places the weights: {}",
+        "{}: not for the {} family's GPU engine yet, which keeps the KV cache and activations on the GPU, \
+         uncompressed, and places the weights, 4-bit or not: {}",
         refused.join(", "),
         planned.family,
         "--percent W_GPU W_CPU 100 0 100 0"
@@ -362,7 +369,7 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
         )));
     }
     let percent = percent_pin(&args.percent)?;
-    check_family_pins(&planned, args.compress, args.cpu_cache_compute, percent)?;
+    let compress = check_family_pins(&planned, args.compress, args.cpu_cache_compute, percent)?;
     for (flag, v) in [("--gpu-batch-size", args.gpu_batch_size), ("--num-gpu-batches", args.num_gpu_batches)] {
         if v == Some(0) {
             return Err(Error::InvalidArgument(format!("{flag} must be at least 1")));
@@ -388,7 +395,7 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
         cap,
         rates: loaded.calibration.rates,
         objective: args.objective,
-        compress: args.compress,
+        compress,
         host: host_kind(args.host_memory.as_deref())?,
         pins: Pins {
             gpu_batch_size: args.gpu_batch_size,
