@@ -14,6 +14,9 @@
 #      weights materialised in place (hf_llama_bench.py --gpu-weights-gib),
 #      4 new tokens (each of its decode steps moves the host layers over
 #      PCIe; its rate per step is what is compared).
+#   F4 llama-3.1-70b with 4-bit weights (--compress-weight, FlexGen's groups
+#      of 64 from bf16), every packed layer resident, 64 prompts: the
+#      search's choice with --compress auto, and the same flags by hand.
 #
 # Usage (repository root): scripts/llama-cases.sh [--tierlm PATH] [CASE...]
 # Results: $OUT/llama-cases/ (else /tmp/llama-cases): one .json and .log a
@@ -24,12 +27,12 @@ tierlm=.gpu/tierlm out=${OUT:-/tmp}/llama-cases cases=()
 while [ $# -gt 0 ]; do
   case $1 in
     --tierlm) tierlm=$2; shift 2 ;;
-    E|F) cases+=("$1"); shift ;;
+    E|F|F4) cases+=("$1"); shift ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "llama-cases.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#cases[@]} -gt 0 ] || cases=(E F)
+[ ${#cases[@]} -gt 0 ] || cases=(E F F4)
 mkdir -p "$out"
 common="--dummy --prompt-len 512 --gen-len 32 --json"
 
@@ -56,6 +59,13 @@ for c in "${cases[@]}"; do
         --gpu-batch-size 32 --num-gpu-batches 2
       run F-transformers 540 python3 "$(dirname "$0")/hf_llama_bench.py" --preset llama-3.1-70b --prompts 64 \
         --prompt-len 512 --gen-len 4 --gpu-weights-gib 52
+      ;;
+    F4)
+      # shellcheck disable=SC2086
+      run F4-tierlm-auto 400 "$tierlm" bench --model llama-3.1-70b $common --num-prompts 64 --compress auto
+      # shellcheck disable=SC2086
+      run F4-tierlm-hand 400 "$tierlm" bench --model llama-3.1-70b $common --percent 100 0 100 0 100 0 \
+        --gpu-batch-size 64 --compress-weight
       ;;
   esac
 done
