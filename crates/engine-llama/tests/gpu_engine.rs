@@ -67,7 +67,14 @@ fn repo_root() -> PathBuf {
     }
 }
 
-fn fixtures() -> Vec<PathBuf> {
+/// A fixture directory under fixtures/llama, its name and its answers.
+struct Fixture {
+    name: String,
+    dir: PathBuf,
+    exp: Expected,
+}
+
+fn fixtures() -> Vec<Fixture> {
     let root = repo_root().join("fixtures/llama");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
@@ -76,7 +83,14 @@ fn fixtures() -> Vec<PathBuf> {
         .collect();
     dirs.sort();
     assert!(!dirs.is_empty(), "no fixtures under {}", root.display());
-    dirs
+    dirs.into_iter()
+        .map(|dir| Fixture { name: dir.file_name().unwrap().to_string_lossy().to_string(), exp: expected(&dir), dir })
+        .collect()
+}
+
+/// An offload directory and the tiers a test's models share.
+fn scratch() -> (tempfile::TempDir, runtime::Tiers) {
+    (tempfile::tempdir().unwrap(), runtime::Tiers::default())
 }
 
 fn expected(dir: &Path) -> Expected {
@@ -142,11 +156,8 @@ fn the_gpu_engine_matches_hugging_face() {
     if !gpu_or_skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let tiers = runtime::Tiers::default();
-    for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let exp = expected(&dir);
+    let (tmp, tiers) = scratch();
+    for Fixture { name, dir, exp } in fixtures() {
         let near = if exp.dtype == "bfloat16" { 0.05 } else { 1e-2 };
         // transformers' own 16-bit run against its float32 one.
         let native = exp.cases.iter().map(|c| max_abs_diff(&c.native_last_logits, &c.last_logits)).fold(0.0, f32::max);
@@ -190,11 +201,8 @@ fn streamed_weights_give_the_resident_tokens() {
     if !gpu_or_skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let tiers = runtime::Tiers::default();
-    for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let exp = expected(&dir);
+    let (tmp, tiers) = scratch();
+    for Fixture { name, dir, exp } in fixtures() {
         let prompts = exp.batch.input_ids.clone();
         let resident = greedy(&load(&dir, (100.0, 0.0), tmp.path(), &tiers), &prompts, exp.new_tokens);
         for placement in [(0.0, 100.0), (50.0, 50.0), (0.0, 50.0), (0.0, 0.0)] {
@@ -212,11 +220,8 @@ fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
     if !gpu_or_skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let tiers = runtime::Tiers::default();
-    for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let exp = expected(&dir);
+    let (tmp, tiers) = scratch();
+    for Fixture { name, dir, exp } in fixtures() {
         let near = if exp.dtype == "bfloat16" { 0.05 } else { 1e-2 };
         let mut model = load(&dir, (50.0, 50.0), tmp.path(), &tiers);
         let host =
@@ -250,10 +255,8 @@ fn a_profiled_run_gives_the_same_tokens_and_times_every_part() {
     if !gpu_or_skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let tiers = runtime::Tiers::default();
-    let dir = fixtures().into_iter().next().unwrap();
-    let exp = expected(&dir);
+    let (tmp, tiers) = scratch();
+    let Fixture { dir, exp, .. } = fixtures().remove(0);
     let mut model = load(&dir, (50.0, 50.0), tmp.path(), &tiers);
     let plain = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
     model.set_profile(true);
@@ -278,11 +281,8 @@ fn four_bit_weights_from_either_16_bit_type() {
     if !gpu_or_skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let tiers = runtime::Tiers::default();
-    for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let exp = expected(&dir);
+    let (tmp, tiers) = scratch();
+    for Fixture { name, dir, exp } in fixtures() {
         let plain = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
         let packed = load_with(&dir, (100.0, 0.0), tmp.path(), &tiers, true);
         let mut worst = 0.0f32;

@@ -143,6 +143,35 @@ pub struct Limits {
     pub total_tokens_per_s_limit: f64,
 }
 
+impl Limits {
+    /// The limits of a run of `prompts` prompts whose decode step `i`
+    /// (1-based) reads `weight_bytes` and `cache_bytes(prompt_len + i)`, and
+    /// whose prefill computes `prefill_flop`, over the rates of `roof`.
+    pub fn of(
+        weight_bytes: u64,
+        cache_bytes: impl Fn(usize) -> u64,
+        prefill_flop: f64,
+        (prompts, prompt_len, gen_len): (usize, usize, usize),
+        roof: &Roofline,
+    ) -> Limits {
+        let steps = gen_len.saturating_sub(1);
+        let decode_bytes: f64 = (1..=steps).map(|i| (weight_bytes + cache_bytes(prompt_len + i)) as f64).sum();
+        let decode_min_s = decode_bytes / roof.copy_bytes_per_s;
+        let prefill_min_s = prefill_flop / roof.gemm_flop_per_s;
+        let n = prompts as f64;
+        Limits {
+            decode_weight_bytes: weight_bytes,
+            decode_cache_bytes_first: if steps > 0 { cache_bytes(prompt_len + 1) } else { 0 },
+            decode_cache_bytes_last: if steps > 0 { cache_bytes(prompt_len + steps) } else { 0 },
+            decode_min_s,
+            prefill_flop,
+            prefill_min_s,
+            decode_tokens_per_s_limit: (steps > 0).then(|| n * steps as f64 / decode_min_s),
+            total_tokens_per_s_limit: n * gen_len as f64 / (prefill_min_s + decode_min_s),
+        }
+    }
+}
+
 /// GPU memory of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct GpuMemory {
@@ -342,9 +371,6 @@ pub fn limits(
     let weight_bytes = model_weight_bytes.saturating_sub(positions);
     // Decode step i (1-based) attends over prompt_len + i cached positions.
     let cache_bytes = |pos: usize| config.kv_cache_bytes(prompts, pos);
-    let steps = gen_len.saturating_sub(1);
-    let decode_bytes: f64 = (1..=steps).map(|i| (weight_bytes + cache_bytes(prompt_len + i)) as f64).sum();
-    let decode_min_s = decode_bytes / roof.copy_bytes_per_s;
     let rows = n * prompt_len as f64;
     let s = prompt_len as f64;
     let mut flop = 2.0 * rows * layers * (4.0 * h * h + 2.0 * h * f);
@@ -353,17 +379,7 @@ pub fn limits(
     if c.has_projections() {
         flop += 2.0 * rows * h * e;
     }
-    let prefill_min_s = flop / roof.gemm_flop_per_s;
-    Limits {
-        decode_weight_bytes: weight_bytes,
-        decode_cache_bytes_first: if steps > 0 { cache_bytes(prompt_len + 1) } else { 0 },
-        decode_cache_bytes_last: if steps > 0 { cache_bytes(prompt_len + steps) } else { 0 },
-        decode_min_s,
-        prefill_flop: flop,
-        prefill_min_s,
-        decode_tokens_per_s_limit: (steps > 0).then(|| n * steps as f64 / decode_min_s),
-        total_tokens_per_s_limit: n * gen_len as f64 / (prefill_min_s + decode_min_s),
-    }
+    Limits::of(weight_bytes, cache_bytes, flop, (prompts, prompt_len, gen_len), roof)
 }
 
 fn load_for_bench(args: &BenchArgs, gpu: Gpu) -> Result<(GpuModel, String)> {

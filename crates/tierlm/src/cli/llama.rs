@@ -304,8 +304,6 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
 
 /// `tierlm generate` for a Llama-family model on the GPU engine.
 fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: Vec<Input>) -> Result<()> {
-    use engine_llama::gpu::AnyLlamaGpu;
-    use runtime::gpu::stream::{split_layers, OffloadTiers};
     refuse_unsupported_on_gpu(args, policy)?;
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     // The longest input bounds the prompt: its ids, or its text's bytes.
@@ -339,30 +337,7 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     engine_llama::gpu::check_supported(&opened.config)?;
     let gpu = ops::gpu::Gpu::new(0).map_err(engine_llama::Error::from)?;
     gpu.set_budget(args.gpu_mem);
-    let layers = opened.config.num_hidden_layers;
-    let split = split_layers(layers, policy.w_gpu_percent, policy.w_cpu_percent);
-    let run_tiers = runtime::Tiers::default();
-    let tiers = if split.streams() {
-        Some(OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?)
-    } else {
-        None
-    };
-    let mut model = AnyLlamaGpu::new(
-        gpu,
-        opened.config.clone(),
-        split,
-        tiers,
-        opened.checkpoint.as_ref(),
-        args.seed,
-        policy.compress_weight,
-    )?;
-    model.set_sep_layer(policy.sep_layer);
-    // With --cpu-cache-compute the caches live in pageable host memory,
-    // reserved against the run's host account.
-    let cache_host = std::sync::Arc::clone(tier_api::Device::account(
-        &*run_tiers.host(tier_api::HostMemKind::Pageable).map_err(engine_llama::Error::from)?,
-    ));
-    model.set_cpu_attention(policy.cpu_cache_compute.then(|| std::sync::Arc::clone(&cache_host)));
+    let (model, cache_host) = place_on_gpu(gpu, &opened, policy, &offload_dir, args.seed)?;
     let prompts = tokenize_with(opened.tokenizer.as_ref(), &opened.source, &inputs, args.chat)?;
     let config = model.config();
     runtime::schedule::validate_prompts(
@@ -437,6 +412,45 @@ fn check_gpu_placement(
 /// A Llama-family directory or preset opened for the GPU engine: its
 /// configuration, its checkpoint checked against the spec, its ids and
 /// tokenizer; nothing read into memory yet.
+/// The family's GPU engine on `gpu`, placed as `policy` says: the
+/// split's first layers resident and the rest streamed from the run's host
+/// and disk tiers (`offload_dir`), `--sep-layer`, 4-bit weights with
+/// `--compress-weight`, and with `--cpu-cache-compute` each batch's KV
+/// cache in pageable host memory, reserved against the host account it
+/// returns (whose peak the reports read).
+fn place_on_gpu(
+    gpu: ops::gpu::Gpu,
+    opened: &Opened,
+    policy: &runtime::policy::Policy,
+    offload_dir: &Path,
+    seed: u64,
+) -> Result<(engine_llama::gpu::AnyLlamaGpu, std::sync::Arc<tier_api::MemAccount>)> {
+    use runtime::gpu::stream::{split_layers, OffloadTiers};
+    let split = split_layers(opened.config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
+    let run_tiers = runtime::Tiers::default();
+    let tiers = if split.streams() {
+        Some(OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, offload_dir)?)
+    } else {
+        None
+    };
+    let ck = opened.checkpoint.as_ref();
+    let mut model = engine_llama::gpu::AnyLlamaGpu::new(
+        gpu,
+        opened.config.clone(),
+        split,
+        tiers,
+        ck,
+        seed,
+        policy.compress_weight,
+    )?;
+    model.set_sep_layer(policy.sep_layer);
+    let cache_host = std::sync::Arc::clone(tier_api::Device::account(
+        &*run_tiers.host(tier_api::HostMemKind::Pageable).map_err(engine_llama::Error::from)?,
+    ));
+    model.set_cpu_attention(policy.cpu_cache_compute.then(|| std::sync::Arc::clone(&cache_host)));
+    Ok((model, cache_host))
+}
+
 struct Opened {
     config: LlamaConfig,
     checkpoint: Option<checkpoint::Checkpoint>,
@@ -697,28 +711,14 @@ pub fn llama_limits(
     let weight_bytes = params.saturating_mul(elem).saturating_sub(table);
     let token_bytes = 2 * c.num_key_value_heads as u64 * c.head_dim as u64 * elem * c.num_hidden_layers as u64;
     let cache_bytes = |pos: usize| (prompts as u64).saturating_mul(pos as u64).saturating_mul(token_bytes);
-    let steps = gen_len.saturating_sub(1);
-    let decode_bytes: f64 = (1..=steps).map(|i| (weight_bytes + cache_bytes(prompt_len + i)) as f64).sum();
-    let decode_min_s = decode_bytes / roof.copy_bytes_per_s;
-    let n = prompts as f64;
-    let s = prompt_len as f64;
+    let (n, s) = (prompts as f64, prompt_len as f64);
     let (hf, i) = (h as f64, c.intermediate_size as f64);
     let (q_w, kv_w) = ((c.num_attention_heads * c.head_dim) as f64, (c.num_key_value_heads * c.head_dim) as f64);
     let layers = c.num_hidden_layers as f64;
     let mut flop = 2.0 * n * s * layers * (2.0 * hf * q_w + 2.0 * hf * kv_w + 3.0 * hf * i);
     flop += layers * 4.0 * n * s * s * q_w;
     flop += 2.0 * n * v as f64 * hf;
-    let prefill_min_s = flop / roof.gemm_flop_per_s;
-    Ok(super::gpu::Limits {
-        decode_weight_bytes: weight_bytes,
-        decode_cache_bytes_first: if steps > 0 { cache_bytes(prompt_len + 1) } else { 0 },
-        decode_cache_bytes_last: if steps > 0 { cache_bytes(prompt_len + steps) } else { 0 },
-        decode_min_s,
-        prefill_flop: flop,
-        prefill_min_s,
-        decode_tokens_per_s_limit: (steps > 0).then(|| n * steps as f64 / decode_min_s),
-        total_tokens_per_s_limit: n * gen_len as f64 / (prefill_min_s + decode_min_s),
-    })
+    Ok(super::gpu::Limits::of(weight_bytes, cache_bytes, flop, (prompts, prompt_len, gen_len), roof))
 }
 
 /// `tierlm bench` for a Llama-family model: its GPU engine (the cache and
@@ -729,9 +729,8 @@ pub fn bench(
     policy: &runtime::policy::Policy,
     chosen: Option<&runtime::search::Choice>,
 ) -> Result<()> {
-    use engine_llama::gpu::{compute_dtype, AnyLlamaGpu};
+    use engine_llama::gpu::compute_dtype;
     use rand::{Rng, SeedableRng};
-    use runtime::gpu::stream::{split_layers, OffloadTiers};
     let policy = policy.clone();
     if !places_on_gpu(&policy) {
         let why = match ops::gpu::unavailable_reason() {
@@ -796,30 +795,8 @@ pub fn bench(
     // The GPU's rates, before the model takes its memory.
     let roofline = super::gpu::measure_roofline(&gpu)?;
     gpu.set_budget(args.gpu_mem);
-    let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
-    let run_tiers = runtime::Tiers::default();
-    let tiers = if split.streams() {
-        Some(OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?)
-    } else {
-        None
-    };
     let t = std::time::Instant::now();
-    let mut model = AnyLlamaGpu::new(
-        gpu,
-        config.clone(),
-        split,
-        tiers,
-        opened.checkpoint.as_ref(),
-        args.seed,
-        policy.compress_weight,
-    )?;
-    model.set_sep_layer(policy.sep_layer);
-    // With --cpu-cache-compute the caches live in pageable host memory,
-    // reserved against the run's host account.
-    let cache_host = std::sync::Arc::clone(tier_api::Device::account(
-        &*run_tiers.host(tier_api::HostMemKind::Pageable).map_err(engine_llama::Error::from)?,
-    ));
-    model.set_cpu_attention(policy.cpu_cache_compute.then(|| std::sync::Arc::clone(&cache_host)));
+    let (mut model, cache_host) = place_on_gpu(gpu, &opened, &policy, &offload_dir, args.seed)?;
     let load_s = t.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let vocab = config.vocab_size as u32;
