@@ -2,8 +2,9 @@
 # The first checks of the Llama family's GPU engine on the GPU machine, in
 # one call (after `cargo xtask gpu-bundle`): the op layer's f16/bf16 kernels
 # against the CPU reference, the engine against transformers on the
-# fixtures, the command's GPU path, case E with its limits from the same
-# run and its profile, then OPT's GPU engine tests. Logs and a summary in $OUT/logs (else
+# fixtures (4-bit weights included), the command's GPU path, case E with
+# its limits from the same run and its profile, then OPT's GPU engine and
+# 4-bit tests and the dequantizer's (bf16 output included). Logs and a summary in $OUT/logs (else
 # /tmp/logs). The device tool carries at most 64 MiB: keep in .gpu/tests
 # only the executables named here (see the summary).
 #
@@ -28,6 +29,10 @@ step profile_E 120 env TIERLM_GPU_PROFILE=1 .gpu/tierlm bench --model llama-3.1-
   --percent 100 0 100 0 100 0 --gpu-batch-size 64 --prompt-len 512 --gen-len 32
 # OPT's GPU tests, unchanged by the Llama work but sharing its ops.
 step opt_gpu_engine 150 $T/tierlm--test--gpu_engine --test-threads=1
+# OPT's 4-bit weights, now through the runtime's Unpacker, and the bf16
+# build of the dequantizer against the CPU.
+step opt_gpu_compressed 150 $T/tierlm--test--gpu_compressed --test-threads=1
+step dequant_gpu 120 $T/compression--test--gpu --test-threads=1
 for f in "$L"/*.log; do
   echo "--- $f"; grep -E "test result|panicked|FAILED|worst|within|tokens_per_s|error|limit| ms$" "$f" | head -40
 done

@@ -770,11 +770,9 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     fn begin_layer(&mut self, j: usize) -> Result<()> {
         let model = self.model;
         if let Some(s) = &model.offload {
+            // A packed layer is copied whole (no --sep-layer split), so
+            // every matrix the unpacking reads is in its slot now.
             s.begin_layer(j)?;
-            if model.unpacker.is_some() {
-                // Unpacking reads every matrix: the MLP's too.
-                s.begin_mlp(j)?;
-            }
             model.mark("wait for weights")?;
         }
         if let Some(u) = &model.unpacker {

@@ -15,7 +15,7 @@ use super::cache::{GpuKvCache, GpuLayerCache, KeyMask};
 use super::kernels::decode_kernel_fits;
 use super::layer::GpuLayer;
 use super::offload::{LayerSplit, OffloadTiers, WeightStreamer};
-use super::packed::{unpack, LayerWorkspace};
+use super::packed::Unpacker;
 use super::profile::Profiler;
 use super::tiered_cache::{CachePlan, CacheStreamer, CacheTiers, TieredCache};
 use super::weights::{dummy_init, dummy_layer, load_layer, GpuEmbeddings, NormParams, OptLayer};
@@ -23,8 +23,6 @@ use super::Gpu;
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
-use compression::gpu::{GpuDequantizer, Pending};
-use std::sync::Mutex;
 
 /// OPT's layer norms' epsilon (PyTorch's `LayerNorm` default, as the CPU
 /// reference uses).
@@ -322,19 +320,6 @@ impl BatchCache {
     }
 }
 
-/// What `--compress-weight` adds to a model.
-pub struct Compressed {
-    pub dequant: GpuDequantizer,
-    pub workspace: LayerWorkspace,
-    in_flight: Mutex<Vec<Pending>>,
-}
-
-impl std::fmt::Debug for Compressed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Compressed").field("workspace", &self.workspace).finish_non_exhaustive()
-    }
-}
-
 /// An OPT model on one GPU: embeddings and the first layers resident, the
 /// other layers (if any) streamed from host memory or disk through two GPU
 /// slots ([`WeightStreamer`]).
@@ -350,7 +335,7 @@ pub struct GpuModel {
     pub offload: Option<WeightStreamer>,
     /// With `--compress-weight`: the dequantizer, the shared f16 layer
     /// workspace and the dequantizations in flight (see [`super::packed`]).
-    pub compressed: Option<Compressed>,
+    pub compressed: Option<Unpacker>,
     /// With the KV cache off the GPU: its tiers and GPU slots (see
     /// [`super::tiered_cache`]); `None`: every cache on the GPU.
     pub cache_streamer: Option<CacheStreamer>,
@@ -446,15 +431,8 @@ impl GpuModel {
             return Err(Error::Gpu(format!("a layer split {split:?} for {} layers", config.num_hidden_layers)));
         }
         let spec = crate::spec::model_spec(&config, true)?;
-        let compressed = if compress_weight {
-            let dequant = GpuDequantizer::new(gpu.device().clone())
-                .map_err(|e| Error::Gpu(format!("the GPU dequantizer: {e}")))?;
-            let workspace = LayerWorkspace::new(&gpu, &spec)?;
-            Some(Compressed { dequant, workspace, in_flight: Mutex::new(Vec::new()) })
-        } else {
-            None
-        };
-        let ws = compressed.as_ref().map(|c| &c.workspace);
+        let compressed = compress_weight.then(|| Unpacker::new(&gpu, &spec)).transpose()?;
+        let ws = compressed.as_ref().map(Unpacker::workspace);
         let make = |gpu: &Gpu, i: usize| {
             crate::interrupt::check()?;
             let w = match src {
@@ -517,15 +495,9 @@ impl GpuModel {
             self.mark("wait for weights")?;
         }
         if let Some(c) = &self.compressed {
-            let w = self.weights(j)?;
-            let mut in_flight =
-                c.in_flight.lock().map_err(|_| Error::Gpu("the dequantizations' list was poisoned".into()))?;
-            // The previous layer's dequantizations ran before its compute:
-            // waiting for them keeps the host at most a layer ahead.
-            for p in in_flight.drain(..) {
-                p.wait().map_err(|e| Error::Gpu(format!("dequantizing weights on the GPU: {e}")))?;
-            }
-            in_flight.extend(unpack(&self.gpu, &c.dequant, w)?);
+            // The previous layer's dequantizations are waited for (the host
+            // stays at most a layer ahead), this one's enqueued.
+            c.before(&self.gpu, self.weights(j)?)?;
         }
         Ok(())
     }
@@ -603,7 +575,7 @@ impl GpuModel {
     /// Bytes of the f16 layer workspace compressed weights are dequantized
     /// into (0 unless `--compress-weight`).
     pub fn workspace_bytes(&self) -> u64 {
-        self.compressed.as_ref().map_or(0, |c| c.workspace.bytes())
+        self.compressed.as_ref().map_or(0, |c| c.workspace().bytes())
     }
 
     /// Puts every batch's KV cache made from now on where `plan` says
