@@ -141,6 +141,9 @@ pub struct LlamaGpu<T: Half> {
     /// attention (the step's q, k, v come to the host, the output goes
     /// back for the output product), reserved against this host account.
     cpu_attention: Option<Arc<MemAccount>>,
+    /// `--attn-sparsity` (with the CPU's attention): the share of past
+    /// positions a decoding step keeps (1: all).
+    attn_sparsity: f64,
     /// `--compress-weight`: the workspace the 4-bit layers unpack into.
     unpacker: Option<Unpacker>,
     /// `TIERLM_GPU_PROFILE`: an event after every part of a step.
@@ -240,6 +243,7 @@ impl<T: Half> LlamaGpu<T> {
             layers,
             offload,
             cpu_attention: None,
+            attn_sparsity: 1.0,
             unpacker,
             profiler: None,
             gpu,
@@ -283,6 +287,26 @@ impl<T: Half> LlamaGpu<T> {
             Some(p) => Ok(p.phase(&self.gpu, phase)?),
             None => Ok(()),
         }
+    }
+
+    /// FlexGen's `--attn-sparsity`: decoding steps attending on the CPU
+    /// (see [`LlamaGpu::set_cpu_attention`]) keep only that share of the
+    /// past positions with the largest weights ([`ops::attention_sparse`]).
+    /// Refused outside `(0, 1]`, and below 1 without the CPU's attention.
+    pub fn set_attn_sparsity(&mut self, sparsity: f64) -> Result<()> {
+        if !(sparsity > 0.0 && sparsity <= 1.0) {
+            return Err(runtime::Error::InvalidArgument(format!("--attn-sparsity {sparsity} is outside (0, 1]")).into());
+        }
+        if sparsity < 1.0 && self.cpu_attention.is_none() {
+            return Err(runtime::Error::InvalidArgument(
+                "--attn-sparsity below 1 runs in the CPU's decode attention: add --cpu-cache-compute (with the \
+                 cache in host memory)"
+                    .into(),
+            )
+            .into());
+        }
+        self.attn_sparsity = sparsity;
+        Ok(())
     }
 
     /// With a host account, batches made from now on keep their KV cache
@@ -436,8 +460,12 @@ impl<T: Half> LlamaGpu<T> {
                 let key_mask: Vec<bool> =
                     (0..batch).flat_map(|i| mask[i * b.capacity..i * b.capacity + len].iter().copied()).collect();
                 let shape = ops::AttentionShape { heads, kv_heads, head_dim: d };
-                let out: Vec<T> =
-                    ops::attention(&q, s, cache, &key_mask, shape)?.into_iter().map(T::from_f32).collect();
+                let out = if s == 1 && self.attn_sparsity < 1.0 {
+                    ops::attention_sparse(&q, cache, &key_mask, shape, self.attn_sparsity)?
+                } else {
+                    ops::attention(&q, s, cache, &key_mask, shape)?
+                };
+                let out: Vec<T> = out.into_iter().map(T::from_f32).collect();
                 ws.attn.upload(gpu.stream(), 0, &out)?;
             }
         }
@@ -924,6 +952,14 @@ impl AnyLlamaGpu {
         match self {
             AnyLlamaGpu::Bf16(m) => m.set_sep_layer(sep),
             AnyLlamaGpu::F16(m) => m.set_sep_layer(sep),
+        }
+    }
+
+    /// [`LlamaGpu::set_attn_sparsity`].
+    pub fn set_attn_sparsity(&mut self, sparsity: f64) -> Result<()> {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.set_attn_sparsity(sparsity),
+            AnyLlamaGpu::F16(m) => m.set_attn_sparsity(sparsity),
         }
     }
 

@@ -304,3 +304,27 @@ fn four_bit_weights_from_either_16_bit_type() {
         println!("{name}: 4-bit weights move the first-step logits by up to {worst:.3e}; streamed = resident tokens");
     }
 }
+
+/// FlexGen's --attn-sparsity in the CPU's decode attention: refused without
+/// it, and with it a run that keeps half the past positions gives tokens of
+/// the vocabulary, the same twice (the op itself is checked against a
+/// written-out reference in ops).
+#[test]
+fn sparse_cpu_attention_runs_and_is_refused_without_the_cpu_attention() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let (tmp, tiers) = scratch();
+    let Fixture { name, dir, exp } = fixtures().remove(0);
+    let mut model = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
+    let e = model.set_attn_sparsity(0.5).unwrap_err().to_string();
+    assert!(e.contains("--cpu-cache-compute"), "{e}");
+    let host = std::sync::Arc::clone(tier_api::Device::account(&*tiers.host(tier_api::HostMemKind::Pageable).unwrap()));
+    model.set_cpu_attention(Some(host));
+    model.set_attn_sparsity(0.5).unwrap();
+    let a = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
+    let b = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
+    assert_eq!(a, b, "{name}: two sparse runs differ");
+    let vocab = model.config().vocab_size as u32;
+    assert!(a.iter().flatten().all(|&t| t < vocab), "{name}: {a:?}");
+}

@@ -166,16 +166,9 @@ pub fn append_kv(
     Ok(())
 }
 
-/// Past positions FlexGen keeps under `--attn-sparsity s`:
-/// `int(s × (total - 1))`, `None` for dense attention (`s >= 1`).
-pub fn sparse_top_k(sparsity: f64, total: usize) -> Option<usize> {
-    if sparsity >= 1.0 {
-        None
-    } else {
-        // Python's int() of a float64 product truncates toward zero, as `as` does.
-        Some((sparsity * total.saturating_sub(1) as f64) as usize)
-    }
-}
+/// Past positions FlexGen keeps under `--attn-sparsity s` (the op layer's
+/// count, which the Llama family's CPU attention uses too).
+pub use ops::cpu::sparse_top_k;
 
 /// Decode attention: one query per sequence (`qkv` holds `batch` rows, the
 /// step's key and value already appended at position `cache.total - 1`),

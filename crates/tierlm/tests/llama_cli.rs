@@ -417,11 +417,34 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
         (&["--percent", "100", "0", "100", "0", "0", "100"][..], "activations off the GPU"),
         (&["--percent", "100", "0", "100", "0", "100", "0", "--compress-cache"][..], "--compress-cache"),
         (&["--percent", "100", "0", "100", "0", "100", "0", "--cpu-cache-compute"][..], "--cpu-cache-compute"),
+        (&["--percent", "100", "0", "100", "0", "100", "0", "--attn-sparsity", "0.5"][..], "--attn-sparsity"),
     ] {
         let mut args = vec!["generate", "--model", d, "--prompt", "Hi"];
         args.extend_from_slice(flags);
         let e = fails(&args);
         assert!(e.contains(name) && e.contains("not supported for the Llama family on the GPU yet"), "{flags:?}: {e}");
+    }
+    // With the cache in host memory and the CPU's attention, --attn-sparsity
+    // is the engine's: without a GPU, only the missing GPU is said.
+    if ops::gpu::unavailable_reason().is_some() {
+        let e = fails(&[
+            "generate",
+            "--model",
+            d,
+            "--prompt",
+            "Hi",
+            "--percent",
+            "100",
+            "0",
+            "0",
+            "100",
+            "100",
+            "0",
+            "--cpu-cache-compute",
+            "--attn-sparsity",
+            "0.5",
+        ]);
+        assert!(e.contains("there is none") && !e.contains("not supported"), "{e}");
     }
     // --policy auto: the search places the weights on the GPU engine; with
     // no GPU, a note and the CPU engine's default placement.

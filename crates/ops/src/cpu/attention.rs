@@ -165,6 +165,49 @@ pub fn attention(
     key_mask: &[bool],
     shape_: AttentionShape,
 ) -> Result<Vec<f32>> {
+    attend(q, rows, cache, key_mask, shape_, None)
+}
+
+/// Past positions FlexGen keeps under `--attn-sparsity s`:
+/// `int(s × (total - 1))`, `None` for dense attention (`s >= 1`).
+pub fn sparse_top_k(sparsity: f64, total: usize) -> Option<usize> {
+    if sparsity >= 1.0 {
+        None
+    } else {
+        // Python's int() of a float64 product truncates toward zero, as `as` does.
+        Some((sparsity * total.saturating_sub(1) as f64) as usize)
+    }
+}
+
+/// A decoding step's [`attention`] (one query row per sequence) with
+/// FlexGen's `--attn-sparsity`: after the softmax over every visible
+/// position, only the `sparse_top_k(sparsity, len)` largest weights of the
+/// past positions (ties to the earlier one) and the newest position's
+/// weight are kept, not renormalised, and the values are summed with them.
+/// `sparsity` 1 is [`attention`].
+pub fn attention_sparse(
+    q: &[f32],
+    cache: &KvCache,
+    key_mask: &[bool],
+    shape_: AttentionShape,
+    sparsity: f64,
+) -> Result<Vec<f32>> {
+    if !(sparsity > 0.0 && sparsity <= 1.0) {
+        return Err(Error::Invalid { op: "attention", what: format!("sparsity {sparsity} is outside (0, 1]") });
+    }
+    attend(q, 1, cache, key_mask, shape_, sparse_top_k(sparsity, cache.len))
+}
+
+/// [`attention`], keeping only the `top_k` largest past weights of each
+/// row (with the newest position) where given.
+fn attend(
+    q: &[f32],
+    rows: usize,
+    cache: &KvCache,
+    key_mask: &[bool],
+    shape_: AttentionShape,
+    top_k: Option<usize>,
+) -> Result<Vec<f32>> {
     shape_.check()?;
     let AttentionShape { heads, kv_heads, head_dim: d } = shape_;
     if (kv_heads, d) != (cache.kv_heads, cache.head_dim) {
@@ -212,6 +255,9 @@ pub fn attention(
                 for (r, row) in scores.chunks_mut(len).enumerate() {
                     let visible = first + r + 1;
                     softmax_masked(row, scale, |p| p < visible && mask[p]);
+                    if let Some(k) = top_k {
+                        keep_top_past(&mut row[..visible], k);
+                    }
                 }
                 matmul_nn(&mut out[j * rows * d..(j + 1) * rows * d], &scores, &vf, rows, d, len);
             }
@@ -229,6 +275,20 @@ pub fn attention(
         }
     }
     Ok(result)
+}
+
+/// Zeroes every weight of `row` but the `k` largest of its past positions
+/// (all but the last; ties to the earlier) and the last.
+fn keep_top_past(row: &mut [f32], k: usize) {
+    let past = row.len().saturating_sub(1);
+    if k >= past {
+        return;
+    }
+    let mut order: Vec<usize> = (0..past).collect();
+    order.select_nth_unstable_by(k, |&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    for &p in &order[k..] {
+        row[p] = 0.0;
+    }
 }
 
 /// Softmax of `row · scale` over the entries where `keep` holds; the others
@@ -328,6 +388,71 @@ mod tests {
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-5, "rows {rows}: {g} vs {e}");
             }
+        }
+    }
+
+    /// FlexGen's sparse decode attention, written out: softmax weights over
+    /// the visible positions; the `k` largest past ones and the newest kept
+    /// (ties to the earlier), not renormalised.
+    fn naive_sparse(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        len: usize,
+        s: AttentionShape,
+        mask: &[bool],
+        keep: usize,
+    ) -> Vec<f32> {
+        let (h_n, g_n, d) = (s.heads, s.kv_heads, s.head_dim);
+        let mut out = vec![0.0f32; h_n * d];
+        for h in 0..h_n {
+            let g = h / (h_n / g_n);
+            let scores: Vec<f64> = (0..len)
+                .map(|p| {
+                    let dot: f64 = (0..d).map(|i| q[h * d + i] as f64 * k[(p * g_n + g) * d + i] as f64).sum();
+                    if mask[p] {
+                        dot / (d as f64).sqrt()
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let mut past: Vec<usize> = (0..len - 1).collect();
+            past.sort_by(|&a, &b| e[b].total_cmp(&e[a]).then(a.cmp(&b)));
+            let kept: Vec<usize> = past.into_iter().take(keep).chain([len - 1]).collect();
+            for i in 0..d {
+                let sum: f64 = kept.iter().map(|&p| e[p] / z * v[(p * g_n + g) * d + i] as f64).sum();
+                out[h * d + i] = sum as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sparse_decode_keeps_the_top_past_weights_and_the_newest() {
+        let s = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let len = 11;
+        let mask: Vec<bool> = (0..len).map(|p| p >= 1).collect();
+        let (dense, q, k, v) = run(s, len, 1, &mask, 5);
+        let mut cache = KvCache::new(DType::F32, 1, s.kv_heads, s.head_dim, len).unwrap();
+        cache.append(&k, &v, len).unwrap();
+        for sparsity in [0.05, 0.3, 0.5, 0.99, 1.0] {
+            let keep = sparse_top_k(sparsity, len).unwrap_or(len - 1);
+            assert_eq!(keep, if sparsity < 1.0 { (sparsity * 10.0) as usize } else { 10 });
+            let got = attention_sparse(&q, &cache, &mask, s, sparsity).unwrap();
+            let want = naive_sparse(&q, &k, &v, len, s, &mask, keep);
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() < 1e-5, "sparsity {sparsity}: {g} vs {e}");
+            }
+            if sparsity == 1.0 {
+                assert_eq!(got, dense, "sparsity 1 is dense attention");
+            }
+        }
+        for bad in [0.0, -1.0, 1.5, f64::NAN] {
+            assert!(attention_sparse(&q, &cache, &mask, s, bad).is_err(), "{bad}");
         }
     }
 

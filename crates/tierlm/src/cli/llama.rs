@@ -282,7 +282,7 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
     let mut honoured =
         vec!["--gpu-mem", "--pin-weight", "--policy auto", "--host-mem", "--calibration", "--compress-weight"];
     if cpu_attention {
-        honoured.push("--cpu-cache-compute");
+        honoured.extend(["--cpu-cache-compute", "--attn-sparsity"]);
     }
     refused.extend(args.engine_flags_given().into_iter().filter(|f| !honoured.contains(f)).map(String::from));
     if args.stages > 1 {
@@ -448,6 +448,7 @@ fn place_on_gpu(
         &*run_tiers.host(tier_api::HostMemKind::Pageable).map_err(engine_llama::Error::from)?,
     ));
     model.set_cpu_attention(policy.cpu_cache_compute.then(|| std::sync::Arc::clone(&cache_host)));
+    model.set_attn_sparsity(policy.attn_sparsity)?;
     Ok((model, cache_host))
 }
 
@@ -753,8 +754,11 @@ pub fn bench(
                 .into(),
         );
     }
-    for (given, flag) in [(policy.compress_cache, "--compress-cache"), (policy.attn_sparsity != 1.0, "--attn-sparsity")]
-    {
+    let cpu_attention = policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0;
+    for (given, flag) in [
+        (policy.compress_cache, "--compress-cache"),
+        (policy.attn_sparsity != 1.0 && !cpu_attention, "--attn-sparsity"),
+    ] {
         if given {
             refused.push(flag.into());
         }
