@@ -681,7 +681,9 @@ fn long_decode<T: Ty>(gpu: &Gpu, (heads, kv_heads, d): (usize, usize, usize)) {
 #[test]
 fn long_decode_attention_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    for shape in [(4, 1, 128), (8, 2, 64), (2, 2, 256), (4, 2, 96)] {
+    // Groups of 4, 4, 1 and 2 query heads, then 6 (taken 2 at a time), 3
+    // (1 at a time) and 32 (multi-query, 4 at a time) by the kernel's blocks.
+    for shape in [(4, 1, 128), (8, 2, 64), (2, 2, 256), (4, 2, 96), (12, 2, 64), (6, 2, 128), (32, 1, 64)] {
         long_decode::<f16>(&gpu, shape);
         long_decode::<bf16>(&gpu, shape);
     }

@@ -299,35 +299,46 @@ __device__ __forceinline__ void softmax_causal_k(T* scores, int total, int s, in
 
 // ---------------------------------------------------------------------------
 // Decode attention: one new query per sequence over `total` cached
-// positions. Block (b, h) = blockIdx.x / heads, % heads, ATTN_THREADS
-// threads; query head h reads kv head h / (heads / kv_heads). q rows
-// [batch][heads * hd]; keys, values [batch][kv_heads][cap][hd]; out rows
-// [batch][heads * hd]. hd a multiple of 8, at most 256; every pointer but
-// out and the mask 16-byte aligned.
+// positions, grouped-query heads read together. Block (b, kvh, c):
+// blockIdx.x = (b * kv_heads + kvh) * chunks + c, chunks = group / gc with
+// group = heads / kv_heads; the block takes query heads kvh * group + c * gc
+// .. + gc (gc <= ATTN_GMAX, dividing group), all of which read kv head kvh,
+// so each key and value row is read once for gc heads. ATTN_THREADS
+// threads. q rows [batch][heads * hd]; keys, values [batch][kv_heads][cap]
+// [hd]; out rows [batch][heads * hd]. hd a multiple of 8, at most 256;
+// every pointer but out and the mask 16-byte aligned.
 //
 // A group of G lanes (G = hd / 8 rounded up to a power of two) holds one
 // key or value row, 8 values (16 bytes) per lane; the groups of the block
 // walk the positions, UNROLL rows each at a time in flight.
-// 1. scores: each group's dot product q . k_j reduced by shuffles within the
-//    group, times `scale`, into shared memory (masked: -inf);
-// 2. block softmax over the scores in shared memory (f32);
-// 3. each lane accumulates p_j * v_j for its 8 dimensions over its group's
-//    positions; groups are summed by shuffles within a warp, then warps
-//    through shared memory (reusing the scores' room); out = sum / total
-//    weight, rounded once to T. Fully masked rows give zeros.
-// Dynamic shared memory: max(total, warps * G * 8) floats.
+// 1. scores: for each of the gc heads, each group's dot product q . k_j
+//    reduced by shuffles within the group, times `scale`, into shared
+//    memory (masked: -inf), row i of the block's gc rows of `total`;
+// 2. block softmax over each row in shared memory (f32);
+// 3. each lane accumulates p_ij * v_j for its 8 dimensions over its group's
+//    positions, for every head i; groups are summed by shuffles within a
+//    warp, then warps through shared memory (reusing the scores' room), a
+//    head at a time; out = sum / total weight, rounded once to T. Fully
+//    masked rows give zeros.
+// Dynamic shared memory: max(gc * total, warps * G * 8) floats.
 
 #define ATTN_UNROLL 4
+#define ATTN_GMAX 4
 template <typename T>
 __device__ __forceinline__ void attn_decode_k(const T* __restrict__ q, const T* __restrict__ keys,
                                               const T* __restrict__ values, const u8* __restrict__ key_mask,
                                               int stride, int heads, int kv_heads, int hd, int cap, int total,
-                                              float scale, T* __restrict__ out) {
+                                              float scale, int gc, T* __restrict__ out) {
     extern __shared__ float smem[];
     __shared__ float red[32];
-    u64 b = blockIdx.x / heads;
-    int h = blockIdx.x % heads;
-    int kvh = h / (heads / kv_heads);
+    int group = heads / kv_heads;
+    int chunks = group / gc;
+    u64 blk = blockIdx.x;
+    int c = (int)(blk % chunks);
+    blk /= chunks;
+    int kvh = (int)(blk % kv_heads);
+    u64 b = blk / kv_heads;
+    int h0 = kvh * group + c * gc;
     int g8 = hd >> 3;
     int G = 1;
     while (G < g8) G <<= 1;
@@ -335,19 +346,22 @@ __device__ __forceinline__ void attn_decode_k(const T* __restrict__ q, const T* 
     bool active = lane < g8;
     float* sc = smem;
 
-    float qf[8];
-    if (active) {
-        unpack8<T>(*(const uint4*)(q + (b * heads + h) * (u64)hd + lane * 8), qf);
-    } else {
+    float qf[ATTN_GMAX][8];
 #pragma unroll
-        for (int e = 0; e < 8; e++) qf[e] = 0.0f;
+    for (int i = 0; i < ATTN_GMAX; i++) {
+        if (active && i < gc) {
+            unpack8<T>(*(const uint4*)(q + (b * heads + h0 + i) * (u64)hd + lane * 8), qf[i]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) qf[i][e] = 0.0f;
+        }
     }
     u64 head_off = ((b * kv_heads + kvh) * (u64)cap) * hd + lane * 8;
     const T* kb = keys + head_off;
     const T* vb = values + head_off;
     const u8* m = key_mask + b * stride;
 
-    // 1. Scores.
+    // 1. Scores, a row of `total` per head.
     for (int base = 0; base < total; base += ATTN_UNROLL * ng) {
         uint4 kv[ATTN_UNROLL];
 #pragma unroll
@@ -363,31 +377,46 @@ __device__ __forceinline__ void attn_decode_k(const T* __restrict__ q, const T* 
         for (int u = 0; u < ATTN_UNROLL; u++) {
             float f[8];
             unpack8<T>(kv[u], f);
-            float dot = 0.0f;
-#pragma unroll
-            for (int e = 0; e < 8; e++) dot += qf[e] * f[e];
-            for (int o = G >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
             int j = base + grp + u * ng;
-            if (lane == 0 && j < total) sc[j] = m[j] != 0 ? dot * scale : NEG_INF;
+#pragma unroll
+            for (int i = 0; i < ATTN_GMAX; i++) {
+                if (i < gc) {  // uniform across the block
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) dot += qf[i][e] * f[e];
+                    for (int o = G >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                    if (lane == 0 && j < total) sc[i * total + j] = m[j] != 0 ? dot * scale : NEG_INF;
+                }
+            }
         }
     }
     __syncthreads();
 
-    // 2. Softmax.
-    float inv = shared_softmax(sc, total, red);
-
-    // 3. Weighted values.
-    float acc[8];
+    // 2. Softmax of each head's row.
+    float inv[ATTN_GMAX];
 #pragma unroll
-    for (int e = 0; e < 8; e++) acc[e] = 0.0f;
+    for (int i = 0; i < ATTN_GMAX; i++) inv[i] = i < gc ? shared_softmax(sc + i * total, total, red) : 0.0f;
+
+    // 3. Weighted values, every head from one read of each value row.
+    float acc[ATTN_GMAX][8];
+#pragma unroll
+    for (int i = 0; i < ATTN_GMAX; i++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
+    }
     for (int base = 0; base < total; base += ATTN_UNROLL * ng) {
         uint4 vv[ATTN_UNROLL];
-        float p[ATTN_UNROLL];
+        float p[ATTN_UNROLL][ATTN_GMAX];
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; u++) {
             int j = base + grp + u * ng;
-            p[u] = j < total ? sc[j] : 0.0f;
-            if (active && p[u] != 0.0f) {
+            bool any = false;
+#pragma unroll
+            for (int i = 0; i < ATTN_GMAX; i++) {
+                p[u][i] = (i < gc && j < total) ? sc[i * total + j] : 0.0f;
+                any = any || p[u][i] != 0.0f;
+            }
+            if (active && any) {
                 vv[u] = *(const uint4*)(vb + (u64)j * hd);
             } else {
                 vv[u] = make_uint4(0, 0, 0, 0);
@@ -398,26 +427,40 @@ __device__ __forceinline__ void attn_decode_k(const T* __restrict__ q, const T* 
             float f[8];
             unpack8<T>(vv[u], f);
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[e] += p[u] * f[e];
+            for (int i = 0; i < ATTN_GMAX; i++) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[i][e] += p[u][i] * f[e];
+            }
         }
     }
     // Groups of a warp with the same lane hold the same dimensions.
-    for (int o = G; o < 32; o <<= 1) {
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    for (int i = 0; i < ATTN_GMAX; i++) {
+        if (i < gc) {
+            for (int o = G; o < 32; o <<= 1) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[i][e] += __shfl_xor_sync(0xffffffffu, acc[i][e], o);
+            }
+        }
     }
     __syncthreads();  // every read of the scores is done: reuse their room
     float* part = smem;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, dpad = G * 8;
-    if ((threadIdx.x & 31) < G && active) {
 #pragma unroll
-        for (int e = 0; e < 8; e++) part[warp * dpad + lane * 8 + e] = acc[e];
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float t = 0.0f;
-        for (int w = 0; w < nw; w++) t += part[w * dpad + d];
-        out[(b * heads + h) * (u64)hd + d] = from_f<T>(t * inv);
+    for (int i = 0; i < ATTN_GMAX; i++) {
+        if (i < gc) {
+            if ((threadIdx.x & 31) < G && active) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) part[warp * dpad + lane * 8 + e] = acc[i][e];
+            }
+            __syncthreads();
+            for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+                float t = 0.0f;
+                for (int w = 0; w < nw; w++) t += part[w * dpad + d];
+                out[(b * heads + h0 + i) * (u64)hd + d] = from_f<T>(t * inv[i]);
+            }
+            __syncthreads();  // the next head reuses `part`
+        }
     }
 }
 
@@ -491,8 +534,8 @@ template <typename T> __device__ __forceinline__ void fill_k(T* out, u64 n, floa
     extern "C" __global__ void attn_decode_##SFX(const T* __restrict__ q, const T* __restrict__ keys,             \
                                                  const T* __restrict__ values, const u8* __restrict__ key_mask,    \
                                                  int stride, int heads, int kv_heads, int hd, int cap, int total,  \
-                                                 float scale, T* __restrict__ out) {                               \
-        attn_decode_k<T>(q, keys, values, key_mask, stride, heads, kv_heads, hd, cap, total, scale, out);          \
+                                                 float scale, int gc, T* __restrict__ out) {                       \
+        attn_decode_k<T>(q, keys, values, key_mask, stride, heads, kv_heads, hd, cap, total, scale, gc, out);      \
     }                                                                                                              \
     extern "C" __global__ void fill_uniform_##SFX(T* out, u64 n, u64 seed, float scale) {                        \
         fill_uniform_k<T>(out, n, seed, scale);                                                                    \

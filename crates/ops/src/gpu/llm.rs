@@ -93,12 +93,23 @@ fn attn_group(head_dim: usize) -> usize {
     (head_dim / 8).max(1).next_power_of_two()
 }
 
-/// Bytes of dynamic shared memory the decode attention kernel takes: the
-/// f32 scores of `total` positions, whose room is then reused for the
-/// warps' partial sums.
-fn attn_shared_bytes(head_dim: usize, total: usize) -> usize {
+/// Bytes of dynamic shared memory the decode attention kernel takes for
+/// `heads` query heads a block: their f32 scores of `total` positions,
+/// whose room is then reused for the warps' partial sums.
+fn attn_shared_bytes(head_dim: usize, total: usize, heads: usize) -> usize {
     let partials = (ATTN_THREADS / 32) * attn_group(head_dim) * 8;
-    total.max(partials).saturating_mul(4)
+    total.saturating_mul(heads).max(partials).saturating_mul(4)
+}
+
+/// Query heads of one group a decode attention block takes together (each
+/// key and value row read once for all of them): the largest of 4, 2 and 1
+/// (the kernel's `ATTN_GMAX` is 4) dividing `group` whose scores fit the
+/// shared memory.
+fn attn_heads_per_block(group: usize, head_dim: usize, total: usize) -> usize {
+    [4, 2, 1]
+        .into_iter()
+        .find(|&g| group.is_multiple_of(g) && attn_shared_bytes(head_dim, total, g) <= ATTN_SHARED_MAX)
+        .unwrap_or(1)
 }
 
 /// Whether [`LlmKernels::attn_decode`] handles heads of `head_dim` over
@@ -108,7 +119,9 @@ fn attn_shared_bytes(head_dim: usize, total: usize) -> usize {
 /// ([`super::blas::Blas::gemm_batched_half`] and
 /// [`LlmKernels::softmax_causal`]).
 pub fn attn_decode_fits(head_dim: usize, total: usize) -> bool {
-    head_dim.is_multiple_of(8) && (8..=256).contains(&head_dim) && attn_shared_bytes(head_dim, total) <= ATTN_SHARED_MAX
+    head_dim.is_multiple_of(8)
+        && (8..=256).contains(&head_dim)
+        && attn_shared_bytes(head_dim, total, 1) <= ATTN_SHARED_MAX
 }
 
 /// The entry points of one 16-bit type.
@@ -631,15 +644,17 @@ impl LlmKernels {
             return Err(Error::Gpu("attn_decode: q, keys and values must be 16-byte aligned".into()));
         }
         let k = &self.typed::<T>()?.attn_decode;
-        let shared = attn_shared_bytes(head_dim, total) as u32;
+        let group = heads / kv_heads;
+        let per_block = attn_heads_per_block(group, head_dim, total);
+        let shared = attn_shared_bytes(head_dim, total, per_block) as u32;
         let (mut qp, mut kp, mut vp, mut m) = (q.ptr(), keys.ptr(), values.ptr(), mask.ptr());
         let (mut st, mut he, mut kh) =
             (int("attn_decode", stride)?, int("attn_decode", heads)?, int("attn_decode", kv_heads)?);
         let (mut hd, mut c, mut t) =
             (int("attn_decode", head_dim)?, int("attn_decode", cap)?, int("attn_decode", total)?);
-        let (mut sc, mut o) = (scale, out.ptr());
+        let (mut sc, mut gc, mut o) = (scale, int("attn_decode", per_block)?, out.ptr());
         let dims = LaunchDims {
-            grid: (blocks("attn_decode", count("attn_decode", &[batch, heads])?)?, 1, 1),
+            grid: (blocks("attn_decode", count("attn_decode", &[batch, kv_heads, group / per_block])?)?, 1, 1),
             block: (ATTN_THREADS as u32, 1, 1),
             shared_bytes: shared,
         };
@@ -659,6 +674,7 @@ impl LlmKernels {
                 arg(&mut c),
                 arg(&mut t),
                 arg(&mut sc),
+                arg(&mut gc),
                 arg(&mut o),
             ],
         )
@@ -754,7 +770,17 @@ mod tests {
         assert_eq!(attn_group(128), 16);
         assert_eq!(attn_group(256), 32);
         // The partial sums' room: 8 warps × 256 values.
-        assert_eq!(attn_shared_bytes(256, 10), 8 * 256 * 4);
-        assert_eq!(attn_shared_bytes(128, 5000), 5000 * 4);
+        assert_eq!(attn_shared_bytes(256, 10, 1), 8 * 256 * 4);
+        assert_eq!(attn_shared_bytes(128, 5000, 1), 5000 * 4);
+        assert_eq!(attn_shared_bytes(128, 5000, 2), 2 * 5000 * 4);
+        // Heads a block takes: the most of 4, 2, 1 that divide the group and
+        // whose scores fit 48 KiB less 512 bytes (12,032 positions for one).
+        assert_eq!(attn_heads_per_block(4, 128, 512), 4);
+        assert_eq!(attn_heads_per_block(8, 128, 3000), 4);
+        assert_eq!(attn_heads_per_block(8, 128, 4000), 2);
+        assert_eq!(attn_heads_per_block(8, 128, 7000), 1);
+        assert_eq!(attn_heads_per_block(6, 64, 100), 2);
+        assert_eq!(attn_heads_per_block(3, 64, 100), 1);
+        assert_eq!(attn_heads_per_block(1, 64, 100), 1);
     }
 }
