@@ -46,6 +46,8 @@ struct Case {
     dim: usize,
     mode: Mode,
     f32_source: bool,
+    /// bf16 input (where not f32): the Llama family's weights.
+    bf16_source: bool,
     /// Element offset of the input in its GPU tensor.
     src_at: usize,
     /// Byte offset of the compressed buffer in its GPU tensor.
@@ -54,22 +56,42 @@ struct Case {
 
 impl Case {
     fn kv(rows: usize, head_dim: usize, bits: u8, mode: Mode) -> Case {
-        Case { shape: vec![rows, head_dim], bits, gs: 64, dim: 1, mode, f32_source: false, src_at: 0, out_at: 0 }
+        Case {
+            shape: vec![rows, head_dim],
+            bits,
+            gs: 64,
+            dim: 1,
+            mode,
+            f32_source: false,
+            bf16_source: false,
+            src_at: 0,
+            out_at: 0,
+        }
     }
 
     fn layout(&self) -> CompressedLayout {
         let c = CompressionConfig::new(self.bits, self.gs, self.dim, self.mode).unwrap();
-        let dtype = if self.f32_source { SourceDtype::F32 } else { SourceDtype::F16 };
+        let dtype = match self.dtype() {
+            DType::F32 => SourceDtype::F32,
+            DType::BF16 => SourceDtype::BF16,
+            _ => SourceDtype::F16,
+        };
         CompressedLayout::new(&self.shape, dtype, c).unwrap()
     }
 
-    /// Input bytes (f16 or f32, little-endian) and the CPU's compressed bytes.
+    /// Input bytes (f16, bf16 or f32, little-endian) and the CPU's
+    /// compressed bytes.
     fn cpu(&self, v: &[f32]) -> (Vec<u8>, Vec<u8>) {
         let layout = self.layout();
         let mut packed = vec![0u8; layout.total_bytes()];
         if self.f32_source {
             quantize_into(v, &layout, &mut packed).unwrap();
             (v.iter().flat_map(|x| x.to_le_bytes()).collect(), packed)
+        } else if self.bf16_source {
+            // Values past f16's range after rounding to bf16 are brought in.
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x.clamp(-65280.0, 65280.0))).collect();
+            quantize_into(&h, &layout, &mut packed).unwrap();
+            (h.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(), packed)
         } else {
             let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
             quantize_into(&h, &layout, &mut packed).unwrap();
@@ -80,6 +102,8 @@ impl Case {
     fn dtype(&self) -> DType {
         if self.f32_source {
             DType::F32
+        } else if self.bf16_source {
+            DType::BF16
         } else {
             DType::F16
         }
@@ -112,6 +136,7 @@ fn random_case(rng: &mut Rng) -> Case {
         dim,
         mode: rng.pick(&[Mode::Asymmetric, Mode::Symmetric]),
         f32_source: rng.below(4) == 0,
+        bf16_source: rng.below(3) == 0,
         src_at: rng.pick(&[0, 0, 8, 64, odd_src]),
         out_at: rng.pick(&[0, 0, 16, 256, odd_out]),
     }

@@ -1,4 +1,4 @@
-// Quantization of an f16 (or f32) tensor into a compressed buffer (format
+// Quantization of an f16 (or bf16, or f32) tensor into a compressed buffer (format
 // version 1, see the crate documentation of `compression`), on the GPU.
 // Compiled at run time by NVRTC; needs no CUDA header.
 //
@@ -171,6 +171,15 @@ __device__ __forceinline__ float load_value(const float* src, u64 i) {
     return src[i];
 }
 
+// A bf16 input value (its bits): widened to f32 exactly by a shift.
+struct bf16_bits {
+    u16 bits;
+};
+
+__device__ __forceinline__ float load_value(const bf16_bits* src, u64 i) {
+    return __uint_as_float((u32)src[i].bits << 16);
+}
+
 __device__ __forceinline__ void store_u16(unsigned char* p, u16 v) {
     p[0] = (unsigned char)(v & 0xff);
     p[1] = (unsigned char)(v >> 8);
@@ -240,6 +249,12 @@ extern "C" __global__ void __launch_bounds__(TLQ_THREADS)
     tlq_quant_any_f16(const KernelParams p, const Header h, const u16* __restrict__ src,
                       unsigned char* __restrict__ dst, u64* __restrict__ status) {
     quant_any<u16>(p, h, src, dst, status);
+}
+
+extern "C" __global__ void __launch_bounds__(TLQ_THREADS)
+    tlq_quant_any_bf16(const KernelParams p, const Header h, const bf16_bits* __restrict__ src,
+                       unsigned char* __restrict__ dst, u64* __restrict__ status) {
+    quant_any<bf16_bits>(p, h, src, dst, status);
 }
 
 extern "C" __global__ void __launch_bounds__(TLQ_THREADS)

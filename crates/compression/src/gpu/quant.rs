@@ -131,8 +131,8 @@ pub struct GpuQuantizer {
     gpu: Arc<GpuDevice>,
     /// `tlq_quant_rows4`, `tlq_quant_rows8`.
     rows: [Kernel; 2],
-    /// `tlq_quant_any_f16`, `tlq_quant_any_f32`.
-    any: [Kernel; 2],
+    /// `tlq_quant_any_f16`, `tlq_quant_any_f32`, `tlq_quant_any_bf16`.
+    any: [Kernel; 3],
     max_blocks: u32,
     options: GpuQuantOptions,
     /// For [`GpuQuantizer::quantize`] and for reading status words back.
@@ -166,7 +166,7 @@ impl GpuQuantizer {
         let o = CompileOptions::default();
         let load = |entry: &str| kernels::load(&gpu, QUANT_KERNEL_SOURCE, entry, &o);
         let rows = [load("tlq_quant_rows4")?, load("tlq_quant_rows8")?];
-        let any = [load("tlq_quant_any_f16")?, load("tlq_quant_any_f32")?];
+        let any = [load("tlq_quant_any_f16")?, load("tlq_quant_any_f32")?, load("tlq_quant_any_bf16")?];
         let max_blocks = kernels::multiprocessors(&gpu)?.saturating_mul(64);
         let stream = gpu.new_stream()?;
         Ok(GpuQuantizer { gpu, rows, any, max_blocks, options, stream, slots: Arc::new(Mutex::new(Vec::new())) })
@@ -187,7 +187,13 @@ impl GpuQuantizer {
     pub fn kernel(&self, path: QuantPath, layout: &CompressedLayout) -> &Kernel {
         match path {
             QuantPath::Rows => &self.rows[usize::from(layout.config().bits() == 8)],
-            QuantPath::Generic => &self.any[usize::from(layout.dtype() == SourceDtype::F32)],
+            QuantPath::Generic => {
+                &self.any[match layout.dtype() {
+                    SourceDtype::F16 => 0,
+                    SourceDtype::F32 => 1,
+                    SourceDtype::BF16 => 2,
+                }]
+            }
         }
     }
 
@@ -213,12 +219,13 @@ impl GpuQuantizer {
         Ok(path)
     }
 
-    /// Quantizes `src` (contiguous, f16 or f32, on this GPU; its shape is
+    /// Quantizes `src` (contiguous, f16, bf16 or f32, on this GPU; its shape is
     /// the tensor's) with `config` into a new `u8` GPU tensor of
     /// `layout.total_bytes()`, and waits. Returns the layout and the tensor.
     pub fn quantize_new(&self, src: &TensorView, config: CompressionConfig) -> Result<(CompressedLayout, Tensor)> {
         let dtype = match src.dtype() {
             DType::F16 => SourceDtype::F16,
+            DType::BF16 => SourceDtype::BF16,
             DType::F32 => SourceDtype::F32,
             found => return Err(Error::TensorDtype { what: "input", expected: DType::F16, found }),
         };
@@ -230,7 +237,7 @@ impl GpuQuantizer {
 
     /// Enqueues the quantization of `src` (a contiguous f16 view on this GPU
     /// of `layout.numel()` values, the original shape in row-major order; f32
-    /// when the layout was made for f32) into `out` (a contiguous `u8` view
+    /// or bf16 when the layout was made for that type) into `out` (a contiguous `u8` view
     /// on this GPU of exactly `layout.total_bytes()`, every byte of which is
     /// written: header, codes, padding, scales, mins) on `stream`, which must
     /// belong to this GPU.
@@ -334,8 +341,7 @@ impl GpuQuantizer {
         let dtype = match layout.dtype() {
             SourceDtype::F16 => DType::F16,
             SourceDtype::F32 => DType::F32,
-            // bf16 tensors are quantized on the CPU (`quantize_into`).
-            found => return Err(Error::DtypeMismatch { expected: SourceDtype::F16, found }),
+            SourceDtype::BF16 => DType::BF16,
         };
         let src_at = device_range(&self.gpu, src, gpu, dtype, "input")?;
         let out_at = device_range(&self.gpu, out, gpu, DType::U8, "compressed buffer")?;
@@ -433,8 +439,11 @@ impl QuantPending {
                 self.read(&mut f, self.src + 4 * index)?;
                 f[0]
             }
-            // Refused by `check` before any launch.
-            SourceDtype::BF16 => f32::NAN,
+            SourceDtype::BF16 => {
+                let mut h = [0u16; 1];
+                self.read(&mut h, self.src + 2 * index)?;
+                half::bf16::from_bits(h[0]).to_f32()
+            }
         };
         let index = index as usize;
         if value.is_finite() && value.abs() > F16_MAX {
@@ -533,7 +542,9 @@ mod tests {
         ] {
             at += src[at..].find(f).unwrap_or_else(|| panic!("{f} missing or out of order"));
         }
-        for entry in ["tlq_quant_rows4", "tlq_quant_rows8", "tlq_quant_any_f16", "tlq_quant_any_f32"] {
+        for entry in
+            ["tlq_quant_rows4", "tlq_quant_rows8", "tlq_quant_any_f16", "tlq_quant_any_f32", "tlq_quant_any_bf16"]
+        {
             assert!(src.contains(&format!("void __launch_bounds__(TLQ_THREADS)\n    {entry}(")), "{entry}");
         }
     }
@@ -546,7 +557,9 @@ mod tests {
         }
         for arch in ["compute_90", "compute_75"] {
             let ptx = kernels::compile_ptx(QUANT_KERNEL_SOURCE, &CompileOptions::default(), arch).unwrap();
-            for entry in ["tlq_quant_rows4", "tlq_quant_rows8", "tlq_quant_any_f16", "tlq_quant_any_f32"] {
+            for entry in
+                ["tlq_quant_rows4", "tlq_quant_rows8", "tlq_quant_any_f16", "tlq_quant_any_f32", "tlq_quant_any_bf16"]
+            {
                 assert!(ptx.contains(&format!(".entry {entry}")), "{arch}: {entry}");
             }
             // No f64 fused multiply-add: the CPU rounds the product and the

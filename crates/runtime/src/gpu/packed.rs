@@ -2,7 +2,9 @@
 //!
 //! Every compressible tensor of a decoder layer (the spec's
 //! [`TensorSpec::compressible`]: its 2-D matrices) is quantized once at
-//! load, on the CPU with [`compression::quantize_into`] (FlexGen's setting,
+//! load, on the GPU where its values were made or uploaded, by
+//! [`compression::gpu::GpuQuantizer`] (byte for byte the CPU's
+//! [`compression::quantize_into`]; so no layer crosses PCIe twice) (FlexGen's setting,
 //! [`CompressionConfig::int4`] along dim 0: groups of 64 along the output
 //! dimension, asymmetric), and held packed (one `u8` buffer per matrix, the
 //! compression crate's byte format) wherever the layer lives: in GPU memory
@@ -27,8 +29,8 @@
 
 use std::sync::Mutex;
 
-use compression::gpu::{GpuDequantOptions, GpuDequantizer, Pending};
-use compression::{quantize_into, CompressedLayout, CompressionConfig, Element, SourceDtype};
+use compression::gpu::{GpuDequantOptions, GpuDequantizer, GpuQuantizer, Pending};
+use compression::{CompressedLayout, CompressionConfig, SourceDtype};
 use ops::gpu::buffer::DevBuf;
 use ops::gpu::Gpu;
 use tier_api::DType;
@@ -58,6 +60,8 @@ pub struct LayerWorkspace {
     matrices: Vec<Option<HeldBuf>>,
     /// The matrices' type (every compressible tensor has it).
     dtype: DType,
+    /// Quantizes the layers' matrices where they lie, on the GPU.
+    quantizer: GpuQuantizer,
 }
 
 impl LayerWorkspace {
@@ -86,7 +90,8 @@ impl LayerWorkspace {
                 }))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(LayerWorkspace { matrices, dtype: dtype.unwrap_or(DType::F16) })
+        let quantizer = GpuQuantizer::new(gpu.device().clone()).map_err(|e| comp_err("the GPU quantizer", e))?;
+        Ok(LayerWorkspace { matrices, dtype: dtype.unwrap_or(DType::F16), quantizer })
     }
 
     /// The workspace buffer of the layer's tensor `k` (for tests: what
@@ -183,14 +188,29 @@ pub fn matrix_layout(rows: usize, cols: usize) -> Result<CompressedLayout> {
     layout(&[rows, cols])
 }
 
-/// Quantizes `values` (of `shape`, row-major) on the CPU into a packed GPU
-/// buffer.
-fn pack<E: Element>(gpu: &Gpu, values: &[E], shape: &[usize], target: usize, offset: usize) -> Result<PackedMatrix> {
-    let layout = layout_of(shape, E::DTYPE)?;
-    let mut bytes = vec![0u8; layout.total_bytes()];
-    quantize_into(values, &layout, &mut bytes).map_err(|e| comp_err("quantizing a weight matrix", e))?;
-    let buf = DevBuf::from_host(gpu, &bytes)?;
-    // `from_host` returns once the driver has staged the bytes.
+/// Quantizes the values `offset..` of `held` (a part of `shape`,
+/// row-major) on the GPU into a new packed buffer, after the work already
+/// on the compute stream (which made them); waits, so that a value that
+/// cannot be quantized is named here.
+fn pack(
+    gpu: &Gpu,
+    quantizer: &GpuQuantizer,
+    held: &HeldBuf,
+    shape: &[usize],
+    (target, offset): (usize, usize),
+) -> Result<PackedMatrix> {
+    let dtype = match held {
+        HeldBuf::F16(_) => SourceDtype::F16,
+        HeldBuf::BF16(_) => SourceDtype::BF16,
+        HeldBuf::F32(_) => return Err(gpu_err(format!("layer tensor {target}: f32 tensors are not compressed"))),
+    };
+    let layout = layout_of(shape, dtype)?;
+    let buf = DevBuf::<u8>::alloc(gpu, layout.total_bytes())?;
+    let src = held.tensor().narrow(0, offset, layout.numel()).map_err(|e| gpu_err(format!("GPU: {e}")))?;
+    quantizer
+        .enqueue(gpu.stream(), &src, &layout, &buf.tensor().view())
+        .and_then(|pending| pending.wait())
+        .map_err(|e| comp_err("quantizing a weight matrix on the GPU", e))?;
     Ok(PackedMatrix { buf, layout, target, offset })
 }
 
@@ -202,18 +222,10 @@ impl GpuLayer {
         if self.packed.is_some() {
             return Ok(self);
         }
-        let stream = gpu.stream();
         let mut parts = Vec::new();
         for (k, t) in self.specs().iter().enumerate() {
-            if !t.compressible {
-                continue;
-            }
-            match &self.bufs[k] {
-                HeldBuf::F16(b) => pack_parts(gpu, t, k, &b.download(stream)?, &mut parts)?,
-                HeldBuf::BF16(b) => pack_parts(gpu, t, k, &b.download(stream)?, &mut parts)?,
-                HeldBuf::F32(_) => {
-                    return Err(gpu_err(format!("layer tensor {}: f32 tensors are not compressed", t.name)));
-                }
+            if t.compressible {
+                pack_parts(gpu, &ws.quantizer, t, (k, &self.bufs[k]), &mut parts)?;
             }
         }
         let targets: Vec<usize> = (0..self.bufs.len()).filter(|&k| self.specs()[k].compressible).collect();
@@ -230,12 +242,13 @@ impl GpuLayer {
     }
 }
 
-/// Packs tensor `k` (`t`, its `values`) as the parts the spec says, in order.
-fn pack_parts<E: Element>(
+/// Packs tensor `k` (`t`, held in `held`) as the parts the spec says, in
+/// order.
+fn pack_parts(
     gpu: &Gpu,
+    quantizer: &GpuQuantizer,
     t: &TensorSpec,
-    k: usize,
-    values: &[E],
+    (k, held): (usize, &HeldBuf),
     parts: &mut Vec<PackedMatrix>,
 ) -> Result<()> {
     let mut at = 0usize;
@@ -244,15 +257,15 @@ fn pack_parts<E: Element>(
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| gpu_err(format!("layer tensor {}: a part {shape:?} overflows", t.name)))?;
-        let part = at
+        let end = at
             .checked_add(n)
-            .and_then(|end| values.get(at..end))
+            .filter(|&end| end <= held.len())
             .ok_or_else(|| gpu_err(format!("layer tensor {}: its parts overrun its values", t.name)))?;
-        parts.push(pack(gpu, part, &shape, k, at)?);
-        at += n;
+        parts.push(pack(gpu, quantizer, held, &shape, (k, at))?);
+        at = end;
     }
-    if at != values.len() {
-        return Err(gpu_err(format!("layer tensor {}: parts of {at} values for {} values", t.name, values.len())));
+    if at != held.len() {
+        return Err(gpu_err(format!("layer tensor {}: parts of {at} values for {} values", t.name, held.len())));
     }
     Ok(())
 }
