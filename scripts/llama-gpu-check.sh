@@ -6,7 +6,10 @@
 # its limits from the same run and its profile, then OPT's GPU engine and
 # 4-bit tests and the dequantizer's (bf16 output included). Logs and a summary in $OUT/logs (else
 # /tmp/logs). The device tool carries at most 64 MiB: keep in .gpu/tests
-# only the executables named here (see the summary).
+# only the executables named here (see the summary): ops--test--llm_gpu,
+# engine-llama--test--gpu_engine, tierlm--test--llama_cli,
+# tierlm--test--gpu_engine, tierlm--test--gpu_compressed,
+# compression--test--gpu, compression--test--gpu_quant (stripped).
 #
 # Usage (repository root): bash scripts/llama-gpu-check.sh
 export TIERLM_REPO_ROOT=$PWD RUST_BACKTRACE=1
@@ -33,6 +36,7 @@ step opt_gpu_engine 150 $T/tierlm--test--gpu_engine --test-threads=1
 # build of the dequantizer against the CPU.
 step opt_gpu_compressed 150 $T/tierlm--test--gpu_compressed --test-threads=1
 step dequant_gpu 120 $T/compression--test--gpu --test-threads=1
+step quant_gpu 120 $T/compression--test--gpu_quant --test-threads=1
 for f in "$L"/*.log; do
   echo "--- $f"; grep -E "test result|panicked|FAILED|worst|within|tokens_per_s|error|limit| ms$" "$f" | head -40
 done
