@@ -5,11 +5,11 @@
 # fixtures (4-bit weights included), the command's GPU path, case E with
 # its limits from the same run and its profile, then OPT's GPU engine and
 # 4-bit tests and the dequantizer's (bf16 output included). Logs and a summary in $OUT/logs (else
-# /tmp/logs). The device tool carries at most 64 MiB: keep in .gpu/tests
-# only the executables named here (see the summary): ops--test--llm_gpu,
-# engine-llama--test--gpu_engine, tierlm--test--llama_cli,
-# tierlm--test--gpu_engine, tierlm--test--gpu_compressed,
-# compression--test--gpu, compression--test--gpu_quant (stripped).
+# /tmp/logs). The device tool carries at most 64 MiB: bundle only the
+# executables named here:
+#   cargo xtask gpu-bundle --only ops--test--llm_gpu,engine-llama--test--gpu_engine,\
+#     tierlm--test--llama_cli,tierlm--test--gpu_engine,tierlm--test--gpu_compressed,\
+#     compression--test--gpu,compression--test--gpu_quant
 #
 # Usage (repository root): bash scripts/llama-gpu-check.sh
 export TIERLM_REPO_ROOT=$PWD RUST_BACKTRACE=1

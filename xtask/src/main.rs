@@ -5,7 +5,9 @@
 //! its default minute among them). `cargo xtask fuzz [SECONDS]` runs the
 //! fuzzer longer. `cargo xtask gpu-bundle`
 //! builds the release binaries and the test executables into `.gpu/` with a
-//! script that runs them all on the GPU machine (which has no Rust toolchain).
+//! script that runs them all on the GPU machine (which has no Rust toolchain);
+//! `--only NAME,...` keeps just those executables, unpacked, so that a
+//! session's bundle stays well under what the device tool carries.
 //!
 //! It depends on no tierlm crate; it only drives cargo.
 
@@ -16,12 +18,16 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("gpu-bundle") => gpu_bundle(),
+        Some("gpu-bundle") => match only_arg(&args[1..]) {
+            Ok(only) => gpu_bundle(only.as_deref()),
+            Err(e) => Err(e),
+        },
         Some("fuzz") => fuzz(args.get(1).map(String::as_str)),
         _ => {
             eprintln!("usage: cargo xtask <ci | gpu-bundle | fuzz [SECONDS]>");
             eprintln!("  ci          formatting check, clippy -D warnings, all tests");
             eprintln!("  gpu-bundle  release binaries and test executables into .gpu/ for the GPU machine");
+            eprintln!("              (--only NAME,NAME: just those, e.g. ops--test--llm_gpu)");
             eprintln!("  fuzz        the input fuzzer for SECONDS in all (default 600; CI runs 60)");
             return ExitCode::from(2);
         }
@@ -87,7 +93,34 @@ fn fuzz(secs: Option<&str>) -> Result<(), String> {
     )
 }
 
-fn gpu_bundle() -> Result<(), String> {
+/// `--only NAME,NAME` of `gpu-bundle`, if given.
+fn only_arg(args: &[String]) -> Result<Option<Vec<String>>, String> {
+    match args {
+        [] => Ok(None),
+        [flag, list] if flag == "--only" => {
+            let names: Vec<String> =
+                list.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect();
+            if names.is_empty() {
+                return Err("gpu-bundle --only: no executable named".into());
+            }
+            Ok(Some(names))
+        }
+        _ => Err(format!("gpu-bundle: unexpected arguments {args:?} (usage: gpu-bundle [--only NAME,NAME])")),
+    }
+}
+
+/// The executables `only` keeps of `names` (all when `None`); an unknown
+/// name is an error that lists the known ones.
+fn select(names: Vec<String>, only: Option<&[String]>) -> Result<Vec<String>, String> {
+    let Some(only) = only else { return Ok(names) };
+    let unknown: Vec<&String> = only.iter().filter(|n| !names.contains(n)).collect();
+    if !unknown.is_empty() {
+        return Err(format!("gpu-bundle --only: no test executable {unknown:?}; there are: {}", names.join(" ")));
+    }
+    Ok(names.into_iter().filter(|n| only.contains(n)).collect())
+}
+
+fn gpu_bundle(only: Option<&[String]>) -> Result<(), String> {
     let root = root();
     let out = root.join(".gpu");
     if out.exists() {
@@ -156,9 +189,10 @@ fn gpu_bundle() -> Result<(), String> {
     }
     names.sort();
     names.dedup();
+    let names = select(names, only)?;
     let script = format!(
         r#"#!/usr/bin/env bash
-# Runs every tierlm test executable on the GPU machine. Made by `cargo xtask gpu-bundle`.
+# Runs the bundle's tierlm test executables on the GPU machine. Made by `cargo xtask gpu-bundle`.
 # Usage (from the repository root): bash .gpu/run-tests.sh [LOGDIR]
 set -u
 logdir="${{1:-${{OUT:-/tmp}}}}"
@@ -180,8 +214,17 @@ echo "$pass passed, $fail failed"
 "#,
         tests = names.join(" ")
     );
-    let tarball = out.join("tests.tar.gz");
-    run("test tarball", Command::new("tar").arg("-C").arg(&staging).arg("-czf").arg(&tarball).arg("tests"))?;
+    if only.is_some() {
+        // A few executables: carried as they are, unpacked.
+        let dir = out.join("tests");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        for n in &names {
+            std::fs::copy(tests_dir.join(n), dir.join(n)).map_err(|e| format!("cannot copy {n}: {e}"))?;
+        }
+    } else {
+        let tarball = out.join("tests.tar.gz");
+        run("test tarball", Command::new("tar").arg("-C").arg(&staging).arg("-czf").arg(&tarball).arg("tests"))?;
+    }
     let script_path = out.join("run-tests.sh");
     std::fs::write(&script_path, script).map_err(|e| format!("cannot write {}: {e}", script_path.display()))?;
     let size: u64 = walk_size(&out);
@@ -227,4 +270,34 @@ fn walk_size(dir: &Path) -> u64 {
             }
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn only_keeps_the_named_executables_and_names_the_unknown() {
+        let all = strings(&["a--test--x", "b--lib--b", "c--test--y"]);
+        assert_eq!(select(all.clone(), None).unwrap(), all);
+        assert_eq!(
+            select(all.clone(), Some(&strings(&["c--test--y", "a--test--x"]))).unwrap(),
+            strings(&["a--test--x", "c--test--y"])
+        );
+        let e = select(all, Some(&strings(&["nope"]))).unwrap_err();
+        assert!(e.contains("nope") && e.contains("b--lib--b"), "{e}");
+    }
+
+    #[test]
+    fn the_only_flag_is_parsed_strictly() {
+        assert_eq!(only_arg(&[]).unwrap(), None);
+        assert_eq!(only_arg(&strings(&["--only", "a, b,"])).unwrap(), Some(strings(&["a", "b"])));
+        assert!(only_arg(&strings(&["--only", " , "])).is_err());
+        assert!(only_arg(&strings(&["--only"])).is_err());
+        assert!(only_arg(&strings(&["--bogus", "a"])).is_err());
+    }
 }
