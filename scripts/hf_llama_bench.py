@@ -70,15 +70,25 @@ def offloaded(config, gpu_gib):
         d = device_map[best]
         return f"cuda:{d}" if isinstance(d, int) else d
 
+    # Host-placed matrices are copied from one random bank per scale (CPU
+    # random generation of ~85 GB would take minutes; a copy does not).
+    banks = {}
+    host_numel = max((p.numel() for n, p in model.named_parameters() if placed(n) == "cpu"), default=0)
     for name, p in list(model.named_parameters()):
         dev = placed(name)
         v = torch.empty(p.shape, dtype=torch.bfloat16, device=dev)
         if v.dim() == 2:
             bound = 1.0 / math.sqrt(p.shape[1])
-            v.uniform_(-bound, bound)
+            if dev == "cpu":
+                if bound not in banks:
+                    banks[bound] = torch.empty(host_numel, dtype=torch.bfloat16).uniform_(-bound, bound)
+                v.view(-1).copy_(banks[bound][: v.numel()])
+            else:
+                v.uniform_(-bound, bound)
         else:
             v.fill_(1.0)
         set_module_tensor_to_device(model, name, dev, value=v)
+    banks.clear()
     # The rotary embedding's frequencies are a buffer computed at init:
     # made again, for real, on the GPU.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device="cuda:0")
