@@ -88,3 +88,9 @@ for name in sorted(f[:-5] for f in os.listdir(out) if f.endswith(".json")):
 open(os.path.join(out, "table.md"), "w").write("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF
+
+# The device returns at most 8 files from $OUT: under it, the results
+# travel as one archive (tar xzf llama-cases.tgz to read them).
+if [ -n "${OUT:-}" ] && [ -d "$out" ] && [ "${out#"$OUT"/}" != "$out" ]; then
+  tar czf "$OUT/$(basename "$out").tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+fi

@@ -41,3 +41,9 @@ for f in "$L"/*.log; do
   echo "--- $f"; grep -E "test result|panicked|FAILED|worst|within|tokens_per_s|error|limit| ms$" "$f" | head -40
 done
 cat "$L/summary.txt"
+
+# The device returns at most 8 files from $OUT: under it, the logs travel
+# as one archive (tar xzf logs.tgz to read them).
+if [ -n "${OUT:-}" ] && [ -d "$L" ] && [ "${L#"$OUT"/}" != "$L" ]; then
+  tar czf "$OUT/logs.tgz" -C "$(dirname "$L")" "$(basename "$L")" && rm -rf "$L"
+fi

@@ -104,3 +104,9 @@ if auto:
 open(os.path.join(out, "table.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
+
+# The device returns at most 8 files from $OUT: under it, the results
+# travel as one archive (tar xzf policy-sweep.tgz to read them).
+if [ -n "${OUT:-}" ] && [ -d "$out" ] && [ "${out#"$OUT"/}" != "$out" ]; then
+  tar czf "$OUT/$(basename "$out").tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+fi
