@@ -146,6 +146,19 @@ impl Fuzz {
         files.iter().filter_map(|p| std::fs::read(p).ok()).collect()
     }
 
+    /// The corpus, then `mutate`'s inputs until the budget is spent, each
+    /// run by `run` as one case; then the verdict ([`Fuzz::finish`]).
+    fn drive(mut self, mut mutate: impl FnMut(&mut ChaCha8Rng) -> Vec<u8>, mut run: impl FnMut(&[u8])) {
+        for input in self.corpus() {
+            self.case(&input, || run(&input));
+        }
+        while self.more() {
+            let input = mutate(&mut self.rng);
+            self.case(&input, || run(&input));
+        }
+        self.finish();
+    }
+
     fn finish(self) {
         let _ = std::fs::remove_file(self.dir.join("current"));
         eprintln!(
@@ -428,7 +441,7 @@ fn use_config(c: &OptConfig) {
 
 #[test]
 fn fuzz_config_json() {
-    let mut f = Fuzz::new("config_json", 0.1);
+    let f = Fuzz::new("config_json", 0.1);
     let base = std::fs::read(fixture("tiny-opt/config.json")).unwrap();
     let tmp = scratch();
     let dir = tmp.path().join("m");
@@ -455,14 +468,13 @@ fn fuzz_config_json() {
             }
         }
     };
-    for input in f.corpus() {
-        f.case(&input.clone(), || run(&input));
-    }
-    while f.more() {
-        let input = mutated_json_text(&mut f.rng, &base);
-        f.case(&input.clone(), || run(&input));
-    }
-    f.finish();
+    f.drive(
+        |rng| {
+            let input = mutated_json_text(rng, &base);
+            input
+        },
+        run,
+    );
 }
 
 /// A Llama-family checkpoint directory through the family's loader (the
@@ -481,7 +493,7 @@ fn llama_fixture(name: &str) -> PathBuf {
 
 #[test]
 fn fuzz_llama_config_json() {
-    let mut f = Fuzz::new("llama_config_json", 0.08);
+    let f = Fuzz::new("llama_config_json", 0.08);
     let base = std::fs::read(llama_fixture("tiny-qwen3-qknorm-bf16/config.json")).unwrap();
     let run = |text: &[u8]| {
         let Ok(s) = std::str::from_utf8(text) else { return };
@@ -499,14 +511,13 @@ fn fuzz_llama_config_json() {
             }
         }
     };
-    for input in f.corpus() {
-        f.case(&input.clone(), || run(&input));
-    }
-    while f.more() {
-        let input = mutated_json_text(&mut f.rng, &base);
-        f.case(&input.clone(), || run(&input));
-    }
-    f.finish();
+    f.drive(
+        |rng| {
+            let input = mutated_json_text(rng, &base);
+            input
+        },
+        run,
+    );
 }
 
 #[test]
@@ -522,7 +533,7 @@ fn fuzz_safetensors_checkpoint() {
 /// Mutations of `fixture`'s model.safetensors (header, length field,
 /// body), each loaded and run by `load` from a copy of the directory.
 fn fuzz_safetensors_of(target: &'static str, weight: f64, fixture: &Path, load: fn(&Path)) {
-    let mut f = Fuzz::new(target, weight);
+    let f = Fuzz::new(target, weight);
     let tmp = scratch();
     let dir = tmp.path().join("m");
     copy_dir(fixture, &dir);
@@ -531,19 +542,18 @@ fn fuzz_safetensors_of(target: &'static str, weight: f64, fixture: &Path, load: 
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
         load(&dir);
     };
-    for input in f.corpus() {
-        f.case(&input.clone(), || run(&input));
-    }
-    while f.more() {
-        let input = mutated_safetensors(&mut f.rng, &base);
-        f.case(&input.clone(), || run(&input));
-    }
-    f.finish();
+    f.drive(
+        |rng| {
+            let input = mutated_safetensors(rng, &base);
+            input
+        },
+        run,
+    );
 }
 
 #[test]
 fn fuzz_sharded_index() {
-    let mut f = Fuzz::new("sharded_index", 0.1);
+    let f = Fuzz::new("sharded_index", 0.1);
     let tmp = scratch();
     let dir = tmp.path().join("m");
     copy_dir(&fixture("tiny-opt-sharded"), &dir);
@@ -557,24 +567,23 @@ fn fuzz_sharded_index() {
         std::fs::write(dir.join("model-00002-of-00003.safetensors"), shard_bytes).unwrap();
         load_and_run(&dir);
     };
-    for input in f.corpus() {
-        f.case(&input.clone(), || run(&input));
-    }
-    while f.more() {
-        let mut input = mutated_json_text(&mut f.rng, &index);
-        input.retain(|&b| b != 0);
-        if f.rng.random_bool(0.3) {
-            input.push(0);
-            input.extend(mutated_safetensors(&mut f.rng, &shard));
-        }
-        f.case(&input.clone(), || run(&input));
-    }
-    f.finish();
+    f.drive(
+        |rng| {
+            let mut input = mutated_json_text(rng, &index);
+            input.retain(|&b| b != 0);
+            if rng.random_bool(0.3) {
+                input.push(0);
+                input.extend(mutated_safetensors(rng, &shard));
+            }
+            input
+        },
+        run,
+    );
 }
 
 #[test]
 fn fuzz_tokenizer_files() {
-    let mut f = Fuzz::new("tokenizer", 0.15);
+    let f = Fuzz::new("tokenizer", 0.15);
     let tmp = scratch();
     let (json_dir, bpe_dir) = (tmp.path().join("json"), tmp.path().join("bpe"));
     std::fs::create_dir_all(&json_dir).unwrap();
@@ -609,37 +618,36 @@ fn fuzz_tokenizer_files() {
         }
         None => {}
     };
-    for input in f.corpus() {
-        f.case(&input.clone(), || run(&input));
-    }
-    while f.more() {
-        let input = if f.rng.random_bool(0.6) {
-            let mut i = vec![b'j'];
-            i.extend(mutated_json_text(&mut f.rng, &tokenizer));
-            i
-        } else {
-            let mut v = if f.rng.random_bool(0.7) { mutated_json_text(&mut f.rng, &vocab) } else { vocab.clone() };
-            v.retain(|&b| b != 0);
-            let mut m = merges.clone();
-            if f.rng.random_bool(0.5) {
-                let len = m.len();
-                mutate_bytes(&mut f.rng, &mut m, 0..len);
-            }
-            m.retain(|&b| b != 0);
-            let mut i = vec![b'b'];
-            i.extend(v);
-            i.push(0);
-            i.extend(m);
-            i
-        };
-        f.case(&input.clone(), || run(&input));
-    }
-    f.finish();
+    f.drive(
+        |rng| {
+            let input = if rng.random_bool(0.6) {
+                let mut i = vec![b'j'];
+                i.extend(mutated_json_text(rng, &tokenizer));
+                i
+            } else {
+                let mut v = if rng.random_bool(0.7) { mutated_json_text(rng, &vocab) } else { vocab.clone() };
+                v.retain(|&b| b != 0);
+                let mut m = merges.clone();
+                if rng.random_bool(0.5) {
+                    let len = m.len();
+                    mutate_bytes(rng, &mut m, 0..len);
+                }
+                m.retain(|&b| b != 0);
+                let mut i = vec![b'b'];
+                i.extend(v);
+                i.push(0);
+                i.extend(m);
+                i
+            };
+            input
+        },
+        run,
+    );
 }
 
 #[test]
 fn fuzz_jsonl_inputs() {
-    let mut f = Fuzz::new("jsonl_inputs", 0.1);
+    let f = Fuzz::new("jsonl_inputs", 0.1);
     let tmp = scratch();
     let path = tmp.path().join("in.jsonl");
     let base = b"{\"prompt\": \"Hello\"}\n\n{\"input_ids\": [2, 5, 9]}\n{\"prompt\": \"a \\u00fc\"}\n".to_vec();
@@ -659,25 +667,24 @@ fn fuzz_jsonl_inputs() {
             let _ = engine_opt::generation::validate_prompts(&loaded.model.config, &prompts, max_new, 0);
         }
     };
-    for input in f.corpus() {
-        f.case(&input.clone(), || run(&input));
-    }
-    while f.more() {
-        let input = if f.rng.random_bool(0.5) {
-            // A line-wise structured mutation.
-            let mut lines: Vec<Vec<u8>> = base.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
-            let i = f.rng.random_range(0..lines.len());
-            lines[i] = mutated_json_text(&mut f.rng, &lines[i]);
-            lines.join(&b'\n')
-        } else {
-            let mut b = base.clone();
-            let len = b.len();
-            mutate_bytes(&mut f.rng, &mut b, 0..len);
-            b
-        };
-        f.case(&input.clone(), || run(&input));
-    }
-    f.finish();
+    f.drive(
+        |rng| {
+            let input = if rng.random_bool(0.5) {
+                // A line-wise structured mutation.
+                let mut lines: Vec<Vec<u8>> = base.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+                let i = rng.random_range(0..lines.len());
+                lines[i] = mutated_json_text(rng, &lines[i]);
+                lines.join(&b'\n')
+            } else {
+                let mut b = base.clone();
+                let len = b.len();
+                mutate_bytes(rng, &mut b, 0..len);
+                b
+            };
+            input
+        },
+        run,
+    );
 }
 
 #[derive(Parser)]

@@ -340,14 +340,7 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     let (model, cache_host) = place_on_gpu(gpu, &opened, policy, &offload_dir, args.seed)?;
     let prompts = tokenize_with(opened.tokenizer.as_ref(), &opened.source, &inputs, args.chat)?;
     let config = model.config();
-    runtime::schedule::validate_prompts(
-        config.vocab_size,
-        config.max_position_embeddings,
-        &prompts,
-        args.max_new_tokens,
-        0,
-    )?;
-    engine_llama::device::check_window_config(config, &prompts, args.max_new_tokens)?;
+    check_prompts(config, &prompts, args.max_new_tokens)?;
     let opts = options_for(&opened.ids, opened.tokenizer.as_ref(), config.vocab_size, args.max_new_tokens);
     let greedy = sampling.is_greedy();
     let mut sampler = Sampler::new(sampling);
@@ -412,6 +405,13 @@ fn check_gpu_placement(
 /// A Llama-family directory or preset opened for the GPU engine: its
 /// configuration, its checkpoint checked against the spec, its ids and
 /// tokenizer; nothing read into memory yet.
+/// Prompts the model can take: ids inside its vocabulary, prompt plus
+/// `new_tokens` within its positions and (Mistral) its sliding window.
+fn check_prompts(config: &LlamaConfig, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+    runtime::schedule::validate_prompts(config.vocab_size, config.max_position_embeddings, prompts, new_tokens, 0)?;
+    Ok(engine_llama::device::check_window_config(config, prompts, new_tokens)?)
+}
+
 /// The family's GPU engine on `gpu`, placed as `policy` says: the
 /// split's first layers resident and the rest streamed from the run's host
 /// and disk tiers (`offload_dir`), `--sep-layer`, 4-bit weights with
@@ -529,14 +529,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     let prompts = tokenize(&loaded, &inputs, args.chat)?;
     let config = loaded.model.config();
-    runtime::schedule::validate_prompts(
-        config.vocab_size,
-        config.max_position_embeddings,
-        &prompts,
-        args.max_new_tokens,
-        0,
-    )?;
-    engine_llama::device::check_window(&loaded.model, &prompts, args.max_new_tokens)?;
+    check_prompts(config, &prompts, args.max_new_tokens)?;
     // Refuse a batch's f32 KV cache that cannot fit.
     let batch = super::generate::block_size(args).min(prompts.len()) as u64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(args.max_new_tokens) as u64;
