@@ -468,13 +468,7 @@ fn fuzz_config_json() {
             }
         }
     };
-    f.drive(
-        |rng| {
-            let input = mutated_json_text(rng, &base);
-            input
-        },
-        run,
-    );
+    f.drive(|rng| mutated_json_text(rng, &base), run);
 }
 
 /// A Llama-family checkpoint directory through the family's loader (the
@@ -511,13 +505,7 @@ fn fuzz_llama_config_json() {
             }
         }
     };
-    f.drive(
-        |rng| {
-            let input = mutated_json_text(rng, &base);
-            input
-        },
-        run,
-    );
+    f.drive(|rng| mutated_json_text(rng, &base), run);
 }
 
 #[test]
@@ -542,13 +530,7 @@ fn fuzz_safetensors_of(target: &'static str, weight: f64, fixture: &Path, load: 
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
         load(&dir);
     };
-    f.drive(
-        |rng| {
-            let input = mutated_safetensors(rng, &base);
-            input
-        },
-        run,
-    );
+    f.drive(|rng| mutated_safetensors(rng, &base), run);
 }
 
 #[test]
@@ -620,7 +602,7 @@ fn fuzz_tokenizer_files() {
     };
     f.drive(
         |rng| {
-            let input = if rng.random_bool(0.6) {
+            if rng.random_bool(0.6) {
                 let mut i = vec![b'j'];
                 i.extend(mutated_json_text(rng, &tokenizer));
                 i
@@ -638,8 +620,7 @@ fn fuzz_tokenizer_files() {
                 i.push(0);
                 i.extend(m);
                 i
-            };
-            input
+            }
         },
         run,
     );
@@ -669,7 +650,7 @@ fn fuzz_jsonl_inputs() {
     };
     f.drive(
         |rng| {
-            let input = if rng.random_bool(0.5) {
+            if rng.random_bool(0.5) {
                 // A line-wise structured mutation.
                 let mut lines: Vec<Vec<u8>> = base.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
                 let i = rng.random_range(0..lines.len());
@@ -680,8 +661,7 @@ fn fuzz_jsonl_inputs() {
                 let len = b.len();
                 mutate_bytes(rng, &mut b, 0..len);
                 b
-            };
-            input
+            }
         },
         run,
     );
