@@ -207,10 +207,15 @@ fn pack(
     let layout = layout_of(shape, dtype)?;
     let buf = DevBuf::<u8>::alloc(gpu, layout.total_bytes())?;
     let src = held.tensor().narrow(0, offset, layout.numel()).map_err(|e| gpu_err(format!("GPU: {e}")))?;
-    quantizer
-        .enqueue(gpu.stream(), &src, &layout, &buf.tensor().view())
-        .and_then(|pending| pending.wait())
-        .map_err(|e| comp_err("quantizing a weight matrix on the GPU", e))?;
+    quantizer.enqueue(gpu.stream(), &src, &layout, &buf.tensor().view()).and_then(|pending| pending.wait()).map_err(
+        |e| match e {
+            compression::Error::OutOfRange { .. } | compression::Error::NonFinite { .. } => gpu_err(format!(
+                "{e}: 4-bit weights keep f16 scales, so values past f16's range cannot be compressed; run \
+                 without --compress-weight"
+            )),
+            e => comp_err("quantizing a weight matrix on the GPU", e),
+        },
+    )?;
     Ok(PackedMatrix { buf, layout, target, offset })
 }
 
@@ -261,7 +266,9 @@ fn pack_parts(
             .checked_add(n)
             .filter(|&end| end <= held.len())
             .ok_or_else(|| gpu_err(format!("layer tensor {}: its parts overrun its values", t.name)))?;
-        parts.push(pack(gpu, quantizer, held, &shape, (k, at))?);
+        let packed = pack(gpu, quantizer, held, &shape, (k, at))
+            .map_err(|e| gpu_err(format!("layer tensor {}: {e}", t.name)))?;
+        parts.push(packed);
         at = end;
     }
     if at != held.len() {
