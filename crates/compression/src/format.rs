@@ -48,7 +48,7 @@ pub const HDR_SHAPE: usize = 16;
 pub enum SourceDtype {
     F16,
     F32,
-    /// bfloat16, as the Llama family's checkpoints store their weights
+    /// bfloat16, as most current checkpoints store their weights
     /// (values must lie in f16's range: the scales and mins are f16).
     BF16,
 }

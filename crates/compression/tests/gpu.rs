@@ -205,7 +205,7 @@ fn designed_cases_cover_every_kernel() {
 }
 
 /// The bf16 build of every kernel gives the CPU's bf16 output bit for bit
-/// (the Llama family's 4-bit weights unpack into bf16).
+/// (4-bit weights from bf16 checkpoints unpack into bf16).
 #[test]
 fn the_bf16_output_matches_the_cpu_bit_for_bit() {
     let rig = rig_or_skip!();

@@ -46,7 +46,7 @@ struct Case {
     dim: usize,
     mode: Mode,
     f32_source: bool,
-    /// bf16 input (where not f32): the Llama family's weights.
+    /// bf16 input (where not f32), as most current checkpoints hold.
     bf16_source: bool,
     /// Element offset of the input in its GPU tensor.
     src_at: usize,

@@ -1,4 +1,4 @@
-//! The Llama family's GPU ops (`ops::gpu::llm`, `Blas::linear_half`,
+//! The f16/bf16 GPU ops (`ops::gpu::llm`, `Blas::linear_half`,
 //! `Blas::gemm_batched_half`) in f16 and bf16 against the CPU reference
 //! (`ops::cpu`). Every test passes, saying "skipped: no GPU", where the GPU
 //! cannot run.
@@ -101,7 +101,7 @@ fn check_frac<T: Ty>(what: &str, got: &[f32], want: &[f32], frac: f32) {
 }
 
 fn llm(gpu: &Gpu) -> &LlmKernels {
-    gpu.llm().unwrap_or_else(|e| panic!("loading the Llama kernels: {e}"))
+    gpu.llm().unwrap_or_else(|e| panic!("loading the f16/bf16 kernels: {e}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -357,7 +357,7 @@ fn fills_follow_the_f16_generator() {
     let Some(gpu) = gpu() else { return };
     fills::<f16>(&gpu);
     fills::<bf16>(&gpu);
-    // The f16 entry point gives exactly the OPT kernels' values.
+    // The f16 entry point gives exactly the f16-only kernels' values (kernels.cu).
     let n = 4099;
     let (a, b) = (DevBuf::<f16>::alloc(&gpu, n).unwrap(), DevBuf::<f16>::alloc(&gpu, n).unwrap());
     llm(&gpu).fill_uniform(&gpu, &a, 99, 0.5).unwrap();
