@@ -275,7 +275,7 @@ fn round_trip_through_the_gpu_dequantizer() {
     cases.push(Case::kv(4 * 32 * 128, 128, 4, Mode::Asymmetric));
     cases.push(Case { shape: vec![1024, 512], dim: 0, ..Case::kv(1, 64, 4, Mode::Asymmetric) });
     for case in cases {
-        let case = Case { src_at: 0, out_at: 0, f32_source: false, ..case };
+        let case = Case { src_at: 0, out_at: 0, f32_source: false, bf16_source: false, ..case };
         let layout = case.layout();
         let v: Vec<f16> = common::values(&mut rng, layout.numel()).iter().map(|&x| f16::from_f32(x)).collect();
         let flat = rig.upload(&f16_bytes(&v), DType::F16);
