@@ -403,7 +403,11 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
             b.d2h_relay += nb * c * new * stored_tb;
             b.d2h_staged += nb * d * new * stored_tb;
             b.disk_write += nb * d * new * stored_tb;
-            if off_gpu {
+            if policy.compress_cache {
+                // Packed from the slot (copied out, quantized), the GPU's
+                // own packed bytes copied device to device.
+                b.serial_mem(nb * new * (gbs as f64 * (3.0 * tb + stored_tb) + g * 2.0 * stored_tb));
+            } else if off_gpu {
                 // Through a slot: the GPU's sequences copied device to device.
                 b.serial_mem(nb * 2.0 * g * new * tb);
             }
@@ -422,10 +426,20 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
             } else {
                 b.serial_flop(nb * 4.0 * gbs as f64 * past * q_width);
                 b.serial_mem(nb * gbs as f64 * past * tb);
+                if policy.compress_cache {
+                    // Every sequence's layer through a slot, the GPU's own
+                    // included: its packed bytes to the scratch, unpacked,
+                    // copied into the slot; after the compute copied out,
+                    // packed again (the whole layer), the packed bytes home.
+                    // The GPU's share moves device to device both ways.
+                    b.serial_mem(nb * past * (gbs as f64 * (6.0 * tb + 2.0 * stored_tb) + g * 4.0 * stored_tb));
+                }
                 if off_gpu {
                     // Loaded into a slot: positions 0..past of every sequence,
-                    // the GPU's own by a device copy.
-                    b.serial_mem(nb * 2.0 * g * past * tb);
+                    // the GPU's own by a device copy (4-bit: counted above).
+                    if !policy.compress_cache {
+                        b.serial_mem(nb * 2.0 * g * past * tb);
+                    }
                     b.h2d_relay += nb * c * past * stored_tb;
                     b.h2d_staged += nb * d * past * stored_tb;
                     b.disk_read += nb * d * past * stored_tb;
@@ -433,10 +447,6 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
                     b.d2h_relay += nb * c * stored_tb;
                     b.d2h_staged += nb * d * stored_tb;
                     b.disk_write += nb * d * stored_tb;
-                    if policy.compress_cache {
-                        // Unpacked into the slot and the new position packed.
-                        b.serial_mem(nb * (c + d) * past * (tb + stored_tb));
-                    }
                 }
             }
         }

@@ -47,7 +47,7 @@ pub enum Error {
         "{0} needs the tiered engine, which does not do this yet; today tierlm runs on the CPU with the weights \
          and KV cache in host memory or partly on disk (--percent 0 W_CPU 0 C_CPU 0 100), or on a GPU with \
          weights, KV cache and activations on any tiers, --cpu-cache-compute, --attn-sparsity, --sep-layer, \
-         --compress-weight and --compress-cache (a cache on one tier off the GPU)"
+         --compress-weight and --compress-cache (a cache on one tier)"
     )]
     NeedsTieredEngine(String),
 

@@ -299,10 +299,11 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
             buffers.gpu = buffers.gpu.saturating_add(spec.layer_bytes(false)?);
         }
         let cache_off_gpu = cache_total - cache.gpu;
-        if cache_off_gpu > 0 {
+        if cache_off_gpu > 0 || (policy.compress_cache && cache_total > 0) {
             // Two slots of one GPU batch's cache of one layer, loading beside
             // computing (the prefill goes through them with
-            // --cpu-cache-compute too).
+            // --cpu-cache-compute too; a 4-bit cache, the GPU's own
+            // included, is unpacked into them).
             let one = gbs.saturating_mul(seq as u64).saturating_mul(spec.kv.token_bytes());
             buffers.gpu = buffers.gpu.saturating_add(one.saturating_mul(2));
             if policy.compress_cache {

@@ -334,8 +334,8 @@ const CACHE_GRID: &[(f64, f64)] = &[
 const ACT_GRID: &[(f64, f64)] = &[(100.0, 0.0), (0.0, 100.0), (0.0, 0.0)];
 
 /// Whether the GPU engine runs a policy's cache flags (see its cache plan):
-/// CPU attention over a cache all in host memory; a 4-bit cache off the
-/// GPU on one tier, without CPU attention.
+/// CPU attention over a cache all in host memory; a 4-bit cache on one
+/// tier (the GPU's included), without CPU attention.
 fn engine_runs(p: &Policy) -> bool {
     if p.cpu_cache_compute && p.cache_cpu_percent < 100.0 {
         return false;
@@ -343,7 +343,7 @@ fn engine_runs(p: &Policy) -> bool {
     if p.compress_cache {
         let [_, _, disk] = p.disk_percents();
         let tiers = [p.cache_gpu_percent, p.cache_cpu_percent, disk].iter().filter(|&&v| v > 0.0).count();
-        if p.cache_gpu_percent >= 100.0 || tiers > 1 || p.cpu_cache_compute {
+        if tiers > 1 || p.cpu_cache_compute {
             return false;
         }
     }

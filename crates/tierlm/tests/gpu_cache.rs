@@ -190,13 +190,13 @@ fn tierlm_bench_runs_case_c_placement() {
 /// later step reads keys and values back from 4 bits, so its logits stay
 /// within the quantization's error of the CPU's, and the tier holds the
 /// packed bytes only.
-fn check_compressed(model_dir: &str, cpu_share: f64) {
+fn check_compressed(model_dir: &str, gpu_share: f64, cpu_share: f64) {
     use engine_opt::gpu::generation::GpuBatch;
-    use engine_opt::gpu::model::Workspace;
+    use engine_opt::gpu::model::{BatchCache, Workspace};
     let cpu = cpu_model(model_dir);
-    let plan = CachePlan { compress: true, ..plan(0.0, cpu_share, false) };
+    let plan = CachePlan { compress: true, ..plan(gpu_share, cpu_share, false) };
     let (gpu, _offload) = model(model_dir, (100.0, 0.0), plan);
-    let label = format!("{model_dir} 4-bit cache, {cpu_share}% host");
+    let label = format!("{model_dir} 4-bit cache, {gpu_share}% GPU, {cpu_share}% host");
     let prompts = expected(model_dir).cases[0].input_ids.clone();
     let n = prompts.len();
     let steps = 6;
@@ -227,8 +227,6 @@ fn check_compressed(model_dir: &str, cpu_share: f64) {
     // logits' range on these random tiny models; that the bytes are the
     // right ones is checked exactly by `packed_cache_is_the_quantized_cache`.
     assert!(worst <= 0.15, "{label}: decode logits differ from the CPU's by {worst} of their range");
-    let streamer = gpu.cache_streamer.as_ref().unwrap();
-    let t = streamer.tiers();
     let c = &gpu.config;
     let f16_bytes = (2
         * c.num_hidden_layers
@@ -237,17 +235,24 @@ fn check_compressed(model_dir: &str, cpu_share: f64) {
         * (prompts.iter().map(Vec::len).max().unwrap() + steps)
         * c.head_dim()
         * 2) as u64;
-    let held = t.host.as_ref().map_or(0, |h| h.stats().asked) + t.disk.as_ref().map_or(0, |d| d.stats().asked);
-    eprintln!("{label}: {held} bytes packed for {f16_bytes} f16 bytes");
+    // Where the packed homes live, whichever tier that is (the GPU's share
+    // includes the key mask, a byte per position).
+    let BatchCache::Tiered(tc) = &st.state.cache else { panic!("{label}: the cache is not tiered") };
+    let (on_gpu, on_host, on_disk) = tc.bytes();
+    let held = on_gpu + on_host + on_disk;
+    eprintln!("{label}: {held} bytes packed ({on_gpu} GPU, {on_host} host, {on_disk} disk) for {f16_bytes} f16 bytes");
+    assert!(gpu_share < 100.0 || on_host + on_disk == 0, "{label}: a GPU-resident cache left the GPU");
     assert!(held > 0 && held * 2 < f16_bytes, "{label}: {held} bytes held for {f16_bytes} f16 bytes");
 }
 
 #[test]
 fn compressed_cache_stays_within_the_quantization_error() {
     if gpu_here("--compress-cache") {
-        check_compressed("tiny-opt", 100.0);
-        check_compressed("tiny-opt-350m-style", 100.0);
-        check_compressed("tiny-opt-sharded", 0.0);
+        check_compressed("tiny-opt", 0.0, 100.0);
+        check_compressed("tiny-opt-350m-style", 0.0, 100.0);
+        check_compressed("tiny-opt-sharded", 0.0, 0.0);
+        // Resident on the GPU, 4-bit (case G's cache).
+        check_compressed("tiny-opt", 100.0, 0.0);
     }
 }
 
@@ -318,6 +323,7 @@ fn tierlm_generate_takes_the_cache_flags() {
         &["--percent", "100", "0", "0", "100", "100", "0", "--cpu-cache-compute"][..],
         &["--percent", "100", "0", "0", "100", "100", "0", "--cpu-cache-compute", "--attn-sparsity", "0.5"],
         &["--percent", "100", "0", "0", "0", "100", "0", "--compress-cache"],
+        &["--percent", "100", "0", "100", "0", "100", "0", "--compress-cache"],
     ] {
         let out = run(flags);
         let stderr = String::from_utf8_lossy(&out.stderr);

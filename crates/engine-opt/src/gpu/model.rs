@@ -583,7 +583,8 @@ impl GpuModel {
     /// cache on the GPU keeps the resident cache.
     pub fn place_cache(&mut self, plan: CachePlan, tiers: CacheTiers) -> Result<()> {
         plan.validate()?;
-        self.cache_streamer = if plan.gpu_percent >= 100.0 && !plan.cpu_compute {
+        // A 4-bit cache goes through the slots wherever it lives.
+        self.cache_streamer = if plan.gpu_percent >= 100.0 && !plan.cpu_compute && !plan.compress {
             None
         } else {
             Some(CacheStreamer::new(&self.gpu, plan, tiers)?)

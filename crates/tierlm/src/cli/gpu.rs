@@ -61,15 +61,17 @@ pub fn takes(policy: &Policy) -> bool {
     policy.validate().is_ok() && (on_disk || policy.cpu_cache_compute || policy.check_cpu_engine().is_err())
 }
 
-/// Whether the policy puts any of the KV cache off the GPU, or asks for the
-/// CPU's attention over a host cache.
+/// Whether the cache goes through the tiered cache's GPU slots: any of it
+/// off the GPU (or the CPU's attention over a host cache), or 4-bit
+/// (`--compress-cache`, on whatever tier holds it, the GPU included: each
+/// layer is unpacked into a slot before its attention and packed after).
 pub fn tiers_cache(policy: &Policy) -> bool {
-    policy.cache_gpu_percent < 100.0
+    policy.cache_gpu_percent < 100.0 || policy.compress_cache
 }
 
 /// The cache tiering's share of `CacheReport`: whether it is 4-bit.
 fn cache_is_packed(policy: &Policy) -> bool {
-    policy.compress_cache && tiers_cache(policy)
+    policy.compress_cache
 }
 
 /// The cache placement `policy` asks the GPU engine for.
@@ -100,13 +102,6 @@ pub fn try_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> 
 
 /// Refuses the flags this engine does not implement yet.
 fn check_flags(policy: &Policy) -> Result<()> {
-    if policy.compress_cache && policy.cache_gpu_percent >= 100.0 {
-        return Err(Error::Runtime(runtime::Error::NeedsTieredEngine(
-            "--compress-cache with the cache all on the GPU (the GPU engine packs a cache it keeps off the GPU: \
-             give the cache a host or disk share, e.g. --percent W W 0 100 100 0)"
-                .into(),
-        )));
-    }
     cache_plan(policy).validate()?;
     if policy.cpu_cache_compute && policy.cache_cpu_percent < 100.0 {
         eprintln!("note: --cpu-cache-compute: the cache is not all in host memory, attention runs on the GPU");
