@@ -26,7 +26,7 @@ import os
 import re
 import shlex
 
-CASES = ["A", "B", "C", "D", "D4"]
+CASES = ["A", "B", "C", "D", "D4", "G"]
 
 
 
@@ -44,7 +44,10 @@ def peer_result(path_of):
         if m:
             got[key] = float(m[-1])
     if rc != "0" or len(got) != 2:
-        return None, f"FlexLLMGen failed (exit {rc})"
+        peak = re.findall(r"peak host memory in use while it ran: ([0-9.]+) GiB", text)
+        at = f", host memory in use up to {peak[-1]} GiB" if peak else ""
+        how = "timed out" if rc in ("124", "137") else f"failed (exit {rc})"
+        return None, f"FlexLLMGen {how}{at}"
     return (got["decode"], got["total"]), None
 
 BEGIN, END = "<!-- bench-cases:begin -->", "<!-- bench-cases:end -->"
@@ -152,6 +155,16 @@ def target(case, r, decode, total, pct):
         return ", ".join(parts)
     if case == "C":
         return f"decode ≥ 90% of stream {mark(pct is not None and pct >= 90)}"
+    if case == "G":
+        # Issue 14: 90% of the packed weights' stream, 20x FlexGen's 1.12 tok/s
+        # (T4) and 10x ZeRO-Inference's 2.09 (A6000), start-up under 90 s.
+        start = r.get("startup_s", r.get("load_s"))
+        parts = [f"decode ≥ 90% of stream {mark(pct is not None and pct >= 90)}",
+                 f"≥ 22.4 tok/s (20× FlexGen) {mark(decode >= 22.4)}",
+                 f"≥ 20.9 tok/s (10× ZeRO-Inference) {mark(decode >= 20.9)}"]
+        if start is not None:
+            parts.append(f"start-up < 90 s {mark(start < 90)}")
+        return ", ".join(parts)
     return "-"
 
 
