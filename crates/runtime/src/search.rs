@@ -600,17 +600,33 @@ fn gib(b: u64) -> String {
 }
 
 /// The error for budgets no policy fits: what the least demanding policy
-/// (one prompt a block, every share off the GPU that may be) needs per tier.
-fn nothing_fits(req: &Request<'_>) -> Error {
+/// within the pins (the pinned block, or one prompt; the pinned
+/// percentages, or every share off the GPU that may be; the most
+/// compression allowed) needs per tier; with a pinned GPU batch size, the
+/// largest that would fit with everything else as asked.
+fn nothing_fits(req: &Request<'_>, nearest: bool) -> Error {
+    let (cw, cc) = req.compress.options().iter().fold((false, false), |(a, b), &(w, c)| (a || w, b || c));
     let mut p = Policy {
         gpu_batch_size: req.pins.gpu_batch_size.unwrap_or(1),
         num_gpu_batches: req.pins.num_gpu_batches.unwrap_or(1),
         pin_weight: false,
+        compress_weight: cw,
+        compress_cache: cc,
         ..Policy::default()
     };
     p = match p.clone().with_percent(&req.pins.percent.unwrap_or([0.0, 0.0, 0.0, 0.0, 100.0, 0.0])) {
         Ok(p) => p,
         Err(e) => return e,
+    };
+    let placement = match req.pins.percent {
+        Some(_) => format!("--percent {}", p.percent().iter().map(|&v| fmt_percent(v)).collect::<Vec<_>>().join(" ")),
+        None => "weights and cache on disk".to_string(),
+    };
+    let packed = match (cw, cc) {
+        (true, true) => ", 4-bit weights and cache",
+        (true, false) => ", 4-bit weights",
+        (false, true) => ", 4-bit cache",
+        (false, false) => "",
     };
     let mut s = String::from("no policy fits this machine's budgets");
     let machine = crate::plan::Machine { gpu_compute: true, can_pin: false };
@@ -620,9 +636,9 @@ fn nothing_fits(req: &Request<'_>) -> Error {
             let cap = &req.cap;
             let _ = write!(
                 s,
-                ": the least any placement needs ({} prompt{} a block, weights and cache on disk, pageable host \
-                 memory) against what is available:\n  GPU: needs {}, has {}\n  host: needs {}, has {}\n  disk: \
-                 needs {}, has {}\n  in all: needs {}, has {}",
+                ": the least any placement needs ({} prompt{} a block, {placement}{packed}, pageable host memory) \
+                 against what is available:\n  GPU: needs {}, has {}\n  host: needs {}, has {}\n  disk: needs {}, \
+                 has {}\n  in all: needs {}, has {}",
                 p.block_size(),
                 if p.block_size() == 1 { "" } else { "s" },
                 gib(t.gpu),
@@ -641,11 +657,43 @@ fn nothing_fits(req: &Request<'_>) -> Error {
             let _ = write!(s, ": {e}");
         }
     }
+    if let Some(pinned) = req.pins.gpu_batch_size.filter(|&b| nearest && b > 1) {
+        // The largest smaller GPU batch the search places with every other
+        // pin kept (fits are monotone in the batch: bisect).
+        let fits = |b: usize| {
+            let pins = Pins { gpu_batch_size: Some(b), ..req.pins.clone() };
+            let prompts = b.saturating_mul(req.pins.num_gpu_batches.unwrap_or(1));
+            search_with(&Request { pins, prompts, ..req.clone() }, false).ok()
+        };
+        let (mut lo, mut hi) = (0usize, pinned);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid).is_some() {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        match (lo > 0).then(|| fits(lo)).flatten() {
+            Some(out) => {
+                let _ = write!(s, "\n  nearest that fits: --gpu-batch-size {lo} ({})", out.best.flags());
+            }
+            None => {
+                let _ = write!(s, "\n  no GPU batch size fits with the other flags as given");
+            }
+        }
+    }
     Error::NoPolicyFits(s)
 }
 
 /// Chooses the policy (see the module's documentation).
 pub fn search(req: &Request<'_>) -> Result<Outcome> {
+    search_with(req, true)
+}
+
+/// [`search`]; `nearest`: whether a refusal looks for the nearest GPU batch
+/// size that fits (not when already looking).
+fn search_with(req: &Request<'_>, nearest: bool) -> Result<Outcome> {
     if req.prompts == 0 || req.work.prompt_len == 0 || req.work.gen_len == 0 {
         return Err(Error::InvalidArgument("prompts, prompt length and generation length must be at least 1".into()));
     }
@@ -682,7 +730,7 @@ pub fn search(req: &Request<'_>) -> Result<Outcome> {
                 }
             }
         }
-        return Err(nothing_fits(req));
+        return Err(nothing_fits(req, nearest));
     }
     all.sort_by(better(req.objective));
     let mut seen: Vec<String> = Vec::new();
@@ -699,7 +747,7 @@ pub fn search(req: &Request<'_>) -> Result<Outcome> {
     }
     let mut it = unique.into_iter();
     let Some(best) = it.next() else {
-        return Err(nothing_fits(req));
+        return Err(nothing_fits(req, nearest));
     };
     let layers = req.spec.layers;
     let runners_up = it.map(|c| (why_lost(&best, &c, req.objective, layers), c)).map(|(w, c)| (c, w)).collect();
@@ -806,6 +854,32 @@ mod tests {
         for want in ["no policy fits", "GPU: needs", "host: needs", "disk: needs", "in all"] {
             assert!(err.contains(want), "{want} in {err}");
         }
+    }
+
+    #[test]
+    fn a_pinned_batch_too_large_is_refused_with_the_largest_that_fits() {
+        let s = spec(8, 1024);
+        let pins = Pins {
+            percent: Some([100.0, 0.0, 100.0, 0.0, 100.0, 0.0]),
+            gpu_batch_size: Some(4096),
+            num_gpu_batches: Some(1),
+            ..Pins::default()
+        };
+        let gpu = 4 * GIB;
+        let req = Request { pins: pins.clone(), ..request(&s, 4096, cap(gpu, 1000 * GIB, 0)) };
+        let err = search(&req).unwrap_err().to_string();
+        assert!(err.contains("--percent 100 0 100 0 100 0"), "{err}");
+        let b: usize = err
+            .split("nearest that fits: --gpu-batch-size ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no nearest batch in {err}"));
+        // It fits, and one more does not.
+        let at = |b: usize| Request { pins: Pins { gpu_batch_size: Some(b), ..pins.clone() }, prompts: b, ..req.clone() };
+        let out = search(&at(b)).unwrap();
+        assert!(fits(&at(b), &out.best), "{}", out.best.flags());
+        assert!(search(&at(b + 1)).is_err(), "{} + 1 fits too", b);
     }
 
     #[test]
