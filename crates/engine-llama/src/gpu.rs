@@ -5,13 +5,17 @@
 //! The decoder layers' weights are the runtime's [`GpuLayer`]s, read from
 //! the layer spec: the first `split.gpu_end` resident, the others streamed
 //! from host memory or disk through GPU slots by the runtime's
-//! [`WeightStreamer`]. Each batch's KV cache is on the GPU in `T`,
-//! `[batch][kv_head][position][head_dim]` per layer, or with
-//! `--cpu-cache-compute` in host memory, where the CPU reference's
-//! grouped-query attention reads it in place (FlexGen's CPU attention: the
-//! step's q, k and v come to the host, the attention's output goes back);
-//! the hidden states stay on the GPU. [`LlamaGpuCompute`] is the GPU as the runtime's
-//! [`ComputeDevice`], driven by its block schedule.
+//! [`WeightStreamer`]. Each batch's KV cache is in `T`,
+//! `[batch][kv_head][position][head_dim]` per layer: resident on the GPU,
+//! or placed by the runtime's tiered cache ([`CacheStreamer`],
+//! [`LlamaGpu::place_cache`]) as the policy's cache shares say — split in
+//! whole sequences over GPU, host memory and disk and loaded into two GPU
+//! slots a layer at a time, 4-bit on one tier with `--compress-cache`, or
+//! with `--cpu-cache-compute` in host memory, where decoding attends on the
+//! CPU in place ([`crate::cpu_attention`]; FlexGen's CPU attention: the
+//! step's q, k and v come to the host, the attention's output goes back).
+//! The hidden states stay on the GPU. [`LlamaGpuCompute`] is the GPU as the
+//! runtime's [`ComputeDevice`], driven by its block schedule.
 //!
 //! A layer, as Hugging Face computes it: RMSNorm, the q/k/v products (Qwen2:
 //! with biases), Qwen3's per-head q/k RMSNorm, the rotary embedding of q and
@@ -23,7 +27,6 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use half::{bf16, f16};
 use indicatif::ProgressBar;
@@ -32,13 +35,14 @@ use ops::gpu::buffer::{DevBuf, Half};
 use ops::gpu::llm::attn_decode_fits;
 use ops::gpu::profile::Profiler;
 use ops::gpu::Gpu;
+use runtime::gpu::cache::{CachePlan, CacheShape, CacheStreamer, CacheTiers, HostLayer, LayerRun, TieredCache};
 use runtime::gpu::layer::{GpuLayer, Init};
 use runtime::gpu::packed::Unpacker;
 use runtime::gpu::stream::{LayerSplit, OffloadTiers, WeightStreamer};
 use runtime::sampling::Sampler;
 use runtime::schedule::{BatchTokens, ComputeDevice, GenerateOptions, GenerationOutput};
 use runtime::spec::{ModelSpec, TensorSpec};
-use tier_api::{DType, MemAccount, Reservation};
+use tier_api::DType;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -136,14 +140,10 @@ pub struct LlamaGpu<T: Half> {
     layers: Vec<GpuLayer>,
     /// The other layers, off the GPU.
     offload: Option<WeightStreamer>,
-    /// `--cpu-cache-compute`: each batch's KV cache in host memory, the
-    /// attention computed there by the CPU reference's grouped-query
-    /// attention (the step's q, k, v come to the host, the output goes
-    /// back for the output product), reserved against this host account.
-    cpu_attention: Option<Arc<MemAccount>>,
-    /// `--attn-sparsity` (with the CPU's attention): the share of past
-    /// positions a decoding step keeps (1: all).
-    attn_sparsity: f64,
+    /// The KV cache off the GPU, 4-bit, or attended on the CPU (see
+    /// [`LlamaGpu::place_cache`]); `None`: each batch's cache resident on
+    /// the GPU.
+    cache: Option<CacheStreamer<T>>,
     /// `--compress-weight`: the workspace the 4-bit layers unpack into.
     unpacker: Option<Unpacker>,
     /// `TIERLM_GPU_PROFILE`: an event after every part of a step.
@@ -160,6 +160,19 @@ impl<T: Half> std::fmt::Debug for LlamaGpu<T> {
             .field("layers", &self.config.num_hidden_layers)
             .finish_non_exhaustive()
     }
+}
+
+/// A tiered cache's figures ([`LlamaGpu::cache_stats`]).
+#[derive(Debug, Clone)]
+pub struct CacheStats {
+    pub plan: CachePlan,
+    pub tiers: CacheTiers,
+    /// Bytes of the two GPU slots.
+    pub slot_bytes: u64,
+    /// Bytes of the 4-bit cache's GPU scratch.
+    pub scratch_bytes: u64,
+    /// Bytes loaded into and stored from the slots so far.
+    pub bytes_moved: u64,
 }
 
 /// What the GPU engine does not do yet, said before anything is allocated.
@@ -242,8 +255,7 @@ impl<T: Half> LlamaGpu<T> {
             inv_freq,
             layers,
             offload,
-            cpu_attention: None,
-            attn_sparsity: 1.0,
+            cache: None,
             unpacker,
             profiler: None,
             gpu,
@@ -289,31 +301,48 @@ impl<T: Half> LlamaGpu<T> {
         }
     }
 
-    /// FlexGen's `--attn-sparsity`: decoding steps attending on the CPU
-    /// (see [`LlamaGpu::set_cpu_attention`]) keep only that share of the
-    /// past positions with the largest weights ([`ops::attention_sparse`]).
-    /// Refused outside `(0, 1]`, and below 1 without the CPU's attention.
-    pub fn set_attn_sparsity(&mut self, sparsity: f64) -> Result<()> {
-        if !(sparsity > 0.0 && sparsity <= 1.0) {
-            return Err(runtime::Error::InvalidArgument(format!("--attn-sparsity {sparsity} is outside (0, 1]")).into());
-        }
-        if sparsity < 1.0 && self.cpu_attention.is_none() {
-            return Err(runtime::Error::InvalidArgument(
-                "--attn-sparsity below 1 runs in the CPU's decode attention: add --cpu-cache-compute (with the \
-                 cache in host memory)"
-                    .into(),
-            )
-            .into());
-        }
-        self.attn_sparsity = sparsity;
+    /// Places every batch's KV cache made from now on as `plan` says, on
+    /// `tiers` (the run's, [`CacheTiers::for_plan`]): split in whole
+    /// sequences over GPU, host memory and disk and streamed through two
+    /// GPU slots, 4-bit on one tier (`--compress-cache`), or in host memory
+    /// with the decode attention on the CPU (`--cpu-cache-compute`, with
+    /// `--attn-sparsity`). A plan with the whole plain cache on the GPU
+    /// keeps the resident cache. Refused, saying what would run, where the
+    /// plan cannot run (see [`CachePlan::validate`]).
+    pub fn place_cache(&mut self, plan: CachePlan, tiers: CacheTiers) -> Result<()> {
+        plan.validate()?;
+        self.cache = if plan.through_slots() {
+            Some(CacheStreamer::new(&self.gpu, plan, tiers, cache_shape(&self.config))?)
+        } else {
+            None
+        };
         Ok(())
     }
 
-    /// With a host account, batches made from now on keep their KV cache
-    /// in host memory, reserved against it, and attend on the CPU
-    /// (`--cpu-cache-compute`); `None`: on the GPU.
-    pub fn set_cpu_attention(&mut self, host: Option<Arc<MemAccount>>) {
-        self.cpu_attention = host;
+    /// The tiered cache's streamer, when the cache is placed off the GPU
+    /// (or 4-bit, or attended on the CPU).
+    pub fn cache_streamer(&self) -> Option<&CacheStreamer<T>> {
+        self.cache.as_ref()
+    }
+
+    /// What the tiered cache holds and moved, when there is one.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(|c| CacheStats {
+            plan: c.plan(),
+            tiers: c.tiers().clone(),
+            slot_bytes: c.slot_bytes(),
+            scratch_bytes: c.scratch_bytes(),
+            bytes_moved: c.bytes_moved(),
+        })
+    }
+
+    /// Stores what the tiered cache's GPU slots hold (after a step's
+    /// layers).
+    fn flush_cache(&self) -> Result<()> {
+        match &self.cache {
+            Some(c) => Ok(c.flush()?),
+            None => Ok(()),
+        }
     }
 
     /// The configuration (its dtype the one computed in).
@@ -384,15 +413,14 @@ impl<T: Half> LlamaGpu<T> {
         ws.positions.upload(stream, 0, &positions)?;
         let llm = self.gpu.llm()?;
         llm.embed_rows(&self.gpu, &ws.tokens, rows, &self.embed, (vocab, h), &b.hidden)?;
+        let step = (tokens.batch(), tokens.new_len());
         match &mut b.cache {
-            BatchCache::Gpu { mask, .. } => {
-                llm.write_mask(&self.gpu, &ws.step_mask, (tokens.batch(), tokens.new_len()), mask, b.capacity, past)?
-            }
-            BatchCache::Host { mask, .. } => {
-                let s = tokens.new_len();
-                for (k, &m) in tokens.mask().iter().enumerate() {
-                    mask[(k / s) * b.capacity + past + k % s] = m != 0;
-                }
+            BatchCache::Gpu { mask, .. } => llm.write_mask(&self.gpu, &ws.step_mask, step, mask, b.capacity, past)?,
+            BatchCache::Tiered(tc) => {
+                // The GPU's mask for the kernels, the host's for the CPU's
+                // attention.
+                tc.record_mask(tokens.mask(), tokens.new_len(), past)?;
+                llm.write_mask(&self.gpu, &ws.step_mask, step, &tc.key_mask.mask, tc.key_mask.stride, past)?
             }
         }
         b.len = end;
@@ -400,29 +428,72 @@ impl<T: Half> LlamaGpu<T> {
     }
 
     /// Layer `j` of one batch's step, in place on its hidden states and
-    /// cache.
+    /// cache: the attention block over the resident cache, a tiered cache's
+    /// GPU slot or (decoding with `--cpu-cache-compute`) its host cache,
+    /// then the MLP block.
     fn layer(&self, j: usize, tokens: &BatchTokens, b: &mut GpuBatch<T>, ws: &mut Workspace<T>) -> Result<()> {
-        let c = &self.config;
         let (batch, s) = (tokens.batch(), tokens.new_len());
         let rows = tokens.rows();
         ws.fits(rows, batch)?;
-        let (h, heads, kv_heads, d, inter) =
-            (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
-        let (q_w, kv_w) = (heads * d, kv_heads * d);
-        let eps = c.rms_norm_eps;
-        let gpu = &self.gpu;
-        let llm = gpu.llm()?;
-        let w = self.weights(j)?;
         let past = b.cache.layer_len(j)?;
-        if past + s != b.len {
+        if past.checked_add(s) != Some(b.len) {
             return Err(gpu_err(format!(
                 "layer {j}: the cache holds {past} positions, the step adds {s}, the batch is at {}",
                 b.len
             )));
         }
+        let GpuBatch { hidden, cache, capacity, .. } = b;
+        match cache {
+            BatchCache::Gpu { layers, mask } => {
+                let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
+                let kv = KvOnGpu {
+                    keys: &cache.keys,
+                    values: &cache.values,
+                    capacity: *capacity,
+                    mask,
+                    mask_stride: *capacity,
+                    past,
+                };
+                self.attention_block(j, tokens, hidden, ws, &kv)?;
+                cache.len = past + s;
+            }
+            BatchCache::Tiered(tc) => {
+                let streamer =
+                    self.cache.as_ref().ok_or_else(|| gpu_err("a tiered cache without its streamer".into()))?;
+                let hidden = &*hidden;
+                streamer.layer(&self.gpu, j, tc, s, |run: LayerRun<'_, T>| match run {
+                    LayerRun::Slot(slot) => {
+                        // The host waited for the slot's store and load:
+                        // profiled as its own part.
+                        self.mark("wait for cache")?;
+                        let kv = KvOnGpu {
+                            keys: slot.keys,
+                            values: slot.values,
+                            capacity: slot.capacity,
+                            mask: &slot.key_mask.mask,
+                            mask_stride: slot.key_mask.stride,
+                            past: slot.past,
+                        };
+                        self.attention_block(j, tokens, hidden, ws, &kv)
+                    }
+                    LayerRun::Host(host) => self.host_attention_block(j, tokens, hidden, ws, host),
+                })?;
+            }
+        }
+        self.mlp_block(j, rows, hidden, ws)
+    }
 
-        // Attention block.
-        llm.rms_norm_f32(gpu, &b.hidden, (0, h), rows, h, self.tensor(w, "input_layernorm.weight")?, eps, &ws.x)?;
+    /// The attention block's input: RMSNorm, the q/k/v products (with
+    /// biases), Qwen3's per-head q/k norms, the rotary embedding of q and k,
+    /// into `ws.q`, `ws.k`, `ws.v`.
+    fn qkv(&self, w: &GpuLayer, rows: usize, hidden: &DevBuf<f32>, ws: &Workspace<T>) -> Result<()> {
+        let c = &self.config;
+        let (h, heads, kv_heads, d) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (q_w, kv_w) = (heads * d, kv_heads * d);
+        let eps = c.rms_norm_eps;
+        let gpu = &self.gpu;
+        let llm = gpu.llm()?;
+        llm.rms_norm_f32(gpu, hidden, (0, h), rows, h, self.tensor(w, "input_layernorm.weight")?, eps, &ws.x)?;
         self.mark("rms norm")?;
         for (name, out, n) in
             [("self_attn.q_proj", &ws.q, q_w), ("self_attn.k_proj", &ws.k, kv_w), ("self_attn.v_proj", &ws.v, kv_w)]
@@ -440,48 +511,118 @@ impl<T: Half> LlamaGpu<T> {
         }
         llm.rope(gpu, &ws.q, rows, heads, d, &ws.positions, &self.inv_freq)?;
         llm.rope(gpu, &ws.k, rows, kv_heads, d, &ws.positions, &self.inv_freq)?;
-        self.mark("q/k norm, rope")?;
-        match &mut b.cache {
-            BatchCache::Gpu { layers, mask } => {
-                let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
-                llm.store_kv(gpu, &ws.k, &ws.v, (batch, s, kv_heads, d), past, b.capacity, &cache.keys, &cache.values)?;
-                cache.len = past + s;
-                self.mark("store kv")?;
-                self.attention(cache, mask, (batch, s, past, past + s, b.capacity), ws)?;
-            }
-            BatchCache::Host { layers, mask, .. } => {
-                let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
-                let host = |buf: &DevBuf<T>, n: usize| -> Result<Vec<f32>> {
-                    Ok(buf.download_range(gpu.stream(), 0, n)?.into_iter().map(Half::to_f32).collect())
-                };
-                let (q, k, v) = (host(&ws.q, rows * q_w)?, host(&ws.k, rows * kv_w)?, host(&ws.v, rows * kv_w)?);
-                cache.append(&k, &v, s)?;
-                let len = cache.len();
-                let key_mask: Vec<bool> =
-                    (0..batch).flat_map(|i| mask[i * b.capacity..i * b.capacity + len].iter().copied()).collect();
-                let shape = ops::AttentionShape { heads, kv_heads, head_dim: d };
-                let out = if s == 1 && self.attn_sparsity < 1.0 {
-                    ops::attention_sparse(&q, cache, &key_mask, shape, self.attn_sparsity)?
-                } else {
-                    ops::attention(&q, s, cache, &key_mask, shape)?
-                };
-                let out: Vec<T> = out.into_iter().map(T::from_f32).collect();
-                ws.attn.upload(gpu.stream(), 0, &out)?;
-            }
-        }
-        self.mark("attention")?;
-        let o = self.tensor(w, "self_attn.o_proj.weight")?;
-        gpu.blas.linear_half(gpu, &ws.attn, rows, o, (h, q_w), HalfOut::F32 { out: &b.hidden }, true)?;
-        self.mark("o product")?;
+        self.mark("q/k norm, rope")
+    }
 
-        // MLP block.
+    /// The attention's output (`ws.attn`) through the output product, added
+    /// to the residual stream.
+    fn attention_output(&self, w: &GpuLayer, rows: usize, hidden: &DevBuf<f32>, ws: &Workspace<T>) -> Result<()> {
+        let c = &self.config;
+        let (h, q_w) = (c.hidden_size, c.num_attention_heads * c.head_dim);
+        let gpu = &self.gpu;
+        let o = self.tensor(w, "self_attn.o_proj.weight")?;
+        gpu.blas.linear_half(gpu, &ws.attn, rows, o, (h, q_w), HalfOut::F32 { out: hidden }, true)?;
+        self.mark("o product")
+    }
+
+    /// Layer `j`'s attention block over a cache on the GPU: the step's keys
+    /// and values stored at `kv.past`, the attention over positions
+    /// `0..kv.past + new`, the output product into the residual stream.
+    fn attention_block(
+        &self,
+        j: usize,
+        tokens: &BatchTokens,
+        hidden: &DevBuf<f32>,
+        ws: &mut Workspace<T>,
+        kv: &KvOnGpu<'_, T>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (batch, s, rows) = (tokens.batch(), tokens.new_len(), tokens.rows());
+        let (kv_heads, d) = (c.num_key_value_heads, c.head_dim);
+        let gpu = &self.gpu;
+        let w = self.weights(j)?;
+        self.qkv(w, rows, hidden, ws)?;
+        gpu.llm()?.store_kv(gpu, &ws.k, &ws.v, (batch, s, kv_heads, d), kv.past, kv.capacity, kv.keys, kv.values)?;
+        self.mark("store kv")?;
+        self.attention(kv, (batch, s), ws)?;
+        self.mark("attention")?;
+        self.attention_output(w, rows, hidden, ws)
+    }
+
+    /// Layer `j`'s attention block of a decoding step with the attention on
+    /// the CPU over the host cache (`--cpu-cache-compute`): the step's q, k
+    /// and v come to the host, k and v are appended to the cache at
+    /// `past`, the attention's output goes back for the output product.
+    fn host_attention_block(
+        &self,
+        j: usize,
+        tokens: &BatchTokens,
+        hidden: &DevBuf<f32>,
+        ws: &mut Workspace<T>,
+        host: HostLayer<'_, T>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (batch, rows) = (tokens.batch(), tokens.rows());
+        let heads = c.num_attention_heads;
+        let HostLayer {
+            keys,
+            values,
+            host_mask,
+            batch: cached,
+            kv_heads,
+            head_dim: d,
+            capacity,
+            past,
+            sparsity,
+            threads,
+            ..
+        } = host;
+        if rows != batch || cached != batch || (kv_heads, d) != (c.num_key_value_heads, c.head_dim) {
+            return Err(gpu_err(format!(
+                "layer {j}: CPU attention over {cached} sequences of {kv_heads} heads of {d} for a step of {rows} \
+                 rows of {batch}"
+            )));
+        }
+        let w = self.weights(j)?;
+        self.qkv(w, rows, hidden, ws)?;
+        let stream = self.gpu.stream();
+        let q: Vec<f32> = ws.q.download_range(stream, 0, rows * heads * d)?.into_iter().map(Half::to_f32).collect();
+        let k = ws.k.download_range(stream, 0, rows * kv_heads * d)?;
+        let v = ws.v.download_range(stream, 0, rows * kv_heads * d)?;
+        let out = threads.run(|| -> Result<Vec<T>> {
+            crate::cpu_attention::append(&k, &v, past, (&mut *keys, &mut *values), [batch, kv_heads, d, capacity])?;
+            let cache = crate::cpu_attention::HostKv {
+                keys,
+                values,
+                mask: host_mask,
+                batch,
+                kv_heads,
+                head_dim: d,
+                capacity,
+                total: past + 1,
+            };
+            let out = crate::cpu_attention::decode(&q, cache, heads, sparsity)?;
+            Ok(out.into_iter().map(T::from_f32).collect())
+        })?;
+        ws.attn.upload(stream, 0, &out)?;
+        self.mark("attention")?;
+        self.attention_output(w, rows, hidden, ws)
+    }
+
+    /// Layer `j`'s MLP block: RMSNorm, SiLU(gate)·up, the down product
+    /// added to the residual stream.
+    fn mlp_block(&self, j: usize, rows: usize, hidden: &DevBuf<f32>, ws: &Workspace<T>) -> Result<()> {
+        let c = &self.config;
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let gpu = &self.gpu;
+        let llm = gpu.llm()?;
         if let Some(st) = &self.offload {
             st.begin_mlp(j)?;
             self.mark("wait for weights")?;
         }
         let w = self.weights(j)?;
         let post = self.tensor(w, "post_attention_layernorm.weight")?;
-        llm.rms_norm_f32(gpu, &b.hidden, (0, h), rows, h, post, eps, &ws.x)?;
+        llm.rms_norm_f32(gpu, hidden, (0, h), rows, h, post, c.rms_norm_eps, &ws.x)?;
         self.mark("rms norm")?;
         let gate = self.tensor(w, "mlp.gate_proj.weight")?;
         let up = self.tensor(w, "mlp.up_proj.weight")?;
@@ -491,21 +632,21 @@ impl<T: Half> LlamaGpu<T> {
         self.mark("gate up products")?;
         llm.silu_mul(gpu, &ws.gate, &ws.up, rows * inter)?;
         self.mark("silu mul")?;
-        gpu.blas.linear_half(gpu, &ws.gate, rows, down, (h, inter), HalfOut::F32 { out: &b.hidden }, true)?;
+        gpu.blas.linear_half(gpu, &ws.gate, rows, down, (h, inter), HalfOut::F32 { out: hidden }, true)?;
         self.mark("down product")
     }
 
     /// Attention of the step's queries (`ws.q`, rotated) over the layer's
-    /// cache (this step's keys included) into `ws.attn`.
-    fn attention(
-        &self,
-        cache: &LayerCache<T>,
-        mask: &DevBuf<u8>,
-        (batch, s, past, total, cap): (usize, usize, usize, usize, usize),
-        ws: &mut Workspace<T>,
-    ) -> Result<()> {
+    /// cache `kv` (this step's keys included) into `ws.attn`.
+    fn attention(&self, kv: &KvOnGpu<'_, T>, (batch, s): (usize, usize), ws: &mut Workspace<T>) -> Result<()> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (past, cap) = (kv.past, kv.capacity);
+        let total = past + s;
+        if total > cap || total > kv.mask_stride {
+            return Err(gpu_err(format!("attention over {total} positions of a cache of {cap}")));
+        }
+        let mask = (kv.mask, kv.mask_stride);
         let scale = (d as f32).powf(-0.5);
         let gpu = &self.gpu;
         let llm = gpu.llm()?;
@@ -513,8 +654,8 @@ impl<T: Half> LlamaGpu<T> {
             return Ok(llm.attn_decode(
                 gpu,
                 &ws.q,
-                (&cache.keys, &cache.values),
-                (mask, cap),
+                (kv.keys, kv.values),
+                mask,
                 (batch, heads, kv_heads, d, cap, total),
                 scale,
                 &ws.attn,
@@ -540,12 +681,12 @@ impl<T: Half> LlamaGpu<T> {
         for b0 in (0..batch).step_by(chunk) {
             let nb = chunk.min(batch - b0);
             let n = nb * kv_heads;
-            let keys = Operand::new(&cache.keys, b0 * kv_heads * head_block, d, head_block);
+            let keys = Operand::new(kv.keys, b0 * kv_heads * head_block, d, head_block);
             let queries = Operand::new(&ws.qh, b0 * heads * s * d, d, rows_g * d);
             let out = Operand::new(scores, 0, total, rows_g * total);
             gpu.blas.gemm_batched_half((true, false), (total, rows_g, d), scale, keys, queries, 0.0, out, n)?;
-            llm.softmax_causal(gpu, scores, (nb, heads, s, total), past, (mask, cap), b0)?;
-            let values = Operand::new(&cache.values, b0 * kv_heads * head_block, d, head_block);
+            llm.softmax_causal(gpu, scores, (nb, heads, s, total), past, mask, b0)?;
+            let values = Operand::new(kv.values, b0 * kv_heads * head_block, d, head_block);
             let probs = Operand::new(scores, 0, total, rows_g * total);
             let out = Operand::new(&ws.qh, b0 * heads * s * d, d, rows_g * d);
             gpu.blas.gemm_batched_half((false, false), (d, rows_g, total), 1.0, values, probs, 0.0, out, n)?;
@@ -574,14 +715,34 @@ struct LayerCache<T: Half> {
     len: usize,
 }
 
+/// The keys and values a layer's attention reads and appends to on the
+/// GPU: a batch's resident cache, or a tiered cache's GPU slot (whose
+/// stride may be larger than the batch's capacity, the key mask's).
+struct KvOnGpu<'a, T: Half> {
+    /// `[batch][kv_head][capacity][d]`.
+    keys: &'a DevBuf<T>,
+    values: &'a DevBuf<T>,
+    capacity: usize,
+    /// `[batch][mask_stride]`, nonzero for real tokens.
+    mask: &'a DevBuf<u8>,
+    mask_stride: usize,
+    /// Positions cached before the step.
+    past: usize,
+}
+
+/// The cache's shape as the runtime's tiered cache holds it.
+pub fn cache_shape(config: &LlamaConfig) -> CacheShape {
+    CacheShape { layers: config.num_hidden_layers, kv_heads: config.num_key_value_heads, head_dim: config.head_dim }
+}
+
 /// A batch's KV cache, every layer's, and its key mask (`[batch][cap]`,
 /// set for real tokens).
 enum BatchCache<T: Half> {
     /// On the GPU.
     Gpu { layers: Vec<LayerCache<T>>, mask: DevBuf<u8> },
-    /// In host memory, in T, for the CPU's attention (its bytes reserved
-    /// against the host account while the batch lives).
-    Host { layers: Vec<ops::KvCache>, mask: Vec<bool>, _held: Reservation },
+    /// Placed by the runtime's tiered cache (off the GPU, 4-bit, or for the
+    /// CPU's attention).
+    Tiered(Box<TieredCache<T>>),
 }
 
 impl<T: Half> BatchCache<T> {
@@ -589,7 +750,7 @@ impl<T: Half> BatchCache<T> {
     fn layer_len(&self, j: usize) -> Result<usize> {
         let len = match self {
             BatchCache::Gpu { layers, .. } => layers.get(j).map(|c| c.len),
-            BatchCache::Host { layers, .. } => layers.get(j).map(ops::KvCache::len),
+            BatchCache::Tiered(tc) => tc.homes(j).map(|_| tc.len(j)),
         };
         len.ok_or_else(|| gpu_err(format!("no cache for layer {j}")))
     }
@@ -615,32 +776,20 @@ impl<T: Half> GpuBatch<T> {
                 .try_fold(1usize, |n, &p| n.checked_mul(p))
                 .ok_or_else(|| gpu_err(format!("{what} of {parts:?} overflows")))
         };
-        let per_layer = size("a layer's cache", &[tokens.batch(), c.num_key_value_heads, capacity, c.head_dim])?;
-        let mask_len = size("the key mask", &[tokens.batch(), capacity])?;
-        let cache = if let Some(host) = &model.cpu_attention {
-            let dtype = match T::DTYPE {
-                DType::F16 => ops::DType::F16,
-                _ => ops::DType::BF16,
-            };
-            // Reserved before it is allocated: a cache the host cannot hold
-            // is refused as the tier's out-of-memory error.
-            let bytes = (per_layer as u64)
-                .checked_mul(2 * T::DTYPE.size() as u64)
-                .and_then(|n| n.checked_mul(c.num_hidden_layers as u64))
-                .ok_or_else(|| gpu_err("the host KV cache's size overflows".into()))?;
-            let held = host.reserve(bytes, bytes).map_err(runtime::Error::from)?;
-            let layers = (0..c.num_hidden_layers)
-                .map(|_| ops::KvCache::new(dtype, tokens.batch(), c.num_key_value_heads, c.head_dim, capacity))
-                .collect::<ops::Result<Vec<_>>>()?;
-            BatchCache::Host { layers, mask: vec![false; mask_len], _held: held }
-        } else {
-            let layers = (0..c.num_hidden_layers)
-                .map(|_| {
-                    let (keys, values) = (DevBuf::alloc(gpu, per_layer)?, DevBuf::alloc(gpu, per_layer)?);
-                    Ok(LayerCache { keys, values, len: 0 })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            BatchCache::Gpu { layers, mask: DevBuf::from_host(gpu, &vec![0u8; mask_len])? }
+        let cache = match &model.cache {
+            Some(streamer) => BatchCache::Tiered(Box::new(streamer.new_cache(gpu, tokens.batch(), capacity)?)),
+            None => {
+                let per_layer =
+                    size("a layer's cache", &[tokens.batch(), c.num_key_value_heads, capacity, c.head_dim])?;
+                let mask_len = size("the key mask", &[tokens.batch(), capacity])?;
+                let layers = (0..c.num_hidden_layers)
+                    .map(|_| {
+                        let (keys, values) = (DevBuf::alloc(gpu, per_layer)?, DevBuf::alloc(gpu, per_layer)?);
+                        Ok(LayerCache { keys, values, len: 0 })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                BatchCache::Gpu { layers, mask: DevBuf::from_host(gpu, &vec![0u8; mask_len])? }
+            }
         };
         Ok(GpuBatch {
             hidden: DevBuf::alloc(gpu, size("the hidden states", &[tokens.rows().max(1), c.hidden_size])?)?,
@@ -650,14 +799,14 @@ impl<T: Half> GpuBatch<T> {
         })
     }
 
+    /// Bytes of the batch's cache on the GPU (keys, values and the key
+    /// mask; of a tiered cache, its GPU share).
     fn cache_bytes(&self) -> u64 {
         match &self.cache {
             BatchCache::Gpu { layers, mask } => {
                 layers.iter().map(|c| c.keys.bytes() + c.values.bytes()).sum::<u64>() + mask.bytes()
             }
-            BatchCache::Host { layers, mask, .. } => {
-                layers.iter().map(ops::KvCache::bytes).sum::<u64>() + mask.len() as u64
-            }
+            BatchCache::Tiered(tc) => tc.bytes().0,
         }
     }
 }
@@ -823,6 +972,11 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
         }
     }
 
+    fn end_step(&mut self) -> Result<()> {
+        // Keys and values left in the tiered cache's GPU slots go home.
+        self.model.flush_cache()
+    }
+
     fn pick(&mut self, tokens: &BatchTokens, b: &mut GpuBatch<T>, sampler: Option<&mut Sampler>) -> Result<Vec<u32>> {
         let model = self.model;
         let (batch, vocab) = (tokens.batch(), model.config.vocab_size);
@@ -848,6 +1002,7 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     }
 
     fn finish(&mut self) -> Result<()> {
+        self.model.flush_cache()?;
         Ok(self.model.gpu.synchronize()?)
     }
 
@@ -884,7 +1039,10 @@ pub fn generate<T: Half>(
 ) -> Result<GenerationOutput> {
     crate::device::check_block_config(&model.config, batches, options)?;
     let mut device = LlamaGpuCompute::new(model);
-    runtime::schedule::generate(&mut device, batches, options, sampler, progress)
+    let mut out = runtime::schedule::generate(&mut device, batches, options, sampler, progress)?;
+    // A tiered cache's GPU slots and 4-bit scratch are its share on the GPU.
+    out.cache_bytes += model.cache.as_ref().map_or(0, |c| c.slot_bytes() + c.scratch_bytes());
+    Ok(out)
 }
 
 /// The last position's logits of each prompt (left padded into one batch),
@@ -902,6 +1060,7 @@ pub fn prefill_logits<T: Half>(model: &LlamaGpu<T>, prompts: &[Vec<u32>]) -> Res
         device.layer(j, &tokens, &mut b)?;
         device.end_layer(j)?;
     }
+    model.flush_cache()?;
     let ws = device.ws()?;
     model.logits(&tokens, &b, ws)?;
     Ok(ws.logits.download_range(model.gpu.stream(), 0, tokens.batch() * c.vocab_size)?)
@@ -939,11 +1098,19 @@ impl AnyLlamaGpu {
         })
     }
 
-    /// [`LlamaGpu::set_cpu_attention`].
-    pub fn set_cpu_attention(&mut self, host: Option<Arc<MemAccount>>) {
+    /// [`LlamaGpu::place_cache`].
+    pub fn place_cache(&mut self, plan: CachePlan, tiers: CacheTiers) -> Result<()> {
         match self {
-            AnyLlamaGpu::Bf16(m) => m.set_cpu_attention(host),
-            AnyLlamaGpu::F16(m) => m.set_cpu_attention(host),
+            AnyLlamaGpu::Bf16(m) => m.place_cache(plan, tiers),
+            AnyLlamaGpu::F16(m) => m.place_cache(plan, tiers),
+        }
+    }
+
+    /// [`LlamaGpu::cache_stats`].
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.cache_stats(),
+            AnyLlamaGpu::F16(m) => m.cache_stats(),
         }
     }
 
@@ -952,14 +1119,6 @@ impl AnyLlamaGpu {
         match self {
             AnyLlamaGpu::Bf16(m) => m.set_sep_layer(sep),
             AnyLlamaGpu::F16(m) => m.set_sep_layer(sep),
-        }
-    }
-
-    /// [`LlamaGpu::set_attn_sparsity`].
-    pub fn set_attn_sparsity(&mut self, sparsity: f64) -> Result<()> {
-        match self {
-            AnyLlamaGpu::Bf16(m) => m.set_attn_sparsity(sparsity),
-            AnyLlamaGpu::F16(m) => m.set_attn_sparsity(sparsity),
         }
     }
 

@@ -11,9 +11,13 @@
 //!   the runtime's block schedule, sampling and progress;
 //! - [`generate`]: greedy generation over a left-padded batch;
 //! - [`gpu`]: the GPU engine (weights resident or streamed by the
-//!   runtime, the cache on the GPU) in the checkpoint's bf16 or f16.
+//!   runtime, the cache on the GPU or placed over GPU, host memory and
+//!   disk by the runtime's tiered cache) in the checkpoint's bf16 or f16;
+//! - [`cpu_attention`]: its decode attention on the CPU over a host cache
+//!   (`--cpu-cache-compute`, `--attn-sparsity`), grouped-query.
 
 pub mod config;
+pub mod cpu_attention;
 pub mod device;
 pub mod error;
 pub mod finite;

@@ -15,7 +15,13 @@
 //!   disagrees with itself (tiny-llama3-gqa-bf16/prompt1 after 8 tokens)
 //!   the engine may land on either side.
 //! - The same tokens with the weights streamed from host memory and from
-//!   disk as with every layer resident (the arithmetic is the same).
+//!   disk as with every layer resident (the arithmetic is the same), and
+//!   with the KV cache placed by the runtime's tiered cache (in host
+//!   memory, on disk, split in whole sequences over GPU, host and disk:
+//!   loaded into GPU slots and stored back byte for byte) as with the cache
+//!   resident; a 4-bit cache gives the same tokens on whichever tier holds
+//!   it, and the plain run's prefill; the CPU's attention over a host cache
+//!   gives transformers' tokens.
 //!
 //! Every test skips, saying so, where there is no GPU.
 
@@ -23,9 +29,11 @@ use std::path::{Path, PathBuf};
 
 use engine_llama::gpu::AnyLlamaGpu;
 use engine_llama::LlamaConfig;
+use runtime::gpu::cache::{CachePlan, CacheTiers};
 use runtime::gpu::stream::{split_layers, OffloadTiers};
 use runtime::schedule::GenerateOptions;
 use serde::Deserialize;
+use tier_api::Device as _;
 
 #[derive(Deserialize)]
 struct Expected {
@@ -120,8 +128,27 @@ fn load_with(
 }
 
 fn greedy(model: &AnyLlamaGpu, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    greedy_block(model, &[prompts.to_vec()], n)
+}
+
+/// Greedy tokens of a block of batches (each a batch of prompts).
+fn greedy_block(model: &AnyLlamaGpu, block: &[Vec<Vec<u32>>], n: usize) -> Vec<Vec<u32>> {
     let opts = GenerateOptions { max_new_tokens: n, stop_on_eos: false, eos_token_ids: Vec::new(), pad_token_id: 0 };
-    model.generate(&[prompts.to_vec()], &opts, None, &indicatif::ProgressBar::hidden()).unwrap().tokens
+    model.generate(block, &opts, None, &indicatif::ProgressBar::hidden()).unwrap().tokens
+}
+
+/// A cache plan: shares on the GPU and in host memory (the rest on disk).
+fn plan(gpu: f64, cpu: f64) -> CachePlan {
+    CachePlan { gpu_percent: gpu, cpu_percent: cpu, cpu_compute: false, attn_sparsity: 1.0, compress: false }
+}
+
+/// [`load`] with every layer resident and each batch's cache placed by
+/// `plan` on `tiers` (the disk's share in `offload`).
+fn load_cached(dir: &Path, plan: CachePlan, offload: &Path, tiers: &runtime::Tiers) -> AnyLlamaGpu {
+    let mut model = load(dir, (100.0, 0.0), offload, tiers);
+    let cache_tiers = CacheTiers::for_plan(tiers, &plan, offload).unwrap();
+    model.place_cache(plan, cache_tiers).unwrap_or_else(|e| panic!("{}: {plan:?}: {e}", dir.display()));
+    model
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -224,9 +251,9 @@ fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
     for Fixture { name, dir, exp } in fixtures() {
         let near = if exp.dtype == "bfloat16" { 0.05 } else { 1e-2 };
         let mut model = load(&dir, (50.0, 50.0), tmp.path(), &tiers);
-        let host =
-            std::sync::Arc::clone(tier_api::Device::account(&*tiers.host(tier_api::HostMemKind::Pageable).unwrap()));
-        model.set_cpu_attention(Some(std::sync::Arc::clone(&host)));
+        let cpu = CachePlan { cpu_compute: true, ..plan(0.0, 100.0) };
+        model.place_cache(cpu, CacheTiers::for_plan(&tiers, &cpu, tmp.path()).unwrap()).unwrap();
+        let host = tiers.host(tier_api::HostMemKind::Pageable).unwrap();
         for case in &exp.cases {
             let got = greedy(&model, std::slice::from_ref(&case.input_ids), exp.new_tokens);
             if got[0] == case.greedy_f32 && case.greedy_f32 != case.greedy_native {
@@ -245,7 +272,7 @@ fn the_cache_in_host_memory_with_cpu_attention_gives_hugging_faces_tokens() {
         let got = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
         assert_eq!(got.len(), exp.batch.input_ids.len());
         let stats = host.stats();
-        assert!(stats.peak_resident > 0 && stats.resident == 0, "{name}: the host caches are reserved, then freed");
+        assert!(stats.peak_resident > 0 && stats.resident == 0, "{name}: the host caches are allocated, then freed");
         println!("{name}: the cache in host memory, attention on the CPU: transformers' tokens");
     }
 }
@@ -317,14 +344,189 @@ fn sparse_cpu_attention_runs_and_is_refused_without_the_cpu_attention() {
     let (tmp, tiers) = scratch();
     let Fixture { name, dir, exp } = fixtures().remove(0);
     let mut model = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
-    let e = model.set_attn_sparsity(0.5).unwrap_err().to_string();
-    assert!(e.contains("--cpu-cache-compute"), "{e}");
-    let host = std::sync::Arc::clone(tier_api::Device::account(&*tiers.host(tier_api::HostMemKind::Pageable).unwrap()));
-    model.set_cpu_attention(Some(host));
-    model.set_attn_sparsity(0.5).unwrap();
+    let sparse = CachePlan { attn_sparsity: 0.5, ..plan(0.0, 100.0) };
+    let e = model.place_cache(sparse, CacheTiers::for_plan(&tiers, &sparse, tmp.path()).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("--cpu-cache-compute"), "{e}");
+    let sparse = CachePlan { cpu_compute: true, ..sparse };
+    model.place_cache(sparse, CacheTiers::for_plan(&tiers, &sparse, tmp.path()).unwrap()).unwrap();
     let a = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
     let b = greedy(&model, &exp.batch.input_ids, exp.new_tokens);
     assert_eq!(a, b, "{name}: two sparse runs differ");
     let vocab = model.config().vocab_size as u32;
     assert!(a.iter().flatten().all(|&t| t < vocab), "{name}: {a:?}");
+}
+
+/// Each sequence's tokens the resident run's (`want`), or differing first
+/// at a near tie of `model`'s own logits (see [`check_tokens`]).
+fn same_tokens(what: &str, model: &AnyLlamaGpu, block: &[Vec<Vec<u32>>], got: &[Vec<u32>], want: &[Vec<u32>]) {
+    let prompts: Vec<&Vec<u32>> = block.iter().flatten().collect();
+    assert_eq!((got.len(), want.len()), (prompts.len(), prompts.len()), "{what}: sequences");
+    for (i, ((prompt, g), w)) in prompts.iter().zip(got).zip(want).enumerate() {
+        check_tokens(&format!("{what} [{i}]"), model, prompt, g, w, 0.05);
+    }
+}
+
+/// The KV cache placed by the runtime's tiered cache: all in host memory,
+/// all on disk, split in whole sequences over GPU, host and disk (30/40/30:
+/// one sequence of the three on each), with the weights resident and
+/// streamed: the resident cache's tokens, in one batch and in a block of
+/// two batches of different lengths (so the GPU slots are larger than one
+/// of the caches). Keys and values go to their homes and back byte for
+/// byte, so the arithmetic is the resident run's (the products over a
+/// slot's longer rows may round differently: a near tie may then go the
+/// other way).
+#[test]
+fn the_cache_off_the_gpu_gives_the_resident_tokens() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let (tmp, tiers) = scratch();
+    for Fixture { name, dir, exp } in fixtures() {
+        let prompts = exp.batch.input_ids.clone();
+        let block = vec![prompts[..2].to_vec(), prompts[2..].to_vec()];
+        let resident = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
+        let want = greedy(&resident, &prompts, exp.new_tokens);
+        let want_block = greedy_block(&resident, &block, exp.new_tokens);
+        drop(resident);
+        for p in [plan(0.0, 100.0), plan(0.0, 0.0), plan(30.0, 40.0), plan(50.0, 0.0)] {
+            let model = load_cached(&dir, p, tmp.path(), &tiers);
+            let one = [prompts.clone()];
+            same_tokens(
+                &format!("{name}: cache {p:?}"),
+                &model,
+                &one,
+                &greedy(&model, &prompts, exp.new_tokens),
+                &want,
+            );
+            let got = greedy_block(&model, &block, exp.new_tokens);
+            same_tokens(&format!("{name}: cache {p:?}, two batches"), &model, &block, &got, &want_block);
+            let stats = model.cache_stats().expect("a tiered cache");
+            assert!(stats.bytes_moved > 0 && stats.slot_bytes > 0, "{name} {p:?}: nothing went through the slots");
+            if let Some(h) = &stats.tiers.host {
+                assert!(h.stats().peak_resident > 0, "{name} {p:?}: nothing held in host memory");
+            }
+            if let Some(d) = &stats.tiers.disk {
+                assert!(d.stats().peak_resident > 0, "{name} {p:?}: nothing held on disk");
+            }
+        }
+        // The cache split with the weights streamed from host and disk too.
+        let mut model = load(&dir, (0.0, 50.0), tmp.path(), &tiers);
+        let split = plan(30.0, 40.0);
+        model.place_cache(split, CacheTiers::for_plan(&tiers, &split, tmp.path()).unwrap()).unwrap();
+        let got = greedy(&model, &prompts, exp.new_tokens);
+        same_tokens(
+            &format!("{name}: cache and weights off the GPU"),
+            &model,
+            std::slice::from_ref(&prompts),
+            &got,
+            &want,
+        );
+        println!("{name}: the cache in host memory, on disk and split 30/40/30: the resident tokens");
+    }
+}
+
+/// `--compress-cache`: keys and values 4-bit on one tier (host memory,
+/// disk, or the GPU itself), unpacked into a GPU slot before each layer.
+/// The prefill attends over the step's own keys before they are packed:
+/// the plain run's first-step logits and first token. Later steps read 4
+/// bits back: the same tokens on every tier (the same packing, byte for
+/// byte).
+#[test]
+fn a_four_bit_cache_gives_the_same_tokens_on_every_tier() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let (tmp, tiers) = scratch();
+    for Fixture { name, dir, exp } in fixtures() {
+        let prompts = exp.batch.input_ids.clone();
+        let plain = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
+        let first = plain.prefill_logits(&prompts).unwrap();
+        let scale = first.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let plain_tokens = greedy(&plain, &prompts, exp.new_tokens);
+        let mut tokens: Option<Vec<Vec<u32>>> = None;
+        for (gpu, cpu) in [(0.0, 100.0), (100.0, 0.0), (0.0, 0.0)] {
+            let p = CachePlan { compress: true, ..plan(gpu, cpu) };
+            let model = load_cached(&dir, p, tmp.path(), &tiers);
+            let d = max_abs_diff(&model.prefill_logits(&prompts).unwrap(), &first);
+            assert!(d <= 1e-2 * scale, "{name} {p:?}: the 4-bit cache's prefill logits differ by {d:.2e}");
+            let got = greedy(&model, &prompts, exp.new_tokens);
+            let vocab = model.config().vocab_size as u32;
+            assert!(got.iter().flatten().all(|&t| t < vocab), "{name} {p:?}: {got:?}");
+            for (i, (g, w)) in got.iter().zip(&plain_tokens).enumerate() {
+                check_tokens(&format!("{name} {p:?} [{i}], first token"), &model, &prompts[i], &g[..1], &w[..1], 0.05);
+            }
+            match &tokens {
+                None => tokens = Some(got),
+                Some(t) => assert_eq!(&got, t, "{name}: the 4-bit cache at {p:?}"),
+            }
+            let stats = model.cache_stats().expect("a tiered cache");
+            assert!(stats.scratch_bytes > 0 && stats.bytes_moved > 0, "{name} {p:?}: nothing packed");
+        }
+        println!("{name}: a 4-bit cache on the GPU, in host memory and on disk: the same tokens");
+    }
+}
+
+/// The GPU memory a tiered cache takes is what the plan counts for it: two
+/// slots of one GPU batch's layer (keys and values of every position) and,
+/// 4-bit, the scratch of a layer-batch unpacked (keys and values) with its
+/// packed bytes; and the host memory holds the plan's host share (10
+/// sequences split 30/40/30 fall on whole sequences).
+#[test]
+fn the_tiered_cache_takes_the_bytes_the_plan_counts() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let Fixture { name, dir, .. } = fixtures().remove(0);
+    let (prompt_len, gen) = (5, 4);
+    let prompts: Vec<Vec<u32>> = (0..10u32).map(|i| (0..prompt_len as u32).map(|t| 3 + 7 * i + t).collect()).collect();
+    let mut config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    config.dtype = Some(match engine_llama::gpu::compute_dtype(&config) {
+        tier_api::DType::F16 => ops::DType::F16,
+        _ => ops::DType::BF16,
+    });
+    let spec = engine_llama::model_spec(&config).unwrap();
+    let one = (prompts.len() * (prompt_len + gen)) as u64 * spec.kv.token_bytes();
+    for p in [plan(30.0, 40.0), CachePlan { compress: true, ..plan(0.0, 100.0) }] {
+        // Fresh tiers: the host device holds this model's cache only.
+        let (tmp, tiers) = scratch();
+        let model = load_cached(&dir, p, tmp.path(), &tiers);
+        greedy(&model, &prompts, gen);
+        let policy = runtime::policy::Policy {
+            gpu_batch_size: prompts.len(),
+            num_gpu_batches: 1,
+            w_gpu_percent: 100.0,
+            w_cpu_percent: 0.0,
+            cache_gpu_percent: p.gpu_percent,
+            cache_cpu_percent: p.cpu_percent,
+            act_gpu_percent: 100.0,
+            act_cpu_percent: 0.0,
+            compress_cache: p.compress,
+            ..runtime::policy::Policy::default()
+        };
+        let work = runtime::plan::Workload { prompt_len, gen_len: gen };
+        let machine = runtime::plan::Machine { gpu_compute: true, can_pin: false };
+        let fp = runtime::plan::footprint(&spec, &policy, work, machine).unwrap();
+        let stats = model.cache_stats().unwrap();
+        assert_eq!(stats.slot_bytes, 2 * one, "{name} {p:?}: the slots");
+        let host = tiers.host(tier_api::HostMemKind::Pageable).unwrap().stats().peak_resident;
+        if p.compress {
+            // The plan counts f16's 4-bit size with groups of 64; these heads
+            // are narrower, so their groups are too (see the report).
+            let rows = prompts.len() * config.num_key_value_heads * (prompt_len + gen);
+            let layout = runtime::gpu::cache::packed_layout(rows, config.head_dim, spec.kv.dtype).unwrap();
+            assert_eq!(stats.scratch_bytes, one + 2 * layout.total_bytes() as u64, "{name}: the 4-bit scratch");
+            let homes = 2 * config.num_hidden_layers as u64 * layout.total_bytes() as u64;
+            assert_eq!(host, homes, "{name}: the packed homes");
+            println!(
+                "{name} 4-bit: scratch {} bytes (the plan: {}), homes {homes} (the plan: {})",
+                stats.scratch_bytes,
+                one + (one as f64 * runtime::plan::COMPRESSED_PER_F16_BYTE).ceil() as u64,
+                fp.cache.pageable
+            );
+        } else {
+            assert_eq!(stats.scratch_bytes, 0);
+            assert_eq!(host, fp.cache.pageable, "{name}: the host share");
+            println!("{name}: slots {} bytes, host share {host} bytes, as the plan counts", stats.slot_bytes);
+        }
+    }
 }

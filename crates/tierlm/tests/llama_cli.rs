@@ -410,41 +410,46 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
         let e = fails(&args);
         assert!(e.contains(name) && e.contains("not supported for the Llama family yet"), "{flags:?}: {e}");
     }
-    // On the GPU engine: the cache and the activations stay on the GPU;
-    // anything else is refused by name, GPU or not.
-    for (flags, name) in [
-        (&["--percent", "0", "50", "0", "100", "100", "0"][..], "the KV cache off the GPU"),
-        (&["--percent", "100", "0", "100", "0", "0", "100"][..], "activations off the GPU"),
-        (&["--percent", "100", "0", "100", "0", "100", "0", "--compress-cache"][..], "--compress-cache"),
-        (&["--percent", "100", "0", "100", "0", "100", "0", "--cpu-cache-compute"][..], "--cpu-cache-compute"),
-        (&["--percent", "100", "0", "100", "0", "100", "0", "--attn-sparsity", "0.5"][..], "--attn-sparsity"),
+    // On the GPU engine: the activations stay on the GPU; anything else is
+    // refused by name, GPU or not.
+    let mut args = vec!["generate", "--model", d, "--prompt", "Hi", "--percent", "100", "0", "100", "0", "0", "100"];
+    let e = fails(&args);
+    assert!(
+        e.contains("activations off the GPU") && e.contains("not supported for the Llama family on the GPU yet"),
+        "{e}"
+    );
+    // The cache plans the tiered cache cannot run are refused saying what
+    // would, GPU or not: sparse attention is the CPU's, a 4-bit cache lives
+    // on one tier.
+    for (flags, want) in [
+        (&["--percent", "100", "0", "100", "0", "100", "0", "--attn-sparsity", "0.5"][..], "--cpu-cache-compute"),
+        (&["--percent", "100", "0", "30", "30", "100", "0", "--compress-cache"][..], "--compress-cache"),
+        (&["--percent", "100", "0", "0", "100", "100", "0", "--cpu-cache-compute", "--compress-cache"], "one tier"),
     ] {
-        let mut args = vec!["generate", "--model", d, "--prompt", "Hi"];
+        args = vec!["generate", "--model", d, "--prompt", "Hi"];
         args.extend_from_slice(flags);
         let e = fails(&args);
-        assert!(e.contains(name) && e.contains("not supported for the Llama family on the GPU yet"), "{flags:?}: {e}");
+        assert!(e.contains(want) && !e.contains("there is none"), "{flags:?}: {e}");
     }
-    // With the cache in host memory and the CPU's attention, --attn-sparsity
-    // is the engine's: without a GPU, only the missing GPU is said.
+    // The cache on any tiers (in whole sequences), 4-bit on one, in host
+    // memory with the CPU's attention (sparse or not), or with
+    // --cpu-cache-compute over a cache on the GPU (the attention stays
+    // there) is the engine's: without a GPU, only the missing GPU is said.
     if ops::gpu::unavailable_reason().is_some() {
-        let e = fails(&[
-            "generate",
-            "--model",
-            d,
-            "--prompt",
-            "Hi",
-            "--percent",
-            "100",
-            "0",
-            "0",
-            "100",
-            "100",
-            "0",
-            "--cpu-cache-compute",
-            "--attn-sparsity",
-            "0.5",
-        ]);
-        assert!(e.contains("there is none") && !e.contains("not supported"), "{e}");
+        for flags in [
+            &["--percent", "0", "50", "0", "100", "100", "0"][..],
+            &["--percent", "100", "0", "30", "40", "100", "0"],
+            &["--percent", "100", "0", "0", "0", "100", "0"],
+            &["--percent", "100", "0", "100", "0", "100", "0", "--compress-cache"],
+            &["--percent", "100", "0", "0", "100", "100", "0", "--compress-cache"],
+            &["--percent", "100", "0", "100", "0", "100", "0", "--cpu-cache-compute"],
+            &["--percent", "100", "0", "0", "100", "100", "0", "--cpu-cache-compute", "--attn-sparsity", "0.5"],
+        ] {
+            args = vec!["generate", "--model", d, "--prompt", "Hi"];
+            args.extend_from_slice(flags);
+            let e = fails(&args);
+            assert!(e.contains("there is none") && !e.contains("not supported"), "{flags:?}: {e}");
+        }
     }
     // --policy auto: the search places the weights on the GPU engine; with
     // no GPU, a note and the CPU engine's default placement.
@@ -588,8 +593,29 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
     assert!(e.contains("llama-3.1-8b") && e.contains("opt-125m"), "{e}");
     let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy"]);
     assert!(e.contains("bench runs the Llama family on its GPU engine") && e.contains("generate"), "{e}");
-    let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "0", "100", "100", "0"]);
-    assert!(e.contains("the KV cache or activations off the GPU"), "{e}");
+    let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "100", "0", "0", "100"]);
+    assert!(e.contains("the activations off the GPU") && e.contains("not supported"), "{e}");
+    let e = fails(&[
+        "bench",
+        "--model",
+        "llama-3.1-8b",
+        "--dummy",
+        "--percent",
+        "100",
+        "0",
+        "30",
+        "30",
+        "100",
+        "0",
+        "--compress-cache",
+    ]);
+    assert!(e.contains("--compress-cache") && e.contains("one tier"), "{e}");
+    if ops::gpu::unavailable_reason().is_some() {
+        // The cache split over GPU, host and disk is the engine's.
+        let e =
+            fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "30", "30", "100", "0"]);
+        assert!(e.contains("there is none") && !e.contains("not supported"), "{e}");
+    }
     // The placement check, before anything is allocated (and with --gpu-mem
     // on a machine without a GPU too): 141 GB of bf16 weights do not fit
     // 78 GB; the refusal names the tier, and the nearest policy that fits

@@ -81,21 +81,9 @@ impl GpuLayerCache {
     }
 }
 
-/// For each sequence of a batch, one byte per cache position: 1 where the
-/// position holds a real token. Written by the embedding step.
-#[derive(Debug)]
-pub struct KeyMask {
-    pub mask: DevBuf<u8>,
-    /// Positions per sequence (the cache's capacity).
-    pub stride: usize,
-}
-
-impl KeyMask {
-    /// Room for `batch` sequences of `capacity` positions.
-    pub fn new(gpu: &Gpu, batch: usize, capacity: usize) -> Result<Self> {
-        Ok(KeyMask { mask: DevBuf::alloc(gpu, batch * capacity)?, stride: capacity })
-    }
-}
+/// Which positions hold real tokens, a byte per position per sequence
+/// (the runtime's, shared with the tiered cache).
+pub use runtime::gpu::cache::KeyMask;
 
 /// The caches of every layer for one batch, and its key mask.
 #[derive(Debug)]

@@ -33,8 +33,9 @@
 //!   disk, slots); dequantized on the GPU into one shared f16 layer
 //!   workspace just before each layer computes.
 //! - [`tiered_cache`]: the KV cache off the GPU (`--percent _ _ C_GPU C_CPU
-//!   _ _`): each batch's cache split in whole sequences over GPU, host and
-//!   disk, loaded into two GPU slots a layer at a time; with
+//!   _ _`), OPT's glue over the runtime's [`runtime::gpu::cache`]: each
+//!   batch's cache split in whole sequences over GPU, host and disk (or
+//!   4-bit on one tier), loaded into two GPU slots a layer at a time; with
 //!   `--cpu-cache-compute`, decode attention on the CPU over the host cache.
 //!
 //! Numerics: f16 storage, f32 accumulation everywhere. Matrix products go

@@ -587,7 +587,7 @@ impl GpuModel {
         self.cache_streamer = if plan.gpu_percent >= 100.0 && !plan.cpu_compute && !plan.compress {
             None
         } else {
-            Some(CacheStreamer::new(&self.gpu, plan, tiers)?)
+            Some(CacheStreamer::new(&self.gpu, plan, tiers, &self.config)?)
         };
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! A decoder layer's weights on one GPU, for any family: storage,
 //! 4-bit packing and streaming through GPU slots, all read from the layer
-//! spec ([`crate::spec::ModelSpec`]), none naming a tensor.
+//! spec ([`crate::spec::ModelSpec`]), none naming a tensor; and the KV
+//! cache placed over the tiers and streamed through GPU slots.
 //!
 //! - [`layer`]: [`layer::GpuLayer`], one GPU buffer per tensor of the
 //!   spec's layer, in its order and held type, filled from a checkpoint or
@@ -13,11 +14,18 @@
 //!   ones split by rows over host memory and disk
 //!   ([`crate::plan::LayerSplit`]) and copied into GPU slots ahead of the
 //!   compute.
+//! - [`cache`]: the KV cache off the GPU ([`cache::CacheStreamer`]): each
+//!   batch's keys and values in the family's 16-bit type, `[batch,
+//!   kv_heads, capacity, head_dim]` per layer, split in whole sequences
+//!   over GPU, host memory and disk (or 4-bit on one tier), loaded into two
+//!   GPU slots a layer at a time for the family's compute; with
+//!   `--cpu-cache-compute`, handed to the family's CPU attention in place.
 //!
 //! The GPU itself, its buffers and kernels are the op layer's
 //! ([`ops::gpu`]). Failures are the runtime's [`crate::Error`]: GPU and tier
 //! failures as [`crate::Error::Op`] with the op layer's GPU message.
 
+pub mod cache;
 pub mod layer;
 pub mod packed;
 pub mod stream;

@@ -3,8 +3,11 @@
 //! KV cache in host memory (as OPT's CPU engine), or with `--percent 0 W 0
 //! C 0 100` the later layers and a share of each batch's cache on disk; on
 //! the GPU engine (`engine_llama::gpu`) when `--percent` places anything on
-//! the GPU: the cache and activations there, the weights resident or
-//! streamed from host memory or disk (`--percent W_GPU W_CPU 100 0 100 0`).
+//! the GPU: the activations there, the weights resident or streamed from
+//! host memory or disk, the KV cache where the policy's cache shares say
+//! (GPU, host memory, disk, in whole sequences; 4-bit on one tier with
+//! `--compress-cache`; in host memory with the CPU's attention with
+//! `--cpu-cache-compute`): `--percent W_GPU W_CPU C_GPU C_CPU 100 0`.
 //!
 //! [`family_of`] decides which family a `--model` argument names: a
 //! directory by its config.json's `model_type`, a preset by its name.
@@ -18,6 +21,7 @@ use engine_llama::{GenerationIds, LlamaConfig, LlamaModel};
 use engine_opt::loading::check_fits;
 use engine_opt::sampling::{Sampler, SamplingConfig};
 use runtime::cpu::{CpuPlacement, DiskLayers, HostLayer};
+use runtime::gpu::cache::{CachePlan, CacheTiers};
 use runtime::schedule::GenerateOptions;
 use runtime::tokenizer::Tokenizer;
 
@@ -242,48 +246,49 @@ fn options_for(ids: &GenerationIds, tok: Option<&Tokenizer>, vocab: usize, max_n
     GenerateOptions { max_new_tokens, stop_on_eos: true, eos_token_ids: eos, pad_token_id: pad }
 }
 
-/// Whether the family's GPU engine runs `policy`'s cache placement: all on
-/// the GPU, or all in host memory with the attention on the CPU.
-fn cache_placement_runs(policy: &runtime::policy::Policy) -> bool {
-    (policy.cache_gpu_percent >= 100.0 && !policy.cpu_cache_compute)
-        || (policy.cache_cpu_percent >= 100.0 && policy.cpu_cache_compute)
-}
-
 /// Whether `policy` puts anything on the GPU (the GPU engine's run).
 fn places_on_gpu(policy: &runtime::policy::Policy) -> bool {
     policy.w_gpu_percent > 0.0 || policy.cache_gpu_percent > 0.0 || policy.act_gpu_percent > 0.0
 }
 
+/// The cache placement `policy` asks the family's GPU engine for, refused
+/// (saying what would run) where the tiered cache cannot run it; with
+/// `--cpu-cache-compute` over a cache not all in host memory, a note: the
+/// attention stays on the GPU (as for OPT).
+fn cache_plan(policy: &runtime::policy::Policy) -> Result<CachePlan> {
+    let plan = CachePlan::of_policy(policy);
+    plan.validate().map_err(engine_llama::Error::from)?;
+    if policy.cpu_cache_compute && !plan.cpu_compute {
+        eprintln!("note: --cpu-cache-compute: the cache is not all in host memory, attention runs on the GPU");
+    }
+    Ok(plan)
+}
+
 /// Refuses what the family's GPU engine does not do yet, naming it: it
-/// keeps the KV cache and the hidden states on the GPU, and places the
-/// weights anywhere (resident, streamed from host memory or disk), 4-bit
-/// or not.
+/// keeps the hidden states on the GPU, and places the weights anywhere
+/// (resident, streamed from host memory or disk), 4-bit or not, and the
+/// KV cache as the runtime's tiered cache does.
 fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result<()> {
     let mut refused: Vec<String> = Vec::new();
-    if !cache_placement_runs(policy) {
-        refused.push(format!(
-            "the KV cache off the GPU (--percent's cache shares {} {}{}) other than all in host memory with \
-             --cpu-cache-compute",
-            policy.cache_gpu_percent,
-            policy.cache_cpu_percent,
-            if policy.cpu_cache_compute { ", --cpu-cache-compute" } else { "" }
-        ));
-    }
     if policy.act_gpu_percent < 100.0 {
         refused.push(format!(
             "activations off the GPU (--percent's activation shares {} {})",
             policy.act_gpu_percent, policy.act_cpu_percent
         ));
     }
-    // The GPU engine honours --gpu-mem and --pin-weight (and
-    // --cpu-cache-compute with the cache in host memory), and the search
-    // its own flags.
-    let cpu_attention = policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0;
-    let mut honoured =
-        vec!["--gpu-mem", "--pin-weight", "--policy auto", "--host-mem", "--calibration", "--compress-weight"];
-    if cpu_attention {
-        honoured.extend(["--cpu-cache-compute", "--attn-sparsity"]);
-    }
+    // The GPU engine honours every engine flag (the cache's as its plan
+    // allows, checked next), and the search its own.
+    let honoured = [
+        "--gpu-mem",
+        "--pin-weight",
+        "--policy auto",
+        "--host-mem",
+        "--calibration",
+        "--compress-weight",
+        "--compress-cache",
+        "--cpu-cache-compute",
+        "--attn-sparsity",
+    ];
     refused.extend(args.engine_flags_given().into_iter().filter(|f| !honoured.contains(f)).map(String::from));
     if args.stages > 1 {
         refused.push("--stages above 1".into());
@@ -292,12 +297,10 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
         return Ok(());
     }
     Err(unsupported(format!(
-        "{} not supported for the Llama family on the GPU yet: its GPU engine keeps the activations on the GPU, the \
-         KV cache there (uncompressed) or, with --cpu-cache-compute, in host memory, and places the weights, 4-bit \
-         with --compress-weight or not, anywhere (--percent \
-         W_GPU W_CPU 100 0 100 0, or W_GPU W_CPU 0 100 100 0 --cpu-cache-compute; the rest of the weights on disk \
-         in --offload-dir); the CPU engine takes the cache in host memory or on disk (--percent 0 W_CPU 0 C_CPU 0 \
-         100)",
+        "{} not supported for the Llama family on the GPU yet: its GPU engine keeps the activations on the GPU and \
+         places the weights, 4-bit with --compress-weight or not, and the KV cache anywhere (--percent W_GPU W_CPU \
+         C_GPU C_CPU 100 0; --compress-cache, --cpu-cache-compute; the rest on disk in --offload-dir); the CPU \
+         engine keeps everything off the GPU (--percent 0 W_CPU 0 C_CPU 0 100)",
         refused.join(", ") + if refused.len() == 1 { " is" } else { " are" }
     )))
 }
@@ -305,6 +308,7 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
 /// `tierlm generate` for a Llama-family model on the GPU engine.
 fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: Vec<Input>) -> Result<()> {
     refuse_unsupported_on_gpu(args, policy)?;
+    let plan = cache_plan(policy)?;
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     // The longest input bounds the prompt: its ids, or its text's bytes.
     let longest = inputs
@@ -337,7 +341,7 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
     engine_llama::gpu::check_supported(&opened.config)?;
     let gpu = ops::gpu::Gpu::new(0).map_err(engine_llama::Error::from)?;
     gpu.set_budget(args.gpu_mem);
-    let (model, cache_host) = place_on_gpu(gpu, &opened, policy, &offload_dir, args.seed)?;
+    let (model, run_tiers) = place_on_gpu(gpu, &opened, policy, plan, &offload_dir, args.seed)?;
     let prompts = tokenize_with(opened.tokenizer.as_ref(), &opened.source, &inputs, args.chat)?;
     let config = model.config();
     check_prompts(config, &prompts, args.max_new_tokens)?;
@@ -358,7 +362,7 @@ fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: V
             let s = if greedy { None } else { Some(&mut sampler) };
             Ok(model.generate(&[batch.to_vec()], &opts, s, pb)?.tokens)
         },
-        &|| gpu_peaks(&model, &cache_host),
+        &|| gpu_peaks(&model, &run_tiers),
     )
 }
 
@@ -415,16 +419,18 @@ fn check_prompts(config: &LlamaConfig, prompts: &[Vec<u32>], new_tokens: usize) 
 /// The family's GPU engine on `gpu`, placed as `policy` says: the
 /// split's first layers resident and the rest streamed from the run's host
 /// and disk tiers (`offload_dir`), `--sep-layer`, 4-bit weights with
-/// `--compress-weight`, and with `--cpu-cache-compute` each batch's KV
-/// cache in pageable host memory, reserved against the host account it
-/// returns (whose peak the reports read).
+/// `--compress-weight`, and each batch's KV cache placed by `plan` (on the
+/// GPU, or by the runtime's tiered cache over the run's tiers: pageable
+/// host memory, the disk in `offload_dir`). Returns the run's tiers too,
+/// whose peaks the reports read.
 fn place_on_gpu(
     gpu: ops::gpu::Gpu,
     opened: &Opened,
     policy: &runtime::policy::Policy,
+    plan: CachePlan,
     offload_dir: &Path,
     seed: u64,
-) -> Result<(engine_llama::gpu::AnyLlamaGpu, std::sync::Arc<tier_api::MemAccount>)> {
+) -> Result<(engine_llama::gpu::AnyLlamaGpu, runtime::Tiers)> {
     use runtime::gpu::stream::{split_layers, OffloadTiers};
     let split = split_layers(opened.config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
     let run_tiers = runtime::Tiers::default();
@@ -444,12 +450,11 @@ fn place_on_gpu(
         policy.compress_weight,
     )?;
     model.set_sep_layer(policy.sep_layer);
-    let cache_host = std::sync::Arc::clone(tier_api::Device::account(
-        &*run_tiers.host(tier_api::HostMemKind::Pageable).map_err(engine_llama::Error::from)?,
-    ));
-    model.set_cpu_attention(policy.cpu_cache_compute.then(|| std::sync::Arc::clone(&cache_host)));
-    model.set_attn_sparsity(policy.attn_sparsity)?;
-    Ok((model, cache_host))
+    if plan.through_slots() {
+        let tiers = CacheTiers::for_plan(&run_tiers, &plan, offload_dir).map_err(engine_llama::Error::from)?;
+        model.place_cache(plan, tiers)?;
+    }
+    Ok((model, run_tiers))
 }
 
 struct Opened {
@@ -593,37 +598,11 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     )
 }
 
-/// The most each tier held in a GPU run: the GPU (the engine's buffers),
-/// the streamed weights' host memory (page-locked or pageable) and disk,
-/// the GPU tier's staging ring, and the host account the CPU attention's
-/// caches are reserved against (unless it is the pageable weights' own,
-/// counted with them).
-fn gpu_peaks(
-    model: &engine_llama::gpu::AnyLlamaGpu,
-    cache_host: &std::sync::Arc<tier_api::MemAccount>,
-) -> runtime::TierPeaks {
-    let mut peaks = runtime::TierPeaks { gpu: model.gpu().held_bytes().1, ..Default::default() };
-    let mut shared = false;
-    if let Some(t) = model.offload().map(|s| s.tiers()) {
-        if let Some(h) = &t.host {
-            let account = tier_api::Device::account(&**h);
-            shared = std::sync::Arc::ptr_eq(account, cache_host);
-            let bytes = account.stats().peak_resident;
-            if h.mem_kind().is_page_locked() {
-                peaks.pinned += bytes;
-            } else {
-                peaks.pageable += bytes;
-            }
-        }
-        if let Some(d) = &t.disk {
-            peaks.disk += tier_api::Device::account(&**d).stats().peak_resident;
-        }
-    }
-    peaks.pinned += model.gpu().device().staging_stats().map_or(0, |s| s.peak_resident);
-    if !shared {
-        peaks.pageable += cache_host.stats().peak_resident;
-    }
-    peaks
+/// The most each tier held in a GPU run: the GPU (the engine's buffers)
+/// and its staging ring, and every host device and disk arena of the run
+/// (the streamed weights' and the cache's, each counted once).
+fn gpu_peaks(model: &engine_llama::gpu::AnyLlamaGpu, run_tiers: &runtime::Tiers) -> runtime::TierPeaks {
+    run_tiers.peaks(Some(model.gpu().device()))
 }
 
 /// What `tierlm bench` prints for the Llama family (`--json`: one object).
@@ -649,8 +628,12 @@ pub struct LlamaBenchReport {
     /// Bytes of weights resident on the GPU and streamed per step.
     pub gpu_weight_bytes: u64,
     pub streamed_weight_bytes: u64,
-    /// The KV caches of the block on the GPU.
+    /// The KV caches of the block on the GPU (with a tiered cache, its GPU
+    /// share, slots and 4-bit scratch).
     pub kv_cache_bytes: u64,
+    /// With the cache placed off the GPU, 4-bit or attended on the CPU: the
+    /// tiered cache's figures.
+    pub cache: Option<LlamaCacheReport>,
     pub peak_per_tier: runtime::TierPeaks,
     /// The flags of the policy run (as `--policy auto` chose it, or given).
     pub policy: String,
@@ -665,6 +648,20 @@ pub struct LlamaBenchReport {
     /// With streamed weights: the streamer's copy rates measured in this
     /// run, and the decode limit they set.
     pub stream: Option<StreamLimit>,
+}
+
+/// The tiered KV cache of a Llama-family bench run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LlamaCacheReport {
+    /// Each batch's sequences on the GPU, in host memory and on disk, percent.
+    pub percent: [f64; 3],
+    pub cpu_compute: bool,
+    pub attn_sparsity: f64,
+    pub compress: bool,
+    /// The two GPU slots a layer's cache passes through.
+    pub slot_bytes: u64,
+    /// Bytes loaded into and stored from the slots during the run.
+    pub bytes_moved: u64,
 }
 
 /// The weight-streaming limit of a run whose layers live off the GPU.
@@ -739,31 +736,15 @@ pub fn bench(
             args.model, args.model
         )));
     }
-    let mut refused: Vec<String> = Vec::new();
-    if !cache_placement_runs(&policy) || policy.act_gpu_percent < 100.0 {
-        refused.push(
-            "the KV cache or activations off the GPU (but for the cache all in host memory with \
-             --cpu-cache-compute)"
-                .into(),
-        );
-    }
-    let cpu_attention = policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0;
-    for (given, flag) in [
-        (policy.compress_cache, "--compress-cache"),
-        (policy.attn_sparsity != 1.0 && !cpu_attention, "--attn-sparsity"),
-    ] {
-        if given {
-            refused.push(flag.into());
-        }
-    }
-    if !refused.is_empty() {
+    if policy.act_gpu_percent < 100.0 {
         return Err(unsupported(format!(
-            "{} not supported for the Llama family on the GPU yet (its GPU engine keeps the activations on the GPU \
-             and the cache there or, with --cpu-cache-compute, in host memory: --percent W_GPU W_CPU 100 0 100 0 or \
-             W_GPU W_CPU 0 100 100 0 --cpu-cache-compute)",
-            refused.join(", ")
+            "the activations off the GPU (--percent's activation shares {} {}) are not supported for the Llama \
+             family on the GPU yet (its GPU engine keeps the activations on the GPU and places the weights and the \
+             KV cache anywhere: --percent W_GPU W_CPU C_GPU C_CPU 100 0)",
+            policy.act_gpu_percent, policy.act_cpu_percent
         )));
     }
+    let plan = cache_plan(&policy)?;
     if args.prompt_len == 0 || args.gen_len == 0 {
         return Err(unsupported("--prompt-len and --gen-len must be at least 1".into()));
     }
@@ -793,7 +774,7 @@ pub fn bench(
     let roofline = super::gpu::measure_roofline(&gpu)?;
     gpu.set_budget(args.gpu_mem);
     let t = std::time::Instant::now();
-    let (mut model, cache_host) = place_on_gpu(gpu, &opened, &policy, &offload_dir, args.seed)?;
+    let (mut model, run_tiers) = place_on_gpu(gpu, &opened, &policy, plan, &offload_dir, args.seed)?;
     let load_s = t.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let vocab = config.vocab_size as u32;
@@ -817,7 +798,7 @@ pub fn bench(
     let (prefill_tput, decode_tput, total_tput) =
         super::bench::throughput(prompts, args.prompt_len, args.gen_len, &out);
     let streamed = model.offload().map_or(0, |s| s.bytes_streamed());
-    let peaks = gpu_peaks(&model, &cache_host);
+    let peaks = gpu_peaks(&model, &run_tiers);
     let limits = llama_limits(&config, prompts, args.prompt_len, args.gen_len, &roofline)?;
     let stream = match model.offload() {
         Some(s) => {
@@ -867,6 +848,14 @@ pub fn bench(
         gpu_weight_bytes: model.weight_bytes(),
         streamed_weight_bytes: streamed,
         kv_cache_bytes: out.cache_bytes,
+        cache: model.cache_stats().map(|c| LlamaCacheReport {
+            percent: [c.plan.gpu_percent, c.plan.cpu_percent, c.plan.disk_percent()],
+            cpu_compute: c.plan.cpu_compute,
+            attn_sparsity: c.plan.attn_sparsity,
+            compress: c.plan.compress,
+            slot_bytes: c.slot_bytes,
+            bytes_moved: c.bytes_moved,
+        }),
         peak_per_tier: peaks,
         policy: runtime::search::policy_flags(&policy),
         predicted_decode_tokens_per_s: chosen.and_then(|c| c.prediction.decode_tokens_per_s),
