@@ -404,9 +404,9 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
             b.d2h_staged += nb * d * new * stored_tb;
             b.disk_write += nb * d * new * stored_tb;
             if policy.compress_cache {
-                // Packed from the slot (copied out, quantized), the GPU's
-                // own packed bytes copied device to device.
-                b.serial_mem(nb * new * (gbs as f64 * (3.0 * tb + stored_tb) + g * 2.0 * stored_tb));
+                // Packed from the slot: a GPU home straight from it, one off
+                // the GPU through the scratch (copied out, quantized).
+                b.serial_mem(nb * new * ((c + d) * (3.0 * tb + stored_tb) + g * (tb + stored_tb)));
             } else if off_gpu {
                 // Through a slot: the GPU's sequences copied device to device.
                 b.serial_mem(nb * 2.0 * g * new * tb);
@@ -427,12 +427,14 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
                 b.serial_flop(nb * 4.0 * gbs as f64 * past * q_width);
                 b.serial_mem(nb * gbs as f64 * past * tb);
                 if policy.compress_cache {
-                    // Every sequence's layer through a slot, the GPU's own
-                    // included: its packed bytes to the scratch, unpacked,
-                    // copied into the slot; after the compute copied out,
-                    // packed again (the whole layer), the packed bytes home.
-                    // The GPU's share moves device to device both ways.
-                    b.serial_mem(nb * past * (gbs as f64 * (6.0 * tb + 2.0 * stored_tb) + g * 4.0 * stored_tb));
+                    // Every sequence's layer through a slot. A GPU home is
+                    // unpacked straight into it and packed straight back
+                    // (the whole layer); one off the GPU goes through the
+                    // scratch: unpacked there, copied into the slot, copied
+                    // out after the compute, packed.
+                    b.serial_mem(
+                        nb * past * ((c + d) * (6.0 * tb + 2.0 * stored_tb) + g * (2.0 * tb + 2.0 * stored_tb)),
+                    );
                 }
                 if off_gpu {
                     // Loaded into a slot: positions 0..past of every sequence,

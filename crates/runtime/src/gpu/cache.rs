@@ -51,7 +51,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use compression::gpu::{GpuDequantOptions, GpuDequantizer, GpuQuantizer};
+use compression::gpu::{GpuDequantOptions, GpuDequantizer, GpuQuantizer, Pending, QuantPending};
 use compression::{CompressedLayout, CompressionConfig, Mode, SourceDtype};
 use ops::gpu::buffer::{DevBuf, Half};
 use ops::gpu::{Event, Gpu};
@@ -500,8 +500,20 @@ struct Slot<T: Half> {
     capacity: usize,
 }
 
+/// A 4-bit kernel enqueued on the compute stream, holding its tensors
+/// until it has run (dropping it waits for it).
+enum InFlight {
+    Unpack(Pending),
+    Pack(QuantPending),
+}
+
 struct State<T: Half> {
     slots: Vec<Slot<T>>,
+    /// Per slot: the 4-bit kernels of its last use, packed in place
+    /// ([`CacheStreamer::layer`]'s GPU-home path), let go when the slot is
+    /// next used (waiting for them, so the host keeps at most a slot's use
+    /// ahead of the GPU) or at a flush.
+    in_flight: [Vec<InFlight>; 2],
     /// What each slot holds that is not stored yet.
     dirty: [Option<Dirty>; 2],
     /// Whether each slot's event was recorded after its last compute.
@@ -549,7 +561,14 @@ impl<T: Half> CacheStreamer<T> {
         }
         let done = [Event::new(gpu)?, Event::new(gpu)?];
         let matrix = tiers.matrix.clone();
-        let state = State { slots: Vec::new(), dirty: [None, None], recorded: [false; 2], next: 0, bytes_moved: 0 };
+        let state = State {
+            slots: Vec::new(),
+            in_flight: [Vec::new(), Vec::new()],
+            dirty: [None, None],
+            recorded: [false; 2],
+            next: 0,
+            bytes_moved: 0,
+        };
         let packer = if plan.compress {
             let err = |e: compression::Error| gpu_err(format!("the GPU's 4-bit cache kernels: {e}"));
             let options = GpuDequantOptions { output: T::DTYPE, ..Default::default() };
@@ -785,9 +804,14 @@ impl<T: Half> CacheStreamer<T> {
         let elems = self.shape.layer_elems(b, c)?;
         let CacheShape { kv_heads, head_dim, .. } = self.shape;
         st.slots.clear();
+        // A 4-bit cache quantizes whole slots, positions past the stored
+        // ones included: zeroed once, every value it reads is finite.
+        let zeros = if self.packer.is_some() { vec![T::default(); elems] } else { Vec::new() };
+        let make =
+            || if self.packer.is_some() { DevBuf::<T>::from_host(gpu, &zeros) } else { DevBuf::<T>::alloc(gpu, elems) };
         for _ in 0..2 {
-            let keys = DevBuf::<T>::alloc(gpu, elems)?;
-            let values = DevBuf::<T>::alloc(gpu, elems)?;
+            let keys = make()?;
+            let values = make()?;
             let shape = Shape::new([b, kv_heads, c, head_dim]);
             let four = |buf: &DevBuf<T>| {
                 Tensor::from_storage(buf.tensor().storage().clone(), shape.clone(), T::DTYPE).map_err(tier_err)
@@ -855,7 +879,32 @@ impl<T: Half> CacheStreamer<T> {
         for i in 0..st.slots.len().min(2) {
             self.store_slot(st, i)?;
         }
+        for f in &mut st.in_flight {
+            Self::settle(f)?;
+        }
         Ok(())
+    }
+
+    /// Waits for the 4-bit kernels of slot `i`'s last use and lets them go.
+    fn settle(in_flight: &mut Vec<InFlight>) -> Result<()> {
+        for k in in_flight.drain(..) {
+            let waited = match k {
+                InFlight::Unpack(p) => p.wait(),
+                InFlight::Pack(p) => p.wait(),
+            };
+            waited.map_err(|e| gpu_err(format!("the 4-bit cache's kernels: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a 4-bit cache's layer is unpacked straight into the slot and
+    /// packed straight back, on the compute stream: its homes are whole GPU
+    /// tensors and the slot has the cache's own shape (so the slot's
+    /// `[batch, kv_heads, capacity, head_dim]` is the packed layout's order).
+    fn packs_in_place(homes: [&SegmentedTensor; 2], slot: &Slot<T>, dims: (usize, usize)) -> bool {
+        let on_gpu =
+            |h: &SegmentedTensor| matches!(h.segments(), [seg] if matches!(seg.view.device(), DeviceKind::Gpu { .. }));
+        homes.iter().all(|h| on_gpu(h)) && (slot.batch, slot.capacity) == dims
     }
 
     /// Stores everything the slots hold unstored (at the end of a step,
@@ -909,25 +958,51 @@ impl<T: Half> CacheStreamer<T> {
         let i = st.next;
         st.next = 1 - i;
         self.store_slot(&mut st, i)?;
-        let slot = st.slots.get(i).ok_or_else(|| gpu_err("the cache slots were not made".into()))?;
+        let dims = (*batch, *capacity);
+        let packed = packed.clone().map(|layout| (dims, layout));
+        let State { slots, in_flight, dirty, recorded, bytes_moved, .. } = &mut *st;
+        let in_flight = &mut in_flight[i];
+        let slot = slots.get(i).ok_or_else(|| gpu_err("the cache slots were not made".into()))?;
         if slot.batch < *batch || slot.capacity < *capacity {
             return Err(gpu_err("a cache larger than the GPU slots".into()).into());
         }
-        let packed = packed.as_ref().map(|_| (*batch, *capacity));
-        let loaded = match packed {
-            Some(dims) if past > 0 => self.load_packed([&keys, &values], [&slot.keys4, &slot.values4], dims, past)?,
-            Some(_) => 0,
-            None => {
-                let h = self.copy_positions(&keys, &slot.keys4, 0, past, true)?.join(self.copy_positions(
-                    &values,
-                    &slot.values4,
-                    0,
-                    past,
-                    true,
-                )?);
-                h.wait().map_err(tier_err)?.bytes
+        let in_place = packed.is_some() && Self::packs_in_place([&keys, &values], slot, dims);
+        let mut loaded = 0u64;
+        if in_place {
+            // Unpacked straight from the GPU homes into the slot on the
+            // compute stream: nothing waits on the host.
+            Self::settle(in_flight)?;
+            if let (Some((_, layout)), Some(packer)) = (&packed, &self.packer) {
+                if past > 0 {
+                    for (home, slot4) in [(&keys, &slot.keys4), (&values, &slot.values4)] {
+                        let seg = home.segments().first().ok_or_else(|| gpu_err("an empty 4-bit home".into()))?;
+                        let k = packer
+                            .dequant
+                            .enqueue(gpu.stream(), &seg.view, layout, &slot4.view())
+                            .map_err(|e| gpu_err(format!("unpacking the 4-bit cache: {e}")))?;
+                        in_flight.push(InFlight::Unpack(k));
+                        loaded += (layout.total_bytes() + slot4.view().byte_len()) as u64;
+                    }
+                }
             }
-        };
+        } else {
+            loaded = match &packed {
+                Some((dims, _)) if past > 0 => {
+                    self.load_packed([&keys, &values], [&slot.keys4, &slot.values4], *dims, past)?
+                }
+                Some(_) => 0,
+                None => {
+                    let h = self.copy_positions(&keys, &slot.keys4, 0, past, true)?.join(self.copy_positions(
+                        &values,
+                        &slot.values4,
+                        0,
+                        past,
+                        true,
+                    )?);
+                    h.wait().map_err(tier_err)?.bytes
+                }
+            };
+        }
         let run = SlotLayer {
             keys: &slot.keys,
             values: &slot.values,
@@ -939,11 +1014,28 @@ impl<T: Half> CacheStreamer<T> {
         // The compute is enqueued with the lock held: the slot is this
         // layer's until its event is recorded.
         let result = compute(LayerRun::Slot(run));
-        st.bytes_moved += loaded;
+        *bytes_moved += loaded;
         result?;
+        if in_place {
+            // Packed straight back after the compute, on the same stream
+            // (the whole layer: positions past the stored ones hold earlier,
+            // finite values nobody reads).
+            if let (Some((_, layout)), Some(packer)) = (&packed, &self.packer) {
+                for (home, slot4) in [(&keys, &slot.keys4), (&values, &slot.values4)] {
+                    let seg = home.segments().first().ok_or_else(|| gpu_err("an empty 4-bit home".into()))?;
+                    let k = packer
+                        .quant
+                        .enqueue(gpu.stream(), &slot4.view(), layout, &seg.view)
+                        .map_err(|e| gpu_err(format!("packing the 4-bit cache: {e}")))?;
+                    in_flight.push(InFlight::Pack(k));
+                    *bytes_moved += (layout.total_bytes() + slot4.view().byte_len()) as u64;
+                }
+            }
+        }
         self.done[i].record(gpu).map_err(Error::from)?;
-        st.recorded[i] = true;
-        st.dirty[i] = Some(Dirty { keys, values, from: past, n: new_len, packed });
+        recorded[i] = true;
+        dirty[i] =
+            (!in_place).then_some(Dirty { keys, values, from: past, n: new_len, packed: packed.map(|(d, _)| d) });
         len[j] = end;
         Ok(())
     }
