@@ -9,7 +9,8 @@
 # executables named here:
 #   cargo xtask gpu-bundle --only ops--test--llm_gpu,engine-llama--test--gpu_engine,\
 #     tierlm--test--llama_cli,tierlm--test--gpu_engine,tierlm--test--gpu_compressed,\
-#     compression--test--gpu,compression--test--gpu_quant
+#     compression--test--gpu,compression--test--gpu_quant,tierlm--test--gpu_cache,\
+#     tierlm--test--gpu_tiered
 #
 # Usage (repository root): bash scripts/llama-gpu-check.sh
 export TIERLM_REPO_ROOT=$PWD RUST_BACKTRACE=1
@@ -35,6 +36,9 @@ step opt_gpu_engine 150 $T/tierlm--test--gpu_engine --test-threads=1
 # OPT's 4-bit weights, now through the runtime's Unpacker, and the bf16
 # build of the dequantizer against the CPU.
 step opt_gpu_compressed 150 $T/tierlm--test--gpu_compressed --test-threads=1
+# The runtime's tiered cache under OPT (4-bit on the GPU included).
+step opt_gpu_cache 150 $T/tierlm--test--gpu_cache --test-threads=1 --nocapture
+step opt_gpu_tiered 150 $T/tierlm--test--gpu_tiered --test-threads=1
 step dequant_gpu 120 $T/compression--test--gpu --test-threads=1
 step quant_gpu 120 $T/compression--test--gpu_quant --test-threads=1
 for f in "$L"/*.log; do

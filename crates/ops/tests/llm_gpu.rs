@@ -681,10 +681,249 @@ fn long_decode<T: Ty>(gpu: &Gpu, (heads, kv_heads, d): (usize, usize, usize)) {
 #[test]
 fn long_decode_attention_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    // Groups of 4, 4, 1 and 2 query heads, then 6 (taken 2 at a time), 3
-    // (1 at a time) and 32 (multi-query, 4 at a time) by the kernel's blocks.
+    // Groups of 4, 4, 1 and 2 query heads, then 6 (blocks of 4 and 2), 3
+    // (a block of 4, one idle) and 32 (multi-query, 4 at a time).
     for shape in [(4, 1, 128), (8, 2, 64), (2, 2, 256), (4, 2, 96), (12, 2, 64), (6, 2, 128), (32, 1, 64)] {
         long_decode::<f16>(&gpu, shape);
         long_decode::<bf16>(&gpu, shape);
     }
+}
+
+/// One decode attention problem: `batch` sequences of `total` positions in a
+/// cache of `cap` (mask rows of `stride`), sequence 0 seeing everything,
+/// sequence 1 missing its first third and every fifth position, sequence 2
+/// (and any after) nothing. The GPU's cache holds NaN at every position it
+/// must not read (masked or past `total`), the CPU's zeros.
+struct DecodeCase<T: Ty> {
+    dims: (usize, usize, usize, usize, usize, usize),
+    stride: usize,
+    q: DevBuf<T>,
+    keys: DevBuf<T>,
+    values: DevBuf<T>,
+    mask: DevBuf<u8>,
+    want: Vec<f32>,
+}
+
+impl<T: Ty> DecodeCase<T> {
+    fn new(gpu: &Gpu, (batch, heads, kv_heads, d): (usize, usize, usize, usize), total: usize, seed: u64) -> Self {
+        let (cap, stride) = (total + 5, total + 7);
+        let visible = |b: usize, j: usize| match b {
+            0 => true,
+            1 => j >= total / 3 && !j.is_multiple_of(5),
+            _ => false,
+        };
+        let kvw = kv_heads * d;
+        let (kx, k_f) = vals::<T>(batch * total * kvw, seed, 1.0, 0.0);
+        let (vx, v_f) = vals::<T>(batch * total * kvw, seed + 1, 1.0, 0.0);
+        let (q, q_f) = vals::<T>(batch * heads * d, seed + 2, 8.0, 0.0);
+        // The CPU's cache: [batch][total][kv_heads · d], zeros where masked.
+        let flat: Vec<bool> = (0..batch * total).map(|r| visible(r / total, r % total)).collect();
+        let hide = |x: &[f32]| -> Vec<f32> {
+            x.iter().enumerate().map(|(i, &v)| if flat[i / kvw] { v } else { 0.0 }).collect()
+        };
+        let mut cache = KvCache::new(T::CPU, batch, kv_heads, d, total.max(1)).unwrap();
+        cache.append(&hide(&k_f), &hide(&v_f), total).unwrap();
+        let shape = AttentionShape { heads, kv_heads, head_dim: d };
+        let want =
+            if total == 0 { vec![0.0; batch * heads * d] } else { attention(&q_f, 1, &cache, &flat, shape).unwrap() };
+        // The GPU's: [batch][kv_head][cap][d], NaN where it must not look.
+        let nan = T::from_f32(f32::NAN);
+        let mut kg = vec![nan; batch * kv_heads * cap * d];
+        let mut vg = kg.clone();
+        for b in 0..batch {
+            for j in (0..total).filter(|&j| visible(b, j)) {
+                for g in 0..kv_heads {
+                    let src = (b * total + j) * kvw + g * d;
+                    let dst = ((b * kv_heads + g) * cap + j) * d;
+                    kg[dst..dst + d].copy_from_slice(&kx[src..src + d]);
+                    vg[dst..dst + d].copy_from_slice(&vx[src..src + d]);
+                }
+            }
+        }
+        let mut mask = vec![1u8; batch * stride];
+        for b in 0..batch {
+            for j in 0..total {
+                mask[b * stride + j] = u8::from(visible(b, j));
+            }
+        }
+        DecodeCase {
+            dims: (batch, heads, kv_heads, d, cap, total),
+            stride,
+            q: up(gpu, &q),
+            keys: up(gpu, &kg),
+            values: up(gpu, &vg),
+            mask: up(gpu, &mask),
+            want,
+        }
+    }
+
+    /// The kernel's output in chunks of `chunk` positions (`None`: the
+    /// launcher's), checked against the CPU.
+    fn check(&self, gpu: &Gpu, chunk: Option<usize>) {
+        let k = llm(gpu);
+        let (batch, heads, kv_heads, d, _, total) = self.dims;
+        let out = up(gpu, &vec![T::from_f32(9.0); batch * heads * d]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let kv = (&self.keys, &self.values);
+        let mask = (&self.mask, self.stride);
+        let chunk = chunk.unwrap_or_else(|| k.attn_decode_chunk((batch, heads, kv_heads, d, total)));
+        k.attn_decode_chunked(gpu, &self.q, kv, mask, self.dims, scale, chunk, &out).unwrap();
+        let got = down(gpu, &out);
+        let what = format!(
+            "split decode attention, {heads}/{kv_heads} heads of {d}, {total} positions in {} chunks of {chunk}",
+            total.div_ceil(chunk).max(1)
+        );
+        check::<T>(&what, &got, &self.want);
+        // A sequence that sees nothing gets zeros.
+        let seq = heads * d;
+        assert!(got[2 * seq..].iter().all(|&v| v == 0.0), "{what}: fully masked ({})", T::SUFFIX);
+    }
+}
+
+fn split_decodes<T: Ty>(gpu: &Gpu) {
+    // Groups of 1, 4 and 8 query heads (4 a block), head_dim 64, 80 (lanes
+    // left idle) and 128; one chunk, chunks of 64 (whole steps or not) and
+    // of 37, the launcher's; 1 (one chunk) to 2000 positions.
+    for (heads, kv_heads) in [(4, 4), (8, 2), (16, 2)] {
+        for d in [64, 80, 128] {
+            for total in [1, 63, 64, 65, 300, 2000] {
+                let seed = (1000 * heads + 10 * d + total) as u64;
+                let case = DecodeCase::<T>::new(gpu, (3, heads, kv_heads, d), total, seed);
+                for chunk in [None, Some(total.max(1)), Some(64), Some(37)] {
+                    case.check(gpu, chunk);
+                }
+            }
+        }
+    }
+    // Every position a chunk of its own; multi-query (a group of 32, 4
+    // heads a block); head_dim 256 (a warp a row) and 16 (2 heads a block,
+    // 2 lanes a row); 6 heads a group (blocks of 4 and 2).
+    DecodeCase::<T>::new(gpu, (3, 8, 2, 128), 65, 1).check(gpu, Some(1));
+    let case = DecodeCase::<T>::new(gpu, (3, 32, 1, 64), 300, 2);
+    case.check(gpu, None);
+    case.check(gpu, Some(50));
+    let case = DecodeCase::<T>::new(gpu, (3, 8, 2, 256), 700, 3);
+    case.check(gpu, None);
+    case.check(gpu, Some(100));
+    let case = DecodeCase::<T>::new(gpu, (3, 8, 1, 16), 500, 4);
+    case.check(gpu, None);
+    case.check(gpu, Some(33));
+    let case = DecodeCase::<T>::new(gpu, (3, 12, 2, 64), 129, 5);
+    case.check(gpu, None);
+    case.check(gpu, Some(64));
+    // Groups that 4 does not divide: 7 heads (blocks of 4 and 3), 3 heads
+    // (one block of 4 with a head idle).
+    let case = DecodeCase::<T>::new(gpu, (3, 14, 2, 128), 545, 9);
+    case.check(gpu, None);
+    case.check(gpu, Some(100));
+    let case = DecodeCase::<T>::new(gpu, (3, 6, 2, 64), 200, 10);
+    case.check(gpu, None);
+    case.check(gpu, Some(64));
+}
+
+#[test]
+fn split_decode_attention_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    split_decodes::<f16>(&gpu);
+    split_decodes::<bf16>(&gpu);
+}
+
+#[test]
+fn decode_attention_chunks_are_checked_and_their_scratch_counted() {
+    let Some(gpu) = gpu() else { return };
+    let k = llm(&gpu);
+    let case = DecodeCase::<bf16>::new(&gpu, (3, 8, 2, 64), 300, 6);
+    let (batch, heads, _, d, _, total) = case.dims;
+    let out = DevBuf::<bf16>::alloc(&gpu, batch * heads * d).unwrap();
+    let (kv, mask, dims) = ((&case.keys, &case.values), (&case.mask, case.stride), case.dims);
+    // The scratch of 300 one-position chunks is a GPU buffer like any other.
+    let before = gpu.held_bytes().0;
+    k.attn_decode_chunked(&gpu, &case.q, kv, mask, dims, 0.125, 1, &out).unwrap();
+    let scratch = (batch * heads * total * (d + 2) * 4) as u64;
+    assert!(gpu.held_bytes().0 >= before + scratch, "{} < {before} + {scratch}", gpu.held_bytes().0);
+    // No chunks of 0, nor more than 4096 chunks.
+    assert!(k.attn_decode_chunked(&gpu, &case.q, kv, mask, dims, 0.125, 0, &out).is_err());
+    let long = DecodeCase::<bf16>::new(&gpu, (3, 2, 2, 8), 5000, 7);
+    let long_kv = (&long.keys, &long.values);
+    let long_out = DevBuf::<bf16>::alloc(&gpu, 3 * 2 * 8).unwrap();
+    assert!(k
+        .attn_decode_chunked(&gpu, &long.q, long_kv, (&long.mask, long.stride), long.dims, 0.35, 1, &long_out)
+        .is_err());
+    long.check(&gpu, Some(2));
+
+    case.check(&gpu, Some(1));
+}
+
+#[test]
+fn decode_attention_without_room_for_its_scratch_takes_one_chunk() {
+    let Some(gpu) = gpu() else { return };
+    // A budget of little more than what is held now: the scratch cannot be
+    // had, the answer is the same.
+    let case = DecodeCase::<f16>::new(&gpu, (3, 16, 2, 128), 2000, 8);
+    llm(&gpu);
+    // Room for the output (12 KiB), not for the scratch (800 KiB).
+    gpu.set_budget(Some(gpu.held_bytes().0 + (64 << 10)));
+    case.check(&gpu, Some(64));
+    case.check(&gpu, None);
+    gpu.set_budget(None);
+}
+
+/// Times the decode attention kernel on `(batch, heads, kv_heads, head_dim,
+/// total)` with every position visible: microseconds a call and the rate at
+/// which it reads the keys and values.
+fn time_decode<T: Ty>(gpu: &Gpu, (batch, heads, kv_heads, d, total): (usize, usize, usize, usize, usize)) {
+    let k = llm(gpu);
+    let cap = total + 32;
+    let n_cache = batch * kv_heads * cap * d;
+    let (keys, values) = (DevBuf::<T>::alloc(gpu, n_cache).unwrap(), DevBuf::<T>::alloc(gpu, n_cache).unwrap());
+    k.fill_uniform(gpu, &keys, 1, 1.0).unwrap();
+    k.fill_uniform(gpu, &values, 2, 1.0).unwrap();
+    let q = DevBuf::<T>::alloc(gpu, batch * heads * d).unwrap();
+    k.fill_uniform(gpu, &q, 3, 2.0).unwrap();
+    let mask = up(gpu, &vec![1u8; batch * cap]);
+    let out = DevBuf::<T>::alloc(gpu, batch * heads * d).unwrap();
+    let dims = (batch, heads, kv_heads, d, cap, total);
+    let scale = 1.0 / (d as f32).sqrt();
+    let run = |n: usize| {
+        for _ in 0..n {
+            k.attn_decode(gpu, &q, (&keys, &values), (&mask, cap), dims, scale, &out).unwrap();
+        }
+        gpu.synchronize().unwrap();
+    };
+    run(20);
+    let iters = 200;
+    let t0 = std::time::Instant::now();
+    run(iters);
+    let us = t0.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    let bytes = (2 * batch * kv_heads * total * d * std::mem::size_of::<T>()) as f64;
+    let chunk = k.attn_decode_chunk((batch, heads, kv_heads, d, total));
+    println!(
+        "decode attention {} batch {batch} heads {heads}/{kv_heads} head_dim {d} over {total} in chunks of {chunk}: \
+         {us:.1} µs, {:.2} TB/s",
+        T::SUFFIX,
+        bytes / us * 1e-6
+    );
+}
+
+/// Decode attention's speed (not a check; run with `--ignored --nocapture`
+/// on a GPU): case E's shape (llama-3.1-8b, 64 sequences, ~544 positions)
+/// and a few others.
+#[test]
+#[ignore]
+fn decode_attention_speed() {
+    let Some(gpu) = gpu() else { return };
+    for shape in [
+        (64, 32, 8, 128, 544),
+        (64, 32, 8, 128, 1056),
+        (16, 32, 8, 128, 2048),
+        (1, 32, 8, 128, 8192),
+        (8, 32, 8, 128, 11000),
+        (64, 28, 4, 128, 544),
+        (64, 32, 8, 128, 4096),
+        (32, 32, 32, 128, 512),
+        (64, 16, 8, 64, 544),
+    ] {
+        time_decode::<bf16>(&gpu, shape);
+    }
+    time_decode::<f16>(&gpu, (64, 32, 8, 128, 544));
 }

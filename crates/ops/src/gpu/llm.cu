@@ -298,58 +298,210 @@ __device__ __forceinline__ void softmax_causal_k(T* scores, int total, int s, in
 }
 
 // ---------------------------------------------------------------------------
-// Decode attention: one new query per sequence over `total` cached
-// positions, grouped-query heads read together. Block (b, kvh, c):
-// blockIdx.x = (b * kv_heads + kvh) * chunks + c, chunks = group / gc with
-// group = heads / kv_heads; the block takes query heads kvh * group + c * gc
-// .. + gc (gc <= ATTN_GMAX, dividing group), all of which read kv head kvh,
-// so each key and value row is read once for gc heads. ATTN_THREADS
-// threads. q rows [batch][heads * hd]; keys, values [batch][kv_heads][cap]
-// [hd]; out rows [batch][heads * hd]. hd a multiple of 8, at most 256;
-// every pointer but out and the mask 16-byte aligned.
+// Decode attention, flash-decoding style: one new query per sequence over
+// `total` cached positions, the positions cut into chunks that separate
+// blocks read at the same time, then merged.
 //
-// A group of G lanes (G = hd / 8 rounded up to a power of two) holds one
-// key or value row, 8 values (16 bytes) per lane; the groups of the block
-// walk the positions, UNROLL rows each at a time in flight.
-// 1. scores: for each of the gc heads, each group's dot product q . k_j
-//    reduced by shuffles within the group, times `scale`, into shared
-//    memory (masked: -inf), row i of the block's gc rows of `total`;
-// 2. block softmax over each row in shared memory (f32);
-// 3. each lane accumulates p_ij * v_j for its 8 dimensions over its group's
-//    positions, for every head i; groups are summed by shuffles within a
-//    warp, then warps through shared memory (reusing the scores' room), a
-//    head at a time; out = sum / total weight, rounded once to T. Fully
-//    masked rows give zeros.
-// Dynamic shared memory: max(gc * total, warps * G * 8) floats.
+// q rows [batch][heads * hd]; keys, values [batch][kv_heads][cap][hd]; out
+// rows [batch][heads * hd]; position j of sequence b is visible where
+// key_mask[b * stride + j] != 0. hd a multiple of 8, at most 256; q, keys
+// and values 16-byte aligned. Query head h reads kv head h / group (group =
+// heads / kv_heads). A block takes up to GC of a group's heads (GC = gc: 1,
+// 2 or 4, at most G below; the last block of a group takes what is left
+// where GC does not divide it), so it reads each key and value row once for
+// all of them.
+//
+// attn_split: block ((b * kv_heads + kvh) * hchunks + c) * nsplit + s, with
+// hchunks = ceil(group / GC), takes query heads h0 = kvh * group + c * GC ..
+// h0 + nh - 1 (nh = min(GC, group - c * GC)) and positions s * chunk ..
+// min((s + 1) * chunk, total) - 1. ATTN_THREADS threads in groups of G lanes
+// (G = hd / 8 rounded up to a power of two), a lane holding 8 dimensions (16
+// bytes) of a row. The groups walk the chunk ATTN_ROWS rows each at a time
+// (rows base + grp + u * ng, u < ATTN_ROWS, ng groups), software pipelined:
+// while one step's key and value rows are used, the next step's are in
+// flight (and the mask bytes of the step after), so a thread always has
+// 2 * ATTN_ROWS 16-byte loads outstanding, also while it computes (Little's
+// law: an SM needs tens of KB in flight to keep up with HBM). A step:
+//  - the GC dot products q_i . k_j are summed over the group's lanes by a
+//    transposed butterfly (group_sum_heads) that leaves head i's sum on the
+//    G / GC lanes i * G / GC .. of the group, head i's "owners"; times
+//    `scale`, -inf where the position is masked (its rows are not read);
+//  - online softmax per group: the owners of head i keep the running max m
+//    of its scores and the sum l of exp(score - m); every lane keeps acc[i]
+//    (its 8 dimensions of sum exp(score - m) v_j, f32) for each head; when m
+//    rises, l and acc are scaled by exp(old m - new m).
+// At the end the block merges its groups, each scaled to the block's max
+// (shuffles within a warp, then the warps through shared memory:
+// ATTN_WARPS * GC * G * 8 floats of dynamic shared memory). With nsplit ==
+// 1 it writes out = acc / l, rounded once to T (zeros where no position is
+// visible). Otherwise it writes the chunk's partial p = (b * heads + h) *
+// nsplit + s of each of its heads: part_acc[p * hd + d] = acc (f32,
+// unnormalised) and part_ml[p] = (m, l) (-inf and 0 where the chunk sees
+// nothing), and attn_combine merges the chunks.
+//
+// attn_combine: block r = b * heads + h, COMBINE_THREADS threads: M = max_s
+// m_s, w_s = exp(m_s - M) (0 where m_s = -inf, in nsplit floats of dynamic
+// shared memory), out[r * hd + d] = sum_s w_s acc_s[d] / sum_s w_s l_s,
+// rounded once to T (zeros where every l_s is 0).
+//
+// Measured on an H100 (case E's shape, 64 sequences of 544 positions, 32/8
+// heads of 128, bf16): 60 us a call, 2.4 TB/s of keys and values, where
+// the previous two-pass kernel took 116 us.
 
-#define ATTN_UNROLL 4
-#define ATTN_GMAX 4
+#define ATTN_THREADS 256
+#define ATTN_WARPS (ATTN_THREADS / 32)
+#define ATTN_ROWS 2
+#define FULL_MASK 0xffffffffu
+
+// The sum over a group of G lanes of each lane's d[i], i < GC, left on the
+// owners of head i: the lanes with lane / (G / GC) == i (GC <= G, both
+// powers of two). Each of the first log2(GC) steps, at offset o, halves the
+// values a lane holds: the lane with bit o set keeps the upper half and
+// sends the lower one to its partner, which keeps the lower half; the steps
+// after them are a plain butterfly. GC - 1 + log2(G / GC) shuffles in all,
+// where summing each head over the group would take GC * log2(G).
+template <int GC>
+__device__ __forceinline__ float group_sum_heads(const float (&d)[GC], int lane, int G) {
+    int o = G >> 1;
+    float v;
+    if constexpr (GC == 4) {
+        bool hi = (lane & o) != 0;
+        float k0 = (hi ? d[2] : d[0]) + __shfl_xor_sync(FULL_MASK, hi ? d[0] : d[2], o);
+        float k1 = (hi ? d[3] : d[1]) + __shfl_xor_sync(FULL_MASK, hi ? d[1] : d[3], o);
+        o >>= 1;
+        hi = (lane & o) != 0;
+        v = (hi ? k1 : k0) + __shfl_xor_sync(FULL_MASK, hi ? k0 : k1, o);
+        o >>= 1;
+    } else if constexpr (GC == 2) {
+        bool hi = (lane & o) != 0;
+        v = (hi ? d[1] : d[0]) + __shfl_xor_sync(FULL_MASK, hi ? d[0] : d[1], o);
+        o >>= 1;
+    } else {
+        v = d[0];
+    }
+    for (; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// Whether rows base + grp + u * ng (u < ATTN_ROWS) are in the chunk (below
+// j1) and visible.
+__device__ __forceinline__ void attn_visible(const u8* __restrict__ m, int base, int j1, int grp, int ng,
+                                             bool (&vis)[ATTN_ROWS]) {
+#pragma unroll
+    for (int u = 0; u < ATTN_ROWS; u++) {
+        int j = base + grp + u * ng;
+        vis[u] = j < j1 && m[j] != 0;
+    }
+}
+
+// This lane's 16 bytes of the key and value rows base + grp + u * ng that
+// are visible; zeros for the others, which are not read.
 template <typename T>
-__device__ __forceinline__ void attn_decode_k(const T* __restrict__ q, const T* __restrict__ keys,
-                                              const T* __restrict__ values, const u8* __restrict__ key_mask,
-                                              int stride, int heads, int kv_heads, int hd, int cap, int total,
-                                              float scale, int gc, T* __restrict__ out) {
-    extern __shared__ float smem[];
-    __shared__ float red[32];
+__device__ __forceinline__ void attn_load(const T* __restrict__ kb, const T* __restrict__ vb, int base, int grp,
+                                          int ng, int hd, bool active, const bool (&vis)[ATTN_ROWS],
+                                          uint4 (&kr)[ATTN_ROWS], uint4 (&vr)[ATTN_ROWS]) {
+#pragma unroll
+    for (int u = 0; u < ATTN_ROWS; u++) {
+        u64 off = (u64)(base + grp + u * ng) * hd;
+        if (active && vis[u]) {
+            kr[u] = *(const uint4*)(kb + off);
+            vr[u] = *(const uint4*)(vb + off);
+        } else {
+            kr[u] = make_uint4(0, 0, 0, 0);
+            vr[u] = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+// One step of a group's online softmax over ATTN_ROWS rows: the scores of
+// the head this lane owns (mx, l its running max and sum), then every
+// head's weighted values into acc (this lane's 8 dimensions).
+template <typename T, int GC>
+__device__ __forceinline__ void attn_rows(const uint4 (&kr)[ATTN_ROWS], const uint4 (&vr)[ATTN_ROWS],
+                                          const bool (&vis)[ATTN_ROWS], const float (&qf)[GC][8], float scale,
+                                          int lane, int G, int gbase, int sub, float& mx, float& l,
+                                          float (&acc)[GC][8]) {
+    float sc[ATTN_ROWS];
+    float nm = mx;
+#pragma unroll
+    for (int u = 0; u < ATTN_ROWS; u++) {
+        float f[8];
+        unpack8<T>(kr[u], f);
+        float d[GC];
+#pragma unroll
+        for (int i = 0; i < GC; i++) {
+            float t = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; e++) t += qf[i][e] * f[e];
+            d[i] = t;
+        }
+        float dot = group_sum_heads<GC>(d, lane, G);
+        sc[u] = vis[u] ? dot * scale : NEG_INF;
+        nm = fmaxf(nm, sc[u]);
+    }
+    // Nothing visible yet: everything stays 0.
+    float r = nm == NEG_INF ? 1.0f : expf(mx - nm);
+    float p[ATTN_ROWS];
+    float ps = 0.0f;
+#pragma unroll
+    for (int u = 0; u < ATTN_ROWS; u++) {
+        p[u] = sc[u] == NEG_INF ? 0.0f : expf(sc[u] - nm);
+        ps += p[u];
+    }
+    l = l * r + ps;
+    mx = nm;
+#pragma unroll
+    for (int i = 0; i < GC; i++) {
+        float ri = __shfl_sync(FULL_MASK, r, gbase + i * sub);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i][e] *= ri;
+    }
+#pragma unroll
+    for (int u = 0; u < ATTN_ROWS; u++) {
+        float f[8];
+        unpack8<T>(vr[u], f);
+#pragma unroll
+        for (int i = 0; i < GC; i++) {
+            float pi = __shfl_sync(FULL_MASK, p[u], gbase + i * sub);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[i][e] += pi * f[e];
+        }
+    }
+}
+
+template <typename T, int GC>
+__device__ __forceinline__ void attn_split_body(const T* __restrict__ q, const T* __restrict__ keys,
+                                                const T* __restrict__ values, const u8* __restrict__ key_mask,
+                                                int stride, int heads, int kv_heads, int hd, int cap, int total,
+                                                float scale, int chunk, int nsplit, float* __restrict__ part_acc,
+                                                float2* __restrict__ part_ml, T* __restrict__ out, float* smem) {
+    __shared__ float sm_m[ATTN_WARPS][GC], sm_l[ATTN_WARPS][GC], sm_w[ATTN_WARPS][GC], sm_ml[2][GC];
     int group = heads / kv_heads;
-    int chunks = group / gc;
     u64 blk = blockIdx.x;
-    int c = (int)(blk % chunks);
-    blk /= chunks;
+    int s = (int)(blk % nsplit);
+    blk /= nsplit;
+    int hchunks = (group + GC - 1) / GC;
+    int c = (int)(blk % hchunks);
+    blk /= hchunks;
     int kvh = (int)(blk % kv_heads);
     u64 b = blk / kv_heads;
-    int h0 = kvh * group + c * gc;
+    int h0 = kvh * group + c * GC;
+    int nh = min(GC, group - c * GC);  // heads of the group left for this block
+    int j0 = s * chunk;
+    int j1 = min(j0 + chunk, total);
+
     int g8 = hd >> 3;
     int G = 1;
     while (G < g8) G <<= 1;
-    int lane = threadIdx.x & (G - 1), grp = threadIdx.x / G, ng = blockDim.x / G;
+    int lane = threadIdx.x & (G - 1), grp = threadIdx.x / G, ng = ATTN_THREADS / G;
     bool active = lane < g8;
-    float* sc = smem;
+    int sub = G / GC;                            // owners of one head
+    int gbase = (threadIdx.x & 31) & ~(G - 1);  // the group's first lane in its warp
 
-    float qf[ATTN_GMAX][8];
+    float qf[GC][8];
 #pragma unroll
-    for (int i = 0; i < ATTN_GMAX; i++) {
-        if (active && i < gc) {
+    for (int i = 0; i < GC; i++) {
+        if (active && i < nh) {
             unpack8<T>(*(const uint4*)(q + (b * heads + h0 + i) * (u64)hd + lane * 8), qf[i]);
         } else {
 #pragma unroll
@@ -361,106 +513,150 @@ __device__ __forceinline__ void attn_decode_k(const T* __restrict__ q, const T* 
     const T* vb = values + head_off;
     const u8* m = key_mask + b * stride;
 
-    // 1. Scores, a row of `total` per head.
-    for (int base = 0; base < total; base += ATTN_UNROLL * ng) {
-        uint4 kv[ATTN_UNROLL];
+    float mx = NEG_INF, l = 0.0f;  // of the head this lane owns
+    float acc[GC][8];
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            int j = base + grp + u * ng;
-            if (active && j < total && m[j] != 0) {
-                kv[u] = *(const uint4*)(kb + (u64)j * hd);
-            } else {
-                kv[u] = make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < GC; i++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
+    }
+    int step = ATTN_ROWS * ng;
+    bool vis[ATTN_ROWS], nvis[ATTN_ROWS];
+    uint4 kr[ATTN_ROWS], vr[ATTN_ROWS];
+    attn_visible(m, j0, j1, grp, ng, vis);
+    // Software pipelined: the next step's rows are loaded while this
+    // step's are used, the mask bytes of the step after that too.
+    attn_load<T>(kb, vb, j0, grp, ng, hd, active, vis, kr, vr);
+    attn_visible(m, j0 + step, j1, grp, ng, nvis);
+    for (int base = j0; base < j1; base += step) {
+        uint4 kn[ATTN_ROWS], vn[ATTN_ROWS];
+        bool nnvis[ATTN_ROWS];
+        attn_load<T>(kb, vb, base + step, grp, ng, hd, active, nvis, kn, vn);
+        attn_visible(m, base + 2 * step, j1, grp, ng, nnvis);
+        attn_rows<T, GC>(kr, vr, vis, qf, scale, lane, G, gbase, sub, mx, l, acc);
+#pragma unroll
+        for (int u = 0; u < ATTN_ROWS; u++) {
+            kr[u] = kn[u];
+            vr[u] = vn[u];
+            vis[u] = nvis[u];
+            nvis[u] = nnvis[u];
+        }
+    }
+
+    // Merge the groups of each warp (the partner at offset o holds the same
+    // dimensions and owns the same head), each scaled to their common max.
+    for (int o = G; o < 32; o <<= 1) {
+        float mo = __shfl_xor_sync(FULL_MASK, mx, o);
+        float lo = __shfl_xor_sync(FULL_MASK, l, o);
+        float nm = fmaxf(mx, mo);
+        float f = mx == NEG_INF ? 0.0f : expf(mx - nm);
+        float fo = mo == NEG_INF ? 0.0f : expf(mo - nm);
+        l = l * f + lo * fo;
+        mx = nm;
+#pragma unroll
+        for (int i = 0; i < GC; i++) {
+            float fi = __shfl_sync(FULL_MASK, f, gbase + i * sub);
+            float foi = __shfl_sync(FULL_MASK, fo, gbase + i * sub);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                float other = __shfl_xor_sync(FULL_MASK, acc[i][e], o);
+                acc[i][e] = acc[i][e] * fi + other * foi;
             }
         }
+    }
+    // Then the warps, through shared memory: each warp's first group.
+    int warp = threadIdx.x >> 5, dpad = G * 8;
+    if ((threadIdx.x & 31) < G) {
+        if (lane % sub == 0) {
+            sm_m[warp][lane / sub] = mx;
+            sm_l[warp][lane / sub] = l;
+        }
+        if (active) {
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            float f[8];
-            unpack8<T>(kv[u], f);
-            int j = base + grp + u * ng;
+            for (int i = 0; i < GC; i++) {
 #pragma unroll
-            for (int i = 0; i < ATTN_GMAX; i++) {
-                if (i < gc) {  // uniform across the block
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < 8; e++) dot += qf[i][e] * f[e];
-                    for (int o = G >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                    if (lane == 0 && j < total) sc[i * total + j] = m[j] != 0 ? dot * scale : NEG_INF;
-                }
+                for (int e = 0; e < 8; e++) smem[(warp * GC + i) * dpad + lane * 8 + e] = acc[i][e];
             }
         }
     }
     __syncthreads();
+    if (threadIdx.x < GC) {
+        int i = threadIdx.x;
+        float bm = NEG_INF;
+        for (int w = 0; w < ATTN_WARPS; w++) bm = fmaxf(bm, sm_m[w][i]);
+        float bl = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            float ww = sm_m[w][i] == NEG_INF ? 0.0f : expf(sm_m[w][i] - bm);
+            sm_w[w][i] = ww;
+            bl += sm_l[w][i] * ww;
+        }
+        sm_ml[0][i] = bm;
+        sm_ml[1][i] = bl;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < nh * hd; t += ATTN_THREADS) {
+        int i = t / hd, d = t % hd;
+        float a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) a += smem[(w * GC + i) * dpad + d] * sm_w[w][i];
+        u64 row = b * heads + h0 + i;
+        if (nsplit == 1) {
+            float bl = sm_ml[1][i];
+            float inv = bl > 0.0f ? 1.0f / bl : 0.0f;
+            out[row * hd + d] = from_f<T>(a * inv);
+        } else {
+            u64 p = row * nsplit + s;
+            part_acc[p * hd + d] = a;
+            if (d == 0) part_ml[p] = make_float2(sm_ml[0][i], sm_ml[1][i]);
+        }
+    }
+}
 
-    // 2. Softmax of each head's row.
-    float inv[ATTN_GMAX];
-#pragma unroll
-    for (int i = 0; i < ATTN_GMAX; i++) inv[i] = i < gc ? shared_softmax(sc + i * total, total, red) : 0.0f;
+template <typename T>
+__device__ __forceinline__ void attn_split_k(const T* __restrict__ q, const T* __restrict__ keys,
+                                             const T* __restrict__ values, const u8* __restrict__ key_mask,
+                                             int stride, int heads, int kv_heads, int hd, int cap, int total,
+                                             float scale, int gc, int chunk, int nsplit,
+                                             float* __restrict__ part_acc, float2* __restrict__ part_ml,
+                                             T* __restrict__ out) {
+    extern __shared__ float attn_smem[];
+    if (gc == 4) {
+        attn_split_body<T, 4>(q, keys, values, key_mask, stride, heads, kv_heads, hd, cap, total, scale, chunk,
+                              nsplit, part_acc, part_ml, out, attn_smem);
+    } else if (gc == 2) {
+        attn_split_body<T, 2>(q, keys, values, key_mask, stride, heads, kv_heads, hd, cap, total, scale, chunk,
+                              nsplit, part_acc, part_ml, out, attn_smem);
+    } else {
+        attn_split_body<T, 1>(q, keys, values, key_mask, stride, heads, kv_heads, hd, cap, total, scale, chunk,
+                              nsplit, part_acc, part_ml, out, attn_smem);
+    }
+}
 
-    // 3. Weighted values, every head from one read of each value row.
-    float acc[ATTN_GMAX][8];
-#pragma unroll
-    for (int i = 0; i < ATTN_GMAX; i++) {
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
+template <typename T>
+__device__ __forceinline__ void attn_combine_k(const float* __restrict__ part_acc,
+                                               const float2* __restrict__ part_ml, int nsplit, int hd,
+                                               T* __restrict__ out) {
+    extern __shared__ float comb_w[];
+    __shared__ float red[32];
+    u64 r = blockIdx.x;
+    const float2* ml = part_ml + r * nsplit;
+    float mx = NEG_INF;
+    for (int s = threadIdx.x; s < nsplit; s += blockDim.x) mx = fmaxf(mx, ml[s].x);
+    mx = block_max(mx, red);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s < nsplit; s += blockDim.x) {
+        float2 v = ml[s];
+        float w = v.x == NEG_INF ? 0.0f : expf(v.x - mx);
+        comb_w[s] = w;
+        sum += v.y * w;
     }
-    for (int base = 0; base < total; base += ATTN_UNROLL * ng) {
-        uint4 vv[ATTN_UNROLL];
-        float p[ATTN_UNROLL][ATTN_GMAX];
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            int j = base + grp + u * ng;
-            bool any = false;
-#pragma unroll
-            for (int i = 0; i < ATTN_GMAX; i++) {
-                p[u][i] = (i < gc && j < total) ? sc[i * total + j] : 0.0f;
-                any = any || p[u][i] != 0.0f;
-            }
-            if (active && any) {
-                vv[u] = *(const uint4*)(vb + (u64)j * hd);
-            } else {
-                vv[u] = make_uint4(0, 0, 0, 0);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            float f[8];
-            unpack8<T>(vv[u], f);
-#pragma unroll
-            for (int i = 0; i < ATTN_GMAX; i++) {
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[i][e] += p[u][i] * f[e];
-            }
-        }
-    }
-    // Groups of a warp with the same lane hold the same dimensions.
-#pragma unroll
-    for (int i = 0; i < ATTN_GMAX; i++) {
-        if (i < gc) {
-            for (int o = G; o < 32; o <<= 1) {
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[i][e] += __shfl_xor_sync(0xffffffffu, acc[i][e], o);
-            }
-        }
-    }
-    __syncthreads();  // every read of the scores is done: reuse their room
-    float* part = smem;
-    int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, dpad = G * 8;
-#pragma unroll
-    for (int i = 0; i < ATTN_GMAX; i++) {
-        if (i < gc) {
-            if ((threadIdx.x & 31) < G && active) {
-#pragma unroll
-                for (int e = 0; e < 8; e++) part[warp * dpad + lane * 8 + e] = acc[i][e];
-            }
-            __syncthreads();
-            for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-                float t = 0.0f;
-                for (int w = 0; w < nw; w++) t += part[w * dpad + d];
-                out[(b * heads + h0 + i) * (u64)hd + d] = from_f<T>(t * inv[i]);
-            }
-            __syncthreads();  // the next head reuses `part`
-        }
+    sum = block_sum(sum, red);  // its barriers also publish comb_w
+    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const float* a = part_acc + r * nsplit * (u64)hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float t = 0.0f;
+        for (int s = 0; s < nsplit; s++) t += a[(u64)s * hd + d] * comb_w[s];
+        out[r * hd + d] = from_f<T>(t * inv);
     }
 }
 
@@ -531,11 +727,18 @@ template <typename T> __device__ __forceinline__ void fill_k(T* out, u64 n, floa
                                                     const u8* __restrict__ key_mask, int stride, int b0) {         \
         softmax_causal_k<T>(scores, total, s, heads, past, key_mask, stride, b0);                                  \
     }                                                                                                              \
-    extern "C" __global__ void attn_decode_##SFX(const T* __restrict__ q, const T* __restrict__ keys,             \
-                                                 const T* __restrict__ values, const u8* __restrict__ key_mask,    \
-                                                 int stride, int heads, int kv_heads, int hd, int cap, int total,  \
-                                                 float scale, int gc, T* __restrict__ out) {                       \
-        attn_decode_k<T>(q, keys, values, key_mask, stride, heads, kv_heads, hd, cap, total, scale, gc, out);      \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                                  \
+        attn_split_##SFX(const T* __restrict__ q, const T* __restrict__ keys, const T* __restrict__ values,        \
+                         const u8* __restrict__ key_mask, int stride, int heads, int kv_heads, int hd, int cap,    \
+                         int total, float scale, int gc, int chunk, int nsplit, float* __restrict__ part_acc,      \
+                         float2* __restrict__ part_ml, T* __restrict__ out) {                                      \
+        attn_split_k<T>(q, keys, values, key_mask, stride, heads, kv_heads, hd, cap, total, scale, gc, chunk,      \
+                        nsplit, part_acc, part_ml, out);                                                           \
+    }                                                                                                              \
+    extern "C" __global__ void attn_combine_##SFX(const float* __restrict__ part_acc,                              \
+                                                  const float2* __restrict__ part_ml, int nsplit, int hd,          \
+                                                  T* __restrict__ out) {                                           \
+        attn_combine_k<T>(part_acc, part_ml, nsplit, hd, out);                                                     \
     }                                                                                                              \
     extern "C" __global__ void fill_uniform_##SFX(T* out, u64 n, u64 seed, float scale) {                        \
         fill_uniform_k<T>(out, n, seed, scale);                                                                    \

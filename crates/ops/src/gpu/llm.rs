@@ -12,6 +12,7 @@
 //! launch is sound whenever its arguments are live [`DevBuf`]s.
 
 use std::ffi::c_void;
+use std::sync::{Mutex, PoisonError};
 
 use tier_api::DType;
 use tier_cuda::kernels::{self as tk, Kernel, LaunchDims};
@@ -37,7 +38,8 @@ pub const LLM_TYPED: &[&str] = &[
     "store_kv",
     "transpose_heads",
     "softmax_causal",
-    "attn_decode",
+    "attn_split",
+    "attn_combine",
     "fill_uniform",
     "fill",
 ];
@@ -54,7 +56,8 @@ pub const LLM_ENTRIES: &[&str] = &[
     "store_kv_f16",
     "transpose_heads_f16",
     "softmax_causal_f16",
-    "attn_decode_f16",
+    "attn_split_f16",
+    "attn_combine_f16",
     "fill_uniform_f16",
     "fill_f16",
     "embed_rows_bf16",
@@ -66,18 +69,45 @@ pub const LLM_ENTRIES: &[&str] = &[
     "store_kv_bf16",
     "transpose_heads_bf16",
     "softmax_causal_bf16",
-    "attn_decode_bf16",
+    "attn_split_bf16",
+    "attn_combine_bf16",
     "fill_uniform_bf16",
     "fill_bf16",
 ];
 
-/// Threads per block of the decode attention kernel (8 warps).
+/// Threads per block of the decode attention kernel `attn_split` (8 warps;
+/// the kernel's `ATTN_THREADS`).
 const ATTN_THREADS: usize = 256;
 
-/// Dynamic shared memory the decode attention kernel may use: 48 KiB (what
-/// a launch gets without opting in to more) less room for its static
-/// reduction buffer.
-const ATTN_SHARED_MAX: usize = 48 * 1024 - 512;
+/// Rows of the cache each group of lanes of `attn_split` loads at a time
+/// (the kernel's `ATTN_ROWS`).
+const ATTN_ROWS: usize = 2;
+
+/// Threads per block of `attn_combine`, the kernel merging the chunks.
+const COMBINE_THREADS: u32 = 128;
+
+/// Fixed cost of a decode attention block besides its rows (loading q and
+/// its first rows, merging its groups, writing its result), in steps of
+/// its loop; the launcher weighs more chunks against it.
+const ATTN_OVERHEAD_STEPS: usize = 2;
+
+/// Cost of merging the chunks (`attn_combine`, and the pause between two
+/// kernels), in steps of a decode attention block's loop: about 5 us on
+/// an H100, measured.
+const ATTN_COMBINE_STEPS: usize = 3;
+
+/// Waves of decode attention blocks past which the launcher cuts the
+/// positions no finer: more chunks would add only overhead.
+const ATTN_MAX_WAVES: usize = 4;
+
+/// Most chunks one (sequence, head) is cut into: `attn_combine` keeps a
+/// weight per chunk in shared memory (16 KiB at most).
+const ATTN_MAX_SPLITS: usize = 4096;
+
+/// Most positions the decode attention kernel takes: its indices are 32-bit,
+/// with room for the end of the last chunk (below twice the positions) and
+/// a few steps past the end.
+const ATTN_MAX_TOTAL: usize = 1 << 30;
 
 /// Widest row (in values) the RMSNorm kernels give a warp rather than a
 /// block.
@@ -93,35 +123,69 @@ fn attn_group(head_dim: usize) -> usize {
     (head_dim / 8).max(1).next_power_of_two()
 }
 
-/// Bytes of dynamic shared memory the decode attention kernel takes for
-/// `heads` query heads a block: their f32 scores of `total` positions,
-/// whose room is then reused for the warps' partial sums.
-fn attn_shared_bytes(head_dim: usize, total: usize, heads: usize) -> usize {
-    let partials = (ATTN_THREADS / 32) * attn_group(head_dim) * 8;
-    total.saturating_mul(heads).max(partials).saturating_mul(4)
+/// Query heads of one group a decode attention block takes together (each
+/// key and value row read once for all of them; the group's last block
+/// takes what is left): 4, the kernel's most, or fewer where the group is
+/// smaller (its size rounded up to a power of two) or a row has fewer
+/// lanes (the kernel sums the heads' dot products over the lanes of a row,
+/// leaving each head on lanes of its own).
+fn attn_heads_per_block(group: usize, head_dim: usize) -> usize {
+    4.min(attn_group(head_dim)).min(group.max(1).next_power_of_two())
 }
 
-/// Query heads of one group a decode attention block takes together (each
-/// key and value row read once for all of them): the largest of 4, 2 and 1
-/// (the kernel's `ATTN_GMAX` is 4) dividing `group` whose scores fit the
-/// shared memory.
-fn attn_heads_per_block(group: usize, head_dim: usize, total: usize) -> usize {
-    [4, 2, 1]
-        .into_iter()
-        .find(|&g| group.is_multiple_of(g) && attn_shared_bytes(head_dim, total, g) <= ATTN_SHARED_MAX)
-        .unwrap_or(1)
+/// Positions a decode attention block takes in one step of its loop:
+/// `ATTN_ROWS` for each group of lanes.
+fn attn_step(head_dim: usize) -> usize {
+    ATTN_THREADS / attn_group(head_dim) * ATTN_ROWS
+}
+
+/// Bytes of dynamic shared memory of a decode attention block taking
+/// `heads` query heads: each warp's sums, `attn_group · 8` f32 per head.
+fn attn_shared_bytes(head_dim: usize, heads: usize) -> usize {
+    (ATTN_THREADS / 32) * heads * attn_group(head_dim) * 8 * 4
+}
+
+/// Most chunks the launcher cuts the positions into where `blocks` blocks
+/// take each chunk (one per sequence, kv head and heads a block) and
+/// `slots` blocks run at once on the GPU: as many as make
+/// `ATTN_MAX_WAVES` waves.
+fn attn_max_splits(blocks: usize, slots: usize) -> usize {
+    slots.max(1).saturating_mul(ATTN_MAX_WAVES).div_ceil(blocks.max(1)).clamp(1, ATTN_MAX_SPLITS)
+}
+
+/// Positions per block the launcher picks: of the cuts of `total` into n
+/// chunks of whole steps ([`attn_step`]), n up to [`attn_max_splits`], the
+/// one whose waves of blocks (`blocks · n` over `slots` at once, rounded
+/// up) times each block's work (its steps plus `ATTN_OVERHEAD_STEPS`),
+/// plus `ATTN_COMBINE_STEPS` where there are chunks to merge, is least, the
+/// fewest chunks on a tie. One chunk where the sequences and
+/// heads alone fill the GPU evenly; more where they leave it idle or end
+/// in a ragged last wave.
+fn attn_chunk(blocks: usize, total: usize, head_dim: usize, slots: usize) -> usize {
+    let step = attn_step(head_dim);
+    let steps = total.div_ceil(step).max(1);
+    let (blocks, slots) = (blocks.max(1), slots.max(1));
+    let mut best = (usize::MAX, steps);
+    for n in 1..=attn_max_splits(blocks, slots).min(steps) {
+        let per_chunk = steps.div_ceil(n);
+        let chunks = steps.div_ceil(per_chunk);
+        let waves = blocks.saturating_mul(chunks).div_ceil(slots);
+        let merge = if chunks > 1 { ATTN_COMBINE_STEPS } else { 0 };
+        let cost = waves.saturating_mul(per_chunk + ATTN_OVERHEAD_STEPS).saturating_add(merge);
+        if cost < best.0 {
+            best = (cost, per_chunk);
+        }
+    }
+    best.1.saturating_mul(step)
 }
 
 /// Whether [`LlmKernels::attn_decode`] handles heads of `head_dim` over
-/// `total` positions: `head_dim` a multiple of 8 from 8 to 256, and the
-/// f32 scores of `total` positions within 48 KiB of shared memory (about
-/// 12,000 positions). Otherwise the caller takes the batched-product path
+/// `total` positions: `head_dim` a multiple of 8 from 8 to 256, and at most
+/// 2^30 positions. Otherwise the caller takes the batched-product path
 /// ([`super::blas::Blas::gemm_batched_half`] and
 /// [`LlmKernels::softmax_causal`]).
 pub fn attn_decode_fits(head_dim: usize, total: usize) -> bool {
-    head_dim.is_multiple_of(8)
-        && (8..=256).contains(&head_dim)
-        && attn_shared_bytes(head_dim, total, 1) <= ATTN_SHARED_MAX
+    head_dim.is_multiple_of(8) && (8..=256).contains(&head_dim) && total <= ATTN_MAX_TOTAL
 }
 
 /// The entry points of one 16-bit type.
@@ -136,7 +200,8 @@ struct Typed {
     store_kv: Kernel,
     transpose_heads: Kernel,
     softmax_causal: Kernel,
-    attn_decode: Kernel,
+    attn_split: Kernel,
+    attn_combine: Kernel,
     fill_uniform: Kernel,
     fill: Kernel,
 }
@@ -155,7 +220,8 @@ impl Typed {
             store_kv: k("store_kv")?,
             transpose_heads: k("transpose_heads")?,
             softmax_causal: k("softmax_causal")?,
-            attn_decode: k("attn_decode")?,
+            attn_split: k("attn_split")?,
+            attn_combine: k("attn_combine")?,
             fill_uniform: k("fill_uniform")?,
             fill: k("fill")?,
         })
@@ -169,6 +235,13 @@ pub struct LlmKernels {
     f16: Typed,
     bf16: Typed,
     multiprocessors: u32,
+    /// Decode attention blocks that run at once on the GPU: its
+    /// multiprocessors times the blocks each holds.
+    attn_slots: usize,
+    /// The decode attention's partial results per chunk of positions
+    /// (f32), grown on demand; locked from its sizing to the launches that
+    /// use it (all on the compute stream, in order).
+    attn_scratch: Mutex<Option<DevBuf<f32>>>,
 }
 
 /// `a * b * ...`, or an error naming `what` where it overflows.
@@ -196,11 +269,22 @@ impl LlmKernels {
     /// Compiles `llm.cu` (once per process) and loads every entry point.
     pub fn load(device: &GpuDevice) -> Result<Self> {
         let opts = compile_options();
+        let (f16, bf16) = (Typed::load(device, "f16")?, Typed::load(device, "bf16")?);
+        let multiprocessors = tk::multiprocessors(device).map_err(tier_err)?;
+        // The most shared memory a block takes (4 heads of 256).
+        let shared = attn_shared_bytes(256, 4);
+        let per_sm = [&f16, &bf16]
+            .into_iter()
+            .map(|t| t.attn_split.blocks_per_sm(ATTN_THREADS as u32, shared).map_err(tier_err))
+            .try_fold(u32::MAX, |m, b| b.map(|b| m.min(b)))?;
+        let slots = usize::try_from(multiprocessors.saturating_mul(per_sm.max(1))).unwrap_or(usize::MAX);
         Ok(LlmKernels {
             write_mask: tk::load(device, LLM_SOURCE, "write_mask", &opts).map_err(tier_err)?,
-            f16: Typed::load(device, "f16")?,
-            bf16: Typed::load(device, "bf16")?,
-            multiprocessors: tk::multiprocessors(device).map_err(tier_err)?,
+            f16,
+            bf16,
+            multiprocessors,
+            attn_slots: slots,
+            attn_scratch: Mutex::new(None),
         })
     }
 
@@ -604,6 +688,16 @@ impl LlmKernels {
     /// where `mask[b·stride + j] != 0`; `out[b, h·d..]` = softmax(scale ·
     /// q·k_j) · v_j in f32, rounded to T (fully masked: zeros). Shapes that
     /// [`attn_decode_fits`] refuses are an error.
+    ///
+    /// Flash-decoding: the positions are cut into chunks of
+    /// [`LlmKernels::attn_decode_chunk`] positions, one block per (sequence,
+    /// kv head, up to four query heads of its group, chunk), so that the
+    /// grid keeps the whole GPU busy; where there is more than one
+    /// chunk, each block leaves its chunk's max score, sum of exponentials
+    /// and unnormalised weighted values (f32) in a scratch buffer kept here
+    /// (a [`DevBuf`], counted like every other, grown on demand) and a
+    /// second kernel merges them. Where the scratch cannot be allocated the
+    /// positions are taken as one chunk.
     #[allow(clippy::too_many_arguments)]
     pub fn attn_decode<T: Half>(
         &self,
@@ -611,8 +705,68 @@ impl LlmKernels {
         q: &DevBuf<T>,
         (keys, values): (&DevBuf<T>, &DevBuf<T>),
         (mask, stride): (&DevBuf<u8>, usize),
+        dims: (usize, usize, usize, usize, usize, usize),
+        scale: f32,
+        out: &DevBuf<T>,
+    ) -> Result<()> {
+        let (batch, heads, kv_heads, head_dim, _, total) = dims;
+        let chunk = self.attn_decode_chunk((batch, heads, kv_heads, head_dim, total));
+        // Room for the most chunks this batch shape is ever cut into, so
+        // that the scratch does not grow again as `total` does.
+        let reserve = attn_max_splits(self.attn_blocks(batch, heads, kv_heads, head_dim), self.attn_slots);
+        self.attn_decode_split(gpu, q, (keys, values), (mask, stride), dims, scale, (chunk, reserve), out)
+    }
+
+    /// Positions per block that [`LlmKernels::attn_decode`] takes for
+    /// `(batch, heads, kv_heads, head_dim, total)`: a whole number of the
+    /// kernel's steps (`2 · 256 / lanes a row` positions: 32 for head_dim
+    /// 128), as few chunks as keep every multiprocessor busy to the end (see
+    /// `attn_chunk`): one where the sequences and heads alone do.
+    pub fn attn_decode_chunk(
+        &self,
+        (batch, heads, kv_heads, head_dim, total): (usize, usize, usize, usize, usize),
+    ) -> usize {
+        attn_chunk(self.attn_blocks(batch, heads, kv_heads, head_dim), total, head_dim, self.attn_slots)
+    }
+
+    /// [`LlmKernels::attn_decode`] with `chunk` positions per block (at
+    /// least 1; `total.div_ceil(chunk)` chunks, at most 4096), for tests and
+    /// measurements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn_decode_chunked<T: Half>(
+        &self,
+        gpu: &Gpu,
+        q: &DevBuf<T>,
+        (keys, values): (&DevBuf<T>, &DevBuf<T>),
+        (mask, stride): (&DevBuf<u8>, usize),
+        dims: (usize, usize, usize, usize, usize, usize),
+        scale: f32,
+        chunk: usize,
+        out: &DevBuf<T>,
+    ) -> Result<()> {
+        self.attn_decode_split(gpu, q, (keys, values), (mask, stride), dims, scale, (chunk, 0), out)
+    }
+
+    /// Blocks of the decode attention kernel per chunk of positions: one per
+    /// sequence, kv head and [`attn_heads_per_block`] query heads.
+    fn attn_blocks(&self, batch: usize, heads: usize, kv_heads: usize, head_dim: usize) -> usize {
+        let group = heads / kv_heads.max(1);
+        let per_kv = group.div_ceil(attn_heads_per_block(group, head_dim));
+        batch.saturating_mul(kv_heads).saturating_mul(per_kv)
+    }
+
+    /// The decode attention with `chunk` positions per block, the scratch
+    /// sized for at least `reserve` chunks.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_decode_split<T: Half>(
+        &self,
+        gpu: &Gpu,
+        q: &DevBuf<T>,
+        (keys, values): (&DevBuf<T>, &DevBuf<T>),
+        (mask, stride): (&DevBuf<u8>, usize),
         (batch, heads, kv_heads, head_dim, cap, total): (usize, usize, usize, usize, usize, usize),
         scale: f32,
+        (chunk, reserve): (usize, usize),
         out: &DevBuf<T>,
     ) -> Result<()> {
         if !attn_decode_fits(head_dim, total) {
@@ -630,6 +784,17 @@ impl LlmKernels {
                 "attn_decode: {total} positions overflow the cache's {cap} or the mask's {stride}"
             )));
         }
+        if chunk == 0 {
+            return Err(Error::Gpu("attn_decode: chunks of 0 positions".into()));
+        }
+        // One chunk of at least `total` is one chunk of `total`.
+        let chunk = chunk.min(total.max(1));
+        let mut splits = total.div_ceil(chunk).max(1);
+        if splits > ATTN_MAX_SPLITS {
+            return Err(Error::Gpu(format!(
+                "attn_decode: {total} positions in chunks of {chunk} make more than {ATTN_MAX_SPLITS} chunks"
+            )));
+        }
         let q_len = count("attn_decode", &[batch, heads, head_dim])?;
         need("attn_decode q", q, q_len)?;
         let cache = count("attn_decode", &[batch, kv_heads, cap, head_dim])?;
@@ -643,24 +808,52 @@ impl LlmKernels {
         if !aligned16(&[q, keys, values]) {
             return Err(Error::Gpu("attn_decode: q, keys and values must be 16-byte aligned".into()));
         }
-        let k = &self.typed::<T>()?.attn_decode;
+        // The kernel's 32-bit positions reach the end of the last chunk and
+        // three steps past `total`.
+        int("attn_decode", count("attn_decode", &[splits, chunk])?)?;
+        int("attn_decode", add("attn_decode", total, 3 * attn_step(head_dim))?)?;
+        let typed = self.typed::<T>()?;
         let group = heads / kv_heads;
-        let per_block = attn_heads_per_block(group, head_dim, total);
-        let shared = attn_shared_bytes(head_dim, total, per_block) as u32;
+        let per_block = attn_heads_per_block(group, head_dim);
+        let per_chunk = count("attn_decode", &[batch, kv_heads, group.div_ceil(per_block)])?;
+
+        // The chunks' partial results: `batch · heads · splits` rows of
+        // `head_dim` sums, then as many (max, sum) pairs. Held locked until
+        // both kernels are enqueued.
+        let mut scratch = self.attn_scratch.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut parts = (0u64, 0u64);
+        if splits > 1 {
+            let rows = count("attn_decode", &[batch, heads, splits])?;
+            let need_len = count("attn_decode", &[rows, add("attn_decode", head_dim, 2)?])?;
+            let want_len =
+                count("attn_decode", &[batch, heads, splits.max(reserve), add("attn_decode", head_dim, 2)?])?;
+            if Self::ensure_scratch(gpu, &mut scratch, need_len, want_len)? {
+                if let Some(buf) = scratch.as_ref() {
+                    parts = (buf.ptr(), buf.ptr_at(count("attn_decode", &[rows, head_dim])?)?);
+                }
+            }
+            if parts.0 == 0 {
+                splits = 1;
+            }
+        }
+        let chunk = if splits == 1 { total.max(1) } else { chunk };
+
         let (mut qp, mut kp, mut vp, mut m) = (q.ptr(), keys.ptr(), values.ptr(), mask.ptr());
         let (mut st, mut he, mut kh) =
             (int("attn_decode", stride)?, int("attn_decode", heads)?, int("attn_decode", kv_heads)?);
         let (mut hd, mut c, mut t) =
             (int("attn_decode", head_dim)?, int("attn_decode", cap)?, int("attn_decode", total)?);
-        let (mut sc, mut gc, mut o) = (scale, int("attn_decode", per_block)?, out.ptr());
+        let (mut sc, mut gc, mut ch, mut ns) =
+            (scale, int("attn_decode", per_block)?, int("attn_decode", chunk)?, int("attn_decode", splits)?);
+        let (mut pa, mut pm, mut o) = (parts.0, parts.1, out.ptr());
         let dims = LaunchDims {
-            grid: (blocks("attn_decode", count("attn_decode", &[batch, kv_heads, group / per_block])?)?, 1, 1),
+            grid: (blocks("attn_decode", count("attn_decode", &[per_chunk, splits])?)?, 1, 1),
             block: (ATTN_THREADS as u32, 1, 1),
-            shared_bytes: shared,
+            shared_bytes: attn_shared_bytes(head_dim, per_block) as u32,
         };
         Self::launch(
             gpu,
-            k,
+            &typed.attn_split,
             dims,
             &mut [
                 arg(&mut qp),
@@ -675,9 +868,51 @@ impl LlmKernels {
                 arg(&mut t),
                 arg(&mut sc),
                 arg(&mut gc),
+                arg(&mut ch),
+                arg(&mut ns),
+                arg(&mut pa),
+                arg(&mut pm),
                 arg(&mut o),
             ],
+        )?;
+        if splits == 1 {
+            return Ok(());
+        }
+        let dims = LaunchDims {
+            grid: (blocks("attn_decode", count("attn_decode", &[batch, heads])?)?, 1, 1),
+            block: (COMBINE_THREADS, 1, 1),
+            shared_bytes: (splits * 4) as u32,
+        };
+        Self::launch(
+            gpu,
+            &typed.attn_combine,
+            dims,
+            &mut [arg(&mut pa), arg(&mut pm), arg(&mut ns), arg(&mut hd), arg(&mut o)],
         )
+    }
+
+    /// Makes `scratch` hold at least `need` f32, allocating `want` (at
+    /// least `need`) where it is missing or smaller: false where that
+    /// allocation fails.
+    fn ensure_scratch(gpu: &Gpu, scratch: &mut Option<DevBuf<f32>>, need: usize, want: usize) -> Result<bool> {
+        if scratch.as_ref().is_some_and(|b| b.len() >= need) {
+            return Ok(true);
+        }
+        if scratch.is_some() {
+            // Kernels enqueued before may still read the old buffer.
+            gpu.synchronize()?;
+            *scratch = None;
+        }
+        match DevBuf::alloc(gpu, want.max(need)) {
+            Ok(buf) => {
+                *scratch = Some(buf);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::debug!("attn_decode: no scratch for its chunks ({e}); one chunk per block");
+                Ok(false)
+            }
+        }
     }
 
     /// Seeded uniform values in ±`scale` over all of `out`: the generator
@@ -757,30 +992,72 @@ mod tests {
     #[test]
     fn decode_attention_shapes() {
         for hd in [8, 64, 80, 96, 128, 256] {
+            assert!(attn_decode_fits(hd, 0), "{hd}");
             assert!(attn_decode_fits(hd, 1), "{hd}");
-            assert!(attn_decode_fits(hd, 8192), "{hd}");
-            assert!(attn_decode_fits(hd, 12_000), "{hd}");
-            assert!(!attn_decode_fits(hd, 12_400), "{hd}");
+            assert!(attn_decode_fits(hd, 12_400), "{hd}");
+            assert!(attn_decode_fits(hd, 1 << 30), "{hd}");
+            assert!(!attn_decode_fits(hd, (1 << 30) + 1), "{hd}");
         }
         for hd in [0, 4, 12, 260, 264, 512] {
             assert!(!attn_decode_fits(hd, 16), "{hd}");
         }
+        assert_eq!(attn_group(8), 1);
+        assert_eq!(attn_group(16), 2);
         assert_eq!(attn_group(64), 8);
         assert_eq!(attn_group(80), 16);
         assert_eq!(attn_group(128), 16);
         assert_eq!(attn_group(256), 32);
-        // The partial sums' room: 8 warps × 256 values.
-        assert_eq!(attn_shared_bytes(256, 10, 1), 8 * 256 * 4);
-        assert_eq!(attn_shared_bytes(128, 5000, 1), 5000 * 4);
-        assert_eq!(attn_shared_bytes(128, 5000, 2), 2 * 5000 * 4);
-        // Heads a block takes: the most of 4, 2, 1 that divide the group and
-        // whose scores fit 48 KiB less 512 bytes (12,032 positions for one).
-        assert_eq!(attn_heads_per_block(4, 128, 512), 4);
-        assert_eq!(attn_heads_per_block(8, 128, 3000), 4);
-        assert_eq!(attn_heads_per_block(8, 128, 4000), 2);
-        assert_eq!(attn_heads_per_block(8, 128, 7000), 1);
-        assert_eq!(attn_heads_per_block(6, 64, 100), 2);
-        assert_eq!(attn_heads_per_block(3, 64, 100), 1);
-        assert_eq!(attn_heads_per_block(1, 64, 100), 1);
+        // Positions a block takes per step: 2 per group of lanes.
+        assert_eq!(attn_step(128), 32);
+        assert_eq!(attn_step(64), 64);
+        assert_eq!(attn_step(256), 16);
+        assert_eq!(attn_step(8), 512);
+        // Each warp's sums of every head.
+        assert_eq!(attn_shared_bytes(128, 4), 8 * 4 * 128 * 4);
+        assert_eq!(attn_shared_bytes(80, 1), 8 * 128 * 4);
+        assert_eq!(attn_shared_bytes(256, 2), 8 * 2 * 256 * 4);
+        // Heads a block takes: 4, or the group rounded up to a power of two,
+        // or the lanes of a row, whichever is least.
+        assert_eq!(attn_heads_per_block(4, 128), 4);
+        assert_eq!(attn_heads_per_block(8, 128), 4);
+        assert_eq!(attn_heads_per_block(7, 128), 4);
+        assert_eq!(attn_heads_per_block(6, 64), 4);
+        assert_eq!(attn_heads_per_block(3, 64), 4);
+        assert_eq!(attn_heads_per_block(2, 64), 2);
+        assert_eq!(attn_heads_per_block(1, 64), 1);
+        assert_eq!(attn_heads_per_block(32, 64), 4);
+        assert_eq!(attn_heads_per_block(8, 16), 2);
+        assert_eq!(attn_heads_per_block(8, 8), 1);
+    }
+
+    #[test]
+    fn decode_attention_chunks() {
+        // 132 multiprocessors holding 2 blocks each.
+        let slots = 264;
+        // Case E: 64 sequences × 8 kv heads × one block of 4 heads = 512
+        // blocks a chunk: two even waves in one chunk of all 544 positions
+        // beat 4 waves of 2 chunks and the merge.
+        assert_eq!(attn_max_splits(512, slots), 3);
+        assert_eq!(attn_chunk(512, 544, 128, slots), 544);
+        assert_eq!(attn_chunk(512, 1056, 128, slots), 1056);
+        // 16 sequences (128 blocks) of 2048: two chunks of 1024, one wave.
+        assert_eq!(attn_chunk(128, 2048, 128, slots), 1024);
+        // One sequence (8 blocks) of 8192: 32 chunks of 256, one wave.
+        assert_eq!(attn_max_splits(8, slots), 132);
+        assert_eq!(attn_chunk(8, 8192, 128, slots), 256);
+        // 8 sequences (64 blocks) of 11,000: 4 chunks of 2752.
+        assert_eq!(attn_chunk(64, 11_000, 128, slots), 2752);
+        // Enough blocks without splitting: one chunk of all the positions,
+        // in whole steps.
+        assert_eq!(attn_max_splits(4096, slots), 1);
+        assert_eq!(attn_chunk(4096, 3000, 128, slots), 3008);
+        // Few positions: one step.
+        assert_eq!(attn_chunk(8, 10, 128, slots), 32);
+        assert_eq!(attn_chunk(8, 0, 128, slots), 32);
+        // Never more chunks than the combine kernel takes.
+        assert_eq!(attn_max_splits(1, 100_000), ATTN_MAX_SPLITS);
+        assert_eq!(attn_max_splits(0, 0), ATTN_MAX_WAVES);
+        let chunk = attn_chunk(1, 1 << 30, 8, 100_000);
+        assert!((1usize << 30).div_ceil(chunk) <= ATTN_MAX_SPLITS);
     }
 }
