@@ -876,7 +876,8 @@ mod tests {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no nearest batch in {err}"));
         // It fits, and one more does not.
-        let at = |b: usize| Request { pins: Pins { gpu_batch_size: Some(b), ..pins.clone() }, prompts: b, ..req.clone() };
+        let at =
+            |b: usize| Request { pins: Pins { gpu_batch_size: Some(b), ..pins.clone() }, prompts: b, ..req.clone() };
         let out = search(&at(b)).unwrap();
         assert!(fits(&at(b), &out.best), "{}", out.best.flags());
         assert!(search(&at(b + 1)).is_err(), "{} + 1 fits too", b);
