@@ -87,21 +87,6 @@ pub fn append<T: Copy>(k: &[T], v: &[T], past: usize, cache: (&mut [T], &mut [T]
     Ok(())
 }
 
-/// Zeroes every weight of `row` but the `k` largest of its past positions
-/// (all but the last; ties to the earlier) and the last (the reference's
-/// rule).
-fn keep_top_past(row: &mut [f32], k: usize) {
-    let past = row.len().saturating_sub(1);
-    if k >= past {
-        return;
-    }
-    let mut order: Vec<usize> = (0..past).collect();
-    order.select_nth_unstable_by(k, |&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-    for &p in &order[k..] {
-        row[p] = 0.0;
-    }
-}
-
 /// Decode attention of one query row per sequence (`q`, `[batch][heads ·
 /// head_dim]` f32) over positions `0..cache.total` of the cache, keeping
 /// `sparsity` of the past positions (1: all). Returns `[batch][heads ·
@@ -146,7 +131,7 @@ pub fn decode<T: Half>(q: &[f32], cache: HostKv<'_, T>, heads: usize, sparsity: 
             for s in scores.chunks_exact_mut(total) {
                 ops::softmax_masked(s, scale, |p| seq_mask[p] != 0);
                 if let Some(k) = top_k {
-                    keep_top_past(s, k);
+                    ops::cpu::keep_top_past(s, k);
                 }
             }
             let mut out = vec![0.0f32; group * d];

@@ -278,8 +278,9 @@ fn attend(
 }
 
 /// Zeroes every weight of `row` but the `k` largest of its past positions
-/// (all but the last; ties to the earlier) and the last.
-fn keep_top_past(row: &mut [f32], k: usize) {
+/// (all but the last; ties to the earlier) and the last: FlexGen's sparse
+/// decode attention's rule, for every CPU attention that keeps a top-k.
+pub fn keep_top_past(row: &mut [f32], k: usize) {
     let past = row.len().saturating_sub(1);
     if k >= past {
         return;

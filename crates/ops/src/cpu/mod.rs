@@ -23,7 +23,9 @@ mod norm;
 mod rope;
 pub(crate) mod tensor;
 
-pub use attention::{attention, attention_sparse, softmax_masked, sparse_top_k, AttentionShape, KvCache};
+pub use attention::{
+    attention, attention_sparse, keep_top_past, softmax_masked, sparse_top_k, AttentionShape, KvCache,
+};
 pub use linear::{add_inplace, embedding, linear, relu_inplace, silu_mul_inplace, Activation};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{Rope, RopeScaling};

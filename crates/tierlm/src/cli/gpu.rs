@@ -76,13 +76,7 @@ fn cache_is_packed(policy: &Policy) -> bool {
 
 /// The cache placement `policy` asks the GPU engine for.
 pub fn cache_plan(policy: &Policy) -> CachePlan {
-    CachePlan {
-        gpu_percent: policy.cache_gpu_percent,
-        cpu_percent: policy.cache_cpu_percent,
-        cpu_compute: policy.cpu_cache_compute && policy.cache_cpu_percent >= 100.0,
-        attn_sparsity: policy.attn_sparsity,
-        compress: policy.compress_cache,
-    }
+    CachePlan::of_policy(policy)
 }
 
 /// The GPU engine's answer to a policy: `None` where it does not take the
