@@ -321,13 +321,10 @@ fn head_elements(spec: &ModelSpec) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Shares (fractions) of a batch's sequences on the GPU, in host memory and
-/// on disk, rounded to whole sequences as the cache places them.
-fn sequence_shares(gbs: usize, gpu_percent: f64, cpu_percent: f64) -> [f64; 3] {
-    let n = gbs as f64;
-    let g = (n * gpu_percent.clamp(0.0, 100.0) / 100.0).round().min(n);
-    let c = (n * cpu_percent.clamp(0.0, 100.0) / 100.0).round().min(n - g);
-    [g, c, n - g - c]
+/// A batch's sequences on the GPU, in host memory and on disk, in whole
+/// sequences as the cache places them ([`plan::cache_sequences`]).
+fn sequence_shares(gbs: usize, policy: &Policy) -> Result<[f64; 3]> {
+    Ok(plan::cache_sequences(gbs, policy)?.map(|n| n as f64))
 }
 
 /// Which part of a step.
@@ -382,9 +379,12 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
 
     // The KV cache.
     let tb = spec.kv.token_bytes() as f64;
-    let stored_tb = if policy.compress_cache { tb * plan::COMPRESSED_PER_F16_BYTE } else { tb };
+    // A position's keys and values as stored (4-bit: the engine's layout,
+    // its headers, scales and mins shared out over the positions).
+    let capacity = run.work.prompt_len.saturating_add(run.work.gen_len);
+    let stored_tb = plan::cache_token_bytes(spec, policy, capacity)?;
     let q_width = (w.heads * spec.kv.head_dim) as f64;
-    let [g, c, d] = sequence_shares(gbs, policy.cache_gpu_percent, policy.cache_cpu_percent);
+    let [g, c, d] = sequence_shares(gbs, policy)?;
     // q, k and v rearranged into heads for the attention and its output
     // back (each read and written).
     b.serial_mem(nb * rows * 2.0 * (2.0 * q_width * act + tb));

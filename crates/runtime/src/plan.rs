@@ -13,15 +13,30 @@
 //! in its order (unpin the weights, compress them, move them to disk),
 //! saying which of those would make it fit — computed with the same
 //! accounting, not guessed.
+//!
+//! The KV cache is counted as the GPU engine allocates it
+//! ([`crate::gpu::cache`], [`gpu_cache_bytes`]): each GPU batch's homes
+//! split over the tiers in whole sequences by the rule the homes are split
+//! with ([`cache_sequences`]: [`tier_api::split_points`] over
+//! [`CachePlan::shares`]), a 4-bit cache by its real layout
+//! ([`crate::gpu::cache::packed_layout`]: headers, padding, scales and mins
+//! included), every batch's key mask on the GPU, the two GPU slots and the
+//! 4-bit scratch.
 
 use std::fmt;
 
-use crate::error::{Error, Result};
-use crate::policy::Policy;
-use crate::spec::{packed_bytes, ModelSpec};
+use tier_api::DType;
 
-/// Bytes a 4-bit value of the KV cache takes with group size 64 and an f16
-/// (min, scale) pair per group, over f16's two bytes.
+use crate::error::{Error, Result};
+use crate::gpu::cache::{packed_layout, CachePlan, CacheTier};
+use crate::policy::Policy;
+use crate::spec::{packed_bytes, KvLayout, ModelSpec};
+
+/// FlexGen's nominal size of a 4-bit cache over f16's: a 4-bit value with
+/// group size 64 and an f16 (min, scale) pair per group, over two bytes.
+/// The plan and the cost model no longer use it (the engine's layout has
+/// a header per tensor, section padding, and groups as narrow as the head
+/// dimension: see [`cache_tensor_bytes`]); kept for reports that compare.
 pub const COMPRESSED_PER_F16_BYTE: f64 = 0.5625 / 2.0;
 
 /// Pinned staging the GPU tier keeps for pageable and disk paths (its
@@ -218,16 +233,150 @@ fn split(total: u64, gpu: f64, cpu: f64, pinned: bool) -> TierBytes {
     TierBytes { gpu: g, pinned, pageable, disk: total - g - c }
 }
 
+/// The index of a cache tier in `[GPU, host, disk]`.
+fn tier_index(tier: CacheTier) -> usize {
+    match tier {
+        CacheTier::Gpu => 0,
+        CacheTier::Host => 1,
+        CacheTier::Disk => 2,
+    }
+}
+
+/// Sequences of a GPU batch of `batch` whose cache the GPU engine keeps on
+/// the GPU, in host memory and on disk: the policy's cache shares
+/// ([`CachePlan::shares`], the tiers holding a share, the last taking the
+/// rounding) split along the batch at [`tier_api::split_points`] with a
+/// granularity of one sequence — the split `SegmentedTensor::allocate`
+/// gives the homes (e.g. a batch of 4 at 30/40/30 is 1/2/1 sequences).
+/// (A 4-bit cache lives on one tier, so all its sequences are there; a
+/// 4-bit cache over several tiers, which the engine refuses, is counted
+/// split as a plain one would be.)
+pub fn cache_sequences(batch: usize, policy: &Policy) -> Result<[usize; 3]> {
+    let shares = CachePlan::of_policy(policy).shares();
+    let percents: Vec<f64> = shares.iter().map(|s| s.1).collect();
+    let ranges = tier_api::split_points(batch, &percents, 1)?;
+    let mut out = [0usize; 3];
+    for ((tier, _), range) in shares.iter().zip(ranges) {
+        let i = tier_index(*tier);
+        out[i] = out[i].saturating_add(range.len());
+    }
+    Ok(out)
+}
+
+/// Bytes of one layer's keys (or values) of `seqs` sequences of `capacity`
+/// positions as the GPU engine holds them: `[seqs, kv_heads, capacity,
+/// head_dim]` of the cache's type, or with `packed` the bytes of the 4-bit
+/// layout the engine packs them in ([`packed_layout`] of `seqs · kv_heads ·
+/// capacity` rows: groups of up to 64 along the head dimension, codes, f16
+/// scales and mins, a 64-byte header). No sequences take nothing.
+/// Saturates at `u64::MAX`; a 4-bit cache of a type the engine does not
+/// pack (not f16 or bf16) is an error.
+pub fn cache_tensor_bytes(kv: &KvLayout, seqs: usize, capacity: usize, packed: bool) -> Result<u64> {
+    if !packed {
+        return Ok([seqs, kv.kv_heads, capacity, kv.head_dim, kv.dtype.size()]
+            .iter()
+            .fold(1u64, |b, &d| b.saturating_mul(d as u64)));
+    }
+    if !matches!(kv.dtype, DType::F16 | DType::BF16) {
+        return Err(Error::Spec(format!("a 4-bit KV cache of {:?}: the GPU engine packs f16 or bf16 only", kv.dtype)));
+    }
+    let Some(rows) = [seqs, kv.kv_heads, capacity].iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+        return Ok(u64::MAX);
+    };
+    if rows == 0 || kv.head_dim == 0 {
+        return Ok(0);
+    }
+    // With a 16-bit type the layout fails only when its sizes overflow.
+    Ok(packed_layout(rows, kv.head_dim, kv.dtype).map_or(u64::MAX, |l| l.total_bytes() as u64))
+}
+
+/// Bytes one position of one sequence's keys and values of one layer
+/// takes in the cache's homes: the spec's token bytes, or 4-bit, a GPU
+/// batch's packed keys and values of a layer ([`cache_tensor_bytes`])
+/// over its `gpu_batch_size · capacity` positions (headers, padding,
+/// scales and mins shared out). For the cost model's bytes moved.
+pub fn cache_token_bytes(spec: &ModelSpec, policy: &Policy, capacity: usize) -> Result<f64> {
+    if !policy.compress_cache {
+        return Ok(spec.kv.token_bytes() as f64);
+    }
+    let gbs = policy.gpu_batch_size;
+    let positions = gbs as f64 * capacity as f64;
+    if positions == 0.0 {
+        return Ok(0.0);
+    }
+    Ok(2.0 * cache_tensor_bytes(&spec.kv, gbs, capacity, true)? as f64 / positions)
+}
+
+/// The KV cache of one block as the GPU engine allocates it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuCacheBytes {
+    /// Every batch's homes (keys and values of every layer) per tier; never
+    /// pinned.
+    pub homes: TierBytes,
+    /// Every batch's key mask on the GPU: a byte per position per sequence.
+    pub masks: u64,
+    /// The two GPU slots of one GPU batch's layer (keys and values), when
+    /// the cache goes through them ([`CachePlan::through_slots`]).
+    pub slots: u64,
+    /// The 4-bit cache's GPU scratch: one GPU batch's layer, keys and
+    /// values each unpacked and packed.
+    pub scratch: u64,
+}
+
+/// The KV cache of a block of `num_gpu_batches` batches of
+/// `gpu_batch_size` sequences of `capacity` positions, as the GPU engine
+/// allocates it (`runtime::gpu::cache::CacheStreamer::new_cache`, or a
+/// resident cache when it does not go through the slots):
+///
+/// - homes: per batch and layer, keys and values split along the batch in
+///   whole sequences ([`cache_sequences`]), each tier's part
+///   `[sequences, kv_heads, capacity, head_dim]`; 4-bit, one packed tensor
+///   each of the batch's layout ([`cache_tensor_bytes`]) on its tier;
+/// - a key mask per batch on the GPU, `gpu_batch_size × capacity` bytes;
+/// - through the slots: two slots of one batch's layer (the slots grow to
+///   the largest batch, which for equal batches is any of them), and 4-bit,
+///   one scratch for the batches' one shape (`pack_scratch` makes one per
+///   distinct `(batch, capacity)`): keys and values each unpacked and
+///   packed.
+///
+/// Counts saturate.
+pub fn gpu_cache_bytes(spec: &ModelSpec, policy: &Policy, capacity: usize) -> Result<GpuCacheBytes> {
+    let kv = &spec.kv;
+    let gbs = policy.gpu_batch_size;
+    let nb = policy.num_gpu_batches as u64;
+    let packed = policy.compress_cache;
+    let per_layer = (spec.layers as u64).saturating_mul(2);
+    let [g, c, d] = cache_sequences(gbs, policy)?;
+    let home = |seqs: usize| -> Result<u64> {
+        Ok(nb.saturating_mul(per_layer).saturating_mul(cache_tensor_bytes(kv, seqs, capacity, packed)?))
+    };
+    let homes = TierBytes { gpu: home(g)?, pinned: 0, pageable: home(c)?, disk: home(d)? };
+    let masks = nb.saturating_mul(gbs as u64).saturating_mul(capacity as u64);
+    let mut out = GpuCacheBytes { homes, masks, slots: 0, scratch: 0 };
+    if CachePlan::of_policy(policy).through_slots() && nb > 0 && gbs > 0 && capacity > 0 {
+        // One layer's keys (or values) of one batch, in the cache's type.
+        let plain = cache_tensor_bytes(kv, gbs, capacity, false)?;
+        out.slots = plain.saturating_mul(4);
+        if packed {
+            out.scratch = plain.saturating_add(cache_tensor_bytes(kv, gbs, capacity, true)?).saturating_mul(2);
+        }
+    }
+    Ok(out)
+}
+
 /// Counts the bytes `policy` places on each tier for `spec` and `work`.
 ///
 /// Weights as the engine places them (see the module's documentation); the
 /// tensors outside the layers stay with the compute device. The KV cache
-/// holds `block × (prompt + gen)` positions, split in whole sequences; it
-/// is never pinned on the host (FlexGen's choice: pinned cache would lock
-/// tens of gigabytes). When the GPU computes on weights that live
-/// elsewhere, it needs [`weight_slots`] layers' slots, for a cache that
-/// lives elsewhere two slots of one GPU batch's layer, and a pinned staging
-/// ring. Counts saturate: a workload too large for `u64` never fits.
+/// holds `block × (prompt + gen)` positions; on a GPU engine as it
+/// allocates them ([`gpu_cache_bytes`]: homes split in whole sequences of
+/// each batch, 4-bit by its real layout, the batches' key masks counted in
+/// the cache's GPU bytes); it is never pinned on the host (FlexGen's
+/// choice: pinned cache would lock tens of gigabytes). When the GPU
+/// computes on weights that live elsewhere, it needs [`weight_slots`]
+/// layers' slots, for a cache through the slots two slots of one GPU
+/// batch's layer (and 4-bit, its scratch), and a pinned staging ring.
+/// Counts saturate: a workload too large for `u64` never fits.
 pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Machine) -> Result<Footprint> {
     let layers = spec.layers as u64;
     let block = policy.block_size();
@@ -259,11 +408,20 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
         weights.disk = (layers - resident).saturating_mul(layer_held);
     }
 
-    // KV cache.
-    let cache_plain = spec.kv_cache_bytes(block, seq);
-    let cache_total =
-        if policy.compress_cache { (cache_plain as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64 } else { cache_plain };
-    let cache = split(cache_total, policy.cache_gpu_percent, policy.cache_cpu_percent, false);
+    // KV cache: on a GPU engine as it allocates it; the CPU engine's by
+    // the policy's shares of the plain bytes.
+    let (cache, cache_buffers) = if machine.gpu_compute {
+        let c = gpu_cache_bytes(spec, policy, seq)?;
+        (TierBytes { gpu: c.homes.gpu.saturating_add(c.masks), ..c.homes }, c.slots.saturating_add(c.scratch))
+    } else {
+        let cache_plain = spec.kv_cache_bytes(block, seq);
+        let cache_total = if policy.compress_cache {
+            (cache_plain as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64
+        } else {
+            cache_plain
+        };
+        (split(cache_total, policy.cache_gpu_percent, policy.cache_cpu_percent, false), 0)
+    };
 
     // Hidden states between layers: the largest is the prefill's.
     let w = spec.widths;
@@ -298,26 +456,21 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
         if compress {
             buffers.gpu = buffers.gpu.saturating_add(spec.layer_bytes(false)?);
         }
-        let cache_off_gpu = cache_total - cache.gpu;
-        if cache_off_gpu > 0 || (policy.compress_cache && cache_total > 0) {
-            // Two slots of one GPU batch's cache of one layer, loading beside
-            // computing (the prefill goes through them with
-            // --cpu-cache-compute too; a 4-bit cache, the GPU's own
-            // included, is unpacked into them).
-            let one = gbs.saturating_mul(seq as u64).saturating_mul(spec.kv.token_bytes());
-            buffers.gpu = buffers.gpu.saturating_add(one.saturating_mul(2));
-            if policy.compress_cache {
-                // The 4-bit cache's GPU scratch: one layer-batch unpacked
-                // and packed.
-                buffers.gpu = buffers.gpu.saturating_add(one + (one as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64);
-            }
-        }
+        // Two slots of one GPU batch's cache of one layer, loading beside
+        // computing (the prefill goes through them with --cpu-cache-compute
+        // too; a 4-bit cache, the GPU's own included, is unpacked into
+        // them), and the 4-bit cache's scratch.
+        buffers.gpu = buffers.gpu.saturating_add(cache_buffers);
         if policy.act_gpu_percent < 100.0 {
-            // Hidden states off the GPU are loaded into one buffer the
-            // block's batches share (f32 and a copy in the activations' type).
-            buffers.gpu = buffers.gpu.saturating_add(rows.saturating_mul(w.hidden as u64 * (4 + act)));
+            // Hidden states off the GPU pass through two buffers the block's
+            // batches take in turn (one stored while the next computes), each
+            // an f32 residual and at most one copy in the activations' type
+            // (`gpu::activations`; an engine without the copy holds less).
+            buffers.gpu = buffers.gpu.saturating_add(rows.saturating_mul(2 * w.hidden as u64 * (4 + act)));
         }
-        let relay = weights.pageable + weights.disk + cache.pageable + cache.disk + activations.disk;
+        let relay = [weights.pageable, weights.disk, cache.pageable, cache.disk, activations.disk]
+            .iter()
+            .fold(0u64, |a, &b| a.saturating_add(b));
         if relay > 0 {
             buffers.pinned += STAGING_BYTES;
         }
@@ -553,7 +706,13 @@ mod tests {
         // 20% of 48 layers: 10 whole layers resident, with the embeddings.
         assert_eq!(w.gpu, s.outside_bytes().unwrap() + 10 * s.layer_bytes(false).unwrap());
         let k = fp.cache;
-        assert_eq!(k.gpu + k.pageable + k.disk, s.kv_cache_bytes(64, 544));
+        // Keys and values of every position, and the batches' key masks (a
+        // byte per position) on the GPU.
+        assert_eq!(k.gpu + k.pageable + k.disk, s.kv_cache_bytes(64, 544) + 64 * 544);
+        // 32 sequences at 30/30/40 split at round(9.6) and round(19.2): 10,
+        // 9 and 13 sequences a batch.
+        let seq = s.kv_cache_bytes(1, 544);
+        assert_eq!((k.gpu, k.pageable, k.disk), (2 * 10 * seq + 64 * 544, 2 * 9 * seq, 2 * 13 * seq));
         assert_eq!(k.pinned, 0, "the cache is never pinned");
         assert!(fp.buffers.pinned > 0, "disk and pageable paths need the staging ring");
     }
@@ -647,6 +806,151 @@ mod tests {
         let cap = Capacity { gpu: 16 * GIB, host: 200 * GIB, pinnable: u64::MAX, disk: 1500 * GIB };
         let err = check(&s, &p, WORK, GPU, &cap).unwrap_err().to_string();
         assert!(err.contains("none of them is enough"), "{err}");
+    }
+
+    /// What the GPU engine allocates for a block of `policy`'s batches of
+    /// `capacity` positions, from its own functions and without a GPU:
+    /// the homes by `allocate_homes` (with the placements `new_cache`
+    /// makes from the plan's shares, on three pageable host devices
+    /// standing in for GPU, host and disk, whose accounts say what each
+    /// holds; 4-bit with the layout `pack_scratch` makes), the key masks
+    /// as `KeyMask::new`, the slots as `ensure_slots` and the scratch as
+    /// `pack_scratch` size them.
+    fn engine_block(spec: &ModelSpec, policy: &Policy, capacity: usize) -> GpuCacheBytes {
+        use crate::gpu::cache::{allocate_homes, CacheShape};
+        use tier_api::{Device, HostMemKind, Shape};
+        use tier_host::{HostConfig, HostDevice};
+        let devices: Vec<std::sync::Arc<HostDevice>> = (0..3)
+            .map(|_| HostDevice::new(HostConfig { kind: HostMemKind::Pageable, ..HostConfig::default() }).unwrap())
+            .collect();
+        let plan = CachePlan::of_policy(policy);
+        let placements: Vec<(&dyn Device, f64)> =
+            plan.shares().into_iter().map(|(t, s)| (devices[tier_index(t)].as_ref() as &dyn Device, s)).collect();
+        let kv = spec.kv;
+        let shape = CacheShape { layers: spec.layers, kv_heads: kv.kv_heads, head_dim: kv.head_dim };
+        let batch = policy.gpu_batch_size;
+        let elems = shape.layer_elems(batch, capacity).unwrap();
+        let layout = plan.compress.then(|| packed_layout(elems / kv.head_dim, kv.head_dim, kv.dtype).unwrap());
+        let dims = Shape::new([batch, kv.kv_heads, capacity, kv.head_dim]);
+        let _homes: Vec<_> = (0..policy.num_gpu_batches)
+            .map(|_| allocate_homes(&placements, &dims, kv.dtype, spec.layers, layout.as_ref()).unwrap())
+            .collect();
+        let held = |i: usize| devices[i].account().stats().asked;
+        let size = kv.dtype.size();
+        let through = plan.through_slots();
+        GpuCacheBytes {
+            homes: TierBytes { gpu: held(0), pinned: 0, pageable: held(1), disk: held(2) },
+            masks: (policy.num_gpu_batches * batch * capacity) as u64,
+            slots: if through { (2 * 2 * elems * size) as u64 } else { 0 },
+            scratch: layout.map_or(0, |l| (2 * (l.total_bytes() + elems * size)) as u64),
+        }
+    }
+
+    fn with_kv(layers: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> ModelSpec {
+        let mut s = crate::spec::testing::spec(layers, 256, 64, false);
+        s.kv = KvLayout { kv_heads, head_dim, dtype };
+        s
+    }
+
+    #[test]
+    fn the_cache_is_counted_as_the_gpu_engine_allocates_it() {
+        let work = Workload { prompt_len: 7, gen_len: 5 };
+        let capacity = 12;
+        let plain: &[(f64, f64)] = &[(30.0, 40.0), (0.0, 100.0), (100.0, 0.0), (0.0, 0.0), (25.0, 50.0), (14.0, 12.0)];
+        let mut cases = 0;
+        for head_dim in [16, 64, 80, 128] {
+            for (kv_heads, dtype) in [(2, DType::F16), (3, DType::BF16)] {
+                let s = with_kv(2, kv_heads, head_dim, dtype);
+                for gbs in [1, 3, 4, 64] {
+                    for nb in [1, 3] {
+                        let shares = plain.iter().map(|&sh| (sh, false));
+                        let packed = [(100.0, 0.0), (0.0, 100.0), (0.0, 0.0)].into_iter().map(|sh| (sh, true));
+                        for ((g, c), compress) in shares.chain(packed) {
+                            let mut p = policy([100.0, 0.0, g, c, 100.0, 0.0], gbs, nb);
+                            p.compress_cache = compress;
+                            let label =
+                                format!("head_dim {head_dim} {dtype:?} batch {gbs}×{nb} at {g}/{c} 4-bit {compress}");
+                            let engine = engine_block(&s, &p, capacity);
+                            let plan = gpu_cache_bytes(&s, &p, capacity).unwrap();
+                            assert_eq!(plan, engine, "{label}");
+                            let fp = footprint(&s, &p, work, GPU).unwrap();
+                            let want = TierBytes { gpu: engine.homes.gpu + engine.masks, ..engine.homes };
+                            assert_eq!(fp.cache, want, "{label}: the footprint's cache");
+                            // The buffers beyond a resident plain cache's: the
+                            // slots and the scratch.
+                            let resident = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], gbs, nb);
+                            let base = footprint(&s, &resident, work, GPU).unwrap().buffers.gpu;
+                            assert_eq!(fp.buffers.gpu, base + engine.slots + engine.scratch, "{label}: buffers");
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 4 * 2 * 4 * 2 * 9);
+    }
+
+    #[test]
+    fn homes_split_in_whole_sequences_by_the_allocation_s_rounding() {
+        let seqs = |gbs, g, c| cache_sequences(gbs, &policy([100.0, 0.0, g, c, 100.0, 0.0], gbs, 1)).unwrap();
+        assert_eq!(seqs(4, 30.0, 40.0), [1, 2, 1]);
+        assert_eq!(seqs(4, 0.0, 100.0), [0, 4, 0]);
+        assert_eq!(seqs(4, 100.0, 0.0), [4, 0, 0]);
+        assert_eq!(seqs(3, 0.0, 0.0), [0, 0, 3]);
+        assert_eq!(seqs(1, 30.0, 40.0), [0, 1, 0]);
+        // Cumulative split points, not each share rounded on its own (which
+        // would say 1/1/8).
+        assert_eq!(seqs(10, 14.0, 12.0), [1, 2, 7]);
+        for gbs in [1, 3, 4, 7, 64] {
+            for (g, c) in [(30.0, 40.0), (33.0, 33.0), (50.0, 50.0), (10.0, 0.0)] {
+                let p = policy([100.0, 0.0, g, c, 100.0, 0.0], gbs, 1);
+                let plan = CachePlan::of_policy(&p);
+                let percents: Vec<f64> = plan.shares().iter().map(|s| s.1).collect();
+                let ranges = tier_api::split_points(gbs, &percents, 1).unwrap();
+                let mut want = [0; 3];
+                for ((t, _), r) in plan.shares().iter().zip(ranges) {
+                    want[tier_index(*t)] += r.len();
+                }
+                assert_eq!(cache_sequences(gbs, &p).unwrap(), want, "{gbs} at {g}/{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_4_bit_cache_is_its_layout_not_a_ratio() {
+        let capacity = 544;
+        for (head_dim, wider) in [(16, true), (64, false), (128, false)] {
+            let s = with_kv(4, 8, head_dim, DType::F16);
+            let mut p = policy([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 4, 2);
+            p.compress_cache = true;
+            let rows = 4 * 8 * capacity;
+            let layout = packed_layout(rows, head_dim, DType::F16).unwrap();
+            let fp = footprint(&s, &p, Workload { prompt_len: 512, gen_len: 32 }, GPU).unwrap();
+            // Every layer's keys and values of both batches, a packed tensor each.
+            assert_eq!(fp.cache.pageable, 2 * 4 * 2 * layout.total_bytes() as u64);
+            assert_eq!(fp.cache.gpu, 2 * 4 * capacity as u64, "the key masks");
+            let ratio = (s.kv_cache_bytes(8, capacity) as f64 * COMPRESSED_PER_F16_BYTE).ceil() as u64;
+            // Narrow heads take narrower groups: a scale and a min per 16
+            // values, not per 64 (0.75 bytes a value, not 0.5625); wide
+            // ones add only the headers and the sections' padding.
+            assert_eq!(fp.cache.pageable > ratio + ratio / 4, wider, "head_dim {head_dim}");
+            assert!(fp.cache.pageable >= ratio, "head_dim {head_dim}");
+            let per_token = cache_token_bytes(&s, &p, capacity).unwrap();
+            let whole = 2.0 * layout.total_bytes() as f64;
+            assert!((per_token * (4 * capacity) as f64 - whole).abs() < whole * 1e-12, "head_dim {head_dim}");
+        }
+        // A cache of f32 is not packed by the GPU engine.
+        let mut p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 4, 1);
+        p.compress_cache = true;
+        let f32_cache = with_kv(2, 2, 64, DType::F32);
+        assert!(footprint(&f32_cache, &p, WORK, GPU).is_err());
+        assert!(cache_tensor_bytes(&f32_cache.kv, 4, 8, false).is_ok());
+        // Sizes past usize saturate.
+        let kv = KvLayout { kv_heads: 8, head_dim: 128, dtype: DType::F16 };
+        assert_eq!(cache_tensor_bytes(&kv, usize::MAX, 2, true).unwrap(), u64::MAX);
+        assert_eq!(cache_tensor_bytes(&kv, usize::MAX / 16, 1, true).unwrap(), u64::MAX);
+        assert_eq!(cache_tensor_bytes(&kv, usize::MAX, 2, false).unwrap(), u64::MAX);
+        assert_eq!(cache_tensor_bytes(&kv, 0, 2, true).unwrap(), 0);
     }
 
     #[test]

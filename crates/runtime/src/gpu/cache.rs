@@ -368,7 +368,7 @@ impl<T: Half> TieredCache<T> {
 /// device's share in percent, summing to 100), split along the batch in
 /// whole sequences; with `packed`, one `u8` tensor of the layout each,
 /// whole on the first device.
-fn allocate_homes(
+pub(crate) fn allocate_homes(
     placements: &[(&dyn Device, f64)],
     shape: &Shape,
     dtype: DType,
