@@ -16,9 +16,11 @@
 //! asked) wins; ties go to the candidate with fewer bytes off the GPU.
 //!
 //! A choice the user makes ([`Pins`]) is kept as given; the search fills
-//! the rest. Compression changes the output, so it is chosen only when
-//! allowed ([`CompressMode`]); when nothing fits without it, the error says
-//! which compression would make it fit.
+//! the rest. So is the activations' tier of an engine that fixes it
+//! ([`Pins::act`]): its cache shares, `--cpu-cache-compute` and 4-bit cache
+//! are searched all the same. Compression changes the output, so it is
+//! chosen only when allowed ([`CompressMode`]); when nothing fits without
+//! it, the error says which compression would make it fit.
 
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -76,9 +78,6 @@ pub enum CompressMode {
     Both,
     /// Whichever predicts the most.
     Auto,
-    /// `Auto` for a family whose engine keeps its cache uncompressed:
-    /// 4-bit weights or none, whichever predicts the most.
-    WeightOrNone,
 }
 
 impl FromStr for CompressMode {
@@ -105,7 +104,6 @@ impl CompressMode {
             CompressMode::Cache => &[(false, true)],
             CompressMode::Both => &[(true, true)],
             CompressMode::Auto => &[(false, false), (true, false), (false, true), (true, true)],
-            CompressMode::WeightOrNone => &[(false, false), (true, false)],
         }
     }
 
@@ -130,7 +128,7 @@ impl CompressMode {
             CompressMode::Weight => "weight",
             CompressMode::Cache => "cache",
             CompressMode::Both => "both",
-            CompressMode::Auto | CompressMode::WeightOrNone => "auto",
+            CompressMode::Auto => "auto",
         }
     }
 }
@@ -145,9 +143,10 @@ pub struct Pins {
     pub pin_weight: Option<bool>,
     pub cpu_cache_compute: Option<bool>,
     pub sep_layer: Option<bool>,
-    /// The KV cache's and the activations' shares (GPU, CPU, GPU, CPU),
-    /// for an engine that places only these (the weights still searched).
-    pub cache_act: Option<[f64; 4]>,
+    /// The activations' shares (GPU, CPU), for an engine that keeps its
+    /// hidden states on one tier only (the weights, the cache and its
+    /// flags still searched; `percent`, where pinned too, must agree).
+    pub act: Option<[f64; 2]>,
 }
 
 /// What to search for.
@@ -341,7 +340,7 @@ fn engine_runs(p: &Policy) -> bool {
         return false;
     }
     if p.compress_cache {
-        let [_, _, disk] = p.disk_percents();
+        let [_, disk, _] = p.disk_percents();
         let tiers = [p.cache_gpu_percent, p.cache_cpu_percent, disk].iter().filter(|&&v| v > 0.0).count();
         if tiers > 1 || p.cpu_cache_compute {
             return false;
@@ -463,6 +462,7 @@ impl<'a> Searcher<'a> {
         let req = self.req;
         let pins = &req.pins;
         let mut out = Vec::new();
+        let pinned_act = pins.act.map(|[ag, ac]| (ag, ac));
         let pins_kind: Vec<bool> = match pins.pin_weight {
             Some(p) => vec![p],
             None if req.host.is_page_locked() => vec![true, false],
@@ -479,13 +479,16 @@ impl<'a> Searcher<'a> {
             };
             let shares: Vec<[f64; 6]> = match pins.percent {
                 Some(p) => vec![p],
-                None => match pins.cache_act {
-                    Some([cg, ccpu, ag, ac]) => vec![[100.0, 0.0, cg, ccpu, ag, ac]],
-                    None => CACHE_GRID
+                None => {
+                    let acts: &[(f64, f64)] = match &pinned_act {
+                        Some(a) => std::slice::from_ref(a),
+                        None => ACT_GRID,
+                    };
+                    CACHE_GRID
                         .iter()
-                        .flat_map(|&(cg, ccpu)| ACT_GRID.iter().map(move |&(ag, ac)| [100.0, 0.0, cg, ccpu, ag, ac]))
-                        .collect(),
-                },
+                        .flat_map(|&(cg, ccpu)| acts.iter().map(move |&(ag, ac)| [100.0, 0.0, cg, ccpu, ag, ac]))
+                        .collect()
+                }
             };
             for pct in shares {
                 let Ok(p) = base.clone().with_percent(&pct) else { continue };
@@ -614,7 +617,8 @@ fn nothing_fits(req: &Request<'_>, nearest: bool) -> Error {
         compress_cache: cc,
         ..Policy::default()
     };
-    p = match p.clone().with_percent(&req.pins.percent.unwrap_or([0.0, 0.0, 0.0, 0.0, 100.0, 0.0])) {
+    let [ag, ac] = req.pins.act.unwrap_or([100.0, 0.0]);
+    p = match p.clone().with_percent(&req.pins.percent.unwrap_or([0.0, 0.0, 0.0, 0.0, ag, ac])) {
         Ok(p) => p,
         Err(e) => return e,
     };
@@ -700,6 +704,15 @@ fn search_with(req: &Request<'_>, nearest: bool) -> Result<Outcome> {
     req.rates.validate()?;
     if let Some(p) = req.pins.percent {
         Policy::default().with_percent(&p)?.validate()?;
+        if let Some([ag, ac]) = req.pins.act.filter(|a| a[..] != p[4..]) {
+            return Err(Error::InvalidArgument(format!(
+                "--percent puts the activations at {} {} (GPU, CPU), but this engine keeps them at {} {}",
+                fmt_percent(p[4]),
+                fmt_percent(p[5]),
+                fmt_percent(ag),
+                fmt_percent(ac)
+            )));
+        }
     }
     let mut s = Searcher { req, gpu_delta: [None, None], evaluated: 0 };
     let mut all = Vec::new();
@@ -710,11 +723,6 @@ fn search_with(req: &Request<'_>, nearest: bool) -> Result<Outcome> {
         if req.compress == CompressMode::None {
             // Would compression make it fit? Say so, but never choose it unasked.
             for &choice in &CompressMode::Auto.options()[1..] {
-                // A family whose engine pins its cache and activations
-                // (`cache_act`) holds the cache uncompressed.
-                if choice.1 && req.pins.cache_act.is_some() {
-                    continue;
-                }
                 if !s.candidates(choice)?.is_empty() {
                     let mode = CompressMode::of(choice.0, choice.1);
                     return Err(Error::NoPolicyFits(format!(
@@ -751,7 +759,7 @@ fn search_with(req: &Request<'_>, nearest: bool) -> Result<Outcome> {
     };
     let layers = req.spec.layers;
     let runners_up = it.map(|c| (why_lost(&best, &c, req.objective, layers), c)).map(|(w, c)| (c, w)).collect();
-    let auto = matches!(req.compress, CompressMode::Auto | CompressMode::WeightOrNone);
+    let auto = req.compress == CompressMode::Auto;
     let note = (auto && (best.policy.compress_weight || best.policy.compress_cache)).then(|| {
         "--compress auto chose 4-bit compression: its output differs from the uncompressed model's".to_string()
     });
@@ -826,24 +834,117 @@ mod tests {
         }
     }
 
+    /// Every candidate of `out`, the best first.
+    fn all_of(out: &Outcome) -> impl Iterator<Item = &Choice> {
+        std::iter::once(&out.best).chain(out.runners_up.iter().map(|(c, _)| c))
+    }
+
+    /// The GPU bytes of `percent` for a block of 64 prompts of `work`.
+    fn gpu_of(s: &ModelSpec, work: Workload, percent: [f64; 6], compress_cache: bool) -> u64 {
+        let p = Policy { gpu_batch_size: 64, num_gpu_batches: 1, compress_cache, ..Policy::default() };
+        let p = p.with_percent(&percent).unwrap();
+        let run = Run { spec: s, work, prompts: 64, host: HostMemKind::Registered };
+        footprint(s, &p, work, run.machine(&p)).unwrap().total().gpu
+    }
+
+    /// One block of 64 prompts whose 16-bit cache does not fit the GPU
+    /// even with every layer streamed: the cache must move.
+    fn cache_bound(s: &ModelSpec) -> Request<'_> {
+        let work = Workload { prompt_len: 128, gen_len: 32 };
+        let kv = s.kv_cache_bytes(64, 160);
+        let gpu = gpu_of(s, work, [0.0, 100.0, 100.0, 0.0, 100.0, 0.0], false) - kv * 3 / 8;
+        let mut req = request(s, 64, cap(gpu, 100 * GIB, 100 * GIB));
+        req.work = work;
+        req.pins.gpu_batch_size = Some(64);
+        req.pins.num_gpu_batches = Some(1);
+        req
+    }
+
     #[test]
-    fn pinned_cache_and_activation_shares_hold_in_every_candidate() {
-        let s = spec(24, 2048);
-        let layer = s.layer_bytes(false).unwrap();
-        // A GPU too small for the cache of the whole block and all layers:
-        // the unpinned search would move the cache; pinned, only the
-        // weights move.
-        let gpu = s.outside_bytes().unwrap() + 8 * layer;
-        let mut req = request(&s, 32, cap(gpu, 100 * GIB, 100 * GIB));
-        req.pins.cache_act = Some([100.0, 0.0, 100.0, 0.0]);
+    fn a_pinned_activation_tier_holds_while_the_cache_moves() {
+        let s = spec(24, 1024);
+        let mut req = cache_bound(&s);
+        req.pins.act = Some([100.0, 0.0]);
         let out = search(&req).unwrap();
-        let all = std::iter::once(&out.best).chain(out.runners_up.iter().map(|(c, _)| c));
-        for c in all {
-            let p = c.policy.percent();
-            assert_eq!(p[2..], [100.0, 0.0, 100.0, 0.0], "{}", c.flags());
-            assert!(fits(&req, c), "{}", c.flags());
+        for c in all_of(&out) {
+            let p = &c.policy;
+            assert_eq!((p.act_gpu_percent, p.act_cpu_percent), (100.0, 0.0), "{}", c.flags());
+            assert!(engine_runs(p) && fits(&req, c), "{}", c.flags());
         }
-        assert!(out.best.resident_layers(24) < 24, "{}", out.best.flags());
+        assert!(out.best.policy.cache_gpu_percent < 100.0, "the cache moves: {}", out.best.flags());
+        // Unpinned, the same budgets are searched over the activations' tiers too.
+        req.pins.act = None;
+        let free = search(&req).unwrap();
+        assert!(free.evaluated > out.evaluated, "{} against {}", free.evaluated, out.evaluated);
+        // CPU attention over the cache in host memory, the activations kept.
+        req.pins.act = Some([100.0, 0.0]);
+        req.pins.cpu_cache_compute = Some(true);
+        let out = search(&req).unwrap();
+        for c in all_of(&out) {
+            let p = &c.policy;
+            assert!(p.cpu_cache_compute && p.cache_cpu_percent == 100.0, "{}", c.flags());
+            assert_eq!((p.act_gpu_percent, p.act_cpu_percent), (100.0, 0.0), "{}", c.flags());
+        }
+    }
+
+    #[test]
+    fn a_pinned_activation_tier_leaves_the_4bit_cache_to_choose() {
+        let s = spec(24, 1024);
+        // Everything on the GPU (no host, no disk): the block's 16-bit cache
+        // does not fit beside the weights, a 4-bit one does.
+        let mut req = cache_bound(&s);
+        let all = [100.0, 0.0, 100.0, 0.0, 100.0, 0.0];
+        let (packed, plain) = (gpu_of(&s, req.work, all, true), gpu_of(&s, req.work, all, false));
+        assert!(packed < plain);
+        req.cap = cap(packed + (plain - packed) / 4, 0, 0);
+        req.pins.act = Some([100.0, 0.0]);
+        let err = search(&req).unwrap_err().to_string();
+        assert!(err.contains("--compress cache"), "{err}");
+        for mode in [CompressMode::Cache, CompressMode::Auto] {
+            let out = search(&Request { compress: mode, ..req.clone() }).unwrap();
+            let p = &out.best.policy;
+            assert!(p.compress_cache && p.cache_gpu_percent == 100.0, "{mode:?}: {}", out.best.flags());
+            assert_eq!((p.act_gpu_percent, p.act_cpu_percent), (100.0, 0.0), "{}", out.best.flags());
+            for c in all_of(&out) {
+                assert!(engine_runs(&c.policy) && fits(&req, c), "{}", c.flags());
+            }
+            assert_eq!(out.note.is_some(), mode == CompressMode::Auto);
+        }
+    }
+
+    #[test]
+    fn the_engine_runs_a_4bit_cache_on_one_tier_only() {
+        let with = |pct: [f64; 6], cc: bool, cpu: bool| {
+            let p = Policy { compress_cache: cc, cpu_cache_compute: cpu, ..Policy::default() };
+            engine_runs(&p.with_percent(&pct).unwrap())
+        };
+        for one in [[100.0, 0.0], [0.0, 100.0], [0.0, 0.0]] {
+            // The activations' tier is not the cache's.
+            for act in [[100.0, 0.0], [0.0, 100.0], [0.0, 0.0]] {
+                assert!(with([100.0, 0.0, one[0], one[1], act[0], act[1]], true, false), "{one:?} {act:?}");
+            }
+        }
+        for split in [[75.0, 25.0], [75.0, 0.0], [0.0, 50.0]] {
+            assert!(!with([100.0, 0.0, split[0], split[1], 100.0, 0.0], true, false), "{split:?}");
+            assert!(with([100.0, 0.0, split[0], split[1], 100.0, 0.0], false, false), "{split:?}");
+        }
+        assert!(with([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], false, true));
+        assert!(!with([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], true, true));
+        assert!(!with([100.0, 0.0, 50.0, 50.0, 100.0, 0.0], false, true));
+    }
+
+    #[test]
+    fn pinned_percentages_must_agree_with_a_pinned_activation_tier() {
+        let s = spec(8, 1024);
+        let mut req = request(&s, 4, cap(1000 * GIB, 1000 * GIB, 1000 * GIB));
+        req.pins.act = Some([100.0, 0.0]);
+        req.pins.percent = Some([100.0, 0.0, 50.0, 50.0, 100.0, 0.0]);
+        let out = search(&req).unwrap();
+        assert_eq!(out.best.policy.percent(), [100.0, 0.0, 50.0, 50.0, 100.0, 0.0]);
+        req.pins.percent = Some([100.0, 0.0, 100.0, 0.0, 0.0, 100.0]);
+        let err = search(&req).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("activations at 0 100"), "{err}");
     }
 
     #[test]
@@ -934,15 +1035,16 @@ mod tests {
             ])),
             proptest::option::of(any::<bool>()),
             proptest::option::of(any::<bool>()),
+            proptest::option::of(Just([100.0, 0.0])),
         )
-            .prop_map(|(g, n, pct, pin, sep)| Pins {
+            .prop_map(|(g, n, pct, pin, sep, act)| Pins {
                 gpu_batch_size: g,
                 num_gpu_batches: n,
                 percent: pct,
                 pin_weight: pin,
                 cpu_cache_compute: None,
                 sep_layer: sep,
-                cache_act: None,
+                act,
             })
     }
 
@@ -966,15 +1068,17 @@ mod tests {
             match search(&req) {
                 Ok(out) => {
                     let p = &out.best.policy;
-                    prop_assert!(fits(&req, &out.best), "{}", out.best.flags());
-                    for (c, _) in &out.runners_up {
-                        prop_assert!(fits(&req, c), "{}", c.flags());
+                    for c in all_of(&out) {
+                        prop_assert!(fits(&req, c) && engine_runs(&c.policy), "{}", c.flags());
                     }
                     if let Some(g) = pins.gpu_batch_size { prop_assert_eq!(p.gpu_batch_size, g); }
                     if let Some(n) = pins.num_gpu_batches { prop_assert_eq!(p.num_gpu_batches, n); }
                     if let Some(pct) = pins.percent { prop_assert_eq!(p.percent(), pct); }
                     if let Some(pin) = pins.pin_weight { prop_assert_eq!(p.pin_weight, pin); }
                     if let Some(sep) = pins.sep_layer { prop_assert_eq!(p.sep_layer, sep); }
+                    if let Some([ag, ac]) = pins.act {
+                        prop_assert_eq!((p.act_gpu_percent, p.act_cpu_percent), (ag, ac));
+                    }
                     prop_assert!(!p.compress_weight && !p.compress_cache);
                     if pins.gpu_batch_size.is_none() && pins.num_gpu_batches.is_none() {
                         prop_assert!(prompts % p.block_size() == 0, "{} prompts in blocks of {}", prompts, p.block_size());

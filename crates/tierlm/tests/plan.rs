@@ -253,10 +253,53 @@ fn tier_cuda_probe() -> Result<Option<()>, ()> {
     Ok(if text.to_lowercase().contains("no cuda driver") { None } else { Some(()) })
 }
 
+/// The six percentages of a policy's flags.
+fn percents(flags: &str) -> Vec<f64> {
+    let words: Vec<&str> = flags.split_whitespace().collect();
+    assert_eq!(words[0], "--percent", "{flags}");
+    words[1..7].iter().map(|w| w.parse().unwrap_or_else(|_| panic!("{w} in {flags}"))).collect()
+}
+
+/// The best policy's flags and every runner-up's.
+fn every_flags(v: &serde_json::Value) -> Vec<String> {
+    let mut all = vec![v["flags"].as_str().unwrap().to_string()];
+    all.extend(v["runners_up"].as_array().unwrap().iter().map(|r| r["flags"].as_str().unwrap().to_string()));
+    all
+}
+
+/// Asserts what the Llama family's GPU engine keeps fixed in every
+/// candidate: the activations on the GPU (none of their bytes elsewhere in
+/// the chosen one), and a 4-bit cache on one tier.
+fn llama_engine_runs(v: &serde_json::Value) {
+    for flags in every_flags(v) {
+        let p = percents(&flags);
+        assert_eq!(p[4..], [100.0, 0.0], "activations on the GPU: {flags}");
+        if flags.contains("--compress-cache") {
+            let on = [p[2], p[3], 100.0 - p[2] - p[3]].iter().filter(|&&x| x > 0.0).count();
+            assert_eq!(on, 1, "a 4-bit cache on one tier: {flags}");
+        }
+        if flags.contains("--cpu-cache-compute") {
+            assert_eq!(p[2..4], [0.0, 100.0], "CPU attention over a cache in host memory: {flags}");
+        }
+    }
+    let act = &v["prediction"]["footprint"]["activations"];
+    for tier in ["pinned", "pageable", "disk"] {
+        assert_eq!(act[tier].as_u64(), Some(0), "activations' {tier} bytes: {v}");
+    }
+}
+
+/// The KV cache's bytes of the chosen policy: (on the GPU, in all).
+fn cache_bytes(v: &serde_json::Value) -> (u64, u64) {
+    let c = &v["prediction"]["footprint"]["cache"];
+    let all = ["gpu", "pinned", "pageable", "disk"].iter().map(|t| c[t].as_u64().unwrap()).sum();
+    (c["gpu"].as_u64().unwrap(), all)
+}
+
 /// The Llama family's presets are planned from their spec (grouped-query
 /// cache counted by its KV heads), within what its GPU engine runs: the
-/// cache and activations on the GPU, the weights searched, 4-bit or not; a
-/// 4-bit cache and CPU attention refused by name.
+/// activations on the GPU; the weights, the cache (its shares, CPU
+/// attention, 4-bit on one tier) searched as for OPT; activations placed
+/// off the GPU by hand refused by name.
 #[test]
 fn llama_presets_are_planned_within_their_gpu_engine() {
     let dir = tempfile::tempdir().unwrap();
@@ -266,44 +309,132 @@ fn llama_presets_are_planned_within_their_gpu_engine() {
     let mut args = vec!["--model", "llama-3.1-70b"];
     args.extend(common);
     let v = plan_json(d, &args);
-    let flags = v["flags"].as_str().unwrap().to_string();
-    let words: Vec<&str> = flags.split_whitespace().collect();
-    assert_eq!(words[0], "--percent", "{flags}");
-    assert_eq!(words[3..7], ["100", "0", "100", "0"], "{flags}");
-    let w_gpu: f64 = words[1].parse().unwrap();
-    assert!(w_gpu > 0.0 && w_gpu < 100.0, "141 GB of bf16 weights do not fit 78 GB: {flags}");
-    for r in v["runners_up"].as_array().unwrap() {
-        let f = r["flags"].as_str().unwrap();
-        let w: Vec<&str> = f.split_whitespace().collect();
-        assert_eq!(w[3..7], ["100", "0", "100", "0"], "{f}");
-    }
+    llama_engine_runs(&v);
+    let w_gpu = percents(v["flags"].as_str().unwrap())[0];
+    assert!(w_gpu > 0.0 && w_gpu < 100.0, "141 GB of bf16 weights do not fit 78 GB: {v}");
     // Everything fits an 8B model's GPU.
     let mut args = vec!["--model", "llama-3.1-8b"];
     args.extend(common);
     let v = plan_json(d, &args);
     assert!(v["flags"].as_str().unwrap().starts_with("--percent 100 0 100 0 100 0"), "{v}");
-    // 4-bit weights (its engine has them; its cache stays 16-bit): the 70B
-    // model's 40 GB of packed weights all fit, asked for or chosen by auto.
+    // 4-bit weights: the 70B model's 40 GB of packed weights all fit,
+    // asked for or chosen by auto (whatever it does with the cache).
     for mode in ["weight", "auto"] {
         let mut args = vec!["--model", "llama-3.1-70b", "--compress", mode];
         args.extend(common);
         let v = plan_json(d, &args);
+        llama_engine_runs(&v);
         let flags = v["flags"].as_str().unwrap();
-        assert!(
-            flags.starts_with("--percent 100 0 100 0 100 0") && flags.ends_with("--compress-weight"),
-            "{mode}: {v}"
-        );
-        assert!(!flags.contains("--compress-cache"), "{mode}: {flags}");
+        assert!(flags.starts_with("--percent 100 0 ") && flags.contains("--compress-weight"), "{mode}: {v}");
+        if mode == "weight" {
+            assert!(!flags.contains("--compress-cache"), "{flags}");
+        }
     }
-    for (extra, name) in [
-        (&["--compress", "cache"][..], "--compress cache"),
-        (&["--compress", "both"][..], "--compress cache"),
-        (&["--cpu-cache-compute", "true"][..], "--cpu-cache-compute"),
-    ] {
-        let mut args = vec!["--model", "llama-3.1-70b"];
+    // The activations off the GPU, pinned in a search, are refused naming
+    // the flag (the search keeps this family's on the GPU until their path
+    // is measured); OPT's are searched.
+    for act in [["0", "100"], ["0", "0"], ["50", "50"]] {
+        let mut args = vec!["--model", "llama-3.1-70b", "--percent", "40", "60", "100", "0", act[0], act[1]];
         args.extend(common);
-        args.extend_from_slice(extra);
         let e = fails(d, &args);
-        assert!(e.contains(name) && e.contains("Llama family's GPU engine"), "{e}");
+        assert!(
+            e.contains("--percent with the activations off the GPU")
+                && e.contains("Llama family's activations on the GPU")
+                && e.contains("C_GPU C_CPU 100 0"),
+            "{e}"
+        );
     }
+    let v = plan_json(d, &["--model", "opt-125m", "--gpu-mem", "8G", "--percent", "100", "0", "100", "0", "0", "100"]);
+    assert!(v["flags"].as_str().unwrap().starts_with("--percent 100 0 100 0 0 100 "), "{v}");
+}
+
+/// A Llama block whose KV cache does not fit the GPU beside the weights:
+/// the search moves the cache off the GPU (host memory, disk, or CPU
+/// attention over host memory), 4-bit where allowed, and keeps the
+/// activations on the GPU; pinned cache flags are kept.
+#[test]
+fn llama_cache_moves_off_the_gpu_and_activations_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 256 prompts of 1056 positions: an 82.5 GiB bf16 cache, a 40 GiB GPU;
+    // host memory for all of it beside the weights (whatever disk is free).
+    let common = [
+        "--model",
+        "llama-3.1-70b",
+        "--prompt-len",
+        "1024",
+        "--gen-len",
+        "32",
+        "--num-prompts",
+        "256",
+        "--gpu-mem",
+        "40G",
+        "--host-mem",
+        "400G",
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = common.to_vec();
+        args.extend_from_slice(extra);
+        let v = plan_json(d, &args);
+        llama_engine_runs(&v);
+        v
+    };
+    let v = with(&[]);
+    let flags = v["flags"].as_str().unwrap();
+    assert!(percents(flags)[2] < 100.0, "the cache moves: {flags}");
+    let (gpu, all) = cache_bytes(&v);
+    assert!(gpu < all, "cache bytes off the GPU: {v}");
+    // A pinned block of all the prompts: the cache of a block that large
+    // cannot be on the GPU at all.
+    let block = ["--gpu-batch-size", "64", "--num-gpu-batches", "4"];
+    let v = with(&block);
+    let (gpu, all) = cache_bytes(&v);
+    assert!(all > 80 << 30 && gpu < 40 << 30, "{v}");
+    // CPU attention pinned: the cache all in host memory.
+    let v = with(&["--cpu-cache-compute", "true"]);
+    let flags = v["flags"].as_str().unwrap();
+    assert!(flags.contains("--cpu-cache-compute") && percents(flags)[2..4] == [0.0, 100.0], "{flags}");
+    // ... or pinned off: the search keeps it off.
+    let v = with(&["--cpu-cache-compute", "false"]);
+    assert!(every_flags(&v).iter().all(|f| !f.contains("--cpu-cache-compute")), "{v}");
+    // A 4-bit cache asked for: on one tier (checked above), every
+    // candidate; the same block's cache in under a third of the bytes.
+    let v = with(&["--compress", "cache"]);
+    assert!(every_flags(&v).iter().all(|f| f.contains("--compress-cache") && !f.contains("--compress-weight")), "{v}");
+    let v = with(&[&block[..], &["--compress", "cache"]].concat());
+    let (_, packed) = cache_bytes(&v);
+    assert!(packed < all / 3, "4-bit: {packed} of {all}");
+}
+
+/// `--compress auto` for a Llama model may choose the 4-bit cache: 64
+/// prompts of 2080 positions (a 40.6 GiB bf16 cache) on a 78 GiB GPU, where
+/// 4-bit weights and cache together keep everything on the GPU.
+#[test]
+fn llama_compress_auto_may_choose_a_4bit_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--model",
+        "llama-3.1-70b",
+        "--prompt-len",
+        "2048",
+        "--gen-len",
+        "32",
+        "--num-prompts",
+        "64",
+        "--gpu-mem",
+        "78G",
+        "--host-mem",
+        "200G",
+        "--compress",
+        "auto",
+    ];
+    let v = plan_json(dir.path(), &args);
+    llama_engine_runs(&v);
+    let flags = v["flags"].as_str().unwrap();
+    assert!(flags.contains("--compress-cache"), "{v}");
+    assert!(v["note"].as_str().is_some_and(|n| n.contains("4-bit")), "{v}");
+    // Without --compress, the same run is planned 16-bit.
+    let v = plan_json(dir.path(), &args[..args.len() - 2]);
+    llama_engine_runs(&v);
+    assert!(every_flags(&v).iter().all(|f| !f.contains("--compress")), "{v}");
 }

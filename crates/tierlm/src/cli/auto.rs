@@ -81,11 +81,11 @@ fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
         return Ok(None);
     }
     let planned = planned_model(ask.model)?;
-    let compress = check_family_pins(&planned, ask.compress, pins.cpu_cache_compute, pins.percent)?;
-    let pins = match planned.cache_act {
-        Some(fixed) => Pins { cache_act: Some(fixed), cpu_cache_compute: Some(false), ..pins },
-        None => pins,
-    };
+    check_family_pins(&planned, pins.percent)?;
+    // A family whose GPU engine fixes the activations' tier (Llama's: the
+    // GPU) has it pinned; the cache, its compression and CPU attention are
+    // searched as for OPT.
+    let pins = Pins { act: planned.act, ..pins };
     let spec = planned.spec;
     let dir = ask.offload_dir.map(std::path::Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
     let cap = budgets(ask.gpu_mem, ask.host_mem, &dir)?;
@@ -97,7 +97,7 @@ fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
         cap,
         rates,
         objective: ask.objective,
-        compress,
+        compress: ask.compress,
         host: host_kind(None)?,
         pins,
     };
@@ -135,7 +135,7 @@ pub fn for_bench(args: &BenchArgs) -> Result<Option<Choice>> {
         pin_weight: args.pin_weight,
         cpu_cache_compute: args.cpu_cache_compute.then_some(true),
         sep_layer: args.sep_layer,
-        cache_act: None,
+        act: None,
     };
     let ask = Ask {
         model: &args.model,
@@ -186,7 +186,7 @@ pub fn for_generate(args: &GenerateArgs, inputs: &[super::generate::Input]) -> R
         pin_weight: args.pin_weight,
         cpu_cache_compute: args.cpu_cache_compute.then_some(true),
         sep_layer: None,
-        cache_act: None,
+        act: None,
     };
     let ask = Ask {
         model: &args.model,

@@ -107,9 +107,10 @@ pub fn model_config(model: &str) -> Result<OptConfig> {
 pub struct Planned {
     pub spec: runtime::spec::ModelSpec,
     pub max_positions: usize,
-    /// The KV cache's and activations' shares the family's GPU engine
-    /// places (the Llama family's keeps both on the GPU); `None`: searched.
-    pub cache_act: Option<[f64; 4]>,
+    /// The activations' shares (GPU, CPU) the family's GPU engine fixes
+    /// (the Llama family's keeps its hidden states on the GPU); `None`:
+    /// searched. The cache and the weights are searched for every family.
+    pub act: Option<[f64; 2]>,
     /// The family's name in messages, where its engine lacks a flag.
     pub family: &'static str,
 }
@@ -129,7 +130,7 @@ pub fn planned_model(model: &str) -> Result<Planned> {
             Ok(Planned {
                 spec: engine_opt::spec::model_spec(&config, true)?,
                 max_positions: config.max_sequence_len(),
-                cache_act: None,
+                act: None,
                 family: "OPT",
             })
         }
@@ -147,53 +148,34 @@ pub fn planned_model(model: &str) -> Result<Planned> {
             Ok(Planned {
                 spec: engine_llama::model_spec(&config).map_err(llama_err)?,
                 max_positions: config.max_position_embeddings,
-                cache_act: Some([100.0, 0.0, 100.0, 0.0]),
+                // Its GPU engine runs activations off the GPU when placed by
+                // hand (`runtime::gpu::activations`); the search keeps them on
+                // the GPU until that path has been measured there.
+                act: Some([100.0, 0.0]),
                 family: "Llama",
             })
         }
     }
 }
 
-/// Refuses what the search may not choose for `planned`'s family (its GPU
-/// engine's cache and activations stay on the GPU, uncompressed: no 4-bit
-/// cache, no CPU attention for the search, no `--percent` placing either
-/// off the GPU) and returns the compression the search may use: `auto`
-/// means 4-bit weights or none there.
-pub fn check_family_pins(
-    planned: &Planned,
-    compress: CompressMode,
-    cpu_cache_compute: Option<bool>,
-    percent: Option<[f64; 6]>,
-) -> Result<CompressMode> {
-    let Some(fixed) = planned.cache_act else {
-        return Ok(compress);
+/// Refuses a pinned `--percent` that places what `planned`'s family's GPU
+/// engine fixes elsewhere (the Llama family's keeps the activations on the
+/// GPU; its KV cache, `--compress-cache` and `--cpu-cache-compute` are
+/// searched or pinned as for OPT).
+pub fn check_family_pins(planned: &Planned, percent: Option<[f64; 6]>) -> Result<()> {
+    let Some(fixed) = planned.act else {
+        return Ok(());
     };
-    let mut refused = Vec::new();
-    let allowed = match compress {
-        CompressMode::None | CompressMode::Weight => compress,
-        CompressMode::Auto => CompressMode::WeightOrNone,
-        CompressMode::Cache | CompressMode::Both | CompressMode::WeightOrNone => {
-            refused.push("--compress cache or both (its GPU engine has no 4-bit cache yet)".to_string());
-            compress
-        }
-    };
-    if cpu_cache_compute == Some(true) {
-        refused.push("--cpu-cache-compute".to_string());
+    match percent.filter(|p| p[4..] != fixed) {
+        None => Ok(()),
+        Some(p) => Err(Error::InvalidArgument(format!(
+            "--percent with the activations off the GPU ({} {}): the policy search keeps the {} family's \
+             activations on the GPU (their off-GPU path is not measured yet) and places the weights and the KV \
+             cache anywhere: pin --percent W_GPU W_CPU C_GPU C_CPU {} {}, or give the --percent by hand without \
+             --policy auto to run it as placed",
+            p[4], p[5], planned.family, fixed[0], fixed[1]
+        ))),
     }
-    if let Some(p) = percent.filter(|p| p[2..] != fixed) {
-        refused
-            .push(format!("--percent with the cache or activations off the GPU ({} {} {} {})", p[2], p[3], p[4], p[5]));
-    }
-    if refused.is_empty() {
-        return Ok(allowed);
-    }
-    Err(Error::InvalidArgument(format!(
-        "{}: not for the {} family's GPU engine yet, which keeps the KV cache and activations on the GPU, \
-         uncompressed, and places the weights, 4-bit or not: {}",
-        refused.join(", "),
-        planned.family,
-        "--percent W_GPU W_CPU 100 0 100 0"
-    )))
 }
 
 /// GPU memory kept for the CUDA context and libraries when planning from
@@ -369,7 +351,7 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
         )));
     }
     let percent = percent_pin(&args.percent)?;
-    let compress = check_family_pins(&planned, args.compress, args.cpu_cache_compute, percent)?;
+    check_family_pins(&planned, percent)?;
     for (flag, v) in [("--gpu-batch-size", args.gpu_batch_size), ("--num-gpu-batches", args.num_gpu_batches)] {
         if v == Some(0) {
             return Err(Error::InvalidArgument(format!("{flag} must be at least 1")));
@@ -395,16 +377,16 @@ pub fn choose(args: &PlanArgs) -> Result<(Outcome, Capacity, String, f64)> {
         cap,
         rates: loaded.calibration.rates,
         objective: args.objective,
-        compress,
+        compress: args.compress,
         host: host_kind(args.host_memory.as_deref())?,
         pins: Pins {
             gpu_batch_size: args.gpu_batch_size,
             num_gpu_batches: args.num_gpu_batches,
             percent,
             pin_weight: args.pin_weight,
-            cpu_cache_compute: if planned.cache_act.is_some() { Some(false) } else { args.cpu_cache_compute },
+            cpu_cache_compute: args.cpu_cache_compute,
             sep_layer: args.sep_layer,
-            cache_act: planned.cache_act,
+            act: planned.act,
         },
     };
     let t = Instant::now();
@@ -502,14 +484,18 @@ pub fn run(args: PlanArgs) -> Result<()> {
 /// For a refusal of the placement check: the nearest policy that fits
 /// (the same block and flags, the percentages searched; else anything),
 /// with its prediction, from cached or nominal rates (never measured here).
+/// `fixed`: for a family whose GPU engine fixes the activations' tier, the
+/// refused policy's cache and activation shares (GPU, CPU, GPU, CPU), of
+/// which only the activations' are kept (the cache is searched).
 pub fn nearest_fit(
     spec: &runtime::spec::ModelSpec,
     policy: &runtime::policy::Policy,
     work: Workload,
     cap: Capacity,
     offload_dir: &Path,
-    cache_act: Option<[f64; 4]>,
+    fixed: Option<[f64; 4]>,
 ) -> Option<String> {
+    let act = fixed.map(|[_, _, ag, ac]| [ag, ac]);
     let rates = cached_rates(offload_dir);
     let host = host_kind(None).ok()?;
     let mut req = Request {
@@ -528,12 +514,11 @@ pub fn nearest_fit(
             cpu_cache_compute: Some(policy.cpu_cache_compute),
             sep_layer: Some(policy.sep_layer),
             percent: None,
-            cache_act,
+            act,
         },
     };
     let found = search(&req).or_else(|_| {
-        req.pins =
-            Pins { cache_act, cpu_cache_compute: cache_act.map(|_| policy.cpu_cache_compute), ..Pins::default() };
+        req.pins = Pins { act, ..Pins::default() };
         search(&req)
     });
     let c = found.ok()?.best;
