@@ -14,8 +14,13 @@
 //! with `--cpu-cache-compute` in host memory, where decoding attends on the
 //! CPU in place ([`crate::cpu_attention`]; FlexGen's CPU attention: the
 //! step's q, k and v come to the host, the attention's output goes back).
-//! The hidden states stay on the GPU. [`LlamaGpuCompute`] is the GPU as the
-//! runtime's [`ComputeDevice`], driven by its block schedule.
+//! The hidden states (the f32 residual stream) stay on the GPU, or with
+//! the policy's activation shares `0 100` (host memory) or `0 0` (disk)
+//! live there between layers ([`LlamaGpu::place_activations`]): each
+//! batch's rows loaded into one of the block's two GPU buffers before each
+//! use and stored back beside the next batch's compute by the runtime's
+//! [`ActivationStreamer`]. [`LlamaGpuCompute`] is the GPU as the runtime's
+//! [`ComputeDevice`], driven by its block schedule.
 //!
 //! A layer, as Hugging Face computes it: RMSNorm, the q/k/v products (Qwen2:
 //! with biases), Qwen3's per-head q/k RMSNorm, the rotary embedding of q and
@@ -35,6 +40,7 @@ use ops::gpu::buffer::{DevBuf, Half};
 use ops::gpu::llm::attn_decode_fits;
 use ops::gpu::profile::Profiler;
 use ops::gpu::Gpu;
+use runtime::gpu::activations::{ActPart, ActivationHome, ActivationStreamer, ActivationTier, Use};
 use runtime::gpu::cache::{CachePlan, CacheShape, CacheStreamer, CacheTiers, HostLayer, LayerRun, TieredCache};
 use runtime::gpu::layer::{GpuLayer, Init};
 use runtime::gpu::packed::Unpacker;
@@ -146,6 +152,9 @@ pub struct LlamaGpu<T: Half> {
     cache: Option<CacheStreamer<T>>,
     /// `--compress-weight`: the workspace the 4-bit layers unpack into.
     unpacker: Option<Unpacker>,
+    /// The hidden states off the GPU (see [`LlamaGpu::place_activations`]);
+    /// `None`: each batch's on the GPU.
+    activations: Option<ActivationTier>,
     /// `TIERLM_GPU_PROFILE`: an event after every part of a step.
     profiler: Option<Profiler>,
     /// Last, so that the buffers above go before its stream and handles.
@@ -257,6 +266,7 @@ impl<T: Half> LlamaGpu<T> {
             offload,
             cache: None,
             unpacker,
+            activations: None,
             profiler: None,
             gpu,
         })
@@ -317,6 +327,19 @@ impl<T: Half> LlamaGpu<T> {
             None
         };
         Ok(())
+    }
+
+    /// Keeps every batch's hidden states made from now on on `tier` (host
+    /// memory or disk, [`ActivationTier::of_policy`]) between layers,
+    /// loaded into the block's two GPU buffers for each use; `None` keeps
+    /// them on the GPU.
+    pub fn place_activations(&mut self, tier: Option<ActivationTier>) {
+        self.activations = tier;
+    }
+
+    /// Where the hidden states live off the GPU, if they do.
+    pub fn activations(&self) -> Option<&ActivationTier> {
+        self.activations.as_ref()
     }
 
     /// The tiered cache's streamer, when the cache is placed off the GPU
@@ -389,9 +412,9 @@ impl<T: Half> LlamaGpu<T> {
         Ok(w.half::<T>(name)?)
     }
 
-    /// The step's token embeddings into `b.hidden`, its positions and mask
+    /// The step's token embeddings into `hidden`, its positions and mask
     /// into the workspace and the batch's key mask.
-    fn embed(&self, tokens: &BatchTokens, b: &mut GpuBatch<T>, ws: &Workspace<T>) -> Result<()> {
+    fn embed(&self, tokens: &BatchTokens, b: &mut BatchKv<T>, hidden: &DevBuf<f32>, ws: &Workspace<T>) -> Result<()> {
         let (rows, h, vocab) = (tokens.rows(), self.config.hidden_size, self.config.vocab_size);
         ws.fits(rows, tokens.batch())?;
         if let Some(&bad) = tokens.tokens().iter().find(|&&t| t as usize >= vocab) {
@@ -412,7 +435,7 @@ impl<T: Half> LlamaGpu<T> {
         ws.step_mask.upload(stream, 0, tokens.mask())?;
         ws.positions.upload(stream, 0, &positions)?;
         let llm = self.gpu.llm()?;
-        llm.embed_rows(&self.gpu, &ws.tokens, rows, &self.embed, (vocab, h), &b.hidden)?;
+        llm.embed_rows(&self.gpu, &ws.tokens, rows, &self.embed, (vocab, h), hidden)?;
         let step = (tokens.batch(), tokens.new_len());
         match &mut b.cache {
             BatchCache::Gpu { mask, .. } => llm.write_mask(&self.gpu, &ws.step_mask, step, mask, b.capacity, past)?,
@@ -431,7 +454,14 @@ impl<T: Half> LlamaGpu<T> {
     /// cache: the attention block over the resident cache, a tiered cache's
     /// GPU slot or (decoding with `--cpu-cache-compute`) its host cache,
     /// then the MLP block.
-    fn layer(&self, j: usize, tokens: &BatchTokens, b: &mut GpuBatch<T>, ws: &mut Workspace<T>) -> Result<()> {
+    fn layer(
+        &self,
+        j: usize,
+        tokens: &BatchTokens,
+        b: &mut BatchKv<T>,
+        hidden: &DevBuf<f32>,
+        ws: &mut Workspace<T>,
+    ) -> Result<()> {
         let (batch, s) = (tokens.batch(), tokens.new_len());
         let rows = tokens.rows();
         ws.fits(rows, batch)?;
@@ -442,7 +472,7 @@ impl<T: Half> LlamaGpu<T> {
                 b.len
             )));
         }
-        let GpuBatch { hidden, cache, capacity, .. } = b;
+        let BatchKv { cache, capacity, .. } = b;
         match cache {
             BatchCache::Gpu { layers, mask } => {
                 let cache = layers.get_mut(j).ok_or_else(|| gpu_err(format!("no cache for layer {j}")))?;
@@ -460,7 +490,6 @@ impl<T: Half> LlamaGpu<T> {
             BatchCache::Tiered(tc) => {
                 let streamer =
                     self.cache.as_ref().ok_or_else(|| gpu_err("a tiered cache without its streamer".into()))?;
-                let hidden = &*hidden;
                 streamer.layer(&self.gpu, j, tc, s, |run: LayerRun<'_, T>| match run {
                     LayerRun::Slot(slot) => {
                         // The host waited for the slot's store and load:
@@ -695,13 +724,13 @@ impl<T: Half> LlamaGpu<T> {
     }
 
     /// The logits of each sequence's last position into `ws.logits`.
-    fn logits(&self, tokens: &BatchTokens, b: &GpuBatch<T>, ws: &Workspace<T>) -> Result<()> {
+    fn logits(&self, tokens: &BatchTokens, hidden: &DevBuf<f32>, ws: &Workspace<T>) -> Result<()> {
         let c = &self.config;
         let (batch, s, h, v) = (tokens.batch(), tokens.new_len(), c.hidden_size, c.vocab_size);
         ws.fits(tokens.rows(), batch)?;
         let gpu = &self.gpu;
         let at = (s.saturating_sub(1) * h, s * h);
-        gpu.llm()?.rms_norm_f32(gpu, &b.hidden, at, batch, h, &self.norm, c.rms_norm_eps, &ws.last)?;
+        gpu.llm()?.rms_norm_f32(gpu, hidden, at, batch, h, &self.norm, c.rms_norm_eps, &ws.last)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         gpu.blas.linear_half(gpu, &ws.last, batch, head, (v, h), HalfOut::F32 { out: &ws.logits }, false)?;
         self.mark("logits")
@@ -756,32 +785,23 @@ impl<T: Half> BatchCache<T> {
     }
 }
 
-/// One batch on the GPU: its hidden states (f32, the residual stream) and
-/// its KV cache.
-pub struct GpuBatch<T: Half> {
-    hidden: DevBuf<f32>,
+/// A batch's KV cache, its capacity and the positions it holds.
+struct BatchKv<T: Half> {
     cache: BatchCache<T>,
     capacity: usize,
     /// Positions held (every layer's after the step's layers).
     len: usize,
 }
 
-impl<T: Half> GpuBatch<T> {
-    fn new(model: &LlamaGpu<T>, tokens: &BatchTokens, capacity: usize) -> Result<Self> {
+impl<T: Half> BatchKv<T> {
+    fn new(model: &LlamaGpu<T>, batch: usize, capacity: usize) -> Result<Self> {
         let c = &model.config;
         let gpu = &model.gpu;
-        let size = |what: &str, parts: &[usize]| {
-            parts
-                .iter()
-                .try_fold(1usize, |n, &p| n.checked_mul(p))
-                .ok_or_else(|| gpu_err(format!("{what} of {parts:?} overflows")))
-        };
         let cache = match &model.cache {
-            Some(streamer) => BatchCache::Tiered(Box::new(streamer.new_cache(gpu, tokens.batch(), capacity)?)),
+            Some(streamer) => BatchCache::Tiered(Box::new(streamer.new_cache(gpu, batch, capacity)?)),
             None => {
-                let per_layer =
-                    size("a layer's cache", &[tokens.batch(), c.num_key_value_heads, capacity, c.head_dim])?;
-                let mask_len = size("the key mask", &[tokens.batch(), capacity])?;
+                let per_layer = size("a layer's cache", &[batch, c.num_key_value_heads, capacity, c.head_dim])?;
+                let mask_len = size("the key mask", &[batch, capacity])?;
                 let layers = (0..c.num_hidden_layers)
                     .map(|_| {
                         let (keys, values) = (DevBuf::alloc(gpu, per_layer)?, DevBuf::alloc(gpu, per_layer)?);
@@ -791,22 +811,67 @@ impl<T: Half> GpuBatch<T> {
                 BatchCache::Gpu { layers, mask: DevBuf::from_host(gpu, &vec![0u8; mask_len])? }
             }
         };
-        Ok(GpuBatch {
-            hidden: DevBuf::alloc(gpu, size("the hidden states", &[tokens.rows().max(1), c.hidden_size])?)?,
-            cache,
-            capacity,
-            len: 0,
-        })
+        Ok(BatchKv { cache, capacity, len: 0 })
     }
 
     /// Bytes of the batch's cache on the GPU (keys, values and the key
     /// mask; of a tiered cache, its GPU share).
-    fn cache_bytes(&self) -> u64 {
+    fn bytes(&self) -> u64 {
         match &self.cache {
             BatchCache::Gpu { layers, mask } => {
                 layers.iter().map(|c| c.keys.bytes() + c.values.bytes()).sum::<u64>() + mask.bytes()
             }
             BatchCache::Tiered(tc) => tc.bytes().0,
+        }
+    }
+}
+
+/// The product of `parts`, checked.
+fn size(what: &str, parts: &[usize]) -> Result<usize> {
+    parts
+        .iter()
+        .try_fold(1usize, |n, &p| n.checked_mul(p))
+        .ok_or_else(|| gpu_err(format!("{what} of {parts:?} overflows")))
+}
+
+/// The family's hidden states as the runtime keeps them off the GPU: the
+/// f32 residual stream, `hidden_size` values a row.
+pub fn activation_parts(config: &LlamaConfig) -> [ActPart; 1] {
+    [ActPart { dtype: DType::F32, width: config.hidden_size }]
+}
+
+/// Room for `rows` rows of the residual stream on the GPU.
+fn hidden_buffer(gpu: &Gpu, config: &LlamaConfig, rows: usize) -> Result<DevBuf<f32>> {
+    Ok(DevBuf::alloc(gpu, size("the hidden states", &[rows.max(1), config.hidden_size])?)?)
+}
+
+/// Where a batch's hidden states live between layers.
+enum BatchHidden {
+    /// On the GPU (f32, the residual stream).
+    Gpu(DevBuf<f32>),
+    /// In host memory or on disk, loaded into the block's GPU buffers for
+    /// each use.
+    Home(ActivationHome),
+}
+
+/// One batch on the GPU: its hidden states (f32, the residual stream, or
+/// their home off the GPU) and its KV cache.
+pub struct GpuBatch<T: Half> {
+    hidden: BatchHidden,
+    kv: BatchKv<T>,
+}
+
+impl<T: Half> GpuBatch<T> {
+    /// Bytes of the batch's cache on the GPU.
+    fn cache_bytes(&self) -> u64 {
+        self.kv.bytes()
+    }
+
+    /// Bytes of the batch's own hidden states on the GPU.
+    fn hidden_bytes(&self) -> u64 {
+        match &self.hidden {
+            BatchHidden::Gpu(h) => h.bytes(),
+            BatchHidden::Home(_) => 0,
         }
     }
 }
@@ -891,15 +956,59 @@ impl<T: Half> Workspace<T> {
 pub struct LlamaGpuCompute<'a, T: Half> {
     model: &'a LlamaGpu<T>,
     ws: Option<Workspace<T>>,
+    /// With the hidden states off the GPU: the block's two GPU buffers and
+    /// the loads and stores around each use.
+    activations: Option<ActivationStreamer<DevBuf<f32>>>,
 }
 
 impl<'a, T: Half> LlamaGpuCompute<'a, T> {
     pub fn new(model: &'a LlamaGpu<T>) -> Self {
-        LlamaGpuCompute { model, ws: None }
+        LlamaGpuCompute { model, ws: None, activations: None }
+    }
+
+    /// Bytes loaded and stored between the hidden states' homes and the
+    /// GPU so far (0 with them on the GPU).
+    pub fn activation_bytes_moved(&self) -> u64 {
+        self.activations.as_ref().map_or(0, ActivationStreamer::bytes_moved)
     }
 
     fn ws(&mut self) -> Result<&mut Workspace<T>> {
         self.ws.as_mut().ok_or_else(|| gpu_err("the GPU workspace was not prepared".into()))
+    }
+
+    /// `compute` over batch `b`'s hidden states (its own GPU buffer, or one
+    /// of the block's loaded from its home as `how` says), with the
+    /// workspace and the batch's cache.
+    fn on_hidden<R>(
+        &mut self,
+        b: &mut GpuBatch<T>,
+        rows: usize,
+        how: Use,
+        compute: impl FnOnce(&LlamaGpu<T>, &mut Workspace<T>, &mut BatchKv<T>, &DevBuf<f32>) -> Result<R>,
+    ) -> Result<R> {
+        let LlamaGpuCompute { model, ws, activations } = self;
+        let model: &LlamaGpu<T> = model;
+        let ws = ws.as_mut().ok_or_else(|| gpu_err("the GPU workspace was not prepared".into()))?;
+        let GpuBatch { hidden, kv } = b;
+        match hidden {
+            BatchHidden::Gpu(h) => compute(model, ws, kv, h),
+            BatchHidden::Home(home) => {
+                let s = activations
+                    .as_mut()
+                    .ok_or_else(|| gpu_err("hidden states off the GPU without their GPU buffers".into()))?;
+                s.run(&model.gpu, home, rows, how, |h| {
+                    // The host stored and loaded the hidden states: profiled
+                    // as its own part.
+                    model.mark("wait for activations")?;
+                    compute(model, ws, kv, h)
+                })
+            }
+        }
+    }
+
+    /// The logits of the step's last positions into the workspace's.
+    fn logits(&mut self, tokens: &BatchTokens, b: &mut GpuBatch<T>) -> Result<()> {
+        self.on_hidden(b, tokens.rows(), Use::Read, |model, ws, _, h| model.logits(tokens, h, ws))
     }
 }
 
@@ -926,8 +1035,24 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
         self.model.config.max_position_embeddings
     }
 
+    fn begin_block(&mut self, tokens: &[BatchTokens]) -> Result<()> {
+        self.activations = None;
+        if let Some(tier) = &self.model.activations {
+            let (gpu, c) = (&self.model.gpu, &self.model.config);
+            let rows = tokens.iter().map(BatchTokens::rows).max().unwrap_or(0).max(1);
+            let bufs = [hidden_buffer(gpu, c, rows)?, hidden_buffer(gpu, c, rows)?];
+            self.activations = Some(ActivationStreamer::new(gpu, tier, &activation_parts(c), rows, bufs)?);
+        }
+        Ok(())
+    }
+
     fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<GpuBatch<T>> {
-        GpuBatch::new(self.model, tokens, capacity)
+        let model = self.model;
+        let hidden = match &self.activations {
+            Some(s) => BatchHidden::Home(s.home(tokens.rows().max(1))?),
+            None => BatchHidden::Gpu(hidden_buffer(&model.gpu, &model.config, tokens.rows())?),
+        };
+        Ok(GpuBatch { hidden, kv: BatchKv::new(model, tokens.batch(), capacity)? })
     }
 
     fn prepare(&mut self, batches: &[(BatchTokens, GpuBatch<T>)]) -> Result<()> {
@@ -939,9 +1064,7 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     }
 
     fn embed(&mut self, tokens: &BatchTokens, b: &mut GpuBatch<T>) -> Result<()> {
-        let model = self.model;
-        let ws = self.ws()?;
-        model.embed(tokens, b, ws)
+        self.on_hidden(b, tokens.rows(), Use::Write, |model, ws, kv, h| model.embed(tokens, kv, h, ws))
     }
 
     fn begin_layer(&mut self, j: usize) -> Result<()> {
@@ -960,9 +1083,7 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     }
 
     fn layer(&mut self, j: usize, tokens: &BatchTokens, b: &mut GpuBatch<T>) -> Result<()> {
-        let model = self.model;
-        let ws = self.ws()?;
-        model.layer(j, tokens, b, ws)
+        self.on_hidden(b, tokens.rows(), Use::Update, |model, ws, kv, h| model.layer(j, tokens, kv, h, ws))
     }
 
     fn end_layer(&mut self, j: usize) -> Result<()> {
@@ -980,8 +1101,8 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     fn pick(&mut self, tokens: &BatchTokens, b: &mut GpuBatch<T>, sampler: Option<&mut Sampler>) -> Result<Vec<u32>> {
         let model = self.model;
         let (batch, vocab) = (tokens.batch(), model.config.vocab_size);
-        let ws = self.ws()?;
-        model.logits(tokens, b, ws)?;
+        self.logits(tokens, b)?;
+        let ws = self.ws.as_ref().ok_or_else(|| gpu_err("the GPU workspace was not prepared".into()))?;
         let gpu = &model.gpu;
         let first = tokens.generated.iter().all(Vec::is_empty);
         match sampler {
@@ -1011,7 +1132,12 @@ impl<T: Half> ComputeDevice for LlamaGpuCompute<'_, T> {
     }
 
     fn activation_bytes(&self, batches: &[&GpuBatch<T>]) -> u64 {
-        batches.iter().map(|b| b.hidden.bytes()).sum::<u64>() + self.ws.as_ref().map_or(0, Workspace::bytes)
+        // Off the GPU, the block's two buffers (loaded beside the compute).
+        let hidden = match &self.activations {
+            Some(s) => s.gpu_bytes(),
+            None => batches.iter().map(|b| b.hidden_bytes()).sum::<u64>(),
+        };
+        hidden + self.ws.as_ref().map_or(0, Workspace::bytes)
     }
 }
 
@@ -1052,6 +1178,7 @@ pub fn prefill_logits<T: Half>(model: &LlamaGpu<T>, prompts: &[Vec<u32>]) -> Res
     runtime::schedule::validate_prompts(c.vocab_size, c.max_position_embeddings, prompts, 0, 0)?;
     let tokens = BatchTokens::new(prompts, 0);
     let mut device = LlamaGpuCompute::new(model);
+    device.begin_block(std::slice::from_ref(&tokens))?;
     let mut b = device.new_batch(&tokens, tokens.new_len())?;
     device.ws = Some(Workspace::new(&model.gpu, c, tokens.rows().max(1), tokens.batch().max(1))?);
     device.embed(&tokens, &mut b)?;
@@ -1061,8 +1188,8 @@ pub fn prefill_logits<T: Half>(model: &LlamaGpu<T>, prompts: &[Vec<u32>]) -> Res
         device.end_layer(j)?;
     }
     model.flush_cache()?;
+    device.logits(&tokens, &mut b)?;
     let ws = device.ws()?;
-    model.logits(&tokens, &b, ws)?;
     Ok(ws.logits.download_range(model.gpu.stream(), 0, tokens.batch() * c.vocab_size)?)
 }
 
@@ -1103,6 +1230,22 @@ impl AnyLlamaGpu {
         match self {
             AnyLlamaGpu::Bf16(m) => m.place_cache(plan, tiers),
             AnyLlamaGpu::F16(m) => m.place_cache(plan, tiers),
+        }
+    }
+
+    /// [`LlamaGpu::place_activations`].
+    pub fn place_activations(&mut self, tier: Option<ActivationTier>) {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.place_activations(tier),
+            AnyLlamaGpu::F16(m) => m.place_activations(tier),
+        }
+    }
+
+    /// [`LlamaGpu::activations`].
+    pub fn activations(&self) -> Option<&ActivationTier> {
+        match self {
+            AnyLlamaGpu::Bf16(m) => m.activations(),
+            AnyLlamaGpu::F16(m) => m.activations(),
         }
     }
 

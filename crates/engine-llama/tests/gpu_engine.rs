@@ -530,3 +530,125 @@ fn the_tiered_cache_takes_the_bytes_the_plan_counts() {
         }
     }
 }
+
+/// The hidden states in host memory and on disk between layers (each
+/// batch's rows loaded into one of the block's two GPU buffers before each
+/// use, stored back beside the next batch's compute) are the same f32
+/// bytes: the resident run's tokens and first-step logits exactly, in one
+/// batch (every use waits for the previous one's store), in two and in
+/// three batches of different lengths (the buffers alternate; rows fewer
+/// than the buffers hold); with the cache split over the tiers and the
+/// weights streamed too, the resident tokens up to near ties (the cache's
+/// slots). The GPU holds the two buffers in place of the batches' own
+/// states, and the homes hold what the plan counts.
+#[test]
+fn activations_in_host_memory_or_on_disk_give_the_resident_tokens() {
+    use runtime::gpu::activations::ActivationTier;
+    if !gpu_or_skip() {
+        return;
+    }
+    for Fixture { name, dir, exp } in fixtures() {
+        let (tmp, tiers) = scratch();
+        let prompts = exp.batch.input_ids.clone();
+        let blocks = [
+            vec![prompts.clone()],
+            vec![prompts[..2].to_vec(), prompts[2..].to_vec()],
+            prompts.iter().map(|p| vec![p.clone()]).collect::<Vec<_>>(),
+        ];
+        let opts = GenerateOptions {
+            max_new_tokens: exp.new_tokens,
+            stop_on_eos: false,
+            eos_token_ids: Vec::new(),
+            pad_token_id: 0,
+        };
+        let hidden = indicatif::ProgressBar::hidden();
+        let mut model = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
+        let want: Vec<_> = blocks.iter().map(|b| model.generate(b, &opts, None, &hidden).unwrap()).collect();
+        let want_logits = model.prefill_logits(&prompts).unwrap();
+        let h = model.config().hidden_size as u64;
+        for on_disk in [false, true] {
+            let what = if on_disk { "on disk" } else { "in host memory" };
+            model.place_activations(Some(ActivationTier::new(&tiers, on_disk.then_some(tmp.path())).unwrap()));
+            for (block, want) in blocks.iter().zip(&want) {
+                let got = model.generate(block, &opts, None, &hidden).unwrap();
+                assert_eq!(got.tokens, want.tokens, "{name}: activations {what}, {} batches", block.len());
+                // Two buffers of the largest first step's rows, f32, in
+                // place of every batch's own.
+                let rows = |b: &Vec<Vec<u32>>| (b.len() * b.iter().map(Vec::len).max().unwrap()) as u64;
+                let own: u64 = block.iter().map(rows).sum::<u64>() * h * 4;
+                let two = 2 * block.iter().map(rows).max().unwrap() * h * 4;
+                assert_eq!(
+                    got.activation_bytes + own,
+                    want.activation_bytes + two,
+                    "{name}: activations {what}, {} batches: the GPU's hidden states",
+                    block.len()
+                );
+            }
+            assert_eq!(model.prefill_logits(&prompts).unwrap(), want_logits, "{name}: activations {what}: logits");
+            let tier = model.activations().unwrap();
+            let held = match (&tier.host, &tier.disk) {
+                (Some(host), None) => host.stats().peak_resident,
+                (None, Some(disk)) => disk.stats().peak_resident,
+                _ => panic!("{name}: activations {what}: not on one tier"),
+            };
+            let homes = (prompts.len() * prompts.iter().map(Vec::len).max().unwrap()) as u64 * h * 4;
+            assert!(held >= homes, "{name}: activations {what}: {held} bytes held, the homes are {homes}");
+        }
+        // With the cache split 30/40/30 and the weights streamed from host
+        // memory and disk.
+        let mut model = load(&dir, (0.0, 50.0), tmp.path(), &tiers);
+        let split = plan(30.0, 40.0);
+        model.place_cache(split, CacheTiers::for_plan(&tiers, &split, tmp.path()).unwrap()).unwrap();
+        model.place_activations(Some(ActivationTier::new(&tiers, Some(tmp.path())).unwrap()));
+        let got = greedy_block(&model, &blocks[1], exp.new_tokens);
+        same_tokens(&format!("{name}: everything off the GPU"), &model, &blocks[1], &got, &want[1].tokens);
+        println!("{name}: activations in host memory and on disk: the resident tokens");
+    }
+}
+
+/// The homes of hidden states in host memory are the bytes the plan counts
+/// for the activations' host share (a block of equal prompts); the GPU
+/// holds two buffers of a GPU batch's rows where the plan counts one.
+#[test]
+fn activation_homes_take_the_bytes_the_plan_counts() {
+    use runtime::gpu::activations::ActivationTier;
+    if !gpu_or_skip() {
+        return;
+    }
+    let Fixture { name, dir, .. } = fixtures().remove(0);
+    let (prompt_len, gen, batch) = (5, 3, 4);
+    let prompts: Vec<Vec<u32>> = (0..8u32).map(|i| (0..prompt_len as u32).map(|t| 3 + 7 * i + t).collect()).collect();
+    let block: Vec<Vec<Vec<u32>>> = prompts.chunks(batch).map(<[Vec<u32>]>::to_vec).collect();
+    let (tmp, tiers) = scratch();
+    let mut model = load(&dir, (100.0, 0.0), tmp.path(), &tiers);
+    model.place_activations(Some(ActivationTier::new(&tiers, None).unwrap()));
+    greedy_block(&model, &block, gen);
+    let mut config = model.config().clone();
+    config.dtype = Some(match engine_llama::gpu::compute_dtype(&config) {
+        tier_api::DType::F16 => ops::DType::F16,
+        _ => ops::DType::BF16,
+    });
+    let spec = engine_llama::model_spec(&config).unwrap();
+    let policy = runtime::policy::Policy {
+        gpu_batch_size: batch,
+        num_gpu_batches: block.len(),
+        w_gpu_percent: 100.0,
+        w_cpu_percent: 0.0,
+        cache_gpu_percent: 100.0,
+        cache_cpu_percent: 0.0,
+        act_gpu_percent: 0.0,
+        act_cpu_percent: 100.0,
+        ..runtime::policy::Policy::default()
+    };
+    let work = runtime::plan::Workload { prompt_len, gen_len: gen };
+    let machine = runtime::plan::Machine { gpu_compute: true, can_pin: false };
+    let fp = runtime::plan::footprint(&spec, &policy, work, machine).unwrap();
+    let host = tiers.host(tier_api::HostMemKind::Pageable).unwrap().stats().peak_resident;
+    assert_eq!(host, fp.activations.pageable, "{name}: the homes");
+    let one = (batch * prompt_len * config.hidden_size * 4) as u64;
+    println!(
+        "{name}: homes {host} bytes, as the plan counts; GPU buffers 2 × {one} bytes (the plan counts {} for one \
+         with its 16-bit copy)",
+        (batch * prompt_len * config.hidden_size) as u64 * (4 + spec.widths.dtype.size() as u64)
+    );
+}

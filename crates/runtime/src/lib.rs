@@ -24,7 +24,8 @@
 //! - [`gpu`]: a decoder layer's weights on the GPU for any family
 //!   ([`gpu::layer::GpuLayer`], one buffer per spec tensor), their 4-bit
 //!   packing and their streaming from host and disk through GPU slots
-//!   ([`gpu::stream::WeightStreamer`]);
+//!   ([`gpu::stream::WeightStreamer`]), the KV cache off the GPU
+//!   ([`gpu::cache`]) and the hidden states off it ([`gpu::activations`]);
 //! - [`cpu`]: the CPU engine, for any family that implements
 //!   [`cpu::CpuModel`] (layers resident or streamed from disk, the KV cache in
 //!   memory or partly on disk);

@@ -410,14 +410,11 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
         let e = fails(&args);
         assert!(e.contains(name) && e.contains("not supported for the Llama family yet"), "{flags:?}: {e}");
     }
-    // On the GPU engine: the activations stay on the GPU; anything else is
-    // refused by name, GPU or not.
-    let mut args = vec!["generate", "--model", d, "--prompt", "Hi", "--percent", "100", "0", "100", "0", "0", "100"];
+    // On the GPU engine: the activations sit on one tier (GPU, host memory
+    // or disk); split over tiers they are refused, GPU or not.
+    let mut args = vec!["generate", "--model", d, "--prompt", "Hi", "--percent", "100", "0", "100", "0", "50", "50"];
     let e = fails(&args);
-    assert!(
-        e.contains("activations off the GPU") && e.contains("not supported for the Llama family on the GPU yet"),
-        "{e}"
-    );
+    assert!(e.contains("activations must sit on one tier"), "{e}");
     // The cache plans the tiered cache cannot run are refused saying what
     // would, GPU or not: sparse attention is the CPU's, a 4-bit cache lives
     // on one tier.
@@ -444,6 +441,13 @@ fn flags_the_family_cannot_honour_yet_are_refused_by_name() {
             &["--percent", "100", "0", "0", "100", "100", "0", "--compress-cache"],
             &["--percent", "100", "0", "100", "0", "100", "0", "--cpu-cache-compute"],
             &["--percent", "100", "0", "0", "100", "100", "0", "--cpu-cache-compute", "--attn-sparsity", "0.5"],
+            // The activations in host memory or on disk, beside any cache
+            // and weights placement (on disk alone, the CPU engine cannot
+            // place them: the GPU engine's).
+            &["--percent", "100", "0", "100", "0", "0", "100"],
+            &["--percent", "100", "0", "100", "0", "0", "0"],
+            &["--percent", "0", "50", "30", "40", "0", "100"],
+            &["--percent", "0", "100", "0", "100", "0", "0"],
         ] {
             args = vec!["generate", "--model", d, "--prompt", "Hi"];
             args.extend_from_slice(flags);
@@ -593,8 +597,10 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
     assert!(e.contains("llama-3.1-8b") && e.contains("opt-125m"), "{e}");
     let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy"]);
     assert!(e.contains("bench runs the Llama family on its GPU engine") && e.contains("generate"), "{e}");
-    let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "100", "0", "0", "100"]);
-    assert!(e.contains("the activations off the GPU") && e.contains("not supported"), "{e}");
+    // The activations split over tiers: refused saying what runs (one
+    // tier), GPU or not.
+    let e = fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "100", "0", "50", "50"]);
+    assert!(e.contains("activations split over tiers") && e.contains("whole on one tier"), "{e}");
     let e = fails(&[
         "bench",
         "--model",
@@ -615,6 +621,13 @@ fn sampling_is_seeded_and_dummy_weights_run_a_directorys_config() {
         let e =
             fails(&["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "30", "30", "100", "0"]);
         assert!(e.contains("there is none") && !e.contains("not supported"), "{e}");
+        // So are the activations in host memory or on disk.
+        for act in [["0", "100"], ["0", "0"]] {
+            let mut args = vec!["bench", "--model", "llama-3.1-8b", "--dummy", "--percent", "100", "0", "100", "0"];
+            args.extend_from_slice(&act);
+            let e = fails(&args);
+            assert!(e.contains("there is none") && !e.contains("not supported"), "{act:?}: {e}");
+        }
     }
     // The placement check, before anything is allocated (and with --gpu-mem
     // on a machine without a GPU too): 141 GB of bf16 weights do not fit

@@ -2,81 +2,139 @@
 //! each batch's KV cache (on the GPU or over the tiers) and hidden states,
 //! and the step's embedding, layers and token picks enqueued on the GPU's
 //! stream; layer weights brought into slots before a layer's batches and the
-//! tiered cache's slots stored after each step.
+//! tiered cache's slots stored after each step. With the activations off
+//! the GPU, each batch's hidden states have a home in host memory or on
+//! disk and every use (embedding, layer, logits) runs on one of the
+//! block's two GPU buffers through the runtime's
+//! [`runtime::gpu::activations::ActivationStreamer`].
 //!
 //! Greedy picks are made on the GPU (only the token ids come back);
 //! sampling copies the logits to the host and uses the CPU sampler.
 
 use indicatif::ProgressBar;
 
+use runtime::gpu::activations::Use;
+
 use super::cache::GpuKvCache;
-use super::model::{ActivationHome, BatchCache, GpuHidden, GpuModel, GpuStep, Workspace};
+use super::model::{ActivationHome, ActivationStreamer, BatchCache, GpuHidden, GpuModel, GpuStep, Workspace};
 use crate::error::{Error, Result};
 use crate::generation::{validate_prompts, GenerateOptions, GenerationOutput};
 use crate::sampling::Sampler;
 use runtime::schedule::{BatchTokens, ComputeDevice};
 
-/// One batch's state on the GPU: its KV cache and hidden states (and,
-/// with the activations in host memory, their home there; `act` is then the
-/// block's shared GPU buffer).
+/// Where a batch's hidden states live between layers.
+#[derive(Debug)]
+pub enum BatchHidden {
+    /// On the GPU, the batch's own buffers.
+    Gpu(GpuHidden),
+    /// In host memory or on disk ([`GpuModel::activations`]), loaded into
+    /// the block's GPU buffers for each use.
+    Home(ActivationHome),
+}
+
+impl BatchHidden {
+    /// Bytes the batch holds on the GPU.
+    pub fn gpu_bytes(&self) -> u64 {
+        match self {
+            BatchHidden::Gpu(h) => h.bytes(),
+            BatchHidden::Home(_) => 0,
+        }
+    }
+}
+
+/// One batch's state on the GPU: its KV cache and hidden states.
 #[derive(Debug)]
 pub struct GpuBatchState {
     pub cache: BatchCache,
-    pub act: GpuHidden,
-    pub home: Option<ActivationHome>,
+    pub hidden: BatchHidden,
 }
 
 impl GpuBatchState {
-    /// Room for `tokens`' first step and `capacity` positions.
+    /// Room for `tokens`' first step and `capacity` positions, the hidden
+    /// states on the GPU.
     pub fn new(model: &GpuModel, tokens: &BatchTokens, capacity: usize) -> Result<Self> {
         Ok(GpuBatchState {
             cache: model.new_cache(tokens.batch(), capacity)?,
-            act: GpuHidden::new(&model.gpu, &model.config, tokens.rows())?,
-            home: None,
+            hidden: BatchHidden::Gpu(GpuHidden::new(&model.gpu, &model.config, tokens.rows())?),
         })
-    }
-
-    /// The step's embeddings into the hidden states (and its mask into the
-    /// cache's key mask).
-    pub fn embed(&mut self, model: &GpuModel, tokens: &BatchTokens, ws: &mut Workspace) -> Result<()> {
-        let past = self.cache.len();
-        if let BatchCache::Tiered(c) = &mut self.cache {
-            c.record_mask(tokens.mask(), tokens.new_len(), past)?;
-        }
-        let step = GpuStep { batch: tokens.batch(), new_len: tokens.new_len(), past, key_mask: self.cache.key_mask() };
-        model.embed(&self.act, ws, tokens.tokens(), tokens.mask(), &tokens.past_real(), &step)
-    }
-
-    /// Layer `j` of the step.
-    pub fn layer(&mut self, model: &GpuModel, j: usize, tokens: &BatchTokens, ws: &mut Workspace) -> Result<()> {
-        let (batch, new_len) = (tokens.batch(), tokens.new_len());
-        match &mut self.cache {
-            BatchCache::Gpu(GpuKvCache { layers, key_mask }) => {
-                let cache = layers.get_mut(j).ok_or_else(|| Error::Gpu(format!("no cache for layer {j}")))?;
-                let step = GpuStep { batch, new_len, past: cache.len(), key_mask };
-                model.layer_forward(j, cache, &self.act, ws, &step)
-            }
-            BatchCache::Tiered(tc) => {
-                let streamer = model
-                    .cache_streamer
-                    .as_ref()
-                    .ok_or_else(|| Error::Gpu("a tiered cache without its streamer".into()))?;
-                streamer.layer(model, j, tc, &self.act, ws, new_len)
-            }
-        }
-    }
-
-    /// The logits of the step's last positions into `ws.logits`.
-    pub fn logits(&self, model: &GpuModel, tokens: &BatchTokens, ws: &mut Workspace) -> Result<()> {
-        model.logits(&self.act, ws, tokens.batch(), tokens.new_len())
     }
 }
 
-/// A batch with its tokens, stepped by hand (tests, [`prefill_logits`]).
+/// The step's embeddings into `act` (and its mask into the cache's key
+/// mask).
+fn embed_into(
+    model: &GpuModel,
+    cache: &mut BatchCache,
+    tokens: &BatchTokens,
+    ws: &mut Workspace,
+    act: &GpuHidden,
+) -> Result<()> {
+    let past = cache.len();
+    if let BatchCache::Tiered(c) = cache {
+        c.record_mask(tokens.mask(), tokens.new_len(), past)?;
+    }
+    let step = GpuStep { batch: tokens.batch(), new_len: tokens.new_len(), past, key_mask: cache.key_mask() };
+    model.embed(act, ws, tokens.tokens(), tokens.mask(), &tokens.past_real(), &step)
+}
+
+/// Layer `j` of the step, in place on `act` and the cache.
+fn layer_on(
+    model: &GpuModel,
+    cache: &mut BatchCache,
+    j: usize,
+    tokens: &BatchTokens,
+    ws: &mut Workspace,
+    act: &GpuHidden,
+) -> Result<()> {
+    let (batch, new_len) = (tokens.batch(), tokens.new_len());
+    match cache {
+        BatchCache::Gpu(GpuKvCache { layers, key_mask }) => {
+            let cache = layers.get_mut(j).ok_or_else(|| Error::Gpu(format!("no cache for layer {j}")))?;
+            let step = GpuStep { batch, new_len, past: cache.len(), key_mask };
+            model.layer_forward(j, cache, act, ws, &step)
+        }
+        BatchCache::Tiered(tc) => {
+            let streamer = model
+                .cache_streamer
+                .as_ref()
+                .ok_or_else(|| Error::Gpu("a tiered cache without its streamer".into()))?;
+            streamer.layer(model, j, tc, act, ws, new_len)
+        }
+    }
+}
+
+/// `compute` over the batch's hidden states: its own GPU buffers, or the
+/// block's, loaded from and stored to its home by `streamer` as `how` says.
+fn on_hidden<R>(
+    model: &GpuModel,
+    streamer: Option<&mut ActivationStreamer>,
+    hidden: &BatchHidden,
+    rows: usize,
+    how: Use,
+    compute: impl FnOnce(&GpuHidden) -> Result<R>,
+) -> Result<R> {
+    match hidden {
+        BatchHidden::Gpu(act) => compute(act),
+        BatchHidden::Home(home) => {
+            let s = streamer.ok_or_else(|| Error::Gpu("hidden states off the GPU without their GPU buffers".into()))?;
+            s.run(&model.gpu, home, rows, how, |act| {
+                // The host stored and loaded the hidden states: profiled as
+                // its own part.
+                model.mark("wait for activations")?;
+                compute(act)
+            })
+        }
+    }
+}
+
+/// A batch with its tokens, stepped by hand (tests, [`prefill_logits`]),
+/// its hidden states on the GPU.
 #[derive(Debug)]
 pub struct GpuBatch {
     pub tokens: BatchTokens,
     pub state: GpuBatchState,
+    /// The hidden states (the same buffers as `state`'s).
+    act: GpuHidden,
 }
 
 impl GpuBatch {
@@ -84,8 +142,10 @@ impl GpuBatch {
     /// more positions.
     pub fn new(model: &GpuModel, prompts: &[Vec<u32>], max_new_tokens: usize, pad: u32) -> Result<Self> {
         let tokens = BatchTokens::new(prompts, pad);
-        let state = GpuBatchState::new(model, &tokens, tokens.new_len() + max_new_tokens)?;
-        Ok(GpuBatch { tokens, state })
+        let act = GpuHidden::new(&model.gpu, &model.config, tokens.rows())?;
+        let cache = model.new_cache(tokens.batch(), tokens.new_len() + max_new_tokens)?;
+        let state = GpuBatchState { cache, hidden: BatchHidden::Gpu(act.share()) };
+        Ok(GpuBatch { tokens, state, act })
     }
 
     /// Rows (sequences × new tokens) of the next step.
@@ -100,24 +160,24 @@ impl GpuBatch {
 
     /// The hidden states.
     pub fn act(&self) -> &GpuHidden {
-        &self.state.act
+        &self.act
     }
 
     /// The step's embeddings.
     pub fn embed(&mut self, model: &GpuModel, ws: &mut Workspace) -> Result<()> {
-        self.state.embed(model, &self.tokens, ws)
+        embed_into(model, &mut self.state.cache, &self.tokens, ws, &self.act)
     }
 
     /// Layer `j` of the step (its weights brought in around it).
     pub fn layer(&mut self, model: &GpuModel, j: usize, ws: &mut Workspace) -> Result<()> {
         model.begin_layer(j)?;
-        self.state.layer(model, j, &self.tokens, ws)?;
+        layer_on(model, &mut self.state.cache, j, &self.tokens, ws, &self.act)?;
         model.end_layer(j)
     }
 
     /// The logits of the step's last positions into `ws.logits`.
     pub fn logits(&self, model: &GpuModel, ws: &mut Workspace) -> Result<()> {
-        self.state.logits(model, &self.tokens, ws)
+        model.logits(&self.act, ws, self.tokens.batch(), self.tokens.new_len())
     }
 
     /// The whole step for this batch alone: embeddings, every layer, logits.
@@ -127,7 +187,7 @@ impl GpuBatch {
             self.layer(model, j, ws)?;
         }
         model.end_step()?;
-        self.state.logits(model, &self.tokens, ws)
+        self.logits(model, ws)
     }
 
     /// Records the picked tokens and sets up the next one-token step.
@@ -141,19 +201,22 @@ impl GpuBatch {
 pub struct GpuCompute<'a> {
     model: &'a GpuModel,
     ws: Option<Workspace>,
-    /// With the activations in host memory: the one GPU buffer the block's
-    /// batches load their hidden states into.
-    shared_act: Option<GpuHidden>,
+    /// With the activations in host memory or on disk: the two GPU buffers
+    /// the block's batches load their hidden states into, and the loads
+    /// and stores around each use.
+    activations: Option<ActivationStreamer>,
 }
 
 impl<'a> GpuCompute<'a> {
     /// The device computing `model`.
     pub fn new(model: &'a GpuModel) -> Self {
-        GpuCompute { model, ws: None, shared_act: None }
+        GpuCompute { model, ws: None, activations: None }
     }
 
-    fn ws(&mut self) -> Result<&mut Workspace> {
-        self.ws.as_mut().ok_or_else(|| Error::Gpu("the GPU workspace was not prepared".into()))
+    /// Bytes loaded and stored between the hidden states' homes and the
+    /// GPU so far (0 with them on the GPU).
+    pub fn activation_bytes_moved(&self) -> u64 {
+        self.activations.as_ref().map_or(0, ActivationStreamer::bytes_moved)
     }
 }
 
@@ -184,21 +247,24 @@ impl ComputeDevice for GpuCompute<'_> {
     }
 
     fn begin_block(&mut self, tokens: &[BatchTokens]) -> Result<()> {
-        if self.model.activations.is_some() {
+        self.activations = None;
+        if let Some(tier) = &self.model.activations {
+            let (gpu, config) = (&self.model.gpu, &self.model.config);
             let rows = tokens.iter().map(BatchTokens::rows).max().unwrap_or(0).max(1);
-            self.shared_act = Some(GpuHidden::new(&self.model.gpu, &self.model.config, rows)?);
+            let bufs = [GpuHidden::new(gpu, config, rows)?, GpuHidden::new(gpu, config, rows)?];
+            let parts = super::model::activation_parts(config);
+            self.activations = Some(ActivationStreamer::new(gpu, tier, &parts, rows, bufs)?);
         }
         Ok(())
     }
 
     fn new_batch(&mut self, tokens: &BatchTokens, capacity: usize) -> Result<GpuBatchState> {
-        match (&self.model.activations, &self.shared_act) {
-            (Some(tier), Some(shared)) => Ok(GpuBatchState {
+        match &self.activations {
+            Some(s) => Ok(GpuBatchState {
                 cache: self.model.new_cache(tokens.batch(), capacity)?,
-                act: shared.share(),
-                home: Some(tier.home(&self.model.config, tokens.rows())?),
+                hidden: BatchHidden::Home(s.home(tokens.rows())?),
             }),
-            _ => GpuBatchState::new(self.model, tokens, capacity),
+            None => GpuBatchState::new(self.model, tokens, capacity),
         }
     }
 
@@ -217,12 +283,12 @@ impl ComputeDevice for GpuCompute<'_> {
     }
 
     fn embed(&mut self, tokens: &BatchTokens, b: &mut GpuBatchState) -> Result<()> {
-        let model = self.model;
-        b.embed(model, tokens, self.ws()?)?;
-        match (&model.activations, &b.home) {
-            (Some(tier), Some(home)) => tier.store(&model.gpu, home, &b.act),
-            _ => Ok(()),
-        }
+        let GpuCompute { model, ws, activations } = self;
+        let ws = ws.as_mut().ok_or_else(|| Error::Gpu("the GPU workspace was not prepared".into()))?;
+        let GpuBatchState { cache, hidden } = b;
+        on_hidden(model, activations.as_mut(), hidden, tokens.rows(), Use::Write, |act| {
+            embed_into(model, cache, tokens, ws, act)
+        })
     }
 
     fn begin_layer(&mut self, j: usize) -> Result<()> {
@@ -232,15 +298,12 @@ impl ComputeDevice for GpuCompute<'_> {
     }
 
     fn layer(&mut self, j: usize, tokens: &BatchTokens, b: &mut GpuBatchState) -> Result<()> {
-        let model = self.model;
-        if let (Some(tier), Some(home)) = (&model.activations, &b.home) {
-            tier.load(home, &b.act)?;
-        }
-        b.layer(model, j, tokens, self.ws()?)?;
-        match (&model.activations, &b.home) {
-            (Some(tier), Some(home)) => tier.store(&model.gpu, home, &b.act),
-            _ => Ok(()),
-        }
+        let GpuCompute { model, ws, activations } = self;
+        let ws = ws.as_mut().ok_or_else(|| Error::Gpu("the GPU workspace was not prepared".into()))?;
+        let GpuBatchState { cache, hidden } = b;
+        on_hidden(model, activations.as_mut(), hidden, tokens.rows(), Use::Update, |act| {
+            layer_on(model, cache, j, tokens, ws, act)
+        })
     }
 
     fn end_layer(&mut self, j: usize) -> Result<()> {
@@ -253,12 +316,12 @@ impl ComputeDevice for GpuCompute<'_> {
     }
 
     fn pick(&mut self, tokens: &BatchTokens, b: &mut GpuBatchState, sampler: Option<&mut Sampler>) -> Result<Vec<u32>> {
-        let model = self.model;
-        if let (Some(tier), Some(home)) = (&model.activations, &b.home) {
-            tier.load(home, &b.act)?;
-        }
-        let ws = self.ws()?;
-        b.logits(model, tokens, ws)?;
+        let GpuCompute { model, ws, activations } = self;
+        let model = *model;
+        let ws = ws.as_mut().ok_or_else(|| Error::Gpu("the GPU workspace was not prepared".into()))?;
+        on_hidden(model, activations.as_mut(), &b.hidden, tokens.rows(), Use::Read, |act| {
+            model.logits(act, ws, tokens.batch(), tokens.new_len())
+        })?;
         let vocab = model.config.vocab_size;
         match sampler {
             None => {
@@ -286,9 +349,10 @@ impl ComputeDevice for GpuCompute<'_> {
     }
 
     fn activation_bytes(&self, batches: &[&GpuBatchState]) -> u64 {
-        let act = match &self.shared_act {
-            Some(shared) => shared.bytes(),
-            None => batches.iter().map(|b| b.act.bytes()).sum::<u64>(),
+        // Off the GPU, the block's two buffers (loaded beside the compute).
+        let act = match &self.activations {
+            Some(s) => s.gpu_bytes(),
+            None => batches.iter().map(|b| b.hidden.gpu_bytes()).sum::<u64>(),
         };
         act + self.ws.as_ref().map_or(0, Workspace::bytes)
     }

@@ -37,6 +37,12 @@
 //!   batch's cache split in whole sequences over GPU, host and disk (or
 //!   4-bit on one tier), loaded into two GPU slots a layer at a time; with
 //!   `--cpu-cache-compute`, decode attention on the CPU over the host cache.
+//! - Activations off the GPU (`--percent _ _ _ _ 0 A_CPU`): the runtime's
+//!   [`runtime::gpu::activations`], OPT's glue in [`model`]
+//!   ([`model::activation_parts`], [`model::GpuHidden`] as the buffer):
+//!   each batch's hidden states in host memory or on disk, loaded into one
+//!   of the block's two GPU buffers before each use and stored back beside
+//!   the next batch's compute.
 //!
 //! Numerics: f16 storage, f32 accumulation everywhere. Matrix products go
 //! through cuBLASLt (bias, ReLU and the residual add fused into the product's

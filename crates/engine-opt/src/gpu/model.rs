@@ -69,8 +69,10 @@ impl GpuHidden {
     /// Room for `rows` hidden states of `config`.
     pub fn new(gpu: &Gpu, config: &OptConfig, rows: usize) -> Result<Self> {
         let h = config.hidden_size;
-        let hidden16 = if config.do_layer_norm_before { None } else { Some(DevBuf::alloc(gpu, rows * h)?) };
-        Ok(GpuHidden { hidden: DevBuf::alloc(gpu, rows * h)?, hidden16 })
+        let n =
+            rows.checked_mul(h).ok_or_else(|| Error::Gpu(format!("hidden states of {rows} rows × {h} overflow")))?;
+        let hidden16 = if config.do_layer_norm_before { None } else { Some(DevBuf::alloc(gpu, n)?) };
+        Ok(GpuHidden { hidden: DevBuf::alloc(gpu, n)?, hidden16 })
     }
 
     /// Bytes held.
@@ -87,88 +89,34 @@ impl GpuHidden {
 
 /// Activations off the GPU (`--percent _ _ _ _ A_GPU A_CPU`, `A_GPU` 0):
 /// each batch's hidden states live in host memory (`A_CPU` 100) or on disk
-/// (`A_CPU` 0) between layers, loaded into one GPU buffer the block's
-/// batches share before each layer and stored back after it (FlexGen's load
-/// and store of the hidden states).
-pub struct ActivationTier {
-    pub host: Option<std::sync::Arc<tier_host::HostDevice>>,
-    pub disk: Option<std::sync::Arc<tier_disk::DiskDevice>>,
-    matrix: std::sync::Arc<tier_api::CopyMatrix>,
+/// (`A_CPU` 0) between layers, loaded into one of two GPU buffers the
+/// block's batches share before each layer and stored back beside the next
+/// batch's compute (the runtime's [`runtime::gpu::activations`]; OPT's glue
+/// is its parts, [`activation_parts`], and [`GpuHidden`] as their buffer).
+pub use runtime::gpu::activations::{ActivationHome, ActivationTier};
+
+/// The runtime's streamer of OPT's hidden states.
+pub type ActivationStreamer = runtime::gpu::activations::ActivationStreamer<GpuHidden>;
+
+/// OPT's hidden states as the runtime keeps them off the GPU: the f32
+/// residual stream, and for post-layer-norm models its f16 copy (each
+/// block's input), `hidden` values a row each.
+pub fn activation_parts(config: &OptConfig) -> Vec<runtime::gpu::activations::ActPart> {
+    use runtime::gpu::activations::ActPart;
+    let h = config.hidden_size;
+    let mut parts = vec![ActPart { dtype: tier_api::DType::F32, width: h }];
+    if !config.do_layer_norm_before {
+        parts.push(ActPart { dtype: tier_api::DType::F16, width: h });
+    }
+    parts
 }
 
-impl std::fmt::Debug for ActivationTier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ActivationTier").finish_non_exhaustive()
+impl runtime::gpu::activations::ActBuffers for GpuHidden {
+    fn part_tensors(&self) -> Vec<&tier_api::Tensor> {
+        let mut out = vec![self.hidden.tensor()];
+        out.extend(self.hidden16.as_ref().map(DevBuf::tensor));
+        out
     }
-}
-
-impl ActivationTier {
-    /// Pageable host memory (the hidden states of a step are written once
-    /// and read once a layer), or with `disk_dir` the disk tier there, and
-    /// the copy matrix: all the run's ([`runtime::Tiers`]).
-    pub fn new(tiers: &runtime::Tiers, disk_dir: Option<&std::path::Path>) -> Result<Self> {
-        let (host, disk) = match disk_dir {
-            Some(dir) => (None, Some(tiers.disk(dir)?)),
-            None => (Some(tiers.host(tier_api::HostMemKind::Pageable)?), None),
-        };
-        Ok(ActivationTier { host, disk, matrix: tiers.matrix()? })
-    }
-
-    fn device(&self) -> Result<&dyn tier_api::Device> {
-        match (&self.host, &self.disk) {
-            (Some(h), _) => Ok(h.as_ref()),
-            (_, Some(d)) => Ok(d.as_ref()),
-            _ => Err(Error::Gpu("an activation tier with no device".into())),
-        }
-    }
-
-    /// A batch's home for `rows` hidden states (f32, and their f16 copy for
-    /// post-LN models).
-    pub fn home(&self, config: &OptConfig, rows: usize) -> Result<ActivationHome> {
-        let h = config.hidden_size;
-        let dev = self.device()?;
-        let f32s = dev.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F32).map_err(super::tier_err)?;
-        let f16s = if config.do_layer_norm_before {
-            None
-        } else {
-            Some(dev.allocate(&tier_api::Shape::new([rows * h]), tier_api::DType::F16).map_err(super::tier_err)?)
-        };
-        Ok(ActivationHome { hidden: f32s, hidden16: f16s })
-    }
-
-    /// The first `rows × hidden` values of `act` (the GPU's shared buffer)
-    /// from the batch's home, before a layer.
-    pub fn load(&self, home: &ActivationHome, act: &GpuHidden) -> Result<()> {
-        self.move_rows(home, act, true)
-    }
-
-    /// The same to the home, once the compute enqueued so far on `gpu` has
-    /// finished.
-    pub fn store(&self, gpu: &Gpu, home: &ActivationHome, act: &GpuHidden) -> Result<()> {
-        gpu.synchronize()?;
-        self.move_rows(home, act, false)
-    }
-
-    fn move_rows(&self, home: &ActivationHome, act: &GpuHidden, load: bool) -> Result<()> {
-        let mut pairs = vec![(home.hidden.view(), act.hidden.tensor())];
-        if let (Some(h), Some(a)) = (&home.hidden16, &act.hidden16) {
-            pairs.push((h.view(), a.tensor()));
-        }
-        for (h, a) in pairs {
-            let n = h.shape().dims().first().copied().unwrap_or(0);
-            let a = a.narrow(0, 0, n).map_err(super::tier_err)?;
-            let (src, dst) = if load { (h, a) } else { (a, h) };
-            self.matrix.copy(&src, &dst).map_err(super::tier_err)?;
-        }
-        Ok(())
-    }
-}
-
-/// One batch's hidden states in host memory.
-#[derive(Debug)]
-pub struct ActivationHome {
-    hidden: tier_api::Tensor,
-    hidden16: Option<tier_api::Tensor>,
 }
 
 /// Scratch space shared by the batches of a block: the products' outputs,
@@ -339,7 +287,7 @@ pub struct GpuModel {
     /// With the KV cache off the GPU: its tiers and GPU slots (see
     /// [`super::tiered_cache`]); `None`: every cache on the GPU.
     pub cache_streamer: Option<CacheStreamer>,
-    /// With the activations in host memory ([`ActivationTier`]).
+    /// With the activations in host memory or on disk ([`ActivationTier`]).
     pub activations: Option<ActivationTier>,
     /// Last, so that the buffers above are freed before its stream and
     /// handles go.

@@ -1,7 +1,8 @@
 //! A decoder layer's weights on one GPU, for any family: storage,
 //! 4-bit packing and streaming through GPU slots, all read from the layer
-//! spec ([`crate::spec::ModelSpec`]), none naming a tensor; and the KV
-//! cache placed over the tiers and streamed through GPU slots.
+//! spec ([`crate::spec::ModelSpec`]), none naming a tensor; the KV
+//! cache placed over the tiers and streamed through GPU slots; and the
+//! hidden states between layers off the GPU.
 //!
 //! - [`layer`]: [`layer::GpuLayer`], one GPU buffer per tensor of the
 //!   spec's layer, in its order and held type, filled from a checkpoint or
@@ -20,11 +21,18 @@
 //!   over GPU, host memory and disk (or 4-bit on one tier), loaded into two
 //!   GPU slots a layer at a time for the family's compute; with
 //!   `--cpu-cache-compute`, handed to the family's CPU attention in place.
+//! - [`activations`]: the hidden states off the GPU
+//!   ([`activations::ActivationStreamer`]): each batch's parts (the f32
+//!   residual stream, a family's 16-bit copy) in host memory or on disk
+//!   between layers, loaded into one of two GPU buffers the block's
+//!   batches share before each use and stored back when that buffer is
+//!   next used, beside the compute.
 //!
 //! The GPU itself, its buffers and kernels are the op layer's
 //! ([`ops::gpu`]). Failures are the runtime's [`crate::Error`]: GPU and tier
 //! failures as [`crate::Error::Op`] with the op layer's GPU message.
 
+pub mod activations;
 pub mod cache;
 pub mod layer;
 pub mod packed;

@@ -3,11 +3,12 @@
 //! KV cache in host memory (as OPT's CPU engine), or with `--percent 0 W 0
 //! C 0 100` the later layers and a share of each batch's cache on disk; on
 //! the GPU engine (`engine_llama::gpu`) when `--percent` places anything on
-//! the GPU: the activations there, the weights resident or streamed from
-//! host memory or disk, the KV cache where the policy's cache shares say
-//! (GPU, host memory, disk, in whole sequences; 4-bit on one tier with
+//! the GPU (or the activations on disk): the weights resident or streamed
+//! from host memory or disk, the KV cache where the policy's cache shares
+//! say (GPU, host memory, disk, in whole sequences; 4-bit on one tier with
 //! `--compress-cache`; in host memory with the CPU's attention with
-//! `--cpu-cache-compute`): `--percent W_GPU W_CPU C_GPU C_CPU 100 0`.
+//! `--cpu-cache-compute`), the activations on one tier (GPU, host memory or
+//! disk): `--percent W_GPU W_CPU C_GPU C_CPU A_GPU A_CPU`.
 //!
 //! [`family_of`] decides which family a `--model` argument names: a
 //! directory by its config.json's `model_type`, a preset by its name.
@@ -246,9 +247,11 @@ fn options_for(ids: &GenerationIds, tok: Option<&Tokenizer>, vocab: usize, max_n
     GenerateOptions { max_new_tokens, stop_on_eos: true, eos_token_ids: eos, pad_token_id: pad }
 }
 
-/// Whether `policy` puts anything on the GPU (the GPU engine's run).
+/// Whether `policy` is the GPU engine's run: anything on the GPU, or the
+/// activations on disk (which the CPU engine does not place).
 fn places_on_gpu(policy: &runtime::policy::Policy) -> bool {
-    policy.w_gpu_percent > 0.0 || policy.cache_gpu_percent > 0.0 || policy.act_gpu_percent > 0.0
+    let act_on_disk = policy.disk_percents()[2] > 0.0;
+    policy.w_gpu_percent > 0.0 || policy.cache_gpu_percent > 0.0 || policy.act_gpu_percent > 0.0 || act_on_disk
 }
 
 /// The cache placement `policy` asks the family's GPU engine for, refused
@@ -265,17 +268,12 @@ fn cache_plan(policy: &runtime::policy::Policy) -> Result<CachePlan> {
 }
 
 /// Refuses what the family's GPU engine does not do yet, naming it: it
-/// keeps the hidden states on the GPU, and places the weights anywhere
-/// (resident, streamed from host memory or disk), 4-bit or not, and the
-/// KV cache as the runtime's tiered cache does.
-fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy) -> Result<()> {
+/// places the weights anywhere (resident, streamed from host memory or
+/// disk), 4-bit or not, the KV cache as the runtime's tiered cache does,
+/// and the hidden states whole on one tier (GPU, host memory or disk; a
+/// split is refused by [`activation_tier`]).
+fn refuse_unsupported_on_gpu(args: &GenerateArgs) -> Result<()> {
     let mut refused: Vec<String> = Vec::new();
-    if policy.act_gpu_percent < 100.0 {
-        refused.push(format!(
-            "activations off the GPU (--percent's activation shares {} {})",
-            policy.act_gpu_percent, policy.act_cpu_percent
-        ));
-    }
     // The GPU engine honours every engine flag (the cache's as its plan
     // allows, checked next), and the search its own.
     let honoured = [
@@ -297,18 +295,19 @@ fn refuse_unsupported_on_gpu(args: &GenerateArgs, policy: &runtime::policy::Poli
         return Ok(());
     }
     Err(unsupported(format!(
-        "{} not supported for the Llama family on the GPU yet: its GPU engine keeps the activations on the GPU and \
-         places the weights, 4-bit with --compress-weight or not, and the KV cache anywhere (--percent W_GPU W_CPU \
-         C_GPU C_CPU 100 0; --compress-cache, --cpu-cache-compute; the rest on disk in --offload-dir); the CPU \
-         engine keeps everything off the GPU (--percent 0 W_CPU 0 C_CPU 0 100)",
+        "{} not supported for the Llama family on the GPU yet: its GPU engine places the weights, 4-bit with \
+         --compress-weight or not, the KV cache and the activations (on one tier) anywhere (--percent W_GPU W_CPU \
+         C_GPU C_CPU A_GPU A_CPU; --compress-cache, --cpu-cache-compute; the rest on disk in --offload-dir); the \
+         CPU engine keeps everything off the GPU (--percent 0 W_CPU 0 C_CPU 0 100)",
         refused.join(", ") + if refused.len() == 1 { " is" } else { " are" }
     )))
 }
 
 /// `tierlm generate` for a Llama-family model on the GPU engine.
 fn generate_gpu(args: &GenerateArgs, policy: &runtime::policy::Policy, inputs: Vec<Input>) -> Result<()> {
-    refuse_unsupported_on_gpu(args, policy)?;
+    refuse_unsupported_on_gpu(args)?;
     let plan = cache_plan(policy)?;
+    check_activation_shares(policy)?;
     let offload_dir = args.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
     // The longest input bounds the prompt: its ids, or its text's bytes.
     let longest = inputs
@@ -416,13 +415,41 @@ fn check_prompts(config: &LlamaConfig, prompts: &[Vec<u32>], new_tokens: usize) 
     Ok(engine_llama::device::check_window_config(config, prompts, new_tokens)?)
 }
 
+/// The activations' shares the family's GPU engine runs: all on one tier
+/// (GPU, host memory or disk); a split is refused, saying what runs.
+fn check_activation_shares(policy: &runtime::policy::Policy) -> Result<()> {
+    let (gpu, cpu) = (policy.act_gpu_percent, policy.act_cpu_percent);
+    if gpu >= 100.0 || cpu >= 100.0 || policy.disk_percents()[2] >= 100.0 {
+        return Ok(());
+    }
+    Err(unsupported(format!(
+        "the activations split over tiers (--percent's activation shares {gpu} {cpu}) are not supported for the \
+         Llama family: its GPU engine keeps each batch's hidden states whole on one tier: 100 0 (GPU), 0 100 (host \
+         memory) or 0 0 (disk, in --offload-dir)"
+    )))
+}
+
+/// Where `policy` puts the hidden states between layers: on the GPU
+/// (`None`), or on the run's pageable host memory or disk in
+/// `offload_dir`.
+fn activation_tier(
+    policy: &runtime::policy::Policy,
+    run_tiers: &runtime::Tiers,
+    offload_dir: &Path,
+) -> Result<Option<runtime::gpu::activations::ActivationTier>> {
+    check_activation_shares(policy)?;
+    Ok(runtime::gpu::activations::ActivationTier::of_policy(run_tiers, policy, offload_dir)
+        .map_err(engine_llama::Error::from)?)
+}
+
 /// The family's GPU engine on `gpu`, placed as `policy` says: the
 /// split's first layers resident and the rest streamed from the run's host
 /// and disk tiers (`offload_dir`), `--sep-layer`, 4-bit weights with
-/// `--compress-weight`, and each batch's KV cache placed by `plan` (on the
+/// `--compress-weight`, each batch's KV cache placed by `plan` (on the
 /// GPU, or by the runtime's tiered cache over the run's tiers: pageable
-/// host memory, the disk in `offload_dir`). Returns the run's tiers too,
-/// whose peaks the reports read.
+/// host memory, the disk in `offload_dir`), and its hidden states on the
+/// GPU or, between layers, in the run's pageable host memory or on disk.
+/// Returns the run's tiers too, whose peaks the reports read.
 fn place_on_gpu(
     gpu: ops::gpu::Gpu,
     opened: &Opened,
@@ -454,6 +481,7 @@ fn place_on_gpu(
         let tiers = CacheTiers::for_plan(&run_tiers, &plan, offload_dir).map_err(engine_llama::Error::from)?;
         model.place_cache(plan, tiers)?;
     }
+    model.place_activations(activation_tier(policy, &run_tiers, offload_dir)?);
     Ok((model, run_tiers))
 }
 
@@ -504,8 +532,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         None => args.prompts.iter().cloned().map(Input::Text).collect(),
     };
     if args.policy.as_deref() == Some("auto") {
-        // The search places the weights; the family's GPU engine keeps the
-        // cache and the activations on the GPU.
+        // The search places the weights and the cache (the activations'
+        // shares as its pins for the family say).
         match super::auto::for_generate(args, &inputs)? {
             Some(choice) => policy = choice.policy,
             None => super::auto::no_gpu_note(super::auto::Mode::Auto { asked: true }),
@@ -631,6 +659,11 @@ pub struct LlamaBenchReport {
     /// The KV caches of the block on the GPU (with a tiered cache, its GPU
     /// share, slots and 4-bit scratch).
     pub kv_cache_bytes: u64,
+    /// Hidden states and scratch on the GPU at their most: each batch's
+    /// residual stream, or with the activations in host memory or on disk
+    /// the block's two GPU buffers they are loaded into, plus the
+    /// workspace (products' outputs, scores, logits).
+    pub activation_bytes: u64,
     /// With the cache placed off the GPU, 4-bit or attended on the CPU: the
     /// tiered cache's figures.
     pub cache: Option<LlamaCacheReport>,
@@ -712,9 +745,9 @@ pub fn llama_limits(
     Ok(super::gpu::Limits::of(weight_bytes, cache_bytes, flop, (prompts, prompt_len, gen_len), roof))
 }
 
-/// `tierlm bench` for a Llama-family model: its GPU engine (the cache and
-/// activations on the GPU, the weights where `--percent` says), FlexGen's
-/// throughput definitions, one untimed warm-up generation first.
+/// `tierlm bench` for a Llama-family model: its GPU engine (weights, KV
+/// cache and activations where `--percent` says), FlexGen's throughput
+/// definitions, one untimed warm-up generation first.
 pub fn bench(
     args: &super::bench::BenchArgs,
     policy: &runtime::policy::Policy,
@@ -736,15 +769,8 @@ pub fn bench(
             args.model, args.model
         )));
     }
-    if policy.act_gpu_percent < 100.0 {
-        return Err(unsupported(format!(
-            "the activations off the GPU (--percent's activation shares {} {}) are not supported for the Llama \
-             family on the GPU yet (its GPU engine keeps the activations on the GPU and places the weights and the \
-             KV cache anywhere: --percent W_GPU W_CPU C_GPU C_CPU 100 0)",
-            policy.act_gpu_percent, policy.act_cpu_percent
-        )));
-    }
     let plan = cache_plan(&policy)?;
+    check_activation_shares(&policy)?;
     if args.prompt_len == 0 || args.gen_len == 0 {
         return Err(unsupported("--prompt-len and --gen-len must be at least 1".into()));
     }
@@ -848,6 +874,7 @@ pub fn bench(
         gpu_weight_bytes: model.weight_bytes(),
         streamed_weight_bytes: streamed,
         kv_cache_bytes: out.cache_bytes,
+        activation_bytes: out.activation_bytes,
         cache: model.cache_stats().map(|c| LlamaCacheReport {
             percent: [c.plan.gpu_percent, c.plan.cpu_percent, c.plan.disk_percent()],
             cpu_compute: c.plan.cpu_compute,
