@@ -460,7 +460,11 @@ fn a_four_bit_cache_gives_the_same_tokens_on_every_tier() {
                 Some(t) => assert_eq!(&got, t, "{name}: the 4-bit cache at {p:?}"),
             }
             let stats = model.cache_stats().expect("a tiered cache");
-            assert!(stats.scratch_bytes > 0 && stats.bytes_moved > 0, "{name} {p:?}: nothing packed");
+            assert!(stats.bytes_moved > 0, "{name} {p:?}: nothing packed");
+            // Homes off the GPU go through a scratch; homes on it are
+            // unpacked in place into the slots (a scratch is made for them
+            // only for a batch shape that is not the slots').
+            assert!(gpu >= 100.0 || stats.scratch_bytes > 0, "{name} {p:?}: no scratch for homes off the GPU");
         }
         println!("{name}: a 4-bit cache on the GPU, in host memory and on disk: the same tokens");
     }

@@ -335,9 +335,10 @@ pub struct GpuCacheBytes {
 /// - a key mask per batch on the GPU, `gpu_batch_size × capacity` bytes;
 /// - through the slots: two slots of one batch's layer (the slots grow to
 ///   the largest batch, which for equal batches is any of them), and 4-bit,
-///   one scratch for the batches' one shape (`pack_scratch` makes one per
-///   distinct `(batch, capacity)`): keys and values each unpacked and
-///   packed.
+///   with homes off the GPU, one scratch for the batches' one shape
+///   (`pack_scratch` makes one per distinct `(batch, capacity)`): keys and
+///   values each unpacked and packed (homes on the GPU are unpacked in
+///   place into the slots).
 ///
 /// Counts saturate.
 pub fn gpu_cache_bytes(spec: &ModelSpec, policy: &Policy, capacity: usize) -> Result<GpuCacheBytes> {
@@ -357,7 +358,9 @@ pub fn gpu_cache_bytes(spec: &ModelSpec, policy: &Policy, capacity: usize) -> Re
         // One layer's keys (or values) of one batch, in the cache's type.
         let plain = cache_tensor_bytes(kv, gbs, capacity, false)?;
         out.slots = plain.saturating_mul(4);
-        if packed {
+        // The scratch, for 4-bit homes off the GPU (those on it are unpacked
+        // in place into the slots).
+        if packed && policy.cache_gpu_percent < 100.0 {
             out.scratch = plain.saturating_add(cache_tensor_bytes(kv, gbs, capacity, true)?).saturating_mul(2);
         }
     }
@@ -842,7 +845,9 @@ mod tests {
             homes: TierBytes { gpu: held(0), pinned: 0, pageable: held(1), disk: held(2) },
             masks: (policy.num_gpu_batches * batch * capacity) as u64,
             slots: if through { (2 * 2 * elems * size) as u64 } else { 0 },
-            scratch: layout.map_or(0, |l| (2 * (l.total_bytes() + elems * size)) as u64),
+            scratch: layout
+                .filter(|_| policy.cache_gpu_percent < 100.0)
+                .map_or(0, |l| (2 * (l.total_bytes() + elems * size)) as u64),
         }
     }
 

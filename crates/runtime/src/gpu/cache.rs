@@ -659,8 +659,14 @@ impl<T: Half> CacheStreamer<T> {
             let dev = dev.ok_or_else(|| gpu_err("a cache share on a tier that was not opened".into()))?;
             placements.push((dev.as_ref(), share));
         }
+        // The scratch is made here for homes off the GPU; homes on it are
+        // unpacked in place ([`CacheStreamer::layer`]), a scratch made there
+        // only for a batch whose shape is not the slots'.
         let packed = match &self.packer {
-            Some(packer) => Some(self.pack_scratch(gpu, packer, batch, capacity)?.layout.clone()),
+            Some(packer) if self.plan.gpu_percent < 100.0 => {
+                Some(self.pack_scratch(gpu, packer, batch, capacity)?.layout.clone())
+            }
+            Some(_) => Some(packed_layout(per_layer / head_dim, head_dim, T::DTYPE)?),
             None => None,
         };
         let homes = allocate_homes(&placements, &shape, T::DTYPE, layers, packed.as_ref())?;
@@ -986,6 +992,11 @@ impl<T: Half> CacheStreamer<T> {
                 }
             }
         } else {
+            if let (Some(_), Some(packer)) = (&packed, &self.packer) {
+                // A GPU home whose batch is not the slots' shape: through a
+                // scratch, made on first use.
+                self.pack_scratch(gpu, packer, dims.0, dims.1)?;
+            }
             loaded = match &packed {
                 Some((dims, _)) if past > 0 => {
                     self.load_packed([&keys, &values], [&slot.keys4, &slot.values4], *dims, past)?
