@@ -57,6 +57,8 @@ pub(crate) struct Arena {
     leaked: AtomicU64,
     /// Host memory of the backend's staging buffers.
     host: Arc<tier_api::MemAccount>,
+    /// Every request's operations, in flight and done.
+    activity: crate::activity::IoActivity,
 }
 
 fn dir_error(dir: &Path, reason: impl Into<String>) -> Error {
@@ -248,7 +250,13 @@ impl Arena {
             len: AtomicU64::new(0),
             stripes,
             leaked: AtomicU64::new(0),
+            activity: crate::activity::IoActivity::default(),
         })
+    }
+
+    /// Every request's operations (see [`crate::IoActivity`]).
+    pub(crate) fn activity(&self) -> &crate::activity::IoActivity {
+        &self.activity
     }
 
     pub(crate) fn id(&self) -> u32 {
@@ -438,7 +446,7 @@ impl BlockIo for Arena {
         }
         self.check_range(IoOp::Read, offset, dst.len())?;
         let mut session = self.backend.session().map_err(|e| self.session_error(IoOp::Read, offset, dst.len(), e))?;
-        Driver::new(&mut *session, &self.tier, self.geo).read(offset, dst)
+        Driver::new(&mut *session, &self.tier, self.geo).counted(&self.activity).read(offset, dst)
     }
 
     fn write_at(&self, offset: u64, src: &[u8]) -> Result<()> {
@@ -447,7 +455,7 @@ impl BlockIo for Arena {
         }
         self.check_range(IoOp::Write, offset, src.len())?;
         let mut session = self.backend.session().map_err(|e| self.session_error(IoOp::Write, offset, src.len(), e))?;
-        Driver::new(&mut *session, &self.tier, self.geo).write(offset, src, &self.stripes)
+        Driver::new(&mut *session, &self.tier, self.geo).counted(&self.activity).write(offset, src, &self.stripes)
     }
 
     unsafe fn register_buffers(&self, spans: &[HostSpan]) -> Result<Option<Box<dyn FixedBuffers>>> {

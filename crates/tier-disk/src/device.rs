@@ -67,6 +67,13 @@ impl DiskDevice {
         Arc::clone(&self.arena) as Arc<dyn BlockIo>
     }
 
+    /// The operations this disk has in flight and has done, over every
+    /// request at once: how busy it is kept and at what depth (issue 14's
+    /// evidence; tests read its peak as a trace hook).
+    pub fn activity(&self) -> &crate::IoActivity {
+        self.arena.activity()
+    }
+
     /// The arena file's length in bytes.
     pub fn arena_len(&self) -> u64 {
         self.arena.file_len()

@@ -12,6 +12,7 @@
 //! Writes that cover part of an aligned block read the block, merge and
 //! write it back under a lock striped by block.
 
+use crate::activity::IoActivity;
 use crate::backend::{Completion, Session, Submission};
 use parking_lot::{Mutex, MutexGuard};
 use std::io;
@@ -73,7 +74,8 @@ struct Flight {
 
 enum Outcome {
     Resubmitted,
-    Done,
+    /// The chunk's bytes all moved.
+    Done(usize),
     Failed(Error),
 }
 
@@ -162,6 +164,8 @@ pub(crate) struct Driver<'a> {
     slots: Vec<Option<Flight>>,
     free_slots: Vec<usize>,
     completions: Vec<Completion>,
+    /// Where operations are counted from submission to completion.
+    activity: Option<&'a IoActivity>,
 }
 
 impl<'a> Driver<'a> {
@@ -186,7 +190,14 @@ impl<'a> Driver<'a> {
             sess,
             tier,
             geo,
+            activity: None,
         }
+    }
+
+    /// Counts this driver's operations in `activity` too.
+    pub(crate) fn counted(mut self, activity: &'a IoActivity) -> Self {
+        self.activity = Some(activity);
+        self
     }
 
     /// Reads `dst.len()` bytes at file offset `off`.
@@ -321,7 +332,12 @@ impl<'a> Driver<'a> {
                 let Some(slot) = self.free_slots.pop() else { unreachable!("checked non-empty above") };
                 self.slots[slot] = Some(Flight { chunk, buf, fixed, bounce, done: 0, progress: 0, short: 0, again: 0 });
                 match self.submit(op, slot) {
-                    Ok(()) => in_flight += 1,
+                    Ok(()) => {
+                        in_flight += 1;
+                        if let Some(a) = self.activity {
+                            a.begin();
+                        }
+                    }
                     Err(e) => {
                         self.finish(slot);
                         error = Some(e);
@@ -352,9 +368,17 @@ impl<'a> Driver<'a> {
                 let c = self.completions[i];
                 match self.complete(op, c, error.is_some()) {
                     Outcome::Resubmitted => {}
-                    Outcome::Done => in_flight -= 1,
+                    Outcome::Done(len) => {
+                        in_flight -= 1;
+                        if let Some(a) = self.activity {
+                            a.end(op, len as u64);
+                        }
+                    }
                     Outcome::Failed(e) => {
                         in_flight -= 1;
+                        if let Some(a) = self.activity {
+                            a.end(op, 0);
+                        }
                         error.get_or_insert(e);
                     }
                 }
@@ -433,8 +457,9 @@ impl<'a> Driver<'a> {
                 // caller's buffer, which nothing else writes during the request.
                 unsafe { std::ptr::copy_nonoverlapping(f.buf.add(skip).cast_const(), user, len) };
             }
+            let len = f.chunk.len;
             self.finish(slot);
-            return Outcome::Done;
+            return Outcome::Done(len);
         }
         // A short transfer (a read of 0 bytes before the end is one too).
         f.short += 1;

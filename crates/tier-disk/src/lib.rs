@@ -39,6 +39,7 @@
 //! It may depend only on `tier-api` (and `io-uring`, `libc`, `parking_lot`,
 //! `crossbeam`); it knows nothing of host memory kinds, GPUs or models.
 
+mod activity;
 mod alloc;
 mod arena;
 mod backend;
@@ -50,6 +51,7 @@ pub mod fault;
 mod io;
 mod sys;
 
+pub use activity::{IoActivity, IoSnapshot, IoWindow};
 pub use arena::Alignment;
 pub use config::{
     BackendChoice, DiskConfig, MAX_CHUNK_SIZE, MAX_FIXED_BUFFERS, MAX_FIXED_BUFFER_BYTES, MAX_QUEUE_DEPTH,
