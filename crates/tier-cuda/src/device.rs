@@ -329,6 +329,10 @@ impl Storage for GpuStorage {
     }
 }
 
+/// How long [`StreamLease::finish`] polls a copy's event before it sleeps
+/// on it.
+pub(crate) const FINISH_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// A copy stream and the event that marks its work done.
 pub(crate) struct PooledStream {
     pub stream: Arc<CudaStream>,
@@ -346,8 +350,11 @@ impl StreamPool {
         let (back, free) = bounded(n);
         for _ in 0..n {
             let stream = ctx.new_stream().map_err(|e| driver_error(tier, "cuStreamCreate", e))?;
+            // Blocking sync: a copy that outlasts the short poll in
+            // `finish` sleeps instead of spinning a core (the context's
+            // default with fewer contexts than cores).
             let done = ctx
-                .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
                 .map_err(|e| driver_error(tier, "cuEventCreate", e))?;
             back.send(PooledStream { stream, done }).map_err(|_| Error::Config("stream pool closed".into()))?;
         }
@@ -378,10 +385,26 @@ impl StreamLease<'_> {
 
     /// Records the done event after everything issued so far and waits for
     /// it: this stream's work only, never the whole device.
+    ///
+    /// The wait polls the event for [`FINISH_POLL`] (a small copy's DMA
+    /// lands within it, and a sleeping thread would add a wake-up to its
+    /// latency), then sleeps on it: a copy of megabytes (a layer's host
+    /// rows, a staged disk copy's last slot) would otherwise spin a core
+    /// for milliseconds, and eight copy workers spinning took cores that
+    /// the CPU attention's pool and the staging helpers keeping the disk
+    /// busy needed (issue 14).
     pub fn finish(&self, tier: &str) -> Result<()> {
         let Some(s) = &self.stream else { unreachable!("a stream lease holds its stream until dropped") };
         s.done.record(&s.stream).map_err(|e| driver_error(tier, "cuEventRecord", e))?;
-        s.done.synchronize().map_err(|e| driver_error(tier, "cuEventSynchronize (a copy on the stream failed)", e))
+        let failed = |e| driver_error(tier, "cuEventSynchronize (a copy on the stream failed)", e);
+        let start = std::time::Instant::now();
+        while start.elapsed() < FINISH_POLL {
+            if s.done.try_is_complete().map_err(failed)? {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        s.done.synchronize().map_err(failed)
     }
 }
 

@@ -356,7 +356,8 @@ fn staged(job: &CopyJob, path: CopyPath) -> Result<()> {
                 pipe.dma(Dir::FromGpu, slot, ps);
                 if pipe.error.is_none() {
                     // The DMA is the stream's last work: wait on the stream's
-                    // (spinning) event, quicker for small copies than the slot's.
+                    // event, polled before it sleeps, quicker for small
+                    // copies than the slot's (which sleeps at once).
                     let waited = lease.finish(&shared.tier);
                     if pipe.note(waited) {
                         let drained = drain(far, slot, ps);
