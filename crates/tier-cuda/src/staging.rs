@@ -56,6 +56,9 @@ impl Default for StagingConfig {
     /// quarters of the cores: measured on an H100 host with 16 cores as the
     /// best of the shapes tried for the pageable relay, both ways; one disk
     /// read in flight (see `disk_reads`).
+    ///
+    /// `TIERLM_DISK_READS` sets `disk_reads` (for measuring; a value that
+    /// is not a number in 1..=16 is refused by [`StagingConfig::validate`]).
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
         StagingConfig {
@@ -63,8 +66,21 @@ impl Default for StagingConfig {
             slot_bytes: 8 << 20,
             helpers: (cores * 3 / 4).clamp(2, 12),
             max_read_gap: 64 << 10,
-            disk_reads: 1,
+            disk_reads: disk_reads_from_env(std::env::var(DISK_READS_ENV).ok().as_deref()),
         }
+    }
+}
+
+/// Environment variable that sets [`StagingConfig::disk_reads`] for
+/// measurements (scripts/case-c-probe.sh).
+pub const DISK_READS_ENV: &str = "TIERLM_DISK_READS";
+
+/// `disk_reads` from the variable's value: 1 when unset or empty, 0 (which
+/// `validate` refuses, naming the variable) when it is not a number.
+fn disk_reads_from_env(value: Option<&str>) -> usize {
+    match value.map(str::trim) {
+        None | Some("") => 1,
+        Some(v) => v.parse().unwrap_or(0),
     }
 }
 
@@ -81,7 +97,10 @@ impl StagingConfig {
             ));
         }
         if self.disk_reads == 0 || self.disk_reads > self.slots {
-            return bad(format!("{} disk reads in flight; 1..={} (the slots) allowed", self.disk_reads, self.slots));
+            return bad(format!(
+                "{} disk reads in flight; 1..={} (the slots) allowed (check {DISK_READS_ENV} if it is set)",
+                self.disk_reads, self.slots
+            ));
         }
         if self.helpers == 0 || self.helpers > MAX_HELPERS {
             return bad(format!("{} helper threads; 1..={MAX_HELPERS} allowed", self.helpers));
@@ -346,6 +365,16 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_reads_from_the_environment() {
+        assert_eq!(disk_reads_from_env(None), 1);
+        assert_eq!(disk_reads_from_env(Some(" ")), 1);
+        assert_eq!(disk_reads_from_env(Some("2")), 2);
+        assert_eq!(disk_reads_from_env(Some("two")), 0);
+        let refused = StagingConfig { disk_reads: disk_reads_from_env(Some("x")), ..StagingConfig::default() };
+        assert!(refused.validate().unwrap_err().to_string().contains(DISK_READS_ENV));
+    }
 
     #[test]
     fn config_limits() {

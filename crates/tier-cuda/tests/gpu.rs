@@ -549,3 +549,31 @@ fn staged_disk_copies_use_the_slots_as_fixed_buffers() {
     drop(gpu);
     drop((uring, threads));
 }
+
+#[test]
+fn a_staged_disk_read_keeps_a_slot_of_operations_in_flight() {
+    let _rig = rig_or_skip!();
+    // Slots of 1 MiB over a disk of 64 KiB chunks at depth 32: each slot's
+    // read is one request of 16 operations at once (issue 14: the disk's
+    // queue must not drain to one operation at a time), counted by the
+    // disk's trace, not timed.
+    let small = StagingConfig { slots: 4, slot_bytes: 1 << 20, helpers: 3, max_read_gap: 4096, disk_reads: 2 };
+    let gpu = GpuDevice::new(GpuConfig { staging: small, ..GpuConfig::default() }).expect("gpu");
+    let chunk = 64 << 10;
+    let disk =
+        DiskDevice::new(DiskConfig { chunk_size: chunk, queue_depth: 32, ..DiskConfig::new(std::env::temp_dir()) })
+            .expect("disk tier");
+    let matrix = tier_cuda::copy_matrix(CopyConfig { workers: 2, queue_capacity: 8 }).expect("matrix");
+    let len = 8 << 20;
+    let shape = Shape::new([len]);
+    let d = disk.allocate(&shape, DType::U8).unwrap();
+    d.write_bytes(0, &pattern(len, 43)).unwrap();
+    let g = gpu.allocate(&shape, DType::U8).unwrap();
+    let before = disk.activity().snapshot();
+    disk.activity().take_peak();
+    assert_eq!(matrix.copy(&d.view(), &g.view()).unwrap().paths, vec![CopyPath::StagedDisk]);
+    let peak = disk.activity().take_peak();
+    let w = disk.activity().snapshot().since(&before);
+    assert_eq!((w.bytes_read, w.ops), (len as u64, (len / chunk) as u64), "{w}");
+    assert!(peak >= (1 << 20) / chunk, "a slot's read keeps its 16 operations in flight at once: peak {peak}");
+}
