@@ -524,22 +524,26 @@ impl<T: Half> LlamaGpu<T> {
         let llm = gpu.llm()?;
         llm.rms_norm_f32(gpu, hidden, (0, h), rows, h, self.tensor(w, "input_layernorm.weight")?, eps, &ws.x)?;
         self.mark("rms norm")?;
-        for (name, out, n) in
-            [("self_attn.q_proj", &ws.q, q_w), ("self_attn.k_proj", &ws.k, kv_w), ("self_attn.v_proj", &ws.v, kv_w)]
-        {
-            let weight = self.tensor(w, &format!("{name}.weight"))?;
-            let bias = self.optional(w, &format!("{name}.bias"))?;
-            gpu.blas.linear_half(gpu, &ws.x, rows, weight, (n, h), HalfOut::Half { out, bias }, false)?;
-        }
+        // One product for q, k and v (their weights stacked by rows).
+        let qkv = self.tensor(w, "self_attn.qkv_proj.weight")?;
+        let bias = self.optional(w, "self_attn.qkv_proj.bias")?;
+        let out = HalfOut::Half { out: &ws.stacked, bias };
+        gpu.blas.linear_half(gpu, &ws.x, rows, qkv, (q_w + 2 * kv_w, h), out, false)?;
         self.mark("q k v products")?;
+        let shape = (rows, heads, kv_heads, d);
+        let rope = (&ws.positions, &self.inv_freq);
         if let (Some(qn), Some(kn)) =
             (self.optional(w, "self_attn.q_norm.weight")?, self.optional(w, "self_attn.k_norm.weight")?)
         {
+            // Qwen3 normalises each head before the rotation.
+            llm.split_qkv(gpu, &ws.stacked, shape, None, &ws.q, &ws.k, &ws.v)?;
             llm.rms_norm_inplace(gpu, &ws.q, rows * heads, d, qn, eps)?;
             llm.rms_norm_inplace(gpu, &ws.k, rows * kv_heads, d, kn, eps)?;
+            llm.rope(gpu, &ws.q, rows, heads, d, rope.0, rope.1)?;
+            llm.rope(gpu, &ws.k, rows, kv_heads, d, rope.0, rope.1)?;
+        } else {
+            llm.split_qkv(gpu, &ws.stacked, shape, Some(rope), &ws.q, &ws.k, &ws.v)?;
         }
-        llm.rope(gpu, &ws.q, rows, heads, d, &ws.positions, &self.inv_freq)?;
-        llm.rope(gpu, &ws.k, rows, kv_heads, d, &ws.positions, &self.inv_freq)?;
         self.mark("q/k norm, rope")
     }
 
@@ -653,15 +657,19 @@ impl<T: Half> LlamaGpu<T> {
         let post = self.tensor(w, "post_attention_layernorm.weight")?;
         llm.rms_norm_f32(gpu, hidden, (0, h), rows, h, post, c.rms_norm_eps, &ws.x)?;
         self.mark("rms norm")?;
-        let gate = self.tensor(w, "mlp.gate_proj.weight")?;
-        let up = self.tensor(w, "mlp.up_proj.weight")?;
+        // One product for gate and up (their weights stacked by rows): row
+        // r of `ws.stacked` is r's gate, then its up.
+        let gate_up = self.tensor(w, "mlp.gate_up_proj.weight")?;
+        let bias = self.optional(w, "mlp.gate_up_proj.bias")?;
         let down = self.tensor(w, "mlp.down_proj.weight")?;
-        gpu.blas.linear_half(gpu, &ws.x, rows, gate, (inter, h), HalfOut::Half { out: &ws.gate, bias: None }, false)?;
-        gpu.blas.linear_half(gpu, &ws.x, rows, up, (inter, h), HalfOut::Half { out: &ws.up, bias: None }, false)?;
+        let out = HalfOut::Half { out: &ws.stacked, bias };
+        gpu.blas.linear_half(gpu, &ws.x, rows, gate_up, (2 * inter, h), out, false)?;
         self.mark("gate up products")?;
-        llm.silu_mul(gpu, &ws.gate, &ws.up, rows * inter)?;
+        llm.silu_mul(gpu, &ws.stacked, rows, inter)?;
         self.mark("silu mul")?;
-        gpu.blas.linear_half(gpu, &ws.gate, rows, down, (h, inter), HalfOut::F32 { out: hidden }, true)?;
+        // (`check_supported` refuses MLP biases on the GPU.)
+        let input = (&ws.stacked, 2 * inter);
+        gpu.blas.linear_half_ld(gpu, input, rows, down, (h, inter), HalfOut::F32 { out: hidden }, true)?;
         self.mark("down product")
     }
 
@@ -889,8 +897,10 @@ struct Workspace<T: Half> {
     v: DevBuf<T>,
     qh: DevBuf<T>,
     attn: DevBuf<T>,
-    gate: DevBuf<T>,
-    up: DevBuf<T>,
+    /// The stacked products' output: gate and up side by side in each row
+    /// (then, in place, the down product's input), or q, k and v before
+    /// their split (`spec::stacked_width` values a row).
+    stacked: DevBuf<T>,
     last: DevBuf<T>,
     logits: DevBuf<f32>,
     picked: DevBuf<u32>,
@@ -913,8 +923,7 @@ impl<T: Half> Workspace<T> {
             v: DevBuf::alloc(gpu, n(rows, kv_w)?)?,
             qh: DevBuf::alloc(gpu, n(rows, q_w)?)?,
             attn: DevBuf::alloc(gpu, n(rows, q_w)?)?,
-            gate: DevBuf::alloc(gpu, n(rows, c.intermediate_size)?)?,
-            up: DevBuf::alloc(gpu, n(rows, c.intermediate_size)?)?,
+            stacked: DevBuf::alloc(gpu, n(rows, crate::spec::stacked_width(c))?)?,
             last: DevBuf::alloc(gpu, n(batch, c.hidden_size)?)?,
             logits: DevBuf::alloc(gpu, n(batch, c.vocab_size)?)?,
             picked: DevBuf::alloc(gpu, batch)?,
@@ -941,7 +950,7 @@ impl<T: Half> Workspace<T> {
     }
 
     fn bytes(&self) -> u64 {
-        let halves = [&self.x, &self.q, &self.k, &self.v, &self.qh, &self.attn, &self.gate, &self.up, &self.last];
+        let halves = [&self.x, &self.q, &self.k, &self.v, &self.qh, &self.attn, &self.stacked, &self.last];
         halves.iter().map(|b| b.bytes()).sum::<u64>()
             + self.tokens.bytes()
             + self.step_mask.bytes()
@@ -1346,7 +1355,7 @@ mod tests {
         let spec = crate::spec::model_spec(&c).unwrap();
         let rule = |name: &str| dummy_init(spec.layer_tensor(name).unwrap());
         assert_eq!(rule("input_layernorm.weight"), Init::Constant(1.0));
-        assert_eq!(rule("self_attn.q_proj.bias"), Init::Uniform(0.02));
+        assert_eq!(rule("self_attn.qkv_proj.bias"), Init::Uniform(0.02));
         assert_eq!(rule("mlp.down_proj.weight"), Init::Uniform(1.0 / (c.intermediate_size as f32).sqrt()));
     }
 

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use ops::{AttentionShape, DType, KvCache, Rope, Tensor};
 use runtime::cpu::{CpuModel, HostLayer, Step};
-use runtime::spec::{ModelSpec, TensorSpec};
+use runtime::spec::ModelSpec;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -24,22 +24,18 @@ use checkpoint::Checkpoint;
 /// (the runtime holds the layers: in memory, or read back from disk).
 struct Layer<'a> {
     input_norm: &'a Tensor,
-    q: &'a Tensor,
-    k: &'a Tensor,
-    v: &'a Tensor,
-    q_bias: Option<&'a Tensor>,
-    k_bias: Option<&'a Tensor>,
-    v_bias: Option<&'a Tensor>,
+    /// q, k and v stacked by rows.
+    qkv: &'a Tensor,
+    qkv_bias: Option<&'a Tensor>,
     q_norm: Option<&'a Tensor>,
     k_norm: Option<&'a Tensor>,
     o: &'a Tensor,
     o_bias: Option<&'a Tensor>,
     post_norm: &'a Tensor,
-    gate: &'a Tensor,
-    up: &'a Tensor,
+    /// gate and up stacked by rows.
+    gate_up: &'a Tensor,
+    gate_up_bias: Option<&'a Tensor>,
     down: &'a Tensor,
-    gate_bias: Option<&'a Tensor>,
-    up_bias: Option<&'a Tensor>,
     down_bias: Option<&'a Tensor>,
 }
 
@@ -47,25 +43,34 @@ impl<'a> Layer<'a> {
     fn of(t: &'a HostLayer) -> runtime::Result<Layer<'a>> {
         Ok(Layer {
             input_norm: t.get("input_layernorm.weight")?,
-            q: t.get("self_attn.q_proj.weight")?,
-            k: t.get("self_attn.k_proj.weight")?,
-            v: t.get("self_attn.v_proj.weight")?,
-            q_bias: t.find("self_attn.q_proj.bias"),
-            k_bias: t.find("self_attn.k_proj.bias"),
-            v_bias: t.find("self_attn.v_proj.bias"),
+            qkv: t.get("self_attn.qkv_proj.weight")?,
+            qkv_bias: t.find("self_attn.qkv_proj.bias"),
             q_norm: t.find("self_attn.q_norm.weight"),
             k_norm: t.find("self_attn.k_norm.weight"),
             o: t.get("self_attn.o_proj.weight")?,
             o_bias: t.find("self_attn.o_proj.bias"),
             post_norm: t.get("post_attention_layernorm.weight")?,
-            gate: t.get("mlp.gate_proj.weight")?,
-            up: t.get("mlp.up_proj.weight")?,
+            gate_up: t.get("mlp.gate_up_proj.weight")?,
+            gate_up_bias: t.find("mlp.gate_up_proj.bias"),
             down: t.get("mlp.down_proj.weight")?,
-            gate_bias: t.find("mlp.gate_proj.bias"),
-            up_bias: t.find("mlp.up_proj.bias"),
             down_bias: t.find("mlp.down_proj.bias"),
         })
     }
+}
+
+/// `rows` rows of `x`, each the given `widths` side by side, as one matrix
+/// per width (`rows × width` each).
+fn split_columns(x: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+    let row: usize = widths.iter().sum();
+    let mut out: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
+    for r in x.chunks(row.max(1)).take(rows) {
+        let mut at = 0;
+        for (o, w) in out.iter_mut().zip(widths) {
+            o.extend_from_slice(&r[at..at + w]);
+            at += w;
+        }
+    }
+    out
 }
 
 /// A Llama-family model on the CPU: the weights outside the layers, the
@@ -103,7 +108,7 @@ impl SplitMix {
 
 impl LlamaModel {
     #[cfg(test)]
-    fn assemble(config: LlamaConfig, get: impl FnMut(&str, &TensorSpec) -> Result<Tensor>) -> Result<LlamaModel> {
+    fn assemble(config: LlamaConfig, get: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<LlamaModel> {
         let layers = config.num_hidden_layers;
         LlamaModel::assemble_streaming(config, get, layers, &mut |_, _| Ok(()))
     }
@@ -114,7 +119,7 @@ impl LlamaModel {
     /// layers and one more.
     fn assemble_streaming(
         config: LlamaConfig,
-        mut get: impl FnMut(&str, &TensorSpec) -> Result<Tensor>,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
         resident: usize,
         away: &mut dyn FnMut(usize, HostLayer) -> Result<()>,
     ) -> Result<LlamaModel> {
@@ -123,13 +128,20 @@ impl LlamaModel {
         let spec = crate::spec::model_spec(&config)?;
         let mut layers = Vec::with_capacity(resident.min(config.num_hidden_layers));
         for i in 0..config.num_hidden_layers {
-            let prefix = layer_prefix(i);
-            let tensors = spec
-                .layer
-                .iter()
-                .map(|t| Ok((t.name.clone(), get(&format!("{prefix}{}", t.name), t)?)))
-                .collect::<Result<Vec<_>>>()?;
-            let layer = HostLayer::new(&spec, tensors)?;
+            // A stacked tensor (q/k/v, gate/up) is its sources' rows in turn.
+            let mut failed = None;
+            let layer = HostLayer::assemble(&spec, i, |name, shape| {
+                get(name, shape).map_err(|e| {
+                    let message = e.to_string();
+                    failed = Some(e);
+                    runtime::Error::Spec(message)
+                })
+            });
+            let layer = match (layer, failed) {
+                (Ok(layer), _) => layer,
+                (Err(_), Some(e)) => return Err(e),
+                (Err(e), None) => return Err(e.into()),
+            };
             if i < resident {
                 layers.push(layer);
             } else {
@@ -138,7 +150,7 @@ impl LlamaModel {
         }
         let mut outside = Vec::new();
         for t in outside_tensors(&config) {
-            outside.push((t.name.clone(), get(&t.name, &t)?));
+            outside.push((t.name.clone(), get(&t.name, &t.shape)?));
         }
         let mut take = |name: &str| -> Result<Option<Tensor>> {
             Ok(outside.iter().position(|(n, _)| n == name).map(|i| outside.swap_remove(i).1))
@@ -189,10 +201,10 @@ impl LlamaModel {
         let dtype = config.weight_dtype();
         LlamaModel::assemble_streaming(
             config,
-            |name, spec| {
+            |name, shape| {
                 let bytes = checkpoint.bytes(name)?;
                 crate::finite::check_weights(&file_of(checkpoint, name), name, dtype, bytes)?;
-                Ok(Tensor::from_le_bytes(dtype, spec.shape.clone(), bytes)?)
+                Ok(Tensor::from_le_bytes(dtype, shape.to_vec(), bytes)?)
             },
             resident,
             away,
@@ -219,19 +231,19 @@ impl LlamaModel {
         let mut rng = SplitMix(seed);
         LlamaModel::assemble_streaming(
             config,
-            |name, spec| {
-                let n = spec.elements().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| Error::Tensor {
+            |name, shape| {
+                let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| Error::Tensor {
                     file: "(dummy)".into(),
                     tensor: name.into(),
-                    message: format!("shape {:?} is too large", spec.shape),
+                    message: format!("shape {shape:?} is too large"),
                 })?;
-                let (scale, offset) = match spec.shape[..] {
+                let (scale, offset) = match shape[..] {
                     [_, k] => (1.0 / (k as f32).sqrt(), 0.0),
                     _ if name.contains("norm") => (0.1, 1.0),
                     _ => (0.02, 0.0),
                 };
                 let values: Vec<f32> = (0..n).map(|_| offset + scale * rng.uniform()).collect();
-                Ok(Tensor::from_f32(dtype, spec.shape.clone(), &values)?)
+                Ok(Tensor::from_f32(dtype, shape.to_vec(), &values)?)
             },
             resident,
             away,
@@ -268,6 +280,36 @@ impl LlamaModel {
             out.push(("lm_head.weight".into(), head));
         }
         out
+    }
+
+    /// Every weight as the checkpoint holds it: a stacked tensor (q/k/v,
+    /// gate/up) split back into its sources' rows under their names (to
+    /// write the model as a Hugging Face checkpoint).
+    pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = layer_prefix(i);
+            for ((_, t), ts) in l.tensors().iter().zip(&self.spec.layer) {
+                let bytes = t.as_bytes();
+                let mut at = 0usize;
+                for src in ts.sources() {
+                    let n: usize = src.shape.iter().product::<usize>() * t.dtype().size();
+                    let part = bytes.get(at..at + n).ok_or_else(|| Error::Tensor {
+                        file: "(the model)".into(),
+                        tensor: format!("{p}{}", src.name),
+                        message: format!("lies past the end of the stacked {}", ts.name),
+                    })?;
+                    out.push((format!("{p}{}", src.name), Tensor::from_le_bytes(t.dtype(), src.shape.clone(), part)?));
+                    at += n;
+                }
+            }
+        }
+        out.push(("model.embed_tokens.weight".into(), self.embed.clone()));
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".into(), head.clone()));
+        }
+        Ok(out)
     }
 
     /// An empty KV cache of one layer for `batch` sequences of up to
@@ -348,9 +390,11 @@ impl LlamaModel {
         let none = ops::Activation::None;
         let mut y = x.to_vec();
         ops::rms_norm(&mut y, layer.input_norm, eps)?;
-        let mut q = ops::linear(&y, n, layer.q, layer.q_bias, none)?;
-        let mut k = ops::linear(&y, n, layer.k, layer.k_bias, none)?;
-        let v = ops::linear(&y, n, layer.v, layer.v_bias, none)?;
+        let (q_w, kv_w) = (heads * c.head_dim, kv_heads * c.head_dim);
+        let qkv = ops::linear(&y, n, layer.qkv, layer.qkv_bias, none)?;
+        let [mut q, mut k, v]: [Vec<f32>; 3] = split_columns(&qkv, n, &[q_w, kv_w, kv_w])
+            .try_into()
+            .map_err(|_| runtime::Error::Spec("the q/k/v split gave other than three parts".into()))?;
         if let (Some(qn), Some(kn)) = (layer.q_norm, layer.k_norm) {
             // Rows of head_dim: one shared weight for every head.
             ops::rms_norm(&mut q, qn, eps)?;
@@ -365,8 +409,11 @@ impl LlamaModel {
 
         y.copy_from_slice(x);
         ops::rms_norm(&mut y, layer.post_norm, eps)?;
-        let mut gate = ops::linear(&y, n, layer.gate, layer.gate_bias, none)?;
-        let up = ops::linear(&y, n, layer.up, layer.up_bias, none)?;
+        let inter = c.intermediate_size;
+        let gate_up = ops::linear(&y, n, layer.gate_up, layer.gate_up_bias, none)?;
+        let [mut gate, up]: [Vec<f32>; 2] = split_columns(&gate_up, n, &[inter, inter])
+            .try_into()
+            .map_err(|_| runtime::Error::Spec("the gate/up split gave other than two parts".into()))?;
         ops::silu_mul_inplace(&mut gate, &up)?;
         let down = ops::linear(&gate, n, layer.down, layer.down_bias, none)?;
         ops::add_inplace(x, &down)?;
@@ -600,8 +647,8 @@ mod tests {
         // repeated for its 2 query heads) gives the same logits.
         let gqa = LlamaModel::dummy(tiny("llama", ""), 7).unwrap();
         let mha_config = tiny("llama", r#", "num_key_value_heads": 4"#);
-        let mha = LlamaModel::assemble(mha_config, |name, spec| {
-            let src = gqa.named_tensors().into_iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).unwrap();
+        let mha = LlamaModel::assemble(mha_config, |name, shape| {
+            let src = gqa.checkpoint_tensors().unwrap().into_iter().find(|(n, _)| n == name).map(|(_, t)| t).unwrap();
             if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
                 // Rows of head_dim 8: kv head g becomes heads 2g and 2g+1.
                 let v = src.to_f32();
@@ -611,7 +658,7 @@ mod tests {
                     out.extend_from_slice(&v[g * row..(g + 1) * row]);
                     out.extend_from_slice(&v[g * row..(g + 1) * row]);
                 }
-                return Ok(Tensor::from_f32(DType::BF16, spec.shape.clone(), &out).unwrap());
+                return Ok(Tensor::from_f32(DType::BF16, shape.to_vec(), &out).unwrap());
             }
             Ok(src)
         })
@@ -685,7 +732,7 @@ mod tests {
         "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": false}"#;
 
     fn owned(model: &LlamaModel) -> Vec<(String, Tensor)> {
-        model.named_tensors().into_iter().map(|(n, t)| (n, t.clone())).collect()
+        model.checkpoint_tensors().unwrap()
     }
 
     #[test]

@@ -223,6 +223,59 @@ fn ropes<T: Ty>(gpu: &Gpu) {
     }
 }
 
+fn splits<T: Ty>(gpu: &Gpu) {
+    let k = llm(gpu);
+    let positions: Vec<usize> = vec![0, 3, 511, 8191, 100_000];
+    let rows = positions.len();
+    let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+    for (head_dim, heads, kv_heads) in [(64, 4, 2), (128, 3, 1), (16, 2, 2)] {
+        let rope = Rope::new(500_000.0, head_dim, RopeScaling::None).unwrap();
+        let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
+        let stack = qw + 2 * kvw;
+        let (x, x_f) = vals::<T>(rows * stack, 90 + head_dim as u64, 2.0, 0.0);
+        let xb = up(gpu, &x);
+        let (qb, kb, vb) = (
+            DevBuf::<T>::alloc(gpu, rows * qw).unwrap(),
+            DevBuf::<T>::alloc(gpu, rows * kvw).unwrap(),
+            DevBuf::<T>::alloc(gpu, rows * kvw).unwrap(),
+        );
+        let part = |at: usize, w: usize| -> Vec<f32> {
+            (0..rows).flat_map(|r| x_f[r * stack + at..r * stack + at + w].to_vec()).collect()
+        };
+        let (q_f, k_f, v_f) = (part(0, qw), part(qw, kvw), part(qw + kvw, kvw));
+        let shape = (rows, heads, kv_heads, head_dim);
+        // Unrotated: the parts exactly.
+        k.split_qkv(gpu, &xb, shape, None, &qb, &kb, &vb).unwrap();
+        let what = |s: &str| format!("split_qkv {s} head_dim {head_dim} ({})", T::SUFFIX);
+        assert_eq!(down(gpu, &qb), q_f, "{}", what("q"));
+        assert_eq!(down(gpu, &kb), k_f, "{}", what("k"));
+        assert_eq!(down(gpu, &vb), v_f, "{}", what("v"));
+        // Rotated: q and k as the CPU's rope gives them, v as it was.
+        let (pb, fb) = (up(gpu, &pos), up(gpu, rope.inv_freq()));
+        k.split_qkv(gpu, &xb, shape, Some((&pb, &fb)), &qb, &kb, &vb).unwrap();
+        let (mut q_want, mut k_want) = (q_f, k_f);
+        rope.apply(&mut q_want, heads, &positions).unwrap();
+        rope.apply(&mut k_want, kv_heads, &positions).unwrap();
+        check::<T>(&what("rotated q"), &down(gpu, &qb), &q_want);
+        check::<T>(&what("rotated k"), &down(gpu, &kb), &k_want);
+        assert_eq!(down(gpu, &vb), v_f, "{}", what("v beside the rotation"));
+        // The same values as the split then rope (one kernel for two).
+        let q2 = up(gpu, &raw(gpu, &qb));
+        k.split_qkv(gpu, &xb, shape, None, &qb, &kb, &vb).unwrap();
+        k.rope(gpu, &qb, rows, heads, head_dim, &pb, &fb).unwrap();
+        assert_eq!(raw(gpu, &qb), raw(gpu, &q2), "{}", what("against rope"));
+        // Too few rows of output are refused.
+        assert!(k.split_qkv(gpu, &xb, (rows + 1, heads, kv_heads, head_dim), None, &qb, &kb, &vb).is_err());
+    }
+}
+
+#[test]
+fn split_qkv_matches_the_cpu_rope() {
+    let Some(gpu) = gpu() else { return };
+    splits::<f16>(&gpu);
+    splits::<bf16>(&gpu);
+}
+
 #[test]
 fn rope_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
@@ -232,14 +285,21 @@ fn rope_matches_the_cpu() {
 
 fn elementwise<T: Ty>(gpu: &Gpu) {
     let k = llm(gpu);
-    let n = 5000;
-    let (g, g_f) = vals::<T>(n, 30, 16.0, 0.0);
-    let (u, u_f) = vals::<T>(n, 31, 4.0, 0.0);
-    let gb = up(gpu, &g);
-    k.silu_mul(gpu, &gb, &up(gpu, &u), n).unwrap();
-    let mut want = g_f;
-    ops::silu_mul_inplace(&mut want, &u_f).unwrap();
-    check::<T>("silu_mul", &down(gpu, &gb), &want);
+    // Rows of gate then up, side by side: the gate half takes the result,
+    // the up half is left as it was.
+    let (rows, n) = (7, 715);
+    let (gu, gu_f) = vals::<T>(rows * 2 * n, 30, 16.0, 0.0);
+    let gb = up(gpu, &gu);
+    k.silu_mul(gpu, &gb, rows, n).unwrap();
+    let got = down(gpu, &gb);
+    for r in 0..rows {
+        let row = &gu_f[r * 2 * n..(r + 1) * 2 * n];
+        let mut want = row[..n].to_vec();
+        ops::silu_mul_inplace(&mut want, &row[n..]).unwrap();
+        check::<T>("silu_mul", &got[r * 2 * n..r * 2 * n + n], &want);
+        assert_eq!(&got[r * 2 * n + n..(r + 1) * 2 * n], &row[n..], "silu_mul kept the up half ({})", T::SUFFIX);
+    }
+    assert!(k.silu_mul(gpu, &gb, rows + 1, n).is_err(), "a buffer too small is refused");
 
     let (rows, cols) = (5, 37);
     let (o, o_f) = vals::<T>(rows * cols, 32, 2.0, 0.0);
@@ -449,6 +509,20 @@ fn linears<T: Ty>(gpu: &Gpu) {
             // Too small a weight is refused.
             let o = HalfOut::F32 { out: &out };
             assert!(gpu.blas.linear_half(gpu, &xb, rows, &wb, (n + 1, kk), o, false).is_err());
+
+            // Rows `kk + 24` apart (the gate half of wider rows): the same
+            // product as the packed rows.
+            let ld = kk + 24;
+            let mut wide = vec![T::from_f32(1e4); rows * ld];
+            for r in 0..rows {
+                wide[r * ld..r * ld + kk].copy_from_slice(&x[r * kk..(r + 1) * kk]);
+            }
+            let wb2 = up(gpu, &wide);
+            let out = up(gpu, &vec![9.0f32; rows * n]);
+            gpu.blas.linear_half_ld(gpu, (&wb2, ld), rows, &wb, (n, kk), HalfOut::F32 { out: &out }, false).unwrap();
+            check_with(&format!("{} ({})", what("strided, to f32"), T::SUFFIX), &raw(gpu, &out), &plain, 1e-4, 1.0);
+            let o = HalfOut::F32 { out: &out };
+            assert!(gpu.blas.linear_half_ld(gpu, (&wb2, kk - 1), rows, &wb, (n, kk), o, false).is_err());
         }
     }
     gpu.blas.set_lt_enabled(true);

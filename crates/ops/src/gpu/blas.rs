@@ -153,6 +153,8 @@ struct PlanKey {
     rows: usize,
     n: usize,
     k: usize,
+    /// The input's row stride (`k` unless the rows are a slice of wider ones).
+    ldx: usize,
     out_f32: bool,
     bias: bool,
     relu: bool,
@@ -335,6 +337,7 @@ impl Blas {
             rows,
             n,
             k,
+            ldx: k,
             out_f32: out.is_f32(),
             bias: out.bias().is_some(),
             relu,
@@ -356,7 +359,7 @@ impl Blas {
         }
         // Fallback: the product through cublasGemmEx, then bias and ReLU.
         let c_type = blas_type(out.is_f32());
-        self.gemm_ex(InType::F16, x.ptr(), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
+        self.gemm_ex(InType::F16, (x.ptr(), k), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
         if out.bias().is_some() || relu {
             match out {
                 LinearOut::F16 { out, bias } => gpu.kernels.bias_act_f16(gpu, out, bias, rows, n, relu)?,
@@ -407,7 +410,7 @@ impl Blas {
         // Column-major: A = W (k × n, ld k, transposed), B = x (k × rows,
         // ld k), C = D = out (n × rows, ld n).
         plan.a = layout(key.input.lt(), to_u64(key.k), to_u64(key.n), ld(key.k))?;
-        plan.b = layout(key.input.lt(), to_u64(key.k), to_u64(key.rows), ld(key.k))?;
+        plan.b = layout(key.input.lt(), to_u64(key.k), to_u64(key.rows), ld(key.ldx))?;
         plan.c = layout(key.input.lt_out(key.out_f32), to_u64(key.n), to_u64(key.rows), ld(key.n))?;
         let pref = lt::create_matmul_pref().map_err(|e| blas_err("cublasLtMatmulPreferenceCreate", e))?;
         let ws = LT_WORKSPACE;
@@ -484,7 +487,7 @@ impl Blas {
     fn gemm_ex(
         &self,
         input: InType,
-        x: u64,
+        (x, ldx): (u64, usize),
         w: u64,
         (out, c_type): (u64, cublas::sys::cudaDataType),
         (rows, n, k): (usize, usize, usize),
@@ -494,6 +497,7 @@ impl Blas {
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         let (m_i, n_i, k_i) = (c_int("n", n)?, c_int("rows", rows)?, c_int("k", k)?);
+        let ldx_i = c_int("the input's row stride", ldx)?;
         // SAFETY: shapes checked against the buffers by `linear` or
         // `linear_half`; alpha and beta are f32 for the f32 compute type; on
         // the handle's stream.
@@ -511,7 +515,7 @@ impl Blas {
                 k_i.max(1),
                 x as *const c_void,
                 input.blas(),
-                k_i.max(1),
+                ldx_i.max(1),
                 (&beta as *const f32).cast(),
                 out as *mut c_void,
                 c_type,
@@ -604,11 +608,31 @@ impl Blas {
         out: HalfOut<'_, T>,
         accumulate: bool,
     ) -> Result<()> {
+        self.linear_half_ld(gpu, (x, k), rows, w, (n, k), out, accumulate)
+    }
+
+    /// [`Blas::linear_half`] over rows of `x` that are `ldx` values apart
+    /// (`ldx ≥ k`: the first `k` values of wider rows, such as the gate half
+    /// of a stacked gate/up product).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_half_ld<T: Half>(
+        &self,
+        gpu: &Gpu,
+        (x, ldx): (&DevBuf<T>, usize),
+        rows: usize,
+        w: &DevBuf<T>,
+        (n, k): (usize, usize),
+        out: HalfOut<'_, T>,
+        accumulate: bool,
+    ) -> Result<()> {
         let input = InType::of::<T>()?;
         let size = usize::saturating_mul;
-        if x.len() < size(rows, k) || w.len() < size(n, k) || out.len() < size(rows, n) {
+        // The input's last row ends at (rows - 1)·ldx + k.
+        let x_need = if rows == 0 { 0 } else { size(rows - 1, ldx).saturating_add(k) };
+        if ldx < k || x.len() < x_need || w.len() < size(n, k) || out.len() < size(rows, n) {
             return Err(Error::Gpu(format!(
-                "GPU linear {rows}x{k} · ({n}x{k})ᵀ: buffers of {}, {} and {} elements are too small",
+                "GPU linear {rows}x{k} (row stride {ldx}) · ({n}x{k})ᵀ: buffers of {}, {} and {} elements are too \
+                 small, or the stride is shorter than a row",
                 x.len(),
                 w.len(),
                 out.len()
@@ -623,8 +647,11 @@ impl Blas {
             return Ok(());
         }
         let bias = out.bias().map(DevBuf::ptr);
-        let key = PlanKey { input, rows, n, k, out_f32: out.is_f32(), bias: bias.is_some(), relu: false, accumulate };
-        let aligned = [x.ptr(), w.ptr(), out.ptr(), bias.unwrap_or(0)].iter().all(|p| p % 256 == 0);
+        let key =
+            PlanKey { input, rows, n, k, ldx, out_f32: out.is_f32(), bias: bias.is_some(), relu: false, accumulate };
+        let row_bytes = ldx.saturating_mul(std::mem::size_of::<T>());
+        let aligned = [x.ptr(), w.ptr(), out.ptr(), bias.unwrap_or(0)].iter().all(|p| p % 256 == 0)
+            && row_bytes.is_multiple_of(16);
         if aligned && k > 0 && self.lt_enabled.load(Ordering::Relaxed) {
             let mut plans = self.plans();
             let plan = plans.entry(key).or_insert_with(|| match self.make_plan(&key) {
@@ -640,7 +667,7 @@ impl Blas {
         }
         // Fallback: the product through cublasGemmEx, then the bias.
         let c_type = input.blas_out(out.is_f32());
-        self.gemm_ex(input, x.ptr(), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
+        self.gemm_ex(input, (x.ptr(), ldx), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
         if let HalfOut::Half { out, bias: Some(bias) } = out {
             gpu.llm()?.add_bias(gpu, out, rows, n, bias)?;
         }

@@ -163,12 +163,58 @@ __device__ __forceinline__ void rope_k(T* x, int rows, int heads, int hd, const 
     }
 }
 
-// gate = silu(gate) * up, silu(g) = g / (1 + expf(-g)).
-template <typename T> __device__ __forceinline__ void silu_mul_k(T* gate, const T* __restrict__ up, u64 n) {
-    GRID_STRIDE(i, n) {
-        float g = to_f(gate[i]);
-        float u = to_f(up[i]);
-        gate[i] = from_f<T>(__fmul_rn(g / (1.0f + expf(-g)), u));
+// The stacked q/k/v product's rows (row r: heads x hd values of q, then
+// kv_heads x hd of k, then of v) into q [rows][heads][hd], k and v
+// [rows][kv_heads][hd]; with `rotate`, q and k rotated as rope_k does (the
+// same f32 products, so the same values as a split then rope_k). A thread
+// per (row, head of the stack, i < hd / 2).
+template <typename T>
+__device__ __forceinline__ void split_qkv_k(const T* __restrict__ qkv, int rows, int heads, int kv_heads, int hd,
+                                            const int* __restrict__ positions, const float* __restrict__ inv_freq,
+                                            int rotate, T* __restrict__ q, T* __restrict__ k, T* __restrict__ v) {
+    int half = hd >> 1;
+    int stack = heads + 2 * kv_heads;
+    u64 per_row = (u64)stack * half;
+    u64 n = (u64)rows * per_row;
+    GRID_STRIDE(t, n) {
+        u64 r = t / per_row;
+        int rest = (int)(t % per_row);
+        int h = rest / half, i = rest % half;
+        const T* src = qkv + (r * stack + h) * (u64)hd;
+        T* dst;
+        if (h < heads) {
+            dst = q + (r * heads + h) * (u64)hd;
+        } else if (h < heads + kv_heads) {
+            dst = k + (r * kv_heads + (h - heads)) * (u64)hd;
+        } else {
+            dst = v + (r * kv_heads + (h - heads - kv_heads)) * (u64)hd;
+        }
+        T a = src[i], b = src[i + half];
+        if (rotate && h < heads + kv_heads) {
+            float angle = __fmul_rn((float)positions[r], inv_freq[i]);
+            float c = cosf(angle), s = sinf(angle);
+            float x1 = to_f(a), x2 = to_f(b);
+            a = from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+            b = from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+        }
+        dst[i] = a;
+        dst[i + half] = b;
+    }
+}
+
+// The stacked gate/up product's rows (row r: n gate values, then n up
+// values) in place: gate = silu(gate) * up, silu(g) = g / (1 + expf(-g)),
+// leaving each row's first n values the down product's input (row stride
+// 2n).
+template <typename T> __device__ __forceinline__ void silu_mul_k(T* gate_up, u64 rows, int n) {
+    u64 total = rows * (u64)n;
+    GRID_STRIDE(t, total) {
+        u64 r = t / n;
+        int c = (int)(t % n);
+        T* p = gate_up + r * 2 * (u64)n;
+        float g = to_f(p[c]);
+        float u = to_f(p[n + c]);
+        p[c] = from_f<T>(__fmul_rn(g / (1.0f + expf(-g)), u));
     }
 }
 
@@ -708,9 +754,13 @@ template <typename T> __device__ __forceinline__ void fill_k(T* out, u64 n, floa
                                           const float* __restrict__ inv_freq) {                                    \
         rope_k<T>(x, rows, heads, hd, positions, inv_freq);                                                        \
     }                                                                                                              \
-    extern "C" __global__ void silu_mul_##SFX(T* gate, const T* __restrict__ up, u64 n) {                         \
-        silu_mul_k<T>(gate, up, n);                                                                                \
+    extern "C" __global__ void split_qkv_##SFX(const T* __restrict__ qkv, int rows, int heads, int kv_heads,     \
+                                               int hd, const int* __restrict__ positions,                          \
+                                               const float* __restrict__ inv_freq, int rotate, T* __restrict__ q,  \
+                                               T* __restrict__ k, T* __restrict__ v) {                             \
+        split_qkv_k<T>(qkv, rows, heads, kv_heads, hd, positions, inv_freq, rotate, q, k, v);                      \
     }                                                                                                              \
+    extern "C" __global__ void silu_mul_##SFX(T* gate_up, u64 rows, int n) { silu_mul_k<T>(gate_up, rows, n); }    \
     extern "C" __global__ void add_bias_##SFX(T* out, u64 rows, int n, const T* __restrict__ bias) {              \
         add_bias_k<T>(out, rows, n, bias);                                                                         \
     }                                                                                                              \

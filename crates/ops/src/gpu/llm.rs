@@ -33,6 +33,7 @@ pub const LLM_TYPED: &[&str] = &[
     "rms_norm_f32",
     "rms_norm_inplace",
     "rope",
+    "split_qkv",
     "silu_mul",
     "add_bias",
     "store_kv",
@@ -51,6 +52,7 @@ pub const LLM_ENTRIES: &[&str] = &[
     "rms_norm_f32_f16",
     "rms_norm_inplace_f16",
     "rope_f16",
+    "split_qkv_f16",
     "silu_mul_f16",
     "add_bias_f16",
     "store_kv_f16",
@@ -64,6 +66,7 @@ pub const LLM_ENTRIES: &[&str] = &[
     "rms_norm_f32_bf16",
     "rms_norm_inplace_bf16",
     "rope_bf16",
+    "split_qkv_bf16",
     "silu_mul_bf16",
     "add_bias_bf16",
     "store_kv_bf16",
@@ -195,6 +198,7 @@ struct Typed {
     rms_norm_f32: Kernel,
     rms_norm_inplace: Kernel,
     rope: Kernel,
+    split_qkv: Kernel,
     silu_mul: Kernel,
     add_bias: Kernel,
     store_kv: Kernel,
@@ -215,6 +219,7 @@ impl Typed {
             rms_norm_f32: k("rms_norm_f32")?,
             rms_norm_inplace: k("rms_norm_inplace")?,
             rope: k("rope")?,
+            split_qkv: k("split_qkv")?,
             silu_mul: k("silu_mul")?,
             add_bias: k("add_bias")?,
             store_kv: k("store_kv")?,
@@ -506,20 +511,88 @@ impl LlmKernels {
         )
     }
 
-    /// `gate[i] = T(silu(gate[i]) · up[i])` for `i < n`, in f32.
-    pub fn silu_mul<T: Half>(&self, gpu: &Gpu, gate: &DevBuf<T>, up: &DevBuf<T>, n: usize) -> Result<()> {
-        need("silu_mul gate", gate, n)?;
-        need("silu_mul up", up, n)?;
+    /// The stacked q/k/v product's `rows` rows (row `r`: `heads × head_dim`
+    /// values of q, then `kv_heads × head_dim` of k, then of v) into `q`
+    /// (`rows × heads × head_dim`), `k` and `v` (`rows × kv_heads ×
+    /// head_dim`); with `rotate`, q and k take the rotary embedding as
+    /// [`LlmKernels::rope`] gives it (row `r` at `positions[r]`), in the
+    /// same kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn split_qkv<T: Half>(
+        &self,
+        gpu: &Gpu,
+        qkv: &DevBuf<T>,
+        (rows, heads, kv_heads, head_dim): (usize, usize, usize, usize),
+        rotate: Option<(&DevBuf<i32>, &DevBuf<f32>)>,
+        q: &DevBuf<T>,
+        k: &DevBuf<T>,
+        v: &DevBuf<T>,
+    ) -> Result<()> {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Error::Gpu(format!("split_qkv: head_dim {head_dim} must be even and positive")));
+        }
+        let stack = add("split_qkv", heads, count("split_qkv", &[2, kv_heads])?)?;
+        need("split_qkv qkv", qkv, count("split_qkv", &[rows, stack, head_dim])?)?;
+        need("split_qkv q", q, count("split_qkv", &[rows, heads, head_dim])?)?;
+        need("split_qkv k", k, count("split_qkv", &[rows, kv_heads, head_dim])?)?;
+        need("split_qkv v", v, count("split_qkv", &[rows, kv_heads, head_dim])?)?;
+        if let Some((positions, inv_freq)) = rotate {
+            need("split_qkv positions", positions, rows)?;
+            need("split_qkv frequencies", inv_freq, head_dim / 2)?;
+        }
+        let n = count("split_qkv", &[rows, stack, head_dim / 2])?;
         if n == 0 {
             return Ok(());
         }
+        let kern = &self.typed::<T>()?.split_qkv;
+        let (mut src, mut r, mut he, mut kh, mut hd) = (
+            qkv.ptr(),
+            int("split_qkv", rows)?,
+            int("split_qkv", heads)?,
+            int("split_qkv", kv_heads)?,
+            int("split_qkv", head_dim)?,
+        );
+        let (mut p, mut f, mut rot) = match rotate {
+            Some((positions, inv_freq)) => (positions.ptr(), inv_freq.ptr(), 1i32),
+            None => (0u64, 0u64, 0i32),
+        };
+        let (mut qp, mut kp, mut vp) = (q.ptr(), k.ptr(), v.ptr());
+        Self::launch(
+            gpu,
+            kern,
+            LaunchDims::linear(self.grid_stride(n), 256),
+            &mut [
+                arg(&mut src),
+                arg(&mut r),
+                arg(&mut he),
+                arg(&mut kh),
+                arg(&mut hd),
+                arg(&mut p),
+                arg(&mut f),
+                arg(&mut rot),
+                arg(&mut qp),
+                arg(&mut kp),
+                arg(&mut vp),
+            ],
+        )
+    }
+
+    /// The stacked gate/up product's `rows` rows (row `r`: `n` gate values,
+    /// then `n` up values) in place: `gate = T(silu(gate) · up)` in f32, so
+    /// that each row's first `n` values (row stride `2n`) are the down
+    /// product's input.
+    pub fn silu_mul<T: Half>(&self, gpu: &Gpu, gate_up: &DevBuf<T>, rows: usize, n: usize) -> Result<()> {
+        need("silu_mul gate_up", gate_up, count("silu_mul", &[rows, 2, n])?)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
         let k = &self.typed::<T>()?.silu_mul;
-        let (mut g, mut u, mut n_u) = (gate.ptr(), up.ptr(), u64_of(n));
+        let (mut g, mut r, mut n_i) = (gate_up.ptr(), u64_of(rows), int("silu_mul", n)?);
         Self::launch(
             gpu,
             k,
-            LaunchDims::linear(self.grid_stride(n), 256),
-            &mut [arg(&mut g), arg(&mut u), arg(&mut n_u)],
+            LaunchDims::linear(self.grid_stride(count("silu_mul", &[rows, n])?), 256),
+            &mut [arg(&mut g), arg(&mut r), arg(&mut n_i)],
         )
     }
 
