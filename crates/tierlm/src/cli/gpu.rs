@@ -194,6 +194,74 @@ pub struct CacheReport {
     pub bytes_moved: u64,
 }
 
+/// The disk's activity over a window ([`tier_disk::IoWindow`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskActivityReport {
+    pub wall_s: f64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Seconds with at least one operation in flight, and their share.
+    pub busy_s: f64,
+    pub busy_fraction: f64,
+    /// Bytes over the window's wall time, and over its busy time.
+    pub bytes_per_s: f64,
+    pub busy_bytes_per_s: f64,
+    /// Operations in flight: the mean while busy, the most at once.
+    pub mean_depth: f64,
+    pub peak_in_flight: usize,
+}
+
+impl DiskActivityReport {
+    fn of(w: &tier_disk::IoWindow) -> Self {
+        DiskActivityReport {
+            wall_s: w.wall_s,
+            bytes_read: w.bytes_read,
+            bytes_written: w.bytes_written,
+            busy_s: w.busy_s,
+            busy_fraction: w.busy_fraction(),
+            bytes_per_s: if w.wall_s > 0.0 { (w.bytes_read + w.bytes_written) as f64 / w.wall_s } else { 0.0 },
+            busy_bytes_per_s: w.busy_rate(),
+            mean_depth: w.mean_depth(),
+            peak_in_flight: w.peak_in_flight,
+        }
+    }
+}
+
+/// Watches a run's progress bar and snapshots `disk`'s activity when its
+/// first step (the prefill) is done; [`DecodeWatch::finish`] gives the
+/// window from there to the end of the run.
+struct DecodeWatch {
+    disk: std::sync::Arc<tier_disk::DiskDevice>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<tier_disk::IoSnapshot>>,
+}
+
+impl DecodeWatch {
+    fn start(disk: std::sync::Arc<tier_disk::DiskDevice>, pb: &indicatif::ProgressBar) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, s, pb) = (disk.clone(), stop.clone(), pb.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if pb.position() >= 1 {
+                    d.activity().take_peak();
+                    return Some(d.activity().snapshot());
+                }
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+            None
+        });
+        DecodeWatch { disk, stop, thread }
+    }
+
+    fn finish(self) -> Option<tier_disk::IoWindow> {
+        let end = self.disk.activity().snapshot();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let start = self.thread.join().ok().flatten()?;
+        Some(end.since(&start))
+    }
+}
+
 /// Where the weights were and what streaming them cost (tiered runs).
 #[derive(Debug, Clone, Serialize)]
 pub struct TierReport {
@@ -222,6 +290,10 @@ pub struct TierReport {
     pub bounding_link: Option<String>,
     /// prompts / (the bounding link's bytes per step over its rate).
     pub decode_tokens_per_s_stream_limit: Option<f64>,
+    /// The disk under the timed run's decode steps (after its prefill):
+    /// how long it had operations in flight, at what depth, at what rate
+    /// (issue 14: a disk busy all along but slow, or one left idle).
+    pub disk_decode: Option<DiskActivityReport>,
     /// The KV cache off the GPU, if it is.
     pub cache: Option<CacheReport>,
     /// Where the streamed weights' start-up went.
@@ -559,7 +631,11 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> 
     let prompts =
         bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed);
     let pb = progress::bar(args.gen_len as u64, "generating");
-    let out = generate(&model, &prompts, &opts, None, &pb)?;
+    let disk = model.offload.as_ref().and_then(|s| s.tiers().disk.clone());
+    let watch = disk.clone().map(|d| DecodeWatch::start(d, &pb));
+    let out = generate(&model, &prompts, &opts, None, &pb);
+    let disk_decode = watch.and_then(DecodeWatch::finish);
+    let out = out?;
     pb.finish_and_clear();
 
     let tier_report = (model.offload.is_some() || model.cache_streamer.is_some()).then(|| {
@@ -588,6 +664,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> 
             bounding_link: (step_s > 0.0).then(|| link.to_string()),
             decode_tokens_per_s_stream_limit: (steps > 0 && step_s > 0.0).then(|| prompts_n as f64 / step_s),
             weights_startup: model.offload.as_ref().map(|s| s.startup),
+            disk_decode: disk_decode.as_ref().map(DiskActivityReport::of),
             cache: model.cache_streamer.as_ref().map(|c| {
                 let p = c.plan();
                 let per_tier = |d: Option<tier_api::MemStats>| d.map_or(0, |s| s.peak_resident);
@@ -668,7 +745,14 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> 
     // TIERLM_GPU_PROFILE=1: one more run with every part timed by events.
     if std::env::var_os("TIERLM_GPU_PROFILE").is_some_and(|v| v != "0") {
         model.profiler = Some(engine_opt::gpu::profile::Profiler::default());
-        generate(&model, &prompts, &opts, None, &hidden)?;
+        let counted = indicatif::ProgressBar::hidden();
+        let watch = disk.clone().map(|d| DecodeWatch::start(d, &counted));
+        let run = generate(&model, &prompts, &opts, None, &counted);
+        let window = watch.and_then(DecodeWatch::finish);
+        run?;
+        if let Some(w) = window {
+            println!("profile run's disk during decode: {w}");
+        }
         if let Some(p) = &model.profiler {
             let parts = p.take(&model.gpu)?;
             let mut text = String::from("profile (a separate run, events after every part):\n");
@@ -816,6 +900,22 @@ fn print_report(r: &GpuBenchReport, json: bool) -> Result<()> {
             t.weights_startup.map_or(0.0, |s| s.park_s),
         );
         out.write_all(text.as_bytes()).map_err(stdout_err)?;
+        if let Some(d) = &t.disk_decode {
+            writeln!(
+                out,
+                "disk during decode: {:.2} GB read in {:.2} s ({:.2} GB/s); busy {:.2} s ({:.0}%), {:.2} GB/s \
+                 while busy; operations in flight {:.1} on average while busy, {} at most",
+                d.bytes_read as f64 / 1e9,
+                d.wall_s,
+                d.bytes_per_s / 1e9,
+                d.busy_s,
+                100.0 * d.busy_fraction,
+                d.busy_bytes_per_s / 1e9,
+                d.mean_depth,
+                d.peak_in_flight,
+            )
+            .map_err(stdout_err)?;
+        }
         if let Some(c) = &t.cache {
             let text = format!(
                 "KV cache: sequences {:.0}% GPU, {:.0}% host, {:.0}% disk{}; host {}, disk {}, GPU slots {}; \
