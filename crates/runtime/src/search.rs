@@ -113,7 +113,7 @@ impl CompressMode {
     }
 
     /// The mode that asks for exactly this compression.
-    fn of(weight: bool, cache: bool) -> CompressMode {
+    pub fn of(weight: bool, cache: bool) -> CompressMode {
         match (weight, cache) {
             (false, false) => CompressMode::None,
             (true, false) => CompressMode::Weight,
@@ -122,7 +122,8 @@ impl CompressMode {
         }
     }
 
-    fn flag(self) -> &'static str {
+    /// The `--compress` value that asks for this mode.
+    pub fn flag(self) -> &'static str {
         match self {
             CompressMode::None => "none",
             CompressMode::Weight => "weight",

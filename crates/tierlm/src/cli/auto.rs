@@ -5,7 +5,7 @@
 
 use engine_opt::{Error, Result};
 use runtime::plan::Workload;
-use runtime::search::{search, Choice, Pins, Request};
+use runtime::search::{search, Choice, CompressMode, Pins, Request};
 
 use super::bench::BenchArgs;
 use super::generate::GenerateArgs;
@@ -63,6 +63,27 @@ fn percent_pin(p: &Option<Vec<f64>>) -> Result<Option<[f64; 6]>> {
     }
 }
 
+/// The compression the search may use: `--compress` (default none), or
+/// exactly what `--compress-weight` and `--compress-cache` ask for when
+/// either is given (they pin it, as any policy flag does); a `--compress`
+/// other than none or auto that disagrees with them is refused.
+fn compress_mode(compress: CompressMode, weight: bool, cache: bool) -> Result<CompressMode> {
+    if !weight && !cache {
+        return Ok(compress);
+    }
+    let pinned = CompressMode::of(weight, cache);
+    match compress {
+        CompressMode::None | CompressMode::Auto => Ok(pinned),
+        m if m == pinned => Ok(pinned),
+        m => Err(Error::InvalidArgument(format!(
+            "--compress {} disagrees with{}{}: give one or the other",
+            m.flag(),
+            if weight { " --compress-weight" } else { "" },
+            if cache { " --compress-cache" } else { "" },
+        ))),
+    }
+}
+
 /// What the search needs beside the pins.
 struct Ask<'a> {
     model: &'a str,
@@ -73,7 +94,7 @@ struct Ask<'a> {
     offload_dir: Option<&'a std::path::Path>,
     calibration: Option<&'a std::path::Path>,
     objective: runtime::search::Objective,
-    compress: runtime::search::CompressMode,
+    compress: CompressMode,
 }
 
 fn choose(ask: Ask<'_>, pins: Pins) -> Result<Option<Choice>> {
@@ -146,7 +167,7 @@ pub fn for_bench(args: &BenchArgs) -> Result<Option<Choice>> {
         offload_dir: args.offload_dir.as_deref(),
         calibration: args.calibration.as_deref(),
         objective: args.objective,
-        compress: args.compress,
+        compress: compress_mode(args.compress, args.compress_weight, args.compress_cache)?,
     };
     let Some(mut choice) = choose(ask, pins)? else {
         return Ok(None);
@@ -197,11 +218,32 @@ pub fn for_generate(args: &GenerateArgs, inputs: &[super::generate::Input]) -> R
         offload_dir: args.offload_dir.as_deref(),
         calibration: args.calibration.as_deref(),
         objective: args.objective,
-        compress: args.compress,
+        compress: compress_mode(args.compress, args.compress_weight, args.compress_cache)?,
     };
     let Some(mut choice) = choose(ask, pins)? else {
         return Ok(None);
     };
     choice.policy.attn_sparsity = args.attn_sparsity;
     Ok(Some(choice))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compression_flags_pin_what_the_search_may_use() {
+        use CompressMode::*;
+        // No flag: --compress as given.
+        assert_eq!(compress_mode(Auto, false, false).unwrap(), Auto);
+        assert_eq!(compress_mode(None, false, false).unwrap(), None);
+        // A flag pins exactly its compression, over the default or auto.
+        assert_eq!(compress_mode(None, true, false).unwrap(), Weight);
+        assert_eq!(compress_mode(Auto, false, true).unwrap(), Cache);
+        assert_eq!(compress_mode(None, true, true).unwrap(), Both);
+        assert_eq!(compress_mode(Weight, true, false).unwrap(), Weight);
+        // A --compress that disagrees is refused, naming both.
+        let e = compress_mode(Cache, true, false).unwrap_err().to_string();
+        assert!(e.contains("--compress cache") && e.contains("--compress-weight"), "{e}");
+    }
 }
