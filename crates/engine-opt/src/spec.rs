@@ -97,7 +97,9 @@ pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
         intermediate: f,
         dtype: f16,
         scratch_per_row: Widths::plain_scratch(hd, hd, f),
-        residual: f16,
+        // The GPU engine keeps the residual stream in f32 (and its homes
+        // off the GPU hold it so); the CPU engine places none.
+        residual: fused,
         // The GPU engine's prefill takes every head's f32 scores at once.
         scores: runtime::spec::Scores::F32_ALL,
     };
