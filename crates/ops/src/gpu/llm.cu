@@ -144,6 +144,16 @@ __device__ __forceinline__ void rms_norm_inplace_k(T* x, int rows, int dim, cons
 // i < hd / 2: x[i] = x1 c - x2 s, x[i + hd/2] = x2 c + x1 s. A thread per
 // (row, head, i).
 
+// One rotated pair (a, b) = (x[i], x[i + hd/2]) at `position` by
+// frequency `freq`, in place.
+template <typename T> __device__ __forceinline__ void rotate_pair(T& a, T& b, int position, float freq) {
+    float angle = __fmul_rn((float)position, freq);
+    float c = cosf(angle), s = sinf(angle);
+    float x1 = to_f(a), x2 = to_f(b);
+    a = from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+    b = from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+}
+
 template <typename T>
 __device__ __forceinline__ void rope_k(T* x, int rows, int heads, int hd, const int* __restrict__ positions,
                                        const float* __restrict__ inv_freq) {
@@ -154,12 +164,8 @@ __device__ __forceinline__ void rope_k(T* x, int rows, int heads, int hd, const 
         u64 r = t / per_row;
         int rest = (int)(t % per_row);
         int h = rest / half, i = rest % half;
-        float angle = __fmul_rn((float)positions[r], inv_freq[i]);
-        float c = cosf(angle), s = sinf(angle);
         T* p = x + (r * heads + h) * (u64)hd;
-        float x1 = to_f(p[i]), x2 = to_f(p[i + half]);
-        p[i] = from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-        p[i + half] = from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+        rotate_pair<T>(p[i], p[i + half], positions[r], inv_freq[i]);
     }
 }
 
@@ -190,13 +196,7 @@ __device__ __forceinline__ void split_qkv_k(const T* __restrict__ qkv, int rows,
             dst = v + (r * kv_heads + (h - heads - kv_heads)) * (u64)hd;
         }
         T a = src[i], b = src[i + half];
-        if (rotate && h < heads + kv_heads) {
-            float angle = __fmul_rn((float)positions[r], inv_freq[i]);
-            float c = cosf(angle), s = sinf(angle);
-            float x1 = to_f(a), x2 = to_f(b);
-            a = from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-            b = from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
-        }
+        if (rotate && h < heads + kv_heads) rotate_pair<T>(a, b, positions[r], inv_freq[i]);
         dst[i] = a;
         dst[i + half] = b;
     }
