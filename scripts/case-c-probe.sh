@@ -108,15 +108,23 @@ PY
 
 flags="--model opt-13b --dummy --percent 0 75 0 100 0 100 --gpu-batch-size 32 --num-gpu-batches 2 --cpu-cache-compute --prompt-len 512 --gen-len $gen --offload-dir $offload"
 
+# One run of case C: `run_c NAME LIMIT [VAR=VALUE...]` (the variables set
+# for the bench only); sets rc to its exit status.
+run_c() {
+  local name=$1 limit=$2; shift 2
+  set +e
+  env "$@" timeout "$limit" "$tierlm" bench $flags --json >"$out/$name.out" 2>"$out/$name.err"
+  rc=$?
+  set -e
+  echo "exit $rc"; tail -3 "$out/$name.err" | sed 's/^/  stderr: /'
+  grep -m1 '^{' "$out/$name.out" >"$out/$name.json" || true
+}
+
 # 2. Case C with the profile.
 t=$(( $(left) - 20 ))
 echo "== 2. case C, TIERLM_GPU_PROFILE=1 (limit ${t} s): $tierlm bench $flags --json"
-set +e
-TIERLM_GPU_PROFILE=1 timeout "$t" "$tierlm" bench $flags --json >"$out/c1.out" 2>"$out/c1.err"
-rc1=$?
-set -e
-echo "exit $rc1"; tail -3 "$out/c1.err" | sed 's/^/  stderr: /'
-grep -m1 '^{' "$out/c1.out" >"$out/c1.json" || true
+run_c c1 "$t" TIERLM_GPU_PROFILE=1
+rc1=$rc
 sed -n '/^profile/,$p' "$out/c1.out"
 
 # 3. Case C with two staged reads in flight per copy.
@@ -124,12 +132,8 @@ rc2=skipped
 if [ "$second" = 1 ] && [ "$(left)" -gt 110 ]; then
   t=$(( $(left) - 15 ))
   echo "== 3. case C, TIERLM_DISK_READS=2 (limit ${t} s)"
-  set +e
-  TIERLM_DISK_READS=2 timeout "$t" "$tierlm" bench $flags --json >"$out/c2.out" 2>"$out/c2.err"
-  rc2=$?
-  set -e
-  echo "exit $rc2"; tail -3 "$out/c2.err" | sed 's/^/  stderr: /'
-  grep -m1 '^{' "$out/c2.out" >"$out/c2.json" || true
+  run_c c2 "$t" TIERLM_DISK_READS=2
+  rc2=$rc
 else
   echo "== 3. skipped ($(left) s left)"
 fi
