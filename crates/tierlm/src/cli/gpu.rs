@@ -237,21 +237,26 @@ struct DecodeWatch {
 }
 
 impl DecodeWatch {
-    fn start(disk: std::sync::Arc<tier_disk::DiskDevice>, pb: &indicatif::ProgressBar) -> Self {
+    /// `None` (no disk report, the run goes on) where the system gives no
+    /// thread for the watch.
+    fn start(disk: std::sync::Arc<tier_disk::DiskDevice>, pb: &indicatif::ProgressBar) -> Option<Self> {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (d, s, pb) = (disk.clone(), stop.clone(), pb.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                if pb.position() >= 1 {
-                    d.activity().take_peak();
-                    return Some(d.activity().snapshot());
+        let thread = std::thread::Builder::new()
+            .name("tierlm-disk-watch".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    if pb.position() >= 1 {
+                        d.activity().take_peak();
+                        return Some(d.activity().snapshot());
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(500));
                 }
-                std::thread::sleep(std::time::Duration::from_micros(500));
-            }
-            None
-        });
-        DecodeWatch { disk, stop, thread }
+                None
+            })
+            .ok()?;
+        Some(DecodeWatch { disk, stop, thread })
     }
 
     fn finish(self) -> Option<tier_disk::IoWindow> {
@@ -632,7 +637,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> 
         bench_prompts(&model.config, policy.num_gpu_batches, policy.gpu_batch_size, args.prompt_len, args.seed);
     let pb = progress::bar(args.gen_len as u64, "generating");
     let disk = model.offload.as_ref().and_then(|s| s.tiers().disk.clone());
-    let watch = disk.clone().map(|d| DecodeWatch::start(d, &pb));
+    let watch = disk.clone().and_then(|d| DecodeWatch::start(d, &pb));
     let out = generate(&model, &prompts, &opts, None, &pb);
     let disk_decode = watch.and_then(DecodeWatch::finish);
     let out = out?;
@@ -746,7 +751,7 @@ pub fn run_bench(args: &BenchArgs, policy: &Policy, chosen: Option<&Choice>) -> 
     if std::env::var_os("TIERLM_GPU_PROFILE").is_some_and(|v| v != "0") {
         model.profiler = Some(engine_opt::gpu::profile::Profiler::default());
         let counted = indicatif::ProgressBar::hidden();
-        let watch = disk.clone().map(|d| DecodeWatch::start(d, &counted));
+        let watch = disk.clone().and_then(|d| DecodeWatch::start(d, &counted));
         let run = generate(&model, &prompts, &opts, None, &counted);
         let window = watch.and_then(DecodeWatch::finish);
         run?;
