@@ -14,6 +14,7 @@
 #      weights materialised in place (hf_llama_bench.py --gpu-weights-gib),
 #      4 new tokens (each of its decode steps moves the host layers over
 #      PCIe; its rate per step is what is compared).
+#   F1 F without the policy search's run (the hand split and transformers).
 #   F4 llama-3.1-70b with 4-bit weights (--compress-weight, FlexGen's groups
 #      of 64 from bf16), every packed layer resident, 64 prompts: the
 #      search's choice with --compress auto, and the same flags by hand.
@@ -27,8 +28,8 @@ tierlm=.gpu/tierlm out=${OUT:-/tmp}/llama-cases cases=()
 while [ $# -gt 0 ]; do
   case $1 in
     --tierlm) tierlm=$2; shift 2 ;;
-    E|F|F4) cases+=("$1"); shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    E|F|F1|F4) cases+=("$1"); shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "llama-cases.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,9 +52,9 @@ for c in "${cases[@]}"; do
       run E-transformers 300 python3 "$(dirname "$0")/hf_llama_bench.py" --preset llama-3.1-8b --prompts 64 \
         --prompt-len 512 --gen-len 32
       ;;
-    F)
+    F|F1)
       # shellcheck disable=SC2086
-      run F-tierlm-auto 540 "$tierlm" bench --model llama-3.1-70b $common --num-prompts 64 --num-gpu-batches 2
+      [ "$c" = F1 ] || run F-tierlm-auto 540 "$tierlm" bench --model llama-3.1-70b $common --num-prompts 64 --num-gpu-batches 2
       # shellcheck disable=SC2086
       run F-tierlm-hand 540 "$tierlm" bench --model llama-3.1-70b $common --percent 40 60 100 0 100 0 \
         --gpu-batch-size 32 --num-gpu-batches 2

@@ -512,7 +512,11 @@ fn the_tiered_cache_takes_the_bytes_the_plan_counts() {
         let fp = runtime::plan::footprint(&spec, &policy, work, machine).unwrap();
         let stats = model.cache_stats().unwrap();
         assert_eq!(stats.slot_bytes, 2 * one, "{name} {p:?}: the slots");
-        let host = tiers.host(tier_api::HostMemKind::Pageable).unwrap().stats().peak_resident;
+        // The plan counts bytes asked; the host tier keeps whole pages, which
+        // for this tiny model's sub-page homes is most of what it holds.
+        let stats_host = tiers.host(tier_api::HostMemKind::Pageable).unwrap().stats();
+        let host = stats_host.peak_asked;
+        assert!(stats_host.peak_resident >= host, "{name}: resident below asked");
         if p.compress {
             // The plan counts f16's 4-bit size with groups of 64; these heads
             // are narrower, so their groups are too (see the report).
@@ -647,7 +651,10 @@ fn activation_homes_take_the_bytes_the_plan_counts() {
     let work = runtime::plan::Workload { prompt_len, gen_len: gen };
     let machine = runtime::plan::Machine { gpu_compute: true, can_pin: false };
     let fp = runtime::plan::footprint(&spec, &policy, work, machine).unwrap();
-    let host = tiers.host(tier_api::HostMemKind::Pageable).unwrap().stats().peak_resident;
+    // The plan counts bytes asked (the tier holds them in whole pages).
+    let host_stats = tiers.host(tier_api::HostMemKind::Pageable).unwrap().stats();
+    let host = host_stats.peak_asked;
+    assert!(host_stats.peak_resident >= host, "{name}: resident below asked");
     assert_eq!(host, fp.activations.pageable, "{name}: the homes");
     let one = (batch * prompt_len * config.hidden_size * 4) as u64;
     println!(
