@@ -29,7 +29,7 @@ rm -rf "$out"
 mkdir -p "$out/old" "$out/new"
 deadline=$((SECONDS + budget))
 # Rough whole-process seconds per case and build (bench-cases.sh's estimates).
-declare -A est=([A]=30 [B]=90 [C]=70 [D]=30 [D4]=40)
+declare -A est=([A]=20 [B]=80 [C]=70 [D]=20 [D4]=30)
 for c in "${cases[@]}"; do
   left=$((deadline - SECONDS))
   if [ "$left" -lt $((2 * est[$c] + 20)) ]; then
