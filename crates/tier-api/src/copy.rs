@@ -307,6 +307,23 @@ impl CopyMatrix {
         self.submit(src.clone(), dst.clone())?.wait()
     }
 
+    /// Copies on the calling thread, ahead of the queue: for a small copy
+    /// that its caller waits for at once (hidden states between layers),
+    /// which behind a layer's queued weight copies would wait for all of
+    /// them. The route is the one `submit` would take, so the bytes move
+    /// the same way; a panic in it comes back as an error, as from a worker.
+    pub fn copy_here(&self, src: &TensorView, dst: &TensorView) -> Result<CopyReport> {
+        let (path, runs) = self.prepare(src, dst)?;
+        let route = self.route(src.device(), dst.device())?;
+        let job = CopyJob { src: src.clone(), dst: dst.clone(), runs };
+        let started = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| route.run(&job))) {
+            Ok(Ok(())) => Ok(CopyReport { paths: vec![path], bytes: job.bytes(), elapsed: started.elapsed() }),
+            Ok(Err(e)) => Err(e),
+            Err(panic) => Err(Error::WorkerPanicked { path, message: panic_message(&panic) }),
+        }
+    }
+
     /// Starts copying between two segmented tensors of the same logical shape
     /// split along the same dimension, piece by piece where their segments
     /// intersect. A plain view takes part as [`SegmentedTensor::single`].
@@ -563,6 +580,7 @@ impl CopyRoute for DiskToDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DType;
 
     #[test]
     fn pairing_splits_at_both_sides_boundaries() {
@@ -577,6 +595,62 @@ mod tests {
                 Run { src: 20, dst: 116, len: 10 },
             ]
         );
+    }
+
+    /// A host-to-host route that holds its worker until told to go on.
+    struct Gate {
+        go: Receiver<()>,
+        inner: Arc<dyn CopyRoute>,
+    }
+
+    impl CopyRoute for Gate {
+        fn path(&self) -> CopyPath {
+            self.inner.path()
+        }
+        fn accepts(&self, src: DeviceKind, dst: DeviceKind) -> bool {
+            self.inner.accepts(src, dst)
+        }
+        fn run(&self, job: &CopyJob) -> Result<()> {
+            if std::thread::current().name().is_some_and(|n| n.starts_with("tierlm-copy-")) {
+                let _ = self.go.recv();
+            }
+            self.inner.run(job)
+        }
+    }
+
+    #[test]
+    fn copy_here_does_not_wait_for_the_queue() {
+        use crate::tensor::test_support::tensor;
+        let host = builtin_routes()
+            .into_iter()
+            .find(|r| r.accepts(tensor(&[1], DType::U8).device(), tensor(&[1], DType::U8).device()))
+            .expect("a host route");
+        let (open, go) = bounded(0);
+        let gate: Arc<dyn CopyRoute> = Arc::new(Gate { go, inner: host });
+        let m = CopyMatrix::with_routes(CopyConfig { workers: 1, queue_capacity: 4 }, vec![gate]).unwrap();
+        let (a, b) = (tensor(&[1 << 16], DType::U8), tensor(&[1 << 16], DType::U8));
+        // The only worker is held, with a second copy queued behind it.
+        let held = [m.submit(a.view(), b.view()).unwrap(), m.submit(a.view(), b.view()).unwrap()];
+        assert!(held.iter().all(|h| !h.is_done()));
+        let (src, dst) = (tensor(&[3, 5], DType::F32), tensor(&[3, 5], DType::F32));
+        let here = std::thread::scope(|s| {
+            let (tx, rx) = bounded(1);
+            let (m, src, dst) = (&m, &src, &dst);
+            s.spawn(move || {
+                let _ = tx.send(m.copy_here(&src.view(), &dst.view()));
+            });
+            let got = rx.recv_timeout(Duration::from_secs(20));
+            // Let the held copies go either way, so the scope can end.
+            for _ in 0..2 {
+                open.send(()).unwrap();
+            }
+            got
+        });
+        let report = here.expect("copy_here waited behind the queue").unwrap();
+        assert_eq!(report.bytes, 60);
+        for h in held {
+            h.wait().unwrap();
+        }
     }
 
     #[test]

@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use ops::gpu::buffer::{DevBuf, DevElem};
 use ops::gpu::{Event, Gpu};
-use tier_api::{CopyHandle, CopyMatrix, DType, Device, HostMemKind, Shape, Tensor};
+use tier_api::{CopyMatrix, DType, Device, HostMemKind, Shape, Tensor};
 use tier_disk::DiskDevice;
 use tier_host::HostDevice;
 
@@ -229,7 +229,10 @@ pub fn copy_rows(matrix: &CopyMatrix, parts: &[ActPart], src: &[Tensor], dst: &[
             dst.len()
         )));
     }
-    let mut handle = CopyHandle::empty();
+    // On this thread, ahead of the matrix's queue: the caller waits for
+    // these rows at once, and queued behind the next layer's weight copies
+    // they would hold the compute back until all of those had finished.
+    let mut bytes = 0;
     for ((p, s), d) in parts.iter().zip(src).zip(dst) {
         let n = p.elems(rows)?;
         if n == 0 {
@@ -237,9 +240,9 @@ pub fn copy_rows(matrix: &CopyMatrix, parts: &[ActPart], src: &[Tensor], dst: &[
         }
         let from = s.narrow(0, 0, n).map_err(tier_err)?;
         let to = d.narrow(0, 0, n).map_err(tier_err)?;
-        handle = handle.join(matrix.submit(from, to).map_err(tier_err)?);
+        bytes += matrix.copy_here(&from, &to).map_err(tier_err)?.bytes;
     }
-    Ok(handle.wait().map_err(tier_err)?.bytes)
+    Ok(bytes)
 }
 
 /// Unstored values in a buffer: whose, how many rows, where they go.

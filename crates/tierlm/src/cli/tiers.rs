@@ -66,7 +66,10 @@ impl TierArgs {
     }
 
     pub fn gpu_config(&self) -> GpuConfig {
-        GpuConfig { budget: self.gpu_mem, ..GpuConfig::default() }
+        // A stream for each copy worker and one more for the copies the
+        // engine's own thread runs ahead of the queue (hidden states between
+        // layers), so those never wait for a worker's stream.
+        GpuConfig { budget: self.gpu_mem, streams: runtime::tiers::COPY_WORKERS + 1, ..GpuConfig::default() }
     }
 }
 
