@@ -144,6 +144,7 @@ pub fn model_spec(config: &LlamaConfig) -> Result<ModelSpec> {
         scratch_per_row: h + 3 * q + 2 * kv_w + stacked_width(config),
         // Hidden states stay f32 between layers.
         residual: DType::F32,
+        hidden_copy: false,
         scores: scores(dtype.size()),
     };
     Ok(ModelSpec::new(

@@ -100,6 +100,9 @@ pub fn model_spec(config: &OptConfig, gpu: bool) -> Result<ModelSpec> {
         // The GPU engine keeps the residual stream in f32 (and its homes
         // off the GPU hold it so); the CPU engine places none.
         residual: fused,
+        // Post-LN models keep each block's f16 input beside the residual
+        // (`gpu::activation_parts`).
+        hidden_copy: gpu && !config.do_layer_norm_before,
         // The GPU engine's prefill takes every head's f32 scores at once.
         scores: runtime::spec::Scores::F32_ALL,
     };
@@ -148,6 +151,25 @@ mod tests {
         let fp = runtime::plan::footprint(&spec, &policy, work, machine).unwrap();
         assert_eq!(fp.weights.host(), 134_948);
         assert_eq!(fp.weights.host() + fp.weights.disk, 2 * spec.layer_bytes(false).unwrap());
+    }
+
+    #[test]
+    fn hidden_states_off_the_gpu_count_the_post_ln_copy() {
+        // The homes hold what `gpu::activation_parts` lists: the f32
+        // residual, and for post-LN models its f16 copy; the GPU's two
+        // buffers hold the same per value.
+        let policy = runtime::policy::Policy::default().with_percent(&[100.0, 0.0, 100.0, 0.0, 0.0, 100.0]).unwrap();
+        let work = runtime::plan::Workload { prompt_len: 16, gen_len: 4 };
+        let machine = runtime::plan::Machine { gpu_compute: true, can_pin: true };
+        for name in ["opt-125m", "opt-350m"] {
+            let c = OptConfig::preset(name).unwrap();
+            let spec = model_spec(&c, true).unwrap();
+            let value: u64 = crate::gpu::model::activation_parts(&c).iter().map(|p| p.dtype.size() as u64).sum();
+            assert_eq!(value, if c.do_layer_norm_before { 4 } else { 6 }, "{name}");
+            let fp = runtime::plan::footprint(&spec, &policy, work, machine).unwrap();
+            let values = (policy.gpu_batch_size * policy.num_gpu_batches * work.prompt_len * c.hidden_size) as u64;
+            assert_eq!(fp.activations.pageable + fp.activations.pinned, values * value, "{name}: the homes");
+        }
     }
 
     #[test]

@@ -457,7 +457,7 @@ fn layer_bytes(run: &Run<'_>, policy: &Policy, phase: Phase, streamed: bool) -> 
     // Hidden states off the GPU: loaded before and stored after each
     // batch's layer.
     if policy.act_gpu_percent < 100.0 {
-        let bytes = nb * rows * hidden * act;
+        let bytes = nb * rows * hidden * w.hidden_value_bytes() as f64;
         if policy.act_cpu_percent >= 100.0 {
             b.h2d_relay += bytes;
             b.d2h_relay += bytes;

@@ -429,8 +429,8 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
     // Hidden states between layers: the largest is the prefill's.
     let w = spec.widths;
     let act = w.dtype.size() as u64;
-    let residual = w.residual.size() as u64;
-    let hidden = (block as u64).saturating_mul(work.prompt_len as u64).saturating_mul(w.hidden as u64 * residual);
+    let value = w.hidden_value_bytes();
+    let hidden = (block as u64).saturating_mul(work.prompt_len as u64).saturating_mul(w.hidden as u64 * value);
     let activations = split(hidden, policy.act_gpu_percent, policy.act_cpu_percent, false);
 
     // The engine's buffers.
@@ -467,9 +467,9 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
         if policy.act_gpu_percent < 100.0 {
             // Hidden states off the GPU pass through two buffers the block's
             // batches take in turn (one stored while the next computes), each
-            // an f32 residual and at most one copy in the activations' type
-            // (`gpu::activations`; an engine without the copy holds less).
-            buffers.gpu = buffers.gpu.saturating_add(rows.saturating_mul(2 * w.hidden as u64 * (4 + act)));
+            // the residual and its copy where the family keeps one
+            // (`gpu::activations`).
+            buffers.gpu = buffers.gpu.saturating_add(rows.saturating_mul(2 * w.hidden as u64 * value));
         }
         let relay = [weights.pageable, weights.disk, cache.pageable, cache.disk, activations.disk]
             .iter()

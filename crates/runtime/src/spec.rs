@@ -151,6 +151,10 @@ pub struct Widths {
     /// Type the hidden states between layers are kept in (the residual
     /// stream).
     pub residual: DType,
+    /// Whether the hidden states between layers also carry a copy in
+    /// `dtype` (a post-layer-norm family's block input), which
+    /// their homes off the GPU and the GPU buffers they pass through hold.
+    pub hidden_copy: bool,
     /// How the GPU engine holds the prefill's attention scores.
     pub scores: Scores,
 }
@@ -190,6 +194,12 @@ impl Scores {
 }
 
 impl Widths {
+    /// Bytes of one hidden value between layers: the residual's, and its
+    /// copy's where there is one.
+    pub fn hidden_value_bytes(&self) -> u64 {
+        self.residual.size() as u64 + if self.hidden_copy { self.dtype.size() as u64 } else { 0 }
+    }
+
     /// The scratch of a row for q and attention output of `q_width`, keys
     /// and values of `kv_width` and one inner activation: `2·q + 2·kv +
     /// intermediate`.
@@ -362,6 +372,7 @@ pub(crate) mod testing {
                 dtype: DType::F16,
                 scratch_per_row: Widths::plain_scratch(h, h, 4 * h),
                 residual: DType::F16,
+                hidden_copy: false,
                 scores: super::Scores::F32_ALL,
             },
         )
@@ -402,6 +413,7 @@ mod tests {
                 dtype: DType::F16,
                 scratch_per_row: Widths::plain_scratch(64, 64, 256),
                 residual: DType::F16,
+                hidden_copy: false,
                 scores: super::Scores::F32_ALL,
             },
         )
@@ -513,6 +525,7 @@ mod tests {
                 dtype: DType::F16,
                 scratch_per_row: 4,
                 residual: DType::F16,
+                hidden_copy: false,
                 scores: super::Scores::F32_ALL,
             },
         )

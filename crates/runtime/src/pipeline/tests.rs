@@ -72,6 +72,7 @@ impl Toy {
                 dtype: DType::F32,
                 scratch_per_row: Widths::plain_scratch(H, H, INTER),
                 residual: DType::F32,
+                hidden_copy: false,
                 scores: crate::spec::Scores::F32_ALL,
             },
         )
