@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::marker::PhantomData;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,7 +31,8 @@ use tier_api::{DType, Device, Shape, Tensor};
 use tier_cuda::kernels::CudaStream;
 use tier_cuda::GpuDevice;
 
-use super::buffer::{DevBuf, DevElem, Half};
+use super::buffer::{DevBuf, Half};
+pub use super::view::Operand;
 use super::{tier_err, Gpu};
 use crate::error::{Error, Result};
 
@@ -233,47 +233,6 @@ fn c_int(what: &str, v: usize) -> Result<i32> {
 
 fn blas_type(f32_out: bool) -> cublas::sys::cudaDataType {
     InType::F16.blas_out(f32_out)
-}
-
-/// One operand of a batched product: where its elements are (a device
-/// address and how many elements are there), the element where the first
-/// matrix starts, its leading dimension and the stride between matrices.
-#[derive(Debug, Clone, Copy)]
-pub struct Operand<'a, T: DevElem> {
-    ptr: u64,
-    len: usize,
-    pub offset: usize,
-    pub ld: usize,
-    pub stride: usize,
-    _buf: PhantomData<&'a DevBuf<T>>,
-}
-
-impl<'a, T: DevElem> Operand<'a, T> {
-    /// Matrices in `buf` from element `offset`, `ld` apart within a
-    /// matrix and `stride` apart between them.
-    pub fn new(buf: &'a DevBuf<T>, offset: usize, ld: usize, stride: usize) -> Self {
-        Operand { ptr: buf.ptr(), len: buf.len(), offset, ld, stride, _buf: PhantomData }
-    }
-
-    /// Checks that `batch` column-major `rows × cols` matrices fit, and
-    /// returns the address of the first.
-    fn checked(&self, what: &str, rows: usize, cols: usize, batch: usize) -> Result<u64> {
-        if rows > self.ld {
-            return Err(Error::Gpu(format!("GPU batched product: {what} has {rows} rows but ld {}", self.ld)));
-        }
-        let extent = if rows == 0 || cols == 0 || batch == 0 {
-            self.offset
-        } else {
-            self.offset + (batch - 1) * self.stride + (cols - 1) * self.ld + rows
-        };
-        if extent > self.len {
-            return Err(Error::Gpu(format!(
-                "GPU batched product: {what} reaches element {extent} of a {}-element buffer",
-                self.len
-            )));
-        }
-        Ok(self.ptr + (self.offset * size_of::<T>()) as u64)
-    }
 }
 
 /// The output of a batched product.

@@ -6,6 +6,9 @@
 //!   f16/bf16 ones of rotary, grouped-query decoders, [`llm`], compiled on
 //!   first use).
 //! - [`buffer::DevBuf`]: a typed GPU buffer.
+//! - [`view`]: borrowed views of buffers, the ops' arguments: [`Mat`] and
+//!   [`MatMut`] (a matrix at an offset with a row stride, checked once
+//!   when made), [`KvView`], [`Rotary`], [`DecodeAttn`], [`Gemm`].
 //! - [`profile`]: where the parts of a step spend their time.
 //!
 //! Nothing here panics where CUDA is missing: [`unavailable_reason`] says
@@ -17,6 +20,9 @@ pub mod buffer;
 pub mod kernels;
 pub mod llm;
 pub mod profile;
+pub mod view;
+
+pub use view::{DecodeAttn, Gemm, KvShape, KvView, Mat, MatMut, Operand, Rotary, ScoreRows};
 
 use std::sync::{Arc, OnceLock};
 
