@@ -39,6 +39,7 @@ use ops::gpu::blas::{HalfOut, Operand};
 use ops::gpu::buffer::{DevBuf, Half};
 use ops::gpu::llm::attn_decode_fits;
 use ops::gpu::profile::Profiler;
+use ops::gpu::view::{DecodeAttn, Gemm, KvShape, KvView, Mat, MatMut, Rotary, ScoreRows};
 use ops::gpu::Gpu;
 use runtime::gpu::activations::{ActPart, ActivationHome, ActivationStreamer, ActivationTier, Use};
 use runtime::gpu::cache::{CachePlan, CacheShape, CacheStreamer, CacheTiers, HostLayer, LayerRun, TieredCache};
@@ -522,27 +523,31 @@ impl<T: Half> LlamaGpu<T> {
         let eps = c.rms_norm_eps;
         let gpu = &self.gpu;
         let llm = gpu.llm()?;
-        llm.rms_norm_f32(gpu, hidden, (0, h), rows, h, self.tensor(w, "input_layernorm.weight")?, eps, &ws.x)?;
+        let x = MatMut::new(&ws.x, rows, h)?;
+        llm.rms_norm_f32(gpu, Mat::new(hidden, rows, h)?, self.tensor(w, "input_layernorm.weight")?, eps, x)?;
         self.mark("rms norm")?;
         // One product for q, k and v (their weights stacked by rows).
-        let qkv = self.tensor(w, "self_attn.qkv_proj.weight")?;
+        let stack = q_w + 2 * kv_w;
+        let qkv = Mat::new(self.tensor(w, "self_attn.qkv_proj.weight")?, stack, h)?;
         let bias = self.optional(w, "self_attn.qkv_proj.bias")?;
-        let out = HalfOut::Half { out: &ws.stacked, bias };
-        gpu.blas.linear_half(gpu, &ws.x, rows, qkv, (q_w + 2 * kv_w, h), out, false)?;
+        let stacked = MatMut::new(&ws.stacked, rows, stack)?;
+        gpu.blas.linear_half(gpu, x.as_mat(), qkv, HalfOut::Half { out: stacked, bias }, false)?;
         self.mark("q k v products")?;
-        let shape = (rows, heads, kv_heads, d);
-        let rope = (&ws.positions, &self.inv_freq);
+        let shape = KvShape { heads, kv_heads, head_dim: d };
+        let rope = Rotary { positions: &ws.positions, inv_freq: &self.inv_freq };
+        let (q, k) = (MatMut::new(&ws.q, rows, q_w)?, MatMut::new(&ws.k, rows, kv_w)?);
+        let v = MatMut::new(&ws.v, rows, kv_w)?;
         if let (Some(qn), Some(kn)) =
             (self.optional(w, "self_attn.q_norm.weight")?, self.optional(w, "self_attn.k_norm.weight")?)
         {
             // Qwen3 normalises each head before the rotation.
-            llm.split_qkv(gpu, &ws.stacked, shape, None, &ws.q, &ws.k, &ws.v)?;
+            llm.split_qkv(gpu, stacked.as_mat(), shape, None, (q, k, v))?;
             llm.rms_norm_inplace(gpu, &ws.q, rows * heads, d, qn, eps)?;
             llm.rms_norm_inplace(gpu, &ws.k, rows * kv_heads, d, kn, eps)?;
-            llm.rope(gpu, &ws.q, rows, heads, d, rope.0, rope.1)?;
-            llm.rope(gpu, &ws.k, rows, kv_heads, d, rope.0, rope.1)?;
+            llm.rope(gpu, q, (heads, d), rope)?;
+            llm.rope(gpu, k, (kv_heads, d), rope)?;
         } else {
-            llm.split_qkv(gpu, &ws.stacked, shape, Some(rope), &ws.q, &ws.k, &ws.v)?;
+            llm.split_qkv(gpu, stacked.as_mat(), shape, Some(rope), (q, k, v))?;
         }
         self.mark("q/k norm, rope")
     }
@@ -553,8 +558,9 @@ impl<T: Half> LlamaGpu<T> {
         let c = &self.config;
         let (h, q_w) = (c.hidden_size, c.num_attention_heads * c.head_dim);
         let gpu = &self.gpu;
-        let o = self.tensor(w, "self_attn.o_proj.weight")?;
-        gpu.blas.linear_half(gpu, &ws.attn, rows, o, (h, q_w), HalfOut::F32 { out: hidden }, true)?;
+        let o = Mat::new(self.tensor(w, "self_attn.o_proj.weight")?, h, q_w)?;
+        let out = HalfOut::F32 { out: MatMut::new(hidden, rows, h)? };
+        gpu.blas.linear_half(gpu, Mat::new(&ws.attn, rows, q_w)?, o, out, true)?;
         self.mark("o product")
     }
 
@@ -571,11 +577,12 @@ impl<T: Half> LlamaGpu<T> {
     ) -> Result<()> {
         let c = &self.config;
         let (batch, s, rows) = (tokens.batch(), tokens.new_len(), tokens.rows());
-        let (kv_heads, d) = (c.num_key_value_heads, c.head_dim);
+        let kv_w = c.num_key_value_heads * c.head_dim;
         let gpu = &self.gpu;
         let w = self.weights(j)?;
         self.qkv(w, rows, hidden, ws)?;
-        gpu.llm()?.store_kv(gpu, &ws.k, &ws.v, (batch, s, kv_heads, d), kv.past, kv.capacity, kv.keys, kv.values)?;
+        let (k, v) = (Mat::new(&ws.k, rows, kv_w)?, Mat::new(&ws.v, rows, kv_w)?);
+        gpu.llm()?.store_kv(gpu, (k, v), &kv.view(batch, c)?, kv.past..kv.past + s)?;
         self.mark("store kv")?;
         self.attention(kv, (batch, s), ws)?;
         self.mark("attention")?;
@@ -655,21 +662,24 @@ impl<T: Half> LlamaGpu<T> {
         }
         let w = self.weights(j)?;
         let post = self.tensor(w, "post_attention_layernorm.weight")?;
-        llm.rms_norm_f32(gpu, hidden, (0, h), rows, h, post, c.rms_norm_eps, &ws.x)?;
+        let x = MatMut::new(&ws.x, rows, h)?;
+        llm.rms_norm_f32(gpu, Mat::new(hidden, rows, h)?, post, c.rms_norm_eps, x)?;
         self.mark("rms norm")?;
         // One product for gate and up (their weights stacked by rows): row
         // r of `ws.stacked` is r's gate, then its up.
-        let gate_up = self.tensor(w, "mlp.gate_up_proj.weight")?;
+        let gate_up = Mat::new(self.tensor(w, "mlp.gate_up_proj.weight")?, 2 * inter, h)?;
         let bias = self.optional(w, "mlp.gate_up_proj.bias")?;
-        let down = self.tensor(w, "mlp.down_proj.weight")?;
-        let out = HalfOut::Half { out: &ws.stacked, bias };
-        gpu.blas.linear_half(gpu, &ws.x, rows, gate_up, (2 * inter, h), out, false)?;
+        let down = Mat::new(self.tensor(w, "mlp.down_proj.weight")?, h, inter)?;
+        let stacked = MatMut::new(&ws.stacked, rows, 2 * inter)?;
+        gpu.blas.linear_half(gpu, x.as_mat(), gate_up, HalfOut::Half { out: stacked, bias }, false)?;
         self.mark("gate up products")?;
         llm.silu_mul(gpu, &ws.stacked, rows, inter)?;
         self.mark("silu mul")?;
-        // (`check_supported` refuses MLP biases on the GPU.)
-        let input = (&ws.stacked, 2 * inter);
-        gpu.blas.linear_half_ld(gpu, input, rows, down, (h, inter), HalfOut::F32 { out: hidden }, true)?;
+        // The down product's input: each row's gate half, rows 2·inter
+        // apart. (`check_supported` refuses MLP biases on the GPU.)
+        let input = stacked.as_mat().cols_range(0, inter)?;
+        let out = HalfOut::F32 { out: MatMut::new(hidden, rows, h)? };
+        gpu.blas.linear_half(gpu, input, down, out, true)?;
         self.mark("down product")
     }
 
@@ -683,20 +693,15 @@ impl<T: Half> LlamaGpu<T> {
         if total > cap || total > kv.mask_stride {
             return Err(gpu_err(format!("attention over {total} positions of a cache of {cap}")));
         }
-        let mask = (kv.mask, kv.mask_stride);
+        let cache = kv.view(batch, c)?;
+        let mask = kv.mask(batch)?;
         let scale = (d as f32).powf(-0.5);
         let gpu = &self.gpu;
         let llm = gpu.llm()?;
+        let q_w = heads * d;
         if s == 1 && attn_decode_fits(d, total) {
-            return Ok(llm.attn_decode(
-                gpu,
-                &ws.q,
-                (kv.keys, kv.values),
-                mask,
-                (batch, heads, kv_heads, d, cap, total),
-                scale,
-                &ws.attn,
-            )?);
+            let (q, out) = (Mat::new(&ws.q, batch, q_w)?, MatMut::new(&ws.attn, batch, q_w)?);
+            return Ok(llm.attn_decode(gpu, q, &cache, &DecodeAttn { mask, total, scale }, out)?);
         }
         // A prompt (or a long decode): the queries by head, `[b][kv_head]
         // [group · s][d]` (a group's query heads are consecutive), so that
@@ -721,12 +726,18 @@ impl<T: Half> LlamaGpu<T> {
             let keys = Operand::new(kv.keys, b0 * kv_heads * head_block, d, head_block);
             let queries = Operand::new(&ws.qh, b0 * heads * s * d, d, rows_g * d);
             let out = Operand::new(scores, 0, total, rows_g * total);
-            gpu.blas.gemm_batched_half((true, false), (total, rows_g, d), scale, keys, queries, 0.0, out, n)?;
-            llm.softmax_causal(gpu, scores, (nb, heads, s, total), past, mask, b0)?;
+            gpu.blas.gemm_batched_half(
+                Gemm::new((total, rows_g, d), n).transpose_a().scaled(scale),
+                keys,
+                queries,
+                out,
+            )?;
+            let at = ScoreRows { seqs: nb, heads, new_len: s, past, first: b0 };
+            llm.softmax_causal(gpu, MatMut::new(scores, nb * heads * s, total)?, at, mask)?;
             let values = Operand::new(kv.values, b0 * kv_heads * head_block, d, head_block);
             let probs = Operand::new(scores, 0, total, rows_g * total);
             let out = Operand::new(&ws.qh, b0 * heads * s * d, d, rows_g * d);
-            gpu.blas.gemm_batched_half((false, false), (d, rows_g, total), 1.0, values, probs, 0.0, out, n)?;
+            gpu.blas.gemm_batched_half(Gemm::new((d, rows_g, total), n), values, probs, out)?;
         }
         Ok(llm.transpose_heads(gpu, &ws.qh, &ws.attn, (batch, s, heads, d), false)?)
     }
@@ -737,10 +748,13 @@ impl<T: Half> LlamaGpu<T> {
         let (batch, s, h, v) = (tokens.batch(), tokens.new_len(), c.hidden_size, c.vocab_size);
         ws.fits(tokens.rows(), batch)?;
         let gpu = &self.gpu;
-        let at = (s.saturating_sub(1) * h, s * h);
-        gpu.llm()?.rms_norm_f32(gpu, hidden, at, batch, h, &self.norm, c.rms_norm_eps, &ws.last)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        gpu.blas.linear_half(gpu, &ws.last, batch, head, (v, h), HalfOut::F32 { out: &ws.logits }, false)?;
+        // Each sequence's last row: rows s·h apart from row s - 1.
+        let last_rows = Mat::strided(hidden, s.saturating_sub(1) * h, batch, h, s * h)?;
+        let last = MatMut::new(&ws.last, batch, h)?;
+        gpu.llm()?.rms_norm_f32(gpu, last_rows, &self.norm, c.rms_norm_eps, last)?;
+        let head = Mat::new(self.lm_head.as_ref().unwrap_or(&self.embed), v, h)?;
+        let out = HalfOut::F32 { out: MatMut::new(&ws.logits, batch, v)? };
+        gpu.blas.linear_half(gpu, last.as_mat(), head, out, false)?;
         self.mark("logits")
     }
 }
@@ -765,6 +779,20 @@ struct KvOnGpu<'a, T: Half> {
     mask_stride: usize,
     /// Positions cached before the step.
     past: usize,
+}
+
+impl<'a, T: Half> KvOnGpu<'a, T> {
+    /// The keys and values of `batch` sequences as the ops read them.
+    fn view(&self, batch: usize, c: &LlamaConfig) -> Result<KvView<'a, T>> {
+        let shape = KvShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
+        Ok(KvView::new((self.keys, self.values), batch, self.capacity, shape)?)
+    }
+
+    /// The key mask of `batch` sequences, a row of `mask_stride` positions
+    /// each.
+    fn mask(&self, batch: usize) -> Result<Mat<'a, u8>> {
+        Ok(Mat::new(self.mask, batch, self.mask_stride)?)
+    }
 }
 
 /// The cache's shape as the runtime's tiered cache holds it.

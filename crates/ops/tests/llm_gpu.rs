@@ -1,6 +1,6 @@
 //! The f16/bf16 GPU ops (`ops::gpu::llm`, `Blas::linear_half`,
-//! `Blas::gemm_batched_half`) in f16 and bf16 against the CPU reference
-//! (`ops::cpu`). Every test passes, saying "skipped: no GPU", where the GPU
+//! `Blas::gemm_batched_half`), over the views of `ops::gpu::view`, in f16
+//! and bf16 against the CPU reference (`ops::cpu`). Every test passes, saying "skipped: no GPU", where the GPU
 //! cannot run.
 //!
 //! Inputs are rounded to the 16-bit type first and the CPU computes in f32
@@ -13,6 +13,7 @@ use half::{bf16, f16};
 use ops::gpu::blas::{HalfOut, Operand};
 use ops::gpu::buffer::{DevBuf, DevElem, Half};
 use ops::gpu::llm::{attn_decode_fits, LlmKernels};
+use ops::gpu::view::{DecodeAttn, Gemm, KvShape, KvView, Mat, MatMut, Rotary, ScoreRows};
 use ops::gpu::Gpu;
 use ops::{attention, softmax_masked, Activation, AttentionShape, DType, KvCache, Rope, RopeScaling, Tensor};
 
@@ -58,6 +59,16 @@ fn vals<T: Half>(n: usize, seed: u64, scale: f32, offset: f32) -> (Vec<T>, Vec<f
 
 fn up<E: DevElem>(gpu: &Gpu, host: &[E]) -> DevBuf<E> {
     DevBuf::from_host(gpu, host).unwrap_or_else(|e| panic!("upload: {e}"))
+}
+
+/// `buf` as dense `rows × cols` (which must fit).
+fn m<E: DevElem>(buf: &DevBuf<E>, rows: usize, cols: usize) -> Mat<'_, E> {
+    Mat::new(buf, rows, cols).unwrap_or_else(|e| panic!("view: {e}"))
+}
+
+/// `buf` as dense `rows × cols` to write (which must fit).
+fn mm<E: DevElem>(buf: &DevBuf<E>, rows: usize, cols: usize) -> MatMut<'_, E> {
+    MatMut::new(buf, rows, cols).unwrap_or_else(|e| panic!("view: {e}"))
 }
 
 fn raw<E: DevElem>(gpu: &Gpu, buf: &DevBuf<E>) -> Vec<E> {
@@ -165,19 +176,23 @@ fn rms_norms<T: Ty>(gpu: &Gpu) {
         let (x, wb) = (up(gpu, &hidden), up(gpu, &w));
         let out = up(gpu, &vec![T::from_f32(0.0); rows * h]);
         // Every row.
-        k.rms_norm_f32(gpu, &x, (0, h), rows, h, &wb, eps, &out).unwrap();
+        k.rms_norm_f32(gpu, m(&x, rows, h), &wb, eps, mm(&out, rows, h)).unwrap();
         let mut want = hidden.clone();
         ops::rms_norm(&mut want, &tensor(vec![h], &w_f), eps).unwrap();
         check::<T>(&format!("rms_norm_f32 h {h}"), &down(gpu, &out), &want);
         // Each sequence's last row.
         let last = up(gpu, &vec![T::from_f32(0.0); batch * h]);
-        k.rms_norm_f32(gpu, &x, ((s - 1) * h, s * h), batch, h, &wb, eps, &last).unwrap();
+        let last_rows = Mat::strided(&x, (s - 1) * h, batch, h, s * h).unwrap();
+        k.rms_norm_f32(gpu, last_rows, &wb, eps, mm(&last, batch, h)).unwrap();
         let mut want: Vec<f32> =
             (0..batch).flat_map(|b| hidden[(b * s + s - 1) * h..(b * s + s) * h].to_vec()).collect();
         ops::rms_norm(&mut want, &tensor(vec![h], &w_f), eps).unwrap();
         check::<T>(&format!("rms_norm_f32 last rows h {h}"), &down(gpu, &last), &want);
-        // Reading past the input is refused.
-        assert!(k.rms_norm_f32(gpu, &x, (s * h, s * h), batch, h, &wb, eps, &last).is_err());
+        // Reading past the input is refused (by the view).
+        let past_end = Mat::strided(&x, s * h, batch, h, s * h);
+        assert!(past_end.and_then(|x| k.rms_norm_f32(gpu, x, &wb, eps, mm(&last, batch, h))).is_err());
+        // An output of another shape is refused (by the op).
+        assert!(k.rms_norm_f32(gpu, m(&x, batch, h), &wb, eps, mm(&last, batch - 1, h)).is_err());
     }
     // Per-head norms of T rows.
     for dim in [64, 128, 512] {
@@ -216,7 +231,9 @@ fn ropes<T: Ty>(gpu: &Gpu) {
         let (x, x_f) = vals::<T>(rows * heads * head_dim, 20 + head_dim as u64, 2.0, 0.0);
         let xb = up(gpu, &x);
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        k.rope(gpu, &xb, rows, heads, head_dim, &up(gpu, &pos), &up(gpu, rope.inv_freq())).unwrap();
+        let (pb, fb) = (up(gpu, &pos), up(gpu, rope.inv_freq()));
+        let rot = Rotary { positions: &pb, inv_freq: &fb };
+        k.rope(gpu, mm(&xb, rows, heads * head_dim), (heads, head_dim), rot).unwrap();
         let mut want = x_f;
         rope.apply(&mut want, heads, &positions).unwrap();
         check::<T>(&format!("rope head_dim {head_dim} theta {theta}"), &down(gpu, &xb), &want);
@@ -243,16 +260,18 @@ fn splits<T: Ty>(gpu: &Gpu) {
             (0..rows).flat_map(|r| x_f[r * stack + at..r * stack + at + w].to_vec()).collect()
         };
         let (q_f, k_f, v_f) = (part(0, qw), part(qw, kvw), part(qw + kvw, kvw));
-        let shape = (rows, heads, kv_heads, head_dim);
+        let shape = KvShape { heads, kv_heads, head_dim };
+        let outs = |rows: usize| (mm(&qb, rows, qw), mm(&kb, rows, kvw), mm(&vb, rows, kvw));
         // Unrotated: the parts exactly.
-        k.split_qkv(gpu, &xb, shape, None, &qb, &kb, &vb).unwrap();
+        k.split_qkv(gpu, m(&xb, rows, stack), shape, None, outs(rows)).unwrap();
         let what = |s: &str| format!("split_qkv {s} head_dim {head_dim} ({})", T::SUFFIX);
         assert_eq!(down(gpu, &qb), q_f, "{}", what("q"));
         assert_eq!(down(gpu, &kb), k_f, "{}", what("k"));
         assert_eq!(down(gpu, &vb), v_f, "{}", what("v"));
         // Rotated: q and k as the CPU's rope gives them, v as it was.
         let (pb, fb) = (up(gpu, &pos), up(gpu, rope.inv_freq()));
-        k.split_qkv(gpu, &xb, shape, Some((&pb, &fb)), &qb, &kb, &vb).unwrap();
+        let rot = Rotary { positions: &pb, inv_freq: &fb };
+        k.split_qkv(gpu, m(&xb, rows, stack), shape, Some(rot), outs(rows)).unwrap();
         let (mut q_want, mut k_want) = (q_f, k_f);
         rope.apply(&mut q_want, heads, &positions).unwrap();
         rope.apply(&mut k_want, kv_heads, &positions).unwrap();
@@ -261,11 +280,13 @@ fn splits<T: Ty>(gpu: &Gpu) {
         assert_eq!(down(gpu, &vb), v_f, "{}", what("v beside the rotation"));
         // The same values as the split then rope (one kernel for two).
         let q2 = up(gpu, &raw(gpu, &qb));
-        k.split_qkv(gpu, &xb, shape, None, &qb, &kb, &vb).unwrap();
-        k.rope(gpu, &qb, rows, heads, head_dim, &pb, &fb).unwrap();
+        k.split_qkv(gpu, m(&xb, rows, stack), shape, None, outs(rows)).unwrap();
+        k.rope(gpu, mm(&qb, rows, qw), (heads, head_dim), rot).unwrap();
         assert_eq!(raw(gpu, &qb), raw(gpu, &q2), "{}", what("against rope"));
-        // Too few rows of output are refused.
-        assert!(k.split_qkv(gpu, &xb, (rows + 1, heads, kv_heads, head_dim), None, &qb, &kb, &vb).is_err());
+        // More rows than the input holds are refused (by the view), and
+        // outputs of other rows than the input's (by the op).
+        assert!(Mat::new(&xb, rows + 1, stack).is_err());
+        assert!(k.split_qkv(gpu, m(&xb, rows - 1, stack), shape, None, outs(rows)).is_err());
     }
 }
 
@@ -305,7 +326,7 @@ fn elementwise<T: Ty>(gpu: &Gpu) {
     let (o, o_f) = vals::<T>(rows * cols, 32, 2.0, 0.0);
     let (b, b_f) = vals::<T>(cols, 33, 2.0, 0.0);
     let ob = up(gpu, &o);
-    k.add_bias(gpu, &ob, rows, cols, &up(gpu, &b)).unwrap();
+    k.add_bias(gpu, mm(&ob, rows, cols), &up(gpu, &b)).unwrap();
     let want: Vec<f32> = o_f.iter().enumerate().map(|(i, v)| v + b_f[i % cols]).collect();
     check::<T>("add_bias", &down(gpu, &ob), &want);
     // Rounded once from the f32 sum: exactly what the host rounds.
@@ -333,8 +354,11 @@ fn copies<T: Ty>(gpu: &Gpu) {
         let (keys, values) = (DevBuf::<T>::alloc(gpu, n).unwrap(), DevBuf::<T>::alloc(gpu, n).unwrap());
         k.fill(gpu, &keys, -7.0).unwrap();
         k.fill(gpu, &values, -7.0).unwrap();
-        k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, new_len, kv_heads, hd), past, cap, &keys, &values)
-            .unwrap();
+        let kv =
+            KvView::new((&keys, &values), batch, cap, KvShape { heads: kv_heads, kv_heads, head_dim: hd }).unwrap();
+        let (kb, vb) = (up(gpu, &kx), up(gpu, &vx));
+        let step = || (m(&kb, batch * new_len, width), m(&vb, batch * new_len, width));
+        k.store_kv(gpu, step(), &kv, past..past + new_len).unwrap();
         let mut want_k = vec![sentinel; n];
         let mut want_v = vec![sentinel; n];
         for b in 0..batch {
@@ -351,9 +375,7 @@ fn copies<T: Ty>(gpu: &Gpu) {
         }
         assert_eq!(raw(gpu, &keys), want_k, "store_kv keys, head_dim {hd} ({})", T::SUFFIX);
         assert_eq!(raw(gpu, &values), want_v, "store_kv values, head_dim {hd} ({})", T::SUFFIX);
-        let (kb, vb) = (up(gpu, &kx), up(gpu, &vx));
-        let shape = (batch, new_len, kv_heads, hd);
-        assert!(k.store_kv(gpu, &kb, &vb, shape, cap - 2, cap, &keys, &values).is_err(), "past the capacity");
+        assert!(k.store_kv(gpu, step(), &kv, cap - 2..cap - 2 + new_len).is_err(), "past the capacity");
 
         // Rows to heads and back.
         let (batch, s, heads) = (2, 3, 4);
@@ -439,7 +461,11 @@ fn softmaxes<T: Ty>(gpu: &Gpu) {
     let rows = nb * heads * s;
     let (sc, sc_f) = vals::<T>(rows * total, 50, 6.0, 0.0);
     let sb = up(gpu, &sc);
-    k.softmax_causal(gpu, &sb, (nb, heads, s, total), past, (&up(gpu, &mask), stride), b0).unwrap();
+    let mask_b = up(gpu, &mask);
+    let at = ScoreRows { seqs: nb, heads, new_len: s, past, first: b0 };
+    k.softmax_causal(gpu, mm(&sb, rows, total), at, m(&mask_b, 3, stride)).unwrap();
+    // More sequences than the mask has rows are refused.
+    assert!(k.softmax_causal(gpu, mm(&sb, rows, total), at, m(&mask_b, 2, stride)).is_err());
     let mut want = sc_f;
     for (r, row) in want.chunks_mut(total).enumerate() {
         let (b, i) = (b0 + r / (heads * s), r % s);
@@ -454,7 +480,8 @@ fn softmaxes<T: Ty>(gpu: &Gpu) {
     let mask: Vec<u8> = (0..total).map(|j| u8::from(j >= 3000)).collect();
     let (sc, sc_f) = vals::<T>(2 * s * total, 51, 8.0, 0.0);
     let sb = up(gpu, &sc);
-    k.softmax_causal(gpu, &sb, (1, 2, s, total), past, (&up(gpu, &mask), total), 0).unwrap();
+    let at = ScoreRows { seqs: 1, heads: 2, new_len: s, past, first: 0 };
+    k.softmax_causal(gpu, mm(&sb, 2 * s, total), at, m(&up(gpu, &mask), 1, total)).unwrap();
     let mut want = sc_f;
     for (r, row) in want.chunks_mut(total).enumerate() {
         let i = r % s;
@@ -485,30 +512,37 @@ fn linears<T: Ty>(gpu: &Gpu) {
             let biased = ops::linear(&x_f, rows, &wt, Some(&tensor(vec![n], &bias_f)), Activation::None).unwrap();
             let what = |s: &str| format!("linear_half {rows}x{kk}·({n}x{kk})ᵀ {s}, cuBLASLt {lt}");
 
+            let (xm, wm) = (m(&xb, rows, kk), m(&wb, n, kk));
             let out = up(gpu, &vec![T::from_f32(9.0); rows * n]);
-            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), HalfOut::Half { out: &out, bias: None }, false).unwrap();
+            gpu.blas.linear_half(gpu, xm, wm, HalfOut::Half { out: mm(&out, rows, n), bias: None }, false).unwrap();
             check::<T>(&what("to T"), &down(gpu, &out), &plain);
 
             let out = up(gpu, &old);
-            let o = HalfOut::Half { out: &out, bias: Some(&bb) };
-            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), o, true).unwrap();
+            let o = HalfOut::Half { out: mm(&out, rows, n), bias: Some(&bb) };
+            gpu.blas.linear_half(gpu, xm, wm, o, true).unwrap();
             let want: Vec<f32> = biased.iter().zip(&old_f).map(|(a, b)| a + b).collect();
             // Without cuBLASLt the product is rounded to T before the bias.
             check_frac::<T>(&what("to T with bias, accumulated"), &down(gpu, &out), &want, 0.25);
 
             let out = up(gpu, &vec![9.0f32; rows * n]);
-            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), HalfOut::F32 { out: &out }, false).unwrap();
+            gpu.blas.linear_half(gpu, xm, wm, HalfOut::F32 { out: mm(&out, rows, n) }, false).unwrap();
             check_with(&format!("{} ({})", what("to f32"), T::SUFFIX), &raw(gpu, &out), &plain, 1e-4, 1.0);
 
             let residual: Vec<f32> = old_f.iter().map(|v| 3.0 * v).collect();
             let out = up(gpu, &residual);
-            gpu.blas.linear_half(gpu, &xb, rows, &wb, (n, kk), HalfOut::F32 { out: &out }, true).unwrap();
+            gpu.blas.linear_half(gpu, xm, wm, HalfOut::F32 { out: mm(&out, rows, n) }, true).unwrap();
             let want: Vec<f32> = plain.iter().zip(&residual).map(|(a, b)| a + b).collect();
             check_with(&format!("{} ({})", what("to f32, accumulated"), T::SUFFIX), &raw(gpu, &out), &want, 1e-4, 1.0);
 
-            // Too small a weight is refused.
-            let o = HalfOut::F32 { out: &out };
-            assert!(gpu.blas.linear_half(gpu, &xb, rows, &wb, (n + 1, kk), o, false).is_err());
+            // Too small a weight is refused (by the view), and an output
+            // of another width (by the product).
+            assert!(Mat::new(&wb, n + 1, kk).is_err());
+            let o = HalfOut::F32 { out: mm(&out, rows, n - 1) };
+            assert!(gpu
+                .blas
+                .linear_half(gpu, xm, m(&wb, n - 1, kk), HalfOut::F32 { out: mm(&out, rows, n) }, false)
+                .is_err());
+            assert!(gpu.blas.linear_half(gpu, xm, wm, o, false).is_err());
 
             // Rows `kk + 24` apart (the gate half of wider rows): the same
             // product as the packed rows.
@@ -519,10 +553,11 @@ fn linears<T: Ty>(gpu: &Gpu) {
             }
             let wb2 = up(gpu, &wide);
             let out = up(gpu, &vec![9.0f32; rows * n]);
-            gpu.blas.linear_half_ld(gpu, (&wb2, ld), rows, &wb, (n, kk), HalfOut::F32 { out: &out }, false).unwrap();
+            let gate = Mat::new(&wb2, rows, ld).and_then(|x| x.cols_range(0, kk)).unwrap();
+            gpu.blas.linear_half(gpu, gate, wm, HalfOut::F32 { out: mm(&out, rows, n) }, false).unwrap();
             check_with(&format!("{} ({})", what("strided, to f32"), T::SUFFIX), &raw(gpu, &out), &plain, 1e-4, 1.0);
-            let o = HalfOut::F32 { out: &out };
-            assert!(gpu.blas.linear_half_ld(gpu, (&wb2, kk - 1), rows, &wb, (n, kk), o, false).is_err());
+            // A stride shorter than a row is refused (by the view).
+            assert!(Mat::strided(&wb2, 0, rows, kk, kk - 1).is_err());
         }
     }
     gpu.blas.set_lt_enabled(true);
@@ -546,7 +581,7 @@ fn batched<T: Ty>(gpu: &Gpu) {
     let a = Operand::new(&kb, 0, d, cap * d);
     let b = Operand::new(&qb, 0, d, m * d);
     let c = Operand::new(&sb, 0, total, m * total);
-    gpu.blas.gemm_batched_half((true, false), (total, m, d), alpha, a, b, 0.0, c, batch).unwrap();
+    gpu.blas.gemm_batched_half(Gemm::new((total, m, d), batch).transpose_a().scaled(alpha), a, b, c).unwrap();
     let mut want = vec![0.0f32; batch * m * total];
     for bi in 0..batch {
         for r in 0..m {
@@ -566,7 +601,7 @@ fn batched<T: Ty>(gpu: &Gpu) {
     let a = Operand::new(&vb, 0, d, cap * d);
     let b = Operand::new(&pb, 0, total, m * total);
     let c = Operand::new(&ob, 0, d, m * d);
-    gpu.blas.gemm_batched_half((false, false), (d, m, total), 1.0, a, b, 1.0, c, batch).unwrap();
+    gpu.blas.gemm_batched_half(Gemm::new((d, m, total), batch).plus(1.0), a, b, c).unwrap();
     let mut want = o_f;
     for bi in 0..batch {
         for r in 0..m {
@@ -582,7 +617,7 @@ fn batched<T: Ty>(gpu: &Gpu) {
     let a = Operand::new(&vb, d, d, cap * d);
     let b = Operand::new(&pb, 0, total, m * total);
     let c = Operand::new(&ob, 0, d, m * d);
-    assert!(gpu.blas.gemm_batched_half((false, false), (d, m, cap), 1.0, a, b, 0.0, c, batch).is_err());
+    assert!(gpu.blas.gemm_batched_half(Gemm::new((d, m, cap), batch), a, b, c).is_err());
 }
 
 #[test]
@@ -593,17 +628,18 @@ fn gemm_batched_half_matches_the_cpu() {
 }
 
 /// The GPU attention of a step through the batched products (the path a
-/// prompt takes): queries `q` rows `[batch·s][heads·d]`, the cache already
-/// holding this step's keys; in chunks of `chunk` sequences.
-#[allow(clippy::too_many_arguments)]
+/// prompt takes): queries `q` rows `[batch·s][heads·d]`, the cache `kv`
+/// already holding this step's keys (`past` before them), `mask` a row per
+/// sequence; in chunks of `chunk` sequences.
 fn attention_batched<T: Ty>(
     gpu: &Gpu,
     q: &DevBuf<T>,
-    (keys, values, mask): (&DevBuf<T>, &DevBuf<T>, &DevBuf<u8>),
-    (batch, s, heads, kv_heads, d, past, cap): (usize, usize, usize, usize, usize, usize, usize),
+    (kv, mask): (&KvView<'_, T>, Mat<'_, u8>),
+    (s, past): (usize, usize),
     chunk: usize,
 ) -> DevBuf<T> {
     let k = llm(gpu);
+    let (batch, cap, KvShape { heads, kv_heads, head_dim: d }) = (kv.batch(), kv.capacity(), kv.shape());
     let total = past + s;
     let scale = 1.0 / (d as f32).sqrt();
     let group = heads / kv_heads;
@@ -616,15 +652,16 @@ fn attention_batched<T: Ty>(
     for b0 in (0..batch).step_by(chunk) {
         let nb = chunk.min(batch - b0);
         let n = nb * kv_heads;
-        let kk = Operand::new(keys, b0 * kv_heads * head_block, d, head_block);
+        let kk = Operand::new(kv.keys(), b0 * kv_heads * head_block, d, head_block);
         let qq = Operand::new(&qh, b0 * heads * s * d, d, rows_g * d);
         let out = Operand::new(&scores, 0, total, rows_g * total);
-        gpu.blas.gemm_batched_half((true, false), (total, rows_g, d), scale, kk, qq, 0.0, out, n).unwrap();
-        k.softmax_causal(gpu, &scores, (nb, heads, s, total), past, (mask, cap), b0).unwrap();
-        let vv = Operand::new(values, b0 * kv_heads * head_block, d, head_block);
+        gpu.blas.gemm_batched_half(Gemm::new((total, rows_g, d), n).transpose_a().scaled(scale), kk, qq, out).unwrap();
+        let at = ScoreRows { seqs: nb, heads, new_len: s, past, first: b0 };
+        k.softmax_causal(gpu, mm(&scores, nb * heads * s, total), at, mask).unwrap();
+        let vv = Operand::new(kv.values(), b0 * kv_heads * head_block, d, head_block);
         let probs = Operand::new(&scores, 0, total, rows_g * total);
         let out = Operand::new(&qh, b0 * heads * s * d, d, rows_g * d);
-        gpu.blas.gemm_batched_half((false, false), (d, rows_g, total), 1.0, vv, probs, 0.0, out, n).unwrap();
+        gpu.blas.gemm_batched_half(Gemm::new((d, rows_g, total), n), vv, probs, out).unwrap();
     }
     k.transpose_heads(gpu, &qh, &attn, (batch, s, heads, d), false).unwrap();
     attn
@@ -642,6 +679,7 @@ fn attention_steps<T: Ty>(gpu: &Gpu, d: usize) {
     let keys = up(gpu, &vec![T::from_f32(0.0); n_cache]);
     let values = up(gpu, &vec![T::from_f32(0.0); n_cache]);
     let mask = up(gpu, &vec![0u8; batch * cap]);
+    let kv = KvView::new((&keys, &values), batch, cap, KvShape { heads, kv_heads, head_dim: d }).unwrap();
     let mut cpu_cache = KvCache::new(T::CPU, batch, kv_heads, d, cap).unwrap();
     let mut cpu_mask: Vec<Vec<bool>> = vec![Vec::new(); batch];
 
@@ -651,8 +689,9 @@ fn attention_steps<T: Ty>(gpu: &Gpu, d: usize) {
     let (kx, k_f) = vals::<T>(batch * s * kvw, seed + 1, 1.0, 0.0);
     let (vx, v_f) = vals::<T>(batch * s * kvw, seed + 2, 1.0, 0.0);
     k.write_mask(gpu, &up(gpu, &step), (batch, s), &mask, cap, 0).unwrap();
-    k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, s, kv_heads, d), 0, cap, &keys, &values).unwrap();
-    let got = attention_batched(gpu, &up(gpu, &q), (&keys, &values, &mask), (batch, s, heads, kv_heads, d, 0, cap), 2);
+    let (kb, vb) = (up(gpu, &kx), up(gpu, &vx));
+    k.store_kv(gpu, (m(&kb, batch * s, kvw), m(&vb, batch * s, kvw)), &kv, 0..s).unwrap();
+    let got = attention_batched(gpu, &up(gpu, &q), (&kv, m(&mask, batch, cap)), (s, 0), 2);
     cpu_cache.append(&k_f, &v_f, s).unwrap();
     for (b, m) in cpu_mask.iter_mut().enumerate() {
         m.extend((0..s).map(|i| step[b * s + i] != 0));
@@ -672,7 +711,8 @@ fn attention_steps<T: Ty>(gpu: &Gpu, d: usize) {
         let (kx, k_f) = vals::<T>(batch * kvw, seed + 20 + t as u64, 1.0, 0.0);
         let (vx, v_f) = vals::<T>(batch * kvw, seed + 30 + t as u64, 1.0, 0.0);
         k.write_mask(gpu, &up(gpu, &vec![1u8; batch]), (batch, 1), &mask, cap, past).unwrap();
-        k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, 1, kv_heads, d), past, cap, &keys, &values).unwrap();
+        let (kb, vb) = (up(gpu, &kx), up(gpu, &vx));
+        k.store_kv(gpu, (m(&kb, batch, kvw), m(&vb, batch, kvw)), &kv, past..past + 1).unwrap();
         cpu_cache.append(&k_f, &v_f, 1).unwrap();
         for m in cpu_mask.iter_mut() {
             m.push(true);
@@ -683,11 +723,11 @@ fn attention_steps<T: Ty>(gpu: &Gpu, d: usize) {
         assert!(attn_decode_fits(d, total));
         let qb = up(gpu, &q);
         let out = up(gpu, &vec![T::from_f32(9.0); batch * qw]);
-        k.attn_decode(gpu, &qb, (&keys, &values), (&mask, cap), (batch, heads, kv_heads, d, cap, total), scale, &out)
-            .unwrap();
+        let attn = DecodeAttn { mask: m(&mask, batch, cap), total, scale };
+        k.attn_decode(gpu, m(&qb, batch, qw), &kv, &attn, mm(&out, batch, qw)).unwrap();
         check::<T>(&format!("decode attention kernel head_dim {d} step {t}"), &down(gpu, &out), &want);
 
-        let got = attention_batched(gpu, &qb, (&keys, &values, &mask), (batch, 1, heads, kv_heads, d, past, cap), 3);
+        let got = attention_batched(gpu, &qb, (&kv, m(&mask, batch, cap)), (1, past), 3);
         let what = format!("decode attention by products head_dim {d} step {t}");
         check_frac::<T>(&what, &down(gpu, &got), &want, 0.5);
     }
@@ -697,12 +737,16 @@ fn attention_steps<T: Ty>(gpu: &Gpu, d: usize) {
     let (q, _) = vals::<T>(batch * qw, seed + 40, 4.0, 0.0);
     let none = up(gpu, &vec![0u8; batch * cap]);
     let out = up(gpu, &vec![T::from_f32(9.0); batch * qw]);
-    let dims = (batch, heads, kv_heads, d, cap, total);
-    k.attn_decode(gpu, &up(gpu, &q), (&keys, &values), (&none, cap), dims, scale, &out).unwrap();
+    let qb = up(gpu, &q);
+    let attn = DecodeAttn { mask: m(&none, batch, cap), total, scale };
+    k.attn_decode(gpu, m(&qb, batch, qw), &kv, &attn, mm(&out, batch, qw)).unwrap();
     assert!(down(gpu, &out).iter().all(|&v| v == 0.0), "fully masked decode ({})", T::SUFFIX);
     // More positions than the cache holds are refused.
-    let dims = (batch, heads, kv_heads, d, cap, cap + 1);
-    assert!(k.attn_decode(gpu, &up(gpu, &q), (&keys, &values), (&none, cap), dims, scale, &out).is_err());
+    let attn = DecodeAttn { total: cap + 1, ..attn };
+    assert!(k.attn_decode(gpu, m(&qb, batch, qw), &kv, &attn, mm(&out, batch, qw)).is_err());
+    // So is a mask of fewer rows than sequences.
+    let attn = DecodeAttn { mask: m(&none, batch - 1, cap), total, scale };
+    assert!(k.attn_decode(gpu, m(&qb, batch, qw), &kv, &attn, mm(&out, batch, qw)).is_err());
 }
 
 #[test]
@@ -730,7 +774,9 @@ fn long_decode<T: Ty>(gpu: &Gpu, (heads, kv_heads, d): (usize, usize, usize)) {
     let (keys, values) = (DevBuf::<T>::alloc(gpu, n_cache).unwrap(), DevBuf::<T>::alloc(gpu, n_cache).unwrap());
     k.fill(gpu, &keys, 0.0).unwrap();
     k.fill(gpu, &values, 0.0).unwrap();
-    k.store_kv(gpu, &up(gpu, &kx), &up(gpu, &vx), (batch, len, kv_heads, d), 0, cap, &keys, &values).unwrap();
+    let kv = KvView::new((&keys, &values), batch, cap, KvShape { heads, kv_heads, head_dim: d }).unwrap();
+    let (kb, vb) = (up(gpu, &kx), up(gpu, &vx));
+    k.store_kv(gpu, (m(&kb, batch * len, kvw), m(&vb, batch * len, kvw)), &kv, 0..len).unwrap();
     let flat: Vec<bool> = (0..batch * len).map(|r| r / len == 0 || r % len >= 100).collect();
     let mut mask = vec![0u8; batch * cap];
     for b in 0..batch {
@@ -743,8 +789,9 @@ fn long_decode<T: Ty>(gpu: &Gpu, (heads, kv_heads, d): (usize, usize, usize)) {
     let want = attention(&q_f, 1, &cache, &flat, shape).unwrap();
     assert!(attn_decode_fits(d, len));
     let out = DevBuf::<T>::alloc(gpu, batch * heads * d).unwrap();
-    let dims = (batch, heads, kv_heads, d, cap, len);
-    k.attn_decode(gpu, &up(gpu, &q), (&keys, &values), (&up(gpu, &mask), cap), dims, scale, &out).unwrap();
+    let (qb, mask_b) = (up(gpu, &q), up(gpu, &mask));
+    let attn = DecodeAttn { mask: m(&mask_b, batch, cap), total: len, scale };
+    k.attn_decode(gpu, m(&qb, batch, heads * d), &kv, &attn, mm(&out, batch, heads * d)).unwrap();
     check::<T>(
         &format!("decode attention over {len} positions, {heads}/{kv_heads} heads of {d}"),
         &down(gpu, &out),
@@ -831,6 +878,24 @@ impl<T: Ty> DecodeCase<T> {
         }
     }
 
+    /// The cache as the kernel reads it.
+    fn kv(&self) -> KvView<'_, T> {
+        let (batch, heads, kv_heads, d, cap, _) = self.dims;
+        KvView::new((&self.keys, &self.values), batch, cap, KvShape { heads, kv_heads, head_dim: d }).unwrap()
+    }
+
+    /// The queries, a row per sequence.
+    fn q(&self) -> Mat<'_, T> {
+        let (batch, heads, _, d, _, _) = self.dims;
+        m(&self.q, batch, heads * d)
+    }
+
+    /// The mask and the positions, with the scores scaled by `scale`.
+    fn attn(&self, scale: f32) -> DecodeAttn<'_> {
+        let (batch, _, _, _, _, total) = self.dims;
+        DecodeAttn { mask: m(&self.mask, batch, self.stride), total, scale }
+    }
+
     /// The kernel's output in chunks of `chunk` positions (`None`: the
     /// launcher's), checked against the CPU.
     fn check(&self, gpu: &Gpu, chunk: Option<usize>) {
@@ -838,10 +903,9 @@ impl<T: Ty> DecodeCase<T> {
         let (batch, heads, kv_heads, d, _, total) = self.dims;
         let out = up(gpu, &vec![T::from_f32(9.0); batch * heads * d]);
         let scale = 1.0 / (d as f32).sqrt();
-        let kv = (&self.keys, &self.values);
-        let mask = (&self.mask, self.stride);
         let chunk = chunk.unwrap_or_else(|| k.attn_decode_chunk((batch, heads, kv_heads, d, total)));
-        k.attn_decode_chunked(gpu, &self.q, kv, mask, self.dims, scale, chunk, &out).unwrap();
+        let attn = self.attn(scale);
+        k.attn_decode_chunked(gpu, self.q(), &self.kv(), &attn, chunk, mm(&out, batch, heads * d)).unwrap();
         let got = down(gpu, &out);
         let what = format!(
             "split decode attention, {heads}/{kv_heads} heads of {d}, {total} positions in {} chunks of {chunk}",
@@ -909,20 +973,17 @@ fn decode_attention_chunks_are_checked_and_their_scratch_counted() {
     let case = DecodeCase::<bf16>::new(&gpu, (3, 8, 2, 64), 300, 6);
     let (batch, heads, _, d, _, total) = case.dims;
     let out = DevBuf::<bf16>::alloc(&gpu, batch * heads * d).unwrap();
-    let (kv, mask, dims) = ((&case.keys, &case.values), (&case.mask, case.stride), case.dims);
+    let (kv, attn, out_m) = (case.kv(), case.attn(0.125), mm(&out, batch, heads * d));
     // The scratch of 300 one-position chunks is a GPU buffer like any other.
     let before = gpu.held_bytes().0;
-    k.attn_decode_chunked(&gpu, &case.q, kv, mask, dims, 0.125, 1, &out).unwrap();
+    k.attn_decode_chunked(&gpu, case.q(), &kv, &attn, 1, out_m).unwrap();
     let scratch = (batch * heads * total * (d + 2) * 4) as u64;
     assert!(gpu.held_bytes().0 >= before + scratch, "{} < {before} + {scratch}", gpu.held_bytes().0);
     // No chunks of 0, nor more than 4096 chunks.
-    assert!(k.attn_decode_chunked(&gpu, &case.q, kv, mask, dims, 0.125, 0, &out).is_err());
+    assert!(k.attn_decode_chunked(&gpu, case.q(), &kv, &attn, 0, out_m).is_err());
     let long = DecodeCase::<bf16>::new(&gpu, (3, 2, 2, 8), 5000, 7);
-    let long_kv = (&long.keys, &long.values);
     let long_out = DevBuf::<bf16>::alloc(&gpu, 3 * 2 * 8).unwrap();
-    assert!(k
-        .attn_decode_chunked(&gpu, &long.q, long_kv, (&long.mask, long.stride), long.dims, 0.35, 1, &long_out)
-        .is_err());
+    assert!(k.attn_decode_chunked(&gpu, long.q(), &long.kv(), &long.attn(0.35), 1, mm(&long_out, 3, 2 * 8)).is_err());
     long.check(&gpu, Some(2));
 
     case.check(&gpu, Some(1));
@@ -956,11 +1017,11 @@ fn time_decode<T: Ty>(gpu: &Gpu, (batch, heads, kv_heads, d, total): (usize, usi
     k.fill_uniform(gpu, &q, 3, 2.0).unwrap();
     let mask = up(gpu, &vec![1u8; batch * cap]);
     let out = DevBuf::<T>::alloc(gpu, batch * heads * d).unwrap();
-    let dims = (batch, heads, kv_heads, d, cap, total);
-    let scale = 1.0 / (d as f32).sqrt();
+    let kv = KvView::new((&keys, &values), batch, cap, KvShape { heads, kv_heads, head_dim: d }).unwrap();
+    let attn = DecodeAttn { mask: m(&mask, batch, cap), total, scale: 1.0 / (d as f32).sqrt() };
     let run = |n: usize| {
         for _ in 0..n {
-            k.attn_decode(gpu, &q, (&keys, &values), (&mask, cap), dims, scale, &out).unwrap();
+            k.attn_decode(gpu, m(&q, batch, heads * d), &kv, &attn, mm(&out, batch, heads * d)).unwrap();
         }
         gpu.synchronize().unwrap();
     };

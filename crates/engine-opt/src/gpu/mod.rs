@@ -66,7 +66,7 @@ pub use runtime::gpu::{layer, packed, stream as offload};
 use crate::error::Error;
 
 pub use model::GpuModel;
-pub use ops::gpu::{available, blas, buffer, kernels, profile, unavailable_reason, Gpu};
+pub use ops::gpu::{available, blas, buffer, kernels, profile, unavailable_reason, view, Gpu};
 
 /// A `tier-api` error (allocation, driver call) as the engine's.
 pub fn tier_err(e: tier_api::Error) -> Error {

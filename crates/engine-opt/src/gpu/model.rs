@@ -12,12 +12,13 @@ use indicatif::ProgressBar;
 use super::blas::{BatchedOut, LinearOut, Operand};
 use super::buffer::DevBuf;
 use super::cache::{GpuKvCache, GpuLayerCache, KeyMask};
-use super::kernels::decode_kernel_fits;
+use super::kernels::{decode_kernel_fits, EmbedTables, StepTokens};
 use super::layer::GpuLayer;
 use super::offload::{LayerSplit, OffloadTiers, WeightStreamer};
 use super::packed::Unpacker;
 use super::profile::Profiler;
 use super::tiered_cache::{CachePlan, CacheStreamer, CacheTiers, TieredCache};
+use super::view::{DecodeAttn, Gemm, KvShape, KvView, Mat, MatMut, ScoreRows};
 use super::weights::{dummy_init, dummy_layer, load_layer, GpuEmbeddings, NormParams, OptLayer};
 use super::Gpu;
 use crate::config::OptConfig;
@@ -50,9 +51,14 @@ pub struct GpuStep<'a> {
     pub key_mask: &'a KeyMask,
 }
 
-impl GpuStep<'_> {
+impl<'a> GpuStep<'a> {
     fn rows(&self) -> usize {
         self.batch * self.new_len
+    }
+
+    /// The key mask of the step's sequences, a row of positions each.
+    fn mask(&self) -> Result<Mat<'a, u8>> {
+        Ok(Mat::new(&self.key_mask.mask, self.batch, self.key_mask.stride)?)
     }
 }
 
@@ -576,7 +582,8 @@ impl GpuModel {
     ) -> Result<&'a DevBuf<f16>> {
         let h = self.config.hidden_size;
         if self.config.do_layer_norm_before {
-            self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, (h, LN_EPS), norm, false, &ws.x16)?;
+            let x = Mat::new(&act.hidden, rows, h)?;
+            self.gpu.kernels.layer_norm(&self.gpu, x, LN_EPS, norm, MatMut::new(&ws.x16, rows, h)?, None)?;
             Ok(&ws.x16)
         } else {
             act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without their f16 copy".into()))
@@ -591,7 +598,9 @@ impl GpuModel {
         }
         let out = act.hidden16.as_ref().ok_or_else(|| Error::Gpu("post-LN hidden states without f16 copy".into()))?;
         let h = self.config.hidden_size;
-        Ok(self.gpu.kernels.layer_norm(&self.gpu, &act.hidden, rows, (h, LN_EPS), norm, true, out)?)
+        // In place on the f32 states, and into their f16 copy.
+        let (x, x32) = (Mat::new(&act.hidden, rows, h)?, MatMut::new(&act.hidden, rows, h)?);
+        Ok(self.gpu.kernels.layer_norm(&self.gpu, x, LN_EPS, norm, MatMut::new(out, rows, h)?, Some(x32))?)
     }
 
     /// Hidden states of this step's tokens (`[batch × new_len]`, left
@@ -628,27 +637,29 @@ impl GpuModel {
         let add_tokens = match &emb.project_in {
             Some(project_in) => {
                 self.gpu.kernels.gather_tokens(&self.gpu, &ws.tokens, rows, &emb.embed_tokens, e, &ws.x16)?;
-                let out = LinearOut::F32 { out: &act.hidden, bias: None };
-                self.gpu.blas.linear(&self.gpu, &ws.x16, rows, project_in, (h, e), out, false, false)?;
+                let out = LinearOut::F32 { out: MatMut::new(&act.hidden, rows, h)?, bias: None };
+                let (x, w) = (Mat::new(&ws.x16, rows, e)?, Mat::new(project_in, h, e)?);
+                self.gpu.blas.linear(&self.gpu, x, w, out, false, false)?;
                 false
             }
             None => true,
         };
         let hidden16 = act.hidden16.as_ref().unwrap_or(&ws.x16);
-        self.gpu.kernels.embed(
-            &self.gpu,
-            &ws.tokens,
-            &ws.step_mask,
-            &ws.past_real,
-            &emb.embed_tokens,
-            &emb.embed_positions,
-            (step.batch, step.new_len, h),
-            add_tokens,
-            &act.hidden,
-            hidden16,
-            (&step.key_mask.mask, step.key_mask.stride, step.past),
-            OPT_POSITIONS,
-        )?;
+        let tokens = StepTokens {
+            tokens: &ws.tokens,
+            step_mask: &ws.step_mask,
+            past_real: &ws.past_real,
+            batch: step.batch,
+            new_len: step.new_len,
+        };
+        let tables = EmbedTables {
+            tokens: if add_tokens { Some(Mat::by_rows(&emb.embed_tokens, h)?) } else { None },
+            positions: Mat::by_rows(&emb.embed_positions, h)?,
+            lookup: OPT_POSITIONS,
+        };
+        let out = (MatMut::new(&act.hidden, rows, h)?, MatMut::new(hidden16, rows, h)?);
+        let key_mask = MatMut::new(&step.key_mask.mask, step.batch, step.key_mask.stride)?;
+        self.gpu.kernels.embed(&self.gpu, &tokens, &tables, out, (key_mask, step.past))?;
         self.mark("embed")
     }
 
@@ -678,18 +689,10 @@ impl GpuModel {
         }
         self.qkv_product(&w, act, ws, rows)?;
         let gpu = &self.gpu;
-        gpu.kernels.store_kv(
-            gpu,
-            &ws.qkv,
-            step.batch,
-            step.new_len,
-            heads,
-            hd,
-            step.past,
-            cache.capacity,
-            &cache.keys,
-            &cache.values,
-        )?;
+        let qkv = Mat::new(&ws.qkv, rows, 3 * c.hidden_size)?;
+        let shape = KvShape { heads, kv_heads: heads, head_dim: hd };
+        let kv = KvView::new((&cache.keys, &cache.values), step.batch, cache.capacity, shape)?;
+        gpu.kernels.store_kv(gpu, qkv, &kv, step.past..step.past + step.new_len)?;
         cache.advance(step.new_len)?;
         self.mark("store kv")?;
         self.attention(cache, ws, step)?;
@@ -703,8 +706,9 @@ impl GpuModel {
         let h = self.config.hidden_size;
         let input = self.block_input(act, ws, rows, w.self_attn_layer_norm)?;
         self.mark("layer norm")?;
-        let qkv = LinearOut::F16 { out: &ws.qkv, bias: w.qkv_bias };
-        self.gpu.blas.linear(&self.gpu, input, rows, w.qkv, (3 * h, h), qkv, false, false)?;
+        let qkv = LinearOut::F16 { out: MatMut::new(&ws.qkv, rows, 3 * h)?, bias: w.qkv_bias };
+        let (x, weight) = (Mat::new(input, rows, h)?, Mat::new(w.qkv, 3 * h, h)?);
+        self.gpu.blas.linear(&self.gpu, x, weight, qkv, false, false)?;
         self.mark("qkv product")
     }
 
@@ -712,8 +716,9 @@ impl GpuModel {
     /// to the residual stream, then the norm of post-LN models.
     fn attention_output(&self, w: &OptLayer<'_>, act: &GpuHidden, ws: &Workspace, rows: usize) -> Result<()> {
         let h = self.config.hidden_size;
-        let out = LinearOut::F32 { out: &act.hidden, bias: w.out_proj_bias };
-        self.gpu.blas.linear(&self.gpu, &ws.attn, rows, w.out_proj, (h, h), out, false, true)?;
+        let out = LinearOut::F32 { out: MatMut::new(&act.hidden, rows, h)?, bias: w.out_proj_bias };
+        let (x, weight) = (Mat::new(&ws.attn, rows, h)?, Mat::new(w.out_proj, h, h)?);
+        self.gpu.blas.linear(&self.gpu, x, weight, out, false, true)?;
         self.mark("out product")?;
         self.post_norm(act, rows, w.self_attn_layer_norm)?;
         self.mark("layer norm")
@@ -752,18 +757,12 @@ impl GpuModel {
         let (s_n, total, cap) = (step.new_len, cache.len(), cache.capacity);
         let scale = (hd as f32).powf(-0.5);
         let gpu = &self.gpu;
-        let mask = (&step.key_mask.mask, step.key_mask.stride);
+        let mask = step.mask()?;
+        let shape = KvShape { heads, kv_heads: heads, head_dim: hd };
+        let kv = KvView::new((&cache.keys, &cache.values), step.batch, cap, shape)?;
         if s_n == 1 && decode_kernel_fits(hd) && (total + (256 / (hd / 8)) * hd) * 4 <= 48 * 1024 {
-            let dims = (step.batch, heads, hd, cap, total);
-            return Ok(gpu.kernels.attn_decode(
-                gpu,
-                &ws.qkv,
-                (&cache.keys, &cache.values),
-                mask,
-                dims,
-                scale,
-                &ws.attn,
-            )?);
+            let (qkv, out) = (Mat::new(&ws.qkv, step.batch, 3 * h)?, MatMut::new(&ws.attn, step.batch, h)?);
+            return Ok(gpu.kernels.attn_decode(gpu, qkv, &kv, &DecodeAttn { mask, total, scale }, out)?);
         }
         // Prefill (or any step), a chunk of sequences at a time: the queries
         // by head; scores = Q·Kᵀ by cuBLAS (f32 accumulation, stored f16 as
@@ -776,8 +775,10 @@ impl GpuModel {
         ws.ensure_scores(gpu, chunk * per_seq)?;
         let ws = &*ws;
         let scores = ws.scores.as_ref().ok_or_else(|| Error::Gpu("GPU score buffer missing".into()))?;
-        let shape = (step.batch, s_n, heads, hd);
-        gpu.kernels.transpose_heads(gpu, &ws.qkv, &ws.heads, 3 * h, shape, true)?;
+        let dims = (step.batch, s_n, heads, hd);
+        let rows = step.rows();
+        // The queries: the first `h` values of each qkv row.
+        gpu.kernels.to_heads(gpu, Mat::strided(&ws.qkv, 0, rows, h, 3 * h)?, &ws.heads, dims)?;
         let head_block = cap * hd;
         for b0 in (0..step.batch).step_by(chunk) {
             let nb = chunk.min(step.batch - b0);
@@ -785,14 +786,15 @@ impl GpuModel {
             let keys = Operand::new(&cache.keys, b0 * heads * head_block, hd, head_block);
             let queries = Operand::new(&ws.heads, b0 * heads * s_n * hd, hd, s_n * hd);
             let out = BatchedOut::F16(Operand::new(scores, 0, total, s_n * total));
-            gpu.blas.gemm_batched((true, false), (total, s_n, hd), scale, keys, queries, 0.0, out, n)?;
-            gpu.kernels.softmax_rows(gpu, scores, n * s_n, total, s_n, heads, step.past, mask, b0)?;
+            gpu.blas.gemm_batched(Gemm::new((total, s_n, hd), n).transpose_a().scaled(scale), keys, queries, out)?;
+            let at = ScoreRows { seqs: nb, heads, new_len: s_n, past: step.past, first: b0 };
+            gpu.kernels.softmax_rows(gpu, MatMut::new(scores, n * s_n, total)?, at, mask)?;
             let values = Operand::new(&cache.values, b0 * heads * head_block, hd, head_block);
             let probs = Operand::new(scores, 0, total, s_n * total);
             let out = BatchedOut::F16(Operand::new(&ws.heads, b0 * heads * s_n * hd, hd, s_n * hd));
-            gpu.blas.gemm_batched((false, false), (hd, s_n, total), 1.0, values, probs, 0.0, out, n)?;
+            gpu.blas.gemm_batched(Gemm::new((hd, s_n, total), n), values, probs, out)?;
         }
-        Ok(gpu.kernels.transpose_heads(gpu, &ws.heads, &ws.attn, h, shape, false)?)
+        Ok(gpu.kernels.from_heads(gpu, &ws.heads, MatMut::new(&ws.attn, rows, h)?, dims)?)
     }
 
     /// The MLP block of layer `layer` with its residual (and layer norm),
@@ -808,11 +810,11 @@ impl GpuModel {
         let input = self.block_input(act, ws, rows, w.final_layer_norm)?;
         self.mark("layer norm")?;
         let gpu = &self.gpu;
-        let fc1 = LinearOut::F16 { out: &ws.ffn, bias: w.fc1_bias };
-        gpu.blas.linear(gpu, input, rows, w.fc1, (f, h), fc1, true, false)?;
+        let fc1 = LinearOut::F16 { out: MatMut::new(&ws.ffn, rows, f)?, bias: w.fc1_bias };
+        gpu.blas.linear(gpu, Mat::new(input, rows, h)?, Mat::new(w.fc1, f, h)?, fc1, true, false)?;
         self.mark("fc1 product")?;
-        let fc2 = LinearOut::F32 { out: &act.hidden, bias: w.fc2_bias };
-        gpu.blas.linear(gpu, &ws.ffn, rows, w.fc2, (h, f), fc2, false, true)?;
+        let fc2 = LinearOut::F32 { out: MatMut::new(&act.hidden, rows, h)?, bias: w.fc2_bias };
+        gpu.blas.linear(gpu, Mat::new(&ws.ffn, rows, f)?, Mat::new(w.fc2, h, f)?, fc2, false, true)?;
         self.mark("fc2 product")?;
         self.post_norm(act, rows, w.final_layer_norm)?;
         self.mark("layer norm")
@@ -857,30 +859,24 @@ impl GpuModel {
         }
         let gpu = &self.gpu;
         gpu.kernels.gather_last(gpu, &act.hidden, (batch, new_len, h), &ws.last32, &ws.last16)?;
+        let (last32, last16) = (Mat::new(&ws.last32, batch, h)?, MatMut::new(&ws.last16, batch, h)?);
         if let Some(norm) = &self.embeddings.final_layer_norm {
-            gpu.kernels.layer_norm(
-                gpu,
-                &ws.last32,
-                batch,
-                (h, LN_EPS),
-                Some((&norm.weight, &norm.bias)),
-                false,
-                &ws.last16,
-            )?;
+            gpu.kernels.layer_norm(gpu, last32, LN_EPS, Some((&norm.weight, &norm.bias)), last16, None)?;
         } else if self.config.has_final_layer_norm() {
             // A final norm without affine parameters.
-            gpu.kernels.layer_norm(gpu, &ws.last32, batch, (h, LN_EPS), None, false, &ws.last16)?;
+            gpu.kernels.layer_norm(gpu, last32, LN_EPS, None, last16, None)?;
         }
         let x = match &self.embeddings.project_out {
             Some(p) => {
-                let out = LinearOut::F16 { out: &ws.proj16, bias: None };
-                gpu.blas.linear(gpu, &ws.last16, batch, p, (e, h), out, false, false)?;
+                let out = LinearOut::F16 { out: MatMut::new(&ws.proj16, batch, e)?, bias: None };
+                gpu.blas.linear(gpu, last16.as_mat(), Mat::new(p, e, h)?, out, false, false)?;
                 &ws.proj16
             }
             None => &ws.last16,
         };
-        let out = LinearOut::F32 { out: &ws.logits, bias: None };
-        gpu.blas.linear(gpu, x, batch, &self.embeddings.embed_tokens, (v, e), out, false, false)?;
+        let out = LinearOut::F32 { out: MatMut::new(&ws.logits, batch, v)?, bias: None };
+        let table = Mat::new(&self.embeddings.embed_tokens, v, e)?;
+        gpu.blas.linear(gpu, Mat::new(x, batch, e)?, table, out, false, false)?;
         self.mark("logits")
     }
 

@@ -4,15 +4,18 @@
 //!
 //! [`Blas::linear`] is a PyTorch `Linear` on row-major activations,
 //! `out = act(x · Wᵀ + bias) (+ out)`, with the bias, the ReLU and the
-//! residual add (`accumulate`) fused into cuBLASLt's epilogue. Each shape
-//! gets a plan (descriptors and the heuristic's algorithm) once; later calls
-//! only set the bias pointer. Where cuBLASLt offers no algorithm, the plan
+//! residual add (`accumulate`) fused into cuBLASLt's epilogue. Its operands
+//! are matrix views ([`Mat`], [`MatMut`]): the input's rows may be `ld`
+//! apart (the gate half of stacked gate/up rows), the weight and the output
+//! are dense. Each shape (the input's row stride included) gets a plan
+//! (descriptors and the heuristic's algorithm) once; later calls only set
+//! the bias pointer. Where cuBLASLt offers no algorithm, the plan
 //! remembers that and the product runs through `cublasGemmEx` with a small
 //! bias/ReLU kernel after it.
 //!
-//! [`Blas::gemm_batched`] is cuBLAS's strided batched product, for the
-//! attention of prefill; every operand's extent is checked against its
-//! buffer first.
+//! [`Blas::gemm_batched`] is cuBLAS's strided batched product ([`Gemm`]),
+//! for the attention of prefill; every operand's extent is checked against
+//! its buffer first.
 //!
 //! [`Blas::linear_half`] and [`Blas::gemm_batched_half`] are the same
 //! products over either 16-bit type ([`Half`]: f16 or bf16); plans are
@@ -33,17 +36,19 @@ use tier_cuda::GpuDevice;
 
 use super::buffer::{DevBuf, Half};
 pub use super::view::Operand;
+use super::view::{Gemm, Mat, MatMut};
 use super::{tier_err, Gpu};
 use crate::error::{Error, Result};
 
 /// cuBLASLt's workspace (NVIDIA's recommendation for Hopper).
 const LT_WORKSPACE: usize = 32 << 20;
 
-/// The output of a linear layer, with a bias of the same type.
+/// The output of a linear layer (`rows × n`, dense), with a bias of the
+/// same type.
 #[derive(Debug, Clone, Copy)]
 pub enum LinearOut<'a> {
-    F16 { out: &'a DevBuf<f16>, bias: Option<&'a DevBuf<f16>> },
-    F32 { out: &'a DevBuf<f32>, bias: Option<&'a DevBuf<f32>> },
+    F16 { out: MatMut<'a, f16>, bias: Option<&'a DevBuf<f16>> },
+    F32 { out: MatMut<'a, f32>, bias: Option<&'a DevBuf<f32>> },
 }
 
 impl LinearOut<'_> {
@@ -53,11 +58,16 @@ impl LinearOut<'_> {
             LinearOut::F32 { out, .. } => out.ptr(),
         }
     }
-    fn len(&self) -> usize {
-        match self {
-            LinearOut::F16 { out, .. } => out.len(),
-            LinearOut::F32 { out, .. } => out.len(),
-        }
+    fn check(&self, rows: usize, n: usize) -> Result<()> {
+        let (shape, dense) = match self {
+            LinearOut::F16 { out, .. } => {
+                (out.check_shape("GPU linear output", rows, n), out.check_dense("GPU linear"))
+            }
+            LinearOut::F32 { out, .. } => {
+                (out.check_shape("GPU linear output", rows, n), out.check_dense("GPU linear"))
+            }
+        };
+        shape.and(dense)
     }
     fn bias(&self) -> Option<(u64, usize)> {
         match self {
@@ -70,12 +80,12 @@ impl LinearOut<'_> {
     }
 }
 
-/// The output of [`Blas::linear_half`]: the operands' type with an
-/// optional bias of that type, or f32 (no bias).
+/// The output of [`Blas::linear_half`] (`rows × n`, dense): the operands'
+/// type with an optional bias of that type, or f32 (no bias).
 #[derive(Debug, Clone, Copy)]
 pub enum HalfOut<'a, T: Half> {
-    Half { out: &'a DevBuf<T>, bias: Option<&'a DevBuf<T>> },
-    F32 { out: &'a DevBuf<f32> },
+    Half { out: MatMut<'a, T>, bias: Option<&'a DevBuf<T>> },
+    F32 { out: MatMut<'a, f32> },
 }
 
 impl<T: Half> HalfOut<'_, T> {
@@ -85,11 +95,12 @@ impl<T: Half> HalfOut<'_, T> {
             HalfOut::F32 { out } => out.ptr(),
         }
     }
-    fn len(&self) -> usize {
-        match self {
-            HalfOut::Half { out, .. } => out.len(),
-            HalfOut::F32 { out } => out.len(),
-        }
+    fn check(&self, rows: usize, n: usize) -> Result<()> {
+        let (shape, dense) = match self {
+            HalfOut::Half { out, .. } => (out.check_shape("GPU linear output", rows, n), out.check_dense("GPU linear")),
+            HalfOut::F32 { out } => (out.check_shape("GPU linear output", rows, n), out.check_dense("GPU linear")),
+        };
+        shape.and(dense)
     }
     fn bias(&self) -> Option<&DevBuf<T>> {
         match self {
@@ -159,6 +170,16 @@ struct PlanKey {
     bias: bool,
     relu: bool,
     accumulate: bool,
+}
+
+/// One linear product as it runs: its plan's key and the device addresses
+/// of its operands (checked against their views by the caller).
+struct LinearOp {
+    key: PlanKey,
+    x: u64,
+    w: u64,
+    out: u64,
+    bias: Option<u64>,
 }
 
 /// cuBLASLt descriptors and the chosen algorithm for one shape.
@@ -231,6 +252,10 @@ fn c_int(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Gpu(format!("GPU matrix product: {what} {v} does not fit cuBLAS's int")))
 }
 
+fn c_stride(what: &str, s: usize) -> Result<i64> {
+    i64::try_from(s).map_err(|_| Error::Gpu(format!("GPU batched product: {what} stride {s} is too large")))
+}
+
 fn blas_type(f32_out: bool) -> cublas::sys::cudaDataType {
     InType::F16.blas_out(f32_out)
 }
@@ -261,28 +286,21 @@ impl Blas {
     }
 
     /// `out = act(x · wᵀ + bias) (+ out when accumulate)`: `x` is `rows × k`
-    /// row-major f16, `w` is `n × k` (a PyTorch `Linear` weight), `out`
-    /// `rows × n`.
-    #[allow(clippy::too_many_arguments)]
+    /// row-major f16 (rows `x.ld()` apart), `w` is `n × k` (a PyTorch
+    /// `Linear` weight, dense), `out` `rows × n` (dense).
     pub fn linear(
         &self,
         gpu: &Gpu,
-        x: &DevBuf<f16>,
-        rows: usize,
-        w: &DevBuf<f16>,
-        (n, k): (usize, usize),
+        x: Mat<'_, f16>,
+        w: Mat<'_, f16>,
         out: LinearOut<'_>,
         relu: bool,
         accumulate: bool,
     ) -> Result<()> {
-        if x.len() < rows * k || w.len() < n * k || out.len() < rows * n {
-            return Err(Error::Gpu(format!(
-                "GPU linear {rows}x{k} · ({n}x{k})ᵀ: buffers of {}, {} and {} elements are too small",
-                x.len(),
-                w.len(),
-                out.len()
-            )));
-        }
+        let (rows, k, n) = (x.rows(), x.cols(), w.rows());
+        w.check_shape("GPU linear weight", n, k)?;
+        w.check_dense("GPU linear weight")?;
+        out.check(rows, n)?;
         if let Some((_, len)) = out.bias() {
             if len < n {
                 return Err(Error::Gpu(format!("GPU linear: bias of {len} elements for {n} outputs")));
@@ -291,19 +309,47 @@ impl Blas {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let key = PlanKey {
-            input: InType::F16,
-            rows,
-            n,
-            k,
-            ldx: k,
-            out_f32: out.is_f32(),
-            bias: out.bias().is_some(),
-            relu,
-            accumulate,
+        let bias = out.bias().map(|b| b.0);
+        let op = LinearOp {
+            key: PlanKey {
+                input: InType::F16,
+                rows,
+                n,
+                k,
+                ldx: x.ld(),
+                out_f32: out.is_f32(),
+                bias: bias.is_some(),
+                relu,
+                accumulate,
+            },
+            x: x.ptr(),
+            w: w.ptr(),
+            out: out.ptr(),
+            bias,
         };
-        let aligned = [x.ptr(), w.ptr(), out.ptr(), out.bias().map_or(0, |b| b.0)].iter().all(|p| p % 256 == 0);
-        if aligned && k > 0 && self.lt_enabled.load(Ordering::Relaxed) {
+        let row_bytes = x.ld().saturating_mul(size_of::<f16>());
+        let lt = [op.x, op.w, op.out, bias.unwrap_or(0)].iter().all(|p| p % 256 == 0)
+            && (x.is_dense() || row_bytes.is_multiple_of(16));
+        if self.run_linear(&op, lt)? {
+            return Ok(());
+        }
+        // Through cublasGemmEx: then the bias and the ReLU.
+        if bias.is_some() || relu {
+            match out {
+                LinearOut::F16 { out, bias } => gpu.kernels.bias_act_f16(gpu, out, bias, relu)?,
+                LinearOut::F32 { out, bias } => gpu.kernels.bias_act_f32(gpu, out, bias, relu)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `op` through its cuBLASLt plan where `lt` (its pointers and row
+    /// stride are aligned for cuBLASLt) and cuBLASLt has a plan for its
+    /// shape: true. Otherwise through cublasGemmEx, without the bias and
+    /// the ReLU: false, and the caller adds them.
+    fn run_linear(&self, op: &LinearOp, lt: bool) -> Result<bool> {
+        let key = op.key;
+        if lt && key.k > 0 && self.lt_enabled.load(Ordering::Relaxed) {
             let mut plans = self.plans();
             let plan = plans.entry(key).or_insert_with(|| match self.make_plan(&key) {
                 Ok(p) => Some(p),
@@ -313,24 +359,20 @@ impl Blas {
                 }
             });
             if let Some(plan) = plan {
-                return self.run_plan(plan, (x.ptr(), w.ptr()), out.ptr(), out.bias().map(|b| b.0), accumulate);
+                self.run_plan(plan, op)?;
+                return Ok(true);
             }
         }
-        // Fallback: the product through cublasGemmEx, then bias and ReLU.
-        let c_type = blas_type(out.is_f32());
-        self.gemm_ex(InType::F16, (x.ptr(), k), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
-        if out.bias().is_some() || relu {
-            match out {
-                LinearOut::F16 { out, bias } => gpu.kernels.bias_act_f16(gpu, out, bias, rows, n, relu)?,
-                LinearOut::F32 { out, bias } => gpu.kernels.bias_act_f32(gpu, out, bias, rows, n, relu)?,
-            }
-        }
-        Ok(())
+        self.gemm_ex(op)?;
+        Ok(false)
     }
 
     fn make_plan(&self, key: &PlanKey) -> Result<LtPlan> {
         let to_u64 = |v: usize| v as u64;
-        let ld = |v: usize| v as i64;
+        let ld = |v: usize| {
+            i64::try_from(v)
+                .map_err(|_| Error::Gpu(format!("GPU linear: leading dimension {v} does not fit cuBLASLt's")))
+        };
         let desc = lt::create_matmul_desc(lts::cublasComputeType_t::CUBLAS_COMPUTE_32F, lts::cudaDataType::CUDA_R_32F)
             .map_err(|e| blas_err("cublasLtMatmulDescCreate", e))?;
         // The layouts are made one by one so that each is destroyed by the
@@ -368,9 +410,9 @@ impl Blas {
             |t, r, c, l| lt::create_matrix_layout(t, r, c, l).map_err(|e| blas_err("cublasLtMatrixLayoutCreate", e));
         // Column-major: A = W (k × n, ld k, transposed), B = x (k × rows,
         // ld k), C = D = out (n × rows, ld n).
-        plan.a = layout(key.input.lt(), to_u64(key.k), to_u64(key.n), ld(key.k))?;
-        plan.b = layout(key.input.lt(), to_u64(key.k), to_u64(key.rows), ld(key.ldx))?;
-        plan.c = layout(key.input.lt_out(key.out_f32), to_u64(key.n), to_u64(key.rows), ld(key.n))?;
+        plan.a = layout(key.input.lt(), to_u64(key.k), to_u64(key.n), ld(key.k)?)?;
+        plan.b = layout(key.input.lt(), to_u64(key.k), to_u64(key.rows), ld(key.ldx)?)?;
+        plan.c = layout(key.input.lt_out(key.out_f32), to_u64(key.n), to_u64(key.rows), ld(key.n)?)?;
         let pref = lt::create_matmul_pref().map_err(|e| blas_err("cublasLtMatmulPreferenceCreate", e))?;
         let ws = LT_WORKSPACE;
         // SAFETY: `pref` is live; the attribute takes a u64 (size_t) and
@@ -397,8 +439,9 @@ impl Blas {
         Ok(plan)
     }
 
-    fn run_plan(&self, plan: &LtPlan, (x, w): (u64, u64), d: u64, bias: Option<u64>, accumulate: bool) -> Result<()> {
-        if let Some(bias) = bias {
+    fn run_plan(&self, plan: &LtPlan, op: &LinearOp) -> Result<()> {
+        let (x, w, d) = (op.x, op.w, op.out);
+        if let Some(bias) = op.bias {
             // SAFETY: `plan.desc` is live; the attribute takes a device
             // pointer and `bias` is one (checked to hold n elements).
             unsafe {
@@ -412,7 +455,7 @@ impl Blas {
             .map_err(|e| blas_err("cublasLtMatmulDescSetAttribute", e))?;
         }
         let alpha = 1.0f32;
-        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        let beta = if op.key.accumulate { 1.0f32 } else { 0.0 };
         // SAFETY: the plan's layouts describe the shapes and types the
         // caller checked against the buffers (`linear`, `linear_half`); C
         // and D are the same buffer with the same layout, which cuBLASLt
@@ -441,18 +484,12 @@ impl Blas {
         .map_err(|e| blas_err("cublasLtMatmul", e))
     }
 
-    /// `out = x · wᵀ (+ out)` through cublasGemmEx: inputs of `input`'s
-    /// type, the output of `c_type`.
-    fn gemm_ex(
-        &self,
-        input: InType,
-        (x, ldx): (u64, usize),
-        w: u64,
-        (out, c_type): (u64, cublas::sys::cudaDataType),
-        (rows, n, k): (usize, usize, usize),
-        accumulate: bool,
-    ) -> Result<()> {
+    /// `out = x · wᵀ (+ out)` through cublasGemmEx: inputs of the key's
+    /// input type, the output f32 or of that type.
+    fn gemm_ex(&self, op: &LinearOp) -> Result<()> {
         use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
+        let PlanKey { input, rows, n, k, ldx, out_f32, accumulate, .. } = op.key;
+        let (x, w, out, c_type) = (op.x, op.w, op.out, input.blas_out(out_f32));
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         let (m_i, n_i, k_i) = (c_int("n", n)?, c_int("rows", rows)?, c_int("k", k)?);
@@ -486,22 +523,12 @@ impl Blas {
         .map_err(|e| blas_err("cublasGemmEx", e))
     }
 
-    /// `C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]` for `batch`
-    /// column-major matrices (cuBLAS's convention: op(A) is `m × k`, op(B)
-    /// `k × n`, C `m × n`), f16 operands, f32 compute.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_batched(
-        &self,
-        (trans_a, trans_b): (bool, bool),
-        (m, n, k): (usize, usize, usize),
-        alpha: f32,
-        a: Operand<'_, f16>,
-        b: Operand<'_, f16>,
-        beta: f32,
-        c: BatchedOut<'_>,
-        batch: usize,
-    ) -> Result<()> {
+    /// The product `g` (`C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]`
+    /// for `batch` column-major matrices, cuBLAS's convention: op(A) is
+    /// `m × k`, op(B) `k × n`, C `m × n`), f16 operands, f32 compute.
+    pub fn gemm_batched(&self, g: Gemm, a: Operand<'_, f16>, b: Operand<'_, f16>, c: BatchedOut<'_>) -> Result<()> {
         use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
+        let Gemm { trans_a, trans_b, m, n, k, batch, alpha, beta } = g;
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
@@ -514,7 +541,7 @@ impl Blas {
             BatchedOut::F32(o) => (o.checked("C", m, n, batch)?, o.ld, o.stride, true),
         };
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let stride = |s: usize| s as i64;
+        let (sa, sb, sc) = (c_stride("A", a.stride)?, c_stride("B", b.stride)?, c_stride("C", stride_c)?);
         // SAFETY: every operand's extent was checked against its buffer just
         // above; alpha and beta are f32 for the f32 compute type; on the
         // handle's stream.
@@ -530,16 +557,16 @@ impl Blas {
                 a_ptr as *const c_void,
                 blas_type(false),
                 c_int("lda", a.ld)?,
-                stride(a.stride),
+                sa,
                 b_ptr as *const c_void,
                 blas_type(false),
                 c_int("ldb", b.ld)?,
-                stride(b.stride),
+                sb,
                 (&beta as *const f32).cast(),
                 c_ptr as *mut c_void,
                 blas_type(f32_out),
                 c_int("ldc", ldc)?,
-                stride(stride_c),
+                sc,
                 c_int("batch", batch)?,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -549,54 +576,29 @@ impl Blas {
     }
 
     /// `out = x · wᵀ (+ bias) (+ out when accumulate)` over either 16-bit
-    /// type: `x` is `rows × k` row-major T, `w` is `n × k` (a PyTorch
-    /// `Linear` weight), `out` `rows × n` of T (with an optional bias of
-    /// T, fused into cuBLASLt's epilogue) or f32; f32 accumulation. Where
-    /// cuBLASLt has no plan for the shape, or a pointer is not 256-byte
-    /// aligned, the product runs through `cublasGemmEx` and the bias is
-    /// added after it ([`super::llm::LlmKernels::add_bias`]: the
-    /// product is then rounded to T before the bias is added).
-    #[allow(clippy::too_many_arguments)]
+    /// type: `x` is `rows × k` row-major T (rows `x.ld()` apart: the first
+    /// `k` values of wider rows, such as the gate half of a stacked gate/up
+    /// product, are a [`Mat::cols_range`]), `w` is `n × k` (a PyTorch
+    /// `Linear` weight, dense), `out` `rows × n` (dense) of T (with an
+    /// optional bias of T, fused into cuBLASLt's epilogue) or f32; f32
+    /// accumulation. Where cuBLASLt has no plan for the shape, or a pointer
+    /// is not 256-byte aligned, or the input's rows are not 16 bytes apart,
+    /// the product runs through `cublasGemmEx` and the bias is added after
+    /// it ([`super::llm::LlmKernels::add_bias`]: the product is then rounded
+    /// to T before the bias is added).
     pub fn linear_half<T: Half>(
         &self,
         gpu: &Gpu,
-        x: &DevBuf<T>,
-        rows: usize,
-        w: &DevBuf<T>,
-        (n, k): (usize, usize),
-        out: HalfOut<'_, T>,
-        accumulate: bool,
-    ) -> Result<()> {
-        self.linear_half_ld(gpu, (x, k), rows, w, (n, k), out, accumulate)
-    }
-
-    /// [`Blas::linear_half`] over rows of `x` that are `ldx` values apart
-    /// (`ldx ≥ k`: the first `k` values of wider rows, such as the gate half
-    /// of a stacked gate/up product).
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_half_ld<T: Half>(
-        &self,
-        gpu: &Gpu,
-        (x, ldx): (&DevBuf<T>, usize),
-        rows: usize,
-        w: &DevBuf<T>,
-        (n, k): (usize, usize),
+        x: Mat<'_, T>,
+        w: Mat<'_, T>,
         out: HalfOut<'_, T>,
         accumulate: bool,
     ) -> Result<()> {
         let input = InType::of::<T>()?;
-        let size = usize::saturating_mul;
-        // The input's last row ends at (rows - 1)·ldx + k.
-        let x_need = if rows == 0 { 0 } else { size(rows - 1, ldx).saturating_add(k) };
-        if ldx < k || x.len() < x_need || w.len() < size(n, k) || out.len() < size(rows, n) {
-            return Err(Error::Gpu(format!(
-                "GPU linear {rows}x{k} (row stride {ldx}) · ({n}x{k})ᵀ: buffers of {}, {} and {} elements are too \
-                 small, or the stride is shorter than a row",
-                x.len(),
-                w.len(),
-                out.len()
-            )));
-        }
+        let (rows, k, n) = (x.rows(), x.cols(), w.rows());
+        w.check_shape("GPU linear weight", n, k)?;
+        w.check_dense("GPU linear weight")?;
+        out.check(rows, n)?;
         if let Some(b) = out.bias() {
             if b.len() < n {
                 return Err(Error::Gpu(format!("GPU linear: bias of {} elements for {n} outputs", b.len())));
@@ -606,50 +608,49 @@ impl Blas {
             return Ok(());
         }
         let bias = out.bias().map(DevBuf::ptr);
-        let key =
-            PlanKey { input, rows, n, k, ldx, out_f32: out.is_f32(), bias: bias.is_some(), relu: false, accumulate };
-        let row_bytes = ldx.saturating_mul(std::mem::size_of::<T>());
-        let aligned = [x.ptr(), w.ptr(), out.ptr(), bias.unwrap_or(0)].iter().all(|p| p % 256 == 0)
-            && row_bytes.is_multiple_of(16);
-        if aligned && k > 0 && self.lt_enabled.load(Ordering::Relaxed) {
-            let mut plans = self.plans();
-            let plan = plans.entry(key).or_insert_with(|| match self.make_plan(&key) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::debug!("cuBLASLt has no plan for {key:?} ({e}); using cublasGemmEx");
-                    None
-                }
-            });
-            if let Some(plan) = plan {
-                return self.run_plan(plan, (x.ptr(), w.ptr()), out.ptr(), bias, accumulate);
-            }
+        let ldx = x.ld();
+        let op = LinearOp {
+            key: PlanKey {
+                input,
+                rows,
+                n,
+                k,
+                ldx,
+                out_f32: out.is_f32(),
+                bias: bias.is_some(),
+                relu: false,
+                accumulate,
+            },
+            x: x.ptr(),
+            w: w.ptr(),
+            out: out.ptr(),
+            bias,
+        };
+        let row_bytes = ldx.saturating_mul(size_of::<T>());
+        let lt = [op.x, op.w, op.out, bias.unwrap_or(0)].iter().all(|p| p % 256 == 0) && row_bytes.is_multiple_of(16);
+        if self.run_linear(&op, lt)? {
+            return Ok(());
         }
-        // Fallback: the product through cublasGemmEx, then the bias.
-        let c_type = input.blas_out(out.is_f32());
-        self.gemm_ex(input, (x.ptr(), ldx), w.ptr(), (out.ptr(), c_type), (rows, n, k), accumulate)?;
+        // Through cublasGemmEx: then the bias.
         if let HalfOut::Half { out, bias: Some(bias) } = out {
-            gpu.llm()?.add_bias(gpu, out, rows, n, bias)?;
+            gpu.llm()?.add_bias(gpu, out, bias)?;
         }
         Ok(())
     }
 
-    /// [`Blas::gemm_batched`] over either 16-bit type:
-    /// `C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]` for `batch`
-    /// column-major matrices (op(A) `m × k`, op(B) `k × n`, C `m × n`), T
+    /// [`Blas::gemm_batched`] over either 16-bit type: the product `g`
+    /// (`C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]` for `batch`
+    /// column-major matrices, op(A) `m × k`, op(B) `k × n`, C `m × n`), T
     /// operands and output, f32 compute.
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm_batched_half<T: Half>(
         &self,
-        (trans_a, trans_b): (bool, bool),
-        (m, n, k): (usize, usize, usize),
-        alpha: f32,
+        g: Gemm,
         a: Operand<'_, T>,
         b: Operand<'_, T>,
-        beta: f32,
         c: Operand<'_, T>,
-        batch: usize,
     ) -> Result<()> {
         use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
+        let Gemm { trans_a, trans_b, m, n, k, batch, alpha, beta } = g;
         let input = InType::of::<T>()?;
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
@@ -660,10 +661,7 @@ impl Blas {
         let b_ptr = b.checked("B", br, bc, batch)?;
         let c_ptr = c.checked("C", m, n, batch)?;
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let stride = |what: &str, s: usize| {
-            i64::try_from(s).map_err(|_| Error::Gpu(format!("GPU batched product: {what} stride {s} is too large")))
-        };
-        let (sa, sb, sc) = (stride("A", a.stride)?, stride("B", b.stride)?, stride("C", c.stride)?);
+        let (sa, sb, sc) = (c_stride("A", a.stride)?, c_stride("B", b.stride)?, c_stride("C", c.stride)?);
         // cuBLAS reads leading dimensions of at least 1 even where k is 0.
         let ld = |what: &str, v: usize| c_int(what, v.max(1));
         // SAFETY: every operand's extent was checked against its buffer just

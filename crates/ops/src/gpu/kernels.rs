@@ -2,15 +2,20 @@
 //! GPU by `tier_cuda::kernels`) and their launchers. Each launcher checks
 //! the sizes of the buffers it is given against what the kernel will touch,
 //! so the one `unsafe` launch in each is sound whenever its arguments come
-//! from [`DevBuf`]s of the engine.
+//! from [`DevBuf`]s of the engine. Matrices come as views ([`Mat`],
+//! [`MatMut`], [`KvView`]: bounds checked when made); the launchers check
+//! their shapes against each other and convert sizes to the kernels' 32-bit
+//! ones with checked conversions.
 
 use std::ffi::c_void;
+use std::ops::Range;
 
 use half::f16;
 use tier_cuda::kernels::{self as tk, CompileOptions, Kernel, LaunchDims};
 use tier_cuda::GpuDevice;
 
 use super::buffer::{DevBuf, DevElem};
+use super::view::{DecodeAttn, KvView, Mat, MatMut, ScoreRows};
 use super::{tier_err, Gpu};
 use crate::error::{Error, Result};
 
@@ -44,6 +49,29 @@ pub const ENTRIES: &[&str] = &[
 pub struct LearnedPositions {
     pub offset: usize,
     pub pad_row: usize,
+}
+
+/// This step's tokens as [`Kernels::embed`] reads them: `batch × new_len`
+/// token ids and their mask (1 for a real token, left padded), and the
+/// real tokens each sequence had before the step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepTokens<'a> {
+    pub tokens: &'a DevBuf<u32>,
+    pub step_mask: &'a DevBuf<u8>,
+    pub past_real: &'a DevBuf<i32>,
+    pub batch: usize,
+    pub new_len: usize,
+}
+
+/// The tables [`Kernels::embed`] adds up: token embeddings (`vocab × h`;
+/// `None` where the hidden states already hold the projected token
+/// embeddings) and learned position embeddings (`positions × h`), looked
+/// up as `lookup` says.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedTables<'a> {
+    pub tokens: Option<Mat<'a, f16>>,
+    pub positions: Mat<'a, f16>,
+    pub lookup: LearnedPositions,
 }
 
 /// Threads per block of the decode attention kernel.
@@ -148,51 +176,63 @@ impl Kernels {
         unsafe { k.launch(gpu.stream(), dims, args) }.map_err(tier_err)
     }
 
-    /// Token (unless `add_tokens` is false: `hidden` already holds the
-    /// projected token embeddings) plus position embeddings of `batch ×
-    /// new_len` tokens into `hidden` (f32) and `hidden16`, and this step's
-    /// mask into the key mask at column `past`.
-    #[allow(clippy::too_many_arguments)]
+    /// Token (unless `tables.tokens` is `None`: `hidden` already holds the
+    /// projected token embeddings) plus position embeddings of the step's
+    /// `batch × new_len` tokens into `hidden` (f32) and `hidden16` (both
+    /// `batch·new_len × h`, dense), and the step's mask into the key mask
+    /// (`batch` rows of positions) at column `past`.
     pub fn embed(
         &self,
         gpu: &Gpu,
-        tokens: &DevBuf<u32>,
-        step_mask: &DevBuf<u8>,
-        past_real: &DevBuf<i32>,
-        tok_table: &DevBuf<f16>,
-        pos_table: &DevBuf<f16>,
-        dims: (usize, usize, usize),
-        add_tokens: bool,
-        hidden: &DevBuf<f32>,
-        hidden16: &DevBuf<f16>,
-        key_mask: (&DevBuf<u8>, usize, usize),
-        positions: LearnedPositions,
+        step: &StepTokens<'_>,
+        tables: &EmbedTables<'_>,
+        (hidden, hidden16): (MatMut<'_, f32>, MatMut<'_, f16>),
+        (key_mask, past): (MatMut<'_, u8>, usize),
     ) -> Result<()> {
-        let (batch, new_len, h) = dims;
-        let (mask, mask_stride, past) = key_mask;
-        let rows = batch * new_len;
-        need("embed tokens", tokens, rows)?;
-        need("embed step mask", step_mask, rows)?;
-        need("embed past", past_real, batch)?;
-        need("embed hidden", hidden, rows * h)?;
-        need("embed hidden16", hidden16, rows * h)?;
-        if past + new_len > mask_stride {
-            return Err(Error::Gpu(format!("embed: {past} + {new_len} positions overflow the cache's {mask_stride}")));
+        let (batch, new_len, h) = (step.batch, step.new_len, hidden.cols());
+        let rows = batch.checked_mul(new_len).ok_or_else(|| Error::Gpu("embed: the step's rows overflow".into()))?;
+        need("embed tokens", step.tokens, rows)?;
+        need("embed step mask", step.step_mask, rows)?;
+        need("embed past", step.past_real, batch)?;
+        hidden.check_shape("embed hidden", rows, h)?;
+        hidden.check_dense("embed hidden")?;
+        hidden16.check_shape("embed hidden16", rows, h)?;
+        hidden16.check_dense("embed hidden16")?;
+        tables.positions.check_dense("embed position table")?;
+        if tables.positions.cols() != h {
+            return Err(Error::Gpu("embed: position table width differs from hidden".into()));
         }
-        need("embed key mask", mask, batch * mask_stride)?;
-        if add_tokens && !tok_table.len().is_multiple_of(h) {
-            return Err(Error::Gpu("embed: token table width differs from hidden".into()));
+        if past.checked_add(new_len).is_none_or(|end| end > key_mask.cols()) {
+            return Err(Error::Gpu(format!(
+                "embed: {past} + {new_len} positions overflow the cache's {}",
+                key_mask.cols()
+            )));
+        }
+        if key_mask.rows() < batch {
+            return Err(Error::Gpu(format!("embed: a key mask of {} rows for {batch} sequences", key_mask.rows())));
+        }
+        if let Some(t) = &tables.tokens {
+            t.check_dense("embed token table")?;
+            if t.cols() != h {
+                return Err(Error::Gpu("embed: token table width differs from hidden".into()));
+            }
         }
         if rows == 0 {
             return Ok(());
         }
-        let (mut a0, mut a1, mut a2, mut a3, mut a4) =
-            (tokens.ptr(), step_mask.ptr(), past_real.ptr(), tok_table.ptr(), pos_table.ptr());
-        let (mut h_i, mut nl, mut add) = (int("embed", h)?, int("embed", new_len)?, i32::from(add_tokens));
-        let (mut hid, mut hid16, mut km) = (hidden.ptr(), hidden16.ptr(), mask.ptr());
-        let (mut ms, mut past_i) = (int("embed", mask_stride)?, int("embed", past)?);
+        let (mut a0, mut a1, mut a2) = (step.tokens.ptr(), step.step_mask.ptr(), step.past_real.ptr());
+        let (mut a3, mut add) = match &tables.tokens {
+            Some(t) => (t.ptr(), 1i32),
+            // Not read where the tokens are not added.
+            None => (0u64, 0i32),
+        };
+        let mut a4 = tables.positions.ptr();
+        let (mut h_i, mut nl) = (int("embed", h)?, int("embed", new_len)?);
+        let (mut hid, mut hid16, mut km) = (hidden.ptr(), hidden16.ptr(), key_mask.ptr());
+        let (mut ms, mut past_i) = (int("embed", key_mask.ld())?, int("embed", past)?);
+        let positions = tables.lookup;
         let (mut pos_offset, mut pad_row) = (int("embed", positions.offset)?, int("embed", positions.pad_row)?);
-        if positions.pad_row.saturating_mul(h) >= pos_table.len() {
+        if positions.pad_row >= tables.positions.rows() {
             return Err(Error::Gpu(format!("embed: padding row {} is outside the position table", positions.pad_row)));
         }
         Self::launch(
@@ -243,21 +283,27 @@ impl Kernels {
         )
     }
 
-    /// Layer norm of `rows` rows of `x` (`dim` wide, epsilon `eps`) into
-    /// `y16`, and with `write_back` into `x` too.
-    #[allow(clippy::too_many_arguments)]
+    /// Layer norm of the rows of `x` (dense, epsilon `eps`, with the
+    /// weight and bias of `affine`) into `y16`, and into `y32` too where
+    /// given (`x` itself: the post-LN norm in place); the outputs dense, of
+    /// `x`'s shape.
     pub fn layer_norm(
         &self,
         gpu: &Gpu,
-        x: &DevBuf<f32>,
-        rows: usize,
-        (dim, eps): (usize, f32),
+        x: Mat<'_, f32>,
+        eps: f32,
         affine: Option<(&DevBuf<f16>, &DevBuf<f16>)>,
-        write_back: bool,
-        y16: &DevBuf<f16>,
+        y16: MatMut<'_, f16>,
+        y32: Option<MatMut<'_, f32>>,
     ) -> Result<()> {
-        need("layer norm x", x, rows * dim)?;
-        need("layer norm y", y16, rows * dim)?;
+        let (rows, dim) = (x.rows(), x.cols());
+        x.check_dense("layer norm x")?;
+        y16.check_shape("layer norm y", rows, dim)?;
+        y16.check_dense("layer norm y")?;
+        if let Some(y32) = &y32 {
+            y32.check_shape("layer norm y32", rows, dim)?;
+            y32.check_dense("layer norm y32")?;
+        }
         if let Some((w, b)) = affine {
             need("layer norm weight", w, dim)?;
             need("layer norm bias", b, dim)?;
@@ -270,7 +316,7 @@ impl Kernels {
             return Err(Error::Gpu(format!("layer norm: epsilon {eps} is not a finite non-negative number")));
         }
         let (mut w, mut b) = affine.map_or((0, 0), |(w, b)| (w.ptr(), b.ptr()));
-        let (mut y32, mut y) = (if write_back { x.ptr() } else { 0 }, y16.ptr());
+        let (mut y32, mut y) = (y32.map_or(0, |y| y.ptr()), y16.ptr());
         if dim > 16 * 1024 {
             return Err(Error::Gpu(format!("layer norm: width {dim} is more than the kernel's {}", 16 * 1024)));
         }
@@ -314,30 +360,24 @@ impl Kernels {
         )
     }
 
-    /// This step's keys and values (from the fused qkv rows) into the cache
-    /// at positions `past..past + new_len`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn store_kv(
-        &self,
-        gpu: &Gpu,
-        qkv: &DevBuf<f16>,
-        batch: usize,
-        new_len: usize,
-        heads: usize,
-        hd: usize,
-        past: usize,
-        cap: usize,
-        kc: &DevBuf<f16>,
-        vc: &DevBuf<f16>,
-    ) -> Result<()> {
-        let hidden = heads * hd;
-        let rows = batch * new_len;
-        need("store kv qkv", qkv, rows * 3 * hidden)?;
-        if past + new_len > cap {
-            return Err(Error::Gpu(format!("store kv: {past} + {new_len} positions overflow the cache's {cap}")));
+    /// This step's keys and values (from the fused qkv rows, `batch ·
+    /// new_len × 3·hidden`, dense) into the cache at positions `at`
+    /// (`new_len` of them). OPT's cache: as many kv heads as query heads.
+    pub fn store_kv(&self, gpu: &Gpu, qkv: Mat<'_, f16>, cache: &KvView<'_, f16>, at: Range<usize>) -> Result<()> {
+        let shape = cache.shape();
+        let (batch, heads, hd, cap) = (cache.batch(), shape.heads, shape.head_dim, cache.capacity());
+        if shape.kv_heads != heads {
+            return Err(Error::Gpu(format!("store kv: {heads} query heads over {} kv heads", shape.kv_heads)));
         }
-        need("store kv keys", kc, batch * heads * cap * hd)?;
-        need("store kv values", vc, batch * heads * cap * hd)?;
+        let (past, new_len) = (at.start, at.len());
+        if at.start > at.end || at.end > cap {
+            return Err(Error::Gpu(format!("store kv: positions {at:?} overflow the cache's {cap}")));
+        }
+        let hidden = shape.q_width()?;
+        let rows = batch.checked_mul(new_len).ok_or_else(|| Error::Gpu("store kv: the step's rows overflow".into()))?;
+        let width = hidden.checked_mul(3).ok_or_else(|| Error::Gpu("store kv: the qkv width overflows".into()))?;
+        qkv.check_shape("store kv qkv", rows, width)?;
+        qkv.check_dense("store kv qkv")?;
         if rows == 0 {
             return Ok(());
         }
@@ -345,7 +385,7 @@ impl Kernels {
         let (mut q, mut hid, mut he, mut hd_i) =
             (qkv.ptr(), int("store kv", hidden)?, int("kv", heads)?, int("kv", hd)?);
         let (mut nl, mut p, mut c) = (int("kv", new_len)?, int("kv", past)?, int("kv", cap)?);
-        let (mut k, mut v, mut v8) = (kc.ptr(), vc.ptr(), i32::from(vec8));
+        let (mut k, mut v, mut v8) = (cache.keys().ptr(), cache.values().ptr(), i32::from(vec8));
         let per_thread = if vec8 { 8 } else { 1 };
         let threads = (hidden / per_thread).clamp(32, 256).next_multiple_of(32) as u32;
         Self::launch(
@@ -367,33 +407,53 @@ impl Kernels {
         )
     }
 
-    /// `batch × new_len` rows of `heads × hd` values (row pitch `ld`) to
-    /// `[batch][heads][new_len][hd]` (`to_heads`), or back.
-    #[allow(clippy::too_many_arguments)]
-    pub fn transpose_heads(
+    /// `batch × new_len` rows of `heads × hd` values (`src`, rows `ld`
+    /// apart) to `[batch][heads][new_len][hd]` in `dst`.
+    pub fn to_heads(
+        &self,
+        gpu: &Gpu,
+        src: Mat<'_, f16>,
+        dst: &DevBuf<f16>,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<()> {
+        self.transpose_heads(gpu, src, dst, dims, true)
+    }
+
+    /// The inverse of [`Kernels::to_heads`]: `[batch][heads][new_len][hd]`
+    /// in `src` to `batch × new_len` rows of `heads × hd` values (`dst`,
+    /// rows `ld` apart).
+    pub fn from_heads(
         &self,
         gpu: &Gpu,
         src: &DevBuf<f16>,
-        dst: &DevBuf<f16>,
-        ld: usize,
+        dst: MatMut<'_, f16>,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<()> {
+        self.transpose_heads(gpu, dst.as_mat(), src, dims, false)
+    }
+
+    /// Rows (`rows`, the row side) to heads (`heads`) where `to_heads`,
+    /// else back.
+    fn transpose_heads(
+        &self,
+        gpu: &Gpu,
+        rows_side: Mat<'_, f16>,
+        head_buf: &DevBuf<f16>,
         (batch, new_len, heads, hd): (usize, usize, usize, usize),
         to_heads: bool,
     ) -> Result<()> {
-        let hidden = heads * hd;
-        let rows = batch * new_len;
-        if ld < hidden {
-            return Err(Error::Gpu(format!("transpose heads: row pitch {ld} below width {hidden}")));
-        }
-        let (row_buf, head_buf) = if to_heads { (src, dst) } else { (dst, src) };
-        if rows > 0 {
-            need("transpose rows", row_buf, (rows - 1) * ld + hidden)?;
-        }
-        need("transpose heads", head_buf, rows * hidden)?;
+        let overflow = || Error::Gpu("transpose heads: the sizes overflow".into());
+        let hidden = heads.checked_mul(hd).ok_or_else(overflow)?;
+        let rows = batch.checked_mul(new_len).ok_or_else(overflow)?;
+        rows_side.check_shape("transpose rows", rows, hidden)?;
+        need("transpose heads", head_buf, rows.checked_mul(hidden).ok_or_else(overflow)?)?;
         if rows == 0 {
             return Ok(());
         }
+        let ld = rows_side.ld();
         let vec8 = hd.is_multiple_of(8) && ld.is_multiple_of(8);
-        let (mut sp, mut dp, mut ld_i) = (src.ptr(), dst.ptr(), int("transpose", ld)?);
+        let (src, dst) = if to_heads { (rows_side.ptr(), head_buf.ptr()) } else { (head_buf.ptr(), rows_side.ptr()) };
+        let (mut sp, mut dp, mut ld_i) = (src, dst, int("transpose", ld)?);
         let (mut nl, mut he, mut hd_i) = (int("transpose", new_len)?, int("transpose", heads)?, int("transpose", hd)?);
         let (mut th, mut v8) = (i32::from(to_heads), i32::from(vec8));
         let per_thread = if vec8 { 8 } else { 1 };
@@ -415,34 +475,37 @@ impl Kernels {
         )
     }
 
-    /// Masked softmax of `rows` f16 score rows of `total` keys, in place
-    /// (see `kernels.cu`). `b0` is the first sequence of the chunk.
-    #[allow(clippy::too_many_arguments)]
-    pub fn softmax_rows(
-        &self,
-        gpu: &Gpu,
-        scores: &DevBuf<f16>,
-        rows: usize,
-        total: usize,
-        new_len: usize,
-        heads: usize,
-        past: usize,
-        key_mask: (&DevBuf<u8>, usize),
-        b0: usize,
-    ) -> Result<()> {
-        let (mask, stride) = key_mask;
-        need("softmax scores", scores, rows * total)?;
+    /// Masked softmax in place of the score rows `at` (`scores`: `[seqs]
+    /// [heads][new_len]` rows of `total` keys, dense; see `kernels.cu`),
+    /// the key mask's row `at.first + b` masking sequence `b`'s keys.
+    pub fn softmax_rows(&self, gpu: &Gpu, scores: MatMut<'_, f16>, at: ScoreRows, mask: Mat<'_, u8>) -> Result<()> {
+        let (rows, total) = (at.rows()?, scores.cols());
+        scores.check_shape("softmax scores", rows, total)?;
+        scores.check_dense("softmax scores")?;
         if total > 8 * 1024 {
             return Err(Error::Gpu(format!("softmax: {total} keys are more than the kernel's 8192")));
         }
         if rows == 0 || total == 0 {
             return Ok(());
         }
-        need("softmax key mask", mask, (b0 + rows / (new_len * heads)) * stride)?;
+        if at.first.checked_add(at.seqs).is_none_or(|end| end > mask.rows()) || total > mask.cols() {
+            return Err(Error::Gpu(format!(
+                "softmax: sequences {}..+{} over {total} keys, a key mask of {}x{}",
+                at.first,
+                at.seqs,
+                mask.rows(),
+                mask.cols()
+            )));
+        }
         let threads = (total.div_ceil(8)).next_multiple_of(32).clamp(32, 1024) as u32;
-        let (mut s, mut t, mut nl, mut he, mut p) =
-            (scores.ptr(), int("softmax", total)?, int("softmax", new_len)?, int("softmax", heads)?, int("sm", past)?);
-        let (mut m, mut st, mut b) = (mask.ptr(), int("softmax", stride)?, int("softmax", b0)?);
+        let (mut s, mut t, mut nl, mut he, mut p) = (
+            scores.ptr(),
+            int("softmax", total)?,
+            int("softmax", at.new_len)?,
+            int("softmax", at.heads)?,
+            int("sm", at.past)?,
+        );
+        let (mut m, mut st, mut b) = (mask.ptr(), int("softmax", mask.ld())?, int("softmax", at.first)?);
         Self::launch(
             gpu,
             &self.softmax_rows,
@@ -460,29 +523,37 @@ impl Kernels {
         )
     }
 
-    /// Attention of one new token per sequence over `total` cached positions
-    /// (this step's included), into `out` (`[batch, hidden]`).
-    #[allow(clippy::too_many_arguments)]
+    /// Attention of one new token per sequence over `attn.total` cached
+    /// positions of `kv` (this step's included): queries from the fused
+    /// qkv rows (`batch × 3·hidden`, dense), into `out` (`batch × hidden`,
+    /// dense). OPT's cache: as many kv heads as query heads.
     pub fn attn_decode(
         &self,
         gpu: &Gpu,
-        qkv: &DevBuf<f16>,
-        (kc, vc): (&DevBuf<f16>, &DevBuf<f16>),
-        key_mask: (&DevBuf<u8>, usize),
-        (batch, heads, hd, cap, total): (usize, usize, usize, usize, usize),
-        scale: f32,
-        out: &DevBuf<f16>,
+        qkv: Mat<'_, f16>,
+        kv: &KvView<'_, f16>,
+        attn: &DecodeAttn<'_>,
+        out: MatMut<'_, f16>,
     ) -> Result<()> {
-        let hidden = heads * hd;
+        let shape = kv.shape();
+        let (batch, heads, hd, cap, total) = (kv.batch(), shape.heads, shape.head_dim, kv.capacity(), attn.total);
+        if shape.kv_heads != heads {
+            return Err(Error::Gpu(format!("attn_decode: {heads} query heads over {} kv heads", shape.kv_heads)));
+        }
+        let hidden = shape.q_width()?;
         if !decode_kernel_fits(hd) {
             return Err(Error::Gpu(format!("attn_decode: head size {hd} is not supported by the kernel")));
         }
-        need("attn qkv", qkv, batch * 3 * hidden)?;
-        need("attn keys", kc, batch * heads * cap * hd)?;
-        need("attn values", vc, batch * heads * cap * hd)?;
-        need("attn mask", key_mask.0, batch * key_mask.1)?;
-        need("attn out", out, batch * hidden)?;
-        if total > cap || total > key_mask.1 {
+        let width = hidden.checked_mul(3).ok_or_else(|| Error::Gpu("attn_decode: the qkv width overflows".into()))?;
+        qkv.check_shape("attn qkv", batch, width)?;
+        qkv.check_dense("attn qkv")?;
+        out.check_shape("attn out", batch, hidden)?;
+        out.check_dense("attn out")?;
+        let mask = attn.mask;
+        if mask.rows() < batch {
+            return Err(Error::Gpu(format!("attn_decode: a key mask of {} rows for {batch} sequences", mask.rows())));
+        }
+        if total > cap || total > mask.cols() {
             return Err(Error::Gpu(format!("attn_decode: {total} positions overflow the cache's {cap}")));
         }
         if batch == 0 || heads == 0 {
@@ -493,10 +564,10 @@ impl Kernels {
         if shared > 48 * 1024 {
             return Err(Error::Gpu(format!("attn_decode: {total} positions need more shared memory than 48 KiB")));
         }
-        let (mut q, mut hid, mut k, mut v) = (qkv.ptr(), int("attn", hidden)?, kc.ptr(), vc.ptr());
+        let (mut q, mut hid, mut k, mut v) = (qkv.ptr(), int("attn", hidden)?, kv.keys().ptr(), kv.values().ptr());
         let (mut m, mut ms, mut c, mut t) =
-            (key_mask.0.ptr(), int("attn", key_mask.1)?, int("attn", cap)?, int("attn", total)?);
-        let (mut he, mut hd_i, mut sc, mut o) = (int("attn", heads)?, int("attn", hd)?, scale, out.ptr());
+            (mask.ptr(), int("attn", mask.ld())?, int("attn", cap)?, int("attn", total)?);
+        let (mut he, mut hd_i, mut sc, mut o) = (int("attn", heads)?, int("attn", hd)?, attn.scale, out.ptr());
         let dims = LaunchDims {
             grid: (blocks("attn", heads)?, blocks("attn", batch)?, 1),
             block: (ATTN_THREADS, 1, 1),
@@ -543,56 +614,41 @@ impl Kernels {
         grid_for(n, 256, self.multiprocessors * 16)
     }
 
-    /// `y = act(y + bias)` over `rows × n` f16 values.
-    pub fn bias_act_f16(
-        &self,
-        gpu: &Gpu,
-        y: &DevBuf<f16>,
-        bias: Option<&DevBuf<f16>>,
-        rows: usize,
-        n: usize,
-        relu: bool,
-    ) -> Result<()> {
-        need("bias y", y, rows * n)?;
-        if let Some(b) = bias {
-            need("bias", b, n)?;
-        }
-        if rows * n == 0 {
-            return Ok(());
-        }
-        let (mut yp, mut bp, mut r, mut n_i, mut act) =
-            (y.ptr(), bias.map_or(0, DevBuf::ptr), rows as u64, int("bias", n)?, i32::from(relu));
-        Self::launch(
-            gpu,
-            &self.bias_act_f16,
-            LaunchDims::linear(self.grid_stride((rows * n) as u64), 256),
-            &mut [arg(&mut yp), arg(&mut bp), arg(&mut r), arg(&mut n_i), arg(&mut act)],
-        )
+    /// `y = act(y + bias)` over the f16 rows of `y` (dense; `bias` one value
+    /// per column).
+    pub fn bias_act_f16(&self, gpu: &Gpu, y: MatMut<'_, f16>, bias: Option<&DevBuf<f16>>, relu: bool) -> Result<()> {
+        self.bias_act(gpu, &self.bias_act_f16, (y.as_mat(), bias), relu)
     }
 
-    /// `y = act(y + bias)` over `rows × n` f32 values.
-    pub fn bias_act_f32(
+    /// `y = act(y + bias)` over the f32 rows of `y` (dense; `bias` one value
+    /// per column).
+    pub fn bias_act_f32(&self, gpu: &Gpu, y: MatMut<'_, f32>, bias: Option<&DevBuf<f32>>, relu: bool) -> Result<()> {
+        self.bias_act(gpu, &self.bias_act_f32, (y.as_mat(), bias), relu)
+    }
+
+    fn bias_act<E: DevElem>(
         &self,
         gpu: &Gpu,
-        y: &DevBuf<f32>,
-        bias: Option<&DevBuf<f32>>,
-        rows: usize,
-        n: usize,
+        kernel: &Kernel,
+        (y, bias): (Mat<'_, E>, Option<&DevBuf<E>>),
         relu: bool,
     ) -> Result<()> {
-        need("bias y", y, rows * n)?;
+        let (rows, n) = (y.rows(), y.cols());
+        y.check_dense("bias y")?;
         if let Some(b) = bias {
             need("bias", b, n)?;
         }
-        if rows * n == 0 {
+        // Inside the buffer (the view is), so no overflow.
+        let total = rows * n;
+        if total == 0 {
             return Ok(());
         }
         let (mut yp, mut bp, mut r, mut n_i, mut act) =
             (y.ptr(), bias.map_or(0, DevBuf::ptr), rows as u64, int("bias", n)?, i32::from(relu));
         Self::launch(
             gpu,
-            &self.bias_act_f32,
-            LaunchDims::linear(self.grid_stride((rows * n) as u64), 256),
+            kernel,
+            LaunchDims::linear(self.grid_stride(total as u64), 256),
             &mut [arg(&mut yp), arg(&mut bp), arg(&mut r), arg(&mut n_i), arg(&mut act)],
         )
     }

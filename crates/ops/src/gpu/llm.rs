@@ -9,9 +9,14 @@
 //! Arithmetic is f32 with each result rounded once to the storage type, as
 //! the CPU reference ([`crate::cpu`]) computes. Every launcher checks the
 //! buffers it is given against what the kernel touches, so the one `unsafe`
-//! launch is sound whenever its arguments are live [`DevBuf`]s.
+//! launch is sound whenever its arguments are live [`DevBuf`]s. Matrices,
+//! caches and the attention's parameters come as views ([`Mat`],
+//! [`MatMut`], [`KvView`], [`Rotary`], [`DecodeAttn`]; see
+//! [`super::view`]), whose bounds are checked when made; the launchers
+//! check their shapes against each other.
 
 use std::ffi::c_void;
+use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use tier_api::DType;
@@ -20,6 +25,7 @@ use tier_cuda::GpuDevice;
 
 use super::buffer::{DevBuf, DevElem, Half};
 use super::kernels::{arg, blocks, compile_options, grid_for, int, need};
+use super::view::{DecodeAttn, KvShape, KvView, Mat, MatMut, Rotary, ScoreRows};
 use super::{tier_err, Gpu};
 use crate::error::{Error, Result};
 
@@ -270,6 +276,16 @@ fn aligned16<T: DevElem>(bufs: &[&DevBuf<T>]) -> bool {
     bufs.iter().all(|b| b.ptr().is_multiple_of(16))
 }
 
+fn aligned16_ptrs(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
+/// An error naming `what` unless `m` is `rows × cols` and dense.
+fn dense<T: DevElem>(what: &str, m: &Mat<'_, T>, rows: usize, cols: usize) -> Result<()> {
+    m.check_shape(what, rows, cols)?;
+    m.check_dense(what)
+}
+
 impl LlmKernels {
     /// Compiles `llm.cu` (once per process) and loads every entry point.
     pub fn load(device: &GpuDevice) -> Result<Self> {
@@ -399,34 +415,29 @@ impl LlmKernels {
         }
     }
 
-    /// RMSNorm of `rows` f32 rows of `dim` (row `r` from element
-    /// `offset + r·ld` of `x`) into `out` (`rows × dim` of T): `out =
-    /// T(w · (x · inv))`, `inv = 1 / sqrt(mean(x²) + eps)`, in f32 as
-    /// [`crate::cpu::rms_norm`].
-    #[allow(clippy::too_many_arguments)]
+    /// RMSNorm of the f32 rows of `x` (`rows × dim`, rows `x.ld()` apart)
+    /// into `out` (`rows × dim` of T, dense): `out = T(w · (x · inv))`,
+    /// `inv = 1 / sqrt(mean(x²) + eps)`, in f32 as [`crate::cpu::rms_norm`].
     pub fn rms_norm_f32<T: Half>(
         &self,
         gpu: &Gpu,
-        x: &DevBuf<f32>,
-        (offset, ld): (usize, usize),
-        rows: usize,
-        dim: usize,
+        x: Mat<'_, f32>,
         weight: &DevBuf<T>,
         eps: f32,
-        out: &DevBuf<T>,
+        out: MatMut<'_, T>,
     ) -> Result<()> {
         Self::check_eps(eps)?;
+        let (rows, dim) = (x.rows(), x.cols());
+        dense("rms_norm_f32 out", &out, rows, dim)?;
         if rows == 0 || dim == 0 {
             return Ok(());
         }
-        let last = add("rms_norm_f32", offset, count("rms_norm_f32", &[rows - 1, ld])?)?;
-        need("rms_norm_f32 x", x, add("rms_norm_f32", last, dim)?)?;
         need("rms_norm_f32 weight", weight, dim)?;
-        need("rms_norm_f32 out", out, count("rms_norm_f32", &[rows, dim])?)?;
         let k = &self.typed::<T>()?.rms_norm_f32;
         let (dims, warp_rows) = Self::rms_dims(rows, dim)?;
+        // The kernel takes the buffer, the view's offset and its row stride.
         let (mut xp, mut off, mut ld_u, mut r, mut d) =
-            (x.ptr(), u64_of(offset), u64_of(ld), int("rms_norm_f32", rows)?, int("rms_norm_f32", dim)?);
+            (x.buf().ptr(), u64_of(x.offset()), u64_of(x.ld()), int("rms_norm_f32", rows)?, int("rms_norm_f32", dim)?);
         let (mut w, mut e, mut o, mut wr) = (weight.ptr(), eps, out.ptr(), warp_rows);
         Self::launch(
             gpu,
@@ -476,25 +487,23 @@ impl LlmKernels {
     }
 
     /// Rotary embeddings in place (Hugging Face's rotate-half, as
-    /// [`crate::cpu::Rope::apply`]): `rows` rows of `heads × head_dim`, row
-    /// `r` at `positions[r]`, with `head_dim / 2` frequencies.
-    #[allow(clippy::too_many_arguments)]
+    /// [`crate::cpu::Rope::apply`]): the rows of `x` (dense), each `heads`
+    /// heads of `head_dim`, row `r` at `rot.positions[r]`, with
+    /// `head_dim / 2` frequencies.
     pub fn rope<T: Half>(
         &self,
         gpu: &Gpu,
-        x: &DevBuf<T>,
-        rows: usize,
-        heads: usize,
-        head_dim: usize,
-        positions: &DevBuf<i32>,
-        inv_freq: &DevBuf<f32>,
+        x: MatMut<'_, T>,
+        (heads, head_dim): (usize, usize),
+        rot: Rotary<'_>,
     ) -> Result<()> {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::Gpu(format!("rope: head_dim {head_dim} must be even and positive")));
         }
-        need("rope x", x, count("rope", &[rows, heads, head_dim])?)?;
-        need("rope positions", positions, rows)?;
-        need("rope frequencies", inv_freq, head_dim / 2)?;
+        let rows = x.rows();
+        dense("rope x", &x, rows, count("rope", &[heads, head_dim])?)?;
+        need("rope positions", rot.positions, rows)?;
+        need("rope frequencies", rot.inv_freq, head_dim / 2)?;
         let n = count("rope", &[rows, heads, head_dim / 2])?;
         if n == 0 {
             return Ok(());
@@ -502,7 +511,7 @@ impl LlmKernels {
         let k = &self.typed::<T>()?.rope;
         let (mut xp, mut r, mut he, mut hd) =
             (x.ptr(), int("rope", rows)?, int("rope", heads)?, int("rope", head_dim)?);
-        let (mut p, mut f) = (positions.ptr(), inv_freq.ptr());
+        let (mut p, mut f) = (rot.positions.ptr(), rot.inv_freq.ptr());
         Self::launch(
             gpu,
             k,
@@ -511,34 +520,33 @@ impl LlmKernels {
         )
     }
 
-    /// The stacked q/k/v product's `rows` rows (row `r`: `heads × head_dim`
-    /// values of q, then `kv_heads × head_dim` of k, then of v) into `q`
-    /// (`rows × heads × head_dim`), `k` and `v` (`rows × kv_heads ×
-    /// head_dim`); with `rotate`, q and k take the rotary embedding as
-    /// [`LlmKernels::rope`] gives it (row `r` at `positions[r]`), in the
-    /// same kernel.
-    #[allow(clippy::too_many_arguments)]
+    /// The stacked q/k/v product's rows (`qkv`, dense; row `r`: `heads ×
+    /// head_dim` values of q, then `kv_heads × head_dim` of k, then of v)
+    /// into `q` (`rows × heads·head_dim`), `k` and `v` (`rows ×
+    /// kv_heads·head_dim`), all dense; with `rotate`, q and k take the
+    /// rotary embedding as [`LlmKernels::rope`] gives it (row `r` at
+    /// `positions[r]`), in the same kernel.
     pub fn split_qkv<T: Half>(
         &self,
         gpu: &Gpu,
-        qkv: &DevBuf<T>,
-        (rows, heads, kv_heads, head_dim): (usize, usize, usize, usize),
-        rotate: Option<(&DevBuf<i32>, &DevBuf<f32>)>,
-        q: &DevBuf<T>,
-        k: &DevBuf<T>,
-        v: &DevBuf<T>,
+        qkv: Mat<'_, T>,
+        shape: KvShape,
+        rotate: Option<Rotary<'_>>,
+        (q, k, v): (MatMut<'_, T>, MatMut<'_, T>, MatMut<'_, T>),
     ) -> Result<()> {
+        let KvShape { heads, kv_heads, head_dim } = shape;
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::Gpu(format!("split_qkv: head_dim {head_dim} must be even and positive")));
         }
+        let rows = qkv.rows();
         let stack = add("split_qkv", heads, count("split_qkv", &[2, kv_heads])?)?;
-        need("split_qkv qkv", qkv, count("split_qkv", &[rows, stack, head_dim])?)?;
-        need("split_qkv q", q, count("split_qkv", &[rows, heads, head_dim])?)?;
-        need("split_qkv k", k, count("split_qkv", &[rows, kv_heads, head_dim])?)?;
-        need("split_qkv v", v, count("split_qkv", &[rows, kv_heads, head_dim])?)?;
-        if let Some((positions, inv_freq)) = rotate {
-            need("split_qkv positions", positions, rows)?;
-            need("split_qkv frequencies", inv_freq, head_dim / 2)?;
+        dense("split_qkv qkv", &qkv, rows, count("split_qkv", &[stack, head_dim])?)?;
+        dense("split_qkv q", &q, rows, count("split_qkv", &[heads, head_dim])?)?;
+        dense("split_qkv k", &k, rows, count("split_qkv", &[kv_heads, head_dim])?)?;
+        dense("split_qkv v", &v, rows, count("split_qkv", &[kv_heads, head_dim])?)?;
+        if let Some(rot) = &rotate {
+            need("split_qkv positions", rot.positions, rows)?;
+            need("split_qkv frequencies", rot.inv_freq, head_dim / 2)?;
         }
         let n = count("split_qkv", &[rows, stack, head_dim / 2])?;
         if n == 0 {
@@ -553,7 +561,7 @@ impl LlmKernels {
             int("split_qkv", head_dim)?,
         );
         let (mut p, mut f, mut rot) = match rotate {
-            Some((positions, inv_freq)) => (positions.ptr(), inv_freq.ptr(), 1i32),
+            Some(r) => (r.positions.ptr(), r.inv_freq.ptr(), 1i32),
             None => (0u64, 0u64, 0i32),
         };
         let (mut qp, mut kp, mut vp) = (q.ptr(), k.ptr(), v.ptr());
@@ -596,10 +604,12 @@ impl LlmKernels {
         )
     }
 
-    /// `out[r·n + c] += bias[c]` over `rows × n`, in f32, rounded once.
-    pub fn add_bias<T: Half>(&self, gpu: &Gpu, out: &DevBuf<T>, rows: usize, n: usize, bias: &DevBuf<T>) -> Result<()> {
+    /// `out[r, c] += bias[c]` over the rows of `out` (dense), in f32,
+    /// rounded once.
+    pub fn add_bias<T: Half>(&self, gpu: &Gpu, out: MatMut<'_, T>, bias: &DevBuf<T>) -> Result<()> {
+        let (rows, n) = (out.rows(), out.cols());
+        out.check_dense("add_bias out")?;
         let total = count("add_bias", &[rows, n])?;
-        need("add_bias out", out, total)?;
         need("add_bias bias", bias, n)?;
         if total == 0 {
             return Ok(());
@@ -614,36 +624,32 @@ impl LlmKernels {
         )
     }
 
-    /// This step's keys and values (rows `b·new_len + i` of `kv_heads ×
-    /// head_dim`) into the cache, `[batch][kv_head][cap][head_dim]`, at
-    /// positions `past + i`.
-    #[allow(clippy::too_many_arguments)]
+    /// This step's keys and values (`k`, `v`: rows `b·new_len + i` of
+    /// `kv_heads × head_dim`, dense) into the cache at positions `at`
+    /// (`new_len` of them, `past + i` for row `i`).
     pub fn store_kv<T: Half>(
         &self,
         gpu: &Gpu,
-        k: &DevBuf<T>,
-        v: &DevBuf<T>,
-        (batch, new_len, kv_heads, head_dim): (usize, usize, usize, usize),
-        past: usize,
-        cap: usize,
-        keys: &DevBuf<T>,
-        values: &DevBuf<T>,
+        (k, v): (Mat<'_, T>, Mat<'_, T>),
+        cache: &KvView<'_, T>,
+        at: Range<usize>,
     ) -> Result<()> {
-        if add("store_kv", past, new_len)? > cap {
-            return Err(Error::Gpu(format!("store_kv: {past} + {new_len} positions overflow the cache's {cap}")));
+        let (batch, cap, shape) = (cache.batch(), cache.capacity(), cache.shape());
+        let (kv_heads, head_dim) = (shape.kv_heads, shape.head_dim);
+        if at.start > at.end || at.end > cap {
+            return Err(Error::Gpu(format!("store_kv: positions {at:?} overflow the cache's {cap}")));
         }
+        let (past, new_len) = (at.start, at.len());
         let rows = count("store_kv", &[batch, new_len])?;
-        let width = count("store_kv", &[kv_heads, head_dim])?;
-        need("store_kv k", k, count("store_kv", &[rows, width])?)?;
-        need("store_kv v", v, count("store_kv", &[rows, width])?)?;
-        let cache = count("store_kv", &[batch, kv_heads, cap, head_dim])?;
-        need("store_kv keys", keys, cache)?;
-        need("store_kv values", values, cache)?;
+        let width = shape.kv_width()?;
+        dense("store_kv k", &k, rows, width)?;
+        dense("store_kv v", &v, rows, width)?;
         if rows == 0 || width == 0 {
             return Ok(());
         }
         let kern = &self.typed::<T>()?.store_kv;
-        let vec8 = head_dim.is_multiple_of(8) && aligned16(&[k, v, keys, values]);
+        let (keys, values) = (cache.keys(), cache.values());
+        let vec8 = head_dim.is_multiple_of(8) && aligned16_ptrs(&[k.ptr(), v.ptr(), keys.ptr(), values.ptr()]);
         let (mut kp, mut vp, mut nl, mut kh) =
             (k.ptr(), v.ptr(), int("store_kv", new_len)?, int("store_kv", kv_heads)?);
         let (mut hd, mut p, mut c) = (int("store_kv", head_dim)?, int("store_kv", past)?, int("store_kv", cap)?);
@@ -702,27 +708,31 @@ impl LlmKernels {
         )
     }
 
-    /// Causal masked softmax in place over score rows `[nb][heads][s]` of
-    /// `total` keys: row `R` (local sequence `R / (heads·s)`, query
-    /// `i = R % s`) sees key `j` iff `j <= past + i` and
-    /// `mask[(b0 + R / (heads·s))·stride + j] != 0`; f32 softmax over the
-    /// visible keys, the others 0, a row with none visible all zeros.
-    #[allow(clippy::too_many_arguments)]
+    /// Causal masked softmax in place over the score rows `at` (`scores`:
+    /// `[seqs][heads][new_len]` rows of `total` keys, dense): row `R`
+    /// (local sequence `R / (heads·new_len)`, query `i = R % new_len`)
+    /// sees key `j` iff `j <= past + i` and mask row `first + R /
+    /// (heads·new_len)` is non-zero at `j`; f32 softmax over the visible
+    /// keys, the others 0, a row with none visible all zeros.
     pub fn softmax_causal<T: Half>(
         &self,
         gpu: &Gpu,
-        scores: &DevBuf<T>,
-        (nb, heads, s, total): (usize, usize, usize, usize),
-        past: usize,
-        (mask, stride): (&DevBuf<u8>, usize),
-        b0: usize,
+        scores: MatMut<'_, T>,
+        at: ScoreRows,
+        mask: Mat<'_, u8>,
     ) -> Result<()> {
-        let rows = count("softmax_causal", &[nb, heads, s])?;
-        need("softmax_causal scores", scores, count("softmax_causal", &[rows, total])?)?;
-        if total > stride {
-            return Err(Error::Gpu(format!("softmax_causal: {total} keys but mask rows of {stride}")));
+        let ScoreRows { seqs, heads, new_len: s, past, first: b0 } = at;
+        let (rows, total) = (at.rows()?, scores.cols());
+        dense("softmax_causal scores", &scores, rows, total)?;
+        if total > mask.cols() {
+            return Err(Error::Gpu(format!("softmax_causal: {total} keys but mask rows of {}", mask.cols())));
         }
-        need("softmax_causal mask", mask, count("softmax_causal", &[add("softmax_causal", b0, nb)?, stride])?)?;
+        if add("softmax_causal", b0, seqs)? > mask.rows() {
+            return Err(Error::Gpu(format!(
+                "softmax_causal: sequences {b0}..+{seqs} of a mask of {} rows",
+                mask.rows()
+            )));
+        }
         if rows == 0 || total == 0 {
             return Ok(());
         }
@@ -736,7 +746,7 @@ impl LlmKernels {
         let (mut sp, mut t, mut s_i, mut he) =
             (scores.ptr(), int("softmax_causal", total)?, int("softmax_causal", s)?, int("softmax_causal", heads)?);
         let (mut p, mut m, mut st, mut b) =
-            (int("softmax_causal", past)?, mask.ptr(), int("softmax_causal", stride)?, int("softmax_causal", b0)?);
+            (int("softmax_causal", past)?, mask.ptr(), int("softmax_causal", mask.ld())?, int("softmax_causal", b0)?);
         Self::launch(
             gpu,
             k,
@@ -754,13 +764,14 @@ impl LlmKernels {
         )
     }
 
-    /// Attention of one new query per sequence over the cache: `q` rows
-    /// `[batch][heads·head_dim]`, query head `h` reads kv head
-    /// `h / (heads / kv_heads)` of `keys`/`values`
-    /// (`[batch][kv_heads][cap][head_dim]`), positions `0..total` visible
-    /// where `mask[b·stride + j] != 0`; `out[b, h·d..]` = softmax(scale ·
-    /// q·k_j) · v_j in f32, rounded to T (fully masked: zeros). Shapes that
-    /// [`attn_decode_fits`] refuses are an error.
+    /// Attention of one new query per sequence over the cache `kv`: `q`
+    /// rows `[batch][heads·head_dim]` (dense), query head `h` reads kv head
+    /// `h / (heads / kv_heads)` of the keys and values
+    /// (`[batch][kv_heads][capacity][head_dim]`), positions
+    /// `0..attn.total` visible where the mask's row `b` is non-zero;
+    /// `out[b, h·d..]` = softmax(scale · q·k_j) · v_j in f32, rounded to T
+    /// (fully masked: zeros). Shapes that [`attn_decode_fits`] refuses are
+    /// an error.
     ///
     /// Flash-decoding: the positions are cut into chunks of
     /// [`LlmKernels::attn_decode_chunk`] positions, one block per (sequence,
@@ -771,23 +782,21 @@ impl LlmKernels {
     /// (a [`DevBuf`], counted like every other, grown on demand) and a
     /// second kernel merges them. Where the scratch cannot be allocated the
     /// positions are taken as one chunk.
-    #[allow(clippy::too_many_arguments)]
     pub fn attn_decode<T: Half>(
         &self,
         gpu: &Gpu,
-        q: &DevBuf<T>,
-        (keys, values): (&DevBuf<T>, &DevBuf<T>),
-        (mask, stride): (&DevBuf<u8>, usize),
-        dims: (usize, usize, usize, usize, usize, usize),
-        scale: f32,
-        out: &DevBuf<T>,
+        q: Mat<'_, T>,
+        kv: &KvView<'_, T>,
+        attn: &DecodeAttn<'_>,
+        out: MatMut<'_, T>,
     ) -> Result<()> {
-        let (batch, heads, kv_heads, head_dim, _, total) = dims;
-        let chunk = self.attn_decode_chunk((batch, heads, kv_heads, head_dim, total));
+        let (batch, shape) = (kv.batch(), kv.shape());
+        let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim);
+        let chunk = self.attn_decode_chunk((batch, heads, kv_heads, head_dim, attn.total));
         // Room for the most chunks this batch shape is ever cut into, so
         // that the scratch does not grow again as `total` does.
         let reserve = attn_max_splits(self.attn_blocks(batch, heads, kv_heads, head_dim), self.attn_slots);
-        self.attn_decode_split(gpu, q, (keys, values), (mask, stride), dims, scale, (chunk, reserve), out)
+        self.attn_decode_split(gpu, q, kv, attn, (chunk, reserve), out)
     }
 
     /// Positions per block that [`LlmKernels::attn_decode`] takes for
@@ -805,19 +814,16 @@ impl LlmKernels {
     /// [`LlmKernels::attn_decode`] with `chunk` positions per block (at
     /// least 1; `total.div_ceil(chunk)` chunks, at most 4096), for tests and
     /// measurements.
-    #[allow(clippy::too_many_arguments)]
     pub fn attn_decode_chunked<T: Half>(
         &self,
         gpu: &Gpu,
-        q: &DevBuf<T>,
-        (keys, values): (&DevBuf<T>, &DevBuf<T>),
-        (mask, stride): (&DevBuf<u8>, usize),
-        dims: (usize, usize, usize, usize, usize, usize),
-        scale: f32,
+        q: Mat<'_, T>,
+        kv: &KvView<'_, T>,
+        attn: &DecodeAttn<'_>,
         chunk: usize,
-        out: &DevBuf<T>,
+        out: MatMut<'_, T>,
     ) -> Result<()> {
-        self.attn_decode_split(gpu, q, (keys, values), (mask, stride), dims, scale, (chunk, 0), out)
+        self.attn_decode_split(gpu, q, kv, attn, (chunk, 0), out)
     }
 
     /// Blocks of the decode attention kernel per chunk of positions: one per
@@ -830,18 +836,19 @@ impl LlmKernels {
 
     /// The decode attention with `chunk` positions per block, the scratch
     /// sized for at least `reserve` chunks.
-    #[allow(clippy::too_many_arguments)]
     fn attn_decode_split<T: Half>(
         &self,
         gpu: &Gpu,
-        q: &DevBuf<T>,
-        (keys, values): (&DevBuf<T>, &DevBuf<T>),
-        (mask, stride): (&DevBuf<u8>, usize),
-        (batch, heads, kv_heads, head_dim, cap, total): (usize, usize, usize, usize, usize, usize),
-        scale: f32,
+        q: Mat<'_, T>,
+        kv: &KvView<'_, T>,
+        attn: &DecodeAttn<'_>,
         (chunk, reserve): (usize, usize),
-        out: &DevBuf<T>,
+        out: MatMut<'_, T>,
     ) -> Result<()> {
+        let (batch, cap, shape) = (kv.batch(), kv.capacity(), kv.shape());
+        let KvShape { heads, kv_heads, head_dim } = shape;
+        let (mask, total, scale) = (attn.mask, attn.total, attn.scale);
+        let stride = mask.ld();
         if !attn_decode_fits(head_dim, total) {
             return Err(Error::Gpu(format!(
                 "attn_decode: heads of {head_dim} over {total} positions do not fit the kernel (see attn_decode_fits)"
@@ -852,10 +859,14 @@ impl LlmKernels {
                 "attn_decode: {heads} query heads are not a multiple of {kv_heads} key/value heads"
             )));
         }
-        if total > cap || total > stride {
+        if total > cap || total > mask.cols() {
             return Err(Error::Gpu(format!(
-                "attn_decode: {total} positions overflow the cache's {cap} or the mask's {stride}"
+                "attn_decode: {total} positions overflow the cache's {cap} or the mask's {}",
+                mask.cols()
             )));
+        }
+        if mask.rows() < batch {
+            return Err(Error::Gpu(format!("attn_decode: a mask of {} rows for {batch} sequences", mask.rows())));
         }
         if chunk == 0 {
             return Err(Error::Gpu("attn_decode: chunks of 0 positions".into()));
@@ -868,17 +879,14 @@ impl LlmKernels {
                 "attn_decode: {total} positions in chunks of {chunk} make more than {ATTN_MAX_SPLITS} chunks"
             )));
         }
-        let q_len = count("attn_decode", &[batch, heads, head_dim])?;
-        need("attn_decode q", q, q_len)?;
-        let cache = count("attn_decode", &[batch, kv_heads, cap, head_dim])?;
-        need("attn_decode keys", keys, cache)?;
-        need("attn_decode values", values, cache)?;
-        need("attn_decode mask", mask, count("attn_decode", &[batch, stride])?)?;
-        need("attn_decode out", out, q_len)?;
+        let q_width = shape.q_width()?;
+        dense("attn_decode q", &q, batch, q_width)?;
+        dense("attn_decode out", &out, batch, q_width)?;
+        let (keys, values) = (kv.keys(), kv.values());
         if batch == 0 || heads == 0 {
             return Ok(());
         }
-        if !aligned16(&[q, keys, values]) {
+        if !aligned16_ptrs(&[q.ptr(), keys.ptr(), values.ptr()]) {
             return Err(Error::Gpu("attn_decode: q, keys and values must be 16-byte aligned".into()));
         }
         // The kernel's 32-bit positions reach the end of the last chunk and

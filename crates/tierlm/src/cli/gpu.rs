@@ -28,6 +28,7 @@ use engine_opt::gpu::buffer::DevBuf;
 use engine_opt::gpu::generation::generate;
 use engine_opt::gpu::offload::{split_layers, LayerSplit, OffloadTiers};
 use engine_opt::gpu::tiered_cache::{CachePlan, CacheTiers};
+use engine_opt::gpu::view::{Mat, MatMut};
 use engine_opt::gpu::{driver_err, Gpu, GpuModel};
 use engine_opt::loading::ModelSpec;
 use engine_opt::placement::{Capacity, Machine, Workload};
@@ -411,7 +412,8 @@ pub fn measure_roofline(gpu: &Gpu) -> Result<Roofline> {
     gpu.kernels.fill_uniform_f16(gpu, &a, 2, 1.0)?;
     gpu.kernels.fill_uniform_f16(gpu, &b, 3, 1.0)?;
     let gemm = || -> Result<()> {
-        Ok(gpu.blas.linear(gpu, &a, N, &b, (N, N), LinearOut::F16 { out: &c, bias: None }, false, false)?)
+        let out = LinearOut::F16 { out: MatMut::new(&c, N, N)?, bias: None };
+        Ok(gpu.blas.linear(gpu, Mat::new(&a, N, N)?, Mat::new(&b, N, N)?, out, false, false)?)
     };
     let gemm_ms = time_ms(&gemm)?;
     Ok(Roofline {
