@@ -17,7 +17,7 @@ use engine_opt::generation::prefill_logits as cpu_prefill_logits;
 use engine_opt::gpu::generation::prefill_logits;
 use engine_opt::gpu::offload::{split_layers, OffloadTiers};
 use engine_opt::gpu::tiered_cache::{CachePlan, CacheTiers};
-use engine_opt::gpu::{Gpu, GpuModel};
+use engine_opt::gpu::{Gpu, GpuModel, WeightOrigin};
 use engine_opt::OptConfig;
 use tier_api::Device;
 
@@ -32,7 +32,7 @@ fn model(name: &str, weights: (f64, f64), plan: CachePlan) -> (GpuModel, tempfil
     let tiers = OffloadTiers::for_split(&runtime::Tiers::default(), &split, true, offload.path()).unwrap();
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();
-    let mut model = GpuModel::tiered_with(gpu, config, split, tiers, Some(&src), 0, &pb, false)
+    let mut model = GpuModel::tiered_with(gpu, config, split, tiers, WeightOrigin::Checkpoint(&src), &pb, false)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let cache_tiers = CacheTiers::for_plan(&runtime::Tiers::default(), &plan, offload.path()).unwrap();
     model.place_cache(plan, cache_tiers).unwrap_or_else(|e| panic!("{name}: {e}"));

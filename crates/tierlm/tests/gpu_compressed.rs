@@ -26,7 +26,7 @@ use engine_opt::generation::prefill_logits as cpu_prefill_logits;
 use engine_opt::gpu::generation::prefill_logits;
 use engine_opt::gpu::offload::{split_layers, OffloadTiers};
 use engine_opt::gpu::packed::matrix_layout;
-use engine_opt::gpu::{Gpu, GpuModel};
+use engine_opt::gpu::{Gpu, GpuModel, WeightOrigin};
 use engine_opt::model::OptModel;
 use engine_opt::weights::WeightSource;
 use engine_opt::OptConfig;
@@ -85,7 +85,7 @@ fn compressed_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuM
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();
-    let model = GpuModel::tiered_with(gpu, config, split, tiers, Some(&src), 0, &pb, true)
+    let model = GpuModel::tiered_with(gpu, config, split, tiers, WeightOrigin::Checkpoint(&src), &pb, true)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     (model, offload)
 }

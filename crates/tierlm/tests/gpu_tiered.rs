@@ -15,7 +15,7 @@ use engine_opt::checkpoint::Checkpoint;
 use engine_opt::generation::prefill_logits as cpu_prefill_logits;
 use engine_opt::gpu::generation::prefill_logits;
 use engine_opt::gpu::offload::{split_layers, OffloadTiers};
-use engine_opt::gpu::{Gpu, GpuModel};
+use engine_opt::gpu::{Gpu, GpuModel, WeightOrigin};
 use engine_opt::OptConfig;
 use tier_api::HostMemKind;
 use tier_host::{HostConfig, HostDevice};
@@ -36,8 +36,8 @@ fn tiered_model(name: &str, percent: (f64, f64), host: HostMemKind) -> (GpuModel
     };
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e}"));
     let pb = indicatif::ProgressBar::hidden();
-    let model =
-        GpuModel::tiered(gpu, config, split, tiers, Some(&src), 0, &pb).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = GpuModel::tiered(gpu, config, split, tiers, WeightOrigin::Checkpoint(&src), &pb)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     (model, offload)
 }
 
@@ -256,7 +256,8 @@ fn many_streamed_layers_equal_the_resident_model() {
     let split = split_layers(10, 20.0, 48.0);
     assert_eq!((split.gpu_end, split.host_percent), (2, 60.0));
     let tiers = OffloadTiers::for_split(&runtime::Tiers::default(), &split, true, offload.path()).unwrap();
-    let mut streamed = GpuModel::tiered(Gpu::new(0).unwrap(), config, split, tiers, None, 7, &pb).unwrap();
+    let mut streamed =
+        GpuModel::tiered(Gpu::new(0).unwrap(), config, split, tiers, WeightOrigin::Seeded(7), &pb).unwrap();
     // --sep-layer: each layer's attention computes while its MLP weights
     // may still be arriving.
     streamed.offload.as_mut().unwrap().set_sep_layer(true);

@@ -65,7 +65,7 @@ pub use runtime::gpu::{layer, packed, stream as offload};
 
 use crate::error::Error;
 
-pub use model::GpuModel;
+pub use model::{GpuModel, WeightOrigin};
 pub use ops::gpu::{available, blas, buffer, kernels, profile, unavailable_reason, view, Gpu};
 
 /// A `tier-api` error (allocation, driver call) as the engine's.

@@ -38,6 +38,14 @@ const OPT_POSITIONS: ops::gpu::kernels::LearnedPositions =
 /// fit, one sequence at least.
 pub const SCORE_BUDGET_BYTES: usize = 1 << 30;
 
+/// Where a model's weights come from: a checkpoint, or seeded random
+/// values made on the GPU (the dummy model).
+#[derive(Clone, Copy)]
+pub enum WeightOrigin<'a> {
+    Checkpoint(&'a dyn WeightSource),
+    Seeded(u64),
+}
+
 /// What a layer needs to know about the step besides the hidden states.
 #[derive(Debug, Clone, Copy)]
 pub struct GpuStep<'a> {
@@ -346,37 +354,38 @@ impl GpuModel {
     }
 
     /// A model whose layers `split.gpu_end..` live on `tiers` (host memory,
-    /// then disk; see [`super::offload`]), each made on the GPU from `src`
-    /// (or seeded, `src` `None`) and moved to its tier one at a time, so the
-    /// GPU never holds more than the resident part, the slots and one layer
-    /// in passing.
+    /// then disk; see [`super::offload`]), each made on the GPU from
+    /// `weights` (a checkpoint, or seeded) and moved to its tier one at a
+    /// time, so the GPU never holds more than the resident part, the slots
+    /// and one layer in passing.
     pub fn tiered(
         gpu: Gpu,
         config: OptConfig,
         split: LayerSplit,
         tiers: OffloadTiers,
-        src: Option<&dyn WeightSource>,
-        seed: u64,
+        weights: WeightOrigin<'_>,
         pb: &ProgressBar,
     ) -> Result<Self> {
-        Self::tiered_with(gpu, config, split, tiers, src, seed, pb, false)
+        Self::tiered_with(gpu, config, split, tiers, weights, pb, false)
     }
 
     /// [`GpuModel::tiered`], with every decoder layer's matrices quantized
     /// to 4 bits and held packed on its tier when `compress_weight` (see
     /// [`super::packed`]); a split with every layer on the GPU is the
     /// all-on-GPU model.
-    #[allow(clippy::too_many_arguments)]
     pub fn tiered_with(
         gpu: Gpu,
         config: OptConfig,
         split: LayerSplit,
         tiers: OffloadTiers,
-        src: Option<&dyn WeightSource>,
-        seed: u64,
+        weights: WeightOrigin<'_>,
         pb: &ProgressBar,
         compress_weight: bool,
     ) -> Result<Self> {
+        let (src, seed) = match weights {
+            WeightOrigin::Checkpoint(src) => (Some(src), 0),
+            WeightOrigin::Seeded(seed) => (None, seed),
+        };
         config.validate()?;
         if split.layers != config.num_hidden_layers
             || split.gpu_end > split.layers

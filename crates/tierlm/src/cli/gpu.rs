@@ -29,7 +29,7 @@ use engine_opt::gpu::generation::generate;
 use engine_opt::gpu::offload::{split_layers, LayerSplit, OffloadTiers};
 use engine_opt::gpu::tiered_cache::{CachePlan, CacheTiers};
 use engine_opt::gpu::view::{Mat, MatMut};
-use engine_opt::gpu::{driver_err, Gpu, GpuModel};
+use engine_opt::gpu::{driver_err, Gpu, GpuModel, WeightOrigin};
 use engine_opt::loading::ModelSpec;
 use engine_opt::placement::{Capacity, Machine, Workload};
 use engine_opt::policy::Policy;
@@ -495,7 +495,8 @@ fn load_tiered(
         ModelSpec::Dir(dir) if !args.dummy => {
             let src = engine_opt::loading::open_checked(&dir, &config)?;
             let pb = progress::bar(engine_opt::model::OptModel::tensor_count(&config), "loading");
-            let model = GpuModel::tiered_with(gpu, config, split, tiers, Some(&src), args.seed, &pb, compress)?;
+            let model =
+                GpuModel::tiered_with(gpu, config, split, tiers, WeightOrigin::Checkpoint(&src), &pb, compress)?;
             pb.finish_and_clear();
             Ok((model, dir.display().to_string()))
         }
@@ -505,7 +506,10 @@ fn load_tiered(
                 ModelSpec::Dir(dir) => dir.display().to_string(),
             };
             let desc = format!("{name} (dummy weights made on the GPU, seed {})", args.seed);
-            Ok((GpuModel::tiered_with(gpu, config, split, tiers, None, args.seed, &hidden, compress)?, desc))
+            Ok((
+                GpuModel::tiered_with(gpu, config, split, tiers, WeightOrigin::Seeded(args.seed), &hidden, compress)?,
+                desc,
+            ))
         }
     }
 }
@@ -1013,7 +1017,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         // Weights off the GPU (or packed): the same loading as `bench`.
         let split = split_layers(config.num_hidden_layers, policy.w_gpu_percent, policy.w_cpu_percent);
         let tiers = OffloadTiers::for_split(&run_tiers, &split, policy.pin_weight, &offload_dir)?;
-        GpuModel::tiered_with(gpu, config, split, tiers, Some(src), args.seed, &pb, policy.compress_weight)?
+        GpuModel::tiered_with(gpu, config, split, tiers, WeightOrigin::Checkpoint(src), &pb, policy.compress_weight)?
     } else {
         GpuModel::load(gpu, config, src, &pb)?
     };
