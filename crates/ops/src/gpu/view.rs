@@ -447,8 +447,8 @@ impl Gemm {
 
 /// One operand of a batched product: matrices in a buffer from element
 /// `offset`, their columns `ld` apart (column-major) and the matrices
-/// `stride` apart. Checked against the buffer when the product runs
-/// ([`Operand::checked`]), where the matrices' shape is known.
+/// `stride` apart. Checked against the buffer when the product runs,
+/// where the matrices' shape is known.
 #[derive(Debug, Clone, Copy)]
 pub struct Operand<'a, T: DevElem> {
     ptr: u64,
