@@ -463,11 +463,37 @@ fn a_four_bit_cache_gives_the_same_tokens_on_every_tier() {
             assert!(stats.bytes_moved > 0, "{name} {p:?}: nothing packed");
             // Homes off the GPU go through a scratch; homes on it are
             // unpacked in place into the slots (a scratch is made for them
-            // only for a batch shape that is not the slots').
+            // only where a batch's positions per sequence are not the slots').
             assert!(gpu >= 100.0 || stats.scratch_bytes > 0, "{name} {p:?}: no scratch for homes off the GPU");
         }
         println!("{name}: a 4-bit cache on the GPU, in host memory and on disk: the same tokens");
     }
+}
+
+/// A block's last GPU batch with fewer sequences than the cache's slots (6
+/// prompts in batches of 4 and 2) unpacks its 4-bit GPU cache in place into
+/// the slots' first rows, as a full batch does: no scratch, which the plan
+/// does not count, and the tokens those sequences get as a batch of their
+/// own.
+#[test]
+fn a_partial_last_batch_unpacks_its_four_bit_gpu_cache_in_place() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let Fixture { name, dir, .. } = fixtures().remove(0);
+    let prompts: Vec<Vec<u32>> = (0..6u32).map(|i| (0..5u32).map(|t| 3 + 7 * i + t).collect()).collect();
+    let p = CachePlan { compress: true, ..plan(100.0, 0.0) };
+    let (tmp, tiers) = scratch();
+    let model = load_cached(&dir, p, tmp.path(), &tiers);
+    let block = vec![prompts[..4].to_vec(), prompts[4..].to_vec()];
+    let got = greedy_block(&model, &block, 4);
+    assert_eq!(got.len(), prompts.len(), "{name}: one output a prompt");
+    let stats = model.cache_stats().expect("a tiered cache");
+    assert_eq!(stats.scratch_bytes, 0, "{name}: the partial batch went through a scratch");
+    let alone = load_cached(&dir, p, tmp.path(), &tiers);
+    let want = greedy(&alone, &prompts[4..], 4);
+    assert_eq!(&got[4..], &want[..], "{name}: the partial batch's tokens");
+    println!("{name}: a partial last batch, its 4-bit GPU cache unpacked in place: the tokens of a batch of its own");
 }
 
 /// The GPU memory a tiered cache takes is what the plan counts for it: two

@@ -660,8 +660,9 @@ impl<T: Half> CacheStreamer<T> {
             placements.push((dev.as_ref(), share));
         }
         // The scratch is made here for homes off the GPU; homes on it are
-        // unpacked in place ([`CacheStreamer::layer`]), a scratch made there
-        // only for a batch whose shape is not the slots'.
+        // unpacked in place ([`CacheStreamer::layer`]), into the slots' first
+        // rows for a batch of fewer sequences; a scratch is made there only
+        // for a batch whose positions per sequence are not the slots'.
         let packed = match &self.packer {
             Some(packer) if self.plan.gpu_percent < 100.0 => {
                 Some(self.pack_scratch(gpu, packer, batch, capacity)?.layout.clone())
@@ -910,7 +911,15 @@ impl<T: Half> CacheStreamer<T> {
     fn packs_in_place(homes: [&SegmentedTensor; 2], slot: &Slot<T>, dims: (usize, usize)) -> bool {
         let on_gpu =
             |h: &SegmentedTensor| matches!(h.segments(), [seg] if matches!(seg.view.device(), DeviceKind::Gpu { .. }));
-        homes.iter().all(|h| on_gpu(h)) && (slot.batch, slot.capacity) == dims
+        // A batch of fewer sequences (a block's last) takes the slot's first
+        // rows: the same layout, as long as the positions per sequence match.
+        homes.iter().all(|h| on_gpu(h)) && slot.capacity == dims.1 && slot.batch >= dims.0
+    }
+
+    /// A slot's first `batch` sequences, where a 4-bit GPU home of that
+    /// many is unpacked in place.
+    fn slot_rows(slot4: &Tensor, batch: usize) -> Result<tier_api::TensorView> {
+        slot4.narrow(0, 0, batch).map_err(tier_err)
     }
 
     /// Stores everything the slots hold unstored (at the end of a step,
@@ -982,19 +991,20 @@ impl<T: Half> CacheStreamer<T> {
                 if past > 0 {
                     for (home, slot4) in [(&keys, &slot.keys4), (&values, &slot.values4)] {
                         let seg = home.segments().first().ok_or_else(|| gpu_err("an empty 4-bit home".into()))?;
+                        let rows = Self::slot_rows(slot4, dims.0)?;
                         let k = packer
                             .dequant
-                            .enqueue(gpu.stream(), &seg.view, layout, &slot4.view())
+                            .enqueue(gpu.stream(), &seg.view, layout, &rows)
                             .map_err(|e| gpu_err(format!("unpacking the 4-bit cache: {e}")))?;
                         in_flight.push(InFlight::Unpack(k));
-                        loaded += (layout.total_bytes() + slot4.view().byte_len()) as u64;
+                        loaded += (layout.total_bytes() + rows.byte_len()) as u64;
                     }
                 }
             }
         } else {
             if let (Some(_), Some(packer)) = (&packed, &self.packer) {
-                // A GPU home whose batch is not the slots' shape: through a
-                // scratch, made on first use.
+                // A GPU home whose positions per sequence are not the
+                // slots': through a scratch, made on first use.
                 self.pack_scratch(gpu, packer, dims.0, dims.1)?;
             }
             loaded = match &packed {
@@ -1034,12 +1044,13 @@ impl<T: Half> CacheStreamer<T> {
             if let (Some((_, layout)), Some(packer)) = (&packed, &self.packer) {
                 for (home, slot4) in [(&keys, &slot.keys4), (&values, &slot.values4)] {
                     let seg = home.segments().first().ok_or_else(|| gpu_err("an empty 4-bit home".into()))?;
+                    let rows = Self::slot_rows(slot4, dims.0)?;
                     let k = packer
                         .quant
-                        .enqueue(gpu.stream(), &slot4.view(), layout, &seg.view)
+                        .enqueue(gpu.stream(), &rows, layout, &seg.view)
                         .map_err(|e| gpu_err(format!("packing the 4-bit cache: {e}")))?;
                     in_flight.push(InFlight::Pack(k));
-                    *bytes_moved += (layout.total_bytes() + slot4.view().byte_len()) as u64;
+                    *bytes_moved += (layout.total_bytes() + rows.byte_len()) as u64;
                 }
             }
         }
