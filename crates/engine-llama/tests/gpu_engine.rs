@@ -684,8 +684,7 @@ fn activation_homes_take_the_bytes_the_plan_counts() {
     assert_eq!(host, fp.activations.pageable, "{name}: the homes");
     let one = (batch * prompt_len * config.hidden_size * 4) as u64;
     println!(
-        "{name}: homes {host} bytes, as the plan counts; GPU buffers 2 × {one} bytes (the plan counts {} for one \
-         with its 16-bit copy)",
-        (batch * prompt_len * config.hidden_size) as u64 * (4 + spec.widths.dtype.size() as u64)
+        "{name}: homes {host} bytes, as the plan counts; GPU buffers 2 × {one} bytes (the plan counts {} for one)",
+        (batch * prompt_len * config.hidden_size) as u64 * spec.widths.hidden_value_bytes()
     );
 }
