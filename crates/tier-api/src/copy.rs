@@ -316,12 +316,7 @@ impl CopyMatrix {
         let (path, runs) = self.prepare(src, dst)?;
         let route = self.route(src.device(), dst.device())?;
         let job = CopyJob { src: src.clone(), dst: dst.clone(), runs };
-        let started = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| route.run(&job))) {
-            Ok(Ok(())) => Ok(CopyReport { paths: vec![path], bytes: job.bytes(), elapsed: started.elapsed() }),
-            Ok(Err(e)) => Err(e),
-            Err(panic) => Err(Error::WorkerPanicked { path, message: panic_message(&panic) }),
-        }
+        run_job(route.as_ref(), path, &job, Instant::now())
     }
 
     /// Starts copying between two segmented tensors of the same logical shape
@@ -377,17 +372,19 @@ impl Drop for CopyMatrix {
 
 fn worker_loop(rx: Receiver<Task>) {
     for task in rx {
-        let path = task.route.path();
-        let outcome = catch_unwind(AssertUnwindSafe(|| task.route.run(&task.job)));
-        let result = match outcome {
-            Ok(Ok(())) => {
-                Ok(CopyReport { paths: vec![path], bytes: task.job.bytes(), elapsed: task.submitted.elapsed() })
-            }
-            Ok(Err(e)) => Err(e),
-            Err(panic) => Err(Error::WorkerPanicked { path, message: panic_message(&panic) }),
-        };
+        let result = run_job(task.route.as_ref(), task.route.path(), &task.job, task.submitted);
         // The waiter may have dropped its handle; the copy is finished either way.
         let _ = task.done.send(result);
+    }
+}
+
+/// Runs `job` on `route` on this thread: its report (the time since
+/// `since`), its error, or a panic in the route as an error.
+fn run_job(route: &dyn CopyRoute, path: CopyPath, job: &CopyJob, since: Instant) -> Result<CopyReport> {
+    match catch_unwind(AssertUnwindSafe(|| route.run(job))) {
+        Ok(Ok(())) => Ok(CopyReport { paths: vec![path], bytes: job.bytes(), elapsed: since.elapsed() }),
+        Ok(Err(e)) => Err(e),
+        Err(panic) => Err(Error::WorkerPanicked { path, message: panic_message(&panic) }),
     }
 }
 
