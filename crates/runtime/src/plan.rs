@@ -430,7 +430,8 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
     let w = spec.widths;
     let act = w.dtype.size() as u64;
     let value = w.hidden_value_bytes();
-    let hidden = (block as u64).saturating_mul(work.prompt_len as u64).saturating_mul(w.hidden as u64 * value);
+    let hidden =
+        (block as u64).saturating_mul(work.prompt_len as u64).saturating_mul((w.hidden as u64).saturating_mul(value));
     let activations = split(hidden, policy.act_gpu_percent, policy.act_cpu_percent, false);
 
     // The engine's buffers.
@@ -469,7 +470,7 @@ pub fn footprint(spec: &ModelSpec, policy: &Policy, work: Workload, machine: Mac
             // batches take in turn (one stored while the next computes), each
             // the residual and its copy where the family keeps one
             // (`gpu::activations`).
-            buffers.gpu = buffers.gpu.saturating_add(rows.saturating_mul(2 * w.hidden as u64 * value));
+            buffers.gpu = buffers.gpu.saturating_add(rows.saturating_mul((w.hidden as u64).saturating_mul(2 * value)));
         }
         let relay = [weights.pageable, weights.disk, cache.pageable, cache.disk, activations.disk]
             .iter()
