@@ -362,7 +362,7 @@ impl Kernels {
 
     /// This step's keys and values (from the fused qkv rows, `batch ·
     /// new_len × 3·hidden`, dense) into the cache at positions `at`
-    /// (`new_len` of them). OPT's cache: as many kv heads as query heads.
+    /// (`new_len` of them); the fused rows hold as many kv heads as query heads.
     pub fn store_kv(&self, gpu: &Gpu, qkv: Mat<'_, f16>, cache: &KvView<'_, f16>, at: Range<usize>) -> Result<()> {
         let shape = cache.shape();
         let (batch, heads, hd, cap) = (cache.batch(), shape.heads, shape.head_dim, cache.capacity());
@@ -526,7 +526,7 @@ impl Kernels {
     /// Attention of one new token per sequence over `attn.total` cached
     /// positions of `kv` (this step's included): queries from the fused
     /// qkv rows (`batch × 3·hidden`, dense), into `out` (`batch × hidden`,
-    /// dense). OPT's cache: as many kv heads as query heads.
+    /// dense); the fused rows hold as many kv heads as query heads.
     pub fn attn_decode(
         &self,
         gpu: &Gpu,

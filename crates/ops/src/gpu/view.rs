@@ -280,7 +280,7 @@ impl<'a, T: DevElem> std::ops::Deref for MatMut<'a, T> {
 
 /// The heads of an attention: `heads` query heads of `head_dim` values,
 /// grouped over `kv_heads` key/value heads (query head `h` reads kv head
-/// `h / (heads / kv_heads)`; OPT's are as many as its query heads).
+/// `h / (heads / kv_heads)`; a multi-head cache has as many as query heads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
     pub heads: usize,
